@@ -1,0 +1,55 @@
+"""The `mixer` command line. Each subcommand lives in `mlpmixer/commands/<name>.py` and exposes
+`register(subparsers)`, which adds its parser and sets `func` to the function that runs it."""
+
+from __future__ import annotations
+
+import argparse
+import importlib
+import os
+import sys
+from typing import Sequence
+
+# Module names under mlpmixer.commands, in the order `mixer --help` lists them.
+COMMANDS = ["train", "eval", "predict", "info", "convert"]
+
+
+def build_parser() -> argparse.ArgumentParser:
+    from . import __version__
+
+    parser = argparse.ArgumentParser(
+        prog="mixer",
+        description="MLP-Mixer image classifiers: train, fine-tune, evaluate, convert and inspect.",
+    )
+    parser.add_argument("--version", action="version", version=f"mlpmixer {__version__}")
+    parser.add_argument(
+        "--debug", action="store_true", help="show full tracebacks (also MLPMIXER_DEBUG=1)"
+    )
+    sub = parser.add_subparsers(dest="command", metavar="COMMAND")
+    for name in COMMANDS:
+        importlib.import_module(f".commands.{name}", __package__).register(sub)
+    return parser
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    if not getattr(args, "func", None):
+        parser.print_help()
+        return 2
+    debug = args.debug or os.environ.get("MLPMIXER_DEBUG") == "1"
+    try:
+        return args.func(args) or 0
+    except KeyboardInterrupt:
+        print("mixer: interrupted.", file=sys.stderr)
+        return 130
+    except (ValueError, OSError) as e:
+        # User errors (bad paths, files, sizes) are one sentence; other exceptions are bugs and
+        # keep their traceback.
+        if debug:
+            raise
+        print(f"mixer {args.command}: error: {e}", file=sys.stderr)
+        return 2
+
+
+if __name__ == "__main__":
+    sys.exit(main())
