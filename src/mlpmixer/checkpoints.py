@@ -3,14 +3,16 @@
 
 The format follows the file's extension (SPEC §6 gives both foreign layouts):
 
-| extension                | layout                                             | GELU when loaded |
-|--------------------------|----------------------------------------------------|------------------|
-| .npz                     | official Flax (`MixerBlock_0/token_mixing/...`)     | tanh             |
-| .pth .pt .bin            | timm state dict (`blocks.0.mlp_tokens.fc1.weight`) | exact            |
-| .safetensors             | ours (config in metadata), or timm's if it has none | as saved / exact |
-| a run directory          | the final `model.safetensors` that `mixer train` wrote |              |
+| extension       | layout                                                  | GELU when loaded |
+|-----------------|---------------------------------------------------------|------------------|
+| .npz            | official Flax (`MixerBlock_0/token_mixing/...`)         | tanh             |
+| .pth .pt .bin   | timm state dict (`blocks.0.mlp_tokens.fc1.weight`)      | exact            |
+| .safetensors    | ours (config in metadata), or timm's if it has none     | as saved / exact |
+| a run directory | the final `model.safetensors` that `mixer train` wrote  | as saved         |
 
-Nothing is ever unpickled: `numpy.load(allow_pickle=False)`, `torch.load(weights_only=True)`.
+Nothing is ever unpickled: `numpy.load(allow_pickle=False)`, `torch.load(weights_only=True)`, and an
+.npz must be a zip archive before NumPy sees it. Every unreadable or unfitting file raises a
+CheckpointError whose message is one sentence naming the file and what to do.
 """
 
 from __future__ import annotations
@@ -20,8 +22,11 @@ import math
 import os
 import pickle
 import re
-import tempfile
+import secrets
+import stat
+import warnings
 import zipfile
+import zlib
 from pathlib import Path
 from typing import Any, Iterator
 
@@ -29,7 +34,7 @@ import numpy as np
 import torch
 
 from .model import MlpMixer
-from .variants import MixerConfig
+from .variants import MixerConfig, as_pair
 
 RUN_MODEL_FILE = "model.safetensors"
 TORCH_EXTENSIONS = (".pth", ".pt", ".bin")
@@ -68,13 +73,18 @@ def _count_blocks(keys: Any, pattern: str) -> int:
     return max(found) + 1 if found else 0
 
 
-def official_to_state(arrays: dict[str, np.ndarray]) -> StateDict:
+def official_to_state(arrays: dict[str, np.ndarray], source: str = "The .npz file") -> StateDict:
     """Official Flax arrays -> our state dict. Dense kernels (in, out) become (out, in)."""
     arrays = {k.removeprefix("params/"): v for k, v in arrays.items()}
     num_blocks = _count_blocks(arrays, r"MixerBlock_(\d+)/")
     state: StateDict = {}
     used = set()
     if "stem/kernel" in arrays:  # (P, P, in, C) -> (C, in, P, P)
+        if arrays["stem/kernel"].ndim != 4:
+            raise CheckpointError(
+                f"{source} has a stem/kernel of shape {arrays['stem/kernel'].shape}, not (P, P, in, C); "
+                "it is not an MLP-Mixer checkpoint."
+            )
         state["stem.proj.weight"] = torch.from_numpy(np.ascontiguousarray(arrays["stem/kernel"].transpose(3, 2, 0, 1)))
         used.add("stem/kernel")
     pairs = list(_official_pairs(num_blocks))
@@ -88,14 +98,15 @@ def official_to_state(arrays: dict[str, np.ndarray]) -> StateDict:
     unexpected = sorted(set(arrays) - used)
     if unexpected:
         raise CheckpointError(
-            f"The .npz file has keys that are not in the official Mixer layout ({_short(unexpected)}); "
+            f"{source} has keys that are not in the official Mixer layout ({_short(unexpected)}); "
             "it is not an MLP-Mixer checkpoint."
         )
     return state
 
 
 def state_to_official(state: StateDict) -> dict[str, np.ndarray]:
-    """Our state dict -> official Flax arrays (float32, Dense kernels (in, out))."""
+    """Our state dict -> official Flax arrays (Dense kernels (in, out)), dtype kept; bfloat16, which
+    NumPy lacks, is widened to float32 (exactly)."""
     num_blocks = _count_blocks(state, r"blocks\.(\d+)\.")
     arrays = {"stem/kernel": state["stem.proj.weight"].permute(2, 3, 1, 0)}
     pairs = list(_official_pairs(num_blocks))
@@ -103,33 +114,45 @@ def state_to_official(state: StateDict) -> dict[str, np.ndarray]:
         pairs += [("head/kernel", "head.weight", "dense"), ("head/bias", "head.bias", "vector")]
     for official, ours, kind in pairs:
         arrays[official] = state[ours].T if kind == "dense" else state[ours]
-    return {k: v.detach().cpu().float().contiguous().numpy() for k, v in arrays.items()}
+    return {k: _to_numpy(v) for k, v in arrays.items()}
+
+
+def _to_numpy(t: torch.Tensor) -> np.ndarray:
+    t = t.detach().cpu()
+    return (t.float() if t.dtype == torch.bfloat16 else t).contiguous().numpy()
 
 
 # ---------------------------------------------------------------------------------------------
 # The configuration a state dict implies.
 
 
-def infer_config(state: StateDict, gelu: str, img_size: Any = None) -> MixerConfig:
+def infer_config(
+    state: StateDict, gelu: str, img_size: Any = None, img_size_hint: Any = None, source: str = "The checkpoint"
+) -> MixerConfig:
     """Shapes -> MixerConfig: P, in_chans and C from the stem, S and D_S from token mixing, D_C from
     channel mixing, N from the block count, classes from the head. The image size follows from S
-    when the patch grid is square; otherwise it must be given."""
+    when the patch grid is square; otherwise it must be given, or `img_size_hint` (the size of the
+    model being loaded into) is used when its patch grid has S tokens."""
     try:
         c, in_chans, ph, pw = state["stem.proj.weight"].shape
         d_s, s = state["blocks.0.mlp_tokens.fc1.weight"].shape
         d_c = state["blocks.0.mlp_channels.fc1.weight"].shape[0]
     except (KeyError, ValueError) as e:
         raise CheckpointError(
-            f"The checkpoint lacks the stem or first block of a Mixer ({e}); it is not an MLP-Mixer checkpoint."
+            f"{source} lacks the stem or first block of a Mixer ({e}); it is not an MLP-Mixer checkpoint."
         ) from None
-    if img_size is None:
-        side = math.isqrt(s)
-        if side * side != s:
-            raise CheckpointError(
-                f"The checkpoint's {s} tokens do not form a square patch grid, so its image size is "
-                "unknown; pass img_size=(height, width)."
-            )
+    side = math.isqrt(s)
+    if img_size is None and side * side == s:
         img_size = (side * ph, side * pw)
+    elif img_size is None and img_size_hint is not None:
+        hh, hw = as_pair(img_size_hint)
+        if (hh // ph) * (hw // pw) == s:
+            img_size = (hh, hw)
+    if img_size is None:
+        raise CheckpointError(
+            f"{source} has {s} tokens, which do not form a square patch grid, so its image size is "
+            "unknown; pass img_size=(height, width) (`--img-size H W` on the command line)."
+        )
     head = state.get("head.weight")
     return MixerConfig(
         patch_size=(ph, pw),
@@ -148,12 +171,24 @@ def infer_config(state: StateDict, gelu: str, img_size: Any = None) -> MixerConf
 # Reading files.
 
 
+def _first_line(error: BaseException) -> str:
+    lines = str(error).strip().splitlines()
+    return lines[0] if lines else type(error).__name__
+
+
 def _short(items: list[str], limit: int = 6) -> str:
     more = f", … ({len(items) - limit} more)" if len(items) > limit else ""
     return ", ".join(items[:limit]) + more
 
 
 def _read_npz(path: Path) -> StateDict:
+    # An .npz is a zip archive. Checked first because np.load takes anything else for a pickle, and
+    # its refusal would then read like "object arrays" for a file that is merely corrupt.
+    if not zipfile.is_zipfile(path):
+        raise CheckpointError(
+            f"{path} is not an .npz archive (truncated, corrupt, or another kind of file); "
+            "re-download or re-save it."
+        )
     try:
         with np.load(path, allow_pickle=False) as npz:
             arrays = {k: npz[k] for k in npz.files}
@@ -164,27 +199,39 @@ def _read_npz(path: Path) -> StateDict:
                 "save the weights as plain numeric arrays."
             ) from None
         raise CheckpointError(f"{path} is not a readable .npz file ({e}); re-download or re-save it.") from None
-    except (zipfile.BadZipFile, EOFError, OSError, KeyError) as e:
+    except (zipfile.BadZipFile, zlib.error, EOFError, OSError, KeyError) as e:
         raise CheckpointError(
             f"{path} is not a readable .npz file (truncated or corrupt: {e}); re-download or re-save it."
         ) from None
-    bad = [k for k, v in arrays.items() if not np.issubdtype(v.dtype, np.floating)]
+    # Members that are not .npy files come back as raw bytes.
+    bad = [k for k, v in arrays.items() if not (isinstance(v, np.ndarray) and np.issubdtype(v.dtype, np.floating))]
     if bad:
         raise CheckpointError(f"{path} has non-float arrays ({_short(bad)}); it is not a Mixer checkpoint.")
-    return official_to_state(arrays)
+    return official_to_state(arrays, str(path))
 
 
 def _read_torch(path: Path) -> StateDict:
     try:
-        obj = torch.load(path, map_location="cpu", weights_only=True)
+        with warnings.catch_warnings():  # e.g. "Detected pickle protocol 4": noise for a user
+            warnings.simplefilter("ignore")
+            obj = torch.load(path, map_location="cpu", weights_only=True)
     except pickle.UnpicklingError:
+        # torch's files are zip archives (or, in the legacy format, start with a pickle's 0x80
+        # opcode); anything else refused by the unpickler is just not a checkpoint.
+        with open(path, "rb") as f:
+            is_pickle = f.read(1) == b"\x80" or zipfile.is_zipfile(path)
+        if not is_pickle:
+            raise CheckpointError(
+                f"{path} is not a readable PyTorch file (corrupt or another kind of file); "
+                "re-download or re-save it."
+            ) from None
         raise CheckpointError(
             f"{path} contains Python objects other than tensors and was not loaded (it is never unpickled); "
             "save a plain state dict of tensors, or use .safetensors."
         ) from None
     except (RuntimeError, EOFError, OSError, zipfile.BadZipFile) as e:
         raise CheckpointError(
-            f"{path} is not a readable PyTorch file (truncated or corrupt: {str(e).splitlines()[0]}); "
+            f"{path} is not a readable PyTorch file (truncated or corrupt: {_first_line(e)}); "
             "re-download or re-save it."
         ) from None
     # Training checkpoints often nest the weights.
@@ -230,10 +277,13 @@ def resolve_path(path: str | os.PathLike) -> Path:
     return p
 
 
-def read_checkpoint(path: str | os.PathLike, **overrides: Any) -> tuple[StateDict, MixerConfig, dict[str, Any]]:
+def read_checkpoint(
+    path: str | os.PathLike, *, img_size_hint: Any = None, **overrides: Any
+) -> tuple[StateDict, MixerConfig, dict[str, Any]]:
     """Read a checkpoint into (state dict in our names, its configuration, extra metadata).
 
     `overrides` change configuration fields (gelu, img_size, drop_path_rate, ...) before building.
+    `img_size_hint` is the image size to assume for a foreign file whose patch grid is not square.
     Extra metadata holds `class_names` where the file carries them.
     """
     p = resolve_path(path)
@@ -242,31 +292,59 @@ def read_checkpoint(path: str | os.PathLike, **overrides: Any) -> tuple[StateDic
     img_size = overrides.get("img_size")
     if suffix == ".npz":
         state = _read_npz(p)
-        config = infer_config(state, gelu="tanh", img_size=img_size)
+        config = infer_config(state, gelu="tanh", img_size=img_size, img_size_hint=img_size_hint, source=str(p))
     elif suffix in TORCH_EXTENSIONS:
         state = _read_torch(p)
-        config = infer_config(state, gelu="exact", img_size=img_size)
+        config = infer_config(state, gelu="exact", img_size=img_size, img_size_hint=img_size_hint, source=str(p))
     else:
         state, metadata = _read_safetensors(p)
         if metadata.get("format") == FORMAT_TAG:
-            config = MixerConfig.from_dict(json.loads(metadata["config"]))
-            if "class_names" in metadata:
-                extra["class_names"] = json.loads(metadata["class_names"])
+            config, names = _parse_metadata(p, metadata)
+            if names is not None:
+                extra["class_names"] = names
         else:
-            config = infer_config(state, gelu="exact", img_size=img_size)
+            config = infer_config(state, gelu="exact", img_size=img_size, img_size_hint=img_size_hint, source=str(p))
     try:
         config = config.replace(**overrides)
     except (TypeError, ValueError) as e:
-        raise CheckpointError(f"Cannot apply {overrides} to the checkpoint's configuration: {e}") from None
+        raise CheckpointError(
+            f"Cannot apply {overrides} to the configuration of {p} ({e}); pass only MixerConfig fields "
+            "with valid values."
+        ) from None
     return state, config, extra
 
 
+def _parse_metadata(path: Path, metadata: dict[str, str]) -> tuple[MixerConfig, list[str] | None]:
+    """Our .safetensors metadata -> (configuration, class names or None)."""
+    try:
+        config = MixerConfig.from_dict(json.loads(metadata["config"]))
+        names = json.loads(metadata["class_names"]) if "class_names" in metadata else None
+    except (KeyError, TypeError, ValueError) as e:  # json.JSONDecodeError is a ValueError
+        raise CheckpointError(
+            f"{path} has a damaged or unknown mlpmixer configuration in its metadata ({e}); "
+            "re-save it with this version of mlpmixer."
+        ) from None
+    if names is not None and (
+        not isinstance(names, list) or len(names) != config.num_classes or not all(isinstance(n, str) for n in names)
+    ):
+        raise CheckpointError(
+            f"{path} lists class names that do not match its {config.num_classes}-class head; re-save it "
+            "with one name per class."
+        )
+    return config, names
+
+
+def _natural(key: str) -> list[Any]:
+    """Sort key putting blocks.2 before blocks.10."""
+    return [int(part) if part.isdigit() else part for part in re.split(r"(\d+)", key)]
+
+
 def _compare(state: StateDict, expected: dict[str, torch.Tensor]) -> tuple[list[str], list[str], list[str]]:
-    missing = sorted(set(expected) - set(state))
-    unexpected = sorted(set(state) - set(expected))
+    missing = sorted(set(expected) - set(state), key=_natural)
+    unexpected = sorted(set(state) - set(expected), key=_natural)
     misshaped = [
         f"{k} {tuple(state[k].shape)} vs {tuple(expected[k].shape)}"
-        for k in sorted(set(state) & set(expected))
+        for k in sorted(set(state) & set(expected), key=_natural)
         if state[k].shape != expected[k].shape
     ]
     return missing, unexpected, misshaped
@@ -279,18 +357,25 @@ def load_checkpoint(path: str | os.PathLike, model: MlpMixer | None = None, **ov
     `overrides` applied. A `num_classes` override that differs from the file's drops its head and
     puts a new zero-initialised one (for fine-tuning). With `model`, the file must match it exactly.
     """
-    state, config, extra = read_checkpoint(path, **overrides)
+    hint = model.config.img_size if model is not None else None
+    state, config, extra = read_checkpoint(path, img_size_hint=hint, **overrides)
+    names = extra.get("class_names")
     if model is None:
-        if "num_classes" in overrides and overrides["num_classes"] != _head_classes(state):
+        new_head = "num_classes" in overrides and overrides["num_classes"] != _head_classes(state)
+        if new_head:
             state = {k: v for k, v in state.items() if not k.startswith("head.")}
+            names = None  # the file's classes went with its head
+        # Built on the meta device (no memory, no initialisation) and then given the file's tensors:
+        # initialising weights only to overwrite them costs seconds for the large variants.
+        with torch.device("meta"):
             model = MlpMixer(config)
-            _load_state(model, state, path, config, ignore_missing_head=True)
-        else:
-            model = MlpMixer(config)
-            _load_state(model, state, path, config)
+        _load_state(model, state, path, config, ignore_missing_head=new_head, assign=True)
+        if new_head:
+            model.reset_classifier(config.num_classes)  # a real, zero-initialised head
     else:
         _load_state(model, state, path, config)
-    model.class_names = extra.get("class_names")
+    if names is not None:  # a given model keeps its own names when the file has none
+        model.class_names = names
     return model
 
 
@@ -300,8 +385,11 @@ def _head_classes(state: StateDict) -> int:
 
 
 def _load_state(
-    model: MlpMixer, state: StateDict, path: Any, config: MixerConfig, ignore_missing_head: bool = False
+    model: MlpMixer, state: StateDict, path: Any, config: MixerConfig, ignore_missing_head: bool = False,
+    assign: bool = False,
 ) -> None:
+    """Copy `state` into `model` (or, with `assign`, make its tensors the model's), after checking
+    that every key and shape fits."""
     expected = model.state_dict()
     missing, unexpected, misshaped = _compare(state, expected)
     if ignore_missing_head:
@@ -318,9 +406,9 @@ def _load_state(
             f"{model.config.img_size[0]}×{model.config.img_size[1]} ({detail}); build the model from the "
             "file instead (mlpmixer.load_checkpoint(path)) or pick the matching checkpoint."
         )
-    ref = next(iter(expected.values()))
-    model.load_state_dict({k: v.to(device=ref.device, dtype=expected[k].dtype) for k, v in state.items()},
-                          strict=not ignore_missing_head)
+    device = None if assign else next(iter(expected.values())).device
+    model.load_state_dict({k: v.to(device=device, dtype=expected[k].dtype) for k, v in state.items()},
+                          strict=not ignore_missing_head, assign=assign)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -334,10 +422,14 @@ def atomic_write(path: str | os.PathLike, write: Any) -> Path:
     """
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp" + path.suffix, dir=path.parent)
-    os.close(fd)
+    # Created as an ordinary file (mode 0666 less the umask), and that mode restored after `write`:
+    # tempfile.mkstemp, and some writers (safetensors, torch.save), leave private 0600 files.
+    tmp = str(path.parent / f".{path.name}.{secrets.token_hex(6)}.tmp{path.suffix}")
+    os.close(os.open(tmp, os.O_CREAT | os.O_EXCL | os.O_WRONLY, 0o666))
+    mode = stat.S_IMODE(os.stat(tmp).st_mode)
     try:
         write(tmp)
+        os.chmod(tmp, mode)
         with open(tmp, "rb+") as f:
             os.fsync(f.fileno())
         os.replace(tmp, path)

@@ -203,6 +203,7 @@ class MlpMixer(nn.Module):
         """Replace the head by a zero-initialised one for `num_classes` (0: no head)."""
         self.config = self.config.replace(num_classes=num_classes)
         self.num_classes = num_classes
+        self.class_names = None  # the old names belong to the old head
         ref = self.norm.weight
         self.head = self._new_head(num_classes).to(device=ref.device, dtype=ref.dtype)
 

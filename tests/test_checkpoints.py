@@ -1,0 +1,369 @@
+"""Weight formats (issue 2, item 3): round trips, configuration in our files, mismatches, bad input."""
+
+from __future__ import annotations
+
+import os
+import pickle
+import stat
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from safetensors.torch import save_file
+
+from mlpmixer import CheckpointError, MixerConfig, convert, create_model, load_checkpoint, save_checkpoint
+from mlpmixer.checkpoints import RUN_MODEL_FILE, atomic_write, read_checkpoint
+from mlpmixer.cli import main
+
+SQUARE = MixerConfig(patch_size=8, hidden_dim=32, num_blocks=2, tokens_mlp_dim=16, channels_mlp_dim=64,
+                     img_size=32, num_classes=5)
+
+
+def random_model(config: MixerConfig, seed: int = 0) -> torch.nn.Module:
+    """A model whose every tensor (the head too) is random, so any lost or swapped tensor shows."""
+    model = create_model(config)
+    g = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for p in model.parameters():
+            p.copy_(torch.randn(p.shape, generator=g))
+    return model.eval()
+
+
+def assert_same_state(a: torch.nn.Module, b: torch.nn.Module) -> None:
+    sa, sb = a.state_dict(), b.state_dict()
+    assert sa.keys() == sb.keys()
+    for k in sa:
+        assert sa[k].dtype == sb[k].dtype and torch.equal(sa[k], sb[k]), k
+
+
+def run_cli(args: list[str], capsys: pytest.CaptureFixture) -> tuple[int, str, str]:
+    code = main([str(a) for a in args])
+    out, err = capsys.readouterr()
+    return code, out, err
+
+
+# --- round trips --------------------------------------------------------------------------------
+
+
+def test_lossless_round_trip_through_every_format(tmp_path: Path) -> None:
+    original = random_model(SQUARE)
+    save_checkpoint(original, tmp_path / "a.npz")
+    npz_before = dict(np.load(tmp_path / "a.npz"))
+    chain = ["b.safetensors", "c.pth", "d.bin", "e.pt", "f.npz", "g.safetensors"]
+    src = tmp_path / "a.npz"
+    for name in chain:
+        convert(src, tmp_path / name)
+        src = tmp_path / name
+    for name in ["a.npz", *chain]:
+        assert_same_state(original, load_checkpoint(tmp_path / name))
+    npz_after = dict(np.load(tmp_path / "f.npz"))
+    assert npz_before.keys() == npz_after.keys()
+    assert all(np.array_equal(npz_before[k], npz_after[k]) for k in npz_before)
+    # The official layout and shapes of SPEC §6.
+    assert npz_after["stem/kernel"].shape == (8, 8, 3, 32)
+    assert npz_after["MixerBlock_1/token_mixing/Dense_0/kernel"].shape == (16, 16)  # (S, D_S)
+    assert npz_after["MixerBlock_1/channel_mixing/Dense_0/kernel"].shape == (32, 64)  # (C, D_C)
+    assert npz_after["head/kernel"].shape == (32, 5) and "pre_head_layer_norm/scale" in npz_after
+
+
+def test_npz_keeps_float64_and_widens_bfloat16(tmp_path: Path) -> None:
+    model = random_model(SQUARE).double()
+    save_checkpoint(model, tmp_path / "f64.npz")
+    assert np.load(tmp_path / "f64.npz")["stem/bias"].dtype == np.float64
+    bf16 = random_model(SQUARE).to(torch.bfloat16)
+    save_checkpoint(bf16, tmp_path / "bf16.npz")
+    assert np.load(tmp_path / "bf16.npz")["stem/bias"].dtype == np.float32
+    back = load_checkpoint(tmp_path / "bf16.npz")
+    assert torch.equal(back.stem.proj.weight, bf16.stem.proj.weight.float())
+
+
+def test_our_safetensors_rebuilds_the_model_alone(tmp_path: Path) -> None:
+    cfg = MixerConfig(patch_size=(4, 8), hidden_dim=16, num_blocks=2, tokens_mlp_dim=8, channels_mlp_dim=32,
+                      img_size=(12, 40), in_chans=1, num_classes=3, gelu="exact", drop_path_rate=0.1)
+    model = random_model(cfg)
+    model.class_names = ["cat", "dog", "fish"]
+    save_checkpoint(model, tmp_path / "m.safetensors")
+    back = load_checkpoint(tmp_path / "m.safetensors")
+    assert back.config == cfg and back.class_names == ["cat", "dog", "fish"]
+    assert_same_state(model, back)
+    x = torch.randn(2, 1, 12, 40)
+    with torch.no_grad():
+        assert torch.equal(model(x), back.eval()(x))
+
+
+def test_headless_npz_gives_a_headless_model(tmp_path: Path) -> None:
+    headless = random_model(SQUARE.replace(num_classes=0))
+    save_checkpoint(headless, tmp_path / "h.npz")
+    assert not any(k.startswith("head/") for k in np.load(tmp_path / "h.npz").files)
+    back = load_checkpoint(tmp_path / "h.npz")
+    assert back.num_classes == 0 and back(torch.zeros(1, 3, 32, 32)).shape == (1, 32)
+    # A head on request: new and zero.
+    with_head = load_checkpoint(tmp_path / "h.npz", num_classes=4)
+    assert with_head.num_classes == 4 and torch.count_nonzero(with_head.head.weight) == 0
+
+
+def test_num_classes_override_gives_a_zero_head(tmp_path: Path) -> None:
+    model = random_model(SQUARE)
+    model.class_names = list("abcde")
+    save_checkpoint(model, tmp_path / "m.safetensors")
+    tuned = load_checkpoint(tmp_path / "m.safetensors", num_classes=10)
+    assert tuned.num_classes == 10 and tuned.class_names is None  # the names went with the old head
+    assert torch.count_nonzero(tuned.head.weight) == 0 and torch.count_nonzero(tuned.head.bias) == 0
+    assert torch.equal(tuned.blocks[1].mlp_tokens.fc2.weight, model.blocks[1].mlp_tokens.fc2.weight)
+    same = load_checkpoint(tmp_path / "m.safetensors", num_classes=5)  # same count: the file's head
+    assert torch.equal(same.head.weight, model.head.weight) and same.class_names == list("abcde")
+    features = load_checkpoint(tmp_path / "m.safetensors", num_classes=0)
+    assert features(torch.zeros(1, 3, 32, 32)).shape == (1, 32)
+
+
+def test_loaded_models_are_ordinary_trainable_models(tmp_path: Path) -> None:
+    """Models are built without initialising and then given the file's tensors: check they are real."""
+    save_checkpoint(random_model(SQUARE), tmp_path / "m.npz")
+    for kwargs in ({}, {"num_classes": 3}):
+        model = load_checkpoint(tmp_path / "m.npz", **kwargs).train()
+        params = dict(model.named_parameters())
+        assert all(p.device.type == "cpu" and p.dtype == torch.float32 and p.requires_grad for p in params.values())
+        before = params["head.weight"].detach().clone()
+        torch.optim.SGD(model.parameters(), lr=0.1).zero_grad()
+        model(torch.randn(2, 3, 32, 32)).sum().backward()  # not squared: a zero head still gets gradient
+        assert all(p.grad is not None for p in params.values())
+        torch.optim.SGD(model.parameters(), lr=0.1).step()
+        assert not torch.equal(before, params["head.weight"])
+
+
+def test_run_directory(tmp_path: Path) -> None:
+    model = random_model(SQUARE)
+    save_checkpoint(model, tmp_path / "run" / RUN_MODEL_FILE)
+    assert_same_state(model, load_checkpoint(tmp_path / "run"))
+    (tmp_path / "unfinished").mkdir()
+    with pytest.raises(CheckpointError, match=f"without {RUN_MODEL_FILE}"):
+        load_checkpoint(tmp_path / "unfinished")
+
+
+def test_timm_layout_variants_load(tmp_path: Path) -> None:
+    """Training scripts nest state dicts or prefix keys (DataParallel, torch.compile)."""
+    model = random_model(SQUARE)
+    state = model.state_dict()
+    torch.save({"state_dict": {f"module.{k}": v for k, v in state.items()}, "epoch": 3}, tmp_path / "a.pth")
+    torch.save({"model": {f"_orig_mod.{k}": v for k, v in state.items()}}, tmp_path / "b.pt")
+    for name in ("a.pth", "b.pt"):
+        back = load_checkpoint(tmp_path / name)
+        assert back.config.gelu == "exact"
+        assert_same_state(model, back)
+
+
+def test_load_into_a_given_model(tmp_path: Path) -> None:
+    model = random_model(SQUARE)
+    save_checkpoint(model, tmp_path / "m.pth")
+    target = create_model(SQUARE)
+    target.class_names = list("vwxyz")
+    assert load_checkpoint(tmp_path / "m.pth", model=target) is target
+    assert_same_state(model, target)
+    assert target.class_names == list("vwxyz")  # the file has no names: the model keeps its own
+
+
+def test_save_is_atomic_and_readable(tmp_path: Path) -> None:
+    model = random_model(SQUARE)
+    path = save_checkpoint(model, tmp_path / "m.safetensors")
+    assert sorted(os.listdir(tmp_path)) == ["m.safetensors"]  # no temporary file left behind
+    umask = os.umask(0)
+    os.umask(umask)
+    assert stat.S_IMODE(path.stat().st_mode) == 0o666 & ~umask  # not a private 0600 temp file
+
+    def broken(tmp: str) -> None:
+        Path(tmp).write_bytes(b"half a file")
+        raise RuntimeError("disk full")
+
+    with pytest.raises(RuntimeError):
+        atomic_write(path, broken)
+    assert sorted(os.listdir(tmp_path)) == ["m.safetensors"]
+    assert_same_state(model, load_checkpoint(path))  # the old file is intact
+    with pytest.raises(CheckpointError, match="unknown extension '.h5'"):
+        save_checkpoint(model, tmp_path / "m.h5")
+
+
+def test_cli_convert(tmp_path: Path, capsys: pytest.CaptureFixture) -> None:
+    model = random_model(SQUARE)
+    save_checkpoint(model, tmp_path / "m.npz")
+    code, out, _ = run_cli(["convert", tmp_path / "m.npz", tmp_path / "m.safetensors"], capsys)
+    assert code == 0 and "Wrote Mixer(C=32, N=2, P=8) (5 classes)" in out and str(tmp_path / "m.safetensors") in out
+    assert_same_state(model, load_checkpoint(tmp_path / "m.safetensors"))
+    code, out, _ = run_cli(["convert", tmp_path / "m.npz", tmp_path / "m.pth"], capsys)
+    assert code == 0 and "gelu='tanh'" in out  # timm files imply exact GELU: the user is told
+    # A rectangular grid needs its size on the command line.
+    rect = random_model(SQUARE.replace(img_size=(32, 16)))
+    save_checkpoint(rect, tmp_path / "r.npz")
+    code, _, err = run_cli(["convert", tmp_path / "r.npz", tmp_path / "r.safetensors"], capsys)
+    assert code != 0 and "--img-size" in err
+    code, _, _ = run_cli(["convert", tmp_path / "r.npz", tmp_path / "r.safetensors", "--img-size", "32", "16"],
+                         capsys)
+    assert code == 0 and load_checkpoint(tmp_path / "r.safetensors").config.img_size == (32, 16)
+
+
+# --- mismatches ---------------------------------------------------------------------------------
+
+
+def test_mismatch_lists_missing_unexpected_and_misshaped_keys(tmp_path: Path) -> None:
+    state = random_model(SQUARE).state_dict()
+    del state["blocks.1.norm2.bias"]
+    state["blocks.1.extra.weight"] = torch.zeros(3)
+    state["blocks.0.mlp_channels.fc2.bias"] = torch.zeros(33)
+    torch.save(state, tmp_path / "bad.pth")
+    for kwargs in ({}, {"model": create_model(SQUARE)}):
+        with pytest.raises(CheckpointError) as err:
+            load_checkpoint(tmp_path / "bad.pth", **kwargs)
+        message = str(err.value)
+        assert "missing keys: blocks.1.norm2.bias" in message
+        assert "unexpected keys: blocks.1.extra.weight" in message
+        assert "mis-shaped: blocks.0.mlp_channels.fc2.bias (33,) vs (32,)" in message
+
+
+def test_checkpoint_of_another_variant_names_both(tmp_path: Path) -> None:
+    with torch.device("meta"):
+        shapes = create_model("S/32").state_dict()
+        target = create_model("B/32")
+    torch.save({k: torch.zeros(v.shape) for k, v in shapes.items()}, tmp_path / "s32.pth")
+    with pytest.raises(CheckpointError, match=r"holds a Mixer-S/32 .* does not fit the Mixer-B/32") as err:
+        load_checkpoint(tmp_path / "s32.pth", model=target)
+    assert "mis-shaped: " in str(err.value) and "missing keys: blocks.8." in str(err.value)
+
+
+# --- bad input: each a CheckpointError with one sentence, nothing unpickled ---------------------
+
+
+class Payload:
+    """Unpickling this would create the marker file: proof that a loader executed the file's code."""
+
+    marker: Path
+
+    def __reduce__(self):  # noqa: D105
+        return (Path.touch, (self.marker,))
+
+
+def payload(marker: Path) -> Payload:
+    p = Payload()
+    p.marker = marker
+    return p
+
+
+def bad_files(folder: Path) -> dict[str, Path]:
+    files: dict[str, Path] = {}
+    marker = folder / "EXECUTED"
+    good = random_model(SQUARE)
+
+    for ext in (".npz", ".pth", ".safetensors"):
+        save_checkpoint(good, folder / f"good{ext}")
+        data = (folder / f"good{ext}").read_bytes()
+        files[f"truncated{ext}"] = folder / f"truncated{ext}"
+        files[f"truncated{ext}"].write_bytes(data[: len(data) // 2])
+        files[f"random{ext}"] = folder / f"random{ext}"
+        files[f"random{ext}"].write_bytes(np.random.default_rng(0).bytes(4096))
+        files[f"empty{ext}"] = folder / f"empty{ext}"
+        files[f"empty{ext}"].write_bytes(b"")
+
+    files["object-array.npz"] = folder / "object-array.npz"
+    np.savez(files["object-array.npz"], **{"stem/kernel": np.array([payload(marker)], dtype=object)})
+    files["pickle.npz"] = folder / "pickle.npz"  # a bare pickle with the npz extension
+    files["pickle.npz"].write_bytes(pickle.dumps({"stem/kernel": payload(marker)}))
+    files["npy-as.npz"] = folder / "npy-as.npz"
+    with open(files["npy-as.npz"], "wb") as f:
+        np.save(f, np.zeros(3, np.float32))
+    files["ints.npz"] = folder / "ints.npz"
+    np.savez(files["ints.npz"], **{"stem/kernel": np.zeros((8, 8, 3, 32), np.int64)})
+    files["flat-stem.npz"] = folder / "flat-stem.npz"
+    np.savez(files["flat-stem.npz"], **{"stem/kernel": np.zeros(3, np.float32)})
+    files["vit.npz"] = folder / "vit.npz"
+    np.savez(files["vit.npz"], **{"Transformer/encoder_norm/scale": np.ones(4, np.float32)})
+
+    files["pickle.pth"] = folder / "pickle.pth"  # a bare malicious pickle
+    files["pickle.pth"].write_bytes(pickle.dumps({"stem.proj.weight": payload(marker)}))
+    files["torch-pickle.bin"] = folder / "torch-pickle.bin"  # torch's zip format, malicious object inside
+    torch.save({"stem.proj.weight": payload(marker)}, files["torch-pickle.bin"])
+    files["not-state.pth"] = folder / "not-state.pth"
+    torch.save([torch.zeros(2)], files["not-state.pth"])
+    files["resnet.pth"] = folder / "resnet.pth"
+    torch.save({"conv1.weight": torch.zeros(4, 3, 7, 7)}, files["resnet.pth"])
+
+    files["bad-metadata.safetensors"] = folder / "bad-metadata.safetensors"
+    save_file(good.state_dict(), files["bad-metadata.safetensors"], metadata={"format": "mlpmixer", "config": "{"})
+    files["bad-names.safetensors"] = folder / "bad-names.safetensors"
+    save_file(good.state_dict(), files["bad-names.safetensors"],
+              metadata={"format": "mlpmixer", "config": SQUARE.to_json(), "class_names": '["only one"]'})
+
+    files["missing.npz"] = folder / "does-not-exist.npz"
+    files["unknown-extension"] = folder / "weights.h5"
+    files["unknown-extension"].write_bytes(b"\x89HDF")
+    files["directory"] = folder / "empty-run"
+    files["directory"].mkdir()
+    return files
+
+
+EXPECTED = {
+    "truncated": "truncated",
+    "random": "corrupt",
+    "empty": "corrupt",
+    "object-array.npz": "never unpickled",
+    "pickle.npz": "is not an .npz archive",
+    "npy-as.npz": "is not an .npz archive",
+    "ints.npz": "non-float",
+    "flat-stem.npz": "not (P, P, in, C)",
+    "vit.npz": "not in the official Mixer layout",
+    "pickle.pth": "never unpickled",
+    "torch-pickle.bin": "never unpickled",
+    "not-state.pth": "not a state dict of tensors",
+    "resnet.pth": "not an MLP-Mixer checkpoint",
+    "bad-metadata.safetensors": "damaged or unknown mlpmixer configuration",
+    "bad-names.safetensors": "class names that do not match",
+    "missing.npz": "No checkpoint at",
+    "unknown-extension": "unknown checkpoint extension '.h5'",
+    "directory": "directory without model.safetensors",
+}
+
+
+@pytest.fixture(scope="module")
+def bad(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
+    return bad_files(tmp_path_factory.mktemp("bad"))
+
+
+def expected_text(name: str) -> str:
+    return next(text for key, text in EXPECTED.items() if name.startswith(key))
+
+
+def test_every_bad_file_gets_one_clear_sentence(bad: dict[str, Path]) -> None:
+    for name, path in bad.items():
+        with pytest.raises(CheckpointError) as err:
+            load_checkpoint(path)
+        message = str(err.value)
+        assert expected_text(name) in message, (name, message)
+        assert str(path) in message, (name, message)
+        assert "\n" not in message and message.endswith("."), (name, message)
+    assert not (next(iter(bad.values())).parent / "EXECUTED").exists()
+
+
+def test_payload_would_run_if_unpickled(tmp_path: Path) -> None:
+    """The proof above means something: unpickling the same payload does create the marker."""
+    marker = tmp_path / "EXECUTED"
+    pickle.loads(pickle.dumps(payload(marker)))
+    assert marker.exists()
+
+
+def test_bad_files_on_the_command_line(bad: dict[str, Path], tmp_path: Path, capsys: pytest.CaptureFixture) -> None:
+    for name, path in bad.items():
+        code, out, err = run_cli(["convert", path, tmp_path / "out.safetensors"], capsys)
+        assert code != 0, name
+        assert err.startswith("mixer convert: error: ") and expected_text(name) in err, (name, err)
+        assert "Traceback" not in err and err.count("\n") == 1, (name, err)
+        assert not (tmp_path / "out.safetensors").exists()
+    assert not (next(iter(bad.values())).parent / "EXECUTED").exists()
+
+
+def test_read_checkpoint_reports_config_and_names(tmp_path: Path) -> None:
+    model = random_model(SQUARE)
+    model.class_names = list("abcde")
+    save_checkpoint(model, tmp_path / "m.safetensors")
+    state, config, extra = read_checkpoint(tmp_path / "m.safetensors", drop_path_rate=0.2)
+    assert config == SQUARE.replace(drop_path_rate=0.2) and extra == {"class_names": list("abcde")}
+    assert state.keys() == model.state_dict().keys()
+    with pytest.raises(CheckpointError, match="Cannot apply"):
+        read_checkpoint(tmp_path / "m.safetensors", heads=3)

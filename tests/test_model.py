@@ -1,0 +1,176 @@
+"""The model: shapes, timm-style API, initialisation (SPEC §1), regularisers and input checks."""
+
+from __future__ import annotations
+
+import math
+
+import pytest
+import torch
+from torch import nn
+
+from mlpmixer import MixerConfig, MlpMixer, create_model
+from mlpmixer.model import DropPath
+
+
+def images(config: MixerConfig, batch: int = 2, seed: int = 0) -> torch.Tensor:
+    g = torch.Generator().manual_seed(seed)
+    return torch.randn(batch, config.in_chans, *config.img_size, generator=g)
+
+
+def randomise_head(model: MlpMixer) -> None:
+    with torch.no_grad():
+        for p in model.head.parameters():
+            p.normal_()
+
+
+def test_custom_rectangular_greyscale_model(tiny_config: MixerConfig) -> None:
+    cfg = tiny_config.replace(in_chans=1, num_classes=7)
+    model = create_model(cfg).eval()
+    x = images(cfg, batch=3)
+    assert model(x).shape == (3, 7)
+    feats = model.forward_features(x)
+    assert feats.shape == (3, 12, 32)  # (B, S, C): a 3×4 grid of tokens
+    randomise_head(model)
+    with torch.no_grad():
+        assert torch.equal(model(x), model.forward_head(feats))
+        pooled = model.forward_head(feats, pre_logits=True)
+        assert pooled.shape == (3, 32)
+        torch.testing.assert_close(pooled, feats.mean(dim=1))
+        torch.testing.assert_close(model(x), pooled @ model.head.weight.T + model.head.bias)
+
+
+def test_create_model_by_name_with_overrides() -> None:
+    model = create_model("S/32", num_classes=3, img_size=(64, 96), hidden_dim=24, num_blocks=2,
+                         tokens_mlp_dim=8, channels_mlp_dim=16, in_chans=1)
+    assert model.config.num_tokens == 6 and model.config.patch_size == (32, 32)
+    assert model(torch.zeros(1, 1, 64, 96)).shape == (1, 3)
+
+
+def test_tokens_are_patches_in_row_major_order(tiny_config: MixerConfig) -> None:
+    """Token i of the stem is the patch at grid position (i // columns, i % columns)."""
+    model = create_model(tiny_config)
+    x = images(tiny_config, batch=1)
+    tokens = model.stem(x)  # (S, B, C)
+    conv = nn.functional.conv2d(x, model.stem.proj.weight, model.stem.proj.bias, stride=8)  # (1, C, 3, 4)
+    torch.testing.assert_close(tokens[:, 0], conv[0].flatten(1).T)
+
+
+def test_num_classes_zero_gives_pooled_features(tiny_config: MixerConfig) -> None:
+    headless = create_model(tiny_config.replace(num_classes=0)).eval()
+    x = images(tiny_config)
+    out = headless(x)
+    assert out.shape == (2, 32) and isinstance(headless.head, nn.Identity)
+    torch.testing.assert_close(out, headless.forward_features(x).mean(dim=1))
+
+
+def test_reset_classifier(tiny_config: MixerConfig) -> None:
+    model = create_model(tiny_config).eval()
+    randomise_head(model)
+    x = images(tiny_config)
+    model.reset_classifier(11)
+    assert model.num_classes == 11 and model.config.num_classes == 11
+    assert model.get_classifier().weight.shape == (11, 32)
+    assert torch.count_nonzero(model(x)) == 0  # a fresh head is zero
+    model.reset_classifier(0)
+    assert model(x).shape == (2, 32)
+
+
+def test_initialisation_follows_flax_defaults() -> None:
+    cfg = MixerConfig(patch_size=16, hidden_dim=256, num_blocks=2, tokens_mlp_dim=128,
+                      channels_mlp_dim=1024, img_size=224, num_classes=10)
+    model = create_model(cfg)
+    assert torch.count_nonzero(model.head.weight) == 0 and torch.count_nonzero(model.head.bias) == 0
+    for name, module in model.named_modules():
+        if isinstance(module, nn.LayerNorm):
+            assert torch.all(module.weight == 1) and torch.all(module.bias == 0), name
+            assert module.eps == 1e-6
+        elif isinstance(module, (nn.Linear, nn.Conv2d)):
+            assert torch.count_nonzero(module.bias) == 0, name
+    # LeCun normal: std sqrt(1/fan_in), truncated at two standard deviations of the underlying normal.
+    kernels = {
+        "stem (fan_in 3·16·16)": model.stem.proj.weight,
+        "token fc1 (fan_in S=196)": model.blocks[0].mlp_tokens.fc1.weight,
+        "token fc2 (fan_in D_S=128)": model.blocks[0].mlp_tokens.fc2.weight,
+        "channel fc1 (fan_in C=256)": model.blocks[1].mlp_channels.fc1.weight,
+        "channel fc2 (fan_in D_C=1024)": model.blocks[1].mlp_channels.fc2.weight,
+    }
+    for name, w in kernels.items():
+        fan_in = w[0].numel()
+        expected = math.sqrt(1.0 / fan_in)
+        # With ≥ 196k samples the sample std is within about 0.3% of the true one; allow 3%.
+        assert abs(w.std().item() / expected - 1) < 0.03, name
+        assert abs(w.mean().item()) < 0.02 * expected, name
+        assert w.abs().max().item() <= 2 * expected / 0.8796 + 1e-6, name
+
+
+def test_gelu_choice() -> None:
+    tanh = create_model("S/32", num_classes=0, hidden_dim=8, num_blocks=1, tokens_mlp_dim=4, channels_mlp_dim=8)
+    exact = create_model("S/32", num_classes=0, hidden_dim=8, num_blocks=1, tokens_mlp_dim=4,
+                         channels_mlp_dim=8, gelu="exact")
+    assert tanh.blocks[0].mlp_channels.act.approximate == "tanh"
+    assert exact.blocks[0].mlp_channels.act.approximate == "none"
+
+
+def test_stochastic_depth_rises_linearly() -> None:
+    cfg = MixerConfig(patch_size=4, hidden_dim=8, num_blocks=5, tokens_mlp_dim=4, channels_mlp_dim=8,
+                      img_size=8, drop_path_rate=0.2)
+    rates = [block.drop_path.rate for block in create_model(cfg).blocks]
+    assert rates == pytest.approx([0.0, 0.05, 0.1, 0.15, 0.2])
+    single = create_model(cfg.replace(num_blocks=1))
+    assert single.blocks[0].drop_path.rate == 0.0
+
+
+def test_drop_path_drops_whole_samples() -> None:
+    torch.manual_seed(0)
+    drop = DropPath(0.5).train()
+    out = drop(torch.ones(6, 64, 3))  # (S, B, C)
+    per_sample = out.permute(1, 0, 2).reshape(64, -1)
+    kept = per_sample[:, 0] == 2.0
+    assert torch.all(per_sample[kept] == 2.0) and torch.all(per_sample[~kept] == 0.0)
+    assert 10 < kept.sum() < 54  # about half of 64 survive
+    assert torch.equal(drop.eval()(torch.ones(6, 64, 3)), torch.ones(6, 64, 3))
+
+
+def test_dropout_only_in_training(tiny_config: MixerConfig) -> None:
+    model = create_model(tiny_config.replace(drop_rate=0.5, drop_path_rate=0.3))
+    randomise_head(model)
+    x = images(tiny_config)
+    model.train()
+    torch.manual_seed(1)
+    a = model(x)
+    torch.manual_seed(2)
+    assert not torch.allclose(a, model(x))
+    model.eval()
+    assert torch.equal(model(x), model(x))
+
+
+def test_gradient_checkpointing_gives_the_same_gradients(tiny_config: MixerConfig) -> None:
+    model = create_model(tiny_config)
+    randomise_head(model)
+    x = images(tiny_config)
+    grads = []
+    for enable in (False, True):
+        model.zero_grad()
+        model.set_grad_checkpointing(enable)
+        model(x).square().sum().backward()
+        grads.append([p.grad.clone() for p in model.parameters()])
+    for g0, g1 in zip(*grads):
+        torch.testing.assert_close(g0, g1)
+
+
+def test_wrong_image_size_names_the_size_and_the_conversion() -> None:
+    model = create_model("S/32", hidden_dim=16, num_blocks=1, tokens_mlp_dim=8, channels_mlp_dim=16)
+    with pytest.raises(ValueError, match="224×224") as err:
+        model(torch.zeros(1, 3, 256, 256))
+    message = str(err.value)
+    assert "256×256" in message and "resolution" in message and "resize_to" in message
+    with pytest.raises(ValueError, match="224×224"):
+        model(torch.zeros(1, 3, 224, 192))
+
+
+def test_wrong_channels_or_rank(tiny_config: MixerConfig) -> None:
+    model = create_model(tiny_config)
+    with pytest.raises(ValueError, match=r"\(batch, 3, height, width\).*\(2, 1, 24, 32\)"):
+        model(torch.zeros(2, 1, 24, 32))
+    with pytest.raises(ValueError, match="takes images shaped"):
+        model(torch.zeros(3, 24, 32))

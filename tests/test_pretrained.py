@@ -1,0 +1,309 @@
+"""The published-weights registry and the download cache (issue 2, item 6). No test leaves the machine:
+sources are file:// URLs and a tiny HTTP server on 127.0.0.1."""
+
+from __future__ import annotations
+
+import hashlib
+import http.server
+import threading
+from pathlib import Path
+from typing import Iterator
+
+import pytest
+import torch
+
+from mlpmixer import create_model, load_checkpoint, save_checkpoint
+from mlpmixer import pretrained
+from mlpmixer.pretrained import (DownloadError, available, cache_dir, cache_path, download, find_weights,
+                                 imagenet_class_names, load_pretrained, register_weights)
+
+
+@pytest.fixture(autouse=True)
+def _own_registry(monkeypatch: pytest.MonkeyPatch) -> None:
+    """Entries a test registers vanish after it."""
+    monkeypatch.setattr(pretrained, "_REGISTRY", dict(pretrained._REGISTRY))
+
+
+def source_file(folder: Path, size: int = 300_000, seed: int = 0) -> Path:
+    path = folder / "source" / f"blob-{seed}.bin"
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_bytes(torch.randint(0, 256, (size,), generator=torch.Generator().manual_seed(seed),
+                                   dtype=torch.uint8).numpy().tobytes())
+    return path
+
+
+def digits_checkpoint(folder: Path, num_classes: int = 1000, ext: str = ".npz") -> tuple[Path, torch.nn.Module]:
+    model = create_model("digits/4", img_size=28, num_classes=num_classes)
+    with torch.no_grad():
+        for p in model.parameters():
+            p.normal_()
+    path = folder / "published" / f"digits{ext}"
+    save_checkpoint(model, path)
+    return path, model
+
+
+# --- the registry -----------------------------------------------------------------------------
+
+
+def test_official_and_timm_weights_are_registered() -> None:
+    entries = set(available())
+    gcs = "https://storage.googleapis.com/mixer_models"
+    hf = "https://huggingface.co/timm"
+    for variant, tag, url in [
+        ("B/16", "imagenet1k", f"{gcs}/imagenet1k/Mixer-B_16.npz"),
+        ("L/16", "imagenet1k", f"{gcs}/imagenet1k/Mixer-L_16.npz"),
+        ("B/16", "imagenet21k", f"{gcs}/imagenet21k/Mixer-B_16.npz"),
+        ("L/16", "imagenet21k", f"{gcs}/imagenet21k/Mixer-L_16.npz"),
+        ("B/16", "sam", f"{gcs}/sam/Mixer-B_16.npz"),
+        ("B/32", "sam", f"{gcs}/sam/Mixer-B_32.npz"),
+        ("S/16", "gsam", f"{gcs}/gsam/Mixer-S_16.npz"),
+        ("S/32", "gsam", f"{gcs}/gsam/Mixer-S_32.npz"),
+        ("B/16", "gsam", f"{gcs}/gsam/Mixer-B_16.npz"),
+        ("B/32", "gsam", f"{gcs}/gsam/Mixer-B_32.npz"),
+        ("B/16", "goog_in21k_ft_in1k", f"{hf}/mixer_b16_224.goog_in21k_ft_in1k/resolve/main/model.safetensors"),
+        ("B/16", "goog_in21k", f"{hf}/mixer_b16_224.goog_in21k/resolve/main/model.safetensors"),
+        ("B/16", "miil_in21k_ft_in1k", f"{hf}/mixer_b16_224.miil_in21k_ft_in1k/resolve/main/model.safetensors"),
+        ("B/16", "miil_in21k", f"{hf}/mixer_b16_224.miil_in21k/resolve/main/model.safetensors"),
+        ("L/16", "goog_in21k_ft_in1k", f"{hf}/mixer_l16_224.goog_in21k_ft_in1k/resolve/main/model.safetensors"),
+        ("L/16", "goog_in21k", f"{hf}/mixer_l16_224.goog_in21k/resolve/main/model.safetensors"),
+    ]:
+        assert (variant, tag, url) in entries
+    assert len(entries) == 16
+    assert find_weights("Mixer-L_16", "imagenet21k").num_classes == 21843
+    miil = find_weights("mixer_b16_224", "miil_in21k_ft_in1k")
+    assert (miil.mean, miil.std) == ((0.0, 0.0, 0.0), (1.0, 1.0, 1.0))  # MIIL's inputs are in [0, 1]
+    assert find_weights("B/16", "sam").mean == (0.5, 0.5, 0.5)  # Google's are in [-1, 1]
+
+
+def test_unknown_tag_lists_the_published_ones() -> None:
+    with pytest.raises(ValueError, match=r"No pretrained weights 'jft' for Mixer-B/16: .*imagenet1k.*sam"):
+        find_weights("B/16", "jft")
+    with pytest.raises(ValueError, match="no weights are published for it"):
+        create_model("H/14", pretrained="imagenet1k")
+    with pytest.raises(ValueError, match="Unknown Mixer variant"):
+        register_weights("Z/3", "x", "file:///nowhere")
+
+
+def test_register_weights_accepts_aliases() -> None:
+    entry = register_weights("mixer_s16_224", "mine", "https://example.org/w.npz", sha256="AB" * 32)
+    assert entry.variant == "S/16" and entry.sha256 == "ab" * 32
+    assert ("S/16", "mine", "https://example.org/w.npz") in available()
+    assert find_weights("Mixer-S/16", "mine") is entry
+
+
+def test_imagenet_class_names_from_torchvision() -> None:
+    names = imagenet_class_names()
+    assert len(names) == 1000 and names[0] == "tench" and names[1] == "goldfish" and names[-1] == "toilet tissue"
+
+
+# --- the cache --------------------------------------------------------------------------------
+
+
+def test_cache_location(monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> None:
+    monkeypatch.setenv("MLPMIXER_CACHE", str(tmp_path / "c"))
+    assert cache_dir() == tmp_path / "c"
+    a = cache_path("https://storage.googleapis.com/mixer_models/imagenet1k/Mixer-B_16.npz")
+    b = cache_path("https://storage.googleapis.com/mixer_models/sam/Mixer-B_16.npz")
+    assert a == tmp_path / "c/storage.googleapis.com/mixer_models/imagenet1k/Mixer-B_16.npz" and a != b
+    assert cache_path("http://127.0.0.1:8080/../x/../w.npz") == tmp_path / "c/127.0.0.1_8080/x/w.npz"
+    monkeypatch.delenv("MLPMIXER_CACHE")
+    monkeypatch.setenv("HOME", str(tmp_path / "home"))
+    assert cache_dir() == tmp_path / "home/.cache/mlpmixer"
+
+
+def test_download_once_then_from_the_cache(tmp_path: Path) -> None:
+    src = source_file(tmp_path)
+    data = src.read_bytes()
+    path = download(src.as_uri(), sha256=hashlib.sha256(data).hexdigest())
+    assert path == cache_path(src.as_uri()) and path.read_bytes() == data
+    assert not path.with_name(path.name + ".part").exists()
+    src.unlink()  # the second call must not need the source
+    assert download(src.as_uri()) == path and path.read_bytes() == data
+
+
+def test_offline_and_not_cached_names_url_and_cache_path(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    src = source_file(tmp_path)
+    monkeypatch.setenv("MLPMIXER_OFFLINE", "1")
+    with pytest.raises(DownloadError) as err:
+        download(src.as_uri())
+    assert src.as_uri() in str(err.value) and str(cache_path(src.as_uri())) in str(err.value)
+    monkeypatch.delenv("MLPMIXER_OFFLINE")
+    cached = download(src.as_uri())
+    monkeypatch.setenv("MLPMIXER_OFFLINE", "1")
+    assert download(src.as_uri()) == cached  # offline works from the cache
+    # A source that is gone (as a server would be when offline): the same kind of message, no retries.
+    gone = (tmp_path / "gone.npz").as_uri()
+    monkeypatch.delenv("MLPMIXER_OFFLINE")
+    with pytest.raises(DownloadError) as err:
+        download(gone)
+    assert gone in str(err.value) and str(cache_path(gone)) in str(err.value)
+    assert not cache_path(gone).exists()
+
+
+def test_unreachable_server(tmp_path: Path) -> None:
+    import socket
+
+    with socket.socket() as s:  # a port nothing listens on
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    url = f"http://127.0.0.1:{port}/w.npz"
+    with pytest.raises(DownloadError) as err:
+        download(url, retries=1, backoff_s=0.01)
+    assert url in str(err.value) and str(cache_path(url)) in str(err.value) and "refused" in str(err.value)
+
+
+def test_resume_a_partial_file_download(tmp_path: Path) -> None:
+    src = source_file(tmp_path)
+    data = src.read_bytes()
+    part = cache_path(src.as_uri()).with_name(cache_path(src.as_uri()).name + ".part")
+    part.parent.mkdir(parents=True)
+    # The partial file's bytes differ from the source's: if the result keeps them, only the rest was read.
+    part.write_bytes(b"\0" * 100_000)
+    path = download(src.as_uri())
+    assert path.read_bytes() == b"\0" * 100_000 + data[100_000:]
+    # With the digest known, such a corrupt resume is caught and nothing stays in the cache.
+    src2 = source_file(tmp_path, seed=1)
+    part2 = cache_path(src2.as_uri()).with_name(src2.name + ".part")
+    part2.write_bytes(b"\0" * 1000)
+    with pytest.raises(DownloadError, match="SHA-256"):
+        download(src2.as_uri(), sha256=hashlib.sha256(src2.read_bytes()).hexdigest())
+    assert list(cache_path(src2.as_uri()).parent.iterdir()) == [path]
+
+
+def test_sha_mismatch_leaves_nothing(tmp_path: Path) -> None:
+    src = source_file(tmp_path)
+    with pytest.raises(DownloadError) as err:
+        download(src.as_uri(), sha256="0" * 64)
+    assert "SHA-256" in str(err.value) and src.as_uri() in str(err.value)
+    assert not any(p.is_file() for p in cache_dir().rglob("*"))
+
+
+# --- over HTTP ----------------------------------------------------------------------------------
+
+
+class Server(http.server.ThreadingHTTPServer):
+    data: bytes
+    plan: list[str]  # what to do with each request in turn: ok, cut, ignore-range, 503, 404
+    ranges: list[str | None]
+
+
+class Handler(http.server.BaseHTTPRequestHandler):
+    server: Server
+
+    def do_GET(self) -> None:  # noqa: N802
+        srv = self.server
+        srv.ranges.append(self.headers.get("Range"))
+        action = srv.plan.pop(0) if srv.plan else "ok"
+        if action.isdigit():
+            self.send_error(int(action))
+            return
+        start, asked = 0, self.headers.get("Range")
+        if asked and action != "ignore-range":
+            start = int(asked.removeprefix("bytes=").rstrip("-"))
+            self.send_response(206)
+            self.send_header("Content-Range", f"bytes {start}-{len(srv.data) - 1}/{len(srv.data)}")
+        else:
+            self.send_response(200)
+        body = srv.data[start:]
+        self.send_header("Content-Length", str(len(body)))
+        self.end_headers()
+        # "cut": the connection breaks half-way, after the headers promised the whole body.
+        self.wfile.write(body[: len(body) // 2] if action == "cut" else body)
+
+    def log_message(self, *args: object) -> None:
+        pass
+
+
+@pytest.fixture
+def server(tmp_path: Path) -> Iterator[Server]:
+    srv = Server(("127.0.0.1", 0), Handler)
+    srv.data = source_file(tmp_path, size=500_000, seed=3).read_bytes()
+    srv.plan, srv.ranges = [], []
+    thread = threading.Thread(target=srv.serve_forever, daemon=True)
+    thread.start()
+    yield srv
+    srv.shutdown()
+    srv.server_close()
+
+
+def url_of(srv: Server, name: str = "w.npz") -> str:
+    return f"http://127.0.0.1:{srv.server_address[1]}/weights/{name}"
+
+
+def test_http_broken_transfer_is_resumed_with_range(server: Server) -> None:
+    server.plan = ["cut", "cut"]
+    path = download(url_of(server), sha256=hashlib.sha256(server.data).hexdigest(), backoff_s=0.01)
+    assert path.read_bytes() == server.data
+    # 250,000 bytes arrive, then half the remaining 250,000, then the rest.
+    assert server.ranges == [None, "bytes=250000-", "bytes=375000-"]
+
+
+def test_http_server_ignoring_range_restarts(server: Server) -> None:
+    server.plan = ["cut", "ignore-range"]
+    path = download(url_of(server), backoff_s=0.01)
+    assert path.read_bytes() == server.data and server.ranges == [None, "bytes=250000-"]
+
+
+def test_http_retries_server_errors_not_missing_files(server: Server) -> None:
+    server.plan = ["503", "503"]
+    assert download(url_of(server), backoff_s=0.01).read_bytes() == server.data
+    assert len(server.ranges) == 3
+    server.plan, server.ranges = ["404"], []
+    with pytest.raises(DownloadError, match="HTTP 404"):
+        download(url_of(server, "missing.npz"), backoff_s=0.01)
+    assert len(server.ranges) == 1
+    server.plan, server.ranges = ["cut"] * 10, []
+    with pytest.raises(DownloadError, match=r"received .* of 500,000 bytes"):
+        download(url_of(server, "flaky.npz"), retries=2, backoff_s=0.01)
+    assert len(server.ranges) == 3
+    part = cache_path(url_of(server, "flaky.npz"))
+    assert part.with_name(part.name + ".part").exists()  # kept for the next try to resume
+
+
+# --- pretrained models end to end ----------------------------------------------------------------
+
+
+def test_create_model_with_pretrained_weights(tmp_path: Path) -> None:
+    path, original = digits_checkpoint(tmp_path)
+    register_weights("digits/4", "test", path.as_uri(), num_classes=1000)
+    model = create_model("digits/4", pretrained="test")
+    assert model.config.gelu == "tanh" and model.config.img_size == (28, 28)
+    for k, v in original.state_dict().items():
+        assert torch.equal(model.state_dict()[k], v), k
+    assert model.class_names == imagenet_class_names()
+    path.unlink()  # from now on only the cache has it
+    again = load_pretrained("digits/4", "test")
+    assert torch.equal(again.head.weight, original.head.weight)
+    tuned = load_pretrained("digits/4", "test", num_classes=10)
+    assert tuned.num_classes == 10 and torch.count_nonzero(tuned.head.weight) == 0 and tuned.class_names is None
+
+
+def test_timm_style_pretrained_file_loads_with_exact_gelu(tmp_path: Path) -> None:
+    from safetensors.torch import save_file
+
+    model = create_model("digits/4", img_size=28, num_classes=21)
+    path = tmp_path / "hub" / "model.safetensors"
+    path.parent.mkdir()
+    save_file(model.state_dict(), path)  # no metadata, as on the Hugging Face hub
+    register_weights("digits/4", "hub", path.as_uri(), num_classes=21)
+    loaded = create_model("digits/4", pretrained="hub")
+    assert loaded.config.gelu == "exact" and loaded.num_classes == 21 and loaded.class_names is None
+
+
+def test_registry_entries_are_checked(tmp_path: Path) -> None:
+    path, _ = digits_checkpoint(tmp_path, num_classes=10)
+    register_weights("nano/4", "wrong-variant", path.as_uri())
+    with pytest.raises(ValueError, match=r"holds a Mixer-digits/4, not the registered Mixer-nano/4"):
+        load_pretrained("nano/4", "wrong-variant")
+    register_weights("digits/4", "wrong-classes", path.as_uri(), num_classes=1000)
+    with pytest.raises(ValueError, match="has 10 classes, not the registered 1000"):
+        load_pretrained("digits/4", "wrong-classes")
+    with pytest.raises(ValueError, match="224×224 images, not 448×448.*resize_to"):
+        create_model("mixer_b16_448", pretrained="imagenet1k")  # refused before any download
+
+
+def test_loading_the_cached_file_directly(tmp_path: Path) -> None:
+    path, original = digits_checkpoint(tmp_path, ext=".safetensors")
+    register_weights("digits/4", "ours", path.as_uri())
+    cached = download(path.as_uri())
+    assert torch.equal(load_checkpoint(cached).head.weight, original.head.weight)
