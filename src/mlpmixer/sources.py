@@ -1,0 +1,366 @@
+"""Image folders and WebDataset shards as training and evaluation data.
+
+`open_folder_or_shards(path, split, holdout, seed, transform)` recognises
+
+- a folder with `train/` and `val/` sub-folders: `split` picks one, which may itself be any of the below;
+- a folder, a single shard, a glob (`shards/*.tar`) or a brace list (`train-{000..009}.tar.gz`) of
+  WebDataset shards (`.tar`, `.tar.gz`, `.tgz`; members KEY.jpg|png + KEY.cls), with an optional
+  `dataset.json` next to them naming the classes ({"classes": [...], "splits": {"train": count}});
+- a folder of class sub-folders (ImageFolder).
+
+A folder is used whole whatever its split is called. With `holdout` > 0 (and no `train/` + `val/` pair),
+every image falls on the "val" side when a seeded hash of its key (shards) or relative path (folders)
+lands in the hold-out fraction, and on the "train" side otherwise: the two never overlap and the split
+does not depend on worker, rank or file order.
+
+Images are decoded inside the dataset, so in the DataLoader workers. An image that cannot be decoded
+is skipped with a warning and counted in the dataset's `bad_samples` (a `BadSampleCounter` shared by
+all DataLoader workers of one process); when more than 1% of the images seen are bad, the dataset
+raises `BadDataError`. Folders are map-style datasets (use any sampler); shards are iterable datasets
+that shuffle and split themselves: call `dataset.set_epoch(epoch)` before each epoch, as with
+DistributedSampler, to get a new order.
+"""
+
+from __future__ import annotations
+
+import glob
+import io
+import json
+import multiprocessing
+import os
+import random
+import warnings
+import zlib
+from pathlib import Path
+from typing import Any, Callable, Iterator, Optional, TypeVar
+
+import torch
+import webdataset as wds
+from braceexpand import braceexpand
+from PIL import Image
+from torchvision.datasets import ImageFolder
+from torchvision.io import ImageReadMode, decode_image
+from torchvision.transforms.v2 import functional as F
+from tqdm import tqdm
+
+from .data import Source
+
+Transform = Optional[Callable[[torch.Tensor], Any]]
+T = TypeVar("T")
+
+SHARD_SUFFIXES = (".tar", ".tar.gz", ".tgz")
+IMAGE_MEMBERS = ("jpg", "jpeg", "png", "webp")  # the extensions of a shard sample's image
+SPLITS = ("train", "val")
+MAX_BAD_FRACTION = 0.01
+# The bad fraction is judged once an epoch's worth of images, or this many, have been seen: early on
+# it says little (two bad images among the first hundred of a set with 0.5% bad ones).
+BAD_WINDOW = 10_000
+SHUFFLE_BUFFER = 1000  # encoded samples held per worker for shuffling shards
+
+_JPEG_MAGIC = b"\xff\xd8\xff"
+_PNG_MAGIC = b"\x89PNG\r\n\x1a\n"
+
+
+class BadDataError(ValueError):
+    """Too many images of a dataset cannot be decoded."""
+
+    def __init__(self, message: str) -> None:
+        # A DataLoader re-raises a worker's exception as type(exc)(text with the worker's traceback);
+        # keep only the sentence after the exception's name so the CLI still prints one sentence.
+        super().__init__(message.rsplit(f"{type(self).__name__}: ", 1)[-1].strip())
+
+
+class BadSampleCounter:
+    """How many images were decoded (`seen`) and how many of them failed (`bad`), for the whole run.
+
+    The counts live in shared memory, so DataLoader worker processes (which receive the dataset when
+    they start) add to the counts the main process reads. They cover one process: each DDP rank
+    counts its own images. `record` raises BadDataError once `window` images have been seen and more
+    than 1% of them were bad.
+    """
+
+    def __init__(self, window: Optional[int]) -> None:
+        self.window = min(window or BAD_WINDOW, BAD_WINDOW)
+        self._seen = multiprocessing.Value("q", 0)
+        self._bad = multiprocessing.Value("q", 0)
+
+    @property
+    def seen(self) -> int:
+        return self._seen.value
+
+    @property
+    def bad(self) -> int:
+        return self._bad.value
+
+    def record(self, ok: bool) -> None:
+        with self._seen.get_lock():
+            self._seen.value += 1
+        if not ok:
+            with self._bad.get_lock():
+                self._bad.value += 1
+        seen, bad = self.seen, self.bad
+        if seen >= self.window and bad > MAX_BAD_FRACTION * seen:
+            raise BadDataError(
+                f"{bad} of {seen} images ({100 * bad / seen:.1f}%) could not be decoded, more than the "
+                f"{100 * MAX_BAD_FRACTION:g}% allowed; check or rebuild the data "
+                "(the warnings name the bad files)."
+            )
+
+
+def decode_image_bytes(data: bytes) -> torch.Tensor:
+    """An encoded image -> uint8 (C, H, W), C = 1 for greyscale images and 3 otherwise (alpha dropped)."""
+    buffer = torch.frombuffer(bytearray(data), dtype=torch.uint8)
+    # JPEG and PNG go to torchvision's decoders, about 3x faster here than PIL plus conversion. The
+    # PNG colour type (byte 25 of the header: 0 grey, 4 grey + alpha) is read by hand because asking
+    # PIL for the mode costs as much as decoding a 32x32 JPEG; UNCHANGED would give palette indices.
+    if data.startswith(_PNG_MAGIC):
+        image = decode_image(buffer, ImageReadMode.GRAY if data[25] in (0, 4) else ImageReadMode.RGB)
+    elif data.startswith(_JPEG_MAGIC):
+        image = decode_image(buffer, ImageReadMode.UNCHANGED)  # 1 or 3 channels, 4 for CMYK
+        if image.shape[0] == 4:
+            image = decode_image(buffer, ImageReadMode.RGB)
+    else:  # WebP, GIF, BMP, TIFF, PPM, ...
+        with Image.open(io.BytesIO(data)) as pil:
+            grey = pil.mode in ("1", "L", "LA", "I", "I;16", "F")
+            image = F.pil_to_tensor(pil.convert("L" if grey else "RGB"))
+    if image.dtype != torch.uint8:  # 16-bit PNG
+        image = F.to_dtype(image, torch.uint8, scale=True)
+    return image
+
+
+def _load_counted(where: str, counter: BadSampleCounter, load: Callable[[], T]) -> Optional[T]:
+    """`load()`, or None with a warning when it fails (a missing, truncated or undecodable image, a
+    missing class); either way counted."""
+    try:
+        item: Optional[T] = load()
+    except Exception as e:  # any failure means a bad sample, whatever the decoder raises
+        warnings.warn(f"Skipping {where}: {str(e).splitlines()[0] or type(e).__name__}.", stacklevel=2)
+        item = None
+    counter.record(ok=item is not None)
+    return item
+
+
+def in_holdout(key: str, holdout: float, seed: int) -> bool:
+    """Whether the sample named `key` belongs to the hold-out ("val") part. A stable hash (not
+    Python's salted hash()), so every process and every run agrees."""
+    return zlib.crc32(f"{seed}/{key}".encode()) % 1000 < round(holdout * 1000)
+
+
+def check_same_classes(train_names: list[str], eval_names: list[str]) -> None:
+    """Raise ValueError when evaluation data names other classes (or another order) than training data."""
+    if list(train_names) == list(eval_names):
+        return
+    if len(train_names) != len(eval_names):
+        detail = f"{len(eval_names)} classes instead of {len(train_names)}"
+    else:
+        i = next(i for i, (a, b) in enumerate(zip(train_names, eval_names)) if a != b)
+        detail = f"class {i} is {eval_names[i]!r} instead of {train_names[i]!r}"
+    raise ValueError(
+        f"The evaluation data does not have the model's classes ({detail}); evaluate on data with the "
+        "same classes in the same order, or fine-tune a new head first."
+    )
+
+
+class FolderDataset(torch.utils.data.Dataset):
+    """(path, label) pairs of an image folder; yields (transform(image), label).
+
+    A bad image is replaced by the next good one (warned about and counted), so a batch keeps its size
+    and samplers need not know."""
+
+    def __init__(self, samples: list[tuple[str, int]], transform: Transform) -> None:
+        self.samples = samples
+        self.transform = transform
+        self.bad_samples = BadSampleCounter(len(samples))
+
+    def __len__(self) -> int:
+        return len(self.samples)
+
+    def __getitem__(self, index: int) -> tuple[Any, int]:
+        for offset in range(len(self.samples)):
+            path, label = self.samples[(index + offset) % len(self.samples)]
+            image = _load_counted(path, self.bad_samples, lambda: decode_image_bytes(Path(path).read_bytes()))
+            if image is not None:
+                return (self.transform(image) if self.transform else image), label
+        raise BadDataError(f"None of the {len(self.samples)} images could be decoded.")
+
+
+class ShardDataset(torch.utils.data.IterableDataset):
+    """WebDataset shards streamed with `webdataset`; yields (transform(image), label) for the `split`
+    side of a `holdout` (all samples when 0).
+
+    Each epoch (see `set_epoch`) the shards are shuffled with (seed, epoch), identically in every
+    process, then dealt out to the DDP ranks (torch.distributed, or RANK/WORLD_SIZE) and within a rank
+    to the DataLoader workers, so each sample is read once per epoch. Training data is also shuffled
+    through a buffer. Ranks get different numbers of samples when the shards do not divide evenly.
+    """
+
+    def __init__(
+        self,
+        shards: list[str],
+        transform: Transform,
+        num_classes: int,
+        num_examples: Optional[int] = None,
+        *,
+        split: str = "train",
+        holdout: float = 0.0,
+        seed: int = 0,
+        shuffle_buffer: int = SHUFFLE_BUFFER,
+    ) -> None:
+        self.shards = shards
+        self.transform = transform
+        self.num_classes = num_classes
+        self.split = split
+        self.holdout = holdout
+        self.seed = seed
+        self.shuffle = split == "train"
+        self.shuffle_buffer = shuffle_buffer
+        self.epoch = 0
+        self.bad_samples = BadSampleCounter(num_examples)
+        world_size = wds.utils.pytorch_worker_info()[1]
+        if world_size > len(shards):
+            raise ValueError(
+                f"{len(shards)} shards cannot feed {world_size} training processes; "
+                "split the data into at least as many shards as processes."
+            )
+
+    def set_epoch(self, epoch: int) -> None:
+        self.epoch = epoch
+
+    def _my_shards(self) -> list[str]:
+        rank, world_size, worker, num_workers = wds.utils.pytorch_worker_info()
+        shards = list(self.shards)
+        if self.shuffle:
+            random.Random(f"{self.seed}/{self.epoch}").shuffle(shards)
+        # Ranks first, so they get equal numbers of shards (within one); a rank's workers share its own.
+        return shards[rank::world_size][worker::num_workers]
+
+    def __iter__(self) -> Iterator[tuple[Any, int]]:
+        rank, _, worker, _ = wds.utils.pytorch_worker_info()
+        # Shards are split and shuffled above, by epoch; webdataset reads them and shuffles samples.
+        stages = [wds.SimpleShardList(self._my_shards()), wds.tarfile_to_samples()]
+        if self.holdout > 0:
+            val = self.split == "val"
+            keep = lambda sample: in_holdout(sample["__key__"], self.holdout, self.seed) == val  # noqa: E731
+            stages.append(wds.select(keep))
+        if self.shuffle:
+            rng = random.Random(f"{self.seed}/{self.epoch}/{rank}/{worker}")
+            stages.append(wds.shuffle(self.shuffle_buffer, rng=rng))
+        for sample in wds.DataPipeline(*stages):
+            where = f"{sample.get('__url__')}:{sample['__key__']}"
+            item = _load_counted(where, self.bad_samples, lambda: self._decode(sample))
+            if item is not None:
+                image, label = item
+                yield (self.transform(image) if self.transform else image), label
+
+    def _decode(self, sample: dict[str, Any]) -> tuple[torch.Tensor, int]:
+        """A sample's image and class; ValueError when either is missing or wrong."""
+        data = next((sample[ext] for ext in IMAGE_MEMBERS if ext in sample), None)
+        if data is None:
+            raise ValueError(f"no {'/'.join(IMAGE_MEMBERS)} image")
+        label = int(sample.get("cls", b"-1"))  # int() accepts the ASCII bytes of "3\n"
+        if not 0 <= label < self.num_classes:
+            raise ValueError(f"its .cls class is missing or not one of the {self.num_classes} classes")
+        return decode_image_bytes(data), label
+
+
+def _list_shards(path: str) -> list[str]:
+    """The shard files that a folder, a file, a glob or a brace list names, sorted; [] when none."""
+    if os.path.isdir(path):
+        names = [str(p) for p in Path(path).iterdir()]
+    else:
+        patterns = list(braceexpand(path))
+        missing = [p for p in patterns if not any(c in p for c in "*?[") and not os.path.exists(p)]
+        if len(patterns) > 1 and missing:
+            raise FileNotFoundError(f"Shard {missing[0]} does not exist; check the --data list.")
+        names = [name for pattern in patterns for name in glob.glob(pattern)]
+    return sorted({name for name in names if name.endswith(SHARD_SUFFIXES) and os.path.isfile(name)})
+
+
+def _read_dataset_json(folder: Path) -> Optional[dict[str, Any]]:
+    path = folder / "dataset.json"
+    if not path.is_file():
+        return None
+    try:
+        info = json.loads(path.read_text())
+        if not isinstance(info, dict):
+            raise ValueError("not a JSON object")
+    except ValueError as e:
+        raise ValueError(f"{path} is not a valid dataset description ({e}); fix it or remove it.") from None
+    return info
+
+
+def _scan_labels(shards: list[str]) -> tuple[int, int]:
+    """(number of samples, number of classes) by reading every .cls member: the fallback when no
+    dataset.json names the classes."""
+    count, top = 0, -1
+    stream = wds.DataPipeline(wds.SimpleShardList(shards), wds.tarfile_to_samples())
+    for sample in tqdm(stream, desc="counting classes", unit=" samples", leave=False):
+        count += 1
+        top = max(top, int(sample["cls"]))
+    return count, top + 1
+
+
+def _open_shards(shards: list[str], split: str, holdout: float, seed: int, transform: Transform) -> Source:
+    folder = Path(shards[0]).parent
+    info = _read_dataset_json(folder) or {}
+    class_names = info.get("classes")
+    total = sum(info.get("splits", {}).values()) or None
+    if total is not None:  # dataset.json counts the whole folder; estimate for the shards chosen
+        total = round(total * len(shards) / len(_list_shards(str(folder))))
+    if class_names is None:
+        warnings.warn(
+            f"No dataset.json with class names next to {shards[0]}; reading the shards once to count "
+            "the classes, which are named by their numbers.",
+            stacklevel=3,
+        )
+        total, num_classes = _scan_labels(shards)
+        class_names = [str(i) for i in range(num_classes)]
+    if holdout > 0 and total is not None:  # an estimate: the hash puts about this fraction on each side
+        total = round(total * (holdout if split == "val" else 1 - holdout))
+    dataset = ShardDataset(shards, transform, len(class_names), total, split=split, holdout=holdout, seed=seed)
+    return Source(dataset, [str(name) for name in class_names], total)
+
+
+def _open_image_folder(root: Path, split: str, holdout: float, seed: int, transform: Transform) -> Source:
+    folder = ImageFolder(str(root), allow_empty=True)  # only to find the classes and files
+    samples = folder.samples
+    if not samples:
+        raise FileNotFoundError(
+            f"{root} has class folders but no images in them; put each class's images in its folder."
+        )
+    if holdout > 0:
+        val = split == "val"
+        key = lambda path: Path(path).relative_to(root).as_posix()  # noqa: E731
+        samples = [s for s in samples if in_holdout(key(s[0]), holdout, seed) == val]
+        if not samples:
+            raise ValueError(
+                f"The {split} part of {root} is empty with a hold-out fraction of {holdout}; "
+                "use a fraction that leaves images on both sides."
+            )
+    return Source(FolderDataset(samples, transform), list(folder.classes), len(samples))
+
+
+def open_folder_or_shards(path: str, split: str, holdout: float, seed: int, transform: Transform) -> Source:
+    """Open an image folder or WebDataset shards as the `split` ("train" or "val") part of the data,
+    holding out a seeded `holdout` fraction for "val" when no train/ + val/ pair is given (0: the
+    whole folder, whatever the split). The dataset yields (transform(uint8 CHW tensor), int label)."""
+    if split not in SPLITS:
+        raise ValueError(f"The split must be 'train' or 'val', not {split!r}.")
+    if not 0 <= holdout < 1:
+        raise ValueError(f"The hold-out fraction must be at least 0 and below 1, not {holdout}.")
+    shards = _list_shards(path)
+    if shards:
+        return _open_shards(shards, split, holdout, seed, transform)
+    root = Path(path)
+    if not root.exists():
+        what = "shards" if any(c in path for c in "*?[{") else "file or folder"
+        raise FileNotFoundError(f"No {what} matches {path}; check the --data path.")
+    if not root.is_dir():
+        raise ValueError(f"{path} is neither a folder nor a .tar/.tar.gz shard; give an image folder or shards.")
+    if (root / "train").is_dir() and (root / "val").is_dir():
+        return open_folder_or_shards(str(root / split), split, 0.0, seed, transform)
+    if not any(p.is_dir() for p in root.iterdir()):
+        raise FileNotFoundError(
+            f"{path} has neither class sub-folders nor .tar/.tar.gz shards; give an image folder or shards."
+        )
+    return _open_image_folder(root, split, holdout, seed, transform)

@@ -1,0 +1,92 @@
+"""Preprocessing the paper's way (SPEC §4), with torchvision transforms v2.
+
+Every transform takes a uint8 (C, H, W) tensor, as `mlpmixer.sources` decodes it (C = 1 for greyscale
+images, 3 otherwise), and returns a float32 (in_chans, H, W) tensor with pixels in [-1, 1]
+((x - 127.5) / 127.5, the official scaling), at the model's own input size.
+"""
+
+from __future__ import annotations
+
+from typing import Callable, Optional
+
+import torch
+from torchvision.transforms import v2
+
+from .variants import Size, as_pair
+
+Transform = Callable[[torch.Tensor], torch.Tensor]
+
+# "resmall-crop" resizes the shorter side to 256 before a 224 centre crop; other sizes keep the ratio.
+RESMALL_RATIO = 256 / 224
+EVAL_MODES = ("resize", "resmall-crop")
+
+
+def _channels(in_chans: int) -> v2.Transform:
+    """Greyscale <-> RGB conversion, so any image feeds a model with `in_chans` channels."""
+    if in_chans == 3:
+        return v2.RGB()  # 1 channel -> 3, 3 channels unchanged
+    if in_chans == 1:
+        return v2.Grayscale(1)  # 3 channels -> luminance, 1 channel unchanged
+    raise ValueError(
+        f"Images have 1 (greyscale) or 3 (RGB) channels; a model with in_chans={in_chans} cannot take them."
+    )
+
+
+def _to_model_range(in_chans: int) -> list[v2.Transform]:
+    """uint8 -> float32 in [-1, 1]: (x - 127.5) / 127.5, as the official input pipeline scales pixels."""
+    return [v2.ToDtype(torch.float32, scale=False), v2.Normalize([127.5] * in_chans, [127.5] * in_chans)]
+
+
+def train_transform(
+    img_size: Size,
+    in_chans: int = 3,
+    *,
+    crop_area: tuple[float, float] = (0.05, 1.0),
+    randaugment_m: Optional[int] = None,
+    flip: bool = True,
+) -> Transform:
+    """Training augmentation: Inception-style random resized crop covering `crop_area` of the image
+    (official 0.05-1), random horizontal flip, RandAugment(2, m) when `randaugment_m` is given."""
+    low, high = crop_area
+    if not 0 < low <= high <= 1:
+        raise ValueError(f"The crop area range must satisfy 0 < low <= high <= 1, not {crop_area}.")
+    steps: list[v2.Transform] = [
+        _channels(in_chans),
+        v2.RandomResizedCrop(as_pair(img_size), scale=(low, high), antialias=True),
+    ]
+    if flip:
+        steps.append(v2.RandomHorizontalFlip())
+    if randaugment_m is not None:
+        # After the crop, as big_vision does, so the augmentations work on the small image.
+        steps.append(v2.RandAugment(num_ops=2, magnitude=randaugment_m))
+    return v2.Compose(steps + _to_model_range(in_chans))
+
+
+def eval_transform(img_size: Size, in_chans: int = 3, mode: str = "resize") -> Transform:
+    """Evaluation preprocessing (SPEC §4): "resize" resizes straight to the model's input size;
+    "resmall-crop" resizes the shorter side to 256/224 of it, then takes the central crop."""
+    size = as_pair(img_size)
+    if mode == "resize":
+        resize: list[v2.Transform] = [v2.Resize(size, antialias=True)]
+    elif mode == "resmall-crop":
+        shorter = round(max(size) * RESMALL_RATIO)
+        resize = [v2.Resize(shorter, antialias=True), v2.CenterCrop(size)]
+    else:
+        raise ValueError(f"Unknown evaluation preprocessing {mode!r}; choose one of {', '.join(EVAL_MODES)}.")
+    return v2.Compose([_channels(in_chans), *resize, *_to_model_range(in_chans)])
+
+
+def mixup_cutmix(num_classes: int, mixup: float = 0.0, cutmix: float = 0.0) -> Optional[v2.Transform]:
+    """A batch transform (images (B, C, H, W), int labels (B,)) -> (mixed images, soft labels
+    (B, num_classes)) that applies MixUp (alpha = `mixup`) or CutMix (alpha = `cutmix`), one chosen at
+    random per batch; None when both are 0. Label smoothing is left to the loss."""
+    if mixup < 0 or cutmix < 0:
+        raise ValueError(f"Mixup and CutMix strengths must be 0 (off) or positive, not {mixup} and {cutmix}.")
+    choices: list[v2.Transform] = []
+    if mixup > 0:
+        choices.append(v2.MixUp(alpha=mixup, num_classes=num_classes))
+    if cutmix > 0:
+        choices.append(v2.CutMix(alpha=cutmix, num_classes=num_classes))
+    if not choices:
+        return None
+    return choices[0] if len(choices) == 1 else v2.RandomChoice(choices)

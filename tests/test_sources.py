@@ -1,0 +1,315 @@
+"""Image folders and WebDataset shards: classes, counts, hold-out, worker and rank splitting, bad images,
+bad paths, and one real CIFAR-10 shard."""
+
+from __future__ import annotations
+
+import io
+import json
+import warnings
+from pathlib import Path
+
+import pytest
+import torch
+import webdataset as wds
+from PIL import Image
+from torch.utils.data import DataLoader
+
+from mlpmixer.sources import (
+    BadDataError,
+    check_same_classes,
+    decode_image_bytes,
+    open_folder_or_shards,
+)
+
+# torchvision 0.29 deprecates its image decoders (for TorchCodec); they stay the fast path here.
+pytestmark = pytest.mark.filterwarnings("ignore:The image decoding:DeprecationWarning")
+
+SHARED_DATA = Path(__file__).resolve().parents[1].parent / "shared" / "data"
+
+
+def encode(index: int, fmt: str = "PNG", mode: str = "RGB", size: int = 8) -> bytes:
+    """A small image whose first two channels spell `index`, so tests can tell samples apart."""
+    image = Image.new("RGB", (size, size), (index % 256, index // 256, 7)).convert(mode)
+    out = io.BytesIO()
+    image.save(out, fmt)
+    return out.getvalue()
+
+
+def sample_id(image: torch.Tensor) -> int:
+    return int(image[0, 0, 0]) + 256 * int(image[1, 0, 0])
+
+
+def truncated(index: int) -> bytes:
+    return encode(index)[:40]
+
+
+def make_folder(root: Path, counts: dict[str, int], bad: tuple[int, ...] = (), start: int = 0) -> list[int]:
+    """Class sub-folders of PNG images numbered from `start`; returns the labels in number order."""
+    labels, index = [], start
+    for label, (name, count) in enumerate(counts.items()):
+        (root / name).mkdir(parents=True)
+        for _ in range(count):
+            data = truncated(index) if index in bad else encode(index)
+            (root / name / f"{index:04d}.png").write_bytes(data)
+            labels.append(label)
+            index += 1
+    return labels
+
+
+def make_shards(
+    folder: Path, shards: int, per_shard: int, suffix: str = ".tar", bad: tuple[int, ...] = (), classes: int = 3,
+    describe: bool = True,
+) -> None:
+    """Shards of PNG samples 0..shards*per_shard-1 with label index % classes, and a dataset.json."""
+    folder.mkdir(parents=True, exist_ok=True)
+    for s in range(shards):
+        with wds.TarWriter(str(folder / f"part-{s:03d}{suffix}")) as sink:
+            for i in range(s * per_shard, (s + 1) * per_shard):
+                data = truncated(i) if i in bad else encode(i)
+                sink.write({"__key__": f"sample{i:05d}", "png": data, "cls": str(i % classes).encode()})
+    if describe:
+        info = {"classes": [f"class{c}" for c in range(classes)], "splits": {"train": shards * per_shard}}
+        (folder / "dataset.json").write_text(json.dumps(info))
+
+
+def ids_and_labels(dataset, workers: int = 0) -> list[tuple[int, int]]:
+    loader = DataLoader(dataset, batch_size=None, num_workers=workers)
+    return [(sample_id(image), int(label)) for image, label in loader]
+
+
+# --- image folders -------------------------------------------------------------------------------------
+
+
+def test_image_folder_classes_counts_and_samples(tmp_path: Path) -> None:
+    labels = make_folder(tmp_path, {"cat": 3, "dog": 2})
+    source = open_folder_or_shards(str(tmp_path), "train", 0.0, 0, None)
+    assert source.class_names == ["cat", "dog"]
+    assert source.num_examples == len(source.dataset) == 5
+    got = sorted(ids_and_labels(source.dataset))
+    assert got == list(enumerate(labels))
+    image, _ = source.dataset[0]
+    assert image.dtype == torch.uint8 and image.shape == (3, 8, 8)
+
+
+def test_train_val_pair_picks_the_split(tmp_path: Path) -> None:
+    make_folder(tmp_path / "train", {"a": 4, "b": 4})
+    make_folder(tmp_path / "val", {"a": 1, "b": 2}, start=100)
+    train = open_folder_or_shards(str(tmp_path), "train", 0.5, 0, None)  # a val/ folder wins over a hold-out
+    val = open_folder_or_shards(str(tmp_path), "val", 0.5, 0, None)
+    assert (train.num_examples, val.num_examples) == (8, 3)
+    assert train.class_names == val.class_names == ["a", "b"]
+    assert sorted(i for i, _ in ids_and_labels(val.dataset)) == [100, 101, 102]
+
+
+def test_folder_holdout_is_disjoint_complete_and_seeded(tmp_path: Path) -> None:
+    make_folder(tmp_path, {"a": 30, "b": 30})
+
+    def ids(split: str, seed: int) -> set[int]:
+        return {i for i, _ in ids_and_labels(open_folder_or_shards(str(tmp_path), split, 0.25, seed, None).dataset)}
+
+    train, val = ids("train", 1), ids("val", 1)
+    assert not train & val and train | val == set(range(60))
+    assert 5 <= len(val) <= 25  # about a quarter
+    assert ids("val", 1) == val  # deterministic
+    assert ids("val", 2) != val  # and seeded
+    assert open_folder_or_shards(str(tmp_path), "val", 0.0, 1, None).num_examples == 60  # no hold-out: whole folder
+
+
+def test_folder_bad_image_is_skipped_and_counted(tmp_path: Path) -> None:
+    make_folder(tmp_path, {"a": 150, "b": 150}, bad=(5,))
+    dataset = open_folder_or_shards(str(tmp_path), "train", 0.0, 0, None).dataset
+    with pytest.warns(UserWarning, match="0005.png"):
+        image, label = dataset[5]
+    assert sample_id(image) == 6 and label == 0  # the next good image stands in
+    assert (dataset.bad_samples.bad, dataset.bad_samples.seen) == (1, 2)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        ids = [i for i, _ in ids_and_labels(dataset, workers=2)]
+    assert 5 not in ids and len(ids) == 300
+    assert dataset.bad_samples.bad == 2  # the workers' counts reach the main process
+
+
+def test_folder_with_too_many_bad_images_stops(tmp_path: Path) -> None:
+    make_folder(tmp_path, {"a": 10, "b": 10}, bad=(3, 12))
+    dataset = open_folder_or_shards(str(tmp_path), "train", 0.0, 0, None).dataset
+    with warnings.catch_warnings(), pytest.raises(BadDataError, match="2 of 2[01] images"):
+        warnings.simplefilter("ignore")
+        ids_and_labels(dataset)
+
+
+# --- WebDataset shards ---------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("suffix", [".tar", ".tar.gz"])
+def test_shards_classes_counts_and_samples(tmp_path: Path, suffix: str) -> None:
+    make_shards(tmp_path, shards=3, per_shard=5, suffix=suffix)
+    source = open_folder_or_shards(str(tmp_path), "val", 0.0, 0, None)
+    assert source.class_names == ["class0", "class1", "class2"]
+    assert source.num_examples == 15
+    assert ids_and_labels(source.dataset) == [(i, i % 3) for i in range(15)]  # val keeps the order
+
+
+def test_shards_each_sample_once_per_epoch_with_workers(tmp_path: Path) -> None:
+    make_shards(tmp_path, shards=4, per_shard=6)
+    dataset = open_folder_or_shards(str(tmp_path), "train", 0.0, 0, None).dataset
+    first = ids_and_labels(dataset, workers=2)
+    assert sorted(first) == [(i, i % 3) for i in range(24)]
+    assert ids_and_labels(dataset, workers=2) == first  # same epoch, same order
+    dataset.set_epoch(1)
+    second = ids_and_labels(dataset, workers=2)
+    assert sorted(second) == sorted(first) and second != first  # a new epoch is shuffled anew
+
+
+def test_shards_split_across_ranks(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    make_shards(tmp_path, shards=6, per_shard=2)
+    dataset = open_folder_or_shards(str(tmp_path), "train", 0.0, 0, None).dataset
+    monkeypatch.setenv("WORLD_SIZE", "2")  # as torchrun sets it; torch.distributed is read otherwise
+    per_rank = []
+    for rank in (0, 1):
+        monkeypatch.setenv("RANK", str(rank))
+        per_rank.append({i for i, _ in ids_and_labels(dataset, workers=2)})
+    assert not per_rank[0] & per_rank[1] and per_rank[0] | per_rank[1] == set(range(12))
+    assert len(per_rank[0]) == len(per_rank[1]) == 6  # three shards each, whatever the workers
+    monkeypatch.setenv("WORLD_SIZE", "7")
+    with pytest.raises(ValueError, match="6 shards cannot feed 7"):
+        open_folder_or_shards(str(tmp_path), "train", 0.0, 0, None)
+
+
+def test_shard_holdout_is_disjoint_complete_and_deterministic(tmp_path: Path) -> None:
+    make_shards(tmp_path, shards=2, per_shard=40, suffix=".tar.gz")
+
+    def ids(split: str) -> list[int]:
+        source = open_folder_or_shards(str(tmp_path), split, 0.2, 3, None)
+        assert source.num_examples == (16 if split == "val" else 64)  # estimates from dataset.json
+        return sorted(i for i, _ in ids_and_labels(source.dataset))
+
+    train, val = ids("train"), ids("val")
+    assert not set(train) & set(val) and sorted(train + val) == list(range(80))
+    assert 5 <= len(val) <= 30
+    assert ids("val") == val
+
+
+def test_globs_brace_lists_and_single_shards(tmp_path: Path) -> None:
+    make_shards(tmp_path, shards=3, per_shard=2, suffix=".tar.gz")
+    for spec, count in [
+        (tmp_path / "part-00[01].tar.gz", 4),
+        (tmp_path / "part-{000..002}.tar.gz", 6),
+        (tmp_path / "part-002.tar.gz", 2),
+    ]:
+        source = open_folder_or_shards(str(spec), "train", 0.0, 0, None)
+        assert len(ids_and_labels(source.dataset)) == source.num_examples == count
+        assert source.class_names == ["class0", "class1", "class2"]
+
+
+def test_shards_without_dataset_json_count_their_classes(tmp_path: Path) -> None:
+    make_shards(tmp_path, shards=2, per_shard=4, classes=5, describe=False)
+    with pytest.warns(UserWarning, match="dataset.json"):
+        source = open_folder_or_shards(str(tmp_path), "train", 0.0, 0, None)
+    assert source.class_names == ["0", "1", "2", "3", "4"] and source.num_examples == 8
+
+
+def test_shard_bad_image_is_skipped_and_counted(tmp_path: Path) -> None:
+    make_shards(tmp_path, shards=2, per_shard=75, bad=(10,))
+    dataset = open_folder_or_shards(str(tmp_path), "train", 0.0, 0, None).dataset
+    with pytest.warns(UserWarning, match="sample00010"):
+        ids = [i for i, _ in ids_and_labels(dataset)]
+    assert sorted(ids) == [i for i in range(150) if i != 10]
+    assert (dataset.bad_samples.bad, dataset.bad_samples.seen) == (1, 150)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # (the workers warn on their own stderr)
+        ids = [i for i, _ in ids_and_labels(dataset, workers=2)]
+    assert sorted(ids) == [i for i in range(150) if i != 10]
+    assert (dataset.bad_samples.bad, dataset.bad_samples.seen) == (2, 300)  # counted in the workers
+
+
+def test_shard_samples_without_image_or_valid_class_are_bad(tmp_path: Path) -> None:
+    make_shards(tmp_path, shards=1, per_shard=250)
+    with wds.TarWriter(str(tmp_path / "part-001.tar")) as sink:
+        sink.write({"__key__": "no_image", "cls": b"1"})
+        sink.write({"__key__": "bad_class", "png": encode(0), "cls": b"7"})
+    dataset = open_folder_or_shards(str(tmp_path), "val", 0.0, 0, None).dataset
+    with pytest.warns(UserWarning) as caught:
+        assert len(ids_and_labels(dataset)) == 250
+    assert (dataset.bad_samples.bad, dataset.bad_samples.seen) == (2, 252)
+    messages = " ".join(str(w.message) for w in caught)
+    assert "no_image: no jpg/jpeg/png/webp image" in messages and "bad_class: its .cls class" in messages
+
+
+def test_shards_with_too_many_bad_images_stop_with_one_sentence(tmp_path: Path) -> None:
+    make_shards(tmp_path, shards=2, per_shard=10, bad=(1, 2, 15))
+    dataset = open_folder_or_shards(str(tmp_path), "train", 0.0, 0, None).dataset
+    with warnings.catch_warnings(), pytest.raises(BadDataError) as error:
+        warnings.simplefilter("ignore")
+        ids_and_labels(dataset, workers=2)
+    message = str(error.value)
+    assert "could not be decoded" in message and "Traceback" not in message and "\n" not in message
+
+
+# --- bad paths, classes, decoding ----------------------------------------------------------------------
+
+
+def test_missing_and_empty_paths_are_one_sentence(tmp_path: Path) -> None:
+    make_shards(tmp_path / "shards", shards=2, per_shard=2)
+    (tmp_path / "empty").mkdir()
+    (tmp_path / "no_images" / "a").mkdir(parents=True)
+    cases = [
+        (tmp_path / "missing", FileNotFoundError, "No file or folder matches"),
+        (tmp_path / "empty", FileNotFoundError, "neither class sub-folders nor"),
+        (tmp_path / "no_images", FileNotFoundError, "no images"),
+        (tmp_path / "shards" / "*.tgz", FileNotFoundError, "No shards match"),
+        (tmp_path / "shards" / "part-{000..002}.tar", FileNotFoundError, "part-002.tar does not exist"),
+    ]
+    for path, error, words in cases:
+        with pytest.raises(error, match=words):
+            open_folder_or_shards(str(path), "train", 0.0, 0, None)
+    with pytest.raises(ValueError, match="hold-out fraction"):
+        open_folder_or_shards(str(tmp_path / "shards"), "train", 1.0, 0, None)
+    with pytest.raises(ValueError, match="split"):
+        open_folder_or_shards(str(tmp_path / "shards"), "test", 0.0, 0, None)
+
+
+def test_check_same_classes() -> None:
+    check_same_classes(["a", "b"], ["a", "b"])
+    with pytest.raises(ValueError, match="3 classes instead of 2"):
+        check_same_classes(["a", "b"], ["a", "b", "c"])
+    with pytest.raises(ValueError, match="class 1 is 'c' instead of 'b'"):
+        check_same_classes(["a", "b"], ["a", "c"])
+
+
+@pytest.mark.parametrize(
+    "fmt, mode, channels",
+    [("PNG", "L", 1), ("PNG", "RGB", 3), ("PNG", "RGBA", 3), ("PNG", "P", 3), ("JPEG", "L", 1), ("JPEG", "RGB", 3),
+     ("BMP", "RGB", 3), ("WEBP", "RGB", 3)],
+)
+def test_decode_gives_greyscale_or_rgb(fmt: str, mode: str, channels: int) -> None:
+    pil = Image.new("RGB", (6, 4), (200, 30, 60)).convert(mode)
+    image = decode_image_bytes(encode_pil(pil, fmt))
+    assert image.dtype == torch.uint8 and image.shape == (channels, 4, 6)
+    expected = torch.tensor(pil.convert("L" if channels == 1 else "RGB").getpixel((0, 0))).reshape(-1)
+    assert (image[:, 0, 0].int() - expected).abs().max() <= 3  # lossy formats round a little
+
+
+def encode_pil(image: Image.Image, fmt: str) -> bytes:
+    out = io.BytesIO()
+    image.save(out, fmt)
+    return out.getvalue()
+
+
+# --- real data -----------------------------------------------------------------------------------------
+
+
+def test_a_real_cifar10_shard() -> None:
+    from mlpmixer.transforms import train_transform
+
+    shard = SHARED_DATA / "cifar10" / "train-000.tar.gz"
+    source = open_folder_or_shards(str(shard), "train", 0.0, 0, train_transform(32, 3))
+    assert source.class_names[:3] == ["airplane", "automobile", "bird"] and len(source.class_names) == 10
+    assert source.num_examples == 10000  # 50,000 images in 5 shards
+    labels = []
+    for image, label in source.dataset:
+        assert image.shape == (3, 32, 32) and -1 <= image.min() and image.max() <= 1
+        labels.append(label)
+        if len(labels) == 300:
+            break
+    assert len(labels) == 300 and set(labels) == set(range(10))
+    assert source.dataset.bad_samples.bad == 0

@@ -1,0 +1,97 @@
+"""Preprocessing: sizes, the [-1, 1] range, evaluation modes, channel conversion, MixUp/CutMix."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from torchvision.transforms import v2
+from torchvision.transforms.v2 import functional as F
+
+from mlpmixer.transforms import eval_transform, mixup_cutmix, train_transform
+
+
+def _image(channels: int, h: int, w: int, seed: int = 0) -> torch.Tensor:
+    return torch.randint(0, 256, (channels, h, w), dtype=torch.uint8, generator=torch.Generator().manual_seed(seed))
+
+
+@pytest.mark.parametrize("in_chans, image_chans", [(3, 3), (3, 1), (1, 3), (1, 1)])
+def test_train_transform_shape_range_and_channels(in_chans: int, image_chans: int) -> None:
+    out = train_transform(32, in_chans, randaugment_m=15)(_image(image_chans, 50, 70))
+    assert out.shape == (in_chans, 32, 32)
+    assert out.dtype == torch.float32
+    assert out.min() >= -1 and out.max() <= 1
+
+
+def test_train_transform_follows_the_recipe() -> None:
+    steps = train_transform((32, 48), 3, crop_area=(0.08, 0.9), randaugment_m=10).transforms
+    crop = next(t for t in steps if isinstance(t, v2.RandomResizedCrop))
+    assert crop.size == (32, 48) and crop.scale == (0.08, 0.9)
+    augment = next(t for t in steps if isinstance(t, v2.RandAugment))
+    assert augment.num_ops == 2 and augment.magnitude == 10
+    assert any(isinstance(t, v2.RandomHorizontalFlip) for t in steps)
+    plain = train_transform(32, 3, flip=False).transforms
+    assert not any(isinstance(t, (v2.RandAugment, v2.RandomHorizontalFlip)) for t in plain)
+
+
+def test_full_crop_without_flip_is_the_scaled_image_and_flip_mirrors_it() -> None:
+    image = _image(3, 16, 16)
+    expected = (image.float() - 127.5) / 127.5
+    # A crop covering the whole square image is the image itself, so the pixels map exactly.
+    torch.testing.assert_close(train_transform(16, 3, crop_area=(1.0, 1.0), flip=False)(image), expected)
+    torch.manual_seed(0)
+    flipping = train_transform(16, 3, crop_area=(1.0, 1.0))
+    outs = [flipping(image) for _ in range(20)]
+    assert any(torch.equal(o, expected) for o in outs)
+    assert any(torch.equal(o, expected.flip(-1)) for o in outs)
+
+
+def test_eval_resize_scales_pixels_to_minus_one_one() -> None:
+    image = torch.tensor([[[0, 255], [127, 128]]], dtype=torch.uint8).expand(3, 2, 2)
+    out = eval_transform(2, 3, "resize")(image)
+    torch.testing.assert_close(out, (image.float() - 127.5) / 127.5)
+    assert out[0, 0, 0] == -1 and out[0, 0, 1] == 1
+
+
+def test_eval_resize_is_direct_and_resmall_crop_keeps_the_ratio() -> None:
+    image = _image(3, 40, 64)
+    assert eval_transform(32, 3, "resize")(image).shape == (3, 32, 32)
+    out = eval_transform(32, 3, "resmall-crop")(image)
+    # Shorter side to round(32 * 256 / 224) = 37, then the central 32×32: the model's own size.
+    manual = F.center_crop(F.resize(image, 37, antialias=True), [32, 32])
+    torch.testing.assert_close(out, (manual.float() - 127.5) / 127.5)
+    assert eval_transform(224, 3, "resmall-crop")(_image(3, 300, 400)).shape == (3, 224, 224)
+
+
+def test_eval_greyscale_and_rgb_conversion() -> None:
+    grey = _image(1, 8, 8)
+    rgb = eval_transform(8, 3)(grey)
+    assert rgb.shape == (3, 8, 8) and torch.equal(rgb[0], rgb[1]) and torch.equal(rgb[1], rgb[2])
+    assert eval_transform(8, 1)(_image(3, 8, 8)).shape == (1, 8, 8)
+
+
+def test_bad_arguments_are_one_sentence() -> None:
+    with pytest.raises(ValueError, match="resmall-crop"):
+        eval_transform(32, 3, "center")
+    with pytest.raises(ValueError, match="in_chans=2"):
+        train_transform(32, 2)
+    with pytest.raises(ValueError, match="crop area"):
+        train_transform(32, 3, crop_area=(0.5, 0.2))
+    with pytest.raises(ValueError, match="positive"):
+        mixup_cutmix(10, mixup=-0.1)
+
+
+def test_mixup_cutmix_gives_soft_labels() -> None:
+    assert mixup_cutmix(10, 0.0, 0.0) is None
+    assert isinstance(mixup_cutmix(10, 0.5, 0.0), v2.MixUp)
+    assert isinstance(mixup_cutmix(10, 0.0, 1.0), v2.CutMix)
+    both = mixup_cutmix(10, 0.5, 1.0)
+    assert isinstance(both, v2.RandomChoice)
+    torch.manual_seed(0)
+    images = torch.randn(4, 3, 8, 8)
+    labels = torch.tensor([0, 3, 3, 9])
+    mixed, soft = both(images, labels)
+    assert mixed.shape == images.shape
+    assert soft.shape == (4, 10) and soft.dtype == torch.float32
+    torch.testing.assert_close(soft.sum(1), torch.ones(4))
+    # Each row mixes its own label with the label of another image of the batch.
+    assert all(soft[i, labels[i]] > 0 for i in range(4))
