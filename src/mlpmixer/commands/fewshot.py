@@ -1,0 +1,117 @@
+"""`mixer fewshot CHECKPOINT --data PATH --shots 1,5,10,25`: linear few-shot accuracy (SPEC §4)."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import math
+
+import torch
+
+from ..checkpoints import load_checkpoint
+from ..fewshot import DEFAULT_L2, DEFAULT_SHOTS, extract_features, fewshot_evaluate, split_pool
+from ..model import MlpMixer
+from ..sources import check_same_classes
+from ..transforms import EVAL_MODES, eval_transform
+
+
+def add_common_arguments(p: argparse.ArgumentParser, eval_fraction: float) -> None:
+    """The arguments `fewshot` and `linear-probe` share: model, data, preprocessing, solver."""
+    p.add_argument("checkpoint", help="checkpoint file or run directory (its head is not used)")
+    p.add_argument("--data", required=True,
+                   help="data source: 'mnist5k', an MNIST IDX folder, an image folder or shards "
+                        "(its train/ part where it has train/ and val/)")
+    p.add_argument("--eval-data", help="separate evaluation data, its val/ part where it has one "
+                                       "(default: hold out part of --data)")
+    p.add_argument("--eval-fraction", type=float, default=eval_fraction,
+                   help=f"fraction of each class of --data held out for evaluation without --eval-data "
+                        f"(default {eval_fraction})")
+    p.add_argument("--l2", type=float, default=DEFAULT_L2, help="ℓ2 regularisation (default 2^10 = 1024)")
+    p.add_argument("--eval-mode", choices=EVAL_MODES, default="resmall-crop",
+                   help="preprocessing of image folders and shards: resize straight to the model's size, or "
+                        "the shorter side to 256/224 of it and a central crop (default, as big_vision's few-shot "
+                        "evaluation); in-memory digits are resized whole, as `mixer eval` does")
+    p.add_argument("--batch-size", type=int, default=128, help="images per forward pass (default 128)")
+    p.add_argument("--workers", type=int, default=2, help="DataLoader worker processes (default 2)")
+    p.add_argument("--device", help="cpu, cuda, cuda:1, ... (default: cuda when available)")
+    p.add_argument("--seed", type=int, default=0, help="seed of the hold-out split and support draws")
+    p.add_argument("--json", action="store_true", help="print one JSON object instead of text")
+
+
+def register(sub: argparse._SubParsersAction) -> None:
+    p = sub.add_parser(
+        "fewshot",
+        help="linear few-shot accuracy on frozen features (the paper's few-shot evaluation)",
+        description="Fit an ℓ2-regularised least-squares classifier on the frozen pre-logit features of a few "
+        "images per class and report its accuracy on the evaluation images: mean ± standard deviation over "
+        "several random draws of the support set, for each shot count (SPEC §4, as big_vision does it).",
+    )
+    add_common_arguments(p, eval_fraction=0.5)
+    p.add_argument("--shots", default=",".join(map(str, DEFAULT_SHOTS)),
+                   help="comma-separated images per class (default 1,5,10,25)")
+    p.add_argument("--draws", type=int, default=3, help="random support sets per shot count (default 3)")
+    p.set_defaults(func=run)
+
+
+def parse_shots(text: str) -> list[int]:
+    try:
+        shots = [int(s) for s in text.split(",") if s.strip()]
+    except ValueError:
+        raise ValueError(f"--shots takes comma-separated whole numbers such as 1,5,10,25, not {text!r}.") from None
+    if not shots or min(shots) < 1:
+        raise ValueError(f"--shots needs positive numbers of images per class, not {text!r}.")
+    return shots
+
+
+def _features(model: MlpMixer, spec: str, split: str, args: argparse.Namespace,
+              desc: str) -> tuple[torch.Tensor, torch.Tensor, list[str]]:
+    # Imported here so that `mixer --help` does not load the data stack.
+    from ..data import load_tensors, open_source
+    from ..evaluate import batches_of
+
+    cfg = model.config
+    # No hold-out here: without --eval-data, the support pool and the evaluation set are split on
+    # the features, class by class (`split_pool`). `split` picks train/ or val/ of a folder pair and
+    # the train- or t10k- files of an IDX folder; in-memory digits are batched as `mixer eval` does.
+    data = load_tensors(spec, split="train" if split == "train" else "test")
+    if data is None:
+        transform = eval_transform(cfg.img_size, cfg.in_chans, args.eval_mode)
+        data = open_source(spec, split=split, holdout=0.0, seed=args.seed, transform=transform)
+        total = None
+    else:
+        total = math.ceil(len(data) / args.batch_size)
+    batches = batches_of(data, model, args.batch_size, args.workers)
+    feats, labels = extract_features(model, batches, desc=desc, total=total)
+    return feats, labels, data.class_names
+
+
+def train_and_eval_features(args: argparse.Namespace) -> tuple[torch.Tensor, ...]:
+    """(train features, train labels, eval features, eval labels, class names) of the command's data,
+    from --eval-data or from a stratified hold-out of --data."""
+    if args.batch_size < 1:
+        raise ValueError(f"--batch-size must be at least 1, not {args.batch_size}.")
+    device = torch.device(args.device) if args.device else torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    model = load_checkpoint(args.checkpoint).to(device).eval()
+    feats, labels, names = _features(model, args.data, "train", args, "features of --data")
+    if args.eval_data:
+        eval_feats, eval_labels, eval_names = _features(model, args.eval_data, "val", args,
+                                                        "features of --eval-data")
+        check_same_classes(names, eval_names)
+        return feats, labels, eval_feats, eval_labels, names
+    pool, held = split_pool(labels, args.eval_fraction, args.seed)
+    return feats[pool], labels[pool], feats[held], labels[held], names
+
+
+def run(args: argparse.Namespace) -> int:
+    shots = parse_shots(args.shots)
+    feats, labels, eval_feats, eval_labels, names = train_and_eval_features(args)
+    results = fewshot_evaluate(feats, labels, eval_feats, eval_labels, shots=shots, num_classes=len(names),
+                               l2=args.l2, draws=args.draws, seed=args.seed, class_names=names)
+    if args.json:
+        print(json.dumps({str(k): r.to_dict() for k, r in results.items()}))
+        return 0
+    print(f"Linear few-shot accuracy, {len(names)} classes, {len(eval_labels)} evaluation images, "
+          f"ℓ2 = {args.l2:g}, {args.draws} draws:")
+    for k, r in results.items():
+        print(f"  {k:>4}-shot  {100 * r.mean:6.2f}% ± {100 * r.std:.2f}")
+    return 0

@@ -1,0 +1,34 @@
+"""`mixer linear-probe CHECKPOINT --data PATH`: the few-shot solver fitted on all the training data."""
+
+from __future__ import annotations
+
+import argparse
+import json
+
+from ..fewshot import fit_least_squares
+from .fewshot import add_common_arguments, train_and_eval_features
+
+
+def register(sub: argparse._SubParsersAction) -> None:
+    p = sub.add_parser(
+        "linear-probe",
+        help="linear classifier on frozen features, fitted on all the training data",
+        description="Fit the few-shot evaluation's ℓ2-regularised least-squares classifier (SPEC §4) on the "
+        "frozen pre-logit features of every training image and report its accuracy on the evaluation images.",
+    )
+    add_common_arguments(p, eval_fraction=0.2)
+    p.set_defaults(func=run)
+
+
+def run(args: argparse.Namespace) -> int:
+    feats, labels, eval_feats, eval_labels, names = train_and_eval_features(args)
+    probe = fit_least_squares(feats, labels, len(names), args.l2)
+    result = {"train_accuracy": probe.accuracy(feats, labels), "accuracy": probe.accuracy(eval_feats, eval_labels),
+              "train_images": len(labels), "eval_images": len(eval_labels), "l2": args.l2}
+    if args.json:
+        print(json.dumps(result))
+        return 0
+    print(f"Linear probe on {len(labels)} training images, {len(names)} classes, ℓ2 = {args.l2:g}: "
+          f"{100 * result['accuracy']:.2f}% on {len(eval_labels)} evaluation images "
+          f"({100 * result['train_accuracy']:.2f}% on the training images).")
+    return 0

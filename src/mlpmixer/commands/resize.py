@@ -1,0 +1,43 @@
+"""`mixer resize CHECKPOINT --img-size N [W] --out PATH`: a checkpoint for another resolution."""
+
+from __future__ import annotations
+
+import argparse
+
+from ..checkpoints import load_checkpoint, save_checkpoint
+from ..resize import METHODS, resize_to
+
+
+def register(sub: argparse._SubParsersAction) -> None:
+    p = sub.add_parser(
+        "resize",
+        help="convert a checkpoint to a higher resolution (the paper's block-diagonal token MLPs)",
+        description="Write a copy of CHECKPOINT for another input size. The default method is the paper's "
+        "(Appendix C): for a size K_h×K_w times the current one, the token-mixing MLPs become block-diagonal "
+        "with one copy of the pre-trained MLP per spatial part, exactly preserving what each part computes. "
+        "--method resample (not in the paper) handles other sizes approximately by resampling the "
+        "token-MLP weights over the patch grid. See docs/paper-tools.md.",
+    )
+    p.add_argument("checkpoint", help="checkpoint file or run directory")
+    p.add_argument("--img-size", type=int, nargs="+", required=True, metavar="N",
+                   help="new image size: N for N×N, or H W")
+    p.add_argument("--out", required=True, help="file to write (.safetensors keeps the configuration)")
+    p.add_argument("--method", choices=METHODS, default="blockdiag",
+                   help="blockdiag (paper, integer factors only; default) or resample (any size, approximate)")
+    p.add_argument("--mode", choices=["bicubic", "bilinear", "nearest"], default="bicubic",
+                   help="interpolation for --method resample (default bicubic)")
+    p.set_defaults(func=run)
+
+
+def run(args: argparse.Namespace) -> int:
+    if len(args.img_size) > 2:
+        raise ValueError(f"--img-size takes N or H W, not {len(args.img_size)} numbers.")
+    size = tuple(args.img_size) if len(args.img_size) == 2 else args.img_size[0]
+    model = load_checkpoint(args.checkpoint)
+    old = model.config
+    new = resize_to(model, size, method=args.method, mode=args.mode)
+    save_checkpoint(new, args.out)
+    c = new.config
+    print(f"Wrote {c.describe()} at {c.img_size[0]}×{c.img_size[1]} ({c.num_tokens} tokens, token MLP "
+          f"{old.tokens_mlp_dim} -> {c.tokens_mlp_dim} wide) to {args.out}.")
+    return 0

@@ -1,0 +1,37 @@
+"""`mixer show-weights CHECKPOINT --out PNG`: pictures of the token-mixing units or stem kernels."""
+
+from __future__ import annotations
+
+import argparse
+
+from ..checkpoints import load_checkpoint
+from ..visualize import plot_stem, plot_token_mixing
+
+
+def register(sub: argparse._SubParsersAction) -> None:
+    p = sub.add_parser(
+        "show-weights",
+        help="draw the token-mixing units (paper Figure 5) or the stem kernels of a checkpoint",
+        description="Draw the first token-mixing layer's hidden units of the first blocks as heat maps over "
+        "the patch grid, each beside its opposite-phase partner, pairs sorted by spatial frequency "
+        "(as in the paper's Figure 5); or, with --stem, the patch-embedding kernels as RGB tiles.",
+    )
+    p.add_argument("checkpoint", help="checkpoint file or run directory")
+    p.add_argument("--out", required=True, help="picture to write (.png, or .svg/.pdf)")
+    p.add_argument("--block", type=int, nargs="+", metavar="I",
+                   help="block(s) to draw, counted from 0 (default: the first three)")
+    p.add_argument("--max-pairs", type=int, metavar="N", help="draw at most N pairs per block")
+    p.add_argument("--stem", action="store_true", help="draw the patch-embedding kernels instead")
+    p.set_defaults(func=run)
+
+
+def run(args: argparse.Namespace) -> int:
+    model = load_checkpoint(args.checkpoint)
+    if args.max_pairs is not None and args.max_pairs < 1:
+        raise ValueError(f"--max-pairs must be at least 1, not {args.max_pairs}.")
+    if args.stem:
+        path = plot_stem(model, args.out)
+    else:
+        path = plot_token_mixing(model, args.out, blocks=args.block, max_pairs=args.max_pairs)
+    print(f"Wrote {path}.")
+    return 0

@@ -1,0 +1,183 @@
+"""Linear evaluation on frozen features: few-shot (SPEC §4) and a full linear probe.
+
+The recipe is big_vision's, which the paper reports: the pre-logit features (after the final LayerNorm
+and mean pooling) of a frozen model, standardised per dimension with an appended constant bias
+feature, and an ℓ2-regularised least-squares fit to ±1 one-hot targets, solved in closed form
+(ℓ2 = 2¹⁰), over several random draws of the support set.
+"""
+
+from __future__ import annotations
+
+import statistics
+from dataclasses import dataclass, field
+from typing import Iterable, Sequence
+
+import torch
+from tqdm import tqdm
+
+from .model import MlpMixer
+
+DEFAULT_L2 = 2.0**10
+DEFAULT_SHOTS = (1, 5, 10, 25)
+# Added to each feature's standard deviation so a constant feature does not divide by zero.
+STD_EPS = 1e-5
+
+
+@dataclass
+class LinearProbe:
+    """A fitted least-squares classifier: standardisation statistics and weights (bias row last)."""
+
+    mean: torch.Tensor  # (D,)
+    std: torch.Tensor  # (D,)
+    weight: torch.Tensor  # (D + 1, classes)
+
+    def scores(self, features: torch.Tensor) -> torch.Tensor:
+        return design_matrix(features, self.mean, self.std) @ self.weight
+
+    def predict(self, features: torch.Tensor) -> torch.Tensor:
+        return self.scores(features).argmax(dim=1)
+
+    def accuracy(self, features: torch.Tensor, labels: torch.Tensor) -> float:
+        return (self.predict(features) == labels.to(self.weight.device)).double().mean().item()
+
+
+def design_matrix(features: torch.Tensor, mean: torch.Tensor, std: torch.Tensor) -> torch.Tensor:
+    """Standardised features (float64) with a column of ones appended for the bias."""
+    x = (features.to(mean) - mean) / std
+    return torch.cat([x, torch.ones_like(x[:, :1])], dim=1)
+
+
+def fit_least_squares(features: torch.Tensor, labels: torch.Tensor, num_classes: int,
+                      l2: float = DEFAULT_L2) -> LinearProbe:
+    """argmin_W ‖A·W − Y‖² + l2·‖W‖² with A the standardised features plus a bias column and Y the
+    ±1 one-hot targets, in closed form (float64).
+
+    The normal equations are solved in whichever of the two equivalent forms is smaller: the primal
+    (AᵀA + l2·I)⁻¹AᵀY when there are more examples than features, else the dual Aᵀ(AAᵀ + l2·I)⁻¹Y —
+    few-shot support sets are much smaller than the feature dimension.
+    """
+    if features.ndim != 2 or labels.shape != features.shape[:1]:
+        raise ValueError(f"Expected features (N, D) and labels (N,), got {tuple(features.shape)} and "
+                         f"{tuple(labels.shape)}.")
+    if l2 <= 0:
+        raise ValueError(f"The ℓ2 regularisation must be positive, not {l2}.")
+    x = features.double()
+    mean = x.mean(dim=0)
+    std = x.std(dim=0, unbiased=False) + STD_EPS
+    a = design_matrix(x, mean, std)
+    y = 2.0 * torch.nn.functional.one_hot(labels.long().to(a.device), num_classes).double() - 1.0
+    n, d = a.shape
+    if n >= d:
+        gram = a.T @ a + l2 * torch.eye(d, dtype=a.dtype, device=a.device)
+        weight = torch.linalg.solve(gram, a.T @ y)
+    else:
+        gram = a @ a.T + l2 * torch.eye(n, dtype=a.dtype, device=a.device)
+        weight = a.T @ torch.linalg.solve(gram, y)
+    return LinearProbe(mean, std, weight)
+
+
+def _class_name(c: int, class_names: Sequence[str] | None) -> str:
+    named = class_names and c < len(class_names) and class_names[c] != str(c)
+    return f"class {c} ({class_names[c]})" if named else f"class {c}"
+
+
+def sample_support(labels: torch.Tensor, shots: int, num_classes: int, generator: torch.Generator,
+                   class_names: Sequence[str] | None = None) -> torch.Tensor:
+    """Indices of `shots` examples of every class, drawn at random without replacement."""
+    picked = []
+    for c in range(num_classes):
+        members = torch.nonzero(labels == c).flatten()
+        if len(members) < shots:
+            raise ValueError(
+                f"{shots}-shot evaluation needs {shots} images of every class, but the support pool has "
+                f"{len(members)} of {_class_name(c, class_names)}; use fewer shots or more data."
+            )
+        picked.append(members[torch.randperm(len(members), generator=generator)[:shots]])
+    return torch.cat(picked)
+
+
+def split_pool(labels: torch.Tensor, eval_fraction: float, seed: int = 0) -> tuple[torch.Tensor, torch.Tensor]:
+    """Split example indices, class by class, into a support pool and an evaluation set."""
+    if not 0.0 < eval_fraction < 1.0:
+        raise ValueError(f"The evaluation fraction must lie strictly between 0 and 1, not {eval_fraction}.")
+    generator = torch.Generator().manual_seed(seed)
+    pool, held = [], []
+    for c in torch.unique(labels).tolist():
+        members = torch.nonzero(labels == c).flatten()
+        members = members[torch.randperm(len(members), generator=generator)]
+        n_eval = round(len(members) * eval_fraction)
+        held.append(members[:n_eval])
+        pool.append(members[n_eval:])
+    return torch.cat(pool).sort().values, torch.cat(held).sort().values
+
+
+@dataclass
+class ShotResult:
+    """Accuracy (a fraction) of each support draw, with their mean and standard deviation."""
+
+    shots: int
+    accuracies: list[float] = field(default_factory=list)
+
+    @property
+    def mean(self) -> float:
+        return statistics.fmean(self.accuracies)
+
+    @property
+    def std(self) -> float:
+        """Sample standard deviation over the draws (0 for a single draw)."""
+        return statistics.stdev(self.accuracies) if len(self.accuracies) > 1 else 0.0
+
+    def to_dict(self) -> dict[str, object]:
+        return {"mean": self.mean, "std": self.std, "accuracies": self.accuracies}
+
+
+def fewshot_evaluate(pool_features: torch.Tensor, pool_labels: torch.Tensor,
+                     eval_features: torch.Tensor, eval_labels: torch.Tensor,
+                     shots: Iterable[int] = DEFAULT_SHOTS, num_classes: int | None = None,
+                     l2: float = DEFAULT_L2, draws: int = 3, seed: int = 0,
+                     class_names: Sequence[str] | None = None) -> dict[int, ShotResult]:
+    """Few-shot linear accuracy on (eval_features, eval_labels) for each shot count: `draws` random
+    support sets of that many examples per class from the pool, one least-squares fit each."""
+    if draws < 1:
+        raise ValueError(f"Few-shot evaluation needs at least one draw, not {draws}.")
+    if num_classes is None:
+        num_classes = int(max(pool_labels.max(), eval_labels.max())) + 1
+    results = {}
+    for k in shots:
+        if k < 1:
+            raise ValueError(f"Shot counts must be positive, not {k}.")
+        generator = torch.Generator().manual_seed(seed)
+        result = ShotResult(k)
+        for _ in range(draws):
+            support = sample_support(pool_labels, k, num_classes, generator, class_names)
+            probe = fit_least_squares(pool_features[support], pool_labels[support], num_classes, l2)
+            result.accuracies.append(probe.accuracy(eval_features, eval_labels))
+        results[k] = result
+    return results
+
+
+@torch.inference_mode()
+def extract_features(model: MlpMixer, batches: Iterable[tuple[torch.Tensor, torch.Tensor]],
+                     device: torch.device | str | None = None, desc: str = "features",
+                     total: int | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+    """Frozen pre-logit features (N, C) and labels (N,) of every (images, labels) batch in `batches`
+    (a DataLoader or any iterable; `total` batches for the progress bar when it has no length)."""
+    device = torch.device(device) if device is not None else next(model.parameters()).device
+    was_training = model.training
+    model.eval()
+    feats, labels = [], []
+    if total is None and hasattr(batches, "__len__"):
+        try:
+            total = len(batches)  # type: ignore[arg-type]
+        except TypeError:  # a DataLoader over a streamed (iterable) dataset has no length
+            total = None
+    try:
+        for images, targets in tqdm(batches, total=total, desc=desc, unit="batch"):
+            x = model.forward_features(images.to(device, non_blocking=True))
+            feats.append(model.forward_head(x, pre_logits=True).float().cpu())
+            labels.append(torch.as_tensor(targets).long())
+    finally:
+        model.train(was_training)
+    if not feats:
+        raise ValueError("The data source yielded no images; check the --data path.")
+    return torch.cat(feats), torch.cat(labels)

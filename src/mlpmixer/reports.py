@@ -1,0 +1,78 @@
+"""Evaluation reports: per-class accuracy and a confusion-matrix picture, and saving figures."""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+from typing import Sequence, Union
+
+import numpy as np
+import torch
+from matplotlib.figure import Figure
+
+from .checkpoints import atomic_write
+
+# Predictions or labels: class indices as a tensor, an array or a list.
+Labels = Union[torch.Tensor, np.ndarray, Sequence[int]]
+
+
+def _as_labels(values: Labels, what: str, num_classes: int) -> np.ndarray:
+    a = values.detach().cpu().numpy() if isinstance(values, torch.Tensor) else np.asarray(values)
+    a = a.reshape(-1).astype(np.int64)
+    if a.size and (a.min() < 0 or a.max() >= num_classes):
+        raise ValueError(f"The {what} must be class indices in 0…{num_classes - 1}, found {a.min()}…{a.max()}.")
+    return a
+
+
+def confusion_matrix(preds: Labels, labels: Labels, num_classes: int) -> np.ndarray:
+    """Counts (num_classes, num_classes): row = true class, column = predicted class."""
+    p = _as_labels(preds, "predictions", num_classes)
+    t = _as_labels(labels, "labels", num_classes)
+    if p.shape != t.shape:
+        raise ValueError(f"Got {p.size} predictions for {t.size} labels; pass one prediction per label.")
+    return np.bincount(t * num_classes + p, minlength=num_classes * num_classes).reshape(num_classes, num_classes)
+
+
+def per_class_accuracy(preds: Labels, labels: Labels, num_classes: int) -> np.ndarray:
+    """Fraction of each class's examples predicted correctly (NaN for a class without examples)."""
+    cm = confusion_matrix(preds, labels, num_classes)
+    totals = cm.sum(axis=1)
+    with np.errstate(invalid="ignore", divide="ignore"):
+        return np.where(totals > 0, np.diag(cm) / totals, np.nan)
+
+
+def save_figure(fig: Figure, path: str | os.PathLike, dpi: int = 150) -> Path:
+    """Write a figure atomically; the format follows the extension (PNG when there is none)."""
+    path = Path(path)
+    fmt = path.suffix[1:].lower() or "png"
+    return atomic_write(path, lambda tmp: fig.savefig(tmp, format=fmt, dpi=dpi, bbox_inches="tight"))
+
+
+def confusion_matrix_png(preds: Labels, labels: Labels, class_names: Sequence[str],
+                         path: str | os.PathLike, title: str = "") -> Path:
+    """Draw the confusion matrix, each row normalised to the true class's count (so the diagonal is
+    the per-class accuracy), with the counts written in the cells when there are few classes."""
+    n = len(class_names)
+    cm = confusion_matrix(preds, labels, n)
+    totals = cm.sum(axis=1, keepdims=True)
+    rates = cm / np.maximum(totals, 1)
+    side = min(max(4.0, 0.45 * n + 2.0), 24.0)
+    fig = Figure(figsize=(side + 1.2, side))
+    ax = fig.subplots()
+    im = ax.imshow(rates, cmap="Blues", vmin=0.0, vmax=1.0)
+    fig.colorbar(im, ax=ax, fraction=0.046, pad=0.04, label="fraction of the true class")
+    if n <= 40:  # beyond that the tick labels overlap; the picture still shows the structure
+        names = [s if len(s) <= 18 else s[:17] + "…" for s in class_names]
+        ax.set_xticks(range(n), names, rotation=90 if n > 10 or max(map(len, names)) > 6 else 0, fontsize=8)
+        ax.set_yticks(range(n), names, fontsize=8)
+    if n <= 20:
+        for i in range(n):
+            for j in range(n):
+                if cm[i, j]:
+                    ax.text(j, i, str(cm[i, j]), ha="center", va="center", fontsize=7,
+                            color="white" if rates[i, j] > 0.5 else "black")
+    ax.set_xlabel("predicted class")
+    ax.set_ylabel("true class")
+    acc = np.trace(cm) / max(cm.sum(), 1)
+    ax.set_title(title or f"Confusion matrix: {cm.sum()} images, accuracy {100 * acc:.2f}%")
+    return save_figure(fig, path)

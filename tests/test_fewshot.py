@@ -1,0 +1,159 @@
+"""Few-shot linear evaluation (SPEC §4): the closed-form solver, support draws, features."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import torch
+from torch.utils.data import DataLoader, TensorDataset
+
+from mlpmixer import create_model
+from mlpmixer.fewshot import (
+    design_matrix,
+    extract_features,
+    fewshot_evaluate,
+    fit_least_squares,
+    sample_support,
+    split_pool,
+)
+
+
+def reference_weights(features: np.ndarray, labels: np.ndarray, classes: int, l2: float) -> np.ndarray:
+    """Ridge regression as one plain least-squares problem: [A; √l2·I] W ≈ [Y; 0]."""
+    mean, std = features.mean(0), features.std(0) + 1e-5
+    a = np.hstack([(features - mean) / std, np.ones((len(features), 1))])
+    y = 2.0 * np.eye(classes)[labels] - 1.0
+    d = a.shape[1]
+    big_a = np.vstack([a, np.sqrt(l2) * np.eye(d)])
+    big_y = np.vstack([y, np.zeros((d, classes))])
+    return np.linalg.lstsq(big_a, big_y, rcond=None)[0]
+
+
+@pytest.mark.parametrize("n,d,l2", [(200, 12, 1024.0), (7, 40, 1024.0), (30, 20, 0.5)])
+def test_solver_matches_direct_least_squares(n, d, l2):
+    rng = np.random.default_rng(n)
+    features = rng.normal(size=(n, d)) * rng.uniform(0.1, 5, size=d) + rng.normal(size=d)
+    labels = rng.integers(0, 4, size=n)
+    probe = fit_least_squares(torch.from_numpy(features).float(), torch.from_numpy(labels), 4, l2)
+    want = reference_weights(features.astype(np.float32).astype(np.float64), labels, 4, l2)
+    np.testing.assert_allclose(probe.weight.numpy(), want, rtol=1e-6, atol=1e-9)
+    # Standardised features with the bias column, as the reference builds them.
+    a = design_matrix(torch.from_numpy(features), probe.mean, probe.std)
+    assert a.shape == (n, d + 1) and torch.all(a[:, -1] == 1)
+
+
+def test_solver_classifies_separable_data():
+    torch.manual_seed(0)
+    centres = torch.randn(5, 32) * 4
+    labels = torch.arange(5).repeat(40)
+    features = centres[labels] + torch.randn(200, 32)
+    probe = fit_least_squares(features, labels, 5)
+    assert probe.accuracy(features, labels) > 0.95
+    with pytest.raises(ValueError, match="positive"):
+        fit_least_squares(features, labels, 5, l2=0)
+
+
+def test_support_draws_and_errors():
+    labels = torch.tensor([0] * 5 + [1] * 3 + [2] * 4)
+    g = torch.Generator().manual_seed(0)
+    idx = sample_support(labels, 3, 3, g)
+    assert torch.bincount(labels[idx]).tolist() == [3, 3, 3]
+    assert len(set(idx.tolist())) == 9
+    with pytest.raises(ValueError, match=r"4-shot .* has 3 of class 1 \(cat\)"):
+        sample_support(labels, 4, 3, g, class_names=["dog", "cat", "cow"])
+
+
+def test_split_pool_is_stratified_and_disjoint():
+    labels = torch.tensor([0] * 10 + [1] * 20)
+    pool, held = split_pool(labels, 0.3, seed=1)
+    assert set(pool.tolist()).isdisjoint(held.tolist())
+    assert sorted(pool.tolist() + held.tolist()) == list(range(30))
+    assert torch.bincount(labels[held]).tolist() == [3, 6]
+    assert torch.equal(split_pool(labels, 0.3, seed=1)[0], pool)
+    with pytest.raises(ValueError, match="between 0 and 1"):
+        split_pool(labels, 1.0)
+
+
+def test_fewshot_evaluate_statistics():
+    torch.manual_seed(0)
+    centres = torch.randn(4, 16) * 3
+    pool_y = torch.arange(4).repeat(30)
+    eval_y = torch.arange(4).repeat(25)
+    pool_x = centres[pool_y] + torch.randn(120, 16)
+    eval_x = centres[eval_y] + torch.randn(100, 16)
+    results = fewshot_evaluate(pool_x, pool_y, eval_x, eval_y, shots=(1, 10), draws=4, seed=3)
+    assert sorted(results) == [1, 10]
+    for r in results.values():
+        assert len(r.accuracies) == 4
+        assert r.mean == pytest.approx(np.mean(r.accuracies))
+        assert r.std == pytest.approx(np.std(r.accuracies, ddof=1))
+    assert results[10].mean > 0.9
+    again = fewshot_evaluate(pool_x, pool_y, eval_x, eval_y, shots=(1,), draws=4, seed=3)
+    assert again[1].accuracies == results[1].accuracies
+    with pytest.raises(ValueError, match="31-shot"):
+        fewshot_evaluate(pool_x, pool_y, eval_x, eval_y, shots=(31,))
+
+
+def test_extract_features_are_frozen_pre_logits():
+    torch.manual_seed(0)
+    model = create_model("digits/4", img_size=8, hidden_dim=16, num_blocks=1, tokens_mlp_dim=8,
+                         channels_mlp_dim=16, num_classes=3)
+    model.train()
+    images, labels = torch.randn(10, 3, 8, 8), torch.arange(10) % 3
+    feats, got_labels = extract_features(model, DataLoader(TensorDataset(images, labels), batch_size=4))
+    assert model.training  # restored
+    model.eval()
+    with torch.no_grad():
+        want = model.forward_head(model.forward_features(images), pre_logits=True)
+    assert feats.shape == (10, 16) and torch.equal(got_labels, labels)
+    torch.testing.assert_close(feats, want)
+
+
+def tiny_checkpoint(path):
+    from mlpmixer import save_checkpoint
+
+    torch.manual_seed(0)
+    # A random-feature Mixer: its frozen features are enough for well-above-chance linear accuracy.
+    model = create_model("digits/4", img_size=28, hidden_dim=32, num_blocks=2, tokens_mlp_dim=16,
+                         channels_mlp_dim=32, num_classes=10)
+    save_checkpoint(model, path)
+    return path
+
+
+def write_idx_digits(folder, per_class):
+    """A small MNIST IDX folder: the first `per_class` embedded digits of each class."""
+    from mlpmixer.data import load_mnist5k
+
+    data = load_mnist5k()
+    index = torch.cat([torch.nonzero(data.labels == c).flatten()[:per_class] for c in range(10)])
+    images, labels = data.images[index, 0].numpy(), data.labels[index].numpy().astype(np.uint8)
+    folder.mkdir()
+    n = len(labels)
+    (folder / "t10k-images-idx3-ubyte").write_bytes(
+        bytes([0, 0, 8, 3]) + np.array([n, 28, 28], ">i4").tobytes() + images.tobytes())
+    (folder / "t10k-labels-idx1-ubyte").write_bytes(
+        bytes([0, 0, 8, 1]) + np.array([n], ">i4").tobytes() + labels.tobytes())
+    return str(folder)
+
+
+def test_cli_fewshot_and_linear_probe(tmp_path, capsys):
+    import json
+
+    from mlpmixer.cli import main
+
+    ckpt = str(tiny_checkpoint(tmp_path / "m.safetensors"))
+    data = write_idx_digits(tmp_path / "digits", per_class=40)
+    common = ["--data", data, "--workers", "0"]
+    assert main(["fewshot", ckpt, *common, "--shots", "1,10", "--draws", "2", "--json"]) == 0
+    result = json.loads(capsys.readouterr().out)
+    assert sorted(result) == ["1", "10"]
+    assert len(result["10"]["accuracies"]) == 2
+    assert result["10"]["mean"] > 0.3  # chance is 0.1
+    assert main(["fewshot", ckpt, *common, "--shots", "5", "--eval-data", data]) == 0
+    assert "5-shot" in capsys.readouterr().out
+    assert main(["linear-probe", ckpt, *common, "--json"]) == 0
+    probe = json.loads(capsys.readouterr().out)
+    assert probe["accuracy"] > 0.4 and probe["eval_images"] == 80 and probe["train_images"] == 320
+    # The pool holds 20 images per class (half of 40).
+    assert main(["fewshot", ckpt, *common, "--shots", "21"]) == 2
+    assert "21-shot evaluation needs 21 images of every class" in capsys.readouterr().err

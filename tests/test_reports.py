@@ -1,0 +1,38 @@
+"""Per-class accuracy and the confusion-matrix picture."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+
+from mlpmixer.reports import confusion_matrix, confusion_matrix_png, per_class_accuracy
+
+
+def test_per_class_accuracy_and_matrix():
+    labels = torch.tensor([0, 0, 0, 1, 1, 2, 2, 2, 2])
+    preds = torch.tensor([0, 1, 0, 1, 1, 0, 2, 2, 1])
+    acc = per_class_accuracy(preds, labels, 4)
+    np.testing.assert_allclose(acc[:3], [2 / 3, 1.0, 0.5])
+    assert np.isnan(acc[3])  # no examples of class 3
+    cm = confusion_matrix(preds.numpy(), labels.tolist(), 4)
+    assert cm[0].tolist() == [2, 1, 0, 0] and cm[2].tolist() == [1, 1, 2, 0]
+    assert cm.sum() == 9
+    with pytest.raises(ValueError, match="class indices in 0…3"):
+        per_class_accuracy([0, 5], [0, 1], 4)
+    with pytest.raises(ValueError, match="one prediction per label"):
+        confusion_matrix([0, 1], [0], 4)
+
+
+@pytest.mark.parametrize("classes", [3, 60])
+def test_confusion_matrix_png(tmp_path, classes):
+    rng = np.random.default_rng(0)
+    labels = rng.integers(0, classes, 500)
+    preds = np.where(rng.random(500) < 0.7, labels, rng.integers(0, classes, 500))
+    names = [f"class number {i}" for i in range(classes)]
+    path = confusion_matrix_png(preds, labels, names, tmp_path / "sub" / "cm.png")
+    with Image.open(path) as im:
+        assert im.format == "PNG"
+        assert 300 <= im.width <= 5000 and 300 <= im.height <= 5000
+    assert [p.name for p in (tmp_path / "sub").iterdir()] == ["cm.png"]  # no temporary left behind

@@ -1,0 +1,85 @@
+"""Pictures of token-mixing units (paper Figure 5) and stem kernels."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+
+from mlpmixer import create_model, save_checkpoint
+from mlpmixer.cli import main
+from mlpmixer.visualize import (
+    ordered_pairs,
+    pair_opposite_phase,
+    plot_stem,
+    plot_token_mixing,
+    spatial_frequency,
+    token_mixing_units,
+)
+
+
+def wave(freq: float, phase: float = 0.0, size: int = 8) -> np.ndarray:
+    """A 2-D cosine along the rows: `freq` cycles per token."""
+    yy, xx = np.mgrid[0:size, 0:size]
+    return np.cos(2 * np.pi * freq * (xx + 0.5 * yy) + phase)
+
+
+def test_unit_pairs_with_its_negation():
+    rng = np.random.default_rng(0)
+    base = [rng.normal(size=(6, 6)) for _ in range(4)]
+    units = np.stack(base + [-b + 0.05 * rng.normal(size=(6, 6)) for b in base] + [rng.normal(size=(6, 6))])
+    pairs = pair_opposite_phase(units)
+    assert {frozenset(p) for p in pairs if None not in p} == {frozenset((i, i + 4)) for i in range(4)}
+    assert (8, None) in pairs
+    assert sorted(u for p in pairs for u in p if u is not None) == list(range(9))  # each unit once
+
+
+def test_low_frequency_before_high():
+    low, high = wave(1 / 8), wave(3 / 8)
+    freq = spatial_frequency(np.stack([high, low, np.full((8, 8), 2.0)]))
+    assert freq[1] < freq[0]
+    assert freq[2] == 0.0  # a constant unit has no pattern
+    units = np.stack([high, low, -high, -low])
+    assert ordered_pairs(units) in ([(1, 3), (0, 2)], [(3, 1), (0, 2)], [(1, 3), (2, 0)], [(3, 1), (2, 0)])
+
+
+def tiny(in_chans: int = 3):
+    torch.manual_seed(0)
+    return create_model("digits/4", img_size=(16, 24), in_chans=in_chans, hidden_dim=12, num_blocks=4,
+                        tokens_mlp_dim=10, channels_mlp_dim=8, num_classes=2)
+
+
+def test_units_follow_fc1_rows():
+    model = tiny()
+    units = token_mixing_units(model, 2)
+    assert units.shape == (10, 4, 6)
+    np.testing.assert_array_equal(units[3].reshape(-1), model.blocks[2].mlp_tokens.fc1.weight[3].detach().numpy())
+    with pytest.raises(ValueError, match="blocks 0…3"):
+        token_mixing_units(model, 4)
+
+
+def check_png(path, min_side=200):
+    with Image.open(path) as im:
+        assert im.format == "PNG"
+        assert min_side <= min(im.size) and max(im.size) <= 6000
+        pixels = np.asarray(im.convert("RGB"))
+    assert pixels.std() > 10  # not blank
+
+
+def test_plots_write_pngs(tmp_path):
+    check_png(plot_token_mixing(tiny(), tmp_path / "units.png"))
+    check_png(plot_token_mixing(tiny(), tmp_path / "one.png", blocks=[3], max_pairs=2))
+    check_png(plot_stem(tiny(), tmp_path / "stem.png"))
+    check_png(plot_stem(tiny(in_chans=1), tmp_path / "grey.png"))
+
+
+def test_cli_show_weights(tmp_path, capsys):
+    save_checkpoint(tiny(), tmp_path / "m.safetensors")
+    out = tmp_path / "w.png"
+    assert main(["show-weights", str(tmp_path / "m.safetensors"), "--out", str(out), "--block", "1"]) == 0
+    check_png(out)
+    assert main(["show-weights", str(tmp_path / "m.safetensors"), "--out", str(tmp_path / "s.png"), "--stem"]) == 0
+    check_png(tmp_path / "s.png")
+    assert main(["show-weights", str(tmp_path / "m.safetensors"), "--out", str(out), "--block", "7"]) == 2
+    assert "Block 7 does not exist" in capsys.readouterr().err
