@@ -10,6 +10,9 @@ from typing import Any, Union
 
 Size = Union[int, tuple[int, int]]
 
+# Fields that change a layer's shape: a config that changes one is no longer the named variant.
+SHAPE_FIELDS = frozenset({"num_blocks", "patch_size", "hidden_dim", "tokens_mlp_dim", "channels_mlp_dim"})
+
 
 def as_pair(value: Size) -> tuple[int, int]:
     """`224` -> (224, 224); `(224, 320)` stays as it is."""
@@ -67,6 +70,9 @@ class MixerConfig:
         return gh * gw
 
     def replace(self, **changes: Any) -> "MixerConfig":
+        """A copy with `changes`; changing a layer shape drops the variant name unless one is given."""
+        if SHAPE_FIELDS & set(changes) and "name" not in changes:
+            changes["name"] = ""
         return dataclasses.replace(self, **changes)
 
     def to_dict(self) -> dict[str, Any]:
@@ -174,11 +180,7 @@ def variant_config(name: str, **overrides: Any) -> MixerConfig:
     size = name_img_size(name)
     if size is not None:
         base["img_size"] = size
-    shape_fields = {"num_blocks", "patch_size", "hidden_dim", "tokens_mlp_dim", "channels_mlp_dim"}
-    if shape_fields & set(overrides):
-        base["name"] = ""  # customised: no longer the named variant
-    base.update(overrides)
-    return MixerConfig(**base)
+    return MixerConfig(**base).replace(**overrides)
 
 
 def paper_variant_of(config: MixerConfig) -> str | None:

@@ -1,0 +1,398 @@
+"""Throughput measurement: inference and training steps, a matrix-product ceiling, peak memory.
+
+Every measurement runs its warm-up first (compilation, autotuning, allocator growth), then timed
+repeats of a few iterations each, with the device synchronised around each repeat; the reported
+time is the median repeat. Several cases are timed *interleaved* (repeat 1 of every case, then
+repeat 2, ...) so that a machine that speeds up or slows down during the run affects them alike.
+"""
+
+from __future__ import annotations
+
+import copy
+import os
+import statistics
+import time
+from dataclasses import dataclass, field
+from typing import Callable, Optional
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from .variants import MixerConfig, paper_variant_of
+
+DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
+
+
+class BenchError(ValueError):
+    """A benchmark that cannot run as asked (device, dtype, memory)."""
+
+
+def resolve_device(name: str) -> torch.device:
+    if name == "cuda" or name.startswith("cuda:"):
+        if not torch.cuda.is_available():
+            raise BenchError("CUDA was asked for but no CUDA GPU is visible to PyTorch; use --device cpu.")
+    elif name != "cpu":
+        raise BenchError(f"Unsupported device {name!r}; use 'cpu' or 'cuda'.")
+    return torch.device(name)
+
+
+def resolve_dtype(name: str, device: torch.device) -> torch.dtype:
+    if name not in DTYPES:
+        raise BenchError(f"Unsupported dtype {name!r}; use one of {', '.join(DTYPES)}.")
+    dtype = DTYPES[name]
+    if device.type == "cuda" and dtype == torch.bfloat16 and not torch.cuda.is_bf16_supported():
+        raise BenchError(f"{torch.cuda.get_device_name(device)} has no bf16 support; use --dtype fp16 or fp32.")
+    if device.type == "cpu" and dtype == torch.float16:
+        raise BenchError("fp16 autocast is not supported on the CPU here; use --dtype bf16 or fp32.")
+    return dtype
+
+
+def sync(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+def autocast(device: torch.device, dtype: torch.dtype):
+    """Mixed precision the usual way: fp32 weights, products in `dtype` (off for fp32)."""
+    return torch.autocast(device.type, dtype=dtype, enabled=dtype != torch.float32)
+
+
+# ---------------------------------------------------------------------------------------------
+
+
+def matmul_ceiling(device: torch.device, dtype: torch.dtype, n: Optional[int] = None, seconds: float = 1.0) -> float:
+    """FLOP/s of a big square product in `dtype`: the ceiling the models are measured against."""
+    n = n or (8192 if device.type == "cuda" else 2048)
+    a = torch.randn(n, n, device=device, dtype=dtype)
+    b = torch.randn(n, n, device=device, dtype=dtype)
+    torch.mm(a, b)  # warm-up: library and allocator set-up
+    sync(device)
+    times = []
+    deadline = time.perf_counter() + seconds
+    while time.perf_counter() < deadline or len(times) < 3:
+        t0 = time.perf_counter()
+        torch.mm(a, b)
+        sync(device)
+        times.append(time.perf_counter() - t0)
+    return 2 * n**3 / statistics.median(times)
+
+
+# ---------------------------------------------------------------------------------------------
+
+
+@dataclass
+class Case:
+    """One thing to time: `step()` runs one iteration (an inference or a training step)."""
+
+    name: str
+    step: Callable[[], object]
+    batch: int
+    flops_per_image: float  # per iteration of this mode (training: about 3× forward)
+    device: torch.device
+    times: list = field(default_factory=list)
+    peak_memory: Optional[int] = None  # bytes, CUDA only
+    static_bytes: int = 0  # parameters, allocated before the warm-up: added to its peak
+    warmup_s: float = 0.0
+
+    def result(self) -> dict:
+        med = statistics.median(self.times) if self.times else float("nan")
+        return dict(
+            name=self.name, batch=self.batch, seconds_per_step=med,
+            img_per_s=self.batch / med if self.times else None,
+            tflops=self.flops_per_image * self.batch / med / 1e12 if self.times else None,
+            peak_memory_gib=None if self.peak_memory is None else self.peak_memory / 2**30,
+            warmup_s=self.warmup_s, repeats=len(self.times),
+        )
+
+
+def warm_up(case: Case, iters: int) -> None:
+    """Run the warm-up iterations, measuring the case's own peak memory on CUDA."""
+    dev = case.device
+    t0 = time.perf_counter()
+    if dev.type == "cuda":
+        sync(dev)
+        base = torch.cuda.memory_allocated(dev)
+        torch.cuda.reset_peak_memory_stats(dev)
+    for _ in range(iters):
+        case.step()
+    sync(dev)
+    if dev.type == "cuda":
+        # Parameters and optimizer state were created before `base`; add them back.
+        case.peak_memory = torch.cuda.max_memory_allocated(dev) - base + case.static_bytes
+    case.warmup_s = time.perf_counter() - t0
+
+
+def time_interleaved(cases: list[Case], repeats: int, iters: int) -> None:
+    """Repeat 1 of every case, then repeat 2, ...; each repeat `iters` synchronised iterations."""
+    for _ in range(repeats):
+        for case in cases:
+            sync(case.device)
+            t0 = time.perf_counter()
+            for _ in range(iters):
+                case.step()
+            sync(case.device)
+            case.times.append((time.perf_counter() - t0) / iters)
+
+
+def param_bytes(model: nn.Module) -> int:
+    return sum(p.numel() * p.element_size() for p in model.parameters())
+
+
+def inference_case(
+    name: str, model: nn.Module, batch: int, img_size: tuple[int, int], device: torch.device,
+    dtype: torch.dtype, flops_per_image: float, compile: bool = False,
+) -> Case:
+    """Forward passes without gradients on one fixed random batch."""
+    model = model.to(device).eval()
+    run = torch.compile(model) if compile else model
+    x = torch.randn(batch, 3, *img_size, device=device)
+
+    @torch.no_grad()
+    def step() -> torch.Tensor:
+        with autocast(device, dtype):
+            return run(x)
+
+    return Case(name, step, batch, flops_per_image, device, static_bytes=param_bytes(model))
+
+
+def make_optimizer(params) -> torch.optim.Optimizer:
+    """AdamW, fused (one kernel for all parameters) where this PyTorch has it for the device."""
+    params = list(params)
+    try:
+        return torch.optim.AdamW(params, lr=1e-4, fused=True)
+    except (RuntimeError, ValueError, TypeError):
+        return torch.optim.AdamW(params, lr=1e-4, foreach=True)
+
+
+def training_case(
+    name: str, model: nn.Module, batch: int, img_size: tuple[int, int], device: torch.device,
+    dtype: torch.dtype, flops_per_image: float, compile: bool = False, num_classes: int = 1000,
+) -> Case:
+    """Forward, cross-entropy, backward and an AdamW step on one fixed random batch."""
+    model = model.to(device).train()
+    run = torch.compile(model) if compile else model
+    opt = make_optimizer(model.parameters())
+    scaler = torch.amp.GradScaler(device.type) if dtype == torch.float16 else None
+    x = torch.randn(batch, 3, *img_size, device=device)
+    y = torch.randint(0, num_classes, (batch,), device=device)
+
+    def step() -> None:
+        with autocast(device, dtype):
+            loss = F.cross_entropy(run(x).float(), y)
+        if scaler is not None:
+            scaler.scale(loss).backward()
+            scaler.step(opt)
+            scaler.update()
+        else:
+            loss.backward()
+            opt.step()
+        opt.zero_grad(set_to_none=True)
+
+    return Case(name, step, batch, flops_per_image, device, static_bytes=param_bytes(model))
+
+
+# ---------------------------------------------------------------------------------------------
+
+
+def timm_name_for(config: MixerConfig) -> str:
+    """timm's model name with the same shapes as `config` (timm has S, B and L, patch 16 and 32)."""
+    variant = paper_variant_of(config)
+    if variant is None or variant.split("/")[0] not in ("S", "B", "L"):
+        raise BenchError(
+            f"timm has no Mixer matching {config.describe()} (it has S/32, S/16, B/32, B/16, L/32, L/16); "
+            "name a timm model explicitly with --vs-timm NAME."
+        )
+    family, patch = variant.split("/")
+    return f"mixer_{family.lower()}{patch}_224"
+
+
+def timm_model(name: str, config: MixerConfig, match_shapes: bool = False) -> nn.Module:
+    """A randomly initialised timm model (no download) at the Mixer's resolution and class count.
+
+    `match_shapes`: build timm's Mixer (`name` must be one) with exactly `config`'s layer shapes.
+    """
+    try:
+        import timm
+    except ImportError as e:
+        raise BenchError("--vs-timm needs timm; install it with `pip install timm`.") from e
+    if name not in timm.list_models():
+        raise BenchError(f"timm has no model named {name!r}; see timm.list_models().")
+    if match_shapes:
+        from timm.models.mlp_mixer import MlpMixer as TimmMixer
+
+        c = config.hidden_dim
+        return TimmMixer(
+            num_classes=config.num_classes, img_size=config.img_size, patch_size=config.patch_size[0],
+            num_blocks=config.num_blocks, embed_dim=c,
+            mlp_ratio=(config.tokens_mlp_dim / c, config.channels_mlp_dim / c),
+        )
+    kwargs = dict(pretrained=False, num_classes=config.num_classes)
+    if config.img_size != (224, 224):
+        kwargs["img_size"] = config.img_size
+    try:
+        return timm.create_model(name, **kwargs)
+    except TypeError:  # convolutional models take no img_size
+        kwargs.pop("img_size", None)
+        return timm.create_model(name, **kwargs)
+
+
+def timm_flops_per_image(model: nn.Module, img_size: tuple[int, int]) -> float:
+    """Forward FLOPs (2 × MACs) of any model, counted by torch's FLOP counter on the meta device."""
+    from torch.utils.flop_counter import FlopCounterMode
+
+    counter = FlopCounterMode(display=False)
+    x = torch.randn(1, 3, *img_size, device="meta")
+    try:
+        meta = copy.deepcopy(model).to("meta").eval()  # shapes only: no memory, no time
+        with counter, torch.no_grad():
+            meta(x)
+        return float(counter.get_total_flops())
+    except Exception:  # some models do not run on meta tensors: count nothing rather than guess
+        return float("nan")
+
+
+# ---------------------------------------------------------------------------------------------
+
+
+def largest_fitting_batch(build_and_step: Callable[[int], None], batch: int) -> int:
+    """Halve the batch until one step fits in GPU memory; 0 when even batch 1 does not."""
+    while batch > 1:
+        batch //= 2
+        try:
+            build_and_step(batch)
+            return batch
+        except torch.cuda.OutOfMemoryError:
+            torch.cuda.empty_cache()
+    return 0
+
+
+def set_threads(threads: Optional[int]) -> int:
+    """CPU threads for intra-op parallelism: the physical cores by default."""
+    if threads:
+        torch.set_num_threads(threads)
+    return torch.get_num_threads()
+
+
+def environment(device: torch.device) -> dict:
+    """Machine and versions, stored with every result."""
+    import platform
+
+    info = dict(
+        date=time.strftime("%Y-%m-%d %H:%M:%S %Z"), torch=torch.__version__, python=platform.python_version(),
+        machine=platform.machine(), processor=platform.processor() or None, cpu_count=os.cpu_count(),
+        threads=torch.get_num_threads(), device=str(device),
+        cpu_capability=getattr(torch.backends.cpu, "get_cpu_capability", lambda: None)(),
+    )
+    if device.type == "cuda":
+        info["gpu"] = torch.cuda.get_device_name(device)
+        info["cuda"] = torch.version.cuda
+    for mod in ("triton", "timm"):
+        try:
+            info[mod] = __import__(mod).__version__
+        except Exception:
+            info[mod] = None
+    return info
+
+
+# ---------------------------------------------------------------------------------------------
+
+
+Builder = Callable[[int], Case]  # batch size -> a ready case
+
+
+def prepare(build: Builder, batch: int, device: torch.device, warmup: int) -> Case:
+    """Build a case and warm it up; a batch that does not fit in GPU memory is a BenchError
+    naming the largest batch that does (found by halving)."""
+    try:
+        case = build(batch)
+        warm_up(case, warmup)
+        return case
+    except torch.cuda.OutOfMemoryError:
+        pass
+    torch.cuda.empty_cache()
+
+    def try_batch(b: int) -> None:
+        case = build(b)
+        case.step()
+        sync(device)
+
+    fits = largest_fitting_batch(try_batch, batch)
+    torch.cuda.empty_cache()
+    free, total = torch.cuda.mem_get_info(device)
+    advice = f"the largest that fits is batch {fits} (halving search)" if fits else "not even batch 1 fits"
+    raise BenchError(
+        f"Batch {batch} does not fit in the GPU's memory ({total / 2**30:.0f} GiB); {advice}: "
+        f"use --batch-size {fits or 1}{'' if fits else ' with a smaller model'}."
+    )
+
+
+def measure(
+    builders: dict[str, Builder], batch: int, device: torch.device, warmup: int, repeats: int, iters: int,
+    deadline: Optional[float] = None, log: Callable[[str], None] = print,
+) -> tuple[list[Case], list[str]]:
+    """Warm up every case (in order), then time them interleaved.
+
+    With a `deadline` (time.perf_counter() value), cases whose warm-up would start after it are
+    skipped and named in the returned list, so a time-boxed run ends on time.
+    """
+    cases, skipped = [], []
+    for name, build in builders.items():
+        if deadline is not None and time.perf_counter() > deadline:
+            skipped.append(name)
+            log(f"  skipped {name}: out of time")
+            continue
+        log(f"  warming up {name} (batch {batch})")
+        cases.append(prepare(build, batch, device, warmup))
+    time_interleaved(cases, repeats, iters)
+    return cases, skipped
+
+
+def builder(
+    config: MixerConfig, mode: str, device: torch.device, dtype: torch.dtype, *, fast: bool = False,
+    compile: bool = False, timm_name: Optional[str] = None, timm_shapes: bool = False,
+    name: Optional[str] = None, **fast_options,
+) -> tuple[str, Builder]:
+    """(case name, builder) for our Mixer (plain, `fast` or `compile`d) or a timm model.
+
+    `timm_shapes`: give the timm Mixer `config`'s layer shapes (see `timm_model`).
+    `fast_options` go to `fast.optimize` (cuda_graphs, gemm).
+    Each build makes a fresh, randomly initialised model directly on the device.
+    """
+    if mode not in ("infer", "train"):
+        raise BenchError(f"Unknown mode {mode!r}; use 'infer' or 'train'.")
+    if fast and compile:
+        raise BenchError("--fast and --compile are alternatives (the fast path's kernels are not traced); pick one.")
+    from .model import create_model
+
+    if timm_name:
+        label = f"timm {timm_name}"
+    else:
+        label = config.describe() + (" fast" if fast else "")
+    label = name or label + (" compiled" if compile else "")
+    flops = {}
+
+    def build(batch: int) -> Case:
+        with torch.device(device):
+            if timm_name:
+                model = timm_model(timm_name, config, match_shapes=timm_shapes)
+            else:
+                model = create_model(config)
+        if "fwd" not in flops:
+            # A timm Mixer has our shapes, so the analytic count holds; other models are counted.
+            try:
+                same_shapes = timm_name is None or timm_shapes or timm_name == timm_name_for(config)
+            except BenchError:
+                same_shapes = False
+            flops["fwd"] = 2.0 * config.macs() if same_shapes else timm_flops_per_image(model, config.img_size)
+        run: nn.Module = model
+        if fast:
+            from .fast import optimize
+
+            run = optimize(model, **fast_options)
+        make = inference_case if mode == "infer" else training_case
+        per_image = flops["fwd"] * (1 if mode == "infer" else 3)
+        kwargs = {} if mode == "infer" else {"num_classes": config.num_classes}
+        return make(label, run, batch, config.img_size, device, dtype, per_image, compile=compile, **kwargs)
+
+    return label, build

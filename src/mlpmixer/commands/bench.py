@@ -1,0 +1,108 @@
+"""`mixer bench`: throughput of a Mixer (and optionally timm's) for inference and training steps."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+import time
+
+import torch
+
+from .. import bench as B
+from ..variants import variant_config
+
+
+def register(sub: argparse._SubParsersAction) -> None:
+    p = sub.add_parser(
+        "bench",
+        help="measure inference and training throughput (img/s), utilisation and peak memory",
+        description="Times inference (forward, no gradients) and training steps (forward, cross-entropy, "
+        "backward, fused AdamW) on random data after a warm-up; reports the median repeat, the analytic "
+        "FLOPs and their share of a matrix-product ceiling measured in the same run.",
+    )
+    p.add_argument("--variant", default="B/16", help="Mixer variant (default B/16), e.g. S/16, L/16, H/14")
+    p.add_argument("--img-size", type=int, default=None, help="resolution (default: the variant's, 224)")
+    p.add_argument("--num-classes", type=int, default=1000)
+    p.add_argument("--batch-size", type=int, default=None, help="default 128 on CUDA, 8 on the CPU")
+    p.add_argument("--mode", choices=["infer", "train", "both"], default="both")
+    p.add_argument("--dtype", choices=list(B.DTYPES), default=None,
+                   help="fp32, or bf16/fp16 autocast (default bf16 on CUDA, fp32 on the CPU)")
+    p.add_argument("--device", default=None, help="cpu or cuda (default cuda when available)")
+    p.add_argument("--compile", action="store_true", help="torch.compile the models")
+    p.add_argument("--fast", action="store_true", help="our fast path (mlpmixer.fast.optimize)")
+    p.add_argument("--vs-timm", nargs="?", const="auto", default=None, metavar="NAME",
+                   help="also time a timm model, interleaved: its matching Mixer by default, or any timm name "
+                   "(e.g. vit_base_patch16_224, resnet50)")
+    p.add_argument("--warmup", type=int, default=3, help="warm-up iterations per case (default 3)")
+    p.add_argument("--repeats", type=int, default=5, help="timed repeats; the median is reported (default 5)")
+    p.add_argument("--iters", type=int, default=3, help="iterations per repeat (default 3)")
+    p.add_argument("--threads", type=int, default=None, help="CPU threads (default: PyTorch's choice)")
+    p.add_argument("--no-ceiling", action="store_true", help="skip the matrix-product ceiling")
+    p.add_argument("--json", action="store_true", help="print JSON instead of a table")
+    p.set_defaults(func=run)
+
+
+def run(args: argparse.Namespace) -> int:
+    device = B.resolve_device(args.device or ("cuda" if torch.cuda.is_available() else "cpu"))
+    dtype_name = args.dtype or ("bf16" if device.type == "cuda" else "fp32")
+    dtype = B.resolve_dtype(dtype_name, device)
+    for name in ("batch_size", "warmup", "repeats", "iters", "threads"):
+        value = getattr(args, name)
+        if value is not None and value < (0 if name == "warmup" else 1):
+            raise B.BenchError(f"--{name.replace('_', '-')} must be at least {0 if name == 'warmup' else 1}, not {value}.")
+    B.set_threads(args.threads)
+    overrides = {"num_classes": args.num_classes}
+    if args.img_size:
+        overrides["img_size"] = args.img_size
+    config = variant_config(args.variant, **overrides)
+    batch = args.batch_size or (128 if device.type == "cuda" else 8)
+    timm_name = None
+    if args.vs_timm:
+        timm_name = B.timm_name_for(config) if args.vs_timm == "auto" else args.vs_timm
+    log = (lambda msg: print(msg, file=sys.stderr)) if args.json else print
+
+    result: dict = dict(environment=B.environment(device), variant=config.describe(), config=config.to_dict(),
+                        dtype=dtype_name, batch=batch, compile=args.compile, fast=args.fast, modes={})
+    if not args.no_ceiling:
+        log(f"measuring the {dtype_name} matrix-product ceiling ...")
+        result["ceiling_tflops"] = B.matmul_ceiling(device, dtype) / 1e12
+    modes = ["infer", "train"] if args.mode == "both" else [args.mode]
+    for mode in modes:
+        builders = dict([B.builder(config, mode, device, dtype, fast=args.fast, compile=args.compile)])
+        if timm_name:
+            builders.update([B.builder(config, mode, device, dtype, compile=args.compile, timm_name=timm_name)])
+        t0 = time.perf_counter()
+        cases, _ = B.measure(builders, batch, device, args.warmup, args.repeats, args.iters, log=log)
+        rows = [c.result() for c in cases]
+        for r in rows:
+            ceiling = result.get("ceiling_tflops")
+            r["pct_of_ceiling"] = 100 * r["tflops"] / ceiling if ceiling else None
+        if timm_name and len(rows) == 2:
+            rows[0]["speedup_vs_timm"] = rows[0]["img_per_s"] / rows[1]["img_per_s"]
+        result["modes"][mode] = dict(cases=rows, seconds=time.perf_counter() - t0)
+
+    if args.json:
+        print(json.dumps(result, indent=1))
+    else:
+        print_table(result)
+    return 0
+
+
+def print_table(result: dict) -> None:
+    env = result["environment"]
+    where = env.get("gpu") or f"CPU ({env['cpu_count']} cores, {env['threads']} threads, {env['cpu_capability']})"
+    print(f"{result['variant']} {result['dtype']} batch {result['batch']} on {where}, torch {env['torch']}"
+          + (", compiled" if result["compile"] else "") + (", fast path" if result["fast"] else ""))
+    unit, scale = ("TFLOP/s", 1.0) if env.get("gpu") else ("GFLOP/s", 1e3)
+    if result.get("ceiling_tflops"):
+        print(f"matrix-product ceiling: {result['ceiling_tflops'] * scale:.1f} {unit}")
+    print(f"{'mode':<7}{'model':<34}{'img/s':>10}{unit:>10}{'% ceil':>8}{'peak GiB':>10}{'vs timm':>9}")
+    for mode, m in result["modes"].items():
+        for r in m["cases"]:
+            pct = f"{r['pct_of_ceiling']:.0f}" if r.get("pct_of_ceiling") is not None else "-"
+            mem = f"{r['peak_memory_gib']:.2f}" if r.get("peak_memory_gib") is not None else "-"
+            vs = f"{r['speedup_vs_timm']:.2f}×" if r.get("speedup_vs_timm") else ""
+            print(f"{mode:<7}{r['name']:<34}{r['img_per_s']:>10.1f}{r['tflops'] * scale:>10.2f}{pct:>8}{mem:>10}{vs:>9}")
+    if not env.get("gpu"):
+        print("Peak memory is measured on CUDA only (allocator statistics); the CPU has no equivalent here.")

@@ -1,0 +1,84 @@
+"""Export a Mixer for deployment: ONNX, TorchScript or a torch.export ExportedProgram.
+
+Every format takes a dynamic batch size; the resolution is the model's own (a Mixer's token MLP
+fixes it, SPEC §5: convert with `mixer resize` first for another one). The model's input check
+only looks at the channel and spatial sizes, which are static, so it traces and exports as is.
+"""
+
+from __future__ import annotations
+
+import inspect
+import os
+import warnings
+from pathlib import Path
+
+import torch
+
+from .checkpoints import atomic_write
+from .model import MlpMixer
+
+FORMATS = ("onnx", "torchscript", "exported-program")
+SUFFIXES = {"onnx": ".onnx", "torchscript": ".pt", "exported-program": ".pt2"}
+
+
+class ExportError(ValueError):
+    """An export that cannot be done as asked."""
+
+
+def _example(model: MlpMixer, batch: int = 2) -> torch.Tensor:
+    cfg = model.config
+    return torch.randn(batch, cfg.in_chans, *cfg.img_size)
+
+
+def export_model(model: MlpMixer, fmt: str, out: str | os.PathLike, opset: int = 18) -> Path:
+    """Write `model` (in eval mode, fp32, on the CPU) to `out` in format `fmt`; returns the path."""
+    if fmt not in FORMATS:
+        raise ExportError(f"Unknown export format {fmt!r}; use one of {', '.join(FORMATS)}.")
+    if fmt == "exported-program" and Path(out).suffix != ".pt2":
+        raise ExportError(f"An exported program is saved as a .pt2 file (torch.export.load needs it): name it "
+                          f"{Path(out).with_suffix('.pt2').name} instead of {Path(out).name}.")
+    model = model.float().cpu().eval()
+    x = _example(model)
+    writer = {"onnx": _onnx, "torchscript": _torchscript, "exported-program": _exported_program}[fmt]
+    with torch.no_grad(), warnings.catch_warnings():
+        # Tracing warns about the shape checks becoming constants: they only read static sizes.
+        warnings.simplefilter("ignore", torch.jit.TracerWarning)
+        # Recent PyTorch marks torch.jit deprecated; TorchScript is still what its users load.
+        warnings.filterwarnings("ignore", message=".*torch.jit.*deprecated", category=FutureWarning)
+        return atomic_write(out, lambda tmp: writer(model, x, tmp, opset))
+
+
+def _onnx(model: MlpMixer, x: torch.Tensor, path: str, opset: int) -> None:
+    # The TorchScript-based exporter: no extra dependency, a plain graph with a symbolic batch, and
+    # present in every torch >= 2.4 (which predates the `dynamo` switch; newer ones default to True).
+    extra = {"dynamo": False} if "dynamo" in inspect.signature(torch.onnx.export).parameters else {}
+    torch.onnx.export(
+        model, (x,), path, input_names=["images"], output_names=["logits"], opset_version=opset,
+        dynamic_axes={"images": {0: "batch"}, "logits": {0: "batch"}}, **extra,
+    )
+
+
+def _torchscript(model: MlpMixer, x: torch.Tensor, path: str, opset: int) -> None:
+    traced = torch.jit.trace(model, (x,), check_trace=False)
+    torch.jit.save(traced, path)
+
+
+def _exported_program(model: MlpMixer, x: torch.Tensor, path: str, opset: int) -> None:
+    batch = torch.export.Dim("batch", min=1)
+    program = torch.export.export(model, (x,), dynamic_shapes={"x": {0: batch}})
+    torch.export.save(program, path)
+
+
+def load_exported(path: str | os.PathLike, fmt: str):
+    """A callable images -> logits from an exported file (for checks and tests)."""
+    path = str(path)
+    if fmt == "onnx":
+        import onnxruntime as ort
+
+        session = ort.InferenceSession(path, providers=["CPUExecutionProvider"])
+        return lambda x: torch.from_numpy(session.run(None, {"images": x.numpy()})[0])
+    if fmt == "torchscript":
+        return torch.jit.load(path)
+    if fmt == "exported-program":
+        return torch.export.load(path).module()
+    raise ExportError(f"Unknown export format {fmt!r}; use one of {', '.join(FORMATS)}.")

@@ -1,0 +1,266 @@
+"""The fast path: `optimize(model)` runs an `MlpMixer` with fused operations, sharing its parameters.
+
+What it changes against the plain `model.forward` (same function, same parameters):
+
+Inference (no gradients)
+  - Each residual branch ends in an in-place GEMM, `r.addmm_(W, h)`: the residual add happens in
+    the GEMM's β=1 epilogue. The branch's output bias is not added there: the biases accumulate in
+    a per-token and a per-channel vector that the next LayerNorm adds in fp32 while it reads the
+    stream (`kernels.layer_norm`), so residual adds and output biases cost no memory pass.
+  - The first product of each MLP carries its bias and GELU in the epilogue (`kernels.linear_act`:
+    cuBLASLt for the tanh GELU, a Triton GEMM for the exact one).
+  - On CUDA, one CUDA graph per input shape replays the whole forward (no launch overhead).
+
+Training
+  - Each residual branch is one autograd.Function that saves only its input, the LayerNorm's
+    statistics and the GELU's input; in the backward it recomputes the LayerNorm output and the
+    GELU output (cheap, memory-bound) instead of storing them, which halves the activation memory.
+    The GELU's recomputation and derivative are one fused pass (`kernels.gelu_fwd_bwd`).
+
+Under autocast the products run in the autocast dtype with fp32 accumulation, as in the plain path;
+LayerNorm statistics are fp32. Dropout and stochastic depth in training are not fused: with either
+active the plain path runs (one warning).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import warnings
+from typing import Optional
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from . import kernels as K
+from .model import MlpMixer
+
+EPS = 1e-6  # the model's LayerNorm epsilon (SPEC §1)
+
+
+def compute_dtype(x: torch.Tensor, model: MlpMixer) -> tuple[torch.dtype, bool]:
+    """(dtype the products run in, whether autocast chose it)."""
+    device = x.device.type
+    if torch.is_autocast_enabled(device):
+        return torch.get_autocast_dtype(device), True
+    return model.norm.weight.dtype, False
+
+
+def _autocast(device: str, dtype: torch.dtype, on: bool):
+    """The caller's autocast again, without its weight cache (a CUDA graph must not point into it)."""
+    return torch.autocast(device, dtype=dtype, cache_enabled=False) if on else contextlib.nullcontext()
+
+
+class _TokenBranch(torch.autograd.Function):
+    """x + W2 · GELU(W1 · LN(x) + b1) + b2 on a (S, B, C) stream, storing x, LN stats and W1·LN(x)+b1."""
+
+    @staticmethod
+    def forward(ctx, x, g, beta, w1, b1, w2, b2, act):  # type: ignore[override]
+        s, b, c = x.shape
+        y, mean, rstd = torch.native_layer_norm(x, (c,), g, beta, EPS)
+        pre = torch.addmm(b1[:, None], w1, y.view(s, b * c))  # (D_S, B·C)
+        h = F.gelu(pre, approximate="none" if act == "exact" else "tanh")
+        out = torch.addmm(x.view(s, b * c), w2, h)  # residual add in the GEMM epilogue
+        out += b2[:, None]
+        ctx.save_for_backward(x, mean, rstd, g, beta, w1, w2, pre)
+        ctx.act = act
+        return out.view(s, b, c)
+
+    @staticmethod
+    def backward(ctx, grad):  # type: ignore[override]
+        x, mean, rstd, g, beta, w1, w2, pre = ctx.saved_tensors
+        s, b, c = x.shape
+        go = grad.contiguous().view(s, b * c)
+        h, dpre = K.gelu_fwd_bwd(pre, torch.mm(w2.t(), go), ctx.act)
+        dw2 = torch.mm(go, h.t())
+        db2 = go.sum(1)
+        db1 = dpre.sum(1)
+        y = torch.native_layer_norm(x, (c,), g, beta, EPS)[0]  # recomputed, not stored
+        dw1 = torch.mm(dpre, y.view(s, b * c).t())
+        dy = torch.mm(w1.t(), dpre).view(s, b, c)
+        dx, dg, dbeta = torch.ops.aten.native_layer_norm_backward(dy, x, (c,), mean, rstd, g, beta, [True] * 3)
+        dx += grad
+        return dx, dg, dbeta, dw1, db1, dw2, db2, None
+
+
+class _ChannelBranch(torch.autograd.Function):
+    """x + GELU(LN(x) · W3ᵀ + b3) · W4ᵀ + b4 on a (S, B, C) stream, storing as `_TokenBranch`."""
+
+    @staticmethod
+    def forward(ctx, x, g, beta, w3, b3, w4, b4, act):  # type: ignore[override]
+        c = x.shape[-1]
+        x2 = x.view(-1, c)
+        y, mean, rstd = torch.native_layer_norm(x2, (c,), g, beta, EPS)
+        pre = torch.addmm(b3, y, w3.t())  # (S·B, D_C)
+        h = F.gelu(pre, approximate="none" if act == "exact" else "tanh")
+        # The bias in the GEMM's epilogue (cuBLASLt), then the residual: one pass fewer than
+        # addmm(x2, ...), which first copies x2 into the output.
+        out = torch.addmm(b4, h, w4.t())
+        out += x2
+        ctx.save_for_backward(x, mean, rstd, g, beta, w3, w4, pre)
+        ctx.act = act
+        return out.view(x.shape)
+
+    @staticmethod
+    def backward(ctx, grad):  # type: ignore[override]
+        x, mean, rstd, g, beta, w3, w4, pre = ctx.saved_tensors
+        c = x.shape[-1]
+        x2 = x.view(-1, c)
+        go = grad.contiguous().view(-1, c)
+        h, dpre = K.gelu_fwd_bwd(pre, torch.mm(go, w4), ctx.act)
+        dw4 = torch.mm(go.t(), h)
+        db4 = go.sum(0)
+        db3 = dpre.sum(0)
+        y = torch.native_layer_norm(x2, (c,), g, beta, EPS)[0]
+        dw3 = torch.mm(dpre.t(), y)
+        dy = torch.mm(dpre, w3)
+        dx, dg, dbeta = torch.ops.aten.native_layer_norm_backward(dy, x2, (c,), mean, rstd, g, beta, [True] * 3)
+        dx += go
+        return dx.view(x.shape), dg, dbeta, dw3, db3, dw4, db4, None
+
+
+class FastMixer(nn.Module):
+    """An `MlpMixer` run through the fast path; `self.model` is the wrapped model (shared, not copied).
+
+    `cuda_graphs`: replay inference on CUDA from one CUDA graph per input shape and dtype.
+    `gemm`: the first product's epilogue backend, see `kernels.linear_act` ("auto" picks).
+    """
+
+    def __init__(self, model: MlpMixer, cuda_graphs: bool = True, gemm: str = "auto") -> None:
+        super().__init__()
+        if not isinstance(model, MlpMixer):
+            raise TypeError(f"optimize() takes an mlpmixer MlpMixer, not {type(model).__name__}.")
+        self.model = model
+        self.training = model.training  # the wrapper starts in the model's mode
+        self.cuda_graphs = cuda_graphs
+        self.gemm = gemm
+        self._graphs: dict = {}
+        self._graph_params: tuple = ()
+        self._warned_plain = False
+
+    @property
+    def config(self):
+        return self.model.config
+
+    def _needs_plain(self) -> bool:
+        cfg = self.model.config
+        regularised = cfg.drop_rate > 0 or cfg.drop_path_rate > 0
+        if self.training and regularised:
+            if not self._warned_plain:
+                self._warned_plain = True
+                warnings.warn(
+                    "The fast path does not fuse dropout or stochastic depth; training runs on the plain path.",
+                    stacklevel=3,
+                )
+            return True
+        return False
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        model = self.model
+        if self._needs_plain() or torch.jit.is_tracing() or torch.compiler.is_compiling():
+            return model(x)
+        model.check_input(x)
+        dtype, autocast = compute_dtype(x, model)
+        if torch.is_grad_enabled() and (x.requires_grad or any(p.requires_grad for p in model.parameters())):
+            return self._forward_train(x, dtype, autocast)
+        if x.is_cuda and self.cuda_graphs:
+            return self._forward_graphed(x, dtype, autocast)
+        return self._forward_infer(x, dtype, autocast)
+
+    # -- inference ------------------------------------------------------------------------------
+
+    def _forward_infer(self, x: torch.Tensor, dtype: torch.dtype, autocast: bool) -> torch.Tensor:
+        model, act = self.model, self.model.config.gelu
+        dev = x.device.type
+        # The stem and the head are the plain model's code, under the caller's autocast.
+        with _autocast(dev, dtype, autocast):
+            r = model.stem(x)  # (S, B, C)
+        s, b, c = r.shape
+        row_bias: Optional[torch.Tensor] = None  # pending output biases, added by the next LayerNorm
+        col_bias: Optional[torch.Tensor] = None
+        with torch.autocast(dev, enabled=False):
+            for blk in model.blocks:
+                tok, chan = blk.mlp_tokens, blk.mlp_channels
+                y = K.layer_norm(r, row_bias, col_bias, blk.norm1.weight, blk.norm1.bias, EPS, r.dtype)
+                h = K.linear_act(
+                    tok.fc1.weight.to(dtype), y.view(s, b * c), tok.fc1.bias.to(dtype), True, act, self.gemm
+                )
+                r.view(s, b * c).addmm_(tok.fc2.weight.to(dtype), h)
+                row_bias = tok.fc2.bias.float() if row_bias is None else row_bias + tok.fc2.bias.float()
+
+                y = K.layer_norm(r, row_bias, col_bias, blk.norm2.weight, blk.norm2.bias, EPS, r.dtype)
+                h = K.linear_act(
+                    y.view(s * b, c), chan.fc1.weight.to(dtype).t(), chan.fc1.bias.to(dtype), False, act, self.gemm
+                )
+                r.view(s * b, c).addmm_(h, chan.fc2.weight.to(dtype).t())
+                col_bias = chan.fc2.bias.float() if col_bias is None else col_bias + chan.fc2.bias.float()
+            norm = model.norm
+            # As in the plain path under autocast, the final LayerNorm's output stays fp32.
+            feats = K.layer_norm(r, row_bias, col_bias, norm.weight, norm.bias, EPS, torch.float32 if autocast else dtype)
+        with _autocast(dev, dtype, autocast):
+            return model.forward_head(feats.transpose(0, 1))
+
+    def _forward_graphed(self, x: torch.Tensor, dtype: torch.dtype, autocast: bool) -> torch.Tensor:
+        # A graph reads the parameters at the addresses it was captured with: parameters that were
+        # replaced (a new head, .to(), .half()) need new graphs. In-place updates are seen as they are.
+        where = tuple(p.data_ptr() for p in self.model.parameters())
+        if where != self._graph_params:
+            self._graphs.clear()
+            self._graph_params = where
+        key = (tuple(x.shape), x.dtype, x.device, dtype, autocast)
+        entry = self._graphs.get(key)
+        if entry is None:
+            try:
+                entry = self._capture(x, dtype, autocast)
+            except Exception as e:  # capture unsupported here: eager is correct, just slower
+                warnings.warn(f"CUDA graph capture failed ({e}); running the fast path without graphs.", stacklevel=3)
+                self.cuda_graphs = False
+                return self._forward_infer(x, dtype, autocast)
+            self._graphs[key] = entry
+        graph, static_x, static_out = entry
+        static_x.copy_(x)
+        graph.replay()
+        return static_out.clone()
+
+    def _capture(self, x: torch.Tensor, dtype: torch.dtype, autocast: bool) -> tuple:
+        static_x = x.clone()
+        side = torch.cuda.Stream(device=x.device)
+        side.wait_stream(torch.cuda.current_stream(x.device))
+        with torch.cuda.stream(side):  # warm-up: Triton compiles and autotunes outside the capture
+            for _ in range(2):
+                self._forward_infer(static_x, dtype, autocast)
+        torch.cuda.current_stream(x.device).wait_stream(side)
+        graph = torch.cuda.CUDAGraph()
+        with torch.cuda.graph(graph):
+            static_out = self._forward_infer(static_x, dtype, autocast)
+        return graph, static_x, static_out
+
+    def reset_graphs(self) -> None:
+        """Drop the captured CUDA graphs (and the memory they hold)."""
+        self._graphs.clear()
+
+    # -- training -------------------------------------------------------------------------------
+
+    def _forward_train(self, x: torch.Tensor, dtype: torch.dtype, autocast: bool) -> torch.Tensor:
+        model, act = self.model, self.model.config.gelu
+        dev = x.device.type
+        with _autocast(dev, dtype, autocast):
+            r = model.stem(x)
+        with torch.autocast(dev, enabled=False):
+            for blk in model.blocks:
+                tok, chan = blk.mlp_tokens, blk.mlp_channels
+                r = _TokenBranch.apply(
+                    r, blk.norm1.weight.to(dtype), blk.norm1.bias.to(dtype), tok.fc1.weight.to(dtype),
+                    tok.fc1.bias.to(dtype), tok.fc2.weight.to(dtype), tok.fc2.bias.to(dtype), act,
+                )
+                r = _ChannelBranch.apply(
+                    r, blk.norm2.weight.to(dtype), blk.norm2.bias.to(dtype), chan.fc1.weight.to(dtype),
+                    chan.fc1.bias.to(dtype), chan.fc2.weight.to(dtype), chan.fc2.bias.to(dtype), act,
+                )
+        with _autocast(dev, dtype, autocast):
+            return model.forward_head(model.norm(r).transpose(0, 1))
+
+
+def optimize(model: MlpMixer, cuda_graphs: bool = True, gemm: str = "auto") -> FastMixer:
+    """Wrap `model` in the fast path; parameters are shared, so training either trains both."""
+    return FastMixer(model, cuda_graphs=cuda_graphs, gemm=gemm)

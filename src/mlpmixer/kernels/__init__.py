@@ -1,0 +1,226 @@
+"""The fast path's fused operations, each with a plain-PyTorch twin that defines its numerics.
+
+Two operations are fused, with Triton on CUDA (and on the CPU under `TRITON_INTERPRET=1`, which
+the tests use):
+
+- `layer_norm`: LayerNorm of a residual stream whose biases are still *pending*. The fast path
+  adds each block's residual branch with an in-place GEMM (`r.addmm_(W, h)`, the residual add done
+  by the GEMM's β=1 epilogue) and leaves the branch's output bias out; the biases are summed into
+  a per-token and a per-channel vector and added here, in fp32, while the LayerNorm reads the
+  stream anyway. So the residual adds and the output biases cost no memory pass of their own.
+- `linear_act`: a matrix product with the bias and the GELU in its epilogue.
+
+Any failure of a Triton kernel (import, compilation, launch) or a mismatch with the plain twin
+on its first use for a shape turns Triton off for the process with one warning; the plain
+twin then runs, so a broken kernel costs speed, never correctness. cuBLASLt's GELU epilogue
+(`torch._addmm_activation`) is checked and switched off the same way.
+"""
+
+from __future__ import annotations
+
+import math
+import os
+import warnings
+from typing import Optional
+
+import torch
+import torch.nn.functional as F
+
+ACTIVATIONS = ("none", "exact", "tanh")  # "exact"/"tanh": the two GELUs of MixerConfig.gelu
+
+_state = {"disabled_reason": None, "cublaslt_off": None}
+_verified: set = set()
+
+
+def interpreting() -> bool:
+    """True when Triton runs its kernels in the CPU interpreter (`TRITON_INTERPRET=1`)."""
+    return os.environ.get("TRITON_INTERPRET") == "1"
+
+
+def disable_triton(reason: str) -> None:
+    """Turn the Triton kernels off for this process, warning once."""
+    if _state["disabled_reason"] is None:
+        _state["disabled_reason"] = reason
+        warnings.warn(f"Triton kernels disabled, using the plain PyTorch path instead: {reason}", stacklevel=3)
+
+
+def disable_cublaslt(reason: str) -> None:
+    """Stop using cuBLASLt's GELU epilogue for this process, warning once."""
+    if _state["cublaslt_off"] is None:
+        _state["cublaslt_off"] = reason
+        warnings.warn(f"cuBLASLt GELU epilogue disabled, using GEMM then GELU instead: {reason}", stacklevel=3)
+
+
+def triton_usable(t: torch.Tensor) -> bool:
+    """Whether the Triton kernels may run on `t`'s device in this process."""
+    if _state["disabled_reason"] is not None:
+        return False
+    if t.device.type != "cuda" and not interpreting():
+        return False
+    try:
+        from . import _triton  # noqa: F401  (imports triton lazily: it is optional)
+    except Exception as e:  # ImportError, or a broken Triton install
+        disable_triton(f"cannot import Triton ({e})")
+        return False
+    return True
+
+
+def _close(out, ref) -> bool:
+    """Relative error of each whole tensor, within the tolerance of its dtype."""
+    if isinstance(out, tuple):
+        return all(_close(o, r) for o, r in zip(out, ref))
+    tol = 1e-2 if out.dtype in (torch.bfloat16, torch.float16) else 1e-4
+    out, ref = out.float(), ref.float()
+    err = (out - ref).norm() / ref.norm().clamp_min(1e-12)
+    return bool(torch.isfinite(out).all()) and err.item() <= tol
+
+
+def _run_checked(name: str, key: tuple, fused_fn, ref_fn, disable=disable_triton):
+    """Run a fused kernel; on its first use for `key`, also check it against the plain twin."""
+    try:
+        out = fused_fn()
+    except Exception as e:  # compilation or launch failure: never crash, never guess
+        disable(f"{name} failed ({type(e).__name__}: {e})")
+        return ref_fn()
+    if key not in _verified:
+        ref = ref_fn()
+        if not _close(out, ref):
+            disable(f"{name} disagreed with the plain PyTorch result for shape {key}")
+            return ref
+        _verified.add(key)
+    return out
+
+
+# ---------------------------------------------------------------------------------------------
+# LayerNorm over channels of a (S, B, C) stream with pending per-token and per-channel biases.
+
+
+def layer_norm_ref(
+    r: torch.Tensor,
+    row_bias: Optional[torch.Tensor],
+    col_bias: Optional[torch.Tensor],
+    weight: torch.Tensor,
+    bias: torch.Tensor,
+    eps: float,
+    out_dtype: torch.dtype,
+) -> torch.Tensor:
+    """LayerNorm(r + row_bias[s] + col_bias[c]) in fp32, returned in `out_dtype`."""
+    x = r.float()
+    # The two bias vectors make one small (S, 1, C) table first: one pass over the stream, not two.
+    if row_bias is not None and col_bias is not None:
+        x = x + (row_bias.float()[:, None] + col_bias.float())[:, None, :]
+    elif row_bias is not None:
+        x = x + row_bias.float()[:, None, None]
+    elif col_bias is not None:
+        x = x + col_bias.float()
+    return F.layer_norm(x, x.shape[-1:], weight.float(), bias.float(), eps).to(out_dtype)
+
+
+def layer_norm(
+    r: torch.Tensor,
+    row_bias: Optional[torch.Tensor],
+    col_bias: Optional[torch.Tensor],
+    weight: torch.Tensor,
+    bias: torch.Tensor,
+    eps: float,
+    out_dtype: Optional[torch.dtype] = None,
+) -> torch.Tensor:
+    """LayerNorm of the (S, B, C) stream `r` plus the pending biases, in one memory pass on CUDA."""
+    out_dtype = out_dtype or r.dtype
+
+    def ref() -> torch.Tensor:
+        return layer_norm_ref(r, row_bias, col_bias, weight, bias, eps, out_dtype)
+
+    if not (r.is_contiguous() and triton_usable(r)):
+        return ref()
+    from . import _triton
+
+    key = ("layer_norm", tuple(r.shape), r.dtype, out_dtype)
+    return _run_checked(
+        "the Triton LayerNorm", key,
+        lambda: _triton.layer_norm(r, row_bias, col_bias, weight, bias, eps, out_dtype), ref,
+    )
+
+
+# ---------------------------------------------------------------------------------------------
+# act(a @ b + bias): the bias runs along the output's rows (token mixing, W1 · X) or columns.
+
+
+def _gelu_(h: torch.Tensor, act: str) -> torch.Tensor:
+    if act != "none":
+        torch.ops.aten.gelu_(h, approximate="none" if act == "exact" else "tanh")
+    return h
+
+
+def linear_act_ref(a: torch.Tensor, b: torch.Tensor, bias: torch.Tensor, bias_on_rows: bool, act: str) -> torch.Tensor:
+    """Plain PyTorch: one GEMM with the bias (cuBLAS/MKL), then the GELU in place."""
+    h = torch.addmm(bias[:, None] if bias_on_rows else bias, a, b)
+    return _gelu_(h, act)
+
+
+def linear_act(
+    a: torch.Tensor, b: torch.Tensor, bias: torch.Tensor, bias_on_rows: bool, act: str, backend: str = "auto"
+) -> torch.Tensor:
+    """act(a @ b + bias), with `bias` per row (`bias_on_rows`) or per column of the result.
+
+    backend: "triton" (Triton GEMM, bias and GELU in its epilogue), "cublaslt" (torch's
+    `_addmm_activation`, whose CUDA epilogue is the tanh GELU, so only for act "tanh"/"none"),
+    "torch" (GEMM then GELU), or "auto": cuBLASLt where it computes the same function, else Triton.
+    The result may be a transposed view (cuBLASLt with a row bias); GEMMs take it as it is.
+    """
+    if act not in ACTIVATIONS:
+        raise ValueError(f"Unknown activation {act!r}; use one of {', '.join(ACTIVATIONS)}.")
+    if backend == "auto":
+        backend = "cublaslt" if a.is_cuda and act != "exact" else "triton"
+
+    def ref() -> torch.Tensor:
+        return linear_act_ref(a, b, bias, bias_on_rows, act)
+
+    if backend == "cublaslt" and a.is_cuda and act != "exact" and _state["cublaslt_off"] is None:
+
+        def lt() -> torch.Tensor:
+            # Lt puts the bias along the result's columns: a row bias means computing the transpose.
+            if bias_on_rows:
+                return torch._addmm_activation(bias, b.t(), a.t(), use_gelu=act == "tanh").t()
+            return torch._addmm_activation(bias, a, b, use_gelu=act == "tanh")
+
+        key = ("cublaslt", tuple(a.shape), tuple(b.shape), a.dtype, bias_on_rows, act)
+        return _run_checked("the cuBLASLt GEMM", key, lt, ref, disable=disable_cublaslt)
+
+    if backend != "triton" or not triton_usable(a):
+        return ref()
+    from . import _triton
+
+    key = ("linear_act", tuple(a.shape), tuple(b.shape), a.dtype, bias_on_rows, act)
+    return _run_checked(
+        "the Triton GEMM", key, lambda: _triton.linear_act(a, b, bias, bias_on_rows, act), ref
+    )
+
+
+# ---------------------------------------------------------------------------------------------
+# The GELU's backward, recomputing its output on the way (training with recomputation).
+
+
+def gelu_fwd_bwd_ref(pre: torch.Tensor, grad: torch.Tensor, act: str) -> tuple[torch.Tensor, torch.Tensor]:
+    approximate = "none" if act == "exact" else "tanh"
+    return (
+        F.gelu(pre, approximate=approximate),
+        torch.ops.aten.gelu_backward(grad, pre, approximate=approximate),
+    )
+
+
+def gelu_fwd_bwd(pre: torch.Tensor, grad: torch.Tensor, act: str) -> tuple[torch.Tensor, torch.Tensor]:
+    """(GELU(pre), grad · GELU'(pre)) in one pass over `pre` and `grad` on CUDA."""
+    if not (pre.is_contiguous() and grad.is_contiguous() and triton_usable(pre)):
+        return gelu_fwd_bwd_ref(pre, grad, act)
+    from . import _triton
+
+    key = ("gelu_fwd_bwd", tuple(pre.shape), pre.dtype, act)
+    return _run_checked(
+        "the Triton GELU backward", key,
+        lambda: _triton.gelu_fwd_bwd(pre, grad, act), lambda: gelu_fwd_bwd_ref(pre, grad, act),
+    )
+
+
+def next_power_of_2(n: int) -> int:
+    return 1 << max(0, math.ceil(math.log2(n)))

@@ -1,0 +1,194 @@
+"""Triton kernels behind `mlpmixer.kernels` (imported only when a kernel is about to run).
+
+Every kernel computes in fp32 and rounds once when it stores, like the PyTorch ops it replaces.
+`TRITON_INTERPRET=1` must be set before this module is first imported for the CPU interpreter.
+"""
+
+from __future__ import annotations
+
+from typing import Optional
+
+import torch
+import triton
+import triton.language as tl
+
+from . import interpreting, next_power_of_2
+
+SQRT_HALF = 0.7071067811865476
+SQRT_2_OVER_PI = 0.7978845608028654
+INV_SQRT_2PI = 0.3989422804014327
+
+
+@triton.jit
+def _tanh(u):
+    # tanh through the sigmoid: one exp, and exact enough in fp32 (tl.math's tanh varies by version).
+    return 2.0 * tl.sigmoid(2.0 * u) - 1.0
+
+
+@triton.jit
+def _gelu(x, ACT: tl.constexpr):
+    if ACT == 1:  # exact (erf) GELU
+        x = 0.5 * x * (1.0 + tl.erf(x * SQRT_HALF))
+    elif ACT == 2:  # tanh approximation
+        x = 0.5 * x * (1.0 + _tanh(SQRT_2_OVER_PI * (x + 0.044715 * x * x * x)))
+    return x
+
+
+_ACT = {"none": 0, "exact": 1, "tanh": 2}
+
+# ---------------------------------------------------------------------------------------------
+
+
+@triton.jit
+def _layer_norm_kernel(
+    R, ROW_BIAS, COL_BIAS, W, BIAS, Y, C, B, eps,
+    HAS_ROW: tl.constexpr, HAS_COL: tl.constexpr, BLOCK_C: tl.constexpr,
+):
+    row = tl.program_id(0).to(tl.int64)  # row = token · B + image of the (S, B, C) stream
+    cols = tl.arange(0, BLOCK_C)
+    mask = cols < C
+    x = tl.load(R + row * C + cols, mask=mask, other=0.0).to(tl.float32)
+    if HAS_ROW:
+        x += tl.load(ROW_BIAS + row // B)
+    if HAS_COL:
+        x += tl.load(COL_BIAS + cols, mask=mask, other=0.0)
+    x = tl.where(mask, x, 0.0)  # the padding columns must not count (the row bias reached them)
+    mean = tl.sum(x, axis=0) / C
+    d = tl.where(mask, x - mean, 0.0)
+    rstd = 1.0 / tl.sqrt(tl.sum(d * d, axis=0) / C + eps)
+    w = tl.load(W + cols, mask=mask, other=0.0).to(tl.float32)
+    b = tl.load(BIAS + cols, mask=mask, other=0.0).to(tl.float32)
+    tl.store(Y + row * C + cols, (d * rstd * w + b).to(Y.dtype.element_ty), mask=mask)
+
+
+def layer_norm(
+    r: torch.Tensor,
+    row_bias: Optional[torch.Tensor],
+    col_bias: Optional[torch.Tensor],
+    weight: torch.Tensor,
+    bias: torch.Tensor,
+    eps: float,
+    out_dtype: torch.dtype,
+) -> torch.Tensor:
+    s, b, c = r.shape
+    y = torch.empty(r.shape, dtype=out_dtype, device=r.device)
+    block = next_power_of_2(c)
+    _layer_norm_kernel[(s * b,)](
+        r,
+        row_bias.float().contiguous() if row_bias is not None else r,
+        col_bias.float().contiguous() if col_bias is not None else r,
+        weight.contiguous(), bias.contiguous(), y, c, b, eps,
+        HAS_ROW=row_bias is not None, HAS_COL=col_bias is not None, BLOCK_C=block,
+        num_warps=min(max(block // 256, 1), 8),
+    )
+    return y
+
+
+# ---------------------------------------------------------------------------------------------
+
+
+@triton.jit
+def _linear_act_kernel(
+    A, Bm, BIAS, Cm, M, N, K,
+    stride_am, stride_ak, stride_bk, stride_bn, stride_cm, stride_cn,
+    BIAS_ON_ROWS: tl.constexpr, ACT: tl.constexpr, IEEE: tl.constexpr,
+    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, GROUP_M: tl.constexpr,
+):
+    # Grouped tile order: GROUP_M row-tiles share the B tiles they read while those sit in L2.
+    pid = tl.program_id(0)
+    grid_m = tl.cdiv(M, BLOCK_M)
+    grid_n = tl.cdiv(N, BLOCK_N)
+    group = GROUP_M * grid_n
+    first_m = (pid // group) * GROUP_M
+    size_m = tl.minimum(grid_m - first_m, GROUP_M)
+    pid_m = first_m + (pid % group) % size_m
+    pid_n = (pid % group) // size_m
+
+    rm = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
+    rn = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
+    rk = tl.arange(0, BLOCK_K)
+    a_ptrs = A + rm[:, None].to(tl.int64) * stride_am + rk[None, :] * stride_ak
+    b_ptrs = Bm + rk[:, None] * stride_bk + rn[None, :].to(tl.int64) * stride_bn
+    acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
+    for k in range(0, tl.cdiv(K, BLOCK_K)):
+        kk = k * BLOCK_K + rk
+        a = tl.load(a_ptrs, mask=(rm[:, None] < M) & (kk[None, :] < K), other=0.0)
+        b = tl.load(b_ptrs, mask=(kk[:, None] < K) & (rn[None, :] < N), other=0.0)
+        if IEEE:  # fp32 inputs: full fp32 products, as torch does by default (no TF32)
+            acc = tl.dot(a, b, acc, input_precision="ieee")
+        else:
+            acc = tl.dot(a, b, acc)
+        a_ptrs += BLOCK_K * stride_ak
+        b_ptrs += BLOCK_K * stride_bk
+
+    if BIAS_ON_ROWS:
+        acc += tl.load(BIAS + rm, mask=rm < M, other=0.0).to(tl.float32)[:, None]
+    else:
+        acc += tl.load(BIAS + rn, mask=rn < N, other=0.0).to(tl.float32)[None, :]
+    acc = _gelu(acc, ACT)
+    c_ptrs = Cm + rm[:, None].to(tl.int64) * stride_cm + rn[None, :] * stride_cn
+    tl.store(c_ptrs, acc.to(Cm.dtype.element_ty), mask=(rm[:, None] < M) & (rn[None, :] < N))
+
+
+def _gpu_configs() -> list:
+    # A few tile shapes that suit Hopper and Ampere bf16 GEMMs of the Mixer's sizes; autotuned
+    # per (M, N, K) on first use.
+    cfg = triton.Config
+    return [
+        cfg({"BLOCK_M": 128, "BLOCK_N": 256, "BLOCK_K": 64, "GROUP_M": 8}, num_stages=3, num_warps=8),
+        cfg({"BLOCK_M": 256, "BLOCK_N": 128, "BLOCK_K": 64, "GROUP_M": 8}, num_stages=3, num_warps=8),
+        cfg({"BLOCK_M": 128, "BLOCK_N": 128, "BLOCK_K": 64, "GROUP_M": 8}, num_stages=4, num_warps=4),
+        cfg({"BLOCK_M": 64, "BLOCK_N": 256, "BLOCK_K": 32, "GROUP_M": 8}, num_stages=4, num_warps=4),
+    ]
+
+
+_linear_act_tuned = triton.autotune(configs=_gpu_configs(), key=["M", "N", "K"])(_linear_act_kernel)
+
+
+def linear_act(a: torch.Tensor, b: torch.Tensor, bias: torch.Tensor, bias_on_rows: bool, act: str) -> torch.Tensor:
+    m, k = a.shape
+    n = b.shape[1]
+    out = torch.empty((m, n), dtype=a.dtype, device=a.device)
+    args = (a, b, bias, out, m, n, k, a.stride(0), a.stride(1), b.stride(0), b.stride(1), out.stride(0), out.stride(1))
+    flags = dict(BIAS_ON_ROWS=bias_on_rows, ACT=_ACT[act], IEEE=a.dtype == torch.float32)
+    if interpreting() or a.device.type != "cuda":
+        # Small fixed tiles: the interpreter runs every program in Python.
+        grid = (triton.cdiv(m, 16) * triton.cdiv(n, 16),)
+        _linear_act_kernel[grid](*args, **flags, BLOCK_M=16, BLOCK_N=16, BLOCK_K=16, GROUP_M=4)
+    else:
+        def grid(meta: dict) -> tuple:
+            return (triton.cdiv(m, meta["BLOCK_M"]) * triton.cdiv(n, meta["BLOCK_N"]),)
+
+        _linear_act_tuned[grid](*args, **flags)
+    return out
+
+
+# ---------------------------------------------------------------------------------------------
+
+
+@triton.jit
+def _gelu_fwd_bwd_kernel(PRE, GRAD, H, DPRE, n, ACT: tl.constexpr, BLOCK: tl.constexpr):
+    offs = tl.program_id(0).to(tl.int64) * BLOCK + tl.arange(0, BLOCK)
+    mask = offs < n
+    x = tl.load(PRE + offs, mask=mask, other=0.0).to(tl.float32)
+    g = tl.load(GRAD + offs, mask=mask, other=0.0).to(tl.float32)
+    if ACT == 1:
+        cdf = 0.5 * (1.0 + tl.erf(x * SQRT_HALF))
+        h = x * cdf
+        dh = cdf + x * INV_SQRT_2PI * tl.exp(-0.5 * x * x)
+    else:
+        inner = SQRT_2_OVER_PI * (x + 0.044715 * x * x * x)
+        t = _tanh(inner)
+        h = 0.5 * x * (1.0 + t)
+        dh = 0.5 * (1.0 + t) + 0.5 * x * (1.0 - t * t) * SQRT_2_OVER_PI * (1.0 + 3.0 * 0.044715 * x * x)
+    tl.store(H + offs, h.to(H.dtype.element_ty), mask=mask)
+    tl.store(DPRE + offs, (g * dh).to(DPRE.dtype.element_ty), mask=mask)
+
+
+def gelu_fwd_bwd(pre: torch.Tensor, grad: torch.Tensor, act: str) -> tuple[torch.Tensor, torch.Tensor]:
+    h = torch.empty_like(pre)
+    dpre = torch.empty_like(grad)
+    n = pre.numel()
+    block = 1024
+    _gelu_fwd_bwd_kernel[(triton.cdiv(n, block),)](pre, grad, h, dpre, n, ACT=_ACT[act], BLOCK=block, num_warps=4)
+    return h, dpre

@@ -1,0 +1,141 @@
+"""`mixer bench`, the measurement helpers in mlpmixer.bench, and benchmarks/gpu_bench.py's CPU smoke run."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+from mlpmixer import bench as B
+from mlpmixer.commands import bench as bench_cmd
+from mlpmixer.variants import variant_config
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def run_cli(*argv: str) -> int:
+    parser = argparse.ArgumentParser()
+    bench_cmd.register(parser.add_subparsers())
+    args = parser.parse_args(["bench", *argv])
+    return args.func(args)
+
+
+def test_bench_json_reports_consistent_throughput(capsys):
+    rc = run_cli("--variant", "digits/4", "--img-size", "28", "--device", "cpu", "--batch-size", "2",
+                 "--warmup", "1", "--repeats", "2", "--iters", "1", "--json")
+    assert rc == 0
+    out = json.loads(capsys.readouterr().out)
+    cfg = variant_config("digits/4", img_size=28)
+    assert out["dtype"] == "fp32" and out["batch"] == 2 and out["ceiling_tflops"] > 0
+    for mode, factor in (("infer", 1), ("train", 3)):
+        (case,) = out["modes"][mode]["cases"]
+        assert case["repeats"] == 2
+        assert case["img_per_s"] == pytest.approx(2 / case["seconds_per_step"])
+        # Analytic FLOPs: 2 × MACs per image forward, about 3× that for a training step.
+        assert case["tflops"] * 1e12 == pytest.approx(factor * 2 * cfg.macs() * case["img_per_s"], rel=1e-6)
+        assert case["pct_of_ceiling"] == pytest.approx(100 * case["tflops"] / out["ceiling_tflops"])
+    assert out["environment"]["torch"] == torch.__version__
+
+
+def test_bench_table_with_fast_path_and_timm(capsys):
+    pytest.importorskip("timm")
+    rc = run_cli("--variant", "S/32", "--img-size", "64", "--device", "cpu", "--batch-size", "2", "--mode", "infer",
+                 "--fast", "--vs-timm", "--warmup", "1", "--repeats", "2", "--iters", "1", "--no-ceiling")
+    assert rc == 0
+    text = capsys.readouterr().out
+    assert "Mixer-S/32 fast" in text and "timm mixer_s32_224" in text
+    assert "×" in text  # the speed-up against timm
+
+
+@pytest.mark.parametrize(
+    "argv, message",
+    [
+        (["--device", "tpu"], "Unsupported device"),
+        (["--device", "cpu", "--dtype", "fp16"], "fp16 autocast is not supported on the CPU"),
+        (["--device", "cpu", "--batch-size", "0"], "--batch-size must be at least 1"),
+        (["--device", "cpu", "--variant", "H/14", "--vs-timm"], "timm has no Mixer matching Mixer-H/14"),
+        (["--device", "cpu", "--fast", "--compile"], "alternatives"),
+    ],
+)
+def test_bench_bad_input_is_one_clear_sentence(argv, message):
+    with pytest.raises(ValueError, match=message):
+        run_cli("--variant", "digits/4", "--img-size", "28", "--no-ceiling", "--warmup", "0", "--repeats", "1",
+                "--batch-size", "1", "--mode", "infer", *argv)
+
+
+def test_bench_cuda_without_gpu_says_so():
+    if torch.cuda.is_available():
+        pytest.skip("this machine has a GPU: the error cannot occur")
+    with pytest.raises(B.BenchError, match="no CUDA GPU"):
+        B.resolve_device("cuda")
+
+
+def test_unknown_dtype():
+    with pytest.raises(B.BenchError, match="Unsupported dtype 'fp64'"):
+        B.resolve_dtype("fp64", torch.device("cpu"))
+
+
+def test_largest_fitting_batch_halves_until_it_fits():
+    tried = []
+
+    def step(batch: int) -> None:
+        tried.append(batch)
+        if batch > 20:
+            raise torch.cuda.OutOfMemoryError("CUDA out of memory")
+
+    assert B.largest_fitting_batch(step, 160) == 20
+    assert tried == [80, 40, 20]
+
+    def never(batch: int) -> None:
+        raise torch.cuda.OutOfMemoryError("CUDA out of memory")
+
+    assert B.largest_fitting_batch(never, 4) == 0
+
+
+def test_time_interleaved_alternates_cases_and_takes_medians():
+    calls = []
+    cpu = torch.device("cpu")
+    cases = [B.Case(name, (lambda n=name: calls.append(n)), 4, 1.0, cpu) for name in ("a", "b")]
+    B.time_interleaved(cases, repeats=3, iters=2)
+    assert calls == ["a", "a", "b", "b"] * 3
+    for case in cases:
+        assert len(case.times) == 3
+        r = case.result()
+        assert r["img_per_s"] == pytest.approx(4 / sorted(case.times)[1])
+
+
+def test_flops_of_other_timm_models_are_counted():
+    timm = pytest.importorskip("timm")
+    flops = B.timm_flops_per_image(timm.create_model("resnet18"), (224, 224))
+    assert flops == pytest.approx(2 * 1.82e9, rel=0.05)  # resnet18: 1.82 GMACs at 224
+    # Counted in eval mode: a model in training mode with a 1×1 final map still counts.
+    small = B.timm_flops_per_image(timm.create_model("resnet18").train(), (28, 28))
+    assert 0 < small < flops
+
+
+def test_matmul_ceiling_is_a_rate():
+    flops = B.matmul_ceiling(torch.device("cpu"), torch.float32, n=128, seconds=0.05)
+    assert 1e6 < flops < 1e15
+
+
+def test_gpu_bench_smoke_runs_end_to_end(tmp_path):
+    """The GPU script's own code paths, on the CPU with a small model (no compile: slow on 2 cores)."""
+    pytest.importorskip("timm")
+    proc = subprocess.run(
+        [sys.executable, str(ROOT / "benchmarks" / "gpu_bench.py"), "--smoke", "--skip-compile", "--out", str(tmp_path)],
+        capture_output=True, text=True, timeout=600, cwd=ROOT,
+    )
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    result = json.loads((tmp_path / "gpu_bench.json").read_text())
+    assert result["errors"] == {} and result["skipped"] == []
+    assert result["items"]["correctness"]["passed"]
+    names = {r["name"] for r in result["table"]}
+    assert {"timm mixer_s32_224", "Mixer(C=64, N=2, P=32) fast"} <= names
+    assert all(r["img_per_s"] > 0 for r in result["table"])
+    # The table comes last: the output ends with its row for the last measured case.
+    assert result["table"][-1]["name"] in proc.stdout.strip().splitlines()[-1]

@@ -1,0 +1,80 @@
+"""`mixer export`: ONNX (checked with onnxruntime), TorchScript and ExportedProgram, dynamic batch."""
+
+from __future__ import annotations
+
+import argparse
+
+import pytest
+import torch
+
+from mlpmixer.checkpoints import save_checkpoint
+from mlpmixer.commands import export as export_cmd
+from mlpmixer.export import ExportError, export_model, load_exported
+from mlpmixer.model import create_model
+
+
+def small(img_size: int, patch: int, gelu: str = "tanh"):
+    torch.manual_seed(0)
+    m = create_model("S/16", img_size=img_size, patch_size=patch, num_classes=11, num_blocks=2, hidden_dim=32,
+                     tokens_mlp_dim=16, channels_mlp_dim=64, gelu=gelu)
+    with torch.no_grad():  # the zero head would make every logit 0: perturb all parameters
+        for p in m.parameters():
+            p.add_(torch.randn_like(p) * 0.05)
+    return m.eval()
+
+
+def rel(a: torch.Tensor, b: torch.Tensor) -> float:
+    return ((a - b).norm() / b.norm()).item()
+
+
+@pytest.mark.parametrize("img_size, patch, gelu", [(224, 16, "tanh"), (48, 8, "exact")])
+def test_onnx_matches_pytorch_at_any_batch(tmp_path, img_size, patch, gelu):
+    pytest.importorskip("onnxruntime")
+    model = small(img_size, patch, gelu)
+    run = load_exported(export_model(model, "onnx", tmp_path / "m.onnx"), "onnx")
+    for batch in (1, 5):  # traced with batch 2: the batch axis is dynamic
+        x = torch.randn(batch, 3, img_size, img_size)
+        with torch.no_grad():
+            ref = model(x)
+        got = run(x)
+        assert got.shape == (batch, 11)
+        assert rel(got, ref) <= 1e-4
+
+
+@pytest.mark.parametrize("fmt, name", [("torchscript", "m.pt"), ("exported-program", "m.pt2")])
+def test_torch_formats_match_at_any_batch(tmp_path, fmt, name):
+    model = small(48, 8)
+    run = load_exported(export_model(model, fmt, tmp_path / name), fmt)
+    for batch in (1, 3):
+        x = torch.randn(batch, 3, 48, 48)
+        with torch.no_grad():
+            assert rel(run(x), model(x)) <= 1e-5
+
+
+def test_export_leaves_the_model_usable(tmp_path):
+    model = small(48, 8).train()
+    export_model(model, "torchscript", tmp_path / "m.pt")
+    x = torch.randn(2, 3, 48, 48)
+    with pytest.raises(ValueError, match="48×48"):  # the input check still works after tracing
+        model(torch.randn(2, 3, 32, 32))
+    assert model(x).shape == (2, 11)
+
+
+def test_export_rejects_bad_requests(tmp_path):
+    model = small(48, 8)
+    with pytest.raises(ExportError, match="Unknown export format 'tflite'"):
+        export_model(model, "tflite", tmp_path / "m.tflite")
+    with pytest.raises(ExportError, match="m.pt2 instead of m.bin"):
+        export_model(model, "exported-program", tmp_path / "m.bin")
+
+
+def test_export_command_writes_and_checks_the_file(tmp_path, capsys):
+    pytest.importorskip("onnxruntime")
+    ckpt = save_checkpoint(small(48, 8), tmp_path / "model.safetensors")
+    parser = argparse.ArgumentParser()
+    export_cmd.register(parser.add_subparsers())
+    args = parser.parse_args(["export", str(ckpt), "--format", "onnx"])
+    assert args.func(args) == 0
+    assert (tmp_path / "model.onnx").stat().st_size > 0  # default: next to the checkpoint
+    out = capsys.readouterr().out
+    assert "any batch" in out and "relative error against PyTorch" in out

@@ -1,0 +1,223 @@
+"""The fast path (mlpmixer.fast, mlpmixer.kernels) against the plain PyTorch path, on the CPU.
+
+The Triton kernels run in Triton's CPU interpreter (TRITON_INTERPRET=1), in a subprocess so the
+interpreter setting cannot leak into other tests (it must be set before triton is imported).
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+import warnings
+from pathlib import Path
+
+import pytest
+import torch
+
+from mlpmixer import kernels as K
+from mlpmixer.fast import optimize
+from mlpmixer.model import create_model
+
+SRC = str(Path(__file__).resolve().parents[1] / "src")
+
+
+def rel(a: torch.Tensor, b: torch.Tensor) -> float:
+    return ((a.float() - b.float()).norm() / b.float().norm()).item()
+
+
+def tiny(gelu: str = "tanh", **kw) -> torch.nn.Module:
+    torch.manual_seed(0)
+    m = create_model("S/16", img_size=32, num_classes=7, num_blocks=2, hidden_dim=24,
+                     tokens_mlp_dim=12, channels_mlp_dim=40, patch_size=8, gelu=gelu, **kw)
+    with torch.no_grad():  # the head starts at zero: perturb everything so outputs are informative
+        for p in m.parameters():
+            p.add_(torch.randn_like(p) * 0.05)
+    return m
+
+
+def grads(model: torch.nn.Module) -> dict[str, torch.Tensor]:
+    out = {n: p.grad.clone() for n, p in model.named_parameters()}
+    model.zero_grad()
+    return out
+
+
+def grad_error(a: dict, b: dict) -> float:
+    """Worst per-parameter relative error, floored at 1e-3 of the largest gradient (some, like
+    the token-mixing output bias that the next LayerNorm cancels, are pure round-off)."""
+    floor = 1e-3 * max(v.norm() for v in b.values())
+    return max(((a[n] - b[n]).norm() / b[n].norm().clamp_min(floor)).item() for n in b)
+
+
+@pytest.mark.parametrize("gelu", ["tanh", "exact"])
+def test_fast_inference_matches_plain_fp32(gelu):
+    model = tiny(gelu).eval()
+    fast = optimize(model)
+    x = torch.randn(3, 3, 32, 32)  # fresh random inputs
+    with torch.no_grad():
+        assert rel(fast(x), model(x)) <= 1e-5
+
+
+@pytest.mark.parametrize("gelu", ["tanh", "exact"])
+def test_fast_training_matches_plain_fp32(gelu):
+    model = tiny(gelu).train()
+    fast = optimize(model)
+    x = torch.randn(3, 3, 32, 32)
+    ref_out = model(x)
+    ref_out.square().sum().backward()
+    ref = grads(model)
+    out = fast(x)
+    out.square().sum().backward()
+    assert rel(out, ref_out) <= 1e-5
+    assert grad_error(grads(model), ref) <= 1e-4
+
+
+def test_fast_bf16_autocast_close_to_plain():
+    model = tiny().eval()
+    fast = optimize(model)
+    x = torch.randn(4, 3, 32, 32)
+    with torch.no_grad(), torch.autocast("cpu", dtype=torch.bfloat16):
+        out, ref = fast(x), model(x)
+    assert out.dtype == ref.dtype == torch.bfloat16
+    assert rel(out, ref) <= 1e-2
+
+
+def test_fast_shares_parameters_and_falls_back_for_dropout():
+    model = tiny(drop_path_rate=0.1).train()
+    fast = optimize(model)
+    assert [id(p) for p in fast.parameters()] == [id(p) for p in model.parameters()]
+    x = torch.randn(2, 3, 32, 32)
+    with pytest.warns(UserWarning, match="stochastic depth"):
+        torch.manual_seed(1)
+        out = fast(x)
+    torch.manual_seed(1)
+    assert torch.equal(out, model(x))  # the plain path itself, same random mask
+
+
+def test_fast_rejects_wrong_input_like_the_model():
+    fast = optimize(tiny())
+    with pytest.raises(ValueError, match="32×32"):
+        fast(torch.randn(1, 3, 48, 48))
+
+
+def test_broken_kernel_falls_back_with_one_warning(monkeypatch):
+    """A kernel that gives wrong numbers is caught on first use; a crashing one too."""
+    monkeypatch.setitem(K._state, "disabled_reason", None)
+    monkeypatch.setattr(K, "_verified", set())
+    r = torch.randn(3, 2, 8)
+    w, b = torch.randn(8), torch.randn(8)
+    expected = K.layer_norm_ref(r, None, None, w, b, 1e-6, torch.float32)
+
+    with pytest.warns(UserWarning, match="disagreed"):
+        out = K._run_checked("a wrong kernel", ("k",), lambda: expected + 1, lambda: expected.clone())
+    assert torch.equal(out, expected)
+    assert K._state["disabled_reason"] is not None
+    assert not K.triton_usable(r)  # off for the rest of the process
+
+    monkeypatch.setitem(K._state, "disabled_reason", None)
+
+    def crash():
+        raise RuntimeError("no GPU")
+
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        out = K._run_checked("a crashing kernel", ("k2",), crash, lambda: expected.clone())
+        K.disable_triton("a second failure")  # warns only once per process
+    assert torch.equal(out, expected)
+    assert len([w for w in caught if "Triton kernels disabled" in str(w.message)]) == 1
+
+
+# --- Triton kernels in the CPU interpreter ------------------------------------------------------
+
+INTERPRETER_CHECKS = r"""
+import json, torch
+from mlpmixer import kernels as K
+from mlpmixer.fast import optimize
+from mlpmixer.model import create_model
+torch.manual_seed(0)
+rel = lambda a, b: ((a.float() - b.float()).norm() / b.float().norm()).item()
+res = {}
+S, B, C = 5, 3, 20
+r = torch.randn(S, B, C)
+rb, cb, w, b = torch.randn(S), torch.randn(C), torch.randn(C), torch.randn(C)
+from mlpmixer.kernels import _triton as T
+for name, args in {"ln": (rb, cb), "ln_row": (rb, None), "ln_none": (None, None)}.items():
+    res[name] = rel(T.layer_norm(r, *args, w, b, 1e-6, torch.float32), K.layer_norm_ref(r, *args, w, b, 1e-6, torch.float32))
+res["ln_bf16_out"] = rel(T.layer_norm(r, rb, cb, w, b, 1e-6, torch.bfloat16), K.layer_norm_ref(r, rb, cb, w, b, 1e-6, torch.float32))
+for act in ("none", "exact", "tanh"):
+    a, m = torch.randn(21, 18), torch.randn(18, 35)
+    bias_c, bias_r = torch.randn(35), torch.randn(21)
+    res[f"mm_cols_{act}"] = rel(T.linear_act(a, m, bias_c, False, act), K.linear_act_ref(a, m, bias_c, False, act))
+    res[f"mm_rows_{act}"] = rel(T.linear_act(a, m, bias_r, True, act), K.linear_act_ref(a, m, bias_r, True, act))
+    wt = torch.randn(35, 18)  # a transposed view, as the channel MLP passes W3ᵀ
+    res[f"mm_transposed_{act}"] = rel(T.linear_act(a, wt.t(), bias_c, False, act), K.linear_act_ref(a, wt.t(), bias_c, False, act))
+for act in ("exact", "tanh"):
+    pre, g = torch.randn(7, 33) * 3, torch.randn(7, 33)
+    h, d = T.gelu_fwd_bwd(pre, g, act)
+    hr, dr = K.gelu_fwd_bwd_ref(pre, g, act)
+    res[f"gelu_h_{act}"], res[f"gelu_d_{act}"] = rel(h, hr), rel(d, dr)
+# The whole fast path with the Triton kernels (CPU tensors are allowed under the interpreter).
+for gelu in ("tanh", "exact"):
+    torch.manual_seed(1)
+    m = create_model("S/16", img_size=16, num_classes=5, num_blocks=2, hidden_dim=16, tokens_mlp_dim=8,
+                     channels_mlp_dim=24, patch_size=8, gelu=gelu)
+    with torch.no_grad():
+        for p in m.parameters():
+            p.add_(torch.randn_like(p) * 0.05)
+    f = optimize(m, gemm="triton")
+    x = torch.randn(2, 3, 16, 16)
+    with torch.no_grad():
+        res[f"model_infer_{gelu}"] = rel(f(x), m(x))
+    m(x).square().sum().backward()
+    ref = [p.grad.clone() for p in m.parameters()]
+    m.zero_grad()
+    f(x).square().sum().backward()
+    got = [p.grad.clone() for p in m.parameters()]
+    res[f"model_grads_{gelu}"] = rel(torch.cat([g.flatten() for g in got]), torch.cat([g.flatten() for g in ref]))
+res["verified"] = sorted(k[0] for k in K._verified)
+res["disabled"] = K._state["disabled_reason"]
+print(json.dumps(res))
+"""
+
+
+@pytest.fixture(scope="module")
+def interpreter_results() -> dict:
+    pytest.importorskip("triton")
+    env = dict(os.environ, TRITON_INTERPRET="1", PYTHONPATH=SRC)
+    proc = subprocess.run([sys.executable, "-c", INTERPRETER_CHECKS], env=env, capture_output=True,
+                          text=True, timeout=600)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    return json.loads(proc.stdout.strip().splitlines()[-1])
+
+
+def test_interpreter_ran_every_kernel_without_fallback(interpreter_results):
+    assert interpreter_results["disabled"] is None
+    assert set(interpreter_results["verified"]) == {"layer_norm", "linear_act", "gelu_fwd_bwd"}
+
+
+@pytest.mark.parametrize("name", ["ln", "ln_row", "ln_none"])
+def test_triton_layer_norm(interpreter_results, name):
+    assert interpreter_results[name] <= 1e-6
+
+
+def test_triton_layer_norm_bf16_output(interpreter_results):
+    assert interpreter_results["ln_bf16_out"] <= 1e-2
+
+
+@pytest.mark.parametrize("layout", ["cols", "rows", "transposed"])
+@pytest.mark.parametrize("act", ["none", "exact", "tanh"])
+def test_triton_linear_act(interpreter_results, layout, act):
+    assert interpreter_results[f"mm_{layout}_{act}"] <= 1e-6
+
+
+@pytest.mark.parametrize("act", ["exact", "tanh"])
+def test_triton_gelu_fwd_bwd(interpreter_results, act):
+    assert interpreter_results[f"gelu_h_{act}"] <= 1e-6
+    assert interpreter_results[f"gelu_d_{act}"] <= 1e-6
+
+
+@pytest.mark.parametrize("gelu", ["tanh", "exact"])
+def test_triton_fast_path_whole_model(interpreter_results, gelu):
+    assert interpreter_results[f"model_infer_{gelu}"] <= 1e-5
+    assert interpreter_results[f"model_grads_{gelu}"] <= 1e-5
