@@ -10,7 +10,7 @@ import sys
 from typing import Sequence
 
 # Module names under mlpmixer.commands, in the order `mixer --help` lists them.
-COMMANDS = ["train", "eval", "predict", "info", "convert"]
+COMMANDS = ["train", "finetune", "eval", "predict", "recipes", "info", "convert", "resize", "fewshot", "linear_probe", "show_weights", "bench", "export"]
 
 
 def build_parser() -> argparse.ArgumentParser:

@@ -7,6 +7,7 @@ only looks at the channel and spatial sizes, which are static, so it traces and 
 
 from __future__ import annotations
 
+import importlib
 import inspect
 import os
 import warnings
@@ -23,6 +24,16 @@ SUFFIXES = {"onnx": ".onnx", "torchscript": ".pt", "exported-program": ".pt2"}
 
 class ExportError(ValueError):
     """An export that cannot be done as asked."""
+
+
+def _require(module: str):
+    """Import an optional export dependency, or say how to install it."""
+    try:
+        return importlib.import_module(module)
+    except ImportError:
+        raise ExportError(
+            f"ONNX export needs the {module} package; install it with pip install 'mlpmixer[export]'."
+        ) from None
 
 
 def _example(model: MlpMixer, batch: int = 2) -> torch.Tensor:
@@ -49,6 +60,7 @@ def export_model(model: MlpMixer, fmt: str, out: str | os.PathLike, opset: int =
 
 
 def _onnx(model: MlpMixer, x: torch.Tensor, path: str, opset: int) -> None:
+    _require("onnx")
     # The TorchScript-based exporter: no extra dependency, a plain graph with a symbolic batch, and
     # present in every torch >= 2.4 (which predates the `dynamo` switch; newer ones default to True).
     extra = {"dynamo": False} if "dynamo" in inspect.signature(torch.onnx.export).parameters else {}
@@ -73,9 +85,7 @@ def load_exported(path: str | os.PathLike, fmt: str):
     """A callable images -> logits from an exported file (for checks and tests)."""
     path = str(path)
     if fmt == "onnx":
-        import onnxruntime as ort
-
-        session = ort.InferenceSession(path, providers=["CPUExecutionProvider"])
+        session = _require("onnxruntime").InferenceSession(path, providers=["CPUExecutionProvider"])
         return lambda x: torch.from_numpy(session.run(None, {"images": x.numpy()})[0])
     if fmt == "torchscript":
         return torch.jit.load(path)

@@ -1,0 +1,29 @@
+"""`mixer finetune --from CHECKPOINT --data ...`: a new zero-initialised head, the fine-tuning recipe."""
+
+from __future__ import annotations
+
+import argparse
+
+from .train import add_training_flags, recipe_from_args
+
+
+def register(sub: argparse._SubParsersAction) -> None:
+    p = sub.add_parser("finetune", help="fine-tune any checkpoint on new data (paper Appendix C recipe)",
+                       description="Fine-tune a checkpoint (official .npz, timm, ours, or a run directory): "
+                       "its head is replaced by a zero-initialised one for the new classes, and it trains with "
+                       "the `finetune` recipe (SGD momentum 0.9, cosine with warm-up, clip 1, no weight decay) "
+                       "at the checkpoint's own input size.")
+    p.add_argument("--from", dest="init_from", required=True, metavar="CHECKPOINT", help="checkpoint or run directory")
+    add_training_flags(p, "finetune")
+    p.set_defaults(func=run)
+
+
+def run(args: argparse.Namespace) -> int:
+    from ..train import launch
+
+    recipe = recipe_from_args(args)
+    if not recipe.data:
+        raise ValueError("Give the data to fine-tune on with --data (an image folder, shards, an IDX folder or mnist5k).")
+    launch(recipe, args.out, resume=args.resume, save_every=args.save_every, keep=args.keep,
+          init_from=args.init_from, progress=not args.quiet)
+    return 0

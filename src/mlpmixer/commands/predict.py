@@ -1,0 +1,96 @@
+"""`mixer predict CHECKPOINT IMAGE...`: the top-5 classes of each image, by name."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from pathlib import Path
+
+import torch
+
+
+def register(sub: argparse._SubParsersAction) -> None:
+    p = sub.add_parser("predict", help="top-5 classes of images, by class name",
+                       description="Classify images with a checkpoint (or run directory), or with published "
+                       "weights via --model NAME --pretrained TAG (then every argument is an image).")
+    p.add_argument("inputs", nargs="+", metavar="CHECKPOINT IMAGE", help="checkpoint (unless --pretrained), then images")
+    p.add_argument("--model", help="variant of the published weights, e.g. B/16")
+    p.add_argument("--pretrained", metavar="TAG", help="published weights, e.g. imagenet1k")
+    p.add_argument("--top", type=int, default=5, help="classes to show per image (default 5)")
+    p.add_argument("--json", action="store_true", help="print one JSON object per image")
+    p.set_defaults(func=run)
+
+
+def load_image(path: str, in_chans: int) -> tuple[torch.Tensor, list[str]]:
+    """An image file as a uint8 (1, in_chans, H, W) tensor, and notes on any conversion made."""
+    from PIL import Image, UnidentifiedImageError
+
+    p = Path(path)
+    if not p.is_file():
+        raise FileNotFoundError(f"No image at {p}; check the path.")
+    try:
+        with Image.open(p) as im:
+            im.load()
+            image = im.copy()
+    except (UnidentifiedImageError, OSError, SyntaxError, ValueError) as e:
+        raise ValueError(f"{p} is not a readable image ({e}); give a PNG or JPEG file.") from None
+    notes = []
+    want = "L" if in_chans == 1 else "RGB"
+    if image.mode != want:
+        was = {"L": "greyscale", "RGB": "RGB", "1": "black-and-white"}.get(image.mode, f"mode {image.mode}")
+        notes.append(f"converted {was} to {'greyscale' if want == 'L' else 'RGB'}")
+        image = image.convert(want)
+    import numpy as np
+
+    array = np.asarray(image)
+    t = torch.from_numpy(array.copy())
+    t = t[None, None] if t.ndim == 2 else t.permute(2, 0, 1)[None]
+    return t, notes
+
+
+def run(args: argparse.Namespace) -> int:
+    from ..data import to_model_input
+
+    if args.pretrained or args.model:
+        if not (args.pretrained and args.model):
+            raise ValueError("Give both --model NAME and --pretrained TAG for published weights, or a checkpoint.")
+        from ..pretrained import load_pretrained
+
+        model, images = load_pretrained(args.model, args.pretrained), args.inputs
+    else:
+        if len(args.inputs) < 2:
+            raise ValueError("Give a checkpoint and at least one image: mixer predict CHECKPOINT IMAGE...")
+        from ..checkpoints import load_checkpoint
+
+        model, images = load_checkpoint(args.inputs[0]), args.inputs[1:]
+    if model.num_classes == 0:
+        raise ValueError("The model has no classification head, so it cannot predict classes.")
+    names = list(model.class_names or [])
+    if len(names) != model.num_classes and model.num_classes == 1000:
+        from ..pretrained import imagenet_class_names
+
+        names = list(imagenet_class_names())
+    if len(names) != model.num_classes:
+        names = [f"class {i}" for i in range(model.num_classes)]
+    cfg = model.config
+    h, w = cfg.img_size
+    model.eval()
+    k = min(args.top, model.num_classes)
+    for path in images:
+        image, notes = load_image(path, cfg.in_chans)
+        if tuple(image.shape[-2:]) != (h, w):
+            notes.append(f"resized {image.shape[-1]}×{image.shape[-2]} to the model's {w}×{h}")
+        with torch.no_grad():
+            probs = model(to_model_input(image, cfg.img_size, cfg.in_chans)).softmax(-1)[0]
+        top = probs.topk(k)
+        best = [(names[i], float(p)) for p, i in zip(top.values.tolist(), top.indices.tolist())]
+        for note in notes:
+            print(f"{path}: note: {note}.", file=sys.stderr)
+        if args.json:
+            print(json.dumps({"image": path, "top": [{"class": n, "prob": p} for n, p in best], "notes": notes}))
+        else:
+            print(f"{path}:")
+            for rank, (name, p) in enumerate(best, 1):
+                print(f"  {rank}. {name:<30} {p:7.2%}")
+    return 0

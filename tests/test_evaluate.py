@@ -1,0 +1,69 @@
+"""Top-1 / top-5 evaluation against a direct computation, and `mixer eval`."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+import torch
+
+from mlpmixer import create_model, save_checkpoint
+from mlpmixer.cli import main
+from mlpmixer.data import load_mnist5k, to_model_input
+from mlpmixer.evaluate import evaluate
+
+MNIST = Path(__file__).resolve().parents[1].parent / "shared" / "data" / "mnist"
+
+
+@pytest.fixture(scope="module")
+def digits_model(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """A random (untrained) digits model with a random head, so its predictions vary."""
+    torch.manual_seed(0)
+    model = create_model("digits/4", num_classes=10, img_size=28, in_chans=1, patch_size=7, hidden_dim=32,
+                         tokens_mlp_dim=16, channels_mlp_dim=64)
+    torch.nn.init.normal_(model.head.weight, std=1.0)
+    model.class_names = [str(i) for i in range(10)]
+    path = tmp_path_factory.mktemp("eval") / "digits.safetensors"
+    save_checkpoint(model, path)
+    return path
+
+
+def test_evaluate_matches_a_direct_computation(digits_model: Path) -> None:
+    from mlpmixer import load_checkpoint
+
+    model = load_checkpoint(digits_model).eval()
+    full = load_mnist5k()
+    data = full.subset(torch.arange(0, 5000, 16)[:300])  # all classes (the file is sorted by class)
+    with torch.no_grad():
+        logits = model(to_model_input(data.images, 28, 1))
+    top5 = logits.topk(5, 1).indices
+    expect1 = (top5[:, 0] == data.labels).float().mean().item()
+    expect5 = (top5 == data.labels[:, None]).any(1).float().mean().item()
+    m = evaluate(model, data, batch_size=64)  # several batches, the last one partial
+    assert m["n"] == 300
+    assert m["top1"] == pytest.approx(expect1) and m["top5"] == pytest.approx(expect5)
+    assert m["top1"] <= m["top5"] and m["top5"] > expect1  # not a degenerate model
+    assert m["loss"] == pytest.approx(torch.nn.functional.cross_entropy(logits, data.labels).item(), rel=1e-5)
+
+
+def test_eval_json_on_idx_folder_and_embedded_set(digits_model: Path, capsys: pytest.CaptureFixture) -> None:
+    assert main(["eval", str(digits_model), "--data", str(MNIST), "--json"]) == 0
+    out = json.loads(capsys.readouterr().out)
+    assert out["n"] == 10000 and 0 <= out["top1"] <= out["top5"] <= 1
+    assert main(["eval", str(digits_model), "--data", "mnist5k", "--json"]) == 0
+    assert json.loads(capsys.readouterr().out)["n"] == 5000
+    assert main(["eval", str(digits_model), "--data", "mnist5k"]) == 0
+    assert "top-1" in capsys.readouterr().out
+
+
+def test_eval_bad_input(digits_model: Path, tmp_path: Path, capsys: pytest.CaptureFixture) -> None:
+    assert main(["eval", str(digits_model), "--data", str(tmp_path / "missing")]) != 0
+    err = capsys.readouterr().err
+    assert "missing" in err and "Traceback" not in err and err.count("\n") == 1
+    assert main(["eval", str(tmp_path / "none.safetensors"), "--data", "mnist5k"]) != 0
+    assert "No checkpoint" in capsys.readouterr().err
+    three = create_model("digits/4", num_classes=3, img_size=28, in_chans=1)
+    save_checkpoint(three, tmp_path / "three.safetensors")
+    assert main(["eval", str(tmp_path / "three.safetensors"), "--data", "mnist5k"]) != 0
+    assert "10 classes but the model predicts 3" in capsys.readouterr().err

@@ -1,0 +1,191 @@
+"""The training loop: run-directory files, schedules, losses, resume, divergence."""
+
+from __future__ import annotations
+
+import json
+import math
+from pathlib import Path
+
+import pytest
+import torch
+
+import mlpmixer.train as train_mod
+from mlpmixer import load_checkpoint
+from mlpmixer.recipes import RECIPES, Recipe, get_recipe
+from mlpmixer.train import TrainingDiverged, loss_fn, lr_at, train
+
+
+def tiny(**changes) -> Recipe:
+    """The default recipe cut to a few small steps."""
+    return get_recipe("mnist5k", **{"steps": 4, "batch_size": 32, "evals": 2, **changes})
+
+
+def test_a_short_run_writes_every_file(tmp_path: Path) -> None:
+    files = train(tiny(), tmp_path / "run", progress=False, log=lambda *_: None)
+    for f in (files.model, files.config, files.metrics, files.curves):
+        assert f.is_file() and f.stat().st_size > 0
+    assert files.curves.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    config = json.loads(files.config.read_text())
+    assert config["recipe"]["data"] == "mnist5k" and config["model"]["in_chans"] == 1
+    rows = [json.loads(line) for line in files.metrics.read_text().splitlines()]
+    assert any("train_loss" in r for r in rows) and sum("val_top1" in r for r in rows) == 2
+    assert all(r["val_n"] == 250 for r in rows if "val_n" in r)
+    model = load_checkpoint(tmp_path / "run")
+    assert model.class_names == [str(i) for i in range(10)] and model.num_classes == 10
+    assert model.config.to_dict() == config["model"]
+    assert model.head.weight.abs().sum() > 0  # it trained (the head starts at zero)
+
+
+def test_schedules() -> None:
+    r = Recipe(lr=1.0, warmup=10, min_lr=0.1)
+    assert lr_at(0, 100, r) == pytest.approx(0.1) and lr_at(9, 100, r) == pytest.approx(1.0)
+    assert lr_at(100, 100, r) == pytest.approx(0.1)
+    assert lr_at(55, 100, r) == pytest.approx(0.55)  # cosine half-way
+    lin = r.replace(schedule="linear")
+    assert lr_at(55, 100, lin) == pytest.approx(0.55) and lr_at(32, 100, lin) == pytest.approx(0.1 + 0.9 * 68 / 90)
+    assert lr_at(2, 100, Recipe(lr=1.0, warmup=0.1)) == pytest.approx(0.3)  # a fraction of the run
+
+
+def test_softmax_and_sigmoid_losses() -> None:
+    logits = torch.tensor([[2.0, 0.0, -1.0]])
+    y = torch.tensor([0])
+    assert loss_fn(logits, y, Recipe()) == pytest.approx(-torch.log_softmax(logits, 1)[0, 0].item())
+    expected = -(math.log(torch.sigmoid(torch.tensor(2.0)).item()) + math.log(0.5) + math.log(1 - torch.sigmoid(torch.tensor(-1.0)).item()))
+    assert loss_fn(logits, y, Recipe(loss="sigmoid")).item() == pytest.approx(expected, rel=1e-5)
+    with pytest.raises(ValueError, match="Unknown loss"):
+        loss_fn(logits, y, Recipe(loss="hinge"))
+
+
+def test_sigmoid_head_bias_starts_at_minus_log_classes(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    seen = {}
+    real = train_mod.make_optimizer
+
+    def spy(model, r):
+        seen["bias"] = model.head.bias.detach().clone()
+        return real(model, r)
+
+    monkeypatch.setattr(train_mod, "make_optimizer", spy)
+    train(tiny(loss="sigmoid", steps=1, evals=0), tmp_path / "s", progress=False, log=lambda *_: None)
+    assert torch.allclose(seen["bias"], torch.full((10,), -math.log(10)))
+
+
+def test_resume_is_bit_exact(tmp_path: Path) -> None:
+    r = tiny(steps=6, ema=0.9, evals=0)
+    full = train(r, tmp_path / "full", save_every=3, progress=False, log=lambda *_: None)
+    states = sorted((tmp_path / "full" / "checkpoints").glob("step-*.pt"))
+    assert [p.name for p in states] == ["step-00000003.pt", "step-00000006.pt"]
+    # A run that stopped after step 3: only its first state exists.
+    cut = tmp_path / "cut"
+    (cut / "checkpoints").mkdir(parents=True)
+    (cut / "checkpoints" / states[0].name).write_bytes(states[0].read_bytes())
+    train(r, cut, resume=True, save_every=3, progress=False, log=lambda *_: None)
+    a, b = load_checkpoint(full.model).state_dict(), load_checkpoint(cut / "model.safetensors").state_dict()
+    assert all(torch.equal(a[k], b[k]) for k in a)
+    state = torch.load(states[1], weights_only=True)
+    assert state["step"] == 6 and set(state) == {"model", "optimizer", "step", "ema"}
+
+
+def test_keep_last_n_states(tmp_path: Path) -> None:
+    train(tiny(steps=5, evals=0), tmp_path / "k", save_every=1, keep=2, progress=False, log=lambda *_: None)
+    assert [p.name for p in sorted((tmp_path / "k" / "checkpoints").glob("*.pt"))] == ["step-00000004.pt", "step-00000005.pt"]
+
+
+def test_nan_loss_stops_and_names_the_step(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    real, calls = train_mod.loss_fn, []
+
+    def poisoned(logits, target, r):
+        calls.append(1)
+        loss = real(logits, target, r)
+        return loss * float("nan") if len(calls) == 3 else loss
+
+    monkeypatch.setattr(train_mod, "loss_fn", poisoned)
+    with pytest.raises(TrainingDiverged, match="at step 2; the last good checkpoint is .*step-00000002.pt"):
+        train(tiny(steps=6, evals=0), tmp_path / "nan", save_every=1, progress=False, log=lambda *_: None)
+    assert not (tmp_path / "nan" / "model.safetensors").exists()
+
+
+def test_gradient_accumulation_matches_one_big_batch(tmp_path: Path) -> None:
+    # SGD: its update is linear in the gradient, so summation-order differences stay at rounding level.
+    r = tiny(steps=2, evals=0, optimizer="sgd", lr=0.1)
+    one = train(r, tmp_path / "one", progress=False, log=lambda *_: None)
+    acc = train(r.replace(accum=4), tmp_path / "acc", progress=False, log=lambda *_: None)
+    a, b = load_checkpoint(one.model).state_dict(), load_checkpoint(acc.model).state_dict()
+    assert all(torch.allclose(a[k], b[k], atol=1e-5) for k in a)
+
+
+def test_recipes_are_valid() -> None:
+    for name in RECIPES:
+        r = get_recipe(name)
+        assert r.optimizer in ("adamw", "adam", "sgd") and r.schedule in ("cosine", "linear")
+    assert get_recipe("finetune").optimizer == "sgd" and get_recipe("finetune").weight_decay == 0
+    with pytest.raises(ValueError, match="Unknown recipe"):
+        get_recipe("nope")
+    with pytest.raises(ValueError, match="Unknown recipe settings"):
+        get_recipe("mnist5k", learning_rate=1)
+
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def _env() -> dict:
+    import os
+
+    return {**os.environ, "PYTHONPATH": str(ROOT / "src")}
+
+
+def test_resume_after_sigkill_is_bit_exact(tmp_path: Path) -> None:
+    import subprocess
+    import sys
+    import time
+
+    # One process each time: a resumed run equals the interrupted one bit for bit with the same count.
+    args = ["train", "--steps", "40", "--batch-size", "32", "--save-every", "4", "--quiet", "--processes", "1"]
+    killed = tmp_path / "killed"
+    proc = subprocess.Popen([sys.executable, "-m", "mlpmixer", *args, "--out", str(killed)], env=_env(), cwd=ROOT)
+    deadline = time.time() + 300
+    while not list((killed / "checkpoints").glob("step-*0008.pt")) and time.time() < deadline and proc.poll() is None:
+        time.sleep(0.05)
+    proc.kill()  # SIGKILL: no chance to clean up
+    proc.wait()
+    assert not (killed / "model.safetensors").exists(), "the run finished before it could be killed"
+    from mlpmixer.cli import main
+
+    assert main([*args, "--out", str(killed), "--resume"]) == 0
+    assert main([*args, "--out", str(tmp_path / "whole")]) == 0
+    a = load_checkpoint(killed).state_dict()
+    b = load_checkpoint(tmp_path / "whole").state_dict()
+    assert all(torch.equal(a[k], b[k]) for k in a)
+
+
+def test_two_processes_follow_one_with_the_same_global_batch(tmp_path: Path) -> None:
+    import subprocess
+    import sys
+
+    # SGD, whose update is linear in the gradient: Adam's first steps divide tiny gradients by their own
+    # size, which turns rounding differences of the all-reduce into visible ones. Augmentation stays on:
+    # each rank takes its slice of the same augmented global batch.
+    common = ["train", "--steps", "3", "--batch-size", "32", "--quiet", "--optimizer", "sgd", "--lr", "0.1"]
+    subprocess.run([sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port", "29517",
+                    "-m", "mlpmixer", *common, "--out", str(tmp_path / "ddp")], env=_env(), cwd=ROOT, check=True,
+                   timeout=600)
+    from mlpmixer.cli import main
+
+    assert main([*common, "--processes", "1", "--out", str(tmp_path / "one")]) == 0
+    # The same through `mixer train --processes 2`, which forks its own second process.
+    assert main([*common, "--processes", "2", "--out", str(tmp_path / "forked")]) == 0
+    b = load_checkpoint(tmp_path / "one").state_dict()
+    for run in ("ddp", "forked"):
+        a = load_checkpoint(tmp_path / run).state_dict()
+        assert max((a[k] - b[k]).abs().max().item() for k in a) < 1e-5
+        assert json.loads((tmp_path / run / "config.json").read_text())["world_size"] == 2
+
+
+def test_every_option_trains(tmp_path: Path) -> None:
+    """bf16 autocast, gradient checkpointing, clipping, accumulation, EMA, sigmoid loss, linear decay, Adam,
+    stochastic depth: a short run with all of them writes a finite model."""
+    r = tiny(steps=3, bf16=True, grad_checkpointing=True, clip=1.0, accum=2, ema=0.9, loss="sigmoid",
+             schedule="linear", warmup=1, optimizer="adam", drop_path=0.1, evals=1)
+    files = train(r, tmp_path / "all", progress=False, log=lambda *_: None)
+    model = load_checkpoint(files.model)
+    assert all(torch.isfinite(v).all() for v in model.state_dict().values())
+    assert model.config.drop_path_rate == 0.1
