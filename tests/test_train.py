@@ -139,7 +139,10 @@ def test_resume_after_sigkill_is_bit_exact(tmp_path: Path) -> None:
     import time
 
     # One process each time: a resumed run equals the interrupted one bit for bit with the same count.
-    args = ["train", "--steps", "40", "--batch-size", "32", "--save-every", "4", "--quiet", "--processes", "1"]
+    # Fixed threads: the interrupted and the uninterrupted run must sum in the same order. (A resumed run
+    # takes its process and thread counts from the run it resumes.)
+    args = ["train", "--steps", "40", "--batch-size", "32", "--save-every", "4", "--quiet", "--processes", "1",
+            "--threads", "1"]
     killed = tmp_path / "killed"
     proc = subprocess.Popen([sys.executable, "-m", "mlpmixer", *args, "--out", str(killed)], env=_env(), cwd=ROOT)
     deadline = time.time() + 300

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from typing import Any, Iterable, Iterator, Optional, Union
+from typing import Any, Callable, Iterable, Iterator, Optional, Union
 
 import torch
 import torch.nn.functional as F
@@ -23,6 +23,8 @@ def open_eval_data(spec: str, model: MlpMixer, mode: str = "resize", workers: in
     """`spec` (mnist5k, an IDX folder, an image folder or shards) as evaluation data for `model`.
 
     In-memory sets are used whole (for an IDX folder, its test files); folders and shards whole too.
+    `mode` (resize | resmall-crop, SPEC §4) is the preprocessing of folders and shards; in-memory
+    digits are always resized bilinearly to the model's size (data.to_model_input), whatever the mode.
     """
     data = load_tensors(spec, split="test")
     if data is not None:
@@ -48,27 +50,44 @@ def evaluate(
     workers: int = 2,
     progress: bool = False,
     device: Optional[torch.device] = None,
+    transform: Optional[Callable[[torch.Tensor], torch.Tensor]] = None,
+    predictions: bool = False,
 ) -> dict[str, Any]:
-    """{"top1", "top5" (fractions), "loss" (mean softmax cross-entropy), "n"} of `model` on `data`."""
+    """{"top1", "top5" (fractions), "loss" (mean softmax cross-entropy), "n"} of `model` on `data`.
+
+    `transform` is applied to every model-ready batch (e.g. the fixed permutation of permute.py).
+    With `predictions`, the result also holds "preds" and "labels": the top-1 class and the true class
+    of every image, in data order (int64 tensors on the CPU), for reports.per_class_accuracy and friends.
+    """
     was_training = model.training
     model.eval()
     device = device or next(model.parameters()).device
     k = min(5, model.num_classes)
     correct1 = correct5 = n = 0
     loss_sum = 0.0
+    preds: list[torch.Tensor] = []
+    labels: list[torch.Tensor] = []
     total = len(data) if isinstance(data, TensorData) else data.num_examples
     bar = tqdm(total=total, desc="evaluating", unit="img", disable=not progress, leave=False)
     for x, y in batches_of(data, model, batch_size, workers):
         x, y = x.to(device), y.to(device)
+        if transform is not None:
+            x = transform(x)
         logits = model(x).float()
         loss_sum += F.cross_entropy(logits, y, reduction="sum").item()
         top = logits.topk(k, dim=1).indices
         correct1 += (top[:, 0] == y).sum().item()
         correct5 += (top == y[:, None]).any(dim=1).sum().item()
         n += len(y)
+        if predictions:
+            preds.append(top[:, 0].cpu())
+            labels.append(y.cpu())
         bar.update(len(y))
     bar.close()
     model.train(was_training)
     if n == 0:
         raise ValueError("The evaluation data holds no images; check the --data path.")
-    return {"top1": correct1 / n, "top5": correct5 / n, "loss": loss_sum / n, "n": n}
+    result = {"top1": correct1 / n, "top5": correct5 / n, "loss": loss_sum / n, "n": n}
+    if predictions:
+        result.update(preds=torch.cat(preds), labels=torch.cat(labels))
+    return result

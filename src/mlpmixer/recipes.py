@@ -51,11 +51,18 @@ class Recipe:
     mixup: float = 0.0
     cutmix: float = 0.0
     eval_mode: str = "resize"  # resize | resmall-crop
+    # Paper Figure 4: one fixed permutation of every image (training and validation), see permute.py.
+    permute: Optional[str] = None  # None | patches | pixels
+    permute_seed: int = 0
+    # Fine-tuning at another img_size than the checkpoint's (resize.resize_to): blockdiag | resample.
+    resize_method: str = "blockdiag"
     ema: float = 0.0  # EMA decay of the weights (0: off); the EMA weights are what gets saved
     # Numerics and speed.
     bf16: bool = False
     compile: bool = False
     grad_checkpointing: bool = False
+    fsdp: bool = False  # under torchrun: shard parameters, gradients and optimiser state (FSDP2)
+    tensorboard: bool = False  # also log the metrics to RUN/tensorboard (needs mlpmixer[tensorboard])
     threads: Optional[int] = None  # None: the free cores (see train._free_cores)
     processes: Optional[int] = None  # local CPU processes (DDP); None: one per free core for in-memory data
     workers: int = 2
@@ -125,14 +132,18 @@ RECIPES: dict[str, dict[str, Any]] = {
     "paper-h-jft": dict(_PRETRAIN, model="H/14", epochs=14, lr=1e-3, weight_decay=0.03),
     # Fine-tuning (paper Appendix C): SGD momentum 0.9, batch 512, clip 1, cosine with warm-up, no weight
     # decay, zero-initialised new head, no mixup; 10k steps as for CIFAR (ImageNet 20k, Pets 500).
+    # img_size None: the checkpoint's own resolution; --img-size converts it (SPEC §5).
     "finetune": dict(
-        img_size=224, batch_size=512, optimizer="sgd", momentum=0.9, lr=0.01, weight_decay=0.0,
+        img_size=None, batch_size=512, optimizer="sgd", momentum=0.9, lr=0.01, weight_decay=0.0,
         schedule="cosine", warmup=500, clip=1.0, steps=10_000, crop_area=(0.05, 1.0), mixup=0.0,
         eval_mode="resize", data="", holdout=0.02, digits_aug={},
     ),
 }
 
 DEFAULT_RECIPE = "mnist5k"
+# Evaluation preprocessing (SPEC §4), applied by transforms.eval_transform; defined here, where the
+# command line can read it without importing torchvision (seconds at start-up).
+EVAL_MODES = ("resize", "resmall-crop")
 
 
 def get_recipe(name: str = DEFAULT_RECIPE, **overrides: Any) -> Recipe:

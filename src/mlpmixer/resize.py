@@ -44,7 +44,7 @@ def integer_factors(old: tuple[int, int], new: tuple[int, int]) -> tuple[int, in
         raise ValueError(
             f"{new[0]}×{new[1]} is not an integer multiple of the model's {old[0]}×{old[1]} per side, which "
             "the paper's block-diagonal conversion needs; choose such a size, or use the approximate "
-            "resampling that takes any size (method='resample', `mixer resize --method resample`)."
+            "resampling that takes any size (method='resample'; on the command line `--method resample` for `mixer resize`, `--resize-method resample` for `mixer finetune`)."
         )
     return (new[0] // old[0], new[1] // old[1])
 

@@ -13,6 +13,7 @@ global batch: each rank takes its slice of the global batch.
 from __future__ import annotations
 
 import contextlib
+import copy
 import json
 import math
 import multiprocessing
@@ -33,7 +34,10 @@ from .checkpoints import atomic_write, load_checkpoint, read_checkpoint, save_ch
 from .data import MNIST5K, TensorData, augment_digits, holdout_split, is_idx_folder, load_tensors, to_model_input
 from .evaluate import evaluate
 from .model import MlpMixer, create_model
+from .permute import FixedPermutation
 from .recipes import Recipe
+from .resize import resize_to
+from .variants import as_pair
 
 STATE_DIR = "checkpoints"  # training states for --resume, inside the run directory
 STATE_PATTERN = "step-{:08d}.pt"
@@ -194,13 +198,66 @@ def loader_batches(dataset: Any, r: Recipe, batch: int, accum: int, start: int, 
 
 
 def save_state(path: Path, model: torch.nn.Module, opt: torch.optim.Optimizer, ema: Optional[dict],
-               step: int, keep: int) -> None:
-    """A training state of tensors and plain containers only (loadable with weights_only=True)."""
-    state = {"model": model.state_dict(), "optimizer": opt.state_dict(), "step": step,
-             "ema": ema if ema is not None else {}}
+               step: int, keep: int, sharded: bool = False) -> None:
+    """A training state of tensors and plain containers only (loadable with weights_only=True).
+
+    `sharded` (FSDP): every rank calls; the full model and optimiser state are gathered on rank 0, which writes.
+    """
+    if sharded:
+        from torch.distributed.checkpoint.state_dict import get_model_state_dict, get_optimizer_state_dict
+
+        weights, opt_state = get_model_state_dict(model, options=_full_options()), \
+            get_optimizer_state_dict(model, opt, options=_full_options())
+        if dist.get_rank() != 0:
+            return
+    else:
+        weights, opt_state = model.state_dict(), opt.state_dict()
+    state = {"model": weights, "optimizer": opt_state, "step": step, "ema": ema if ema is not None else {}}
     atomic_write(path / STATE_PATTERN.format(step), lambda tmp: torch.save(state, tmp))
     for old in sorted(path.glob("step-*.pt"))[:-keep] if keep > 0 else []:
         old.unlink()
+
+
+def _shard(model: MlpMixer) -> None:
+    """FSDP: each Mixer block's parameters, gradients and optimiser state sharded across the ranks, then
+    the rest (stem, final norm, head) as one more unit; a block's weights are gathered only while it runs.
+
+    FSDP2's `fully_shard` (torch.distributed.fsdp from torch 2.6, _composable.fsdp in 2.4-2.5, and
+    torch >= 2.4 is required) shards in place: the model keeps its class and parameter names.
+    """
+    try:
+        from torch.distributed.fsdp import fully_shard
+    except ImportError:
+        from torch.distributed._composable.fsdp import fully_shard
+    for block in model.blocks:
+        fully_shard(block)
+    fully_shard(model)
+
+
+def _full_options() -> Any:
+    from torch.distributed.checkpoint.state_dict import StateDictOptions
+
+    return StateDictOptions(full_state_dict=True, cpu_offload=True)
+
+
+def _gather(model: torch.nn.Module, plain: Optional[MlpMixer]) -> None:
+    """FSDP: every rank sends its shards (all must call); rank 0's unsharded copy `plain` gets the full weights."""
+    from torch.distributed.checkpoint.state_dict import get_model_state_dict
+
+    full = get_model_state_dict(model, options=_full_options())  # full on rank 0, empty on the others
+    if plain is not None:
+        plain.load_state_dict(full)
+
+
+def _summary_writer(path: Path, start: int) -> Any:
+    """A TensorBoard writer for `path` (tensorboard is an optional dependency). A run resumed at step
+    `start` purges the events of the redone steps, as _trim_metrics does for metrics.jsonl."""
+    try:
+        from torch.utils.tensorboard import SummaryWriter
+    except ImportError:
+        raise ValueError("TensorBoard logging needs the tensorboard package; install it with "
+                         "pip install 'mlpmixer[tensorboard]'.") from None
+    return SummaryWriter(str(path), purge_step=start + 1 if start else None)  # steps <= start are kept
 
 
 def latest_state(run: Path) -> Optional[Path]:
@@ -245,12 +302,19 @@ def _train(
     # Recorded in config.json, so that a resumed run computes with the same thread count.
     r = r.replace(threads=r.threads or _free_cores())
     torch.set_num_threads(r.threads)
+    fsdp = r.fsdp and distributed
+    if r.fsdp and not distributed and main:
+        log("--fsdp shards the model over several processes (torchrun); in one process it trains unsharded.")
+    if fsdp and r.ema:
+        raise ValueError("--fsdp does not keep EMA weights; train with --ema 0 (the paper's pre-training "
+                         "recipes use none) or without --fsdp.")
     if r.batch_size % (r.accum * world):
         raise ValueError(f"The batch size {r.batch_size} must divide into {r.accum} accumulation steps "
                          f"× {world} processes; choose a multiple of {r.accum * world}.")
 
     # --- data.
-    # Fine-tuning keeps the checkpoint's input size and channels; the data are converted to them.
+    # Fine-tuning keeps the checkpoint's channels, and its input size unless r.img_size asks for another
+    # (the model is then converted with resize_to); the data are converted to them.
     init_config = read_checkpoint(init_from)[1] if init_from else None
     tensors = load_tensors(r.data, split="train")
     if tensors is not None:
@@ -260,14 +324,14 @@ def _train(
         img_size, in_chans = r.img_size or tuple(tensors.images.shape[-2:]), tensors.images.shape[1]
         num_train: Optional[int] = len(train_data)
         if init_config:
-            img_size, in_chans = init_config.img_size, init_config.in_chans
+            img_size, in_chans = r.img_size or init_config.img_size, init_config.in_chans
     else:
         from .sources import check_same_classes, open_folder_or_shards
         from .transforms import eval_transform, mixup_cutmix, train_transform
 
         img_size, in_chans = r.img_size or 224, 3
-        if init_from:  # fine-tuning keeps the checkpoint's input size and channels
-            img_size, in_chans = init_config.img_size, init_config.in_chans
+        if init_from:  # fine-tuning keeps the checkpoint's channels (and size, unless r.img_size)
+            img_size, in_chans = r.img_size or init_config.img_size, init_config.in_chans
         holdout = r.holdout if r.eval_data is None else 0.0
         if holdout >= 1:  # a count (as the digits recipe gives): the sources take a fraction
             n = open_folder_or_shards(r.data, "train", 0.0, r.seed, None).num_examples
@@ -291,15 +355,26 @@ def _train(
     torch.manual_seed(r.seed)
     if init_from:
         model = load_checkpoint(init_from, drop_path_rate=r.drop_path, drop_rate=r.dropout)
+        if as_pair(img_size) != model.config.img_size:  # paper Appendix C: fine-tune at another resolution
+            model = resize_to(model, img_size, method=r.resize_method)
         model.reset_classifier(num_classes)  # always a new zero-initialised head (paper Appendix C)
     else:
         model = create_model(r.model, num_classes=num_classes, img_size=img_size, in_chans=in_chans,
                              drop_path_rate=r.drop_path, drop_rate=r.dropout, **r.model_args)
     model.class_names = list(class_names)
+    # Paper Figure 4: one fixed permutation of every training and validation image (None: off).
+    permute = (FixedPermutation(r.permute, model.config.img_size, model.config.patch_size, r.permute_seed)
+               if r.permute else None)
     if r.loss == "sigmoid" and not init_from:  # big_vision: the head starts at a prior of 1/classes
         torch.nn.init.constant_(model.head.bias, -math.log(num_classes))
     model.set_grad_checkpointing(r.grad_checkpointing)
     model.to(device)
+    # What rank 0 evaluates and saves: the model itself, or under FSDP an unsharded copy that receives the
+    # gathered weights (on the device, to evaluate at its speed: parameters only, no gradients or optimiser).
+    plain: Optional[MlpMixer] = model
+    if fsdp:
+        plain = copy.deepcopy(model) if main else None
+        _shard(model)  # before the optimiser, which must hold the shards
     opt = make_optimizer(model, r)
     ema = {k: v.detach().clone() for k, v in model.state_dict().items()} if r.ema else None
 
@@ -321,9 +396,16 @@ def _train(
         if state_path is None:
             raise FileNotFoundError(f"{run} has no saved training state ({STATE_DIR}/step-*.pt) to resume from; "
                                     "train with --save-every N first.")
-        state = torch.load(state_path, map_location=device, weights_only=True)
-        model.load_state_dict(state["model"])
-        opt.load_state_dict(state["optimizer"])
+        # FSDP: each rank keeps only its shards of the full state, so read it to the CPU, not the device.
+        state = torch.load(state_path, map_location="cpu" if fsdp else device, weights_only=True)
+        if fsdp:  # the state holds full tensors (keyed by name): each rank keeps its shards
+            from torch.distributed.checkpoint.state_dict import set_model_state_dict, set_optimizer_state_dict
+
+            set_model_state_dict(model, state["model"], options=_full_options())
+            set_optimizer_state_dict(model, opt, state["optimizer"], options=_full_options())
+        else:
+            model.load_state_dict(state["model"])
+            opt.load_state_dict(state["optimizer"])
         ema = state["ema"] or ema
         start = int(state["step"])
     run = run or new_run_dir()
@@ -335,9 +417,10 @@ def _train(
                   "steps": total, "world_size": world}
         files.config.write_text(json.dumps(config, indent=1) + "\n")
         _trim_metrics(files.metrics, start)
+    board = _summary_writer(run / "tensorboard", start) if main and r.tensorboard else None
 
     net: torch.nn.Module = model
-    if distributed:
+    if distributed and not fsdp:
         net = torch.nn.parallel.DistributedDataParallel(model, device_ids=[local_rank] if device.type == "cuda" else None)
     if r.compile:
         net = torch.compile(net)
@@ -366,10 +449,14 @@ def _train(
         micro = next(batches)
         for j, (x, y) in enumerate(micro):
             x, y = x.to(device, non_blocking=True), y.to(device, non_blocking=True)
+            if permute is not None:  # after the augmentation, before mixing images
+                x = permute(x)
             target = y
             if batch_fn is not None:
                 x, target = batch_fn(x, y)
-            sync = contextlib.nullcontext() if not distributed or j == len(micro) - 1 else net.no_sync()
+            # FSDP reduces every micro-batch's gradients (correct, with more communication than DDP's no_sync).
+            reduce_now = not distributed or fsdp or j == len(micro) - 1
+            sync = contextlib.nullcontext() if reduce_now else net.no_sync()
             with sync:
                 with autocast:
                     logits = net(x)
@@ -408,24 +495,38 @@ def _train(
             if counter is not None:
                 entry["bad_samples"] = counter.bad
             _append(files.metrics, entry)
+            if board is not None:
+                for key in ("train_loss", "train_acc", "lr", "img_per_s", "bad_samples"):
+                    if key in entry:
+                        board.add_scalar("train/" + key.removeprefix("train_"), entry[key], done)
             bar.set_postfix(loss=f"{entry['train_loss']:.3f}", acc=f"{entry['train_acc']:.3f}", lr=f"{lr:.2e}",
                             img_s=f"{entry['img_per_s']:.0f}", refresh=False)
             seen, t_log, loss_sum, correct, count = 0, now, 0.0, 0, 0
         bar.update(1)
+        if fsdp and val_data is not None and done in eval_at:
+            _gather(model, plain)
         if main and val_data is not None and done in eval_at:
             scored = _swap_in(model, ema)
             with scored:
-                m = evaluate(model, val_data, batch_size=500, workers=r.workers, device=device)
+                m = evaluate(plain, val_data, batch_size=500, workers=r.workers, device=device,
+                             transform=permute)
             _append(files.metrics, {"step": done, "epoch": round(done / per_epoch, 3), "val_loss": m["loss"],
                                     "val_top1": m["top1"], "val_top5": m["top5"], "val_n": m["n"]})
+            if board is not None:
+                for key in ("val_loss", "val_top1", "val_top5"):
+                    board.add_scalar(key.replace("_", "/", 1), m[key[4:]], done)
             bar.write(f"step {done}/{total}: validation top-1 {m['top1']:.2%} (n={m['n']})")
-        if save_every and main and (done % save_every == 0 or done == total):
-            save_state(run / STATE_DIR, model, opt, ema, done, keep)
+        if save_every and (main or fsdp) and (done % save_every == 0 or done == total):
+            save_state(run / STATE_DIR, model, opt, ema, done, keep, sharded=fsdp)
     bar.close()
+    if board is not None:
+        board.close()
+    if fsdp:
+        _gather(model, plain)
 
     if main:
-        with _swap_in(model, ema):
-            save_checkpoint(model, files.model, class_names=list(class_names))
+        with _swap_in(plain, ema):
+            save_checkpoint(plain, files.model, class_names=list(class_names))
         from .plots import plot_curves
 
         plot_curves(files.metrics, files.curves)

@@ -12,13 +12,13 @@ from typing import Callable, Optional
 import torch
 from torchvision.transforms import v2
 
+from .recipes import EVAL_MODES
 from .variants import Size, as_pair
 
 Transform = Callable[[torch.Tensor], torch.Tensor]
 
 # "resmall-crop" resizes the shorter side to 256 before a 224 centre crop; other sizes keep the ratio.
 RESMALL_RATIO = 256 / 224
-EVAL_MODES = ("resize", "resmall-crop")
 
 
 def _channels(in_chans: int) -> v2.Transform:

@@ -11,8 +11,7 @@ import torch
 from ..checkpoints import load_checkpoint
 from ..fewshot import DEFAULT_L2, DEFAULT_SHOTS, extract_features, fewshot_evaluate, split_pool
 from ..model import MlpMixer
-from ..sources import check_same_classes
-from ..transforms import EVAL_MODES, eval_transform
+from ..recipes import EVAL_MODES
 
 
 def add_common_arguments(p: argparse.ArgumentParser, eval_fraction: float) -> None:
@@ -75,6 +74,8 @@ def _features(model: MlpMixer, spec: str, split: str, args: argparse.Namespace,
     # the train- or t10k- files of an IDX folder; in-memory digits are batched as `mixer eval` does.
     data = load_tensors(spec, split="train" if split == "train" else "test")
     if data is None:
+        from ..transforms import eval_transform  # torchvision: imported only when needed
+
         transform = eval_transform(cfg.img_size, cfg.in_chans, args.eval_mode)
         data = open_source(spec, split=split, holdout=0.0, seed=args.seed, transform=transform)
         total = None
@@ -96,6 +97,8 @@ def train_and_eval_features(args: argparse.Namespace) -> tuple[torch.Tensor, ...
     if args.eval_data:
         eval_feats, eval_labels, eval_names = _features(model, args.eval_data, "val", args,
                                                         "features of --eval-data")
+        from ..sources import check_same_classes
+
         check_same_classes(names, eval_names)
         return feats, labels, eval_feats, eval_labels, names
     pool, held = split_pool(labels, args.eval_fraction, args.seed)

@@ -1,9 +1,11 @@
-"""`mixer finetune --from CHECKPOINT --data ...`: a new zero-initialised head, the fine-tuning recipe."""
+"""`mixer finetune --from CHECKPOINT --data ... [--img-size N]`: a new zero-initialised head, the fine-tuning
+recipe, and optionally a higher resolution (paper Appendix C, SPEC §5)."""
 
 from __future__ import annotations
 
 import argparse
 
+from ..resize import METHODS
 from .train import add_training_flags, recipe_from_args
 
 
@@ -12,9 +14,14 @@ def register(sub: argparse._SubParsersAction) -> None:
                        description="Fine-tune a checkpoint (official .npz, timm, ours, or a run directory): "
                        "its head is replaced by a zero-initialised one for the new classes, and it trains with "
                        "the `finetune` recipe (SGD momentum 0.9, cosine with warm-up, clip 1, no weight decay) "
-                       "at the checkpoint's own input size.")
+                       "at the checkpoint's own input size, or at --img-size N: the model is first converted "
+                       "to N (`mlpmixer.resize_to`, the paper's block-diagonal token MLPs for an integer "
+                       "multiple of its size).")
     p.add_argument("--from", dest="init_from", required=True, metavar="CHECKPOINT", help="checkpoint or run directory")
     add_training_flags(p, "finetune")
+    p.add_argument("--resize-method", dest="resize_method", choices=METHODS,
+                   help="how --img-size converts the token MLPs: blockdiag (the paper's, integer multiples "
+                   "of the checkpoint's size; default) or resample (any multiple of the patch, approximate)")
     p.set_defaults(func=run)
 
 
@@ -22,6 +29,8 @@ def run(args: argparse.Namespace) -> int:
     from ..train import launch
 
     recipe = recipe_from_args(args)
+    if args.resize_method:
+        recipe = recipe.replace(resize_method=args.resize_method)
     if not recipe.data:
         raise ValueError("Give the data to fine-tune on with --data (an image folder, shards, an IDX folder or mnist5k).")
     launch(recipe, args.out, resume=args.resume, save_every=args.save_every, keep=args.keep,

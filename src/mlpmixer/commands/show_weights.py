@@ -5,7 +5,6 @@ from __future__ import annotations
 import argparse
 
 from ..checkpoints import load_checkpoint
-from ..visualize import plot_stem, plot_token_mixing
 
 
 def register(sub: argparse._SubParsersAction) -> None:
@@ -26,6 +25,8 @@ def register(sub: argparse._SubParsersAction) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
+    from ..visualize import plot_stem, plot_token_mixing  # matplotlib: imported only when needed
+
     model = load_checkpoint(args.checkpoint)
     if args.max_pairs is not None and args.max_pairs < 1:
         raise ValueError(f"--max-pairs must be at least 1, not {args.max_pairs}.")

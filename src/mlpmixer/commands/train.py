@@ -30,6 +30,10 @@ RECIPE_FLAGS: dict[str, tuple[str, Any, str]] = {
     "--randaugment": ("randaugment", int, "RandAugment(2, m) magnitude (image data)"),
     "--mixup": ("mixup", float, "MixUp alpha (image data)"),
     "--cutmix": ("cutmix", float, "CutMix alpha (image data)"),
+    "--permute": ("permute", str, "paper Figure 4: one fixed permutation of every training and validation image, "
+                  "patches (patch order + pixels within patches) or pixels (all pixels); config.json records it and "
+                  "`mixer eval RUN` applies it (or give `mixer eval --permute`)"),
+    "--permute-seed": ("permute_seed", int, "seed of the --permute permutation (default 0)"),
     "--ema": ("ema", float, "EMA decay of the weights (0: off)"),
     "--seed": ("seed", int, "random seed"),
     "--workers": ("workers", int, "DataLoader worker processes"),
@@ -38,6 +42,9 @@ RECIPE_FLAGS: dict[str, tuple[str, Any, str]] = {
     "--bf16": ("bf16", None, "bfloat16 autocast"),
     "--compile": ("compile", None, "torch.compile the model"),
     "--grad-checkpointing": ("grad_checkpointing", None, "recompute blocks in the backward pass to save memory"),
+    "--fsdp": ("fsdp", None, "with several processes (torchrun): shard the model with FSDP instead of "
+               "replicating it with DDP, for the largest variants"),
+    "--tensorboard": ("tensorboard", None, "also write the metrics to RUN/tensorboard (pip install 'mlpmixer[tensorboard]')"),
 }
 
 

@@ -1,0 +1,132 @@
+"""`mixer eval --report`, `--eval-mode`, and the permutation experiment (`mixer train --permute`)."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+
+from mlpmixer import create_model, load_checkpoint, save_checkpoint
+from mlpmixer.cli import main
+from mlpmixer.data import holdout_split, load_mnist5k, to_model_input
+from mlpmixer.evaluate import evaluate, open_eval_data
+from mlpmixer.permute import FixedPermutation
+from mlpmixer.recipes import get_recipe
+
+
+@pytest.fixture(scope="module")
+def digits_model(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """A random digits model whose head is a nearest-class-mean classifier of its features: better than
+    chance, with accuracies that differ from class to class."""
+    torch.manual_seed(0)
+    model = create_model("digits/4", num_classes=10, img_size=28, in_chans=1, patch_size=7, hidden_dim=32,
+                         tokens_mlp_dim=16, channels_mlp_dim=64).eval()
+    data = load_mnist5k().subset(torch.arange(0, 5000, 10))
+    with torch.no_grad():
+        features = model.forward_head(model.forward_features(to_model_input(data.images, 28, 1)), pre_logits=True)
+        means = torch.stack([features[data.labels == c].mean(0) for c in range(10)])
+        model.head.weight.copy_(means)
+        model.head.bias.copy_(-0.5 * means.square().sum(1))  # logits: -|x - mean|² / 2 up to a shared term
+    model.class_names = [str(i) for i in range(10)]
+    return save_checkpoint(model, tmp_path_factory.mktemp("report") / "digits.safetensors")
+
+
+def test_evaluate_returns_predictions_only_on_request(digits_model: Path) -> None:
+    model = load_checkpoint(digits_model)
+    data = load_mnist5k().subset(torch.arange(0, 5000, 50))
+    plain = evaluate(model, data, batch_size=32)
+    assert "preds" not in plain and "labels" not in plain
+    m = evaluate(model, data, batch_size=32, predictions=True)
+    with torch.no_grad():
+        expected = model.eval()(to_model_input(data.images, 28, 1)).argmax(1)
+    assert torch.equal(m["preds"], expected) and torch.equal(m["labels"], data.labels)
+    assert m["top1"] == plain["top1"] == pytest.approx((expected == data.labels).float().mean().item())
+
+
+def test_eval_report_files_match_a_direct_computation(digits_model: Path, tmp_path: Path,
+                                                      capsys: pytest.CaptureFixture) -> None:
+    report = tmp_path / "report"
+    assert main(["eval", str(digits_model), "--data", "mnist5k", "--report", str(report), "--json"]) == 0
+    printed = json.loads(capsys.readouterr().out)
+
+    model = load_checkpoint(digits_model).eval()
+    data = load_mnist5k()
+    with torch.no_grad():
+        preds = model(to_model_input(data.images, 28, 1)).argmax(1)
+    expected = [(preds[data.labels == c] == c).float().mean().item() for c in range(10)]
+    assert len(set(np.round(expected, 3))) > 3  # a model whose classes really differ
+
+    saved = json.loads((report / "per_class.json").read_text())
+    assert [c["name"] for c in saved["classes"]] == [str(i) for i in range(10)]
+    assert [c["n"] for c in saved["classes"]] == [500] * 10
+    assert [c["accuracy"] for c in saved["classes"]] == pytest.approx(expected)
+    assert [printed["per_class"][str(c)] for c in range(10)] == pytest.approx(expected)
+    assert saved["top1"] == printed["top1"] == pytest.approx((preds == data.labels).float().mean().item())
+
+    png = report / "confusion.png"
+    assert png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    with Image.open(png) as image:
+        image.verify()
+        assert min(image.size) > 200
+
+
+def test_eval_without_report_has_no_per_class(digits_model: Path, capsys: pytest.CaptureFixture) -> None:
+    assert main(["eval", str(digits_model), "--data", "mnist5k", "--json"]) == 0
+    assert "per_class" not in json.loads(capsys.readouterr().out)
+
+
+def test_eval_mode_chooses_the_preprocessing_of_image_folders(digits_model: Path, tmp_path: Path,
+                                                              capsys: pytest.CaptureFixture) -> None:
+    rng = np.random.default_rng(0)
+    for c in range(10):  # a 10-class folder of wide 28×56 images, whose crop and squeeze differ
+        (tmp_path / "folder" / str(c)).mkdir(parents=True)
+        Image.fromarray(rng.integers(0, 256, (28, 56), dtype=np.uint8)).save(tmp_path / "folder" / str(c) / "a.png")
+    folder = str(tmp_path / "folder")
+    model = load_checkpoint(digits_model)
+    squeezed = open_eval_data(folder, model, "resize").dataset[0][0]
+    cropped = open_eval_data(folder, model, "resmall-crop").dataset[0][0]
+    assert squeezed.shape == cropped.shape == (1, 28, 28) and not torch.allclose(squeezed, cropped)
+    losses = []
+    for mode in ("resize", "resmall-crop"):
+        assert main(["eval", str(digits_model), "--data", folder, "--eval-mode", mode, "--workers", "0",
+                     "--json"]) == 0
+        out = json.loads(capsys.readouterr().out)
+        assert out["n"] == 10
+        losses.append(out["loss"])
+    assert losses[0] != pytest.approx(losses[1])
+
+
+def test_train_with_permuted_patches_validates_and_evaluates_permuted(tmp_path: Path,
+                                                                     capsys: pytest.CaptureFixture) -> None:
+    out = tmp_path / "permuted"
+    assert main(["train", "--permute", "patches", "--permute-seed", "3", "--steps", "6", "--batch-size", "32",
+                 "--processes", "1", "--out", str(out), "--quiet"]) == 0
+    capsys.readouterr()  # the training's own messages
+    recipe = json.loads((out / "config.json").read_text())["recipe"]
+    assert recipe["permute"] == "patches" and recipe["permute_seed"] == 3
+
+    # The run's last validation was on its hold-out, permuted: recompute it both ways.
+    model = load_checkpoint(out)
+    r = get_recipe("mnist5k")
+    _, val_idx = holdout_split(5000, r.holdout, r.seed)
+    val = load_mnist5k().subset(val_idx)
+    permute = FixedPermutation("patches", 28, 7, seed=3)
+    last = [m for m in map(json.loads, (out / "metrics.jsonl").read_text().splitlines()) if "val_loss" in m][-1]
+    permuted = evaluate(model, val, transform=permute)
+    plain = evaluate(model, val)
+    assert last["val_loss"] == pytest.approx(permuted["loss"], rel=1e-4)
+    assert abs(last["val_loss"] - plain["loss"]) > 1e-3
+
+    # `mixer eval RUN` applies the recorded permutation; --permute none turns it off.
+    full = load_mnist5k()
+    assert main(["eval", str(out), "--data", "mnist5k", "--json"]) == 0
+    recorded = json.loads(capsys.readouterr().out)
+    assert recorded["permute"] == "patches" and recorded["permute_seed"] == 3
+    assert recorded["loss"] == pytest.approx(evaluate(model, full, transform=permute)["loss"], rel=1e-5)
+    assert main(["eval", str(out), "--data", "mnist5k", "--permute", "none", "--json"]) == 0
+    off = json.loads(capsys.readouterr().out)
+    assert "permute" not in off and off["loss"] == pytest.approx(evaluate(model, full)["loss"], rel=1e-5)

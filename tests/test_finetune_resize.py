@@ -1,0 +1,68 @@
+"""`mixer finetune --img-size N`: the checkpoint is converted with resize_to and trained at N."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+import torch
+
+from mlpmixer import create_model, load_checkpoint, resize_to, save_checkpoint
+from mlpmixer.cli import main
+
+FINETUNE = ["--data", "mnist5k", "--holdout", "50", "--steps", "2", "--batch-size", "16", "--quiet"]
+
+
+@pytest.fixture(scope="module")
+def tiny(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """A small random digits Mixer at 28×28 (a 4×4 grid of 7×7 patches, D_S = 8)."""
+    torch.manual_seed(0)
+    model = create_model("digits/4", num_classes=10, img_size=28, in_chans=1, patch_size=7, hidden_dim=16,
+                         tokens_mlp_dim=8, channels_mlp_dim=32)
+    model.class_names = [str(i) for i in range(10)]
+    return save_checkpoint(model, tmp_path_factory.mktemp("ft") / "tiny.safetensors")
+
+
+def test_finetune_at_twice_the_size_uses_the_block_diagonal_conversion(tiny: Path, tmp_path: Path) -> None:
+    out = tmp_path / "ft56"
+    # lr 0: the weights stay as converted, so they can be compared with resize_to's.
+    assert main(["finetune", "--from", str(tiny), "--img-size", "56", "--lr", "0", "--out", str(out), *FINETUNE]) == 0
+    model = load_checkpoint(out)
+    assert model.config.img_size == (56, 56) and model.config.tokens_mlp_dim == 4 * 8
+    config = json.loads((out / "config.json").read_text())
+    assert config["model"]["img_size"] == [56, 56] and config["recipe"]["resize_method"] == "blockdiag"
+    expected = resize_to(load_checkpoint(tiny), 56).state_dict()
+    got = model.state_dict()
+    for key in expected:
+        if not key.startswith("head."):  # the head is new (zero-initialised) by design
+            torch.testing.assert_close(got[key], expected[key], rtol=0, atol=0, msg=key)
+    # The validation ran on 56×56 inputs (a 28×28 batch would not fit the 64-token model).
+    metrics = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
+    assert any(m.get("val_n") == 50 for m in metrics)
+
+
+def test_finetune_without_img_size_keeps_the_checkpoint_size(tiny: Path, tmp_path: Path) -> None:
+    out = tmp_path / "ft28"
+    assert main(["finetune", "--from", str(tiny), "--out", str(out), *FINETUNE]) == 0
+    model = load_checkpoint(out)
+    assert model.config.img_size == (28, 28) and model.config.tokens_mlp_dim == 8
+    assert json.loads((out / "config.json").read_text())["recipe"]["img_size"] is None
+
+
+def test_finetune_resample_takes_any_multiple_of_the_patch(tiny: Path, tmp_path: Path) -> None:
+    out = tmp_path / "ft42"
+    assert main(["finetune", "--from", str(tiny), "--img-size", "42", "--resize-method", "resample",
+                 "--out", str(out), *FINETUNE]) == 0
+    model = load_checkpoint(out)
+    assert model.config.img_size == (42, 42) and model.config.tokens_mlp_dim == 8  # resampling keeps D_S
+
+
+def test_finetune_to_a_non_integer_factor_is_one_sentence(tiny: Path, tmp_path: Path,
+                                                         capsys: pytest.CaptureFixture) -> None:
+    out = tmp_path / "ft42"
+    assert main(["finetune", "--from", str(tiny), "--img-size", "42", "--out", str(out), *FINETUNE]) != 0
+    err = capsys.readouterr().err
+    assert "not an integer multiple" in err and "resample" in err
+    assert err.count("\n") == 1 and "Traceback" not in err
+    assert not (out / "model.safetensors").exists()

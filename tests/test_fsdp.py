@@ -1,0 +1,65 @@
+"""`--fsdp`: FSDP2 sharding over 2 CPU processes (gloo) follows one process, saves full weights, resumes."""
+
+from __future__ import annotations
+
+import os
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+from mlpmixer import load_checkpoint
+from mlpmixer.cli import main
+
+ROOT = Path(__file__).resolve().parents[1]
+# SGD (its update is linear in the gradient, so the all-reduce's rounding stays at float level; see
+# test_train.py) with momentum, whose buffers are optimiser state that resuming must restore.
+COMMON = ["train", "--steps", "3", "--batch-size", "32", "--quiet", "--optimizer", "sgd", "--lr", "0.1"]
+
+
+def _torchrun(*args: str, port: int) -> subprocess.CompletedProcess:
+    return subprocess.run([sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port",
+                           str(port), "-m", "mlpmixer", *COMMON, "--fsdp", *args],
+                          env={**os.environ, "PYTHONPATH": str(ROOT / "src")}, cwd=ROOT, timeout=600,
+                          capture_output=True, text=True)
+
+
+def _max_diff(a: Path, b: Path) -> float:
+    x, y = load_checkpoint(a).state_dict(), load_checkpoint(b).state_dict()
+    assert x.keys() == y.keys()
+    return max((x[k] - y[k]).abs().max().item() for k in x)
+
+
+def test_fsdp_over_two_processes_follows_one_and_resumes(tmp_path: Path) -> None:
+    fsdp = tmp_path / "fsdp"
+    done = _torchrun("--out", str(fsdp), "--save-every", "1", "--keep", "5", port=29531)
+    assert done.returncode == 0, done.stderr[-2000:]
+    assert main([*COMMON, "--processes", "1", "--out", str(tmp_path / "one")]) == 0
+    # The weights rank 0 gathered and saved are the full model, equal to one process's to float tolerance.
+    assert _max_diff(fsdp, tmp_path / "one") < 1e-5
+    # Every training state holds the full model and the optimiser state by parameter name.
+    state = torch.load(fsdp / "checkpoints" / "step-00000002.pt", weights_only=True)
+    assert state["step"] == 2 and state["model"]["head.weight"].shape == (10, 48)
+    assert "head.weight" in state["optimizer"]["state"]
+    # Resume from step 2 (as after a kill): the sharded run ends where the uninterrupted one did.
+    resumed = tmp_path / "resumed"
+    shutil.copytree(fsdp, resumed)
+    (resumed / "checkpoints" / "step-00000003.pt").unlink()
+    (resumed / "model.safetensors").unlink()
+    done = _torchrun("--out", str(resumed), "--resume", port=29532)
+    assert done.returncode == 0, done.stderr[-2000:]
+    assert _max_diff(resumed, fsdp) == 0.0
+
+
+def test_fsdp_refuses_ema_with_several_processes(tmp_path: Path, capsys: pytest.CaptureFixture) -> None:
+    assert main([*COMMON, "--fsdp", "--ema", "0.9", "--processes", "2", "--out", str(tmp_path / "run")]) != 0
+    assert "--fsdp does not keep EMA weights" in capsys.readouterr().err
+
+
+def test_fsdp_in_one_process_says_it_trains_unsharded(tmp_path: Path, capsys: pytest.CaptureFixture) -> None:
+    assert main([*COMMON, "--fsdp", "--processes", "1", "--out", str(tmp_path / "run")]) == 0
+    assert "in one process it trains unsharded" in capsys.readouterr().out
+    assert load_checkpoint(tmp_path / "run").num_classes == 10
