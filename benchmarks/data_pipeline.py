@@ -35,6 +35,7 @@ import torchvision  # noqa: E402
 from torch.utils.data import DataLoader  # noqa: E402
 
 from mlpmixer import create_model  # noqa: E402
+from mlpmixer.bench import cpu_name  # noqa: E402
 from mlpmixer.checkpoints import atomic_write  # noqa: E402
 from mlpmixer.sources import open_folder_or_shards  # noqa: E402
 from mlpmixer.transforms import train_transform  # noqa: E402
@@ -78,14 +79,6 @@ def training_rate(steps: int, batch_size: int, workers: int | None) -> float:
         loss.backward()
         optimizer.step()
     return steps * batch_size / (time.perf_counter() - start)
-
-
-def cpu_name() -> str:
-    try:
-        lines = Path("/proc/cpuinfo").read_text().splitlines()
-        return next(line.split(":", 1)[1].strip() for line in lines if line.startswith("model name"))
-    except (OSError, StopIteration):
-        return platform.processor() or platform.machine()
 
 
 def main() -> None:

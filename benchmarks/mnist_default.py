@@ -34,16 +34,6 @@ def mixer() -> list[str]:
     return [str(script)] if script.exists() else [sys.executable, "-m", "mlpmixer"]
 
 
-def cpu_name() -> str:
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                return line.split(":", 1)[1].strip()
-    except OSError:
-        pass
-    return platform.processor() or platform.machine()
-
-
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2])
@@ -51,6 +41,8 @@ def main() -> None:
     p.add_argument("--no-write", action="store_true", help="do not update the results file")
     args = p.parse_args()
     import torch
+
+    from mlpmixer.bench import cpu_name
 
     rows = []
     for seed in args.seeds:

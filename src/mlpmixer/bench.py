@@ -274,13 +274,24 @@ def set_threads(threads: Optional[int]) -> int:
     return torch.get_num_threads()
 
 
+def cpu_name() -> str:
+    """The CPU's model name (Linux /proc/cpuinfo), else what `platform` knows."""
+    import platform
+
+    try:
+        lines = open("/proc/cpuinfo").read().splitlines()
+        return next(line.split(":", 1)[1].strip() for line in lines if line.startswith("model name"))
+    except (OSError, StopIteration):
+        return platform.processor() or platform.machine()
+
+
 def environment(device: torch.device) -> dict:
     """Machine and versions, stored with every result."""
     import platform
 
     info = dict(
         date=time.strftime("%Y-%m-%d %H:%M:%S %Z"), torch=torch.__version__, python=platform.python_version(),
-        machine=platform.machine(), processor=platform.processor() or None, cpu_count=os.cpu_count(),
+        machine=platform.machine(), processor=cpu_name(), cpu_count=os.cpu_count(),
         threads=torch.get_num_threads(), device=str(device),
         cpu_capability=getattr(torch.backends.cpu, "get_cpu_capability", lambda: None)(),
     )

@@ -42,8 +42,8 @@ def plot_curves(metrics: str | Path, png: str | Path) -> Path:
         if train or val:
             ax.legend()
     fig.tight_layout()
-    png = Path(png)
-    png.parent.mkdir(parents=True, exist_ok=True)
-    fig.savefig(png, dpi=100)
+    from .reports import save_figure  # atomic, like every file a run writes
+
+    path = save_figure(fig, png, dpi=100)
     plt.close(fig)
-    return png
+    return path
