@@ -66,7 +66,7 @@ def correctness(config, device, batch: int) -> dict:
         cfg = config.replace(gelu=gelu)
         model = perturbed(cfg, device).eval()
         variants = {"fast": optimize(model), "fast_no_graphs": optimize(model, cuda_graphs=False),
-                    "fast_triton_gemm": optimize(model, gemm="triton", cuda_graphs=False),
+                    "fast_cublaslt_gemm": optimize(model, gemm="cublaslt", cuda_graphs=False),
                     "fast_torch_gemm": optimize(model, gemm="torch", cuda_graphs=False)}
         res: dict = {}
         for name, fast in variants.items():
@@ -210,7 +210,7 @@ def main() -> int:
     timm_eager = [dict(timm_name=timm_ref, timm_shapes=args.smoke)]
     item("B/16 inference", est["eager"] * 4, lambda: timed(
         b16, "infer", sizes["infer"],
-        ours + [dict(fast=True, gemm="triton", name=f"{b16.describe()} fast triton-gemm"),
+        ours + [dict(fast=True, gemm="cublaslt", name=f"{b16.describe()} fast cublaslt-gemm"),
                 dict(fast=True, cuda_graphs=False, name=f"{b16.describe()} fast no-graphs")] + timm_eager))
     item("B/16 training", est["eager"] * 3, lambda: timed(b16, "train", sizes["train"], ours + timm_eager))
     item("B/16 training, big batch", est["eager"] * 3,

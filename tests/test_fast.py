@@ -221,3 +221,46 @@ def test_triton_gelu_fwd_bwd(interpreter_results, act):
 def test_triton_fast_path_whole_model(interpreter_results, gelu):
     assert interpreter_results[f"model_infer_{gelu}"] <= 1e-5
     assert interpreter_results[f"model_grads_{gelu}"] <= 1e-5
+
+
+# The interpreter runs kernels as Python and so accepts code the GPU compiler rejects (a plain
+# float global inside a kernel did exactly that). Compiling for real GPU targets, which needs no GPU,
+# catches such errors here rather than on a GPU machine.
+def _signature(kernel, pointers: dict[str, str], scalars: dict[str, str], constants: dict) -> tuple[dict, dict]:
+    sig = {}
+    for name in kernel.arg_names:
+        sig[name] = "constexpr" if name in constants else pointers.get(name) or scalars[name]
+    return sig, constants
+
+
+def _kernel_builds() -> list:
+    T = pytest.importorskip("mlpmixer.kernels._triton")
+    ln_ptrs = dict(R="*bf16", ROW_BIAS="*fp32", COL_BIAS="*fp32", W="*fp32", BIAS="*fp32", Y="*bf16")
+    mm_scalars = {n: "i32" for n in ("M", "N", "K", "stride_am", "stride_ak", "stride_bk", "stride_bn",
+                                     "stride_cm", "stride_cn")}
+    builds = [("layer_norm", T._layer_norm_kernel, ln_ptrs, dict(C="i32", B="i32", eps="fp32"),
+               dict(HAS_ROW=True, HAS_COL=True, BLOCK_C=1024))]
+    for act in (1, 2):  # exact, tanh GELU
+        builds.append((f"gelu_fwd_bwd act={act}", T._gelu_fwd_bwd_kernel,
+                       dict(PRE="*bf16", GRAD="*bf16", H="*bf16", DPRE="*bf16"), dict(n="i32"),
+                       dict(ACT=act, BLOCK=1024)))
+    for act, dtype in ((1, "fp32"), (2, "bf16")):  # both GELUs, both product precisions
+        ptrs = {n: f"*{dtype}" for n in ("A", "Bm", "BIAS", "Cm")}
+        builds.append((f"linear_act {dtype} act={act}", T._linear_act_kernel, ptrs, mm_scalars,
+                       dict(BIAS_ON_ROWS=act == 1, ACT=act, IEEE=dtype == "fp32", BLOCK_M=128, BLOCK_N=128,
+                            BLOCK_K=64, GROUP_M=8)))
+    return builds
+
+
+@pytest.mark.parametrize("arch", [90, 80])  # Hopper and Ampere; only the products differ between them
+def test_triton_kernels_compile_for_gpus(arch):
+    triton = pytest.importorskip("triton")
+    from triton.backends.compiler import GPUTarget
+    from triton.compiler import ASTSource
+
+    for name, kernel, pointers, scalars, constants in _kernel_builds():
+        if arch != 90 and not name.startswith("linear_act"):
+            continue
+        sig, const = _signature(kernel, pointers, scalars, constants)
+        compiled = triton.compile(ASTSource(kernel, sig, const), target=GPUTarget("cuda", arch, 32))
+        assert compiled.asm.get("cubin"), f"{name}: no GPU code for sm_{arch}"

@@ -12,7 +12,8 @@ import torch
 import mlpmixer.train as train_mod
 from mlpmixer import load_checkpoint
 from mlpmixer.recipes import RECIPES, Recipe, get_recipe
-from mlpmixer.train import TrainingDiverged, loss_fn, lr_at, train
+from mlpmixer.sources import open_folder_or_shards
+from mlpmixer.train import TrainingDiverged, loader_batches, loss_fn, lr_at, rebatch, train
 
 
 def tiny(**changes) -> Recipe:
@@ -34,6 +35,32 @@ def test_a_short_run_writes_every_file(tmp_path: Path) -> None:
     assert model.class_names == [str(i) for i in range(10)] and model.num_classes == 10
     assert model.config.to_dict() == config["model"]
     assert model.head.weight.abs().sum() > 0  # it trained (the head starts at zero)
+
+
+def test_rebatch_gives_exact_batches_in_order() -> None:
+    sizes = [5, 5, 2, 5, 1]  # what workers hand over: full batches and each one's short last batch
+    starts = [sum(sizes[:i]) for i in range(len(sizes))]
+    batches = [(torch.arange(a, a + n), torch.arange(a, a + n) % 3) for a, n in zip(starts, sizes)]
+    out = list(rebatch(batches, 4))
+    assert [len(x) for x, _ in out] == [4, 4, 4, 4]  # 18 images: four batches, two left over
+    assert torch.equal(torch.cat([x for x, _ in out]), torch.arange(16))
+    assert all(torch.equal(y, x % 3) for x, y in out)
+
+
+def test_shard_epochs_are_whole_with_several_workers(tmp_path: Path) -> None:
+    """Each worker's share ends in a short batch; an epoch must still hold len // batch steps."""
+    from test_sources import make_shards, sample_id
+
+    make_shards(tmp_path / "shards", shards=2, per_shard=11)
+    source = open_folder_or_shards(str(tmp_path / "shards"), "train", 0.25, 0, None)
+    batch, per_epoch = 4, source.num_examples // 4
+    epochs = []
+    batches = loader_batches(source.dataset, tiny(workers=3), batch, 1, 0, per_epoch, 0, 1)
+    for _ in range(2):
+        seen = [sample_id(img) for _ in range(per_epoch) for img in next(batches)[0][0]]
+        assert len(set(seen)) == len(seen) == per_epoch * batch  # no image twice within an epoch
+        epochs.append(seen)
+    assert epochs[0] != epochs[1]  # the second epoch is a new shuffle, not a repeat
 
 
 def test_schedules() -> None:

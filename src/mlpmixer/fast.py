@@ -8,7 +8,7 @@ Inference (no gradients)
     a per-token and a per-channel vector that the next LayerNorm adds in fp32 while it reads the
     stream (`kernels.layer_norm`), so residual adds and output biases cost no memory pass.
   - The first product of each MLP carries its bias and GELU in the epilogue (`kernels.linear_act`:
-    cuBLASLt for the tanh GELU, a Triton GEMM for the exact one).
+    a Triton GEMM in bf16/fp16; in fp32, cuBLASLt for the tanh GELU and GEMM then GELU otherwise).
   - On CUDA, one CUDA graph per input shape replays the whole forward (no launch overhead).
 
 Training

@@ -25,6 +25,7 @@ from __future__ import annotations
 
 import glob
 import io
+import itertools
 import json
 import multiprocessing
 import os
@@ -190,8 +191,10 @@ class ShardDataset(torch.utils.data.IterableDataset):
 
     Each epoch (see `set_epoch`) the shards are shuffled with (seed, epoch), identically in every
     process, then dealt out to the DDP ranks (torch.distributed, or RANK/WORLD_SIZE) and within a rank
-    to the DataLoader workers, so each sample is read once per epoch. Training data is also shuffled
-    through a buffer. Ranks get different numbers of samples when the shards do not divide evenly.
+    to the DataLoader workers, so each sample is read once per epoch. With fewer shards than readers
+    (ranks × workers), every reader reads every shard and keeps every (ranks × workers)-th sample
+    instead. Training data is also shuffled through a buffer. Ranks get different numbers of samples
+    when the shards do not divide evenly.
     """
 
     def __init__(
@@ -216,28 +219,32 @@ class ShardDataset(torch.utils.data.IterableDataset):
         self.shuffle_buffer = shuffle_buffer
         self.epoch = 0
         self.bad_samples = BadSampleCounter(num_examples)
-        world_size = wds.utils.pytorch_worker_info()[1]
-        if world_size > len(shards):
-            raise ValueError(
-                f"{len(shards)} shards cannot feed {world_size} training processes; "
-                "split the data into at least as many shards as processes."
-            )
 
     def set_epoch(self, epoch: int) -> None:
         self.epoch = epoch
 
-    def _my_shards(self) -> list[str]:
+    def _my_part(self) -> tuple[list[str], int, int]:
+        """The shards this reader (rank and worker) reads, and the share of their samples it keeps:
+        every `stride`-th one from `offset`."""
         rank, world_size, worker, num_workers = wds.utils.pytorch_worker_info()
         shards = list(self.shards)
         if self.shuffle:
             random.Random(f"{self.seed}/{self.epoch}").shuffle(shards)
+        readers = world_size * num_workers
+        if len(shards) < readers:
+            # Dealing out shards would leave readers idle (CIFAR-10's 5 shards, 16 workers); reading a
+            # shard costs little next to decoding its images, which each reader does only for its share.
+            return shards, readers, rank * num_workers + worker
         # Ranks first, so they get equal numbers of shards (within one); a rank's workers share its own.
-        return shards[rank::world_size][worker::num_workers]
+        return shards[rank::world_size][worker::num_workers], 1, 0
 
     def __iter__(self) -> Iterator[tuple[Any, int]]:
         rank, _, worker, _ = wds.utils.pytorch_worker_info()
         # Shards are split and shuffled above, by epoch; webdataset reads them and shuffles samples.
-        stages = [wds.SimpleShardList(self._my_shards()), wds.tarfile_to_samples()]
+        shards, stride, offset = self._my_part()
+        stages = [wds.SimpleShardList(shards), wds.tarfile_to_samples()]
+        if stride > 1:
+            stages.append(lambda samples: itertools.islice(samples, offset, None, stride))
         if self.holdout > 0:
             val = self.split == "val"
             keep = lambda sample: in_holdout(sample["__key__"], self.holdout, self.seed) == val  # noqa: E731
@@ -289,14 +296,15 @@ def _read_dataset_json(folder: Path) -> Optional[dict[str, Any]]:
     return info
 
 
-def _scan_labels(shards: list[str]) -> tuple[int, int]:
-    """(number of samples, number of classes) by reading every .cls member: the fallback when no
-    dataset.json names the classes."""
+def _scan(shards: list[str], split: str, holdout: float, seed: int) -> tuple[int, int]:
+    """(number of samples on the `split` side of the hold-out, number of classes) by reading every
+    sample's key and .cls member; no image is decoded."""
     count, top = 0, -1
     stream = wds.DataPipeline(wds.SimpleShardList(shards), wds.tarfile_to_samples())
-    for sample in tqdm(stream, desc="counting classes", unit=" samples", leave=False):
-        count += 1
+    for sample in tqdm(stream, desc="counting samples", unit=" samples", leave=False):
         top = max(top, int(sample["cls"]))
+        if holdout == 0 or in_holdout(sample["__key__"], holdout, seed) == (split == "val"):
+            count += 1
     return count, top + 1
 
 
@@ -307,16 +315,17 @@ def _open_shards(shards: list[str], split: str, holdout: float, seed: int, trans
     total = sum(info.get("splits", {}).values()) or None
     if total is not None:  # dataset.json counts the whole folder; estimate for the shards chosen
         total = round(total * len(shards) / len(_list_shards(str(folder))))
-    if class_names is None:
-        warnings.warn(
-            f"No dataset.json with class names next to {shards[0]}; reading the shards once to count "
-            "the classes, which are named by their numbers.",
-            stacklevel=3,
-        )
-        total, num_classes = _scan_labels(shards)
-        class_names = [str(i) for i in range(num_classes)]
-    if holdout > 0 and total is not None:  # an estimate: the hash puts about this fraction on each side
-        total = round(total * (holdout if split == "val" else 1 - holdout))
+    if class_names is None or holdout > 0:
+        # A hold-out's sides are only known sample by sample, and training needs the exact count to
+        # know where an epoch ends; without dataset.json the classes are unknown too.
+        if class_names is None:
+            warnings.warn(
+                f"No dataset.json with class names next to {shards[0]}; reading the shards once to count "
+                "the classes, which are named by their numbers.",
+                stacklevel=3,
+            )
+        total, num_classes = _scan(shards, split, holdout, seed)
+        class_names = class_names or [str(i) for i in range(num_classes)]
     dataset = ShardDataset(shards, transform, len(class_names), total, split=split, holdout=holdout, seed=seed)
     return Source(dataset, [str(name) for name in class_names], total)
 

@@ -23,7 +23,7 @@ import time
 from dataclasses import dataclass
 from datetime import datetime
 from pathlib import Path
-from typing import Any, Iterator, Optional
+from typing import Any, Iterable, Iterator, Optional
 
 import torch
 import torch.distributed as dist
@@ -163,6 +163,25 @@ def tensor_batches(data: TensorData, r: Recipe, img_size: Any, in_chans: int, ba
         step += 1
 
 
+def rebatch(batches: Iterable[tuple[torch.Tensor, torch.Tensor]], size: int) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
+    """Batches of exactly `size` from an iterable dataset's loader, whose workers each end their share
+    with a short batch: dropping those would lose up to size − 1 images per worker and pass, and make
+    a pass shorter than an epoch."""
+    xs: list[torch.Tensor] = []
+    ys: list[torch.Tensor] = []
+    for x, y in batches:
+        if not xs and len(x) == size:  # the usual case: no copy
+            yield x, y
+            continue
+        xs.append(x)
+        ys.append(y)
+        x, y = torch.cat(xs), torch.cat(ys)
+        while len(x) >= size:
+            yield x[:size], y[:size]
+            x, y = x[size:], y[size:]
+        xs, ys = ([x], [y]) if len(x) else ([], [])
+
+
 def loader_batches(dataset: Any, r: Recipe, batch: int, accum: int, start: int, per_epoch: int,
                    rank: int, world: int) -> Iterator[list[tuple[torch.Tensor, torch.Tensor]]]:
     """The same for image folders (map-style: a seeded order per epoch, resumed mid-epoch) and shards
@@ -179,11 +198,12 @@ def loader_batches(dataset: Any, r: Recipe, batch: int, accum: int, start: int, 
             order = torch.randperm(len(dataset), generator=torch.Generator().manual_seed(_seed(r.seed, 1, epoch)))
             sampler, skip = order[i * batch:per_epoch * batch].view(-1, world)[:, rank].tolist(), 0
         torch.manual_seed(_seed(r.seed, 3, step))  # seeds the workers' augmentation draws
-        loader = torch.utils.data.DataLoader(dataset, batch_size=local, sampler=sampler, drop_last=True,
-                                             num_workers=r.workers, persistent_workers=False)
+        loader = torch.utils.data.DataLoader(dataset, batch_size=local, sampler=sampler,
+                                             drop_last=sampler is not None, num_workers=r.workers,
+                                             persistent_workers=False)
         micro: list[tuple[torch.Tensor, torch.Tensor]] = []
         before = step
-        for n, (x, y) in enumerate(loader):
+        for n, (x, y) in enumerate(loader if sampler is not None else rebatch(loader, local)):
             if n < skip:
                 continue
             micro.append((x, y))

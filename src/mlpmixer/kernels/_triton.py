@@ -14,9 +14,8 @@ import triton.language as tl
 
 from . import interpreting, next_power_of_2
 
-SQRT_HALF = 0.7071067811865476
-SQRT_2_OVER_PI = 0.7978845608028654
-INV_SQRT_2PI = 0.3989422804014327
+# The GELUs' constants are written into the kernels as numbers: the GPU compiler refuses plain
+# Python globals in a kernel, and the CPU interpreter mishandles tl.constexpr ones.
 
 
 @triton.jit
@@ -27,10 +26,10 @@ def _tanh(u):
 
 @triton.jit
 def _gelu(x, ACT: tl.constexpr):
-    if ACT == 1:  # exact (erf) GELU
-        x = 0.5 * x * (1.0 + tl.erf(x * SQRT_HALF))
-    elif ACT == 2:  # tanh approximation
-        x = 0.5 * x * (1.0 + _tanh(SQRT_2_OVER_PI * (x + 0.044715 * x * x * x)))
+    if ACT == 1:  # exact (erf) GELU; 0.7071... = 1/√2
+        x = 0.5 * x * (1.0 + tl.erf(x * 0.7071067811865476))
+    elif ACT == 2:  # tanh approximation; 0.7978... = √(2/π)
+        x = 0.5 * x * (1.0 + _tanh(0.7978845608028654 * (x + 0.044715 * x * x * x)))
     return x
 
 
@@ -172,15 +171,15 @@ def _gelu_fwd_bwd_kernel(PRE, GRAD, H, DPRE, n, ACT: tl.constexpr, BLOCK: tl.con
     mask = offs < n
     x = tl.load(PRE + offs, mask=mask, other=0.0).to(tl.float32)
     g = tl.load(GRAD + offs, mask=mask, other=0.0).to(tl.float32)
-    if ACT == 1:
-        cdf = 0.5 * (1.0 + tl.erf(x * SQRT_HALF))
+    if ACT == 1:  # 0.7071... = 1/√2, 0.3989... = 1/√(2π)
+        cdf = 0.5 * (1.0 + tl.erf(x * 0.7071067811865476))
         h = x * cdf
-        dh = cdf + x * INV_SQRT_2PI * tl.exp(-0.5 * x * x)
-    else:
-        inner = SQRT_2_OVER_PI * (x + 0.044715 * x * x * x)
+        dh = cdf + x * 0.3989422804014327 * tl.exp(-0.5 * x * x)
+    else:  # 0.7978... = √(2/π)
+        inner = 0.7978845608028654 * (x + 0.044715 * x * x * x)
         t = _tanh(inner)
         h = 0.5 * x * (1.0 + t)
-        dh = 0.5 * (1.0 + t) + 0.5 * x * (1.0 - t * t) * SQRT_2_OVER_PI * (1.0 + 3.0 * 0.044715 * x * x)
+        dh = 0.5 * (1.0 + t) + 0.5 * x * (1.0 - t * t) * 0.7978845608028654 * (1.0 + 3.0 * 0.044715 * x * x)
     tl.store(H + offs, h.to(H.dtype.element_ty), mask=mask)
     tl.store(DPRE + offs, (g * dh).to(DPRE.dtype.element_ty), mask=mask)
 
