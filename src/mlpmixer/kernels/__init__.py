@@ -172,9 +172,10 @@ def linear_act(
     if act not in ACTIVATIONS:
         raise ValueError(f"Unknown activation {act!r}; use one of {', '.join(ACTIVATIONS)}.")
     if backend == "auto":
-        # Measured on an H100 (benchmarks/results/gpu_bench.json, B/16 inference, bf16): 13.6k img/s
-        # with the Triton GEMM, 10.3k with cuBLASLt's epilogue. Triton's fp32 products do not use the
-        # tensor cores that cuBLAS's do, so fp32 stays with cuBLAS.
+        # Measured on an H100 (benchmarks/results/, bf16 inference): B/16 13.7k img/s with the Triton
+        # GEMM against 10.2k with cuBLASLt's epilogue, L/16 4.2k against 3.0k; H/14 the other way,
+        # 1.7k against 2.1k. Triton's fp32 products do not use the tensor cores that cuBLAS's do, so
+        # fp32 stays with cuBLAS.
         half = a.dtype in (torch.bfloat16, torch.float16)
         backend = "triton" if half and triton_usable(a) else "cublaslt" if a.is_cuda and act != "exact" else "torch"
 
