@@ -109,3 +109,13 @@ def test_augment_digits_identity_and_shift() -> None:
     assert shift.max() <= 3.5  # never moved further than asked (plus edge effects)
     warped = augment_digits(x, torch.Generator().manual_seed(1), rotate=10, scale=0.1, elastic=2)
     assert (warped - x).abs().mean() > 0.01
+
+
+def test_augment_digits_share_is_warped_as_in_the_whole_batch() -> None:
+    """A training process warps only its share of the batch, with the draws of a one-process run."""
+    x = load_mnist5k().images[:8].float() / 127.5 - 1
+    strength = dict(rotate=10, scale=0.1, shift=2, elastic=2)
+    whole = augment_digits(x, torch.Generator().manual_seed(3), **strength)
+    rows = torch.tensor([5, 1, 6])
+    share = augment_digits(x, torch.Generator().manual_seed(3), rows=rows, **strength)
+    assert torch.equal(share, whole[rows])

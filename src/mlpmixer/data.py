@@ -189,6 +189,7 @@ def augment_digits(
     shift: float = 0.0,
     elastic: float = 0.0,
     grid: int = 4,
+    rows: Optional[torch.Tensor] = None,
 ) -> torch.Tensor:
     """Random affine and elastic distortion of a batch (B, C, H, W) in [-1, 1], all in one resampling.
 
@@ -198,6 +199,9 @@ def augment_digits(
     field is built on the coarse control grid and upsampled bilinearly, which is exact for its affine
     part: one small `affine_grid`, one upsample and one `grid_sample` per batch, instead of per-image
     torchvision transforms. Background (-1) fills whatever comes in from outside the image.
+
+    `rows` (indices into the batch) warps only those images, returned in that order, with the draws
+    they get when the whole batch is warped: a process of several warps its own share, identically.
     """
     b, _, h, w = x.shape
 
@@ -214,6 +218,8 @@ def augment_digits(
     theta = torch.stack([torch.stack([cos, -sin, move[:, 0]], 1), torch.stack([sin, cos, move[:, 1]], 1)], 1)
     field = F.affine_grid(theta, [b, 1, grid, grid], align_corners=True)
     field = field + uniform(b, grid, grid, 2) * elastic * unit
+    if rows is not None:
+        x, field = x[rows], field[rows]
     field = F.interpolate(field.permute(0, 3, 1, 2), size=(h, w), mode="bilinear", align_corners=True)
     out = F.grid_sample(x + 1, field.permute(0, 2, 3, 1), mode="bilinear", padding_mode="zeros",
                         align_corners=True)

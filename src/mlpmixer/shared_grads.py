@@ -1,0 +1,89 @@
+"""Gradient averaging through shared memory for the CPU processes that `train.launch` forks.
+
+Why not DistributedDataParallel here: gloo sends the gradients through loopback TCP and its own
+threads, which have to win CPU time from the busy training processes. On the 2-core development
+machine its all-reduce took 12 ms of each 34 ms step of the default job (82k gradients, 2 processes
+of one thread). Processes forked on one machine can share memory instead: each writes its gradients
+into its own row of a shared (processes, n) buffer, waits at a barrier, and then every process sums
+the rows in the same order, so all of them get the same bits. Two such buffers take turns, so one
+barrier a step suffices: a process can only write a buffer again after every other one has passed
+the next barrier, and so has finished reading it. Measured there: 26 ms steps, 1.3× the images per
+second. torchrun keeps using DistributedDataParallel (several machines, GPUs).
+"""
+
+from __future__ import annotations
+
+import threading
+from typing import Iterable
+
+import torch
+
+# Long enough for rank 0's evaluations and checkpoints; a process that died stops the others sooner
+# (see `abort`).
+WAIT_S = 1800.0
+
+
+class SharedGradients:
+    """Create in the parent before forking `world` processes; each calls `attach`, then `average`
+    after every backward pass (before clipping and the optimiser step)."""
+
+    def __init__(self, world: int) -> None:
+        ctx = torch.multiprocessing.get_context("fork")
+        self.world = world
+        self.barrier = ctx.Barrier(world)
+        self._handover = ctx.Queue()  # hands the shared buffer to the other processes
+        self._rows = torch.empty(0)
+        self._params: list[torch.nn.Parameter] = []
+        self._turn = 0
+        self.rank = 0
+
+    def attach(self, rank: int, params: Iterable[torch.nn.Parameter]) -> None:
+        """Share a buffer sized for `params`, and start every process from rank 0's values (as
+        DistributedDataParallel does)."""
+        self.rank = rank
+        self._params = [p for p in params if p.requires_grad]
+        size = sum(p.numel() for p in self._params)
+        if rank == 0:
+            self._rows = torch.zeros(2, self.world, size).share_memory_()
+            for _ in range(self.world - 1):
+                self._handover.put(self._rows)
+        else:
+            self._rows = self._handover.get(timeout=WAIT_S)
+        with torch.no_grad():
+            if rank == 0:
+                torch.cat([p.detach().reshape(-1).float() for p in self._params], out=self._rows[1, 0])
+            self._wait()
+            if rank != 0:
+                self._scatter(self._rows[1, 0], into_grads=False)
+        self._turn = 0  # buffer 1 is read until every process has passed the first step's barrier
+
+    def average(self) -> None:
+        """Replace each process's gradients by the mean over all processes."""
+        rows = self._rows[self._turn]
+        self._turn = 1 - self._turn
+        grads = [p.grad if p.grad is not None else torch.zeros_like(p) for p in self._params]
+        torch.cat([g.reshape(-1).float() for g in grads], out=rows[self.rank])
+        self._wait()
+        self._scatter(rows.sum(0).div_(self.world), into_grads=True)
+
+    def abort(self) -> None:
+        """Release the processes waiting for this one (it is stopping on an error)."""
+        self.barrier.abort()
+
+    def _scatter(self, flat: torch.Tensor, into_grads: bool) -> None:
+        offset = 0
+        for p in self._params:
+            values = flat[offset:offset + p.numel()].view_as(p)
+            offset += p.numel()
+            if into_grads:
+                if p.grad is None:
+                    p.grad = torch.empty_like(p)
+                p.grad.copy_(values)
+            else:
+                p.data.copy_(values)
+
+    def _wait(self) -> None:
+        try:
+            self.barrier.wait(WAIT_S)
+        except threading.BrokenBarrierError:
+            raise RuntimeError("Another training process stopped; see its error above.") from None
