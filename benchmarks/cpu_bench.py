@@ -38,12 +38,14 @@ def main() -> int:
     ap.add_argument("--repeats", type=int, default=3)
     ap.add_argument("--threads", type=int, default=None, help="default: PyTorch's (the physical cores)")
     ap.add_argument("--compile", action="store_true", help="also time torch.compile of our plain path")
+    ap.add_argument("--gelu", default="exact", choices=["exact", "tanh"],
+                    help="our models' GELU (default exact, the function timm computes)")
     ap.add_argument("--force-bf16", action="store_true", help="time bf16 even where the CPU has no bf16 unit")
     args = ap.parse_args()
     device = torch.device("cpu")
     B.set_threads(args.threads)
     start = time.perf_counter()
-    result: dict = dict(environment=B.environment(device), ceilings_gflops={}, settings=[],
+    result: dict = dict(environment=B.environment(device), ceilings_gflops={}, settings=[], gelu=args.gelu,
                         note="interleaved in one process; a shared machine makes absolute numbers noisy")
     for name in args.dtypes:
         # A small probe first: where bf16 is emulated, a 2048³ product alone takes a minute.
@@ -66,7 +68,9 @@ def main() -> int:
     for variant, batch in SETTINGS:
         if variant not in args.variants:
             continue
-        config = variant_config(variant)
+        # timm's Mixers compute the exact GELU; ours must compute the same function to compare speed
+        # (PyTorch's CPU kernel for the tanh GELU, the official one, is about 3× slower).
+        config = variant_config(variant, gelu=args.gelu)
         timm_name = B.timm_name_for(config)
         for dname in dtypes:
             dtype = B.DTYPES[dname]
