@@ -50,6 +50,19 @@ def grad_error(a: dict, b: dict) -> float:
     return max(((a[n] - b[n]).norm() / b[n].norm().clamp_min(floor)).item() for n in b)
 
 
+@pytest.mark.parametrize("act", ["tanh", "exact"])
+def test_cpu_gelus_match_pytorchs(act):
+    """The tanh GELU through the sigmoid on the CPU: PyTorch's function to fp32 rounding."""
+    x, g = torch.randn(64, 33) * 4, torch.randn(64, 33)
+    ref = torch.nn.functional.gelu(x, approximate="none" if act == "exact" else "tanh")
+    assert rel(K.gelu(x, act), ref) <= 1e-6
+    assert rel(K._gelu_(x.clone(), act), ref) <= 1e-6
+    h, d = K.gelu_fwd_bwd_ref(x, g, act)
+    x.requires_grad_(True)
+    torch.nn.functional.gelu(x, approximate="none" if act == "exact" else "tanh").backward(g)
+    assert rel(h, ref) <= 1e-6 and rel(d, x.grad) <= 1e-6
+
+
 @pytest.mark.parametrize("gelu", ["tanh", "exact"])
 def test_fast_inference_matches_plain_fp32(gelu):
     model = tiny(gelu).eval()

@@ -29,7 +29,6 @@ import warnings
 from typing import Optional
 
 import torch
-import torch.nn.functional as F
 from torch import nn
 
 from . import kernels as K
@@ -59,7 +58,7 @@ class _TokenBranch(torch.autograd.Function):
         s, b, c = x.shape
         y, mean, rstd = torch.native_layer_norm(x, (c,), g, beta, EPS)
         pre = torch.addmm(b1[:, None], w1, y.view(s, b * c))  # (D_S, B·C)
-        h = F.gelu(pre, approximate="none" if act == "exact" else "tanh")
+        h = K.gelu(pre, act)
         out = torch.addmm(x.view(s, b * c), w2, h)  # residual add in the GEMM epilogue
         out += b2[:, None]
         ctx.save_for_backward(x, mean, rstd, g, beta, w1, w2, pre)
@@ -92,7 +91,7 @@ class _ChannelBranch(torch.autograd.Function):
         x2 = x.view(-1, c)
         y, mean, rstd = torch.native_layer_norm(x2, (c,), g, beta, EPS)
         pre = torch.addmm(b3, y, w3.t())  # (S·B, D_C)
-        h = F.gelu(pre, approximate="none" if act == "exact" else "tanh")
+        h = K.gelu(pre, act)
         # The bias in the GEMM's epilogue (cuBLASLt), then the residual: one pass fewer than
         # addmm(x2, ...), which first copies x2 into the output.
         out = torch.addmm(b4, h, w4.t())

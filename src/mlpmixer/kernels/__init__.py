@@ -146,10 +146,36 @@ def layer_norm(
 # act(a @ b + bias): the bias runs along the output's rows (token mixing, W1 · X) or columns.
 
 
+# The tanh GELU on the CPU in fp32, as 0.5·x·(1 + tanh(u)) = x·σ(2u) with u = √(2/π)·(x + 0.044715·x³),
+# in a few in-place passes: PyTorch's CPU kernel for it took 743 µs on a 1024×192 block against 341 µs
+# for this (and 245 µs for the exact GELU) on this project's AVX2 machine; the two agree to fp32
+# rounding. Elsewhere PyTorch's kernels run.
+_K1 = 2 * 0.7978845608028654  # 2·√(2/π)
+_K3 = _K1 * 0.044715
+
+
+def _tanh_by_sigmoid(x: torch.Tensor, act: str) -> bool:
+    return act == "tanh" and x.device.type == "cpu" and x.dtype == torch.float32
+
+
+def _sigmoid_of_2u(x: torch.Tensor) -> torch.Tensor:
+    """σ(2u) of the tanh GELU, a new tensor."""
+    return x.square().mul_(_K3).add_(_K1).mul_(x).sigmoid_()
+
+
 def _gelu_(h: torch.Tensor, act: str) -> torch.Tensor:
-    if act != "none":
+    if _tanh_by_sigmoid(h, act):
+        h.mul_(_sigmoid_of_2u(h))
+    elif act != "none":
         torch.ops.aten.gelu_(h, approximate="none" if act == "exact" else "tanh")
     return h
+
+
+def gelu(x: torch.Tensor, act: str) -> torch.Tensor:
+    """GELU(x), a new tensor; `act` "exact" or "tanh"."""
+    if _tanh_by_sigmoid(x, act):
+        return x * _sigmoid_of_2u(x)
+    return F.gelu(x, approximate="none" if act == "exact" else "tanh")
 
 
 def linear_act_ref(a: torch.Tensor, b: torch.Tensor, bias: torch.Tensor, bias_on_rows: bool, act: str) -> torch.Tensor:
@@ -208,11 +234,8 @@ def linear_act(
 
 
 def gelu_fwd_bwd_ref(pre: torch.Tensor, grad: torch.Tensor, act: str) -> tuple[torch.Tensor, torch.Tensor]:
-    approximate = "none" if act == "exact" else "tanh"
-    return (
-        F.gelu(pre, approximate=approximate),
-        torch.ops.aten.gelu_backward(grad, pre, approximate=approximate),
-    )
+    # PyTorch's backward stays: written with the sigmoid, the derivative took ten passes and was slower.
+    return gelu(pre, act), torch.ops.aten.gelu_backward(grad, pre, approximate="none" if act == "exact" else "tanh")
 
 
 def gelu_fwd_bwd(pre: torch.Tensor, grad: torch.Tensor, act: str) -> tuple[torch.Tensor, torch.Tensor]:
