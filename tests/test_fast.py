@@ -239,11 +239,10 @@ def test_triton_fast_path_whole_model(interpreter_results, gelu):
 # The interpreter runs kernels as Python and so accepts code the GPU compiler rejects (a plain
 # float global inside a kernel did exactly that). Compiling for real GPU targets, which needs no GPU,
 # catches such errors here rather than on a GPU machine.
-def _signature(kernel, pointers: dict[str, str], scalars: dict[str, str], constants: dict) -> tuple[dict, dict]:
-    sig = {}
-    for name in kernel.arg_names:
-        sig[name] = "constexpr" if name in constants else pointers.get(name) or scalars[name]
-    return sig, constants
+def _signature(kernel, pointers: dict[str, str], scalars: dict[str, str], constants: dict) -> dict[str, str]:
+    """Triton's type string for each of the kernel's arguments."""
+    return {name: "constexpr" if name in constants else pointers.get(name) or scalars[name]
+            for name in kernel.arg_names}
 
 
 def _kernel_builds() -> list:
@@ -274,6 +273,6 @@ def test_triton_kernels_compile_for_gpus(arch):
     for name, kernel, pointers, scalars, constants in _kernel_builds():
         if arch != 90 and not name.startswith("linear_act"):
             continue
-        sig, const = _signature(kernel, pointers, scalars, constants)
-        compiled = triton.compile(ASTSource(kernel, sig, const), target=GPUTarget("cuda", arch, 32))
+        sig = _signature(kernel, pointers, scalars, constants)
+        compiled = triton.compile(ASTSource(kernel, sig, constants), target=GPUTarget("cuda", arch, 32))
         assert compiled.asm.get("cubin"), f"{name}: no GPU code for sm_{arch}"

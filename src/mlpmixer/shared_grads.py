@@ -7,8 +7,10 @@ of one thread). Processes forked on one machine can share memory instead: each w
 into its own row of a shared (processes, n) buffer, waits at a barrier, and then every process sums
 the rows in the same order, so all of them get the same bits. Two such buffers take turns, so one
 barrier a step suffices: a process can only write a buffer again after every other one has passed
-the next barrier, and so has finished reading it. Measured there: 26 ms steps, 1.3× the images per
-second. torchrun keeps using DistributedDataParallel (several machines, GPUs).
+the next barrier, and so has finished reading it. Measured there, one step timed alone: 26 ms
+against 34 ms with DistributedDataParallel; the whole default job went from 3,830 to 4,550 images/s
+(with cheaper reseeding, `train.reseed`). torchrun keeps using DistributedDataParallel (several
+machines, GPUs).
 """
 
 from __future__ import annotations

@@ -147,8 +147,8 @@ def layer_norm(
 
 
 # The tanh GELU on the CPU in fp32, as 0.5·x·(1 + tanh(u)) = x·σ(2u) with u = √(2/π)·(x + 0.044715·x³),
-# in a few in-place passes: PyTorch's CPU kernel for it took 743 µs on a 1024×192 block against 341 µs
-# for this (and 245 µs for the exact GELU) on this project's AVX2 machine; the two agree to fp32
+# in a few in-place passes: PyTorch's CPU kernel for it took 738 µs on a 1024×192 block against 441 µs
+# for this (and about 245 µs for the exact GELU) on this project's AVX2 machine; the two agree to fp32
 # rounding. Elsewhere PyTorch's kernels run.
 _K1 = 2 * 0.7978845608028654  # 2·√(2/π)
 _K3 = _K1 * 0.044715
