@@ -43,11 +43,13 @@ class Source:
 
 @dataclass
 class TensorData:
-    """A whole dataset in memory: uint8 images (N, C, H, W) and int64 labels (N,)."""
+    """A whole dataset in memory: uint8 images (N, C, H, W) and int64 labels (N,); `bad_samples` counts
+    the images that could not be decoded when it was read (`sources.read_into_memory`)."""
 
     images: torch.Tensor
     labels: torch.Tensor
     class_names: list[str]
+    bad_samples: Any = None
 
     def __len__(self) -> int:
         return len(self.labels)

@@ -51,6 +51,9 @@ class Recipe:
     mixup: float = 0.0
     cutmix: float = 0.0
     eval_mode: str = "resize"  # resize | resmall-crop
+    # Image folders and shards: augment image by image in the DataLoader workers, or decode the data once
+    # into memory and augment whole batches on the training device (small images; batch_augment.py).
+    augment_on: str = "workers"  # workers | device
     # Paper Figure 4: one fixed permutation of every image (training and validation), see permute.py.
     permute: Optional[str] = None  # None | patches | pixels
     permute_seed: int = 0
@@ -111,7 +114,7 @@ RECIPES: dict[str, dict[str, Any]] = {
         model="nano/4", img_size=32, data="../shared/data/cifar10", holdout=0.02, epochs=200,
         batch_size=256, optimizer="adamw", lr=2e-3, weight_decay=0.05, warmup=0.05, schedule="cosine",
         clip=1.0, label_smoothing=0.1, crop_area=(0.35, 1.0), randaugment=9, mixup=0.2, cutmix=1.0,
-        drop_path=0.1, ema=0.9998,
+        drop_path=0.1, ema=0.9998, augment_on="device",
     ),
     # S/16 at 224 on the Imagenette shards (10 ImageNet classes).
     "imagenette-s16": dict(
@@ -147,6 +150,7 @@ DEFAULT_RECIPE = "mnist5k"
 # Evaluation preprocessing (SPEC §4), applied by transforms.eval_transform; defined here, where the
 # command line can read it without importing torchvision (seconds at start-up).
 EVAL_MODES = ("resize", "resmall-crop")
+AUGMENT_ON = ("workers", "device")
 
 
 def get_recipe(name: str = DEFAULT_RECIPE, **overrides: Any) -> Recipe:

@@ -44,7 +44,7 @@ from torchvision.io import ImageReadMode, decode_image
 from torchvision.transforms.v2 import functional as F
 from tqdm import tqdm
 
-from .data import Source
+from .data import Source, TensorData
 
 Transform = Optional[Callable[[torch.Tensor], Any]]
 T = TypeVar("T")
@@ -208,6 +208,7 @@ class ShardDataset(torch.utils.data.IterableDataset):
         holdout: float = 0.0,
         seed: int = 0,
         shuffle_buffer: int = SHUFFLE_BUFFER,
+        whole: bool = False,
     ) -> None:
         self.shards = shards
         self.transform = transform
@@ -215,7 +216,9 @@ class ShardDataset(torch.utils.data.IterableDataset):
         self.split = split
         self.holdout = holdout
         self.seed = seed
-        self.shuffle = split == "train"
+        # `whole`: every process reads all of the split in shard order, to hold it in memory.
+        self.whole = whole
+        self.shuffle = split == "train" and not whole
         self.shuffle_buffer = shuffle_buffer
         self.epoch = 0
         self.bad_samples = BadSampleCounter(num_examples)
@@ -227,6 +230,8 @@ class ShardDataset(torch.utils.data.IterableDataset):
         """The shards this reader (rank and worker) reads, and the share of their samples it keeps:
         every `stride`-th one from `offset`."""
         rank, world_size, worker, num_workers = wds.utils.pytorch_worker_info()
+        if self.whole:
+            rank, world_size = 0, 1
         shards = list(self.shards)
         if self.shuffle:
             random.Random(f"{self.seed}/{self.epoch}").shuffle(shards)
@@ -308,7 +313,8 @@ def _scan(shards: list[str], split: str, holdout: float, seed: int) -> tuple[int
     return count, top + 1
 
 
-def _open_shards(shards: list[str], split: str, holdout: float, seed: int, transform: Transform) -> Source:
+def _open_shards(shards: list[str], split: str, holdout: float, seed: int, transform: Transform,
+                 whole: bool = False) -> Source:
     folder = Path(shards[0]).parent
     info = _read_dataset_json(folder) or {}
     class_names = info.get("classes")
@@ -326,7 +332,8 @@ def _open_shards(shards: list[str], split: str, holdout: float, seed: int, trans
             )
         total, num_classes = _scan(shards, split, holdout, seed)
         class_names = class_names or [str(i) for i in range(num_classes)]
-    dataset = ShardDataset(shards, transform, len(class_names), total, split=split, holdout=holdout, seed=seed)
+    dataset = ShardDataset(shards, transform, len(class_names), total, split=split, holdout=holdout, seed=seed,
+                           whole=whole)
     return Source(dataset, [str(name) for name in class_names], total)
 
 
@@ -349,17 +356,19 @@ def _open_image_folder(root: Path, split: str, holdout: float, seed: int, transf
     return Source(FolderDataset(samples, transform), list(folder.classes), len(samples))
 
 
-def open_folder_or_shards(path: str, split: str, holdout: float, seed: int, transform: Transform) -> Source:
+def open_folder_or_shards(path: str, split: str, holdout: float, seed: int, transform: Transform,
+                          whole: bool = False) -> Source:
     """Open an image folder or WebDataset shards as the `split` ("train" or "val") part of the data,
     holding out a seeded `holdout` fraction for "val" when no train/ + val/ pair is given (0: the
-    whole folder, whatever the split). The dataset yields (transform(uint8 CHW tensor), int label)."""
+    whole folder, whatever the split). The dataset yields (transform(uint8 CHW tensor), int label).
+    `whole`: shards are not split across processes nor shuffled (every process reads all of them)."""
     if split not in SPLITS:
         raise ValueError(f"The split must be 'train' or 'val', not {split!r}.")
     if not 0 <= holdout < 1:
         raise ValueError(f"The hold-out fraction must be at least 0 and below 1, not {holdout}.")
     shards = _list_shards(path)
     if shards:
-        return _open_shards(shards, split, holdout, seed, transform)
+        return _open_shards(shards, split, holdout, seed, transform, whole)
     root = Path(path)
     if not root.exists():
         what = "shards" if any(c in path for c in "*?[{") else "file or folder"
@@ -367,9 +376,50 @@ def open_folder_or_shards(path: str, split: str, holdout: float, seed: int, tran
     if not root.is_dir():
         raise ValueError(f"{path} is neither a folder nor a .tar/.tar.gz shard; give an image folder or shards.")
     if (root / "train").is_dir() and (root / "val").is_dir():
-        return open_folder_or_shards(str(root / split), split, 0.0, seed, transform)
+        return open_folder_or_shards(str(root / split), split, 0.0, seed, transform, whole)
     if not any(p.is_dir() for p in root.iterdir()):
         raise FileNotFoundError(
             f"{path} has neither class sub-folders nor .tar/.tar.gz shards; give an image folder or shards."
         )
     return _open_image_folder(root, split, holdout, seed, transform)
+
+
+def read_into_memory(path: str, split: str, holdout: float, seed: int, in_chans: int, workers: int = 2,
+                     progress: bool = True) -> TensorData:
+    """The `split` side of an image folder or shards, decoded once (in `workers` DataLoader workers) into
+    one uint8 tensor with `in_chans` channels: for training that augments whole batches on the device
+    (`batch_augment`). Bad images are skipped and counted as in training; every image must have one size."""
+    from .transforms import to_channels
+
+    source = open_folder_or_shards(path, split, holdout, seed, to_channels(in_chans), whole=True)
+    loader = torch.utils.data.DataLoader(source.dataset, batch_size=256, num_workers=workers, collate_fn=_pack)
+    images: list[torch.Tensor] = []
+    labels: list[int] = []
+    with tqdm(total=source.num_examples, desc="decoding into memory", unit="img", disable=not progress,
+              leave=False) as bar:
+        for pixels, shapes, batch_labels in loader:
+            sizes = shapes.prod(1).tolist()
+            images += [flat.view(*shape) for flat, shape in zip(pixels.split(sizes), shapes.tolist())]
+            labels += batch_labels.tolist()
+            bar.update(len(batch_labels))
+    if not images:
+        raise ValueError(f"The {split} part of {path} holds no images that could be decoded; check the data.")
+    sizes = sorted({tuple(image.shape[-2:]) for image in images})
+    if len(sizes) > 1:
+        shown = ", ".join(f"{h}×{w}" for h, w in sizes[:3]) + (", ..." if len(sizes) > 3 else "")
+        raise ValueError(f"{path} holds images of {len(sizes)} sizes ({shown}); augmenting on the device needs "
+                         "one size: resize the images or train with --augment-on workers.")
+    counter = source.dataset.bad_samples
+    if counter.bad:  # the workers warned about each; say it once here, where the user looks
+        warnings.warn(f"Skipped {counter.bad} of {counter.seen} images of {path} that could not be decoded.",
+                      stacklevel=2)
+    return TensorData(torch.stack(images), torch.tensor(labels, dtype=torch.int64), source.class_names, counter)
+
+
+def _pack(batch: list[tuple[torch.Tensor, int]]) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """DataLoader collation for images of any sizes: (all pixels concatenated, (n, 3) shapes, labels).
+    Three tensors per batch, as a worker passes each tensor to the main process through a file
+    descriptor: one per image ran out of them."""
+    images, labels = zip(*batch)
+    shapes = torch.tensor([image.shape for image in images], dtype=torch.int64)
+    return torch.cat([image.reshape(-1) for image in images]), shapes, torch.tensor(labels, dtype=torch.int64)

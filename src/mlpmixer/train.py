@@ -23,7 +23,7 @@ import time
 from dataclasses import dataclass
 from datetime import datetime
 from pathlib import Path
-from typing import Any, Iterable, Iterator, Optional
+from typing import TYPE_CHECKING, Any, Iterable, Iterator, Optional
 
 import torch
 import torch.distributed as dist
@@ -35,10 +35,13 @@ from .data import MNIST5K, TensorData, augment_digits, holdout_split, is_idx_fol
 from .evaluate import evaluate
 from .model import MlpMixer, create_model
 from .permute import FixedPermutation
-from .recipes import Recipe
+from .recipes import AUGMENT_ON, Recipe
 from .resize import resize_to
 from .shared_grads import SharedGradients
 from .variants import as_pair
+
+if TYPE_CHECKING:  # imported where used: torchvision takes a second to import, the default job needs none of it
+    from .batch_augment import BatchAugment
 
 STATE_DIR = "checkpoints"  # training states for --resume, inside the run directory
 STATE_PATTERN = "step-{:08d}.pt"
@@ -154,9 +157,16 @@ def reseed(seed: int) -> None:
 
 
 def tensor_batches(data: TensorData, r: Recipe, img_size: Any, in_chans: int, batch: int, accum: int,
-                   start: int, rank: int, world: int) -> Iterator[list[tuple[torch.Tensor, torch.Tensor]]]:
-    """For each optimiser step from `start`: this rank's `accum` micro-batches of the global batch."""
-    x_all = to_model_input(data.images, img_size, in_chans)  # once: the whole set fits in memory
+                   start: int, rank: int, world: int, augment: Optional[BatchAugment] = None,
+                   device: Optional[torch.device] = None) -> Iterator[list[tuple[torch.Tensor, torch.Tensor]]]:
+    """For each optimiser step from `start`: this rank's `accum` micro-batches of the global batch.
+
+    With `augment`, the uint8 images move to `device` once and each batch is augmented there; else they
+    are converted to model input once, and `r.digits_aug` warps each batch."""
+    if augment is not None:
+        x_all = data.images.to(device)
+    else:
+        x_all = to_model_input(data.images, img_size, in_chans)  # once: the whole set fits in memory
     per_epoch = len(data) // batch
     if per_epoch == 0:
         raise ValueError(f"The batch size {batch} is larger than the {len(data)} training images; lower it.")
@@ -169,7 +179,10 @@ def tensor_batches(data: TensorData, r: Recipe, img_size: Any, in_chans: int, ba
         micro = batch // accum
         mine = torch.arange(batch).view(accum, micro)[:, rank::world].reshape(-1)
         y = data.labels[idx[mine]]
-        if r.digits_aug:
+        if augment is not None:  # draws for the whole batch, as for the digits below
+            x = augment(x_all[idx.to(x_all.device)], torch.Generator().manual_seed(_seed(r.seed, 2, step)),
+                        rows=mine)
+        elif r.digits_aug:
             # The draws are made for the whole batch, so each share is warped as in a one-process run.
             x = augment_digits(x_all[idx], torch.Generator().manual_seed(_seed(r.seed, 2, step)),
                                rows=mine, **r.digits_aug)
@@ -348,6 +361,8 @@ def _train(
     if fsdp and r.ema:
         raise ValueError("--fsdp does not keep EMA weights; train with --ema 0 (the paper's pre-training "
                          "recipes use none) or without --fsdp.")
+    if r.augment_on not in AUGMENT_ON:
+        raise ValueError(f"Unknown --augment-on {r.augment_on!r}; choose {' or '.join(AUGMENT_ON)}.")
     if r.batch_size % (r.accum * world):
         raise ValueError(f"The batch size {r.batch_size} must divide into {r.accum} accumulation steps "
                          f"× {world} processes; choose a multiple of {r.accum * world}.")
@@ -366,7 +381,7 @@ def _train(
         if init_config:
             img_size, in_chans = r.img_size or init_config.img_size, init_config.in_chans
     else:
-        from .sources import check_same_classes, open_folder_or_shards
+        from .sources import check_same_classes, open_folder_or_shards, read_into_memory
         from .transforms import eval_transform, mixup_cutmix, train_transform
 
         img_size, in_chans = r.img_size or 224, 3
@@ -378,10 +393,15 @@ def _train(
             if not n:
                 raise ValueError(f"{r.data} does not say how many images it holds; give --holdout as a fraction.")
             holdout = holdout / n
-        t_train = train_transform(img_size, in_chans, crop_area=tuple(r.crop_area), randaugment_m=r.randaugment,
-                                  flip=r.flip)
-        source = open_folder_or_shards(r.data, "train", holdout, r.seed, t_train)
-        train_data, class_names, num_train = source.dataset, source.class_names, source.num_examples
+        if r.augment_on == "device":  # decoded once here, augmented batch by batch on the device
+            train_data = read_into_memory(r.data, "train", holdout, r.seed, in_chans, r.workers,
+                                          progress=main and progress)
+            class_names, num_train = train_data.class_names, len(train_data)
+        else:
+            t_train = train_transform(img_size, in_chans, crop_area=tuple(r.crop_area),
+                                      randaugment_m=r.randaugment, flip=r.flip)
+            source = open_folder_or_shards(r.data, "train", holdout, r.seed, t_train)
+            train_data, class_names, num_train = source.dataset, source.class_names, source.num_examples
         val_data = None
         if holdout or r.eval_data:
             t_eval = eval_transform(img_size, in_chans, r.eval_mode)
@@ -470,6 +490,12 @@ def _train(
     batch_fn = mixup_cutmix(num_classes, r.mixup, r.cutmix) if tensors is None and (r.mixup or r.cutmix) else None
     if tensors is not None:
         batches = tensor_batches(train_data, r, img_size, in_chans, r.batch_size, r.accum, start, rank, world)
+    elif isinstance(train_data, TensorData):  # augment_on="device"
+        from .batch_augment import BatchAugment
+
+        augment = BatchAugment(img_size, tuple(r.crop_area), r.flip, r.randaugment)
+        batches = tensor_batches(train_data, r, img_size, in_chans, r.batch_size, r.accum, start, rank, world,
+                                 augment=augment, device=device)
     else:
         batches = loader_batches(train_data, r, r.batch_size, r.accum, start, per_epoch, rank, world)
     eval_at = {round(total * (i + 1) / r.evals) for i in range(r.evals)} if r.evals else {total}

@@ -21,7 +21,7 @@ Transform = Callable[[torch.Tensor], torch.Tensor]
 RESMALL_RATIO = 256 / 224
 
 
-def _channels(in_chans: int) -> v2.Transform:
+def to_channels(in_chans: int) -> v2.Transform:
     """Greyscale <-> RGB conversion, so any image feeds a model with `in_chans` channels."""
     if in_chans == 3:
         return v2.RGB()  # 1 channel -> 3, 3 channels unchanged
@@ -51,7 +51,7 @@ def train_transform(
     if not 0 < low <= high <= 1:
         raise ValueError(f"The crop area range must satisfy 0 < low <= high <= 1, not {crop_area}.")
     steps: list[v2.Transform] = [
-        _channels(in_chans),
+        to_channels(in_chans),
         v2.RandomResizedCrop(as_pair(img_size), scale=(low, high), antialias=True),
     ]
     if flip:
@@ -73,7 +73,7 @@ def eval_transform(img_size: Size, in_chans: int = 3, mode: str = "resize") -> T
         resize = [v2.Resize(shorter, antialias=True), v2.CenterCrop(size)]
     else:
         raise ValueError(f"Unknown evaluation preprocessing {mode!r}; choose one of {', '.join(EVAL_MODES)}.")
-    return v2.Compose([_channels(in_chans), *resize, *_to_model_range(in_chans)])
+    return v2.Compose([to_channels(in_chans), *resize, *_to_model_range(in_chans)])
 
 
 def mixup_cutmix(num_classes: int, mixup: float = 0.0, cutmix: float = 0.0) -> Optional[v2.Transform]:

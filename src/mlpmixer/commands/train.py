@@ -30,6 +30,9 @@ RECIPE_FLAGS: dict[str, tuple[str, Any, str]] = {
     "--randaugment": ("randaugment", int, "RandAugment(2, m) magnitude (image data)"),
     "--mixup": ("mixup", float, "MixUp alpha (image data)"),
     "--cutmix": ("cutmix", float, "CutMix alpha (image data)"),
+    "--augment-on": ("augment_on", str, "image folders and shards: augment each image in the DataLoader workers, "
+                     "or decode the data into memory once and augment whole batches on the training device "
+                     "(device: for small images such as CIFAR's, where a GPU outruns the workers)"),
     "--permute": ("permute", str, "paper Figure 4: one fixed permutation of every training and validation image, "
                   "patches (patch order + pixels within patches) or pixels (all pixels); config.json records it and "
                   "`mixer eval RUN` applies it (or give `mixer eval --permute`)"),

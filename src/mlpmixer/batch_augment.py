@@ -1,0 +1,160 @@
+"""The training augmentation of `transforms.train_transform`, applied to whole batches on the training
+device (recipe `augment_on="device"`): for small images held in memory, such as CIFAR-10's.
+
+Why not the DataLoader workers: for 32×32 images the model is so cheap that a GPU trains faster than
+16 CPU cores can crop and RandAugment image by image (measured on an H100: about 7,000 images/s from the
+workers, while the GPU sat mostly idle). Why not torchvision's transforms on a batch: they draw one set
+of parameters per call, so a whole batch would get the same crop and the same RandAugment operations.
+
+Here every random choice is drawn per image, on the CPU, from the caller's generator (so the result
+does not depend on the device), and each distinct choice is applied once, to the rows that made it:
+
+- Inception-style random resized crop, torchvision's sampling (ten tries of an area in `crop_area` and
+  an aspect ratio in [3/4, 4/3], else the central crop), with each image's box cropped and resized in
+  one call (`torchvision.ops.roi_align`, bilinear, as `RandomResizedCrop` for enlarging crops);
+- horizontal flip with probability 1/2;
+- RandAugment(2, m) with torchvision's operations and magnitudes (31 bins, nearest interpolation,
+  fill 0), through torchvision's functional ops: at most 2 × 23 calls per batch, however large.
+"""
+
+from __future__ import annotations
+
+import math
+from typing import Callable, Optional
+
+import torch
+from torchvision.ops import roi_align
+from torchvision.transforms.v2 import InterpolationMode
+from torchvision.transforms.v2 import functional as F
+
+from .variants import Size, as_pair
+
+RANDAUGMENT_OPS = 2  # RandAugment(N=2, m), as the paper's recipes use it
+MAGNITUDE_BINS = 31  # torchvision's default number of magnitude levels (m is one of 0..30)
+CROP_TRIES = 10  # torchvision's RandomResizedCrop tries this many boxes before the central crop
+RATIO = (3 / 4, 4 / 3)  # and these aspect ratios
+
+Op = Callable[[torch.Tensor, float], torch.Tensor]
+NEAREST = InterpolationMode.NEAREST
+
+
+def _affine(x: torch.Tensor, translate: tuple[int, int] = (0, 0), shear: tuple[float, float] = (0.0, 0.0),
+            center: Optional[list[int]] = None) -> torch.Tensor:
+    return F.affine(x, angle=0.0, translate=list(translate), scale=1.0, shear=list(shear),
+                    interpolation=NEAREST, fill=None, center=center)
+
+
+# torchvision's RandAugment operation space (v2.RandAugment): name -> (operation at a signed magnitude,
+# the magnitude of each of the 31 levels for an image of height h and width w, whether the sign is drawn).
+RANDAUGMENT_SPACE: dict[str, tuple[Op, Callable[[int, int], Optional[torch.Tensor]], bool]] = {
+    "Identity": (lambda x, v: x, lambda h, w: None, False),
+    # Shears are given as angles whose tangent is the level, about the top-left corner (as AutoAugment).
+    "ShearX": (lambda x, v: _affine(x, shear=(math.degrees(math.atan(v)), 0.0), center=[0, 0]),
+               lambda h, w: torch.linspace(0.0, 0.3, MAGNITUDE_BINS), True),
+    "ShearY": (lambda x, v: _affine(x, shear=(0.0, math.degrees(math.atan(v))), center=[0, 0]),
+               lambda h, w: torch.linspace(0.0, 0.3, MAGNITUDE_BINS), True),
+    "TranslateX": (lambda x, v: _affine(x, translate=(int(v), 0)),
+                   lambda h, w: torch.linspace(0.0, 150.0 / 331.0 * w, MAGNITUDE_BINS), True),
+    "TranslateY": (lambda x, v: _affine(x, translate=(0, int(v))),
+                   lambda h, w: torch.linspace(0.0, 150.0 / 331.0 * h, MAGNITUDE_BINS), True),
+    "Rotate": (lambda x, v: F.rotate(x, angle=v, interpolation=NEAREST),
+               lambda h, w: torch.linspace(0.0, 30.0, MAGNITUDE_BINS), True),
+    "Brightness": (lambda x, v: F.adjust_brightness(x, 1.0 + v),
+                   lambda h, w: torch.linspace(0.0, 0.9, MAGNITUDE_BINS), True),
+    "Color": (lambda x, v: F.adjust_saturation(x, 1.0 + v),
+              lambda h, w: torch.linspace(0.0, 0.9, MAGNITUDE_BINS), True),
+    "Contrast": (lambda x, v: F.adjust_contrast(x, 1.0 + v),
+                 lambda h, w: torch.linspace(0.0, 0.9, MAGNITUDE_BINS), True),
+    "Sharpness": (lambda x, v: F.adjust_sharpness(x, 1.0 + v),
+                  lambda h, w: torch.linspace(0.0, 0.9, MAGNITUDE_BINS), True),
+    "Posterize": (lambda x, v: F.posterize(x, bits=int(v)),
+                  lambda h, w: (8 - (torch.arange(MAGNITUDE_BINS) / ((MAGNITUDE_BINS - 1) / 4))).round().int(), False),
+    "Solarize": (lambda x, v: F.solarize(x, threshold=255.0 * v),
+                 lambda h, w: torch.linspace(1.0, 0.0, MAGNITUDE_BINS), False),
+    "AutoContrast": (lambda x, v: F.autocontrast(x), lambda h, w: None, False),
+    "Equalize": (lambda x, v: F.equalize(x), lambda h, w: None, False),
+}
+
+
+class BatchAugment:
+    """uint8 images (B, C, H, W) on any device -> float32 (B, C, *img_size) in [-1, 1], each image
+    cropped, flipped and RandAugment-ed with its own draws (see the module docstring)."""
+
+    def __init__(self, img_size: Size, crop_area: tuple[float, float] = (0.05, 1.0), flip: bool = True,
+                 randaugment_m: Optional[int] = None) -> None:
+        low, high = crop_area
+        if not 0 < low <= high <= 1:
+            raise ValueError(f"The crop area range must satisfy 0 < low <= high <= 1, not {crop_area}.")
+        if randaugment_m is not None and not 0 <= randaugment_m < MAGNITUDE_BINS:
+            raise ValueError(f"The RandAugment magnitude must be 0 to {MAGNITUDE_BINS - 1}, not {randaugment_m}.")
+        self.img_size, self.crop_area, self.flip, self.m = as_pair(img_size), (low, high), flip, randaugment_m
+
+    def __call__(self, images: torch.Tensor, generator: torch.Generator,
+                 rows: Optional[torch.Tensor] = None) -> torch.Tensor:
+        """`rows` (indices into the batch) augments only those images, in that order, with the draws
+        they get when the whole batch is augmented: a process of several augments its own share."""
+        b, _, h, w = images.shape
+        boxes = crop_boxes(b, h, w, self.crop_area, generator)
+        flips = torch.rand(b, generator=generator) < 0.5
+        ops = torch.randint(len(RANDAUGMENT_SPACE), (b, RANDAUGMENT_OPS), generator=generator)
+        negative = torch.rand(b, RANDAUGMENT_OPS, generator=generator) < 0.5
+        if rows is not None:
+            images, boxes, flips, ops, negative = images[rows], boxes[rows], flips[rows], ops[rows], negative[rows]
+        x = self.crop(images, boxes)
+        if self.flip:
+            x = torch.where(flips.to(x.device).view(-1, 1, 1, 1), x.flip(-1), x)
+        if self.m is not None:
+            x = self.randaugment(x, ops, negative)
+        return x.float() / 127.5 - 1.0  # the official scaling, as transforms._to_model_range
+
+    def crop(self, images: torch.Tensor, boxes: torch.Tensor) -> torch.Tensor:
+        """Each image's (x1, y1, x2, y2) pixel box, resized to img_size; uint8 out, as RandAugment takes it."""
+        index = torch.arange(len(boxes), dtype=boxes.dtype).view(-1, 1)
+        rois = torch.cat([index, boxes], 1).to(images.device)
+        # aligned=True puts pixel k's centre at k + 0.5, so a box at the output size copies its pixels
+        # exactly; sampling_ratio=-1 averages ceil(box / output) samples per output pixel when shrinking.
+        out = roi_align(images.float(), rois, self.img_size, spatial_scale=1.0, sampling_ratio=-1, aligned=True)
+        return out.round_().clamp_(0, 255).to(torch.uint8)
+
+    def randaugment(self, x: torch.Tensor, ops: torch.Tensor, negative: torch.Tensor) -> torch.Tensor:
+        """RandAugment(2, m): for each of the two rounds, every operation (and sign) runs once on the
+        rows that drew it."""
+        h, w = x.shape[-2:]
+        x = x.clone()
+        for k in range(ops.shape[1]):
+            for op_id, (name, (op, levels, signed)) in enumerate(RANDAUGMENT_SPACE.items()):
+                chose = ops[:, k] == op_id
+                table = levels(h, w)
+                value = float(table[self.m]) if table is not None else 0.0
+                for sign in ((False, True) if signed else (None,)):
+                    mask = chose & (negative[:, k] == sign) if sign is not None else chose
+                    if not mask.any() or name == "Identity":
+                        continue
+                    index = mask.nonzero().view(-1).to(x.device)
+                    x[index] = op(x[index], -value if sign else value)
+        return x
+
+
+def crop_boxes(n: int, h: int, w: int, area: tuple[float, float], generator: torch.Generator) -> torch.Tensor:
+    """(n, 4) float boxes (x1, y1, x2, y2) in pixels, drawn as torchvision's RandomResizedCrop does,
+    one image at a time: the first of ten (area, aspect ratio) tries that fits, else the central crop
+    of the whole image clamped to the ratio range."""
+    low, high = area
+    target = h * w * (low + (high - low) * torch.rand(n, CROP_TRIES, generator=generator, dtype=torch.float64))
+    log_lo, log_hi = math.log(RATIO[0]), math.log(RATIO[1])
+    aspect = torch.exp(log_lo + (log_hi - log_lo) * torch.rand(n, CROP_TRIES, generator=generator,
+                                                                dtype=torch.float64))
+    cw, ch = torch.sqrt(target * aspect).round(), torch.sqrt(target / aspect).round()
+    fits = (cw > 0) & (cw <= w) & (ch > 0) & (ch <= h)
+    first = fits.to(torch.int8).argmax(1)  # the first try that fits (0 when none does: replaced below)
+    pick = torch.arange(n)
+    cw, ch = cw[pick, first], ch[pick, first]
+    # The fallback: the whole image, clamped to the ratio range.
+    in_ratio = w / h
+    fw, fh = (w, round(w / RATIO[0])) if in_ratio < RATIO[0] else (round(h * RATIO[1]), h) if in_ratio > RATIO[1] else (w, h)
+    none = ~fits.any(1)
+    cw, ch = torch.where(none, float(fw), cw), torch.where(none, float(fh), ch)
+    position = torch.rand(n, 2, generator=generator, dtype=torch.float64)
+    top = torch.where(none, float((h - fh) // 2), (position[:, 0] * (h - ch + 1)).floor())
+    left = torch.where(none, float((w - fw) // 2), (position[:, 1] * (w - cw + 1)).floor())
+    return torch.stack([left, top, left + cw, top + ch], 1).float()

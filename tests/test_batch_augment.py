@@ -1,0 +1,154 @@
+"""Batch augmentation on the device: torchvision's RandAugment operations and crop rules, per-image draws,
+each process's share, reading a dataset into memory, and training with it (resumed bit for bit)."""
+
+from __future__ import annotations
+
+import math
+from pathlib import Path
+
+import pytest
+import torch
+from torchvision.transforms import v2
+from torchvision.transforms.v2 import functional as F
+
+from mlpmixer import load_checkpoint
+from mlpmixer.batch_augment import RANDAUGMENT_SPACE, BatchAugment, crop_boxes
+from mlpmixer.recipes import get_recipe
+from mlpmixer.sources import read_into_memory
+from mlpmixer.train import train
+from test_sources import encode, make_folder, make_shards, sample_id
+
+pytestmark = pytest.mark.filterwarnings("ignore:The image decoding:DeprecationWarning")
+
+
+def images(n: int = 8, size: int = 16, seed: int = 0) -> torch.Tensor:
+    return torch.randint(0, 256, (n, 3, size, size), dtype=torch.uint8, generator=torch.Generator().manual_seed(seed))
+
+
+@pytest.mark.parametrize("name", list(RANDAUGMENT_SPACE))
+@pytest.mark.parametrize("negative", [False, True])
+@pytest.mark.parametrize("m", [5, 15])
+def test_each_randaugment_operation_is_torchvisions(name: str, negative: bool, m: int) -> None:
+    """Every row that drew an operation gets exactly what torchvision's RandAugment does with it (its
+    per-operation method is private; this test is where a change of it would show)."""
+    op_id = list(RANDAUGMENT_SPACE).index(name)
+    _, levels, signed = RANDAUGMENT_SPACE[name]
+    x = images(6, size=20)
+    ops = torch.full((6, 1), op_id)
+    ours = BatchAugment(20, randaugment_m=m).randaugment(x, ops, torch.full((6, 1), negative))
+    table = levels(20, 20)
+    value = float(table[m]) if table is not None else 0.0
+    value = -value if negative and signed else value
+    reference = v2.RandAugment(num_ops=1, magnitude=m)
+    expected = torch.stack([reference._apply_image_or_video_transform(
+        image, name, value, v2.InterpolationMode.NEAREST, {type(image): None}) for image in x])
+    assert torch.equal(ours, expected)
+
+
+def test_rows_get_their_own_operations() -> None:
+    x = images(4)
+    ops = torch.tensor([[0, 0], [list(RANDAUGMENT_SPACE).index("Solarize"), 0], [0, 0], [0, 0]])
+    out = BatchAugment(16, randaugment_m=30).randaugment(x, ops, torch.zeros(4, 2, dtype=torch.bool))
+    assert torch.equal(out[[0, 2, 3]], x[[0, 2, 3]])  # Identity twice
+    assert torch.equal(out[1], F.solarize(x[1], threshold=0.0))
+
+
+def test_crop_boxes_follow_random_resized_crop() -> None:
+    g = torch.Generator().manual_seed(0)
+    boxes = crop_boxes(2000, 24, 40, (0.1, 0.8), g)
+    w, h = boxes[:, 2] - boxes[:, 0], boxes[:, 3] - boxes[:, 1]
+    assert (boxes[:, :2] >= 0).all() and (boxes[:, 2] <= 40).all() and (boxes[:, 3] <= 24).all()
+    area = w * h / (24 * 40)
+    assert area.min() > 0.08 and area.max() < 0.85  # the range, give or take the rounding of sides
+    assert (w / h).min() > 0.6 and (w / h).max() < 1.6
+    assert len(set(map(tuple, boxes.tolist()))) > 1500  # drawn per image (integer boxes collide at times)
+    # No try can fit a square-ish box of the whole area into a 4×40 strip: torchvision's fallback is
+    # the central crop clamped to the largest ratio, 4 high and round(4 × 4/3) = 5 wide.
+    strip = crop_boxes(3, 4, 40, (1.0, 1.0), g)
+    assert strip.tolist() == [[17.0, 0.0, 22.0, 4.0]] * 3
+
+
+def test_the_whole_image_unflipped_is_unchanged_and_flips_mirror() -> None:
+    x = images()
+    g = torch.Generator().manual_seed(1)
+    out = BatchAugment(16, crop_area=(1.0, 1.0), flip=False)(x, g)
+    assert torch.equal(((out + 1) * 127.5).round().to(torch.uint8), x)
+    assert out.dtype == torch.float32 and out.min() >= -1 and out.max() <= 1
+    flipped = BatchAugment(16, crop_area=(1.0, 1.0))(x, torch.Generator().manual_seed(1))
+    pixels = ((flipped + 1) * 127.5).round().to(torch.uint8)
+    mirrored = torch.tensor([torch.equal(p, i.flip(-1)) for p, i in zip(pixels, x)])
+    kept = torch.tensor([torch.equal(p, i) for p, i in zip(pixels, x)])
+    assert (mirrored | kept).all() and mirrored.any() and kept.any()
+
+
+def test_crops_resize_as_torchvision_inside_the_box() -> None:
+    """Enlarging crops equal torchvision's resized_crop (bilinear) within rounding, except on the box's
+    edge, where roi_align reads the image just outside the box and torchvision repeats the edge pixel."""
+    x = images(32, size=32)
+    aug = BatchAugment(32, crop_area=(0.3, 1.0))
+    boxes = crop_boxes(32, 32, 32, (0.3, 1.0), torch.Generator().manual_seed(2))
+    ours = aug.crop(x, boxes)
+    left, top, right, bottom = boxes.int().T.tolist()
+    expected = torch.stack([F.resized_crop(image, t, l, b - t, r - l, [32, 32], antialias=True)
+                            for image, l, t, r, b in zip(x, left, top, right, bottom)])
+    assert (ours.int() - expected.int())[..., 1:-1, 1:-1].abs().max() <= 1
+
+
+def test_a_share_of_rows_is_augmented_as_in_the_whole_batch() -> None:
+    x = images(10)
+    aug = BatchAugment(12, crop_area=(0.2, 1.0), randaugment_m=12)
+    whole = aug(x, torch.Generator().manual_seed(3))
+    rows = torch.tensor([1, 4, 7])
+    assert torch.equal(aug(x, torch.Generator().manual_seed(3), rows=rows), whole[rows])
+    assert not torch.equal(aug(x, torch.Generator().manual_seed(4)), whole)
+
+
+def test_bad_settings_are_one_sentence() -> None:
+    with pytest.raises(ValueError, match="crop area"):
+        BatchAugment(16, crop_area=(0.5, 0.2))
+    with pytest.raises(ValueError, match="magnitude must be 0 to 30"):
+        BatchAugment(16, randaugment_m=31)
+
+
+def test_read_into_memory_reads_every_image_in_every_process(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    make_shards(tmp_path / "shards", shards=3, per_shard=40, bad=(4,))  # 1 bad image of 120: under 1%
+    monkeypatch.setenv("RANK", "1")  # a second process of two still reads all the shards
+    monkeypatch.setenv("WORLD_SIZE", "2")
+    with pytest.warns(UserWarning, match="Skipped 1 of 120 images"):
+        data = read_into_memory(str(tmp_path / "shards"), "train", 0.0, 0, in_chans=3, workers=2, progress=False)
+    assert data.bad_samples.bad == 1  # what training logs in metrics.jsonl
+    ids = sorted(sample_id(image) for image in data.images)
+    assert ids == [i for i in range(120) if i != 4] and data.images.dtype == torch.uint8
+    assert data.images.shape == (119, 3, 8, 8) and data.class_names == ["class0", "class1", "class2"]
+    assert all(int(label) == sample_id(image) % 3 for image, label in zip(data.images, data.labels))
+    with pytest.warns(UserWarning) as record:
+        grey = read_into_memory(str(tmp_path / "shards"), "train", 0.0, 0, in_chans=1, workers=0, progress=False)
+    messages = [str(w.message) for w in record]
+    assert any("Skipping" in m and "sample00004" in m for m in messages)  # each bad image is named too
+    assert any("Skipped 1 of 120" in m for m in messages)
+    assert grey.images.shape == (119, 1, 8, 8)
+
+
+def test_images_of_several_sizes_cannot_be_held_as_one(tmp_path: Path) -> None:
+    make_folder(tmp_path / "data", {"a": 2, "b": 2})
+    (tmp_path / "data" / "b" / "big.png").write_bytes(encode(9, size=12))
+    with pytest.raises(ValueError, match=r"2 sizes \(8×8, 12×12\).*--augment-on workers"):
+        read_into_memory(str(tmp_path / "data"), "train", 0.0, 0, in_chans=3, workers=0, progress=False)
+
+
+def test_training_with_device_augmentation_resumes_bit_exact(tmp_path: Path) -> None:
+    make_shards(tmp_path / "shards", shards=2, per_shard=40, classes=4)
+    r = get_recipe("cifar10-nano", data=str(tmp_path / "shards"), img_size=8, model="nano/4", holdout=0.1,
+                   batch_size=16, steps=4, evals=1, workers=0, ema=0.9)
+    assert r.augment_on == "device"
+    quiet = dict(progress=False, log=lambda *_: None)
+    full = train(r, tmp_path / "full", save_every=2, **quiet)
+    cut = tmp_path / "cut"
+    (cut / "checkpoints").mkdir(parents=True)
+    state = full.out / "checkpoints" / "step-00000002.pt"
+    (cut / "checkpoints" / state.name).write_bytes(state.read_bytes())
+    train(r, cut, resume=True, save_every=2, **quiet)
+    a, b = load_checkpoint(full.model).state_dict(), load_checkpoint(cut / "model.safetensors").state_dict()
+    assert all(torch.equal(a[k], b[k]) for k in a)
+    assert load_checkpoint(full.model).class_names == ["class0", "class1", "class2", "class3"]
+    assert math.isfinite(a["head.weight"].abs().sum().item())
