@@ -120,7 +120,7 @@ class BatchAugment:
         """RandAugment(2, m): for each of the two rounds, every operation (and sign) runs once on the
         rows that drew it."""
         h, w = x.shape[-2:]
-        x = x.clone()
+        groups: list[tuple[Op, float, torch.Tensor]] = []  # in order: the first round's, then the second's
         for k in range(ops.shape[1]):
             for op_id, (name, (op, levels, signed)) in enumerate(RANDAUGMENT_SPACE.items()):
                 chose = ops[:, k] == op_id
@@ -128,10 +128,15 @@ class BatchAugment:
                 value = float(table[self.m]) if table is not None else 0.0
                 for sign in ((False, True) if signed else (None,)):
                     mask = chose & (negative[:, k] == sign) if sign is not None else chose
-                    if not mask.any() or name == "Identity":
-                        continue
-                    index = mask.nonzero().view(-1).to(x.device)
-                    x[index] = op(x[index], -value if sign else value)
+                    if name != "Identity" and mask.any():
+                        groups.append((op, -value if sign else value, mask.nonzero().view(-1)))
+        if not groups:
+            return x
+        # All the row indices reach the device in one copy: each copy from the CPU waits for the device.
+        rows = torch.cat([index for _, _, index in groups]).to(x.device).split([len(g[2]) for g in groups])
+        x = x.clone()
+        for (op, value, _), index in zip(groups, rows):
+            x[index] = op(x[index], value)
         return x
 
 

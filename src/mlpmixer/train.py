@@ -4,7 +4,8 @@ Every random choice is a function of (seed, step): the batch order of each epoch
 seeded by (seed, epoch), the augmentation and dropout of each step from a seed of (seed, step). So a run
 resumed from a checkpoint of step k (model, optimiser, EMA and step saved; schedule and data position
 follow from the step) ends with bit-for-bit the weights of an uninterrupted run on the CPU, for in-memory
-data; for image folders and shards the data order of the interrupted epoch is replayed, the workers'
+data (also folders and shards decoded into memory with augment_on="device"); for image folders and shards
+augmented in the DataLoader workers the data order of the interrupted epoch is replayed, the workers'
 augmentation draws are not. The same construction makes N processes (torchrun, or `launch`'s forked
 CPU processes) see exactly the images, augmented the same way, that one process sees with the same
 global batch: each rank takes its slice of the global batch.
