@@ -63,8 +63,9 @@ def main() -> None:
                    "--config EVALS.json (one validation, at the end)",
         "steps": args.steps,
         "batch_size": json.loads((Path(args.out) / "config.json").read_text())["recipe"]["batch_size"],
-        # Training only (decoding and augmenting in 2 DataLoader workers on the same cores included); the
-        # first logged interval also holds the workers' start-up: the median is the steady speed.
+        # Training only, batch augmentation on the device (here the CPU) included; the images were decoded
+        # into memory before. The first logged interval holds the warm-up: the median is the steady speed.
+        "augment_on": json.loads((Path(args.out) / "config.json").read_text())["recipe"]["augment_on"],
         "images_per_s_median": sorted(speeds)[len(speeds) // 2],
         "wall_s": round(seconds, 1),
         "holdout_top1": val["val_top1"],

@@ -8,7 +8,10 @@ RandAugment(2, 15); pixels to [-1, 1]) and measures
    workers; the main process is limited to 1 intra-op thread like a worker, so the numbers are per
    worker;
 2. the CPU training throughput of Mixer-S/16 (10 classes, Adam, batch 16) on one fixed batch, and
-   fed by the pipeline, so the difference is what the data costs the training loop.
+   fed by the pipeline, so the difference is what the data costs the training loop;
+3. augmentation alone on images already decoded into memory, on one thread: image by image (what a
+   worker does after decoding) against whole batches (`--augment-on device`, `batch_augment.py`), for
+   Imagenette at 224 and, with the `cifar10-nano` recipe's settings, CIFAR-10 at 32.
 
     .venv/bin/python benchmarks/data_pipeline.py [--images 384] [--steps 2] [--out benchmarks/results/data_pipeline.json]
 
@@ -19,6 +22,7 @@ from __future__ import annotations
 
 import argparse
 import datetime
+import itertools
 import json
 import os
 import platform
@@ -41,6 +45,9 @@ from mlpmixer.sources import open_folder_or_shards  # noqa: E402
 from mlpmixer.transforms import train_transform  # noqa: E402
 
 DATA = ROOT.parent / "shared" / "data" / "imagenette"
+CIFAR10 = ROOT.parent / "shared" / "data" / "cifar10"
+# (data, output size, crop area, RandAugment magnitude, batch): Imagenette as above, CIFAR-10 as cifar10-nano.
+AUGMENT_CASES = {"imagenette-224": (DATA, 224, (0.05, 1.0), 15, 32), "cifar10-32": (CIFAR10, 32, (0.35, 1.0), 9, 256)}
 AUGMENTATION = "RandomResizedCrop(224, area 0.05-1) + horizontal flip + RandAugment(2, 15), pixels to [-1, 1]"
 
 
@@ -81,6 +88,26 @@ def training_rate(steps: int, batch_size: int, workers: int | None) -> float:
     return steps * batch_size / (time.perf_counter() - start)
 
 
+def augment_rates(data: Path, size: int, area: tuple[float, float], m: int, batch: int) -> tuple[float, float]:
+    """(image by image, whole batches) augmented images/s on one thread, on `batch` decoded images."""
+    from mlpmixer.batch_augment import BatchAugment
+
+    samples = open_folder_or_shards(str(data), "val", 0.0, 0, None).dataset
+    images = torch.stack([image for image, _ in itertools.islice(samples, batch)])
+    one_by_one = train_transform(size, 3, crop_area=area, randaugment_m=m)
+    batched = BatchAugment(size, area, True, m)
+    generator = torch.Generator().manual_seed(0)
+    batched(images, generator)  # warm-up
+    rates = []
+    for augment in (lambda: [one_by_one(image) for image in images], lambda: batched(images, generator)):
+        start, n = time.perf_counter(), 0
+        while n == 0 or time.perf_counter() - start < 3:
+            augment()
+            n += len(images)
+        rates.append(n / (time.perf_counter() - start))
+    return rates[0], rates[1]
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--images", type=int, default=384, help="images timed per worker setting")
@@ -99,6 +126,12 @@ def main() -> None:
         torch.set_num_threads(1 if workers == 0 else threads)  # workers run with 1 thread each
         pipeline[workers] = pipeline_rate(workers, args.images)
         print(f"pipeline, {workers} workers: {pipeline[workers]:.0f} images/s", flush=True)
+    augment = {}
+    torch.set_num_threads(1)
+    for name, case in AUGMENT_CASES.items():
+        augment[name] = augment_rates(*case)
+        print(f"augmentation alone, {name}: {augment[name][0]:.0f} images/s image by image, "
+              f"{augment[name][1]:.0f} in batches of {case[4]}", flush=True)
     torch.set_num_threads(threads)
     model_only = training_rate(args.steps, args.batch_size, None)
     print(f"S/16 training on a fixed batch: {model_only:.2f} images/s", flush=True)
@@ -114,11 +147,12 @@ def main() -> None:
         print(f"| decode + augment, {where} | {rate:.0f} |")
     print(f"| Mixer-S/16 training, batch {args.batch_size}, fixed batch | {model_only:.2f} |")
     print(f"| Mixer-S/16 training, batch {args.batch_size}, fed by {args.train_workers} worker(s) | {fed:.2f} |")
-    print(
-        f"\nThe pipeline delivers {pipeline[1] / model_only:.0f}× what S/16 training consumes on this CPU. "
-        f"Load average {load_before[0]:.1f} before, {load_after[0]:.1f} after: the machine was shared, so "
-        "the numbers are pessimistic."
-    )
+    for name, (single, batched) in augment.items():
+        print(f"| augmentation alone, {name}, one thread: image by image / whole batches | {single:.0f} / {batched:.0f} |")
+    shared = load_before[0] > 1.5
+    print(f"\nThe pipeline delivers {pipeline[1] / model_only:.0f}× what S/16 training consumes on this CPU. "
+          f"Load average {load_before[0]:.1f} before, {load_after[0]:.1f} after"
+          + (": the machine was shared, so the numbers are pessimistic." if shared else "."))
 
     result = {
         "benchmark": "data pipeline on the Imagenette shards (issue 3)",
@@ -129,7 +163,7 @@ def main() -> None:
             "torch_threads": threads,
             "load_average_before": round(load_before[0], 2),
             "load_average_after": round(load_after[0], 2),
-            "note": "shared with other jobs while measuring: numbers are pessimistic",
+            "note": "shared with other jobs while measuring: numbers are pessimistic" if shared else "quiet machine",
         },
         "versions": {
             "python": platform.python_version(),
@@ -140,6 +174,12 @@ def main() -> None:
         "augmentation": AUGMENTATION,
         "pipeline_images_per_s": {f"{w}_workers": round(r, 1) for w, r in pipeline.items()},
         "pipeline_note": "0 workers = the main process with 1 intra-op thread; workers have 1 thread each",
+        "augmentation_alone_images_per_s": {
+            name: {"image_by_image": round(single, 1), "whole_batches": round(batched, 1), "batch": AUGMENT_CASES[name][4],
+                   "crop_area": list(AUGMENT_CASES[name][2]), "randaugment_m": AUGMENT_CASES[name][3]}
+            for name, (single, batched) in augment.items()},
+        "augmentation_note": "one thread, images already decoded: the per-image transforms of a DataLoader worker "
+                             "against batch_augment.BatchAugment (--augment-on device) run on the CPU",
         "training": {
             "model": "Mixer-S/16, 10 classes, 224x224, Adam, CPU float32",
             "batch_size": args.batch_size,
