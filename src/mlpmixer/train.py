@@ -373,6 +373,9 @@ def _train(
     # (the model is then converted with resize_to); the data are converted to them.
     init_config = read_checkpoint(init_from)[1] if init_from else None
     tensors = load_tensors(r.data, split="train")
+    if tensors is not None and r.augment_on == "device" and main:
+        log(f"--augment-on device is for image folders and shards; {r.data} is in memory already and "
+            "augmented batch by batch (digits_aug).")
     if tensors is not None:
         train_idx, val_idx = holdout_split(len(tensors), r.holdout, r.seed)
         train_data, class_names = tensors.subset(train_idx), tensors.class_names
