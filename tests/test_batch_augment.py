@@ -152,3 +152,24 @@ def test_training_with_device_augmentation_resumes_bit_exact(tmp_path: Path) -> 
     assert all(torch.equal(a[k], b[k]) for k in a)
     assert load_checkpoint(full.model).class_names == ["class0", "class1", "class2", "class3"]
     assert math.isfinite(a["head.weight"].abs().sum().item())
+
+
+def test_each_process_gets_its_share_of_the_one_process_batches() -> None:
+    """Several steps are augmented in one call; every step still equals its one-process batch, sliced."""
+    from mlpmixer.data import TensorData
+    from mlpmixer.train import tensor_batches
+
+    data = TensorData(images(40, size=12), torch.arange(40) % 4, ["a", "b", "c", "d"])
+    r = get_recipe("cifar10-nano", seed=5)
+    aug = BatchAugment(8, (0.3, 1.0), True, 9)
+
+    def steps(start: int, rank: int, world: int) -> list[tuple[torch.Tensor, torch.Tensor]]:
+        batches = tensor_batches(data, r, 8, 3, 8, 1, start, rank, world, augment=aug, device=torch.device("cpu"))
+        return [next(batches)[0] for _ in range(7)]  # 5 steps an epoch: into the second epoch
+
+    one, ranks = steps(0, 0, 1), [steps(0, rank, 2) for rank in (0, 1)]
+    for step, (x, y) in enumerate(one):
+        for rank in (0, 1):
+            assert torch.equal(ranks[rank][step][0], x[rank::2]) and torch.equal(ranks[rank][step][1], y[rank::2])
+    assert torch.equal(steps(3, 0, 1)[0][0], one[3][0])  # starting mid-way (a resumed run) changes nothing
+    assert not torch.equal(one[0][0], one[5][0])

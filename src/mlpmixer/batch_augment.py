@@ -20,6 +20,7 @@ does not depend on the device), and each distinct choice is applied once, to the
 from __future__ import annotations
 
 import math
+from dataclasses import dataclass, fields
 from typing import Callable, Optional
 
 import torch
@@ -76,9 +77,30 @@ RANDAUGMENT_SPACE: dict[str, tuple[Op, Callable[[int, int], Optional[torch.Tenso
 }
 
 
+@dataclass
+class Draws:
+    """The random choices for n images: crop boxes (n, 4) as (x1, y1, x2, y2) pixels, flips (n,), and
+    RandAugment's operation indices and signs (n, RANDAUGMENT_OPS). All on the CPU."""
+
+    boxes: torch.Tensor
+    flips: torch.Tensor
+    ops: torch.Tensor
+    negative: torch.Tensor
+
+    def __getitem__(self, rows: torch.Tensor) -> "Draws":
+        return Draws(self.boxes[rows], self.flips[rows], self.ops[rows], self.negative[rows])
+
+    @staticmethod
+    def cat(parts: list["Draws"]) -> "Draws":
+        return Draws(*(torch.cat([getattr(p, f.name) for p in parts]) for f in fields(Draws)))
+
+
 class BatchAugment:
     """uint8 images (B, C, H, W) on any device -> float32 (B, C, *img_size) in [-1, 1], each image
-    cropped, flipped and RandAugment-ed with its own draws (see the module docstring)."""
+    cropped, flipped and RandAugment-ed with its own draws (see the module docstring).
+
+    `draw` makes the choices, `apply` carries them out; each image's result depends only on its own
+    image and draws, so the draws of several batches can be applied in one call."""
 
     def __init__(self, img_size: Size, crop_area: tuple[float, float] = (0.05, 1.0), flip: bool = True,
                  randaugment_m: Optional[int] = None) -> None:
@@ -89,23 +111,30 @@ class BatchAugment:
             raise ValueError(f"The RandAugment magnitude must be 0 to {MAGNITUDE_BINS - 1}, not {randaugment_m}.")
         self.img_size, self.crop_area, self.flip, self.m = as_pair(img_size), (low, high), flip, randaugment_m
 
+    def draw(self, n: int, h: int, w: int, generator: torch.Generator) -> Draws:
+        """The choices for n images of h × w pixels."""
+        boxes = crop_boxes(n, h, w, self.crop_area, generator)
+        flips = torch.rand(n, generator=generator) < 0.5
+        ops = torch.randint(len(RANDAUGMENT_SPACE), (n, RANDAUGMENT_OPS), generator=generator)
+        return Draws(boxes, flips, ops, torch.rand(n, RANDAUGMENT_OPS, generator=generator) < 0.5)
+
+    def apply(self, images: torch.Tensor, draws: Draws) -> torch.Tensor:
+        x = self.crop(images, draws.boxes)
+        if self.flip:
+            x = torch.where(draws.flips.to(x.device).view(-1, 1, 1, 1), x.flip(-1), x)
+        if self.m is not None:
+            x = self.randaugment(x, draws.ops, draws.negative)
+        return x.float() / 127.5 - 1.0  # the official scaling, as transforms._to_model_range
+
     def __call__(self, images: torch.Tensor, generator: torch.Generator,
                  rows: Optional[torch.Tensor] = None) -> torch.Tensor:
-        """`rows` (indices into the batch) augments only those images, in that order, with the draws
-        they get when the whole batch is augmented: a process of several augments its own share."""
-        b, _, h, w = images.shape
-        boxes = crop_boxes(b, h, w, self.crop_area, generator)
-        flips = torch.rand(b, generator=generator) < 0.5
-        ops = torch.randint(len(RANDAUGMENT_SPACE), (b, RANDAUGMENT_OPS), generator=generator)
-        negative = torch.rand(b, RANDAUGMENT_OPS, generator=generator) < 0.5
+        """Draw for the whole batch and apply. `rows` (indices into the batch) augments only those
+        images, in that order, with the draws they get when the whole batch is augmented: a process of
+        several augments its own share."""
+        draws = self.draw(len(images), *images.shape[-2:], generator)
         if rows is not None:
-            images, boxes, flips, ops, negative = images[rows], boxes[rows], flips[rows], ops[rows], negative[rows]
-        x = self.crop(images, boxes)
-        if self.flip:
-            x = torch.where(flips.to(x.device).view(-1, 1, 1, 1), x.flip(-1), x)
-        if self.m is not None:
-            x = self.randaugment(x, ops, negative)
-        return x.float() / 127.5 - 1.0  # the official scaling, as transforms._to_model_range
+            images, draws = images[rows], draws[rows]
+        return self.apply(images, draws)
 
     def crop(self, images: torch.Tensor, boxes: torch.Tensor) -> torch.Tensor:
         """Each image's (x1, y1, x2, y2) pixel box, resized to img_size; uint8 out, as RandAugment takes it."""

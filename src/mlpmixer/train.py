@@ -157,13 +157,20 @@ def reseed(seed: int) -> None:
         torch.cuda.manual_seed_all(seed)
 
 
+# With augment_on="device", the draws of this many images' steps are applied in one call: each
+# operation runs once per call, so larger calls mean fewer kernel launches and host-device waits.
+AUGMENT_CHUNK = 2048
+
+
 def tensor_batches(data: TensorData, r: Recipe, img_size: Any, in_chans: int, batch: int, accum: int,
                    start: int, rank: int, world: int, augment: Optional[BatchAugment] = None,
                    device: Optional[torch.device] = None) -> Iterator[list[tuple[torch.Tensor, torch.Tensor]]]:
     """For each optimiser step from `start`: this rank's `accum` micro-batches of the global batch.
 
-    With `augment`, the uint8 images move to `device` once and each batch is augmented there; else they
-    are converted to model input once, and `r.digits_aug` warps each batch."""
+    With `augment`, the uint8 images move to `device` once and are augmented there, several steps at a
+    time; else they are converted to model input once, and `r.digits_aug` warps each batch. Either way
+    the draws of a step come from (seed, step) and are made for the whole global batch, so each rank's
+    share is augmented as in a one-process run."""
     if augment is not None:
         x_all = data.images.to(device)
     else:
@@ -171,27 +178,46 @@ def tensor_batches(data: TensorData, r: Recipe, img_size: Any, in_chans: int, ba
     per_epoch = len(data) // batch
     if per_epoch == 0:
         raise ValueError(f"The batch size {batch} is larger than the {len(data)} training images; lower it.")
-    step = start
-    while True:
+    # This rank's share of each micro-batch, in batch positions: every world-th image of it.
+    micro = batch // accum
+    mine = torch.arange(batch).view(accum, micro)[:, rank::world].reshape(-1)
+    share = len(mine) // accum
+    orders: dict[int, torch.Tensor] = {}
+
+    def batch_indices(step: int) -> torch.Tensor:
+        """The global batch of `step`: positions in a seeded shuffle of its epoch."""
         epoch, i = divmod(step, per_epoch)
-        order = torch.randperm(len(data), generator=torch.Generator().manual_seed(_seed(r.seed, 1, epoch)))
-        idx = order[i * batch:(i + 1) * batch]
-        # This rank's share of each micro-batch, in batch positions: every world-th image of it.
-        micro = batch // accum
-        mine = torch.arange(batch).view(accum, micro)[:, rank::world].reshape(-1)
-        y = data.labels[idx[mine]]
-        if augment is not None:  # draws for the whole batch, as for the digits below
-            x = augment(x_all[idx.to(x_all.device)], torch.Generator().manual_seed(_seed(r.seed, 2, step)),
-                        rows=mine)
-        elif r.digits_aug:
-            # The draws are made for the whole batch, so each share is warped as in a one-process run.
-            x = augment_digits(x_all[idx], torch.Generator().manual_seed(_seed(r.seed, 2, step)),
-                               rows=mine, **r.digits_aug)
+        if epoch not in orders:
+            orders.clear()
+            orders[epoch] = torch.randperm(len(data), generator=torch.Generator().manual_seed(_seed(r.seed, 1, epoch)))
+        return orders[epoch][i * batch:(i + 1) * batch]
+
+    def micro_batches(x: torch.Tensor, y: torch.Tensor) -> list[tuple[torch.Tensor, torch.Tensor]]:
+        return [(x[j:j + share], y[j:j + share]) for j in range(0, len(mine), share)]
+
+    def augmentation(step: int) -> torch.Generator:
+        return torch.Generator().manual_seed(_seed(r.seed, 2, step))
+
+    step = start
+    while augment is None:
+        idx = batch_indices(step)
+        if r.digits_aug:
+            x = augment_digits(x_all[idx], augmentation(step), rows=mine, **r.digits_aug)
         else:
             x = x_all[idx[mine]]
-        share = len(mine) // accum
-        yield [(x[j:j + share], y[j:j + share]) for j in range(0, len(mine), share)]
+        yield micro_batches(x, data.labels[idx[mine]])
         step += 1
+    from .batch_augment import Draws
+
+    ahead = max(1, AUGMENT_CHUNK // batch)
+    h, w = x_all.shape[-2:]
+    while True:
+        picked = [batch_indices(s)[mine] for s in range(step, step + ahead)]
+        draws = Draws.cat([augment.draw(batch, h, w, augmentation(s))[mine] for s in range(step, step + ahead)])
+        x = augment.apply(x_all[torch.cat(picked).to(x_all.device)], draws)
+        for x_step, idx in zip(x.split(len(mine)), picked):
+            yield micro_batches(x_step, data.labels[idx])
+        step += ahead
 
 
 def rebatch(batches: Iterable[tuple[torch.Tensor, torch.Tensor]], size: int) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
@@ -552,11 +578,12 @@ def _train(
         if ema is not None:
             decay = min(r.ema, (1 + step) / (10 + step))  # short warm-up: early weights fade fast
             with torch.no_grad():
-                for k, v in model.state_dict().items():
-                    if v.dtype.is_floating_point:
-                        ema[k].lerp_(v, 1 - decay)
-                    else:
-                        ema[k].copy_(v)
+                live = model.state_dict()
+                floats = [k for k in ema if ema[k].dtype.is_floating_point]
+                # One multi-tensor kernel, not one per tensor (on a GPU, launches are most of a small step).
+                torch._foreach_lerp_([ema[k] for k in floats], [live[k] for k in floats], 1 - decay)
+                for k in ema.keys() - set(floats):
+                    ema[k].copy_(live[k])
         seen += r.batch_size
         done = step + 1
 
