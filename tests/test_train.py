@@ -131,6 +131,24 @@ def test_nan_loss_stops_and_names_the_step(tmp_path: Path, monkeypatch: pytest.M
     assert not (tmp_path / "nan" / "model.safetensors").exists()
 
 
+def test_deferred_nan_checks_name_the_first_bad_step_and_save_nothing_after_it(
+        tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """On GPUs the losses are checked only before logging, evaluating or saving (here forced on the CPU)."""
+    real, calls = train_mod.loss_fn, []
+
+    def poisoned(logits, target, r):
+        calls.append(1)
+        loss = real(logits, target, r)
+        return loss * float("inf") if len(calls) == 3 else loss
+
+    monkeypatch.setattr(train_mod, "loss_fn", poisoned)
+    monkeypatch.setattr(train_mod, "_defer_checks", lambda device: True)
+    with pytest.raises(TrainingDiverged, match="became (inf|nan) at step 2; no checkpoint was saved"):
+        train(tiny(steps=12, evals=0), tmp_path / "nan", save_every=5, progress=False, log=lambda *_: None)
+    assert len(calls) == 5  # it ran on to the first save point, then stopped before saving
+    assert not (tmp_path / "nan" / "checkpoints").exists() or not any((tmp_path / "nan" / "checkpoints").iterdir())
+
+
 def test_gradient_accumulation_matches_one_big_batch(tmp_path: Path) -> None:
     # SGD: its update is linear in the gradient, so summation-order differences stay at rounding level.
     r = tiny(steps=2, evals=0, optimizer="sgd", lr=0.1)

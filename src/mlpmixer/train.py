@@ -538,7 +538,12 @@ def _train(
     bar = tqdm(total=total, initial=start, desc="training", unit="step", disable=not (main and progress),
                dynamic_ncols=True)
     model.train()
-    seen, t_log, loss_sum, correct, count = 0, time.time(), 0.0, 0, 0
+    # Losses and hits stay on the device between log lines: reading one back waits for the device, and
+    # on a GPU that wait per step would keep the host from queueing the next step while this one runs.
+    # So on a GPU the losses are also checked for NaN only before anything is logged, evaluated or saved.
+    check_every_step = not _defer_checks(device)
+    unchecked: list[tuple[int, torch.Tensor]] = []  # (step, loss) not yet checked to be finite
+    seen, t_log, loss_sum, correct, count = 0, time.time(), torch.zeros((), device=device), 0, 0
     for step in range(start, total):
         # --- one optimiser step: accumulate gradients over the micro-batches.
         lr = lr_at(step, total, r)
@@ -560,14 +565,11 @@ def _train(
                     logits = net(x)
                 loss = loss_fn(logits, target, r)
                 (loss / len(micro)).backward()
-            if not torch.isfinite(loss):
-                bar.close()
-                last = latest_state(run)
-                kept = f"the last good checkpoint is {last}" if last else "no checkpoint was saved (use --save-every)"
-                raise TrainingDiverged(f"The loss became {loss.item()} at step {step}; {kept}. "
-                                       "Lower the learning rate, add warm-up or clipping (--clip 1), and resume.")
-            loss_sum += loss.item() * len(y)
-            correct += (logits.argmax(1) == y).sum().item()
+            unchecked.append((step, loss.detach()))
+            if check_every_step:
+                _check_finite(unchecked, run, bar)
+            loss_sum += loss.detach() * len(y)
+            correct += (logits.argmax(1) == y).sum()
             count += len(y)
         if shared_grads is not None:
             shared_grads.average()
@@ -586,12 +588,14 @@ def _train(
                     ema[k].copy_(live[k])
         seen += r.batch_size
         done = step + 1
+        if done % 10 == 0 or done == total or done in eval_at or (save_every and done % save_every == 0):
+            _check_finite(unchecked, run, bar)
 
         # --- logging, evaluation, saving.
         if main and (done % 10 == 0 or done == total):
             now = time.time()
-            entry = {"step": done, "epoch": round(done / per_epoch, 3), "lr": lr, "train_loss": loss_sum / count,
-                     "train_acc": correct / count, "img_per_s": round(seen / (now - t_log), 1)}
+            entry = {"step": done, "epoch": round(done / per_epoch, 3), "lr": lr, "train_loss": loss_sum.item() / count,
+                     "train_acc": int(correct) / count, "img_per_s": round(seen / (now - t_log), 1)}
             counter = getattr(train_data, "bad_samples", None)  # images the sources could not decode
             if counter is not None:
                 entry["bad_samples"] = counter.bad
@@ -602,7 +606,7 @@ def _train(
                         board.add_scalar("train/" + key.removeprefix("train_"), entry[key], done)
             bar.set_postfix(loss=f"{entry['train_loss']:.3f}", acc=f"{entry['train_acc']:.3f}", lr=f"{lr:.2e}",
                             img_s=f"{entry['img_per_s']:.0f}", refresh=False)
-            seen, t_log, loss_sum, correct, count = 0, now, 0.0, 0, 0
+            seen, t_log, loss_sum, correct, count = 0, now, torch.zeros((), device=device), 0, 0
         bar.update(1)
         if fsdp and val_data is not None and done in eval_at:
             _gather(model, plain)
@@ -634,6 +638,28 @@ def _train(
         log(f"Done in {time.time() - t_start:.1f} s. Model: {files.model}; configuration: {files.config}; "
             f"metrics: {files.metrics}; curves: {files.curves}")
     return files
+
+
+def _defer_checks(device: torch.device) -> bool:
+    """Whether losses are checked for NaN only at log, evaluation and save points (on GPUs)."""
+    return device.type == "cuda"
+
+
+def _check_finite(unchecked: list[tuple[int, torch.Tensor]], run: Path, bar: tqdm) -> None:
+    """Raise TrainingDiverged naming the first step whose loss is NaN or infinite; empties `unchecked`."""
+    if not unchecked:
+        return
+    losses = torch.stack([loss for _, loss in unchecked]).float().cpu()  # one wait for the device
+    steps = [step for step, _ in unchecked]
+    unchecked.clear()
+    bad = (~torch.isfinite(losses)).nonzero()
+    if len(bad):
+        i = int(bad[0])
+        bar.close()
+        last = latest_state(run)
+        kept = f"the last good checkpoint is {last}" if last else "no checkpoint was saved (use --save-every)"
+        raise TrainingDiverged(f"The loss became {losses[i].item()} at step {steps[i]}; {kept}. "
+                               "Lower the learning rate, add warm-up or clipping (--clip 1), and resume.")
 
 
 @contextlib.contextmanager
