@@ -64,6 +64,35 @@ def steady_speed(rows: list[dict]) -> float:
     return statistics.median(speeds[3:] if len(speeds) > 5 else speeds)
 
 
+def check_augmentation(device: str) -> dict:
+    """The recipe's batch augmentation on `device` against the CPU with the same draws, and its speed
+    there in batches of 2,048 (what training applies at once). The draws are made on the CPU, so only
+    float rounding may differ: a grey level in the crop's resampling, which a threshold (solarize,
+    posterize, equalize) or a nearest-pixel choice may enlarge, in a few pixels."""
+    import torch
+
+    from mlpmixer.batch_augment import BatchAugment
+    from mlpmixer.recipes import get_recipe
+
+    r = get_recipe("cifar10-nano")
+    aug = BatchAugment(r.img_size, tuple(r.crop_area), r.flip, r.randaugment)
+    images = torch.randint(0, 256, (2048, 3, 32, 32), dtype=torch.uint8, generator=torch.Generator().manual_seed(0))
+    draws = aug.draw(len(images), 32, 32, torch.Generator().manual_seed(1))
+    ours = aug.apply(images.to(device), draws).cpu()
+    levels = ((ours - aug.apply(images, draws)).abs() * 127.5).round()
+    on_device = images.to(device)
+    aug.apply(on_device, draws)  # warm-up
+    sync = torch.cuda.synchronize if device == "cuda" else (lambda: None)
+    sync()
+    start, n = time.perf_counter(), 0
+    while time.perf_counter() - start < 3:
+        aug.apply(on_device, draws)
+        n += len(images)
+    sync()
+    return {"max_grey_levels_vs_cpu": int(levels.max()), "pixels_differing": float((levels > 0).float().mean()),
+            "augment_img_per_s": round(n / (time.perf_counter() - start))}
+
+
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--data", default=str(ROOT.parent / "shared" / "data" / "cifar10"), help="the CIFAR-10 shards")
@@ -82,6 +111,13 @@ def main() -> None:
     log(f"{device}, torch {torch.__version__}, {os.cpu_count()} CPU cores")
     result: dict = {"date": datetime.now(timezone.utc).isoformat(timespec="seconds"), "device": device,
                     "torch": torch.__version__, "recipe": "cifar10-nano", "bf16": True, "augment_on": "device"}
+    if torch.cuda.is_available():
+        check = check_augmentation("cuda")
+        log(f"augmentation on the GPU vs the CPU: {check['pixels_differing']:.4%} of the pixels differ, by at "
+            f"most {check['max_grey_levels_vs_cpu']} grey levels; {check['augment_img_per_s']:,} img/s")
+        result["augmentation_check"] = check
+        if check["pixels_differing"] > 0.01:
+            log("WARNING: more than 1% of the pixels differ: more than rounding; look into it before trusting the run")
     work = Path("/tmp/cifar10-nano-gpu")
     epochs = None
     plan = ["--steps", str(args.steps)] if args.steps else []
