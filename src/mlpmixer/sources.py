@@ -306,7 +306,8 @@ def _scan(shards: list[str], split: str, holdout: float, seed: int) -> tuple[int
     sample's key and .cls member; no image is decoded."""
     count, top = 0, -1
     stream = wds.DataPipeline(wds.SimpleShardList(shards), wds.tarfile_to_samples())
-    for sample in tqdm(stream, desc="counting samples", unit=" samples", leave=False):
+    # disable=None: no bar where stderr is not a terminal (a log file would get a line per refresh).
+    for sample in tqdm(stream, desc="counting samples", unit=" samples", leave=False, disable=None):
         top = max(top, int(sample["cls"]))
         if holdout == 0 or in_holdout(sample["__key__"], holdout, seed) == (split == "val"):
             count += 1
