@@ -18,7 +18,8 @@ is skipped with a warning and counted in the dataset's `bad_samples` (a `BadSamp
 all DataLoader workers of one process); when more than 1% of the images seen are bad, the dataset
 raises `BadDataError`. Folders are map-style datasets (use any sampler); shards are iterable datasets
 that shuffle and split themselves: call `dataset.set_epoch(epoch)` before each epoch, as with
-DistributedSampler, to get a new order.
+DistributedSampler, to get a new order. `read_into_memory` decodes a folder or shards once into one
+uint8 tensor instead, for training that augments whole batches on the device (`--augment-on device`).
 """
 
 from __future__ import annotations

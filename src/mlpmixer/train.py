@@ -199,17 +199,18 @@ def tensor_batches(data: TensorData, r: Recipe, img_size: Any, in_chans: int, ba
         return torch.Generator().manual_seed(_seed(r.seed, 2, step))
 
     step = start
-    while augment is None:
-        idx = batch_indices(step)
-        if r.digits_aug:
-            x = augment_digits(x_all[idx], augmentation(step), rows=mine, **r.digits_aug)
-        else:
-            x = x_all[idx[mine]]
-        yield micro_batches(x, data.labels[idx[mine]])
-        step += 1
+    if augment is None:  # one step at a time
+        while True:
+            idx = batch_indices(step)
+            if r.digits_aug:
+                x = augment_digits(x_all[idx], augmentation(step), rows=mine, **r.digits_aug)
+            else:
+                x = x_all[idx[mine]]
+            yield micro_batches(x, data.labels[idx[mine]])
+            step += 1
     from .batch_augment import Draws
 
-    ahead = max(1, AUGMENT_CHUNK // batch)
+    ahead = max(1, AUGMENT_CHUNK // batch)  # steps augmented in one call
     h, w = x_all.shape[-2:]
     while True:
         picked = [batch_indices(s)[mine] for s in range(step, step + ahead)]
