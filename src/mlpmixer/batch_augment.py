@@ -11,10 +11,12 @@ does not depend on the device), and each distinct choice is applied once, to the
 
 - Inception-style random resized crop, torchvision's sampling (ten tries of an area in `crop_area` and
   an aspect ratio in [3/4, 4/3], else the central crop), with each image's box cropped and resized in
-  one call (`torchvision.ops.roi_align`, bilinear, as `RandomResizedCrop` for enlarging crops);
+  one call (`torchvision.ops.roi_align`, bilinear: inside the box as `RandomResizedCrop` for enlarging
+  crops; on the box's edge it reads the pixels just outside where torchvision repeats the edge pixel);
 - horizontal flip with probability 1/2;
 - RandAugment(2, m) with torchvision's operations and magnitudes (31 bins, nearest interpolation,
-  fill 0), through torchvision's functional ops: at most 2 × 23 calls per batch, however large.
+  fill 0), through torchvision's functional ops: at most 2 × 23 calls per `apply`, however many
+  images it gets (training hands it several steps' batches at once).
 """
 
 from __future__ import annotations
@@ -119,6 +121,7 @@ class BatchAugment:
         return Draws(boxes, flips, ops, torch.rand(n, RANDAUGMENT_OPS, generator=generator) < 0.5)
 
     def apply(self, images: torch.Tensor, draws: Draws) -> torch.Tensor:
+        """Augment uint8 `images` (on any device) as `draws` (one row per image) say."""
         x = self.crop(images, draws.boxes)
         if self.flip:
             x = torch.where(draws.flips.to(x.device).view(-1, 1, 1, 1), x.flip(-1), x)
