@@ -117,15 +117,22 @@ def test_keep_last_n_states(tmp_path: Path) -> None:
     assert [p.name for p in sorted((tmp_path / "k" / "checkpoints").glob("*.pt"))] == ["step-00000004.pt", "step-00000005.pt"]
 
 
-def test_nan_loss_stops_and_names_the_step(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+def poison_third_loss(monkeypatch: pytest.MonkeyPatch, value: float) -> list[int]:
+    """Multiply the loss of the third call (step 2 of a run without accumulation) by `value`; returns
+    the list that counts the calls."""
     real, calls = train_mod.loss_fn, []
 
     def poisoned(logits, target, r):
         calls.append(1)
         loss = real(logits, target, r)
-        return loss * float("nan") if len(calls) == 3 else loss
+        return loss * value if len(calls) == 3 else loss
 
     monkeypatch.setattr(train_mod, "loss_fn", poisoned)
+    return calls
+
+
+def test_nan_loss_stops_and_names_the_step(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    poison_third_loss(monkeypatch, float("nan"))
     with pytest.raises(TrainingDiverged, match="at step 2; the last good checkpoint is .*step-00000002.pt"):
         train(tiny(steps=6, evals=0), tmp_path / "nan", save_every=1, progress=False, log=lambda *_: None)
     assert not (tmp_path / "nan" / "model.safetensors").exists()
@@ -134,14 +141,7 @@ def test_nan_loss_stops_and_names_the_step(tmp_path: Path, monkeypatch: pytest.M
 def test_deferred_nan_checks_name_the_first_bad_step_and_save_nothing_after_it(
         tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     """On GPUs the losses are checked only before logging, evaluating or saving (here forced on the CPU)."""
-    real, calls = train_mod.loss_fn, []
-
-    def poisoned(logits, target, r):
-        calls.append(1)
-        loss = real(logits, target, r)
-        return loss * float("inf") if len(calls) == 3 else loss
-
-    monkeypatch.setattr(train_mod, "loss_fn", poisoned)
+    calls = poison_third_loss(monkeypatch, float("inf"))
     monkeypatch.setattr(train_mod, "_defer_checks", lambda device: True)
     with pytest.raises(TrainingDiverged, match="became (inf|nan) at step 2; no checkpoint was saved"):
         train(tiny(steps=12, evals=0), tmp_path / "nan", save_every=5, progress=False, log=lambda *_: None)
