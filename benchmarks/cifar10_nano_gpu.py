@@ -36,6 +36,7 @@ from datetime import datetime, timezone
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT / "src"))  # this checkout's mlpmixer, installed or not
 START = time.perf_counter()
 RECIPE_EPOCHS = 200
 BATCH = 256  # the recipe's batch size
@@ -96,7 +97,7 @@ def check_augmentation(device: str) -> dict:
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--data", default=str(ROOT.parent / "shared" / "data" / "cifar10"), help="the CIFAR-10 shards")
-    p.add_argument("--out", required=True, help="folder for cifar10_nano_gpu.json and the trained model")
+    p.add_argument("--out", required=True, help="folder for cifar10_nano_gpu.json, the trained model and the runs")
     p.add_argument("--budget", type=float, default=540, help="seconds the whole script may take (default 540)")
     p.add_argument("--workers", type=int, default=min(16, os.cpu_count() or 1), help="decoding workers")
     p.add_argument("--probe-steps", type=int, default=150, help="steps of the speed probe")
@@ -118,7 +119,7 @@ def main() -> None:
         result["augmentation_check"] = check
         if check["pixels_differing"] > 0.01:
             log("WARNING: more than 1% of the pixels differ: more than rounding; look into it before trusting the run")
-    work = Path("/tmp/cifar10-nano-gpu")
+    work = out / "runs"  # under --out, so that a run cut short still leaves its metrics.jsonl
     epochs = None
     plan = ["--steps", str(args.steps)] if args.steps else []
     if not args.steps:
@@ -134,7 +135,9 @@ def main() -> None:
         left = args.budget - (time.perf_counter() - START) - overhead - 30  # 30 s: ten validations, margin
         epochs = max(1, min(RECIPE_EPOCHS, int(left * speed / epoch_images)))
         log(f"probe: {speed:,.0f} img/s, {overhead:.0f} s of start-up; {epochs} epochs fit in the budget")
-        result.update(probe_img_per_s=speed, probe_overhead_s=round(overhead, 1))
+        result.update(probe_img_per_s=speed, probe_overhead_s=round(overhead, 1), epochs_planned=epochs)
+        (out / "cifar10_nano_gpu.json").write_text(json.dumps(result, indent=1) + "\n")  # in case the run is cut
+        shutil.rmtree(work / "probe")
         plan = ["--epochs", str(epochs)]
     rows, seconds = train(args.data, work / "run", args.workers, plan)
     val = [r for r in rows if "val_top1" in r]
@@ -146,7 +149,7 @@ def main() -> None:
         note="Hold-out: 2% of the 50,000 CIFAR-10 training images, not the test set. The target (>= 91% "
              "top-1) is on the CIFAR-10 test set: evaluate cifar10_nano.safetensors there.",
     )
-    shutil.copy(work / "run" / "model.safetensors", out / "cifar10_nano.safetensors")
+    shutil.move(work / "run" / "model.safetensors", out / "cifar10_nano.safetensors")
     (out / "cifar10_nano_gpu.json").write_text(json.dumps(result, indent=1) + "\n")
     log(f"{result['steps']} steps ({epochs or '-'} epochs) in {seconds:.0f} s at {result['img_per_s_median']:,.0f} "
         f"img/s; hold-out top-1 {result['holdout_top1']:.2%} (n={result['holdout_n']})")
