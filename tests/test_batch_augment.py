@@ -129,6 +129,22 @@ def test_read_into_memory_reads_every_image_in_every_process(tmp_path: Path, mon
     assert grey.images.shape == (119, 1, 8, 8)
 
 
+def test_a_holdout_is_read_into_memory_without_counting_first(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    import mlpmixer.sources as sources
+
+    make_shards(tmp_path / "shards", shards=2, per_shard=50)
+    counted = sources.open_folder_or_shards(str(tmp_path / "shards"), "train", 0.2, 3, None).num_examples
+
+    def no_scan(*args):
+        raise AssertionError("the shards were scanned")
+
+    monkeypatch.setattr(sources, "_scan", no_scan)
+    data = read_into_memory(str(tmp_path / "shards"), "train", 0.2, 3, in_chans=3, workers=0, progress=False)
+    ids = {sample_id(image) for image in data.images}
+    assert len(ids) == len(data) == counted
+    assert ids == {i for i in range(100) if not sources.in_holdout(f"sample{i:05d}", 0.2, 3)}
+
+
 def test_images_of_several_sizes_cannot_be_held_as_one(tmp_path: Path) -> None:
     make_folder(tmp_path / "data", {"a": 2, "b": 2})
     (tmp_path / "data" / "b" / "big.png").write_bytes(encode(9, size=12))

@@ -323,7 +323,9 @@ def _open_shards(shards: list[str], split: str, holdout: float, seed: int, trans
     total = sum(info.get("splits", {}).values()) or None
     if total is not None:  # dataset.json counts the whole folder; estimate for the shards chosen
         total = round(total * len(shards) / len(_list_shards(str(folder))))
-    if class_names is None or holdout > 0:
+    if holdout > 0 and whole and class_names is not None:
+        total = None  # read whole into memory: counted as it is read, no need to scan first
+    elif class_names is None or holdout > 0:
         # A hold-out's sides are only known sample by sample, and training needs the exact count to
         # know where an epoch ends; without dataset.json the classes are unknown too.
         if class_names is None:
