@@ -112,6 +112,12 @@ class BatchAugment:
         if randaugment_m is not None and not 0 <= randaugment_m < MAGNITUDE_BINS:
             raise ValueError(f"The RandAugment magnitude must be 0 to {MAGNITUDE_BINS - 1}, not {randaugment_m}.")
         self.img_size, self.crop_area, self.flip, self.m = as_pair(img_size), (low, high), flip, randaugment_m
+        # Each operation's magnitude at level m, for the crops' size (which RandAugment sees), once.
+        self.magnitudes: dict[str, float] = {}
+        if randaugment_m is not None:
+            for name, (_, levels, _) in RANDAUGMENT_SPACE.items():
+                table = levels(*self.img_size)
+                self.magnitudes[name] = float(table[randaugment_m]) if table is not None else 0.0
 
     def draw(self, n: int, h: int, w: int, generator: torch.Generator) -> Draws:
         """The choices for n images of h × w pixels."""
@@ -149,15 +155,13 @@ class BatchAugment:
         return out.round_().clamp_(0, 255).to(torch.uint8)
 
     def randaugment(self, x: torch.Tensor, ops: torch.Tensor, negative: torch.Tensor) -> torch.Tensor:
-        """RandAugment(2, m): for each of the two rounds, every operation (and sign) runs once on the
-        rows that drew it."""
-        h, w = x.shape[-2:]
+        """RandAugment(2, m) of img_size images: for each of the two rounds, every operation (and sign)
+        runs once on the rows that drew it."""
         groups: list[tuple[Op, float, torch.Tensor]] = []  # in order: the first round's, then the second's
         for k in range(ops.shape[1]):
-            for op_id, (name, (op, levels, signed)) in enumerate(RANDAUGMENT_SPACE.items()):
+            for op_id, (name, (op, _, signed)) in enumerate(RANDAUGMENT_SPACE.items()):
                 chose = ops[:, k] == op_id
-                table = levels(h, w)
-                value = float(table[self.m]) if table is not None else 0.0
+                value = self.magnitudes[name]
                 for sign in ((False, True) if signed else (None,)):
                     mask = chose & (negative[:, k] == sign) if sign is not None else chose
                     if name != "Identity" and mask.any():
