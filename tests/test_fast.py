@@ -56,7 +56,7 @@ def test_cpu_gelus_match_pytorchs(act):
     x, g = torch.randn(64, 33) * 4, torch.randn(64, 33)
     ref = torch.nn.functional.gelu(x, approximate="none" if act == "exact" else "tanh")
     assert rel(K.gelu(x, act), ref) <= 1e-6
-    assert rel(K._gelu_(x.clone(), act), ref) <= 1e-6
+    assert rel(K.gelu_(x.clone(), act), ref) <= 1e-6
     h, d = K.gelu_fwd_bwd_ref(x, g, act)
     x.requires_grad_(True)
     torch.nn.functional.gelu(x, approximate="none" if act == "exact" else "tanh").backward(g)
@@ -70,6 +70,17 @@ def test_fast_inference_matches_plain_fp32(gelu):
     x = torch.randn(3, 3, 32, 32)  # fresh random inputs
     with torch.no_grad():
         assert rel(fast(x), model(x)) <= 1e-5
+
+
+@pytest.mark.parametrize("gelu", ["tanh", "exact"])
+def test_tokens_first_inference_with_plain_twins_matches_plain(gelu, monkeypatch):
+    """The (S, B, C) inference path that CUDA runs, here with the plain twins Triton falls back to."""
+    monkeypatch.setattr(K, "interpreting", lambda: True)  # the CPU takes the tokens-first path...
+    monkeypatch.setitem(K._state, "disabled_reason", "off for this test")  # ...without Triton
+    model = tiny(gelu).eval()
+    x = torch.randn(3, 3, 32, 32)
+    with torch.no_grad():
+        assert rel(optimize(model)(x), model(x)) <= 1e-5
 
 
 @pytest.mark.parametrize("gelu", ["tanh", "exact"])

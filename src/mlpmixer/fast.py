@@ -10,6 +10,8 @@ Inference (no gradients)
   - The first product of each MLP carries its bias and GELU in the epilogue (`kernels.linear_act`:
     a Triton GEMM in bf16/fp16; in fp32, cuBLASLt for the tanh GELU and GEMM then GELU otherwise).
   - On CUDA, one CUDA graph per input shape replays the whole forward (no launch overhead).
+  - On the CPU the stream is image-major, (B, S, C), and token mixing a batched product per
+    image, which MKL runs faster than one product over all B·C columns (`_forward_infer_cpu`).
 
 Training
   - Each residual branch is one autograd.Function that saves only its input, the LayerNorm's
@@ -169,6 +171,8 @@ class FastMixer(nn.Module):
     # -- inference ------------------------------------------------------------------------------
 
     def _forward_infer(self, x: torch.Tensor, dtype: torch.dtype, autocast: bool) -> torch.Tensor:
+        if x.device.type == "cpu" and not K.interpreting():
+            return self._forward_infer_cpu(x, dtype, autocast)
         model, act = self.model, self.model.config.gelu
         dev = x.device.type
         # The stem and the head are the plain model's code, under the caller's autocast.
@@ -198,6 +202,37 @@ class FastMixer(nn.Module):
             feats = K.layer_norm(r, row_bias, col_bias, norm.weight, norm.bias, EPS, torch.float32 if autocast else dtype)
         with _autocast(dev, dtype, autocast):
             return model.forward_head(feats.transpose(0, 1))
+
+    def _forward_infer_cpu(self, x: torch.Tensor, dtype: torch.dtype, autocast: bool) -> torch.Tensor:
+        """Inference on the CPU, where the stream is kept image-major, (B, S, C).
+
+        Token mixing then runs as one batched product per image, W1 · X[b] with X[b] of (S, C),
+        instead of one product with all B·C columns: on this project's AVX2 machine MKL ran these
+        shapes about 15% faster (B/16, batch 8), and the Mixer's CPU inference as a whole about 5%.
+        The residual adds stay in the products' β=1 epilogues; the output biases are added in
+        place (there is no fused LayerNorm on the CPU to take them).
+        """
+        model, act = self.model, self.model.config.gelu
+        with _autocast("cpu", dtype, autocast):
+            r = model.stem(x).transpose(0, 1).contiguous()  # (B, S, C)
+        b, s, c = r.shape
+        with torch.autocast("cpu", enabled=False):
+            for blk in model.blocks:
+                tok, chan = blk.mlp_tokens, blk.mlp_channels
+                y = K.layer_norm(r, None, None, blk.norm1.weight, blk.norm1.bias, EPS, r.dtype)
+                w1 = tok.fc1.weight.to(dtype).expand(b, -1, -1)  # a view: one weight for every image
+                h = K.gelu_(torch.baddbmm(tok.fc1.bias.to(dtype)[:, None], w1, y), act)  # (B, D_S, C)
+                r.baddbmm_(tok.fc2.weight.to(dtype).expand(b, -1, -1), h)
+                r += tok.fc2.bias.to(dtype)[:, None]
+
+                y = K.layer_norm(r, None, None, blk.norm2.weight, blk.norm2.bias, EPS, r.dtype)
+                h = K.linear_act(y.view(b * s, c), chan.fc1.weight.to(dtype).t(), chan.fc1.bias.to(dtype), False, act)
+                r.view(b * s, c).addmm_(h, chan.fc2.weight.to(dtype).t())
+                r += chan.fc2.bias.to(dtype)
+            norm = model.norm
+            feats = K.layer_norm(r, None, None, norm.weight, norm.bias, EPS, torch.float32 if autocast else dtype)
+        with _autocast("cpu", dtype, autocast):
+            return model.forward_head(feats)
 
     def _forward_graphed(self, x: torch.Tensor, dtype: torch.dtype, autocast: bool) -> torch.Tensor:
         # A graph reads the parameters at the addresses it was captured with: parameters that were

@@ -125,7 +125,10 @@ def layer_norm(
     eps: float,
     out_dtype: Optional[torch.dtype] = None,
 ) -> torch.Tensor:
-    """LayerNorm of the (S, B, C) stream `r` plus the pending biases, in one memory pass on CUDA."""
+    """LayerNorm over the last axis of the stream `r` plus the pending biases, in one memory pass on CUDA.
+
+    With a `row_bias` (per token), `r` is the tokens-first (S, B, C) stream; without, any layout.
+    """
     out_dtype = out_dtype or r.dtype
 
     def ref() -> torch.Tensor:
@@ -163,7 +166,8 @@ def _sigmoid_of_2u(x: torch.Tensor) -> torch.Tensor:
     return x.square().mul_(_K3).add_(_K1).mul_(x).sigmoid_()
 
 
-def _gelu_(h: torch.Tensor, act: str) -> torch.Tensor:
+def gelu_(h: torch.Tensor, act: str) -> torch.Tensor:
+    """GELU in place (`act` "exact", "tanh" or "none"); returns `h`."""
     if _tanh_by_sigmoid(h, act):
         h.mul_(_sigmoid_of_2u(h))
     elif act != "none":
@@ -181,7 +185,7 @@ def gelu(x: torch.Tensor, act: str) -> torch.Tensor:
 def linear_act_ref(a: torch.Tensor, b: torch.Tensor, bias: torch.Tensor, bias_on_rows: bool, act: str) -> torch.Tensor:
     """Plain PyTorch: one GEMM with the bias (cuBLAS/MKL), then the GELU in place."""
     h = torch.addmm(bias[:, None] if bias_on_rows else bias, a, b)
-    return _gelu_(h, act)
+    return gelu_(h, act)
 
 
 def linear_act(
