@@ -216,18 +216,23 @@ class FastMixer(nn.Module):
         with _autocast("cpu", dtype, autocast):
             r = model.stem(x).transpose(0, 1).contiguous()  # (B, S, C)
         b, s, c = r.shape
+        cfg = model.config
+        # The hidden activations of every block reuse two buffers: fresh ones each time cost page faults.
+        h_tok = r.new_empty(b, cfg.tokens_mlp_dim, c)
+        h_chan = r.new_empty(b * s, cfg.channels_mlp_dim)
         with torch.autocast("cpu", enabled=False):
             for blk in model.blocks:
                 tok, chan = blk.mlp_tokens, blk.mlp_channels
                 y = K.layer_norm(r, None, None, blk.norm1.weight, blk.norm1.bias, EPS, r.dtype)
                 w1 = tok.fc1.weight.to(dtype).expand(b, -1, -1)  # a view: one weight for every image
-                h = K.gelu_(torch.baddbmm(tok.fc1.bias.to(dtype)[:, None], w1, y), act)  # (B, D_S, C)
-                r.baddbmm_(tok.fc2.weight.to(dtype).expand(b, -1, -1), h)
+                K.gelu_(torch.baddbmm(tok.fc1.bias.to(dtype)[:, None], w1, y, out=h_tok), act)
+                r.baddbmm_(tok.fc2.weight.to(dtype).expand(b, -1, -1), h_tok)
                 r += tok.fc2.bias.to(dtype)[:, None]
 
                 y = K.layer_norm(r, None, None, blk.norm2.weight, blk.norm2.bias, EPS, r.dtype)
-                h = K.linear_act(y.view(b * s, c), chan.fc1.weight.to(dtype).t(), chan.fc1.bias.to(dtype), False, act)
-                r.view(b * s, c).addmm_(h, chan.fc2.weight.to(dtype).t())
+                w3 = chan.fc1.weight.to(dtype).t()
+                K.gelu_(torch.addmm(chan.fc1.bias.to(dtype), y.view(b * s, c), w3, out=h_chan), act)
+                r.view(b * s, c).addmm_(h_chan, chan.fc2.weight.to(dtype).t())
                 r += chan.fc2.bias.to(dtype)
             norm = model.norm
             feats = K.layer_norm(r, None, None, norm.weight, norm.bias, EPS, torch.float32 if autocast else dtype)
