@@ -7,7 +7,8 @@ training steps (forward, backward, AdamW); the cases of one setting are timed in
 one process, and the ratio to timm eager is reported with a bf16 and fp32 matrix-product ceiling.
 The target of issue 5 is ≥ 1.10× timm eager everywhere. Results go to cpu_bench.json (with the
 machine, date and versions). A shared or busy machine makes these numbers noisy: rerun on a quiet
-one before drawing conclusions. `--compile` adds torch.compile of our plain path (minutes of
+one before drawing conclusions. Freed memory is kept in the process (`bench.keep_freed_memory`) unless
+`--default-malloc`: with glibc's default, timm's speed depended on which cases ran before it. `--compile` adds torch.compile of our plain path (minutes of
 compilation on a small CPU); the default run takes a few minutes.
 """
 
@@ -41,11 +42,16 @@ def main() -> int:
     ap.add_argument("--gelu", default="exact", choices=["exact", "tanh"],
                     help="our models' GELU (default exact, the function timm computes)")
     ap.add_argument("--force-bf16", action="store_true", help="time bf16 even where the CPU has no bf16 unit")
+    ap.add_argument("--default-malloc", action="store_true",
+                    help="leave glibc's malloc as it is (by default freed memory stays in the process: no case pays "
+                    "page faults whose number depends on the cases before it)")
     args = ap.parse_args()
     device = torch.device("cpu")
     B.set_threads(args.threads)
+    kept = not args.default_malloc and B.keep_freed_memory()
     start = time.perf_counter()
     result: dict = dict(environment=B.environment(device), ceilings_gflops={}, settings=[], gelu=args.gelu,
+                        freed_memory_kept=kept,
                         note="interleaved in one process; a shared machine makes absolute numbers noisy")
     for name in args.dtypes:
         # A small probe first: where bf16 is emulated, a 2048³ product alone takes a minute.

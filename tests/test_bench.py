@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import subprocess
 import sys
 from pathlib import Path
@@ -130,6 +131,33 @@ def test_flops_of_other_timm_models_are_counted():
 def test_matmul_ceiling_is_a_rate():
     flops = B.matmul_ceiling(torch.device("cpu"), torch.float32, n=128, seconds=0.05)
     assert 1e6 < flops < 1e15
+
+
+KEEP_FREED_MEMORY = """
+import resource, torch
+from mlpmixer.bench import keep_freed_memory
+
+def faults():  # minor page faults of a few alternating multi-MiB allocations, as a model's activations
+    before = resource.getrusage(resource.RUSAGE_SELF).ru_minflt
+    for _ in range(3):
+        a = torch.ones(5 << 20); b = torch.ones(2 << 20); del a; c = torch.ones(6 << 20); del b, c
+    return resource.getrusage(resource.RUSAGE_SELF).ru_minflt - before
+
+faults(); plain = faults()
+took = keep_freed_memory()
+faults(); kept = faults()
+print(plain, took, kept)
+"""
+
+
+@pytest.mark.skipif(not sys.platform.startswith("linux"), reason="glibc's mallopt is Linux's")
+def test_keep_freed_memory_stops_page_faults():
+    """In a fresh process (the setting is process-wide): glibc's default faults the pages in again."""
+    out = subprocess.run([sys.executable, "-c", KEEP_FREED_MEMORY], capture_output=True, text=True, check=True,
+                         env={**os.environ, "PYTHONPATH": str(ROOT / "src")}).stdout.split()
+    plain, took, kept = int(out[0]), out[1], int(out[2])
+    assert took == "True"
+    assert plain > 1000 and kept < plain / 20
 
 
 def test_gpu_bench_smoke_runs_end_to_end(tmp_path):

@@ -42,6 +42,9 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--iters", type=int, default=3, help="iterations per repeat (default 3)")
     p.add_argument("--threads", type=int, default=None, help="CPU threads (default: PyTorch's choice)")
     p.add_argument("--no-ceiling", action="store_true", help="skip the matrix-product ceiling")
+    p.add_argument("--default-malloc", action="store_true",
+                   help="on the CPU, leave glibc's malloc as it is: by default the benchmark keeps freed memory in "
+                   "the process, so no case pays page faults whose number depends on what ran before it")
     p.add_argument("--json", action="store_true", help="print JSON instead of a table")
     p.set_defaults(func=run)
 
@@ -55,6 +58,7 @@ def run(args: argparse.Namespace) -> int:
         if value is not None and value < (0 if name == "warmup" else 1):
             raise B.BenchError(f"--{name.replace('_', '-')} must be at least {0 if name == 'warmup' else 1}, not {value}.")
     B.set_threads(args.threads)
+    kept = device.type == "cpu" and not args.default_malloc and B.keep_freed_memory()
     overrides = {"num_classes": args.num_classes}
     if args.img_size:
         overrides["img_size"] = args.img_size
@@ -72,6 +76,8 @@ def run(args: argparse.Namespace) -> int:
 
     result: dict = dict(environment=B.environment(device), variant=config.describe(), config=config.to_dict(),
                         dtype=dtype_name, batch=batch, compile=args.compile, fast=args.fast, modes={})
+    if device.type == "cpu":
+        result["freed_memory_kept"] = kept
     if not args.no_ceiling:
         log(f"measuring the {dtype_name} matrix-product ceiling ...")
         result["ceiling_tflops"] = B.matmul_ceiling(device, dtype) / 1e12
@@ -101,7 +107,8 @@ def print_table(result: dict) -> None:
     env = result["environment"]
     where = env.get("gpu") or f"CPU ({env['cpu_count']} cores, {env['threads']} threads, {env['cpu_capability']})"
     print(f"{result['variant']} {result['dtype']} batch {result['batch']} on {where}, torch {env['torch']}"
-          + (", compiled" if result["compile"] else "") + (", fast path" if result["fast"] else ""))
+          + (", compiled" if result["compile"] else "") + (", fast path" if result["fast"] else "")
+          + (", freed memory kept (--default-malloc to leave malloc as it is)" if result.get("freed_memory_kept") else ""))
     unit, scale = ("TFLOP/s", 1.0) if env.get("gpu") else ("GFLOP/s", 1e3)
     if result.get("ceiling_tflops"):
         print(f"matrix-product ceiling: {result['ceiling_tflops'] * scale:.1f} {unit}")
