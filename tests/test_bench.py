@@ -134,8 +134,11 @@ def test_matmul_ceiling_is_a_rate():
 
 
 KEEP_FREED_MEMORY = """
-import resource, torch
+import ctypes, ctypes.util, resource, torch
 from mlpmixer.bench import keep_freed_memory
+
+# glibc's own default, pinned: without it, its adaptive threshold sometimes spares these faults by luck.
+ctypes.CDLL(ctypes.util.find_library("c")).mallopt(-3, 128 << 10)  # M_MMAP_THRESHOLD
 
 def faults():  # minor page faults of a few alternating multi-MiB allocations, as a model's activations
     before = resource.getrusage(resource.RUSAGE_SELF).ru_minflt
