@@ -7,9 +7,10 @@ training steps (forward, backward, AdamW); the cases of one setting are timed in
 one process, and the ratio to timm eager is reported with a bf16 and fp32 matrix-product ceiling.
 The target of issue 5 is ≥ 1.10× timm eager everywhere. Results go to cpu_bench.json (with the
 machine, date and versions). A shared or busy machine makes these numbers noisy: rerun on a quiet
-one before drawing conclusions. Freed memory is kept in the process (`bench.keep_freed_memory`) unless
-`--default-malloc`: with glibc's default, timm's speed depended on which cases ran before it. `--compile` adds torch.compile of our plain path (minutes of
-compilation on a small CPU); the default run takes a few minutes.
+one before drawing conclusions. Freed memory is kept in the process (`bench.keep_freed_memory`)
+unless `--default-malloc`: with glibc's default, timm's speed depended on which cases ran before it.
+`--compile` adds torch.compile of our plain path (minutes of compilation on a small CPU); the default
+run takes a few minutes.
 """
 
 from __future__ import annotations
