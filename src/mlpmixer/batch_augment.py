@@ -30,6 +30,7 @@ from torchvision.ops import roi_align
 from torchvision.transforms.v2 import InterpolationMode
 from torchvision.transforms.v2 import functional as F
 
+from .transforms import checked_crop_area
 from .variants import Size, as_pair
 
 RANDAUGMENT_OPS = 2  # RandAugment(N=2, m), as the paper's recipes use it
@@ -106,9 +107,7 @@ class BatchAugment:
 
     def __init__(self, img_size: Size, crop_area: tuple[float, float] = (0.05, 1.0), flip: bool = True,
                  randaugment_m: Optional[int] = None) -> None:
-        low, high = crop_area
-        if not 0 < low <= high <= 1:
-            raise ValueError(f"The crop area range must satisfy 0 < low <= high <= 1, not {crop_area}.")
+        low, high = checked_crop_area(crop_area)
         if randaugment_m is not None and not 0 <= randaugment_m < MAGNITUDE_BINS:
             raise ValueError(f"The RandAugment magnitude must be 0 to {MAGNITUDE_BINS - 1}, not {randaugment_m}.")
         self.img_size, self.crop_area, self.flip, self.m = as_pair(img_size), (low, high), flip, randaugment_m

@@ -37,6 +37,14 @@ def _to_model_range(in_chans: int) -> list[v2.Transform]:
     return [v2.ToDtype(torch.float32, scale=False), v2.Normalize([127.5] * in_chans, [127.5] * in_chans)]
 
 
+def checked_crop_area(crop_area: tuple[float, float]) -> tuple[float, float]:
+    """The (low, high) fraction of the image a random resized crop covers, checked."""
+    low, high = crop_area
+    if not 0 < low <= high <= 1:
+        raise ValueError(f"The crop area range must satisfy 0 < low <= high <= 1, not {crop_area}.")
+    return low, high
+
+
 def train_transform(
     img_size: Size,
     in_chans: int = 3,
@@ -47,9 +55,7 @@ def train_transform(
 ) -> Transform:
     """Training augmentation: Inception-style random resized crop covering `crop_area` of the image
     (official 0.05-1), random horizontal flip, RandAugment(2, m) when `randaugment_m` is given."""
-    low, high = crop_area
-    if not 0 < low <= high <= 1:
-        raise ValueError(f"The crop area range must satisfy 0 < low <= high <= 1, not {crop_area}.")
+    low, high = checked_crop_area(crop_area)
     steps: list[v2.Transform] = [
         to_channels(in_chans),
         v2.RandomResizedCrop(as_pair(img_size), scale=(low, high), antialias=True),
