@@ -240,10 +240,11 @@ def test_every_option_trains(tmp_path: Path) -> None:
 
 
 def test_ema_weights_follow_the_live_ones_and_are_what_is_saved(tmp_path: Path) -> None:
-    files = train(tiny(steps=2, ema=0.5, evals=0), tmp_path / "ema", save_every=1, progress=False, log=lambda *_: None)
+    # An evaluation after every step swaps the EMA weights in and the live ones back between updates.
+    files = train(tiny(steps=3, ema=0.5, evals=3), tmp_path / "ema", save_every=1, progress=False, log=lambda *_: None)
     first, second = (torch.load(tmp_path / "ema" / "checkpoints" / f"step-0000000{i}.pt", weights_only=True)
-                     for i in (1, 2))
-    decay = min(0.5, 2 / 11)  # the warm-up (1 + step) / (10 + step) at step 1 is below 0.5
+                     for i in (2, 3))
+    decay = min(0.5, 3 / 12)  # the warm-up (1 + step) / (10 + step) at step 2 is below 0.5
     saved = load_checkpoint(files.model).state_dict()
     for k, live in second["model"].items():
         expected = first["ema"][k] + (live - first["ema"][k]) * (1 - decay)

@@ -543,6 +543,14 @@ def _train(
     # on a GPU that wait per step would keep the host from queueing the next step while this one runs.
     # So on a GPU the losses are also checked for NaN only before anything is logged, evaluated or saved.
     check_every_step = not _defer_checks(device)
+    if ema is not None:
+        # The live tensors, found once: the optimiser and load_state_dict update them in place. Calling
+        # state_dict() every step cost 1.2 ms of host time (cProfile, this project's CPU), where a whole
+        # cifar10-nano step takes 21 ms on an H200.
+        live = model.state_dict()
+        floats = [k for k in ema if ema[k].dtype.is_floating_point]
+        ema_floats, live_floats = [ema[k] for k in floats], [live[k] for k in floats]
+        ema_others = [(ema[k], live[k]) for k in ema.keys() - set(floats)]
     unchecked: list[tuple[int, torch.Tensor]] = []  # (step, loss) not yet checked to be finite
     seen, t_log, loss_sum, correct, count = 0, time.time(), torch.zeros((), device=device), 0, 0
     for step in range(start, total):
@@ -581,12 +589,10 @@ def _train(
         if ema is not None:
             decay = min(r.ema, (1 + step) / (10 + step))  # short warm-up: early weights fade fast
             with torch.no_grad():
-                live = model.state_dict()
-                floats = [k for k in ema if ema[k].dtype.is_floating_point]
                 # One multi-tensor kernel, not one per tensor (on a GPU, launches are most of a small step).
-                torch._foreach_lerp_([ema[k] for k in floats], [live[k] for k in floats], 1 - decay)
-                for k in ema.keys() - set(floats):
-                    ema[k].copy_(live[k])
+                torch._foreach_lerp_(ema_floats, live_floats, 1 - decay)
+                for saved, current in ema_others:
+                    saved.copy_(current)
         seen += r.batch_size
         done = step + 1
         if done % 10 == 0 or done == total or done in eval_at or (save_every and done % save_every == 0):
