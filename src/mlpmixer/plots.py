@@ -16,6 +16,7 @@ def plot_curves(metrics: str | Path, png: str | Path) -> Path:
 
     matplotlib.use("Agg")  # files only, no display needed
     import matplotlib.pyplot as plt
+    from matplotlib.ticker import MaxNLocator
 
     rows = read_metrics(metrics) if Path(metrics).exists() else []
     train = [m for m in rows if "train_loss" in m]
@@ -37,6 +38,7 @@ def plot_curves(metrics: str | Path, png: str | Path) -> Path:
     ax_loss.set_yscale("log")
     for ax, label in ((ax_loss, "loss"), (ax_acc, "top-1 accuracy (%)")):
         ax.set_xlabel("step")
+        ax.xaxis.set_major_locator(MaxNLocator(nbins=5, integer=True))  # 5-digit step labels must not overlap
         ax.set_ylabel(label)
         ax.grid(alpha=0.3)
         if train or val:
