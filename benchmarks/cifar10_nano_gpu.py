@@ -18,7 +18,8 @@ copy of the shards:
       PYTHONPATH=src:/tmp/site python3 benchmarks/cifar10_nano_gpu.py --data .devdata/cifar10 --out $OUT
 
 `--steps N` replaces the probe and the epoch count by N steps (a check that the script works, e.g.
-on the CPU; not a measurement).
+on the CPU; not a measurement). Flags after `--` go to `mixer train` for the probe and the run, to try
+a variant of the recipe (e.g. `-- --batch-size 1024 --lr 4e-3`); the JSON records them.
 """
 
 from __future__ import annotations
@@ -39,7 +40,6 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT / "src"))  # this checkout's mlpmixer, installed or not
 START = time.perf_counter()
 RECIPE_EPOCHS = 200
-BATCH = 256  # the recipe's batch size
 
 
 def log(msg: str) -> None:
@@ -102,7 +102,9 @@ def main() -> None:
     p.add_argument("--workers", type=int, default=min(16, os.cpu_count() or 1), help="decoding workers")
     p.add_argument("--probe-steps", type=int, default=150, help="steps of the speed probe")
     p.add_argument("--steps", type=int, help="train only this many steps, no probe (a check, not a measurement)")
+    p.add_argument("train_flags", nargs=argparse.REMAINDER, help="after --: flags for `mixer train`")
     args = p.parse_args()
+    train_flags = args.train_flags[1:] if args.train_flags[:1] == ["--"] else args.train_flags
 
     import torch
 
@@ -111,7 +113,8 @@ def main() -> None:
     device = torch.cuda.get_device_name(0) if torch.cuda.is_available() else f"CPU ({platform.processor() or 'unknown'})"
     log(f"{device}, torch {torch.__version__}, {os.cpu_count()} CPU cores")
     result: dict = {"date": datetime.now(timezone.utc).isoformat(timespec="seconds"), "device": device,
-                    "torch": torch.__version__, "recipe": "cifar10-nano", "bf16": True, "augment_on": "device"}
+                    "torch": torch.__version__, "recipe": "cifar10-nano", "train_flags": train_flags, "bf16": True,
+                    "augment_on": "device"}
     if torch.cuda.is_available():
         check = check_augmentation("cuda")
         log(f"augmentation on the GPU vs the CPU: {check['pixels_differing']:.4%} of the pixels differ, by at "
@@ -127,11 +130,12 @@ def main() -> None:
         config.parent.mkdir(parents=True, exist_ok=True)
         config.write_text(json.dumps({"evals": 0}))
         rows, seconds = train(args.data, work / "probe", args.workers,
-                              ["--steps", str(args.probe_steps), "--config", str(config)])
+                              [*train_flags, "--steps", str(args.probe_steps), "--config", str(config)])
+        batch = json.loads((work / "probe" / "config.json").read_text())["recipe"]["batch_size"]
         speed = steady_speed(rows)
-        overhead = seconds - args.probe_steps * BATCH / speed  # start-up, decoding into memory, saving
+        overhead = seconds - args.probe_steps * batch / speed  # start-up, decoding into memory, saving
         last = [r for r in rows if "img_per_s" in r][-1]
-        epoch_images = last["step"] / last["epoch"] * BATCH
+        epoch_images = last["step"] / last["epoch"] * batch
         left = args.budget - (time.perf_counter() - START) - overhead - 30  # 30 s: ten validations, margin
         epochs = max(1, min(RECIPE_EPOCHS, int(left * speed / epoch_images)))
         log(f"probe: {speed:,.0f} img/s, {overhead:.0f} s of start-up; {epochs} epochs fit in the budget")
@@ -139,7 +143,7 @@ def main() -> None:
         (out / "cifar10_nano_gpu.json").write_text(json.dumps(result, indent=1) + "\n")  # in case the run is cut
         shutil.rmtree(work / "probe")
         plan = ["--epochs", str(epochs)]
-    rows, seconds = train(args.data, work / "run", args.workers, plan)
+    rows, seconds = train(args.data, work / "run", args.workers, [*train_flags, *plan])
     val = [r for r in rows if "val_top1" in r]
     result.update(
         epochs=epochs, recipe_epochs=RECIPE_EPOCHS, epochs_cut_to_fit=epochs is not None and epochs < RECIPE_EPOCHS,
