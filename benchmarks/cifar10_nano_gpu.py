@@ -6,7 +6,8 @@ the hold-out accuracy, the throughput and the time. The target (>= 91% top-1) is
 set, which is not in this repository: the trained model is written next to the results, to be
 checked there (`mixer eval MODEL --data CIFAR10_TEST`).
 
-A short probe (--probe-steps, default 150) measures the steady images/s first; the run then takes the
+A short probe (--probe-steps, default 150) measures the steady images/s first, and profiles 20 of its
+steps (`mixer train --profile`; the table is written to probe_profile.txt); the run then takes the
 recipe's 200 epochs, or as many as fit in --budget seconds (the whole script), and says so in the
 JSON. The device machine has no webdataset/braceexpand and no ../shared, so carry their wheels and a
 copy of the shards:
@@ -40,6 +41,7 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT / "src"))  # this checkout's mlpmixer, installed or not
 START = time.perf_counter()
 RECIPE_EPOCHS = 200
+PROFILED_STEPS = 20  # of the probe, with `mixer train --profile`: where a step's time goes
 
 
 def log(msg: str) -> None:
@@ -129,8 +131,12 @@ def main() -> None:
         config = work / "no-evals.json"  # the probe validates once, at its end
         config.parent.mkdir(parents=True, exist_ok=True)
         config.write_text(json.dumps({"evals": 0}))
+        profile = ["--profile", str(PROFILED_STEPS)] if args.probe_steps >= 3 * PROFILED_STEPS else []
         rows, seconds = train(args.data, work / "probe", args.workers,
-                              [*train_flags, "--steps", str(args.probe_steps), "--config", str(config)])
+                              [*train_flags, "--steps", str(args.probe_steps), "--config", str(config), *profile])
+        if profile:  # the table of the busiest operations comes back with the results
+            shutil.move(work / "probe" / "profile.txt", out / "probe_profile.txt")
+            result["probe_profile"] = (out / "probe_profile.txt").read_text().splitlines()[0]
         batch = json.loads((work / "probe" / "config.json").read_text())["recipe"]["batch_size"]
         speed = steady_speed(rows)
         overhead = seconds - args.probe_steps * batch / speed  # start-up, decoding into memory, saving

@@ -36,6 +36,7 @@ from .data import MNIST5K, TensorData, augment_digits, holdout_split, is_idx_fol
 from .evaluate import evaluate
 from .model import MlpMixer, create_model
 from .permute import FixedPermutation
+from .profiling import StepProfiler
 from .recipes import AUGMENT_ON, Recipe
 from .resize import resize_to
 from .shared_grads import SharedGradients
@@ -347,7 +348,7 @@ def train(r: Recipe, out: Optional[str | Path] = None, **options: Any) -> RunFil
     """Train a Mixer with recipe `r`; write the run directory `out` (default: a new one under runs/).
 
     Options: resume, save_every (steps), keep (states), init_from (a checkpoint to fine-tune), progress,
-    log (a print function). Under torchrun (RANK/WORLD_SIZE set) this process is one rank of several.
+    log (a print function), profile (steps to profile: RUN/profile.txt and profile.json, see profiling.py). Under torchrun (RANK/WORLD_SIZE set) this process is one rank of several.
     """
     distributed = "WORLD_SIZE" in os.environ and int(os.environ["WORLD_SIZE"]) > 1
     if distributed:
@@ -371,6 +372,7 @@ def _train(
     progress: bool = True,
     log: Any = print,
     shared_grads: Optional[SharedGradients] = None,
+    profile: int = 0,
 ) -> RunFiles:
     t_start = time.time()
     # --- processes: each rank takes a slice of every global batch.
@@ -552,6 +554,10 @@ def _train(
         ema_floats, live_floats = [ema[k] for k in floats], [live[k] for k in floats]
         ema_others = [(ema[k], live[k]) for k in ema.keys() - set(floats)]
     unchecked: list[tuple[int, torch.Tensor]] = []  # (step, loss) not yet checked to be finite
+    if profile and total - start < StepProfiler.steps_needed(profile):
+        raise ValueError(f"--profile {profile} needs {StepProfiler.steps_needed(profile)} steps (the first ones are "
+                         f"not profiled) and this run has {total - start} left; lower it or raise --steps.")
+    profiler = StepProfiler(profile, run, device, r.batch_size, bar.write) if profile and main else None
     seen, t_log, loss_sum, correct, count = 0, time.time(), torch.zeros((), device=device), 0, 0
     for step in range(start, total):
         # --- one optimiser step: accumulate gradients over the micro-batches.
@@ -630,6 +636,10 @@ def _train(
             bar.write(f"step {done}/{total}: validation top-1 {m['top1']:.2%} (n={m['n']})")
         if save_every and (main or fsdp) and (done % save_every == 0 or done == total):
             save_state(run / STATE_DIR, model, opt, ema, done, keep, sharded=fsdp)
+        if profiler is not None:
+            profiler.step()
+    if profiler is not None:
+        profiler.close()
     bar.close()
     if board is not None:
         board.close()

@@ -34,5 +34,5 @@ def run(args: argparse.Namespace) -> int:
     if not recipe.data:
         raise ValueError("Give the data to fine-tune on with --data (an image folder, shards, an IDX folder or mnist5k).")
     launch(recipe, args.out, resume=args.resume, save_every=args.save_every, keep=args.keep,
-          init_from=args.init_from, progress=not args.quiet)
+          init_from=args.init_from, progress=not args.quiet, profile=args.profile)
     return 0

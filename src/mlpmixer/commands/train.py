@@ -65,6 +65,9 @@ def add_training_flags(p: argparse.ArgumentParser, default_recipe: str) -> None:
     p.add_argument("--keep", type=int, default=3, metavar="N", help="training states to keep (default 3)")
     p.add_argument("--resume", action="store_true", help="continue the run in --out (or the latest) from its last state")
     p.add_argument("--quiet", action="store_true", help="no progress bar")
+    p.add_argument("--profile", type=int, default=0, metavar="N",
+                   help="profile N steps, after a few warm-up ones, with PyTorch's profiler: RUN/profile.txt (time per "
+                        "step on the host and the device, the busiest operations) and RUN/profile.json (timeline)")
 
 
 def recipe_from_args(args: argparse.Namespace) -> Any:
@@ -86,5 +89,5 @@ def run(args: argparse.Namespace) -> int:
     from ..train import launch
 
     launch(recipe_from_args(args), args.out, resume=args.resume, save_every=args.save_every, keep=args.keep,
-          progress=not args.quiet)
+          progress=not args.quiet, profile=args.profile)
     return 0

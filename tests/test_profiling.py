@@ -1,0 +1,51 @@
+"""`mixer train --profile N`: the files it writes and its error."""
+
+from __future__ import annotations
+
+import json
+import re
+from pathlib import Path
+
+import pytest
+
+from mlpmixer.profiling import StepProfiler
+from mlpmixer.recipes import get_recipe
+from mlpmixer.train import train
+
+
+def tiny(**changes):
+    return get_recipe("mnist5k", **{"batch_size": 32, "evals": 0, **changes})
+
+
+def test_profile_writes_the_step_times_and_a_timeline(tmp_path: Path) -> None:
+    steps = StepProfiler.steps_needed(3) + 2  # two steps after the profiled ones: the files come once
+    lines: list[str] = []
+    train(tiny(steps=steps), tmp_path / "run", progress=False, log=lines.append, profile=3)
+    text = (tmp_path / "run" / "profile.txt").read_text()
+    summary = text.splitlines()[0]
+    assert summary.startswith("3 steps of 32 images after 12 unprofiled ones:")
+    per_step, inside = (float(x) for x in re.findall(r"([\d.]+) ms per step", summary))
+    between = float(re.search(r"([\d.]+) ms between them", summary).group(1))
+    assert 0 < inside and 0 < between and inside + between <= per_step * 1.05  # on one thread: within the wall time
+    assert "aten::addmm" in text or "aten::mm" in text  # the table lists the matrix products
+    trace = json.loads((tmp_path / "run" / "profile.json").read_text())
+    names = {e.get("name") for e in trace["traceEvents"]}
+    assert "Optimizer.step#AdamW.step" in names or any("adamw" in str(n).lower() for n in names)
+
+
+def test_a_profile_longer_than_the_run_is_refused_before_training(tmp_path: Path) -> None:
+    with pytest.raises(ValueError, match=r"--profile 5 needs 17 steps .* this run has 8 left"):
+        train(tiny(steps=8), tmp_path / "run", progress=False, log=lambda *_: None, profile=5)
+    assert not (tmp_path / "run" / "model.safetensors").exists()
+
+
+def test_a_failing_profiler_stops_profiling_not_the_run(tmp_path: Path, monkeypatch: pytest.MonkeyPatch,
+                                                         capsys: pytest.CaptureFixture) -> None:
+    def broken(self, prof) -> None:
+        raise RuntimeError("no profiling here")
+
+    monkeypatch.setattr(StepProfiler, "_write", broken)
+    files = train(tiny(steps=StepProfiler.steps_needed(2) + 1), tmp_path / "run", progress=False,
+                  log=lambda *_: None, profile=2)
+    assert files.model.is_file() and not (tmp_path / "run" / "profile.txt").exists()
+    assert "Profiling stopped, training goes on: RuntimeError: no profiling here" in capsys.readouterr().out
