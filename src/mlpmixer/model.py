@@ -43,11 +43,18 @@ class DropPath(nn.Module):
         if self.rate == 0.0 or not self.training:
             return x
         keep = 1.0 - self.rate
-        mask = x.new_empty(1, x.shape[1], 1).bernoulli_(keep)
-        return x * mask / keep
+        # Scaled on the small mask, so the activation is read and written once, forward and backward.
+        mask = x.new_empty(1, x.shape[1], 1).bernoulli_(keep).div_(keep)
+        return x * mask
 
     def extra_repr(self) -> str:
         return f"rate={self.rate:g}"
+
+
+def _dropout(rate: float) -> nn.Module:
+    """Dropout, or nothing at rate 0 (the paper's setting): 33 calls fewer per forward of Mixer-nano,
+    host time that a small model's training step on a GPU may be bound by."""
+    return nn.Dropout(rate) if rate > 0 else nn.Identity()
 
 
 class TokenMixingMlp(nn.Module):
@@ -58,7 +65,7 @@ class TokenMixingMlp(nn.Module):
         self.fc1 = nn.Linear(tokens, hidden)  # weight (D_S, S)
         self.fc2 = nn.Linear(hidden, tokens)  # weight (S, D_S)
         self.act = act
-        self.drop = nn.Dropout(drop)
+        self.drop = _dropout(drop)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         s, b, c = x.shape
@@ -76,7 +83,7 @@ class ChannelMixingMlp(nn.Module):
         self.fc1 = nn.Linear(dim, hidden)
         self.fc2 = nn.Linear(hidden, dim)
         self.act = act
-        self.drop = nn.Dropout(drop)
+        self.drop = _dropout(drop)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return self.drop(self.fc2(self.drop(self.act(self.fc1(x)))))
@@ -136,7 +143,7 @@ class MlpMixer(nn.Module):
         rates = [config.drop_path_rate * i / max(n - 1, 1) for i in range(n)]
         self.blocks = nn.Sequential(*[MixerBlock(config, r) for r in rates])
         self.norm = nn.LayerNorm(config.hidden_dim, eps=1e-6)
-        self.head_drop = nn.Dropout(config.drop_rate)
+        self.head_drop = _dropout(config.drop_rate)
         self.head = self._new_head(config.num_classes)
         self.init_weights()
 
