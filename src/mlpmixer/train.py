@@ -554,6 +554,7 @@ def _train(
         ema_floats, live_floats = [ema[k] for k in floats], [live[k] for k in floats]
         ema_others = [(ema[k], live[k]) for k in ema.keys() - set(floats)]
     unchecked: list[tuple[int, torch.Tensor]] = []  # (step, loss) not yet checked to be finite
+    params = list(model.parameters())  # once: walking the modules every step costs host time
     if profile and total - start < StepProfiler.steps_needed(profile):
         raise ValueError(f"--profile {profile} needs {StepProfiler.steps_needed(profile)} steps (the first ones are "
                          f"not profiled) and this run has {total - start} left; lower it or raise --steps.")
@@ -589,7 +590,7 @@ def _train(
         if shared_grads is not None:
             shared_grads.average()
         if r.clip:
-            torch.nn.utils.clip_grad_norm_(model.parameters(), r.clip)
+            torch.nn.utils.clip_grad_norm_(params, r.clip)
         opt.step()
         opt.zero_grad(set_to_none=True)
         if ema is not None:
