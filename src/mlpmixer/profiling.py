@@ -9,6 +9,7 @@ allocator's growth, which a long run does not repeat.
 from __future__ import annotations
 
 import contextlib
+import os
 import time
 from pathlib import Path
 from typing import Any, Callable, Iterator
@@ -37,6 +38,8 @@ class StepProfiler:
         self.steps, self.run, self.device, self.batch_size, self.log = steps, run, device, batch_size, log
         self.cuda = device.type == "cuda"
         activities = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if self.cuda else [])
+        if not self.cuda:  # else a CUDA build of torch on a machine without a GPU logs "ERROR: gpuGetDeviceCount failed"
+            os.environ.setdefault("KINETO_LOG_LEVEL", "5")
         self.seen = 0
         self.t_record, self.wall = 0.0, 0.0  # when recording began; seconds per recorded step
         self.done = False
