@@ -38,7 +38,7 @@ class StepProfiler:
         self.steps, self.run, self.device, self.batch_size, self.log = steps, run, device, batch_size, log
         self.cuda = device.type == "cuda"
         activities = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if self.cuda else [])
-        if not self.cuda:  # else a CUDA build of torch on a machine without a GPU logs "ERROR: gpuGetDeviceCount failed"
+        if not self.cuda:  # a CUDA build of torch without a GPU would log "ERROR: gpuGetDeviceCount failed"
             os.environ.setdefault("KINETO_LOG_LEVEL", "5")
         self.seen = 0
         self.t_record, self.wall = 0.0, 0.0  # when recording began; seconds per recorded step
