@@ -134,7 +134,7 @@ def main() -> None:
         profile = ["--profile", str(PROFILED_STEPS)] if args.probe_steps >= 3 * PROFILED_STEPS else []
         rows, seconds = train(args.data, work / "probe", args.workers,
                               [*train_flags, "--steps", str(args.probe_steps), "--config", str(config), *profile])
-        if profile:  # the table of the busiest operations comes back with the results
+        if (work / "probe" / "profile.txt").exists():  # the busiest operations come back with the results
             shutil.move(work / "probe" / "profile.txt", out / "probe_profile.txt")
             result["probe_profile"] = (out / "probe_profile.txt").read_text().splitlines()[0]
         batch = json.loads((work / "probe" / "config.json").read_text())["recipe"]["batch_size"]

@@ -17,20 +17,20 @@ def tiny(**changes):
     return get_recipe("mnist5k", **{"batch_size": 32, "evals": 0, **changes})
 
 
-def test_profile_writes_the_step_times_and_a_timeline(tmp_path: Path) -> None:
+def test_profile_writes_the_step_times_and_a_timeline(tmp_path: Path, capsys: pytest.CaptureFixture) -> None:
     steps = StepProfiler.steps_needed(3) + 2  # two steps after the profiled ones: the files come once
-    lines: list[str] = []
-    train(tiny(steps=steps), tmp_path / "run", progress=False, log=lines.append, profile=3)
+    train(tiny(steps=steps), tmp_path / "run", progress=False, log=lambda *_: None, profile=3)
     text = (tmp_path / "run" / "profile.txt").read_text()
     summary = text.splitlines()[0]
     assert summary.startswith("3 steps of 32 images after 12 unprofiled ones:")
+    assert f"Profile: {summary}." in capsys.readouterr().out  # said once, when the files are written
     per_step, inside = (float(x) for x in re.findall(r"([\d.]+) ms per step", summary))
     between = float(re.search(r"([\d.]+) ms between them", summary).group(1))
-    assert 0 < inside and 0 < between and inside + between <= per_step * 1.05  # on one thread: within the wall time
-    assert "aten::addmm" in text or "aten::mm" in text  # the table lists the matrix products
+    # Host times are the training thread's own, so together they fit in the wall time.
+    assert 0 < inside and 0 < between and inside + between <= per_step * 1.05
+    assert "aten::addmm" in text and "aten::mm" in text  # the table lists the matrix products
     trace = json.loads((tmp_path / "run" / "profile.json").read_text())
-    names = {e.get("name") for e in trace["traceEvents"]}
-    assert "Optimizer.step#AdamW.step" in names or any("adamw" in str(n).lower() for n in names)
+    assert "Optimizer.step#AdamW.step" in {e.get("name") for e in trace["traceEvents"]}
 
 
 def test_a_profile_longer_than_the_run_is_refused_before_training(tmp_path: Path) -> None:

@@ -348,7 +348,8 @@ def train(r: Recipe, out: Optional[str | Path] = None, **options: Any) -> RunFil
     """Train a Mixer with recipe `r`; write the run directory `out` (default: a new one under runs/).
 
     Options: resume, save_every (steps), keep (states), init_from (a checkpoint to fine-tune), progress,
-    log (a print function), profile (steps to profile: RUN/profile.txt and profile.json, see profiling.py). Under torchrun (RANK/WORLD_SIZE set) this process is one rank of several.
+    log (a print function), profile (steps to profile into RUN/profile.txt and profile.json; see
+    profiling.py). Under torchrun (RANK/WORLD_SIZE set) this process is one rank of several.
     """
     distributed = "WORLD_SIZE" in os.environ and int(os.environ["WORLD_SIZE"]) > 1
     if distributed:
