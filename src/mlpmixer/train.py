@@ -502,6 +502,10 @@ def _train(
             opt.load_state_dict(state["optimizer"])
         ema = state["ema"] or ema
         start = int(state["step"])
+    # Before anything is written: a resumed run's metrics are trimmed to its state below.
+    if profile and total - start < StepProfiler.steps_needed(profile):
+        raise ValueError(f"--profile {profile} needs {StepProfiler.steps_needed(profile)} steps (the first ones are "
+                         f"not profiled) and this run has {total - start} left; lower it or raise --steps.")
     run = run or new_run_dir()
     files = RunFiles(run, run / "model.safetensors", run / "config.json", run / "metrics.jsonl",
                      run / "curves.png")
@@ -556,9 +560,6 @@ def _train(
         ema_others = [(ema[k], live[k]) for k in ema.keys() - set(floats)]
     unchecked: list[tuple[int, torch.Tensor]] = []  # (step, loss) not yet checked to be finite
     params = list(model.parameters())  # once: walking the modules every step costs host time
-    if profile and total - start < StepProfiler.steps_needed(profile):
-        raise ValueError(f"--profile {profile} needs {StepProfiler.steps_needed(profile)} steps (the first ones are "
-                         f"not profiled) and this run has {total - start} left; lower it or raise --steps.")
     profiler = StepProfiler(profile, run, device, r.batch_size, bar.write) if profile and main else None
     seen, t_log, loss_sum, correct, count = 0, time.time(), torch.zeros((), device=device), 0, 0
     for step in range(start, total):
