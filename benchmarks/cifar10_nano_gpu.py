@@ -6,9 +6,11 @@ the hold-out accuracy, the throughput and the time. The target (>= 91% top-1) is
 set, which is not in this repository: the trained model is written next to the results, to be
 checked there (`mixer eval MODEL --data CIFAR10_TEST`).
 
-A short probe (--probe-steps, default 150) measures the steady images/s first, and profiles 20 of its
-steps (`mixer train --profile`; the table is written to probe_profile.txt); the run then takes the
-recipe's 200 epochs, or as many as fit in --budget seconds (the whole script), and says so in the
+Two short probes (--probe-steps each, default 150) measure the steady images/s first, of the plain
+training path and of the fast path (`--fast`: fused kernels, weight gradients split over the batch
+where that measures faster), and profile 20 of their steps (`mixer train --profile`; the tables are
+written to probe_plain_profile.txt and probe_fast_profile.txt); the run then takes the faster path
+and the recipe's epochs, or as many as fit in --budget seconds (the whole script), and says so in the
 JSON. The device machine has no webdataset/braceexpand and no ../shared, so carry their wheels and a
 copy of the shards:
 
@@ -40,7 +42,6 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT / "src"))  # this checkout's mlpmixer, installed or not
 START = time.perf_counter()
-RECIPE_EPOCHS = 200
 PROFILED_STEPS = 20  # of the probe, with `mixer train --profile`: where a step's time goes
 
 
@@ -48,17 +49,22 @@ def log(msg: str) -> None:
     print(f"[{time.perf_counter() - START:6.1f}s] {msg}", flush=True)
 
 
-def train(data: str, out: Path, workers: int, extra: list[str]) -> tuple[list[dict], float]:
-    """`mixer train --recipe cifar10-nano` in a subprocess (this checkout's code); its metrics and wall time."""
+def train(data: str, out: Path, workers: int, bf16: bool, extra: list[str]) -> tuple[list[dict], float, list[str]]:
+    """`mixer train --recipe cifar10-nano` in a subprocess (this checkout's code): its metrics, wall time
+    and printed lines."""
     shutil.rmtree(out, ignore_errors=True)
     env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(ROOT / "src"), os.environ.get("PYTHONPATH", "")])}
     cmd = [sys.executable, "-m", "mlpmixer", "train", "--recipe", "cifar10-nano", "--data", data, "--workers",
-           str(workers), "--bf16", "--out", str(out), "--quiet", *extra]
+           str(workers), "--out", str(out), "--quiet", *(["--bf16"] if bf16 else []), *extra]
     log(" ".join(cmd[2:]))
     t = time.perf_counter()
-    subprocess.run(cmd, env=env, check=True)
+    done = subprocess.run(cmd, env=env, stdout=subprocess.PIPE, text=True)
+    print(done.stdout, end="", flush=True)
+    if done.returncode:
+        raise SystemExit(f"mixer train failed (exit {done.returncode}); its output is above.")
     seconds = time.perf_counter() - t
-    return [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines() if line], seconds
+    rows = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines() if line]
+    return rows, seconds, done.stdout.splitlines()
 
 
 def steady_speed(rows: list[dict]) -> float:
@@ -78,7 +84,7 @@ def check_augmentation(device: str) -> dict:
     from mlpmixer.recipes import get_recipe
 
     r = get_recipe("cifar10-nano")
-    aug = BatchAugment(r.img_size, tuple(r.crop_area), r.flip, r.randaugment)
+    aug = BatchAugment(r.img_size, tuple(r.crop_area), r.flip, r.randaugment, r.pad_crop)
     images = torch.randint(0, 256, (2048, 3, 32, 32), dtype=torch.uint8, generator=torch.Generator().manual_seed(0))
     draws = aug.draw(len(images), 32, 32, torch.Generator().manual_seed(1))
     ours = aug.apply(images.to(device), draws).cpu()
@@ -110,12 +116,16 @@ def main() -> None:
 
     import torch
 
+    from mlpmixer.recipes import get_recipe
+
+    bf16 = torch.cuda.is_available()  # on a CPU without bf16 products (this project's) it is ~100× slower
+
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
     device = torch.cuda.get_device_name(0) if torch.cuda.is_available() else f"CPU ({platform.processor() or 'unknown'})"
     log(f"{device}, torch {torch.__version__}, {os.cpu_count()} CPU cores")
     result: dict = {"date": datetime.now(timezone.utc).isoformat(timespec="seconds"), "device": device,
-                    "torch": torch.__version__, "recipe": "cifar10-nano", "train_flags": train_flags, "bf16": True,
+                    "torch": torch.__version__, "recipe": "cifar10-nano", "train_flags": train_flags, "bf16": bf16,
                     "augment_on": "device"}
     if torch.cuda.is_available():
         check = check_augmentation("cuda")
@@ -125,34 +135,45 @@ def main() -> None:
         if check["pixels_differing"] > 0.01:
             log("WARNING: more than 1% of the pixels differ: more than rounding; look into it before trusting the run")
     work = out / "runs"  # under --out, so that a run cut short still leaves its metrics.jsonl
+    recipe_epochs = get_recipe("cifar10-nano").epochs
     epochs = None
     plan = ["--steps", str(args.steps)] if args.steps else []
     if not args.steps:
-        config = work / "no-evals.json"  # the probe validates once, at its end
+        config = work / "no-evals.json"  # the probes validate once, at their end
         config.parent.mkdir(parents=True, exist_ok=True)
         config.write_text(json.dumps({"evals": 0}))
         profile = ["--profile", str(PROFILED_STEPS)] if args.probe_steps >= 3 * PROFILED_STEPS else []
-        rows, seconds = train(args.data, work / "probe", args.workers,
-                              [*train_flags, "--steps", str(args.probe_steps), "--config", str(config), *profile])
-        if (work / "probe" / "profile.txt").exists():  # the busiest operations come back with the results
-            shutil.move(work / "probe" / "profile.txt", out / "probe_profile.txt")
-            result["probe_profile"] = (out / "probe_profile.txt").read_text().splitlines()[0]
-        batch = json.loads((work / "probe" / "config.json").read_text())["recipe"]["batch_size"]
-        speed = steady_speed(rows)
-        overhead = seconds - args.probe_steps * batch / speed  # start-up, decoding into memory, saving
-        last = [r for r in rows if "img_per_s" in r][-1]
-        epoch_images = last["step"] / last["epoch"] * batch
+        probes = {}
+        for name, flags in (("plain", []), ("fast", ["--fast"])):
+            rows, seconds, printed = train(args.data, work / f"probe-{name}", args.workers, bf16,
+                                           [*train_flags, *flags, "--steps", str(args.probe_steps), "--config",
+                                            str(config), *profile])
+            if (work / f"probe-{name}" / "profile.txt").exists():  # the busiest operations come back too
+                shutil.move(work / f"probe-{name}" / "profile.txt", out / f"probe_{name}_profile.txt")
+                result[f"probe_{name}_profile"] = (out / f"probe_{name}_profile.txt").read_text().splitlines()[0]
+            batch = json.loads((work / f"probe-{name}" / "config.json").read_text())["recipe"]["batch_size"]
+            speed = steady_speed(rows)
+            last = [r for r in rows if "img_per_s" in r][-1]
+            probes[name] = {"img_per_s": speed, "flags": flags,
+                            "overhead_s": round(seconds - args.probe_steps * batch / speed, 1),  # start-up, saving
+                            "epoch_images": last["step"] / last["epoch"] * batch,
+                            "printed": [line for line in printed if line.startswith("Weight-gradient")]}
+            log(f"probe {name}: {speed:,.0f} img/s, {probes[name]['overhead_s']:.0f} s of start-up")
+            shutil.rmtree(work / f"probe-{name}")
+        best = max(probes, key=lambda name: probes[name]["img_per_s"])
+        speed, overhead = probes[best]["img_per_s"], probes[best]["overhead_s"]
         left = args.budget - (time.perf_counter() - START) - overhead - 30  # 30 s: ten validations, margin
-        epochs = max(1, min(RECIPE_EPOCHS, int(left * speed / epoch_images)))
-        log(f"probe: {speed:,.0f} img/s, {overhead:.0f} s of start-up; {epochs} epochs fit in the budget")
-        result.update(probe_img_per_s=speed, probe_overhead_s=round(overhead, 1), epochs_planned=epochs)
+        epochs = max(1, min(recipe_epochs, int(left * speed / probes[best]["epoch_images"])))
+        log(f"the {best} path is faster; {epochs} of the recipe's {recipe_epochs} epochs fit in the budget")
+        result.update(probes=probes, path=best, epochs_planned=epochs)
         (out / "cifar10_nano_gpu.json").write_text(json.dumps(result, indent=1) + "\n")  # in case the run is cut
-        shutil.rmtree(work / "probe")
+        train_flags = [*train_flags, *probes[best]["flags"]]
         plan = ["--epochs", str(epochs)]
-    rows, seconds = train(args.data, work / "run", args.workers, [*train_flags, *plan])
+    rows, seconds, _ = train(args.data, work / "run", args.workers, bf16, [*train_flags, *plan])
     val = [r for r in rows if "val_top1" in r]
     result.update(
-        epochs=epochs, recipe_epochs=RECIPE_EPOCHS, epochs_cut_to_fit=epochs is not None and epochs < RECIPE_EPOCHS,
+        epochs=epochs, recipe_epochs=recipe_epochs, epochs_cut_to_fit=epochs is not None and epochs < recipe_epochs,
+        run_flags=train_flags,
         steps=max(r["step"] for r in rows), img_per_s_median=steady_speed(rows), wall_s=round(seconds, 1),
         holdout_top1=val[-1]["val_top1"], holdout_n=val[-1]["val_n"],
         holdout_curve=[(r["epoch"], round(r["val_top1"], 4)) for r in val],

@@ -169,6 +169,7 @@ def main() -> int:
     def save() -> None:
         results["elapsed_s"] = time.perf_counter() - START
         results["table"] = rows
+        results["weight_grad_splits"] = K.weight_grad_splits()  # what the fast path's training chose
         json_path.write_text(json.dumps(results, indent=1, default=str))
 
     def item(name: str, estimate: float, fn) -> None:

@@ -103,11 +103,29 @@ def test_a_share_of_rows_is_augmented_as_in_the_whole_batch() -> None:
     assert not torch.equal(aug(x, torch.Generator().manual_seed(4)), whole)
 
 
+@pytest.mark.parametrize("size", [16, 20])
+def test_pad_crop_is_torchvisions_pad_then_crop(size: int) -> None:
+    """Each image: resized to img_size if needed, padded with zeros, and the box at its drawn corner
+    copied exactly, as v2.RandomCrop(img_size, padding=pad) does for that corner."""
+    x = images(300, size=size)
+    aug = BatchAugment(16, flip=False, pad=3)
+    draws = aug.draw(len(x), size, size, torch.Generator().manual_seed(0))
+    out = aug.apply(x, draws)
+    left, top = draws.boxes[:, 0].long(), draws.boxes[:, 1].long()
+    assert set(left.tolist()) == set(top.tolist()) == set(range(7))  # every offset 0..2·pad occurs
+    resized = F.resize(x, [16, 16], antialias=True) if size != 16 else x
+    padded = F.pad(resized, [3])
+    expected = torch.stack([F.crop(padded[i], int(top[i]), int(left[i]), 16, 16) for i in range(len(x))])
+    assert torch.equal(out, expected.float() / 127.5 - 1)
+
+
 def test_bad_settings_are_one_sentence() -> None:
     with pytest.raises(ValueError, match="crop area"):
         BatchAugment(16, crop_area=(0.5, 0.2))
     with pytest.raises(ValueError, match="magnitude must be 0 to 30"):
         BatchAugment(16, randaugment_m=31)
+    with pytest.raises(ValueError, match="padding"):
+        BatchAugment(16, pad=-1)
 
 
 def test_read_into_memory_reads_every_image_in_every_process(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:

@@ -78,6 +78,10 @@ def test_bad_arguments_are_one_sentence() -> None:
         train_transform(32, 3, crop_area=(0.5, 0.2))
     with pytest.raises(ValueError, match="positive"):
         mixup_cutmix(10, mixup=-0.1)
+    with pytest.raises(ValueError, match="between 0 and 1"):
+        mixup_cutmix(10, cutmix=1.0, prob=1.5)
+    with pytest.raises(ValueError, match="padding"):
+        train_transform(32, 3, pad_crop=-4)
 
 
 def test_mixup_cutmix_gives_soft_labels() -> None:
@@ -95,3 +99,33 @@ def test_mixup_cutmix_gives_soft_labels() -> None:
     torch.testing.assert_close(soft.sum(1), torch.ones(4))
     # Each row mixes its own label with the label of another image of the batch.
     assert all(soft[i, labels[i]] > 0 for i in range(4))
+
+
+def test_pad_crop_translates_within_zero_padding() -> None:
+    """pad_crop replaces the Inception crop: same size out, the image shifted by at most `pad` pixels,
+    the uncovered border zero (-1 in the model's range)."""
+    steps = train_transform(32, 3, pad_crop=4, flip=False).transforms
+    assert not any(isinstance(t, v2.RandomResizedCrop) for t in steps)
+    assert next(t for t in steps if isinstance(t, v2.RandomCrop)).padding == [4, 4, 4, 4]
+    image = torch.full((3, 32, 32), 200, dtype=torch.uint8)
+    torch.manual_seed(0)
+    placements = set()
+    for _ in range(40):
+        out = train_transform(32, 3, pad_crop=4, flip=False)(image)
+        assert out.shape == (3, 32, 32) and len(out.unique()) <= 2 and out.min() >= -1
+        inside = out[0] > 0  # the image's pixels; the padding reads -1
+        rows, cols = inside.any(1).nonzero().view(-1), inside.any(0).nonzero().view(-1)
+        assert len(rows) >= 28 and len(cols) >= 28  # shifted by at most 4 pixels each way
+        assert inside[rows[0]:rows[-1] + 1, cols[0]:cols[-1] + 1].all()
+        placements.add((int(rows[0]), int(rows[-1]), int(cols[0]), int(cols[-1])))
+    assert len(placements) > 5
+
+
+def test_mix_prob_mixes_that_share_of_the_batches() -> None:
+    mix = mixup_cutmix(10, cutmix=1.0, prob=0.5)
+    assert isinstance(mix, v2.RandomApply)
+    assert mixup_cutmix(10, mixup=0.2, cutmix=1.0, prob=0.0) is None
+    torch.manual_seed(0)
+    images, labels = torch.randn(4, 3, 8, 8), torch.tensor([0, 3, 3, 9])
+    mixed = sum(mix(images, labels)[1].ndim == 2 for _ in range(400))
+    assert 150 < mixed < 250  # soft labels from the mixed batches, the class indices from the others

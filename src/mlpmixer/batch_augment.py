@@ -13,6 +13,8 @@ does not depend on the device), and each distinct choice is applied once, to the
   an aspect ratio in [3/4, 4/3], else the central crop), with each image's box cropped and resized in
   one call (`torchvision.ops.roi_align`, bilinear: inside the box as `RandomResizedCrop` for enlarging
   crops; on the box's edge it reads the pixels just outside where torchvision repeats the edge pixel);
+  or, with `pad` > 0, the small-image crop of `v2.RandomCrop(img_size, padding=pad)`: zero padding,
+  then a box of img_size at a random place, copied exactly (images of another size are resized first);
 - horizontal flip with probability 1/2;
 - RandAugment(2, m) with torchvision's operations and magnitudes (31 bins, nearest interpolation,
   fill 0), through torchvision's functional ops: at most 2 × 23 calls per `apply`, however many
@@ -30,7 +32,7 @@ from torchvision.ops import roi_align
 from torchvision.transforms.v2 import InterpolationMode
 from torchvision.transforms.v2 import functional as F
 
-from .transforms import checked_crop_area
+from .transforms import checked_crop_area, checked_pad
 from .variants import Size, as_pair
 
 RANDAUGMENT_OPS = 2  # RandAugment(N=2, m), as the paper's recipes use it
@@ -106,8 +108,9 @@ class BatchAugment:
     image and draws, so the draws of several batches can be applied in one call."""
 
     def __init__(self, img_size: Size, crop_area: tuple[float, float] = (0.05, 1.0), flip: bool = True,
-                 randaugment_m: Optional[int] = None) -> None:
+                 randaugment_m: Optional[int] = None, pad: int = 0) -> None:
         low, high = checked_crop_area(crop_area)
+        self.pad = checked_pad(pad)
         if randaugment_m is not None and not 0 <= randaugment_m < MAGNITUDE_BINS:
             raise ValueError(f"The RandAugment magnitude must be 0 to {MAGNITUDE_BINS - 1}, not {randaugment_m}.")
         self.img_size, self.crop_area, self.flip, self.m = as_pair(img_size), (low, high), flip, randaugment_m
@@ -120,13 +123,22 @@ class BatchAugment:
 
     def draw(self, n: int, h: int, w: int, generator: torch.Generator) -> Draws:
         """The choices for n images of h × w pixels."""
-        boxes = crop_boxes(n, h, w, self.crop_area, generator)
+        if self.pad:  # boxes of img_size in the padded image, which crop() reads exactly
+            th, tw = self.img_size
+            corner = torch.randint(2 * self.pad + 1, (n, 2), generator=generator).float()  # (top, left)
+            boxes = torch.stack([corner[:, 1], corner[:, 0], corner[:, 1] + tw, corner[:, 0] + th], 1)
+        else:
+            boxes = crop_boxes(n, h, w, self.crop_area, generator)
         flips = torch.rand(n, generator=generator) < 0.5
         ops = torch.randint(len(RANDAUGMENT_SPACE), (n, RANDAUGMENT_OPS), generator=generator)
         return Draws(boxes, flips, ops, torch.rand(n, RANDAUGMENT_OPS, generator=generator) < 0.5)
 
     def apply(self, images: torch.Tensor, draws: Draws) -> torch.Tensor:
         """Augment uint8 `images` (on any device) as `draws` (one row per image) say."""
+        if self.pad:
+            if tuple(images.shape[-2:]) != self.img_size:
+                images = F.resize(images, list(self.img_size), antialias=True)
+            images = torch.nn.functional.pad(images, [self.pad] * 4)
         x = self.crop(images, draws.boxes)
         if self.flip:
             x = torch.where(draws.flips.to(x.device).view(-1, 1, 1, 1), x.flip(-1), x)

@@ -394,6 +394,8 @@ def _train(
                          "recipes use none) or without --fsdp.")
     if r.augment_on not in AUGMENT_ON:
         raise ValueError(f"Unknown --augment-on {r.augment_on!r}; choose {' or '.join(AUGMENT_ON)}.")
+    if r.fast and (r.compile or fsdp):
+        raise ValueError(f"--fast is an alternative to {'--compile' if r.compile else '--fsdp'}; choose one.")
     if r.batch_size % (r.accum * world):
         raise ValueError(f"The batch size {r.batch_size} must divide into {r.accum} accumulation steps "
                          f"× {world} processes; choose a multiple of {r.accum * world}.")
@@ -433,7 +435,7 @@ def _train(
             class_names, num_train = train_data.class_names, len(train_data)
         else:
             t_train = train_transform(img_size, in_chans, crop_area=tuple(r.crop_area),
-                                      randaugment_m=r.randaugment, flip=r.flip)
+                                      randaugment_m=r.randaugment, flip=r.flip, pad_crop=r.pad_crop)
             source = open_folder_or_shards(r.data, "train", holdout, r.seed, t_train)
             train_data, class_names, num_train = source.dataset, source.class_names, source.num_examples
         val_data = None
@@ -518,6 +520,10 @@ def _train(
     board = _summary_writer(run / "tensorboard", start) if main and r.tensorboard else None
 
     net: torch.nn.Module = model
+    if r.fast:  # the same parameters, run through fused kernels (fast.py); evaluation and saving use `plain`
+        from .fast import optimize
+
+        net = optimize(model, cuda_graphs=False)
     ddp = distributed and not fsdp and shared_grads is None
     if shared_grads is not None:  # processes forked by `launch`: gradients averaged in shared memory
         shared_grads.attach(rank, model.parameters())
@@ -525,13 +531,13 @@ def _train(
         net = torch.nn.parallel.DistributedDataParallel(model, device_ids=[local_rank] if device.type == "cuda" else None)
     if r.compile:
         net = torch.compile(net)
-    batch_fn = mixup_cutmix(num_classes, r.mixup, r.cutmix) if tensors is None and (r.mixup or r.cutmix) else None
+    batch_fn = mixup_cutmix(num_classes, r.mixup, r.cutmix, r.mix_prob) if tensors is None else None
     if tensors is not None:
         batches = tensor_batches(train_data, r, img_size, in_chans, r.batch_size, r.accum, start, rank, world)
     elif isinstance(train_data, TensorData):  # augment_on="device"
         from .batch_augment import BatchAugment
 
-        augment = BatchAugment(img_size, tuple(r.crop_area), r.flip, r.randaugment)
+        augment = BatchAugment(img_size, tuple(r.crop_area), r.flip, r.randaugment, r.pad_crop)
         batches = tensor_batches(train_data, r, img_size, in_chans, r.batch_size, r.accum, start, rank, world,
                                  augment=augment, device=device)
     else:
@@ -650,6 +656,13 @@ def _train(
         _gather(model, plain)
 
     if main:
+        if r.fast:  # what the fast path measured (kernels.weight_grad), for benchmarks and the curious
+            from .kernels import weight_grad_splits
+
+            splits = weight_grad_splits()
+            if splits:
+                log("Weight-gradient products, by the chunks of the batch each runs in (1: one product): "
+                    + "; ".join(f"{shape}: {chunks}" for shape, chunks in splits.items()))
         with _swap_in(plain, ema):
             save_checkpoint(plain, files.model, class_names=list(class_names))
         from .plots import plot_curves

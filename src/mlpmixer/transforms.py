@@ -45,6 +45,12 @@ def checked_crop_area(crop_area: tuple[float, float]) -> tuple[float, float]:
     return low, high
 
 
+def checked_pad(pad: int) -> int:
+    if pad < 0:
+        raise ValueError(f"The crop padding must be 0 (Inception crop) or a number of pixels, not {pad}.")
+    return pad
+
+
 def train_transform(
     img_size: Size,
     in_chans: int = 3,
@@ -52,14 +58,20 @@ def train_transform(
     crop_area: tuple[float, float] = (0.05, 1.0),
     randaugment_m: Optional[int] = None,
     flip: bool = True,
+    pad_crop: int = 0,
 ) -> Transform:
     """Training augmentation: Inception-style random resized crop covering `crop_area` of the image
-    (official 0.05-1), random horizontal flip, RandAugment(2, m) when `randaugment_m` is given."""
+    (official 0.05-1), random horizontal flip, RandAugment(2, m) when `randaugment_m` is given.
+
+    `pad_crop` > 0 replaces the Inception crop by the small-image one (CIFAR's usual): resize to
+    img_size, pad with zeros by `pad_crop` pixels on each side, crop img_size back at a random place."""
     low, high = checked_crop_area(crop_area)
-    steps: list[v2.Transform] = [
-        to_channels(in_chans),
-        v2.RandomResizedCrop(as_pair(img_size), scale=(low, high), antialias=True),
-    ]
+    size = as_pair(img_size)
+    if checked_pad(pad_crop):
+        crop: list[v2.Transform] = [v2.Resize(size, antialias=True), v2.RandomCrop(size, padding=pad_crop)]
+    else:
+        crop = [v2.RandomResizedCrop(size, scale=(low, high), antialias=True)]
+    steps: list[v2.Transform] = [to_channels(in_chans), *crop]
     if flip:
         steps.append(v2.RandomHorizontalFlip())
     if randaugment_m is not None:
@@ -82,12 +94,18 @@ def eval_transform(img_size: Size, in_chans: int = 3, mode: str = "resize") -> T
     return v2.Compose([to_channels(in_chans), *resize, *_to_model_range(in_chans)])
 
 
-def mixup_cutmix(num_classes: int, mixup: float = 0.0, cutmix: float = 0.0) -> Optional[v2.Transform]:
+def mixup_cutmix(num_classes: int, mixup: float = 0.0, cutmix: float = 0.0,
+                 prob: float = 1.0) -> Optional[v2.Transform]:
     """A batch transform (images (B, C, H, W), int labels (B,)) -> (mixed images, soft labels
     (B, num_classes)) that applies MixUp (alpha = `mixup`) or CutMix (alpha = `cutmix`), one chosen at
-    random per batch; None when both are 0. Label smoothing is left to the loss."""
+    random per batch, to a share `prob` of the batches (the others pass unchanged, int labels and all);
+    None when both are 0 or `prob` is. Label smoothing is left to the loss."""
     if mixup < 0 or cutmix < 0:
         raise ValueError(f"Mixup and CutMix strengths must be 0 (off) or positive, not {mixup} and {cutmix}.")
+    if not 0 <= prob <= 1:
+        raise ValueError(f"The share of mixed batches must be between 0 and 1, not {prob}.")
+    if prob == 0:
+        return None
     choices: list[v2.Transform] = []
     if mixup > 0:
         choices.append(v2.MixUp(alpha=mixup, num_classes=num_classes))
@@ -95,4 +113,5 @@ def mixup_cutmix(num_classes: int, mixup: float = 0.0, cutmix: float = 0.0) -> O
         choices.append(v2.CutMix(alpha=cutmix, num_classes=num_classes))
     if not choices:
         return None
-    return choices[0] if len(choices) == 1 else v2.RandomChoice(choices)
+    mix = choices[0] if len(choices) == 1 else v2.RandomChoice(choices)
+    return mix if prob == 1 else v2.RandomApply([mix], p=prob)

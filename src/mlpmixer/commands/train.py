@@ -30,6 +30,9 @@ RECIPE_FLAGS: dict[str, tuple[str, Any, str]] = {
     "--randaugment": ("randaugment", int, "RandAugment(2, m) magnitude (image data)"),
     "--mixup": ("mixup", float, "MixUp alpha (image data)"),
     "--cutmix": ("cutmix", float, "CutMix alpha (image data)"),
+    "--mix-prob": ("mix_prob", float, "share of the batches that MixUp or CutMix mixes (default 1)"),
+    "--pad-crop": ("pad_crop", int, "image data: zero-pad by N pixels and crop back at random, instead of the "
+                   "Inception crop (0, the default: Inception crop)"),
     "--augment-on": ("augment_on", str, "image folders and shards: augment each image in the DataLoader workers, "
                      "or decode the data into memory once and augment whole batches on the training device "
                      "(device: for small images such as CIFAR's, where a GPU outruns the workers)"),
@@ -44,6 +47,8 @@ RECIPE_FLAGS: dict[str, tuple[str, Any, str]] = {
     "--processes": ("processes", int, "local CPU training processes (default: one per free core for in-memory data)"),
     "--bf16": ("bf16", None, "bfloat16 autocast"),
     "--compile": ("compile", None, "torch.compile the model"),
+    "--fast": ("fast", None, "train through the fast path (fused kernels, recomputing backward, split weight "
+               "gradients; docs/performance.md): for GPUs, without dropout or stochastic depth"),
     "--grad-checkpointing": ("grad_checkpointing", None, "recompute blocks in the backward pass to save memory"),
     "--fsdp": ("fsdp", None, "with several processes (torchrun): shard the model with FSDP instead of "
                "replicating it with DDP, for the largest variants"),
