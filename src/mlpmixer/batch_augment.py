@@ -19,6 +19,10 @@ does not depend on the device), and each distinct choice is applied once, to the
 - RandAugment(2, m) with torchvision's operations and magnitudes (31 bins, nearest interpolation,
   fill 0), through torchvision's functional ops: at most 2 × 23 calls per `apply`, however many
   images it gets (training hands it several steps' batches at once).
+
+The draws reach the device with non-blocking copies: a blocking one makes PyTorch wait for the device
+to finish everything queued (the training steps before), and from pageable memory CUDA takes the data
+at once anyway.
 """
 
 from __future__ import annotations
@@ -141,7 +145,7 @@ class BatchAugment:
             images = torch.nn.functional.pad(images, [self.pad] * 4)
         x = self.crop(images, draws.boxes)
         if self.flip:
-            x = torch.where(draws.flips.to(x.device).view(-1, 1, 1, 1), x.flip(-1), x)
+            x = torch.where(draws.flips.to(x.device, non_blocking=True).view(-1, 1, 1, 1), x.flip(-1), x)
         if self.m is not None:
             x = self.randaugment(x, draws.ops, draws.negative)
         return x.float() / 127.5 - 1.0  # the official scaling, as transforms._to_model_range
@@ -159,7 +163,7 @@ class BatchAugment:
     def crop(self, images: torch.Tensor, boxes: torch.Tensor) -> torch.Tensor:
         """Each image's (x1, y1, x2, y2) pixel box, resized to img_size; uint8 out, as RandAugment takes it."""
         index = torch.arange(len(boxes), dtype=boxes.dtype).view(-1, 1)
-        rois = torch.cat([index, boxes], 1).to(images.device)
+        rois = torch.cat([index, boxes], 1).to(images.device, non_blocking=True)
         # aligned=True puts pixel k's centre at k + 0.5, so a box at the output size copies its pixels
         # exactly; sampling_ratio=-1 averages ceil(box / output) samples per output pixel when shrinking.
         out = roi_align(images.float(), rois, self.img_size, spatial_scale=1.0, sampling_ratio=-1, aligned=True)
@@ -179,8 +183,9 @@ class BatchAugment:
                         groups.append((op, -value if sign else value, mask.nonzero().view(-1)))
         if not groups:
             return x
-        # All the row indices reach the device in one copy: each copy from the CPU waits for the device.
-        rows = torch.cat([index for _, _, index in groups]).to(x.device).split([len(g[2]) for g in groups])
+        # All the row indices reach the device in one copy.
+        rows = torch.cat([index for _, _, index in groups]).to(x.device, non_blocking=True)
+        rows = rows.split([len(g[2]) for g in groups])
         x = x.clone()
         for (op, value, _), index in zip(groups, rows):
             x[index] = op(x[index], value)

@@ -216,7 +216,7 @@ def tensor_batches(data: TensorData, r: Recipe, img_size: Any, in_chans: int, ba
     while True:
         picked = [batch_indices(s)[mine] for s in range(step, step + ahead)]
         draws = Draws.cat([augment.draw(batch, h, w, augmentation(s))[mine] for s in range(step, step + ahead)])
-        x = augment.apply(x_all[torch.cat(picked).to(x_all.device)], draws)
+        x = augment.apply(x_all[torch.cat(picked).to(x_all.device, non_blocking=True)], draws)
         for x_step, idx in zip(x.split(len(mine)), picked):
             yield micro_batches(x_step, data.labels[idx])
         step += ahead
