@@ -125,6 +125,16 @@ def test_pick_split_takes_the_fastest_split_that_agrees():
     assert torch.equal(K.weight_grad(a, b), torch.mm(a, b))  # on the CPU: one product, no timing
 
 
+def test_pick_split_keeps_the_plain_product_when_splitting_fails(monkeypatch):
+    def broken(a, b, chunks):
+        raise RuntimeError("no such kernel")
+
+    monkeypatch.setattr(K, "split_k_mm", broken)
+    a, b = torch.randn(8, 16 * K.MIN_CHUNK), torch.randn(16 * K.MIN_CHUNK, 8)
+    with pytest.warns(UserWarning, match="Split weight-gradient products are off: RuntimeError"):
+        assert K.pick_split(a, b, timer=lambda fn: 1.0) == 1
+
+
 def test_fast_training_with_split_weight_gradients_matches_plain(monkeypatch):
     """The backward's four weight-gradient products, each split in 4, give the plain gradients."""
     calls = []

@@ -310,9 +310,13 @@ def pick_split(a: torch.Tensor, b: torch.Tensor, timer=_time_cuda) -> int:
     ref = torch.mm(a, b)
     best, best_time = 1, timer(lambda: torch.mm(a, b))
     for j in _splits_for(a.shape[1])[1:]:
-        if not _close(split_k_mm(a, b, j), ref):
-            continue
-        t = timer(lambda: split_k_mm(a, b, j))
+        try:
+            if not _close(split_k_mm(a, b, j), ref):
+                continue
+            t = timer(lambda: split_k_mm(a, b, j))
+        except Exception as e:  # a torch without the batched product this needs: the plain one stays
+            warnings.warn(f"Split weight-gradient products are off: {type(e).__name__}: {e}", stacklevel=2)
+            break
         if t < best_time:
             best, best_time = j, t
     return best
