@@ -132,8 +132,12 @@ def test_read_into_memory_reads_every_image_in_every_process(tmp_path: Path, mon
     make_shards(tmp_path / "shards", shards=3, per_shard=40, bad=(4,))  # 1 bad image of 120: under 1%
     monkeypatch.setenv("RANK", "1")  # a second process of two still reads all the shards
     monkeypatch.setenv("WORLD_SIZE", "2")
+    loaders = []
+    real_loader = torch.utils.data.DataLoader
+    monkeypatch.setattr(torch.utils.data, "DataLoader", lambda *a, **k: loaders.append(k) or real_loader(*a, **k))
     with pytest.warns(UserWarning, match="Skipped 1 of 120 images"):
-        data = read_into_memory(str(tmp_path / "shards"), "train", 0.0, 0, in_chans=3, workers=2, progress=False)
+        data = read_into_memory(str(tmp_path / "shards"), "train", 0.0, 0, in_chans=3, workers=5, progress=False)
+    assert loaders[0]["num_workers"] == 3  # one reader per shard: more would each read every shard
     assert data.bad_samples.bad == 1  # what training logs in metrics.jsonl
     ids = sorted(sample_id(image) for image in data.images)
     assert ids == [i for i in range(120) if i != 4] and data.images.dtype == torch.uint8
