@@ -3,6 +3,7 @@ each process's share, reading a dataset into memory, and training with it (resum
 
 from __future__ import annotations
 
+import json
 import math
 from pathlib import Path
 
@@ -190,6 +191,29 @@ def test_training_with_device_augmentation_resumes_bit_exact(tmp_path: Path) -> 
     assert all(torch.equal(a[k], b[k]) for k in a)
     assert load_checkpoint(full.model).class_names == ["class0", "class1", "class2", "class3"]
     assert math.isfinite(a["head.weight"].abs().sum().item())
+
+
+def test_device_runs_validate_on_the_holdout_held_in_memory(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """With --augment-on device the hold-out is decoded once, like the training images, and scored
+    exactly as through the shards' readers."""
+    from mlpmixer import sources
+    from mlpmixer.evaluate import evaluate
+    from mlpmixer.transforms import eval_transform
+
+    make_shards(tmp_path / "shards", shards=2, per_shard=40, classes=4)
+    r = get_recipe("cifar10-nano", data=str(tmp_path / "shards"), img_size=8, model="nano/4", holdout=0.25,
+                   batch_size=16, steps=4, evals=2, workers=0, ema=0.0)
+    passes = []
+    real_iter = sources.ShardDataset.__iter__
+    monkeypatch.setattr(sources.ShardDataset, "__iter__", lambda self: passes.append(self.split) or real_iter(self))
+    files = train(r, tmp_path / "run", progress=False, log=lambda *_: None)
+    assert passes == ["train", "val"]  # each side read once, into memory; the two evaluations read no shard
+    rows = [json.loads(line) for line in files.metrics.read_text().splitlines()]
+    last = [row for row in rows if "val_top1" in row][-1]
+    held = sources.open_folder_or_shards(str(tmp_path / "shards"), "val", 0.25, r.seed, eval_transform(8, 3))
+    assert last["val_n"] == held.num_examples > 0
+    m = evaluate(load_checkpoint(files.model), held, workers=0)
+    assert last["val_top1"] == m["top1"] and last["val_loss"] == pytest.approx(m["loss"], rel=1e-6)
 
 
 def test_each_process_gets_its_share_of_the_one_process_batches() -> None:
