@@ -443,8 +443,8 @@ def _train(
         if holdout or r.eval_data:
             t_eval = eval_transform(img_size, in_chans, r.eval_mode)
             if r.augment_on == "device":
-                # Decoded once too: through the workers, each evaluation read every shard again (about
-                # 6 s of the 525 s cifar10-nano run on an H200, ten times).
+                # Decoded once too: through the workers, each evaluation read every shard again (the H200
+                # cifar10-nano run's wall time beyond its training steps and start-up: about 6 s each).
                 held = read_into_memory(r.eval_data or r.data, "val", holdout, r.seed, in_chans, r.workers,
                                         progress=main and progress)
                 val_data = Source(TensorDataset(held, t_eval), held.class_names, len(held))
