@@ -232,16 +232,17 @@ def test_two_processes_follow_one_with_the_same_global_batch(tmp_path: Path) -> 
     # size, which turns rounding differences of the all-reduce into visible ones. Augmentation stays on:
     # each rank takes its slice of the same augmented global batch.
     common = ["train", "--steps", "3", "--batch-size", "32", "--quiet", "--optimizer", "sgd", "--lr", "0.1"]
-    subprocess.run([sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port", "29517",
-                    "-m", "mlpmixer", *common, "--out", str(tmp_path / "ddp")], env=_env(), cwd=ROOT, check=True,
-                   timeout=600)
+    for run, flags in (("ddp", []), ("ddp-fast", ["--fast"])):  # --fast: DDP wraps the fast path
+        subprocess.run([sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port",
+                        "29517", "-m", "mlpmixer", *common, *flags, "--out", str(tmp_path / run)], env=_env(), cwd=ROOT,
+                       check=True, timeout=600)
     from mlpmixer.cli import main
 
     assert main([*common, "--processes", "1", "--out", str(tmp_path / "one")]) == 0
     # The same through `mixer train --processes 2`, which forks its own second process.
     assert main([*common, "--processes", "2", "--out", str(tmp_path / "forked")]) == 0
     b = load_checkpoint(tmp_path / "one").state_dict()
-    for run in ("ddp", "forked"):
+    for run in ("ddp", "ddp-fast", "forked"):
         a = load_checkpoint(tmp_path / run).state_dict()
         assert max((a[k] - b[k]).abs().max().item() for k in a) < 1e-5
         assert json.loads((tmp_path / run / "config.json").read_text())["world_size"] == 2

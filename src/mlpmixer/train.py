@@ -536,7 +536,7 @@ def _train(
     if shared_grads is not None:  # processes forked by `launch`: gradients averaged in shared memory
         shared_grads.attach(rank, model.parameters())
     elif ddp:
-        net = torch.nn.parallel.DistributedDataParallel(model, device_ids=[local_rank] if device.type == "cuda" else None)
+        net = torch.nn.parallel.DistributedDataParallel(net, device_ids=[local_rank] if device.type == "cuda" else None)
     if r.compile:
         net = torch.compile(net)
     batch_fn = mixup_cutmix(num_classes, r.mixup, r.cutmix, r.mix_prob) if tensors is None else None
