@@ -61,7 +61,7 @@ def train(data: str, out: Path, workers: int, bf16: bool, extra: list[str]) -> t
     done = subprocess.run(cmd, env=env, stdout=subprocess.PIPE, text=True)
     print(done.stdout, end="", flush=True)
     if done.returncode:
-        raise SystemExit(f"mixer train failed (exit {done.returncode}); its output is above.")
+        raise RuntimeError(f"mixer train failed (exit {done.returncode}); its output is above.")
     seconds = time.perf_counter() - t
     rows = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines() if line]
     return rows, seconds, done.stdout.splitlines()
@@ -145,9 +145,14 @@ def main() -> None:
         profile = ["--profile", str(PROFILED_STEPS)] if args.probe_steps >= 3 * PROFILED_STEPS else []
         probes = {}
         for name, flags in (("plain", []), ("fast", ["--fast"])):
-            rows, seconds, printed = train(args.data, work / f"probe-{name}", args.workers, bf16,
-                                           [*train_flags, *flags, "--steps", str(args.probe_steps), "--config",
-                                            str(config), *profile])
+            try:
+                rows, seconds, printed = train(args.data, work / f"probe-{name}", args.workers, bf16,
+                                               [*train_flags, *flags, "--steps", str(args.probe_steps), "--config",
+                                                str(config), *profile])
+            except RuntimeError as e:  # one path failing leaves the other
+                log(f"probe {name}: {e}")
+                result[f"probe_{name}_error"] = str(e)
+                continue
             if (work / f"probe-{name}" / "profile.txt").exists():  # the busiest operations come back too
                 shutil.move(work / f"probe-{name}" / "profile.txt", out / f"probe_{name}_profile.txt")
                 result[f"probe_{name}_profile"] = (out / f"probe_{name}_profile.txt").read_text().splitlines()[0]
@@ -160,6 +165,8 @@ def main() -> None:
                             "printed": [line for line in printed if line.startswith("Weight-gradient")]}
             log(f"probe {name}: {speed:,.0f} img/s, {probes[name]['overhead_s']:.0f} s of start-up")
             shutil.rmtree(work / f"probe-{name}")
+        if not probes:
+            raise SystemExit("Both probes failed; their output is above.")
         best = max(probes, key=lambda name: probes[name]["img_per_s"])
         speed, overhead = probes[best]["img_per_s"], probes[best]["overhead_s"]
         left = args.budget - (time.perf_counter() - START) - overhead - 30  # 30 s: ten validations, margin
