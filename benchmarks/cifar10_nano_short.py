@@ -36,7 +36,7 @@ def mixer() -> list[str]:
 
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    p.add_argument("--steps", type=int, default=100, help="optimiser steps of the recipe's batch (256)")
+    p.add_argument("--steps", type=int, default=100, help="optimiser steps of the recipe's batch")
     p.add_argument("--out", default=str(ROOT / "runs" / "bench-cifar10-nano"), help="run directory")
     p.add_argument("--machine", default="2-core CPU, shared with other jobs", help="recorded with the result")
     p.add_argument("--no-write", action="store_true", help="do not update the results file")
