@@ -63,6 +63,32 @@ def test_shard_epochs_are_whole_with_several_workers(tmp_path: Path) -> None:
     assert epochs[0] != epochs[1]  # the second epoch is a new shuffle, not a repeat
 
 
+def test_cifar_style_augmentation_in_the_workers_trains(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """--pad-crop and --mix-prob reach the workers' transform and the batch mixing."""
+    import mlpmixer.transforms as transforms
+    from test_sources import make_shards
+
+    make_shards(tmp_path / "shards", shards=2, per_shard=20, classes=4)
+    made = {}
+    real_train, real_mix = transforms.train_transform, transforms.mixup_cutmix
+
+    def train_transform(*args, **kwargs):
+        made["crop"] = kwargs
+        return real_train(*args, **kwargs)
+
+    def mixup_cutmix(*args):
+        made["mix"] = args
+        return real_mix(*args)
+
+    monkeypatch.setattr(transforms, "train_transform", train_transform)
+    monkeypatch.setattr(transforms, "mixup_cutmix", mixup_cutmix)
+    r = get_recipe("cifar10-nano", data=str(tmp_path / "shards"), img_size=8, augment_on="workers", workers=0,
+                   batch_size=8, steps=2, evals=1, holdout=0.2)
+    files = train(r, tmp_path / "run", progress=False, log=lambda *_: None)
+    assert made["crop"]["pad_crop"] == 4 and made["mix"] == (4, 0.0, 1.0, 0.5)
+    assert load_checkpoint(files.model).head.weight.abs().sum() > 0
+
+
 def test_schedules() -> None:
     r = Recipe(lr=1.0, warmup=10, min_lr=0.1)
     assert lr_at(0, 100, r) == pytest.approx(0.1) and lr_at(9, 100, r) == pytest.approx(1.0)
