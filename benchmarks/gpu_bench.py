@@ -72,24 +72,14 @@ def weight_grad_products(device: torch.device, smoke: bool) -> dict:
         "B/16 channel fc1 (batch 128)": (3072, 128 * 196 // batch, 768),
     }
     dtype = torch.bfloat16 if device.type == "cuda" else torch.float32
-
-    def wall_clock(fn, reps: int = 5) -> float:
-        fn()
-        times = []
-        for _ in range(reps):
-            t = time.perf_counter()
-            fn()
-            times.append(time.perf_counter() - t)
-        return sorted(times)[reps // 2]
-
-    timer = K._time_cuda if device.type == "cuda" else wall_clock
+    cuda = device.type == "cuda"
     out = {}
     for name, (m, k, n) in shapes.items():
         a = torch.randn(m, k, device=device, dtype=dtype)
         b = torch.randn(n, k, device=device, dtype=dtype).t()
-        times = {1: timer(lambda: torch.mm(a, b))}
+        times = {1: K.median_seconds(lambda: torch.mm(a, b), cuda)}
         for j in K._splits_for(k)[1:]:
-            times[j] = timer(lambda j=j: K.split_k_mm(a, b, j))
+            times[j] = K.median_seconds(lambda j=j: K.split_k_mm(a, b, j), cuda)
         best = min(times, key=times.get)
         out[name] = {"m_k_n": [m, k, n], "ms": {str(j): round(t * 1e3, 4) for j, t in times.items()},
                      "one_product_tflops": 2 * m * k * n / times[1] / 1e12, "fastest_chunks": best,

@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import math
 import os
+import time
 import warnings
 from typing import Optional
 
@@ -290,21 +291,27 @@ def _splits_for(k: int) -> list[int]:
     return [j for j in SPLITS if j == 1 or (k % j == 0 and k // j >= MIN_CHUNK)]
 
 
-def _time_cuda(fn, reps: int = 5) -> float:
-    """Median seconds of `fn()` on the current CUDA stream, after one untimed call."""
+def median_seconds(fn, cuda: bool, reps: int = 5) -> float:
+    """Median seconds of `fn()` after one untimed call: CUDA events on the current stream, or the
+    wall clock."""
     fn()
     times = []
     for _ in range(reps):
-        start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-        start.record()
-        fn()
-        end.record()
-        end.synchronize()
-        times.append(start.elapsed_time(end) / 1e3)
+        if cuda:
+            start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+            start.record()
+            fn()
+            end.record()
+            end.synchronize()
+            times.append(start.elapsed_time(end) / 1e3)
+        else:
+            t = time.perf_counter()
+            fn()
+            times.append(time.perf_counter() - t)
     return sorted(times)[len(times) // 2]
 
 
-def pick_split(a: torch.Tensor, b: torch.Tensor, timer=_time_cuda) -> int:
+def pick_split(a: torch.Tensor, b: torch.Tensor, timer=lambda fn: median_seconds(fn, cuda=True)) -> int:
     """The number of chunks that computes a @ b fastest by `timer`, among those that agree with the
     plain product to the dtype's tolerance."""
     ref = torch.mm(a, b)
