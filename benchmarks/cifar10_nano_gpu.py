@@ -35,6 +35,7 @@ import shutil
 import statistics
 import subprocess
 import sys
+import tempfile
 import time
 from datetime import datetime, timezone
 from pathlib import Path
@@ -147,8 +148,8 @@ def main() -> None:
     epochs = None
     plan = ["--steps", str(args.steps)] if args.steps else []
     if not args.steps:
-        config = work / "no-evals.json"  # the probes validate once, at their end
-        config.parent.mkdir(parents=True, exist_ok=True)
+        # The probes validate once, at their end. Not under --out: a device run brings back 8 files at most.
+        config = Path(tempfile.mkdtemp()) / "no-evals.json"
         config.write_text(json.dumps({"evals": 0}))
         profile = ["--profile", str(PROFILED_STEPS)] if args.probe_steps >= 3 * PROFILED_STEPS else []
         probes = {}
