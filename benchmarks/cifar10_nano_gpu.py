@@ -1,8 +1,9 @@
 """The `cifar10-nano` recipe on one GPU, within one device session: issue 3's accuracy target.
 
 Trains SPEC §3's Mixer-nano (patch 4 at 32×32) on the 50,000 CIFAR-10 training images with the
-recipe's augmentation on the GPU (`augment_on="device"`), holding out 2% for validation, and records
-the hold-out accuracy, the throughput and the time. The target (>= 91% top-1) is on the CIFAR-10 test
+recipe's augmentation on the GPU (`augment_on="device"`) and bf16 autocast (fp32 on a CPU without fast
+bf16 products), holding out 2% for validation, and records the hold-out accuracy, the throughput and
+the time. The target (>= 91% top-1) is on the CIFAR-10 test
 set, which is not in this repository: the trained model is written next to the results, to be
 checked there (`mixer eval MODEL --data CIFAR10_TEST`).
 
@@ -20,8 +21,8 @@ copy of the shards:
     python3 -m pip install -q --no-index --no-deps --target /tmp/site .whl/*.whl &&
       PYTHONPATH=src:/tmp/site python3 benchmarks/cifar10_nano_gpu.py --data .devdata/cifar10 --out $OUT
 
-`--steps N` replaces the probe and the epoch count by N steps (a check that the script works, e.g.
-on the CPU; not a measurement). Flags after `--` go to `mixer train` for the probe and the run, to try
+`--steps N` replaces the probes and the epoch count by N steps (a check that the script works, e.g.
+on the CPU; not a measurement). Flags after `--` go to `mixer train` for the probes and the run, to try
 a variant of the recipe (e.g. `-- --batch-size 1024 --lr 4e-3`); the JSON records them.
 """
 
