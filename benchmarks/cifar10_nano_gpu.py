@@ -293,7 +293,7 @@ def main() -> None:
         holdout_top1=val[-1]["val_top1"] if val else None, holdout_n=val[-1]["val_n"] if val else None,
         holdout_curve=[(r["epoch"], round(r["val_top1"], 4)) for r in val],
         note="Hold-out: 2% of the 50,000 CIFAR-10 training images, not the test set. The target (>= 91% "
-             "top-1) is on the CIFAR-10 test set: evaluate cifar10_nano.safetensors there.",
+             "top-1) is on the CIFAR-10 test set: evaluate the finished run's cifar10_nano.safetensors there.",
     )
     speed = sessions[-1]["img_per_s_median"]
     log(f"this session: steps {first_step}-{sessions[-1]['saved_step'] if stopped else total} of {total} in "
