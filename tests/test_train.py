@@ -214,6 +214,20 @@ def test_recipes_are_valid() -> None:
         get_recipe("mnist5k", learning_rate=1)
 
 
+def test_another_model_is_built_as_its_variant_defines_it() -> None:
+    """The default recipe's model_args (gelu) belong to its digits/7: `--model S/16` must give the paper's S/16."""
+    from mlpmixer.variants import variant_config
+
+    assert get_recipe("mnist5k").model_args == {"gelu": "exact"}
+    assert get_recipe("mnist5k", model="S/16").model_args == {}
+    assert get_recipe("mnist5k", model="Mixer-digits/7").model_args == {"gelu": "exact"}  # the same model
+    assert get_recipe("mnist5k", model="S/16", model_args={"gelu": "exact"}).model_args == {"gelu": "exact"}
+    r = get_recipe("mnist5k", model="S/16")
+    assert variant_config(r.model, **r.model_args) == variant_config("S/16")
+    with pytest.raises(ValueError, match="Unknown Mixer variant 'Q/3'"):
+        get_recipe("mnist5k", model="Q/3")
+
+
 ROOT = Path(__file__).resolve().parents[1]
 
 
