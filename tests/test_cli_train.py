@@ -78,6 +78,14 @@ def test_predict_bad_images(run_dir: Path, tmp_path: Path, capsys: pytest.Captur
     assert "No image at" in capsys.readouterr().err
     assert main(["predict", str(run_dir)]) == 2
     assert "at least one image" in capsys.readouterr().err
+    # Among good images, a bad one is named and the others are still classified.
+    good = _png(tmp_path / "digit.png", load_mnist5k().images[0, 0].numpy())
+    assert main(["predict", str(run_dir), str(good), str(bad), str(good), "--json"]) == 2
+    captured = capsys.readouterr()
+    rows = [json.loads(line) for line in captured.out.splitlines()]
+    assert [r["image"] for r in rows] == [str(good), str(bad), str(good)]
+    assert len(rows[0]["top"]) == len(rows[2]["top"]) == 5 and "not a readable image" in rows[1]["error"]
+    assert captured.err.count("\n") == 1 and "broken.png is not a readable image" in captured.err
 
 
 def test_train_bad_input(tmp_path: Path, capsys: pytest.CaptureFixture) -> None:

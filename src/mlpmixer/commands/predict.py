@@ -77,8 +77,16 @@ def run(args: argparse.Namespace) -> int:
     h, w = cfg.img_size
     model.eval()
     k = min(args.top, model.num_classes)
+    unreadable = 0
     for path in images:
-        image, notes = load_image(path, cfg.in_chans)
+        try:
+            image, notes = load_image(path, cfg.in_chans)
+        except (FileNotFoundError, ValueError) as e:  # said, and the other images are still classified
+            unreadable += 1
+            print(f"mixer predict: error: {e}", file=sys.stderr)
+            if args.json:
+                print(json.dumps({"image": path, "error": str(e)}))
+            continue
         if tuple(image.shape[-2:]) != (h, w):
             notes.append(f"resized {image.shape[-1]}×{image.shape[-2]} to the model's {w}×{h}")
         with torch.no_grad():
@@ -93,4 +101,4 @@ def run(args: argparse.Namespace) -> int:
             print(f"{path}:")
             for rank, (name, p) in enumerate(best, 1):
                 print(f"  {rank}. {name:<30} {p:7.2%}")
-    return 0
+    return 2 if unreadable else 0  # the status of a user error, as when nothing could be read
