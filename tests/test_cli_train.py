@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import argparse
 import json
 from pathlib import Path
 
@@ -12,7 +13,9 @@ from PIL import Image
 
 from mlpmixer import create_model, load_checkpoint, save_checkpoint
 from mlpmixer.cli import main
+from mlpmixer.commands.train import RECIPE_FLAGS, add_training_flags, recipe_from_args
 from mlpmixer.data import load_mnist5k
+from mlpmixer.recipes import get_recipe
 
 
 @pytest.fixture(scope="module")
@@ -105,6 +108,45 @@ def test_recipes_command(capsys: pytest.CaptureFixture) -> None:
         assert f"{name}" in out
     assert main(["recipes", "finetune"]) == 0
     assert json.loads(capsys.readouterr().out)["optimizer"] == "sgd"
+
+
+@pytest.mark.parametrize("flags, message", [
+    (["--batch-size", "0"], "--batch-size must be a whole number of at least 1, not 0."),
+    (["--accum", "0"], "--accum must be a whole number of at least 1"),
+    (["--steps", "-5"], "--steps must be a whole number of at least 1"),
+    (["--epochs", "0"], "--epochs must be positive"),
+    (["--lr", "-1"], "--lr must be zero or more"),
+    (["--mix-prob", "3"], "--mix-prob must be from 0 to 1, not 3.0."),
+    (["--label-smoothing", "1"], "--label-smoothing must be at least 0 and below 1"),
+    (["--holdout", "2.5"], "--holdout must be a fraction below 1 or a whole count"),
+    (["--randaugment", "40"], "--randaugment must be a whole magnitude from 0 to 30"),
+    (["--crop-area", "0.5", "0.2"], "--crop-area must be two area fractions, 0 < low <= high <= 1"),
+    (["--betas", "0.9", "1.0"], "--betas must be two decays"),
+])
+def test_settings_out_of_range_are_one_sentence(tmp_path: Path, capsys: pytest.CaptureFixture, flags: list[str],
+                                                message: str) -> None:
+    assert main(["train", *flags, "--out", str(tmp_path / "run"), "--quiet"]) == 2
+    err = capsys.readouterr().err
+    assert message in err and err.count("\n") == 1
+    assert not (tmp_path / "run").exists()
+
+
+def test_config_file_values_of_the_wrong_type_are_one_sentence(tmp_path: Path, capsys: pytest.CaptureFixture) -> None:
+    config = tmp_path / "c.json"
+    config.write_text(json.dumps({"batch_size": "512"}))
+    assert main(["train", "--config", str(config), "--out", str(tmp_path / "run"), "--quiet"]) == 2
+    assert "--batch-size must be a whole number of at least 1, not '512'." in capsys.readouterr().err
+
+
+def test_every_checked_setting_has_a_flag() -> None:
+    """The range errors name flags: each field they check must have one, and the pairs take two values."""
+    fields = {field for field, _, _ in RECIPE_FLAGS.values()}
+    assert {"min_lr", "betas", "momentum", "dropout", "crop_area", "evals", "ema", "mix_prob"} <= fields
+    p = argparse.ArgumentParser()
+    add_training_flags(p, "mnist5k")
+    r = recipe_from_args(p.parse_args(["--crop-area", "0.1", "0.9", "--betas", "0.8", "0.95", "--evals", "3"]))
+    assert (r.crop_area, r.betas, r.evals) == ((0.1, 0.9), (0.8, 0.95), 3)
+    assert get_recipe("mnist5k").evals == 5
 
 
 def test_finetune_puts_a_new_head(run_dir: Path, tmp_path: Path) -> None:

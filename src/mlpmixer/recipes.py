@@ -77,6 +77,32 @@ class Recipe:
     evals: int = 10  # validation passes over the run (plus one at the end)
     seed: int = 0
 
+    def __post_init__(self) -> None:
+        """A setting out of range is one sentence naming its flag, before anything runs (else some surface
+        deep in a run as a ZeroDivisionError, and others, such as --mix-prob 3, not at all)."""
+        def check(name: str, ok: Any, what: str) -> None:
+            value = getattr(self, name)
+            try:
+                fine = value is None or bool(ok(value))
+            except TypeError:  # a string from a config file, say
+                fine = False
+            if not fine:
+                raise ValueError(f"--{name.replace('_', '-')} must be {what}, not {value!r}.")
+
+        for name in ("batch_size", "accum", "steps", "threads", "processes"):  # None: chosen for you
+            check(name, lambda v: v >= 1 and float(v).is_integer(), "a whole number of at least 1")
+        check("epochs", lambda v: v > 0, "positive")
+        for name in ("lr", "min_lr", "weight_decay", "warmup", "clip", "mixup", "cutmix", "pad_crop", "workers",
+                     "evals"):
+            check(name, lambda v: v >= 0, "zero or more")
+        for name in ("label_smoothing", "drop_path", "dropout", "ema", "momentum"):
+            check(name, lambda v: 0 <= v < 1, "at least 0 and below 1")
+        check("mix_prob", lambda v: 0 <= v <= 1, "from 0 to 1")
+        check("holdout", lambda v: 0 <= v < 1 or float(v).is_integer(), "a fraction below 1 or a whole count")
+        check("randaugment", lambda v: 0 <= v <= 30 and float(v).is_integer(), "a whole magnitude from 0 to 30")
+        check("crop_area", lambda v: 0 < v[0] <= v[1] <= 1, "two area fractions, 0 < low <= high <= 1")
+        check("betas", lambda v: all(0 <= b < 1 for b in v), "two decays, each at least 0 and below 1")
+
     def replace(self, **changes: Any) -> "Recipe":
         unknown = set(changes) - {f.name for f in dataclasses.fields(self)}
         if unknown:

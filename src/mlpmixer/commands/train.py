@@ -7,7 +7,7 @@ from typing import Any
 
 from ..recipes import DEFAULT_RECIPE, RECIPES, get_recipe, load_config_file
 
-# flag -> (recipe field, type, help); None type = store_true
+# flag -> (recipe field, type, help); None type = store_true, a (type, n) pair = n values
 RECIPE_FLAGS: dict[str, tuple[str, Any, str]] = {
     "--data": ("data", str, "training data: mnist5k, an MNIST IDX folder, an image folder or WebDataset shards"),
     "--eval-data": ("eval_data", str, "validation data (default: a hold-out of --data)"),
@@ -20,6 +20,9 @@ RECIPE_FLAGS: dict[str, tuple[str, Any, str]] = {
     "--accum": ("accum", int, "gradient accumulation: micro-batches per optimiser step"),
     "--optimizer": ("optimizer", str, "adamw, adam or sgd"),
     "--lr": ("lr", float, "peak learning rate"),
+    "--min-lr": ("min_lr", float, "learning rate at the end of the decay"),
+    "--betas": ("betas", (float, 2), "Adam/AdamW decays of the gradient's moments (two values)"),
+    "--momentum": ("momentum", float, "SGD momentum"),
     "--weight-decay": ("weight_decay", float, "decoupled weight decay"),
     "--schedule": ("schedule", str, "cosine or linear decay after warm-up"),
     "--warmup": ("warmup", float, "warm-up steps (>= 1) or fraction of the run"),
@@ -27,6 +30,8 @@ RECIPE_FLAGS: dict[str, tuple[str, Any, str]] = {
     "--loss": ("loss", str, "softmax or sigmoid cross-entropy"),
     "--label-smoothing": ("label_smoothing", float, "label smoothing"),
     "--drop-path": ("drop_path", float, "stochastic depth rate of the last block"),
+    "--dropout": ("dropout", float, "dropout rate inside every MLP (after each of its two layers)"),
+    "--crop-area": ("crop_area", (float, 2), "image data: the Inception crop's area range, LOW HIGH (official 0.05 1)"),
     "--randaugment": ("randaugment", int, "RandAugment(2, m) magnitude (image data)"),
     "--mixup": ("mixup", float, "MixUp alpha (image data)"),
     "--cutmix": ("cutmix", float, "CutMix alpha (image data)"),
@@ -41,6 +46,7 @@ RECIPE_FLAGS: dict[str, tuple[str, Any, str]] = {
                   "`mixer eval RUN` applies it (or give `mixer eval --permute`)"),
     "--permute-seed": ("permute_seed", int, "seed of the --permute permutation (default 0)"),
     "--ema": ("ema", float, "EMA decay of the weights (0: off)"),
+    "--evals": ("evals", int, "validation passes over the run, evenly spaced (0: one at the end)"),
     "--seed": ("seed", int, "random seed"),
     "--workers": ("workers", int, "DataLoader worker processes"),
     "--threads": ("threads", int, "CPU threads for torch"),
@@ -63,6 +69,8 @@ def add_training_flags(p: argparse.ArgumentParser, default_recipe: str) -> None:
     for flag, (field, kind, text) in RECIPE_FLAGS.items():
         if kind is None:
             p.add_argument(flag, dest=field, action="store_true", default=None, help=text)
+        elif isinstance(kind, tuple):
+            p.add_argument(flag, dest=field, type=kind[0], nargs=kind[1], help=text)
         else:
             p.add_argument(flag, dest=field, type=kind, help=text)
     p.add_argument("--out", help="run directory (default: a new timestamped one under runs/)")
