@@ -110,6 +110,23 @@ def test_recipes_command(capsys: pytest.CaptureFixture) -> None:
     assert json.loads(capsys.readouterr().out)["optimizer"] == "sgd"
 
 
+@pytest.mark.parametrize("argv, message", [
+    (["eval", "RUN", "--data", "mnist5k", "--batch-size", "0"], "argument --batch-size: must be at least 1, not 0"),
+    (["eval", "RUN", "--data", "mnist5k", "--workers", "-1"], "argument --workers: must be at least 0, not -1"),
+    (["fewshot", "RUN", "--data", "mnist5k", "--batch-size", "x"], "argument --batch-size: must be a whole number, not 'x'"),
+    (["linear-probe", "RUN", "--data", "mnist5k", "--batch-size", "0"], "argument --batch-size: must be at least 1"),
+    (["predict", "--top", "0", "RUN", "IMAGE"], "argument --top: must be at least 1, not 0"),
+    (["show-weights", "RUN", "--max-pairs", "0"], "argument --max-pairs: must be at least 1, not 0"),
+])
+def test_command_counts_out_of_range_are_one_line(run_dir: Path, capsys: pytest.CaptureFixture, argv: list[str],
+                                                  message: str) -> None:
+    with pytest.raises(SystemExit) as exit:  # argparse's own error: usage, then one line
+        main([str(run_dir) if a == "RUN" else a for a in argv])
+    assert exit.value.code == 2
+    err = capsys.readouterr().err
+    assert message in err and "Traceback" not in err
+
+
 @pytest.mark.parametrize("flags, message", [
     (["--batch-size", "0"], "--batch-size must be a whole number of at least 1, not 0."),
     (["--accum", "0"], "--accum must be a whole number of at least 1"),

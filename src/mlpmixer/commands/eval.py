@@ -11,6 +11,7 @@ from typing import Any, Optional
 
 from ..permute import MODES as PERMUTE_MODES
 from ..recipes import EVAL_MODES
+from . import at_least
 
 
 def register(sub: argparse._SubParsersAction) -> None:
@@ -29,8 +30,8 @@ def register(sub: argparse._SubParsersAction) -> None:
                    help="apply the fixed permutation a run was trained with (paper Figure 4); default: the "
                    "one recorded in the run directory's config.json, if any")
     p.add_argument("--permute-seed", type=int, help="seed of that permutation (default: the run's, or 0)")
-    p.add_argument("--batch-size", type=int, default=500)
-    p.add_argument("--workers", type=int, default=2, help="DataLoader workers (image folders and shards)")
+    p.add_argument("--batch-size", type=at_least(1), default=500)
+    p.add_argument("--workers", type=at_least(0), default=2, help="DataLoader workers (image folders and shards)")
     p.add_argument("--json", action="store_true", help="print one JSON object: top1, top5 (fractions), n, loss "
                    "(and per_class, a class name -> accuracy object, with --report)")
     p.set_defaults(func=run)

@@ -12,6 +12,7 @@ from ..checkpoints import load_checkpoint
 from ..fewshot import DEFAULT_L2, DEFAULT_SHOTS, extract_features, fewshot_evaluate, split_pool
 from ..model import MlpMixer
 from ..recipes import EVAL_MODES
+from . import at_least
 
 
 def add_common_arguments(p: argparse.ArgumentParser, eval_fraction: float) -> None:
@@ -30,8 +31,8 @@ def add_common_arguments(p: argparse.ArgumentParser, eval_fraction: float) -> No
                    help="preprocessing of image folders and shards: resize straight to the model's size, or "
                         "the shorter side to 256/224 of it and a central crop (default, as big_vision's few-shot "
                         "evaluation); in-memory digits are resized whole, as `mixer eval` does")
-    p.add_argument("--batch-size", type=int, default=128, help="images per forward pass (default 128)")
-    p.add_argument("--workers", type=int, default=2, help="DataLoader worker processes (default 2)")
+    p.add_argument("--batch-size", type=at_least(1), default=128, help="images per forward pass (default 128)")
+    p.add_argument("--workers", type=at_least(0), default=2, help="DataLoader worker processes (default 2)")
     p.add_argument("--device", help="cpu, cuda, cuda:1, ... (default: cuda when available)")
     p.add_argument("--seed", type=int, default=0, help="seed of the hold-out split and support draws")
     p.add_argument("--json", action="store_true", help="print one JSON object instead of text")
@@ -48,7 +49,7 @@ def register(sub: argparse._SubParsersAction) -> None:
     add_common_arguments(p, eval_fraction=0.5)
     p.add_argument("--shots", default=",".join(map(str, DEFAULT_SHOTS)),
                    help="comma-separated images per class (default 1,5,10,25)")
-    p.add_argument("--draws", type=int, default=3, help="random support sets per shot count (default 3)")
+    p.add_argument("--draws", type=at_least(1), default=3, help="random support sets per shot count (default 3)")
     p.set_defaults(func=run)
 
 
@@ -89,8 +90,6 @@ def _features(model: MlpMixer, spec: str, split: str, args: argparse.Namespace,
 def train_and_eval_features(args: argparse.Namespace) -> tuple[torch.Tensor, ...]:
     """(train features, train labels, eval features, eval labels, class names) of the command's data,
     from --eval-data or from a stratified hold-out of --data."""
-    if args.batch_size < 1:
-        raise ValueError(f"--batch-size must be at least 1, not {args.batch_size}.")
     device = torch.device(args.device) if args.device else torch.device("cuda" if torch.cuda.is_available() else "cpu")
     model = load_checkpoint(args.checkpoint).to(device).eval()
     feats, labels, names = _features(model, args.data, "train", args, "features of --data")

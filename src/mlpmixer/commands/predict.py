@@ -9,6 +9,8 @@ from pathlib import Path
 
 import torch
 
+from . import at_least
+
 
 def register(sub: argparse._SubParsersAction) -> None:
     p = sub.add_parser("predict", help="top-5 classes of images, by class name",
@@ -17,7 +19,7 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument("inputs", nargs="+", metavar="CHECKPOINT IMAGE", help="checkpoint (unless --pretrained), then images")
     p.add_argument("--model", help="variant of the published weights, e.g. B/16")
     p.add_argument("--pretrained", metavar="TAG", help="published weights, e.g. imagenet1k")
-    p.add_argument("--top", type=int, default=5, help="classes to show per image (default 5)")
+    p.add_argument("--top", type=at_least(1), default=5, help="classes to show per image (default 5)")
     p.add_argument("--json", action="store_true", help="print one JSON object per image")
     p.set_defaults(func=run)
 

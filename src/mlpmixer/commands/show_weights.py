@@ -5,6 +5,7 @@ from __future__ import annotations
 import argparse
 
 from ..checkpoints import load_checkpoint
+from . import at_least
 
 
 def register(sub: argparse._SubParsersAction) -> None:
@@ -19,7 +20,7 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--out", required=True, help="picture to write (.png, or .svg/.pdf)")
     p.add_argument("--block", type=int, nargs="+", metavar="I",
                    help="block(s) to draw, counted from 0 (default: the first three)")
-    p.add_argument("--max-pairs", type=int, metavar="N", help="draw at most N pairs per block")
+    p.add_argument("--max-pairs", type=at_least(1), metavar="N", help="draw at most N pairs per block")
     p.add_argument("--stem", action="store_true", help="draw the patch-embedding kernels instead")
     p.set_defaults(func=run)
 
@@ -28,8 +29,6 @@ def run(args: argparse.Namespace) -> int:
     from ..visualize import plot_stem, plot_token_mixing  # matplotlib: imported only when needed
 
     model = load_checkpoint(args.checkpoint)
-    if args.max_pairs is not None and args.max_pairs < 1:
-        raise ValueError(f"--max-pairs must be at least 1, not {args.max_pairs}.")
     if args.stem:
         path = plot_stem(model, args.out)
     else:
