@@ -109,6 +109,24 @@ def test_softmax_and_sigmoid_losses() -> None:
         loss_fn(logits, y, Recipe(loss="hinge"))
 
 
+def test_resume_checks_the_model_and_notes_other_settings(tmp_path: Path) -> None:
+    r = tiny(steps=4, evals=0)
+    run = tmp_path / "run"
+    train(r, run, save_every=2, progress=False, log=lambda *_: None)
+    metrics = (run / "metrics.jsonl").read_text()
+    with pytest.raises(ValueError, match=r"trains Mixer-digits/7 \(28×28, 10 classes\) and this command builds "
+                                         r"Mixer\(C=24, N=4, P=7\) \(28×28, 10 classes\); resume with the run's own"):
+        train(r.replace(model_args={**r.model_args, "hidden_dim": 24}), run, resume=True, progress=False,
+              log=lambda *_: None)
+    assert (run / "metrics.jsonl").read_text() == metrics  # nothing written
+    said: list[str] = []
+    train(r.replace(steps=6), run, resume=True, progress=False, log=said.append)
+    assert said[0].startswith("Resuming with settings other than the run's (steps 4 -> 6):")
+    said.clear()
+    train(r.replace(steps=6), run, resume=True, progress=False, log=said.append)  # the same settings: no note
+    assert not any(line.startswith("Resuming with") for line in said)
+
+
 def test_sigmoid_head_bias_starts_at_minus_log_classes(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     seen = {}
     real = train_mod.make_optimizer

@@ -41,7 +41,7 @@ from .profiling import StepProfiler
 from .recipes import AUGMENT_ON, Recipe
 from .resize import resize_to
 from .shared_grads import SharedGradients
-from .variants import as_pair
+from .variants import MixerConfig, as_pair
 
 if TYPE_CHECKING:  # imported where used: torchvision takes a second to import, the default job needs none of it
     from .batch_augment import BatchAugment
@@ -502,6 +502,7 @@ def _train(
         if state_path is None:
             raise FileNotFoundError(f"{run} has no saved training state ({STATE_DIR}/step-*.pt) to resume from; "
                                     "train with --save-every N first.")
+        _check_resumable(run, model.config, r, log if main else (lambda *_: None))
         # FSDP: each rank keeps only its shards of the full state, so read it to the CPU, not the device.
         state = torch.load(state_path, map_location="cpu" if fsdp else device, weights_only=True)
         if fsdp:  # the state holds full tensors (keyed by name): each rank keeps its shards
@@ -683,6 +684,32 @@ def _train(
         log(f"Done in {time.time() - t_start:.1f} s. Model: {files.model}; configuration: {files.config}; "
             f"metrics: {files.metrics}; curves: {files.curves}")
     return files
+
+
+def _check_resumable(run: Path, config: MixerConfig, r: Recipe, log: Any) -> None:
+    """Resuming builds the model from the command's settings: a model of other shapes is one sentence
+    here (not load_state_dict's list of mismatches), other recipe settings a note, as the run then
+    goes on differently from the one it resumes."""
+    try:
+        saved = json.loads((run / "config.json").read_text())
+    except (OSError, ValueError):  # a state without its configuration: the state itself decides
+        return
+    def shapes(d: dict) -> dict:  # what the weights' shapes depend on
+        return {k: v for k, v in d.items() if k not in ("name", "gelu", "drop_rate", "drop_path_rate")}
+
+    if shapes(saved["model"]) != shapes(config.to_dict()):
+        was = MixerConfig.from_dict(saved["model"])
+        raise ValueError(f"{run} trains {was.describe()} ({was.img_size[0]}×{was.img_size[1]}, {was.num_classes} "
+                         f"classes) and this command builds {config.describe()} ({config.img_size[0]}×"
+                         f"{config.img_size[1]}, {config.num_classes} classes); resume with the run's own settings "
+                         "(its config.json) and the same data.")
+    now = json.loads(json.dumps(r.to_dict()))  # as config.json holds it: tuples as lists
+    # The process and thread counts are taken from the run (launch); only the count chosen is recorded.
+    changed = [f"{k} {saved['recipe'].get(k)!r} -> {v!r}" for k, v in now.items()
+               if k not in ("processes", "threads") and saved["recipe"].get(k) != v]
+    if changed:
+        log(f"Resuming with settings other than the run's ({', '.join(changed)}): the run goes on with these, "
+            "so it will not end as the run it resumes would have.")
 
 
 def _defer_checks(device: torch.device) -> bool:
