@@ -53,6 +53,15 @@ def test_predict_a_digit_by_class_name(run_dir: Path, tmp_path: Path, capsys: py
     assert captured.err == ""
 
 
+def test_predict_takes_images_after_options(run_dir: Path, tmp_path: Path, capsys: pytest.CaptureFixture) -> None:
+    image = _png(tmp_path / "digit.png", load_mnist5k().images[0, 0].numpy())
+    assert main(["predict", str(run_dir), "--top", "2", str(image), str(image)]) == 0
+    assert capsys.readouterr().out.count("  1. ") == 2
+    with pytest.raises(SystemExit):  # anything else left over is still an error
+        main(["predict", str(run_dir), str(image), "--bogus"])
+    assert "unrecognized arguments: --bogus" in capsys.readouterr().err
+
+
 def test_predict_converts_mode_and_size_and_says_so(run_dir: Path, tmp_path: Path, capsys: pytest.CaptureFixture) -> None:
     rgb = _png(tmp_path / "rgb.png", np.random.default_rng(0).integers(0, 256, (40, 36, 3), dtype=np.uint8))
     assert main(["predict", str(run_dir), str(rgb)]) == 0

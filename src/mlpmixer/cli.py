@@ -32,7 +32,13 @@ def build_parser() -> argparse.ArgumentParser:
 
 def main(argv: Sequence[str] | None = None) -> int:
     parser = build_parser()
-    args = parser.parse_args(argv)
+    args, extra = parser.parse_known_args(argv)
+    # argparse leaves the positionals after an option unparsed (`mixer predict CKPT --top 3 A.png`):
+    # a command that takes a list of inputs gets them too.
+    if extra and isinstance(getattr(args, "inputs", None), list) and not any(e.startswith("-") for e in extra):
+        args.inputs += extra
+    elif extra:
+        parser.error(f"unrecognized arguments: {' '.join(extra)}")
     if not getattr(args, "func", None):
         parser.print_help()
         return 2
