@@ -145,6 +145,7 @@ def test_command_counts_out_of_range_are_one_line(run_dir: Path, capsys: pytest.
     (["--mix-prob", "3"], "--mix-prob must be from 0 to 1, not 3.0."),
     (["--label-smoothing", "1"], "--label-smoothing must be at least 0 and below 1"),
     (["--holdout", "2.5"], "--holdout must be a fraction below 1 or a whole count"),
+    (["--holdout", "-5"], "--holdout must be a fraction below 1 or a whole count"),
     (["--randaugment", "40"], "--randaugment must be a whole magnitude from 0 to 30"),
     (["--crop-area", "0.5", "0.2"], "--crop-area must be two area fractions, 0 < low <= high <= 1"),
     (["--betas", "0.9", "1.0"], "--betas must be two decays"),

@@ -74,7 +74,7 @@ class Recipe:
     threads: Optional[int] = None  # None: the free cores (see train._free_cores)
     processes: Optional[int] = None  # local CPU processes (DDP); None: one per free core for in-memory data
     workers: int = 2
-    evals: int = 10  # validation passes over the run (plus one at the end)
+    evals: int = 10  # validation passes, evenly spaced, the last at the end (0: only at the end)
     seed: int = 0
 
     def __post_init__(self) -> None:
@@ -98,7 +98,7 @@ class Recipe:
         for name in ("label_smoothing", "drop_path", "dropout", "ema", "momentum"):
             check(name, lambda v: 0 <= v < 1, "at least 0 and below 1")
         check("mix_prob", lambda v: 0 <= v <= 1, "from 0 to 1")
-        check("holdout", lambda v: 0 <= v < 1 or float(v).is_integer(), "a fraction below 1 or a whole count")
+        check("holdout", lambda v: v >= 0 and (v < 1 or float(v).is_integer()), "a fraction below 1 or a whole count")
         check("randaugment", lambda v: 0 <= v <= 30 and float(v).is_integer(), "a whole magnitude from 0 to 30")
         check("crop_area", lambda v: 0 < v[0] <= v[1] <= 1, "two area fractions, 0 < low <= high <= 1")
         check("betas", lambda v: all(0 <= b < 1 for b in v), "two decays, each at least 0 and below 1")
