@@ -694,6 +694,8 @@ def _check_resumable(run: Path, config: MixerConfig, r: Recipe, log: Any) -> Non
         saved = json.loads((run / "config.json").read_text())
     except (OSError, ValueError):  # a state without its configuration: the state itself decides
         return
+    if not isinstance(saved, dict) or not {"model", "recipe"} <= saved.keys():
+        return
     def shapes(d: dict) -> dict:  # what the weights' shapes depend on
         return {k: v for k, v in d.items() if k not in ("name", "gelu", "drop_rate", "drop_path_rate")}
 
