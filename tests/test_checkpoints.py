@@ -191,6 +191,17 @@ def test_cli_convert(tmp_path: Path, capsys: pytest.CaptureFixture) -> None:
     assert_same_state(model, load_checkpoint(tmp_path / "m.safetensors"))
     code, out, _ = run_cli(["convert", tmp_path / "m.npz", tmp_path / "m.pth"], capsys)
     assert code == 0 and "gelu='tanh'" in out  # timm files imply exact GELU: the user is told
+    # The other way round: an exact-GELU model with class names, written as .npz, loses both; both are said.
+    exact = random_model(SQUARE.replace(gelu="exact"))
+    exact.class_names = [f"c{i}" for i in range(exact.num_classes)]
+    save_checkpoint(exact, tmp_path / "e.safetensors")
+    code, out, _ = run_cli(["convert", tmp_path / "e.safetensors", tmp_path / "e.npz"], capsys)
+    assert code == 0 and "load with tanh GELU" in out and "--gelu exact" in out and "no class names" in out
+    code, out, _ = run_cli(["convert", tmp_path / "e.npz", tmp_path / "e2.safetensors", "--gelu", "exact"], capsys)
+    assert code == 0 and "Note" not in out
+    back = load_checkpoint(tmp_path / "e2.safetensors")
+    assert back.config.gelu == "exact"
+    assert_same_state(exact, back)
     # A rectangular grid needs its size on the command line.
     rect = random_model(SQUARE.replace(img_size=(32, 16)))
     save_checkpoint(rect, tmp_path / "r.npz")

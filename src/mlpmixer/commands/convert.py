@@ -3,8 +3,10 @@
 from __future__ import annotations
 
 import argparse
+from pathlib import Path
 
-from ..checkpoints import EXTENSIONS, TORCH_EXTENSIONS, convert
+from ..checkpoints import EXTENSIONS, convert
+from ..model import MlpMixer
 
 
 def register(sub: argparse._SubParsersAction) -> None:
@@ -30,7 +32,23 @@ def run(args: argparse.Namespace) -> int:
         overrides["img_size"] = tuple(args.img_size) if len(args.img_size) == 2 else args.img_size[0]
     model = convert(args.src, args.dst, **overrides)
     print(f"Wrote {model.config.describe()} ({model.num_classes} classes) to {args.dst}.")
-    if args.dst.lower().endswith(TORCH_EXTENSIONS) and model.config.gelu == "tanh":
-        print("Note: timm-format files carry no configuration and load with exact GELU (as timm computes); "
-              "this model uses tanh GELU, so load it with gelu='tanh' for identical outputs.")
+    for note in _lost_in(args.dst, model):
+        print("Note: " + note)
     return 0
+
+
+def _lost_in(dst: str, model: MlpMixer) -> list[str]:
+    """What a file without our metadata (.npz, timm's formats) cannot carry of `model`, one sentence each."""
+    suffix = Path(dst).suffix.lower()
+    if suffix == ".safetensors":
+        return []
+    implied = "tanh" if suffix == ".npz" else "exact"  # what load_checkpoint assumes for this format
+    layout = "official .npz" if suffix == ".npz" else "timm-format"
+    notes = []
+    if model.config.gelu != implied:
+        notes.append(f"{layout} files carry no configuration and load with {implied} GELU; this model uses "
+                     f"{model.config.gelu} GELU, so load it with gelu='{model.config.gelu}' "
+                     f"(mixer convert --gelu {model.config.gelu}) for identical outputs.")
+    if getattr(model, "class_names", None):
+        notes.append(f"{layout} files carry no class names; keep a .safetensors copy to have predict print them.")
+    return notes
