@@ -208,6 +208,25 @@ def test_broken_kernel_falls_back_with_one_warning(monkeypatch):
     assert len([w for w in caught if "Triton kernels disabled" in str(w.message)]) == 1
 
 
+def test_interpreter_known_to_lose_stores_is_not_used(monkeypatch):
+    """Triton 3.0-3.1's interpreter under NumPy 2 writes nothing: the kernels are turned off, saying why."""
+    triton = pytest.importorskip("triton")
+    import numpy
+
+    # Not TRITON_INTERPRET itself: it would turn the kernels into interpreted ones for this whole process.
+    monkeypatch.setattr(K, "interpreting", lambda: True)
+    monkeypatch.setitem(K._state, "disabled_reason", None)
+    monkeypatch.setattr(numpy, "__version__", "2.0.2")
+    monkeypatch.setattr(triton, "__version__", "3.2.0")
+    assert K.triton_usable(torch.zeros(1))
+    monkeypatch.setattr(triton, "__version__", "3.0.0")
+    with pytest.warns(UserWarning, match="Triton 3.0.0 loses its stores under NumPy 2.0.2; install numpy<2"):
+        assert not K.triton_usable(torch.zeros(1))
+    monkeypatch.setitem(K._state, "disabled_reason", None)
+    monkeypatch.setattr(numpy, "__version__", "1.26.4")
+    assert K.triton_usable(torch.zeros(1))
+
+
 # --- Triton kernels in the CPU interpreter ------------------------------------------------------
 
 INTERPRETER_CHECKS = r"""

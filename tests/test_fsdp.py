@@ -33,6 +33,8 @@ def _max_diff(a: Path, b: Path) -> float:
     return max((x[k] - y[k]).abs().max().item() for k in x)
 
 
+@pytest.mark.skipif(torch.__version__ < (2, 6) and not torch.cuda.is_available(),
+                    reason="FSDP2 runs on the CPU from torch 2.6 (test_fsdp_on_the_cpu_needs_torch_2_6)")
 def test_fsdp_over_two_processes_follows_one_and_resumes(tmp_path: Path) -> None:
     fsdp = tmp_path / "fsdp"
     done = _torchrun("--out", str(fsdp), "--save-every", "1", "--keep", "5", port=29531)
@@ -63,3 +65,12 @@ def test_fsdp_in_one_process_says_it_trains_unsharded(tmp_path: Path, capsys: py
     assert main([*COMMON, "--fsdp", "--processes", "1", "--out", str(tmp_path / "run")]) == 0
     assert "in one process it trains unsharded" in capsys.readouterr().out
     assert load_checkpoint(tmp_path / "run").num_classes == 10
+
+
+def test_fsdp_on_the_cpu_needs_torch_2_6(tmp_path: Path, capsys: pytest.CaptureFixture,
+                                         monkeypatch: pytest.MonkeyPatch) -> None:
+    # torch 2.4's FSDP2 asks for CUDA streams whatever the device: without this check, a CUDA error.
+    monkeypatch.setattr(torch, "__version__", torch.torch_version.TorchVersion("2.5.1"))
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+    assert main([*COMMON, "--fsdp", "--processes", "2", "--out", str(tmp_path / "run")]) != 0
+    assert "--fsdp on the CPU needs torch >= 2.6 (the FSDP2 of torch 2.5.1" in capsys.readouterr().err

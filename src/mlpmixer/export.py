@@ -82,7 +82,10 @@ def _exported_program(model: MlpMixer, x: torch.Tensor, path: str, opset: int) -
 
 
 def load_exported(path: str | os.PathLike, fmt: str):
-    """A callable images -> logits from an exported file (for checks and tests)."""
+    """A callable images -> logits from an exported file (for checks and tests).
+
+    Only for files you wrote: before torch 2.6, torch.export.load unpickles part of a .pt2 file.
+    """
     path = str(path)
     if fmt == "onnx":
         session = _require("onnxruntime").InferenceSession(path, providers=["CPUExecutionProvider"])

@@ -63,7 +63,30 @@ def triton_usable(t: torch.Tensor) -> bool:
     except Exception as e:  # ImportError, or a broken Triton install
         disable_triton(f"cannot import Triton ({e})")
         return False
+    problem = _interpreter_problem() if interpreting() else None
+    if problem:
+        disable_triton(problem)
+        return False
     return True
+
+
+def _interpreter_problem() -> Optional[str]:
+    """Why Triton's CPU interpreter would compute wrong results here, or None.
+
+    The interpreters of Triton 3.0 and 3.1 (torch 2.4, 2.5) lose every store under NumPy 2: the output
+    tensors keep their old contents (seen with Triton 3.0.0 and 3.1.0 and NumPy 2.0.2; 3.2.0 works).
+    """
+    import numpy
+    import triton
+
+    def major_minor(version: str) -> tuple[int, int]:
+        major, minor = version.split(".")[:2]
+        return int(major), int(minor)
+
+    if major_minor(triton.__version__) < (3, 2) and major_minor(numpy.__version__) >= (2, 0):
+        return (f"the CPU interpreter of Triton {triton.__version__} loses its stores under NumPy "
+                f"{numpy.__version__}; install numpy<2 or Triton >= 3.2 (torch >= 2.6)")
+    return None
 
 
 def _close(out, ref) -> bool:

@@ -2,9 +2,10 @@
 
 Every kernel computes in fp32 and rounds once when it stores, like the PyTorch ops it replaces.
 `TRITON_INTERPRET=1` must be set before this module is first imported for the CPU interpreter.
+No `from __future__ import annotations` here: Triton 3.0's interpreter recognises `tl.constexpr`
+parameters only by the annotation object, not by its string.
 """
 
-from __future__ import annotations
 
 from typing import Optional
 
