@@ -4,6 +4,9 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
+import subprocess
+import sys
 from pathlib import Path
 
 import numpy as np
@@ -110,6 +113,15 @@ def test_train_bad_input(tmp_path: Path, capsys: pytest.CaptureFixture) -> None:
     assert "no saved training state" in capsys.readouterr().err
 
 
+def test_a_closed_pipe_stops_the_command_quietly() -> None:
+    # The reader is gone before the command writes (`mixer info | head -0`): no error message, status 141.
+    proc = subprocess.Popen([sys.executable, "-m", "mlpmixer", "info"], stdout=subprocess.PIPE,
+                            stderr=subprocess.PIPE, env={**os.environ, "PYTHONPATH": str(Path(__file__).resolve().parents[1] / "src")})
+    proc.stdout.close()
+    _, err = proc.communicate(timeout=120)
+    assert proc.returncode == 141 and err == b""
+
+
 def test_recipes_command(capsys: pytest.CaptureFixture) -> None:
     assert main(["recipes"]) == 0
     out = capsys.readouterr().out
@@ -126,6 +138,15 @@ def test_recipes_command(capsys: pytest.CaptureFixture) -> None:
     (["linear-probe", "RUN", "--data", "mnist5k", "--batch-size", "0"], "argument --batch-size: must be at least 1"),
     (["predict", "--top", "0", "RUN", "IMAGE"], "argument --top: must be at least 1, not 0"),
     (["show-weights", "RUN", "--max-pairs", "0"], "argument --max-pairs: must be at least 1, not 0"),
+    (["bench", "--batch-size", "0"], "argument --batch-size: must be at least 1, not 0"),
+    (["bench", "--warmup", "-1"], "argument --warmup: must be at least 0, not -1"),
+    (["info", "--img-size", "0"], "argument --img-size: must be at least 1, not 0"),
+    (["info", "--num-classes", "-1"], "argument --num-classes: must be at least 0, not -1"),
+    (["resize", "RUN", "--img-size", "-28", "--out", "x.safetensors"], "argument --img-size: must be at least 1"),
+    (["convert", "RUN", "x.safetensors", "--img-size", "0"], "argument --img-size: must be at least 1, not 0"),
+    (["train", "--save-every", "-5"], "argument --save-every: must be at least 0, not -5"),
+    (["train", "--keep", "-1"], "argument --keep: must be at least 0, not -1"),
+    (["train", "--profile", "-3"], "argument --profile: must be at least 0, not -3"),
 ])
 def test_command_counts_out_of_range_are_one_line(run_dir: Path, capsys: pytest.CaptureFixture, argv: list[str],
                                                   message: str) -> None:

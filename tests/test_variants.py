@@ -133,6 +133,12 @@ def test_custom_config_fields_and_validation() -> None:
         MixerConfig(gelu="relu")
     with pytest.raises(ValueError, match="num_classes"):
         MixerConfig(num_classes=-1)
+    # Sizes that divide but make no image: no tokens, or a "grid" of negative size.
+    for size in (0, -32):
+        with pytest.raises(ValueError, match="smaller than the patch"):
+            MixerConfig(img_size=size, patch_size=32)
+    with pytest.raises(ValueError, match="patch_size must be at least 1"):
+        MixerConfig(patch_size=0)
 
 
 def test_config_dict_round_trip() -> None:

@@ -48,6 +48,11 @@ def main(argv: Sequence[str] | None = None) -> int:
     except KeyboardInterrupt:
         print("mixer: interrupted.", file=sys.stderr)
         return 130
+    except BrokenPipeError:
+        # The reader went away (`mixer info | head -3`): stop quietly, as other command-line tools do.
+        # Python flushes stdout again at exit, so point it at devnull first (Python's signal docs).
+        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
+        return 141  # 128 + SIGPIPE, the shell's status for a tool stopped by a closed pipe
     except (ValueError, OSError) as e:
         # User errors (bad paths, files, sizes) are one sentence; other exceptions are bugs and
         # keep their traceback.

@@ -53,6 +53,11 @@ class MixerConfig:
         if self.num_classes < 0:
             raise ValueError(f"num_classes must be 0 (no head) or more, not {self.num_classes}.")
         (h, w), (ph, pw) = self.img_size, self.patch_size
+        if ph < 1 or pw < 1:
+            raise ValueError(f"patch_size must be at least 1×1, not {ph}×{pw}.")
+        if h < ph or w < pw:
+            raise ValueError(f"Image size {h}×{w} is smaller than the patch {ph}×{pw}; choose an image size "
+                             "that is a positive multiple of the patch.")
         if h % ph or w % pw:
             raise ValueError(
                 f"Image size {h}×{w} is not a multiple of the patch size {ph}×{pw}; "

@@ -11,6 +11,7 @@ import torch
 
 from .. import bench as B
 from ..variants import variant_config
+from . import at_least
 
 
 def register(sub: argparse._SubParsersAction) -> None:
@@ -22,9 +23,9 @@ def register(sub: argparse._SubParsersAction) -> None:
         "FLOPs and their share of a matrix-product ceiling measured in the same run.",
     )
     p.add_argument("--variant", default="B/16", help="Mixer variant (default B/16), e.g. S/16, L/16, H/14")
-    p.add_argument("--img-size", type=int, default=None, help="resolution (default: the variant's, 224)")
-    p.add_argument("--num-classes", type=int, default=1000)
-    p.add_argument("--batch-size", type=int, default=None, help="default 128 on CUDA, 8 on the CPU")
+    p.add_argument("--img-size", type=at_least(1), default=None, help="resolution (default: the variant's, 224)")
+    p.add_argument("--num-classes", type=at_least(0), default=1000)
+    p.add_argument("--batch-size", type=at_least(1), default=None, help="default 128 on CUDA, 8 on the CPU")
     p.add_argument("--mode", choices=["infer", "train", "both"], default="both")
     p.add_argument("--dtype", choices=list(B.DTYPES), default=None,
                    help="fp32, or bf16/fp16 autocast (default bf16 on CUDA, fp32 on the CPU)")
@@ -37,10 +38,10 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--gelu", choices=["tanh", "exact"], default=None,
                    help="our model's GELU (default: the official tanh one; exact, timm's function, with "
                    "--vs-timm and a timm Mixer, so both compute the same thing)")
-    p.add_argument("--warmup", type=int, default=3, help="warm-up iterations per case (default 3)")
-    p.add_argument("--repeats", type=int, default=5, help="timed repeats; the median is reported (default 5)")
-    p.add_argument("--iters", type=int, default=3, help="iterations per repeat (default 3)")
-    p.add_argument("--threads", type=int, default=None, help="CPU threads (default: PyTorch's choice)")
+    p.add_argument("--warmup", type=at_least(0), default=3, help="warm-up iterations per case (default 3)")
+    p.add_argument("--repeats", type=at_least(1), default=5, help="timed repeats; the median is reported (default 5)")
+    p.add_argument("--iters", type=at_least(1), default=3, help="iterations per repeat (default 3)")
+    p.add_argument("--threads", type=at_least(1), default=None, help="CPU threads (default: PyTorch's choice)")
     p.add_argument("--no-ceiling", action="store_true", help="skip the matrix-product ceiling")
     p.add_argument("--default-malloc", action="store_true",
                    help="on the CPU, leave glibc's malloc as it is: by default the benchmark keeps freed memory in "
@@ -53,10 +54,6 @@ def run(args: argparse.Namespace) -> int:
     device = B.resolve_device(args.device or ("cuda" if torch.cuda.is_available() else "cpu"))
     dtype_name = args.dtype or ("bf16" if device.type == "cuda" else "fp32")
     dtype = B.resolve_dtype(dtype_name, device)
-    for name in ("batch_size", "warmup", "repeats", "iters", "threads"):
-        value = getattr(args, name)
-        if value is not None and value < (0 if name == "warmup" else 1):
-            raise B.BenchError(f"--{name.replace('_', '-')} must be at least {0 if name == 'warmup' else 1}, not {value}.")
     B.set_threads(args.threads)
     kept = device.type == "cpu" and not args.default_malloc and B.keep_freed_memory()
     overrides = {"num_classes": args.num_classes}

@@ -7,6 +7,7 @@ from pathlib import Path
 
 from ..checkpoints import EXTENSIONS, convert
 from ..model import MlpMixer
+from . import at_least
 
 
 def register(sub: argparse._SubParsersAction) -> None:
@@ -20,7 +21,7 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument("src", help="checkpoint file or run directory")
     p.add_argument("dst", help="file to write; its extension picks the format")
     p.add_argument("--gelu", choices=["tanh", "exact"], help="override the GELU the source implies")
-    p.add_argument("--img-size", type=int, nargs="+", metavar="N", help="image size (H [W]) for non-square grids")
+    p.add_argument("--img-size", type=at_least(1), nargs="+", metavar="N", help="image size (H [W]) for non-square grids")
     p.set_defaults(func=run)
 
 

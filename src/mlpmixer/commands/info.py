@@ -6,12 +6,13 @@ import argparse
 import json
 
 from ..variants import PAPER_VARIANTS, variant_config
+from . import at_least
 
 
 def register(sub: argparse._SubParsersAction) -> None:
     p = sub.add_parser("info", help="table of the Mixer variants: shapes, parameters, GFLOPs")
-    p.add_argument("--img-size", type=int, default=224, help="resolution for S and GFLOPs (default 224)")
-    p.add_argument("--num-classes", type=int, default=1000, help="head size counted in the parameters")
+    p.add_argument("--img-size", type=at_least(1), default=224, help="resolution for S and GFLOPs (default 224)")
+    p.add_argument("--num-classes", type=at_least(0), default=1000, help="head size counted in the parameters")
     p.add_argument("--json", action="store_true", help="print JSON instead of a table")
     p.set_defaults(func=run)
 

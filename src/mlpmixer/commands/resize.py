@@ -6,6 +6,7 @@ import argparse
 
 from ..checkpoints import load_checkpoint, save_checkpoint
 from ..resize import METHODS, resize_to
+from . import at_least
 
 
 def register(sub: argparse._SubParsersAction) -> None:
@@ -19,7 +20,7 @@ def register(sub: argparse._SubParsersAction) -> None:
         "token-MLP weights over the patch grid. See docs/paper-tools.md.",
     )
     p.add_argument("checkpoint", help="checkpoint file or run directory")
-    p.add_argument("--img-size", type=int, nargs="+", required=True, metavar="N",
+    p.add_argument("--img-size", type=at_least(1), nargs="+", required=True, metavar="N",
                    help="new image size: N for N×N, or H W")
     p.add_argument("--out", required=True, help="file to write (.safetensors keeps the configuration)")
     p.add_argument("--method", choices=METHODS, default="blockdiag",

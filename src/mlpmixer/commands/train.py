@@ -6,6 +6,7 @@ import argparse
 from typing import Any
 
 from ..recipes import DEFAULT_RECIPE, RECIPES, get_recipe, load_config_file
+from . import at_least
 
 # flag -> (recipe field, type, help); None type = store_true, a (type, n) pair = n values
 RECIPE_FLAGS: dict[str, tuple[str, Any, str]] = {
@@ -74,11 +75,12 @@ def add_training_flags(p: argparse.ArgumentParser, default_recipe: str) -> None:
         else:
             p.add_argument(flag, dest=field, type=kind, help=text)
     p.add_argument("--out", help="run directory (default: a new timestamped one under runs/)")
-    p.add_argument("--save-every", type=int, default=0, metavar="N", help="save a training state every N steps")
-    p.add_argument("--keep", type=int, default=3, metavar="N", help="training states to keep (default 3)")
+    p.add_argument("--save-every", type=at_least(0), default=0, metavar="N",
+                   help="save a training state every N steps and at the end (default 0: none)")
+    p.add_argument("--keep", type=at_least(0), default=3, metavar="N", help="training states to keep (default 3; 0 keeps all)")
     p.add_argument("--resume", action="store_true", help="continue the run in --out (or the latest) from its last state")
     p.add_argument("--quiet", action="store_true", help="no progress bar")
-    p.add_argument("--profile", type=int, default=0, metavar="N",
+    p.add_argument("--profile", type=at_least(0), default=0, metavar="N",
                    help="profile N steps, after a few warm-up ones, with PyTorch's profiler: RUN/profile.txt (time per "
                         "step on the host and the device, the busiest operations) and RUN/profile.json (timeline)")
 
