@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import os
 import pickle
 import stat
@@ -181,6 +182,32 @@ def test_save_is_atomic_and_readable(tmp_path: Path) -> None:
     assert_same_state(model, load_checkpoint(path))  # the old file is intact
     with pytest.raises(CheckpointError, match="unknown extension '.h5'"):
         save_checkpoint(model, tmp_path / "m.h5")
+
+
+def test_cli_info_describes_a_checkpoint(tmp_path: Path, capsys: pytest.CaptureFixture) -> None:
+    model = random_model(SQUARE.replace(gelu="exact", in_chans=1))
+    model.class_names = [f"class {i}" for i in range(5)]
+    save_checkpoint(model, tmp_path / "m.safetensors")
+    code, out, _ = run_cli(["info", tmp_path / "m.safetensors"], capsys)
+    assert code == 0 and "Mixer(C=32, N=2, P=8)" in out and "32×32, 1 channel; patch 8×8, 16 tokens" in out
+    assert "exact GELU" in out and "5 classes" in out and "class 0, class 1" in out and "layout" not in out
+    assert f"{SQUARE.num_params() - 2 * 32 * 8 * 8:,} parameters" in out  # one input channel, not three
+    # An official file says nothing of its GELU or class names: what was assumed is said.
+    save_checkpoint(model, tmp_path / "m.npz")
+    code, out, _ = run_cli(["info", tmp_path / "m.npz", "--json"], capsys)
+    info = json.loads(out)
+    assert code == 0 and info["layout"] == "official" and info["config"]["gelu"] == "tanh"
+    assert info["class_names"] is None and info["params"] == model.config.num_params()
+    code, _, err = run_cli(["info", tmp_path / "m.npz", "--num-classes", "3"], capsys)
+    assert code == 2 and "a checkpoint has its own head" in err
+    # A rectangular grid that the file does not size: --img-size H W, as for convert.
+    save_checkpoint(random_model(SQUARE.replace(img_size=(32, 16))), tmp_path / "r.npz")
+    code, _, err = run_cli(["info", tmp_path / "r.npz"], capsys)
+    assert code == 2 and "--img-size H W" in err
+    code, out, _ = run_cli(["info", tmp_path / "r.npz", "--img-size", "32", "16"], capsys)
+    assert code == 0 and "32×16" in out
+    code, _, err = run_cli(["info", tmp_path / "none.npz"], capsys)
+    assert code == 2 and "No checkpoint at" in err
 
 
 def test_cli_convert(tmp_path: Path, capsys: pytest.CaptureFixture) -> None:
@@ -374,7 +401,11 @@ def test_read_checkpoint_reports_config_and_names(tmp_path: Path) -> None:
     model.class_names = list("abcde")
     save_checkpoint(model, tmp_path / "m.safetensors")
     state, config, extra = read_checkpoint(tmp_path / "m.safetensors", drop_path_rate=0.2)
-    assert config == SQUARE.replace(drop_path_rate=0.2) and extra == {"class_names": list("abcde")}
+    assert config == SQUARE.replace(drop_path_rate=0.2)
+    assert extra == {"class_names": list("abcde"), "layout": "mlpmixer"}
     assert state.keys() == model.state_dict().keys()
+    for name, layout in (("m.npz", "official"), ("m.pth", "timm")):
+        save_checkpoint(model, tmp_path / name)
+        assert read_checkpoint(tmp_path / name)[2] == {"layout": layout}  # names do not travel in these
     with pytest.raises(CheckpointError, match="Cannot apply"):
         read_checkpoint(tmp_path / "m.safetensors", heads=3)

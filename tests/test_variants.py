@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import json
+
 import pytest
 import torch
 
@@ -147,3 +149,21 @@ def test_config_dict_round_trip() -> None:
     assert again == cfg and again.img_size == (224, 288)
     with pytest.raises(ValueError, match="Unknown Mixer configuration fields"):
         MixerConfig.from_dict({**cfg.to_dict(), "heads": 12})
+
+
+def test_info_command_prints_table_1(capsys: pytest.CaptureFixture) -> None:
+    from mlpmixer.cli import main
+
+    assert main(["info", "--json"]) == 0
+    rows = {r["variant"].removeprefix("Mixer-"): r for r in json.loads(capsys.readouterr().out)}
+    assert list(rows) == list(TABLE_1)
+    for name, (n, p, c, s, d_c, d_s) in TABLE_1.items():
+        r = rows[name]
+        assert (r["layers"], r["patch"], r["C"], r["S"], r["D_C"], r["D_S"]) == (n, p, c, s, d_c, d_s)
+        assert r["params"] == EXACT_PARAMS[name]
+    assert main(["info", "--img-size", "448", "--num-classes", "0"]) == 0
+    out = capsys.readouterr().out
+    assert f"{variant_config('H/14', img_size=448, num_classes=0).num_params():,}" in out
+    assert "no head" in out and "448×448" in out
+    assert main(["info", "--img-size", "448", "224"]) == 2
+    assert "give one --img-size" in capsys.readouterr().err

@@ -284,7 +284,8 @@ def read_checkpoint(
 
     `overrides` change configuration fields (gelu, img_size, drop_path_rate, ...) before building.
     `img_size_hint` is the image size to assume for a foreign file whose patch grid is not square.
-    Extra metadata holds `class_names` where the file carries them.
+    Extra metadata holds `layout` ("mlpmixer": the configuration was in the file; "official" or "timm":
+    it was inferred from the shapes) and `class_names` where the file carries them.
     """
     p = resolve_path(path)
     suffix = p.suffix.lower()
@@ -292,17 +293,21 @@ def read_checkpoint(
     img_size = overrides.get("img_size")
     if suffix == ".npz":
         state = _read_npz(p)
+        extra["layout"] = "official"
         config = infer_config(state, gelu="tanh", img_size=img_size, img_size_hint=img_size_hint, source=str(p))
     elif suffix in TORCH_EXTENSIONS:
         state = _read_torch(p)
+        extra["layout"] = "timm"
         config = infer_config(state, gelu="exact", img_size=img_size, img_size_hint=img_size_hint, source=str(p))
     else:
         state, metadata = _read_safetensors(p)
         if metadata.get("format") == FORMAT_TAG:
             config, names = _parse_metadata(p, metadata)
+            extra["layout"] = "mlpmixer"
             if names is not None:
                 extra["class_names"] = names
         else:
+            extra["layout"] = "timm"
             config = infer_config(state, gelu="exact", img_size=img_size, img_size_hint=img_size_hint, source=str(p))
     try:
         config = config.replace(**overrides)

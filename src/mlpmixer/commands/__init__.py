@@ -18,3 +18,10 @@ def at_least(low: int) -> Callable[[str], int]:
         return value
 
     return parse
+
+
+def image_size(values: list[int]) -> int | tuple[int, int]:
+    """An `--img-size N [N]` option's value: N for a square image, (H, W) for two numbers."""
+    if len(values) > 2:
+        raise ValueError(f"--img-size takes N or H W, not {len(values)} numbers.")
+    return (values[0], values[1]) if len(values) == 2 else values[0]

@@ -7,7 +7,7 @@ from pathlib import Path
 
 from ..checkpoints import EXTENSIONS, convert
 from ..model import MlpMixer
-from . import at_least
+from . import at_least, image_size
 
 
 def register(sub: argparse._SubParsersAction) -> None:
@@ -30,7 +30,7 @@ def run(args: argparse.Namespace) -> int:
     if args.gelu:
         overrides["gelu"] = args.gelu
     if args.img_size:
-        overrides["img_size"] = tuple(args.img_size) if len(args.img_size) == 2 else args.img_size[0]
+        overrides["img_size"] = image_size(args.img_size)
     model = convert(args.src, args.dst, **overrides)
     print(f"Wrote {model.config.describe()} ({model.num_classes} classes) to {args.dst}.")
     for note in _lost_in(args.dst, model):

@@ -1,18 +1,26 @@
-"""`mixer info`: the variants of paper Table 1 with their sizes and costs."""
+"""`mixer info`: the variants of paper Table 1 with their sizes and costs; `mixer info CHECKPOINT`: what
+one checkpoint holds."""
 
 from __future__ import annotations
 
 import argparse
 import json
 
-from ..variants import PAPER_VARIANTS, variant_config
-from . import at_least
+from ..checkpoints import read_checkpoint, resolve_path
+from ..variants import PAPER_VARIANTS, MixerConfig, variant_config
+from . import at_least, image_size
 
 
 def register(sub: argparse._SubParsersAction) -> None:
-    p = sub.add_parser("info", help="table of the Mixer variants: shapes, parameters, GFLOPs")
-    p.add_argument("--img-size", type=at_least(1), default=224, help="resolution for S and GFLOPs (default 224)")
-    p.add_argument("--num-classes", type=at_least(0), default=1000, help="head size counted in the parameters")
+    p = sub.add_parser("info", help="table of the Mixer variants, or what a checkpoint holds",
+                       description="Without CHECKPOINT, the variants of paper Table 1 with their shapes, parameters "
+                       "and GFLOPs; with one, its model, input, head and class names.")
+    p.add_argument("checkpoint", nargs="?", help="a checkpoint file (.npz, timm, .safetensors) or run directory")
+    p.add_argument("--img-size", type=at_least(1), nargs="+", default=None, metavar="N",
+                   help="resolution of the table's S and GFLOPs (default 224); with a checkpoint whose patch grid is "
+                   "not square and that does not say its size (.npz, timm), its H W")
+    p.add_argument("--num-classes", type=at_least(0), default=None,
+                   help="head size counted in the table's parameters (default 1000)")
     p.add_argument("--json", action="store_true", help="print JSON instead of a table")
     p.set_defaults(func=run)
 
@@ -29,8 +37,48 @@ def rows(img_size: int = 224, num_classes: int = 1000) -> list[dict]:
     return out
 
 
+def describe_checkpoint(path: str, img_size_hint: int | tuple[int, int] | None = None) -> dict:
+    """The configuration, size and class names of the checkpoint at `path` (the model is not built);
+    `img_size_hint` is the image size of a foreign file whose patch grid is not square."""
+    file = resolve_path(path)
+    _, config, extra = read_checkpoint(file, img_size_hint=img_size_hint)
+    return dict(file=str(file), layout=extra["layout"], model=config.describe(), config=config.to_dict(),
+                params=config.num_params(), gflops=2 * config.macs() / 1e9, class_names=extra.get("class_names"))
+
+
+def _print_checkpoint(info: dict) -> None:
+    c = MixerConfig.from_dict(info["config"])
+    (h, w), (ph, pw) = c.img_size, c.patch_size
+    names = info["class_names"] or []
+    shown = ", ".join(names[:10]) + (f", … ({len(names) - 10} more)" if len(names) > 10 else "")
+    print(f"{info['file']}: {info['model']}")
+    if info["layout"] != "mlpmixer":  # what the file does not say was assumed, as load_checkpoint does
+        print(f"  layout      {info['layout']}, weights only: the GELU is the format's, the image size comes from "
+              "the token count (or --img-size)")
+    print(f"  input       {h}×{w}, {c.in_chans} channel{'s' if c.in_chans > 1 else ''}; patch {ph}×{pw}, "
+          f"{c.num_tokens} tokens")
+    print(f"  blocks      {c.num_blocks} × (token MLP {c.num_tokens} -> {c.tokens_mlp_dim}, channel MLP "
+          f"{c.hidden_dim} -> {c.channels_mlp_dim}), {c.gelu} GELU")
+    print(f"  head        {c.num_classes} classes" if c.num_classes else "  head        none (features only)")
+    print(f"  class names {shown or 'not in the file'}")
+    print(f"  size        {info['params']:,} parameters, {info['gflops']:.3g} GFLOPs per image")
+
+
 def run(args: argparse.Namespace) -> int:
-    table = rows(args.img_size, args.num_classes)
+    if args.checkpoint:
+        if args.num_classes is not None:
+            raise ValueError("--num-classes shapes the variants table; a checkpoint has its own head.")
+        info = describe_checkpoint(args.checkpoint, image_size(args.img_size) if args.img_size else None)
+        if args.json:
+            print(json.dumps(info, indent=1))
+        else:
+            _print_checkpoint(info)
+        return 0
+    img_size = image_size(args.img_size) if args.img_size else 224
+    if not isinstance(img_size, int):
+        raise ValueError("The variants table is for square images; give one --img-size.")
+    num_classes = 1000 if args.num_classes is None else args.num_classes
+    table = rows(img_size, num_classes)
     if args.json:
         print(json.dumps(table, indent=1))
         return 0
@@ -39,6 +87,7 @@ def run(args: argparse.Namespace) -> int:
     for r in table:
         print(f"{r['variant']:<12}{r['layers']:>7}{r['patch']:>6}{r['C']:>6}{r['S']:>6}{r['D_S']:>6}"
               f"{r['D_C']:>6}{r['params']:>14,}{r['gflops']:>9.1f}")
-    print(f"Parameters with a {args.num_classes}-class head; GFLOPs = 2 × multiply-accumulates of one "
-          f"forward pass at {args.img_size}×{args.img_size}.")
+    head = f"a {num_classes}-class head" if num_classes else "no head"
+    print(f"Parameters with {head}; GFLOPs = 2 × multiply-accumulates of one "
+          f"forward pass at {img_size}×{img_size}.")
     return 0

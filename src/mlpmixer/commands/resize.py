@@ -6,7 +6,7 @@ import argparse
 
 from ..checkpoints import load_checkpoint, save_checkpoint
 from ..resize import METHODS, resize_to
-from . import at_least
+from . import at_least, image_size
 
 
 def register(sub: argparse._SubParsersAction) -> None:
@@ -31,9 +31,7 @@ def register(sub: argparse._SubParsersAction) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
-    if len(args.img_size) > 2:
-        raise ValueError(f"--img-size takes N or H W, not {len(args.img_size)} numbers.")
-    size = tuple(args.img_size) if len(args.img_size) == 2 else args.img_size[0]
+    size = image_size(args.img_size)
     model = load_checkpoint(args.checkpoint)
     old = model.config
     new = resize_to(model, size, method=args.method, mode=args.mode)
