@@ -31,6 +31,7 @@ import json
 import multiprocessing
 import os
 import random
+import tarfile
 import warnings
 import zlib
 from pathlib import Path
@@ -250,7 +251,7 @@ class ShardDataset(torch.utils.data.IterableDataset):
         rank, _, worker, _ = wds.utils.pytorch_worker_info()
         # Shards are split and shuffled above, by epoch; webdataset reads them and shuffles samples.
         shards, stride, offset = self._my_part()
-        stages = [wds.SimpleShardList(shards), wds.tarfile_to_samples()]
+        stages = [_read_shards(shards)]
         if stride > 1:
             stages.append(lambda samples: itertools.islice(samples, offset, None, stride))
         if self.holdout > 0:
@@ -304,11 +305,28 @@ def _read_dataset_json(folder: Path) -> Optional[dict[str, Any]]:
     return info
 
 
+def _read_shards(shards: list[str]) -> wds.DataPipeline:
+    """The samples of `shards` in order, as webdataset reads them; a shard that cannot be read stops
+    the run with BadDataError naming it (a truncated download, a damaged gzip stream)."""
+    return wds.DataPipeline(wds.SimpleShardList(shards), wds.tarfile_to_samples(handler=_unreadable_shard))
+
+
+def _unreadable_shard(exn: Exception) -> bool:
+    """webdataset's error handler: it is called once where a member fails, then again by the shard's reader,
+    which appends (stream, url) to the exception's arguments; the second call names the shard."""
+    url = exn.args[-1] if len(exn.args) >= 3 and isinstance(exn.args[-1], str) else None
+    if url is None or not isinstance(exn, (tarfile.TarError, EOFError, OSError, zlib.error)):
+        raise exn
+    reason = str(exn.args[0]).split(" @ ")[0]  # webdataset appends " @ <stream>" to the message
+    raise BadDataError(f"Shard {url} cannot be read ({reason}): it is truncated or damaged; "
+                       "copy or build it again, or leave it out of --data.") from None
+
+
 def _scan(shards: list[str], split: str, holdout: float, seed: int) -> tuple[int, int]:
     """(number of samples on the `split` side of the hold-out, number of classes) by reading every
     sample's key and .cls member; no image is decoded."""
     count, top = 0, -1
-    stream = wds.DataPipeline(wds.SimpleShardList(shards), wds.tarfile_to_samples())
+    stream = _read_shards(shards)
     # disable=None: no bar where stderr is not a terminal (a log file would get a line per refresh).
     for sample in tqdm(stream, desc="counting samples", unit=" samples", leave=False, disable=None):
         top = max(top, int(sample["cls"]))
