@@ -7,6 +7,7 @@ parameters only by the annotation object, not by its string.
 """
 
 
+import functools
 from typing import Optional
 
 import torch
@@ -142,7 +143,9 @@ def _gpu_configs() -> list:
     ]
 
 
-_linear_act_tuned = triton.autotune(configs=_gpu_configs(), key=["M", "N", "K"])(_linear_act_kernel)
+@functools.lru_cache(maxsize=None)
+def _linear_act_tuned():  # made on first GPU use: from Triton 3.2, autotune wants a GPU driver when made
+    return triton.autotune(configs=_gpu_configs(), key=["M", "N", "K"])(_linear_act_kernel)
 
 
 def linear_act(a: torch.Tensor, b: torch.Tensor, bias: torch.Tensor, bias_on_rows: bool, act: str) -> torch.Tensor:
@@ -159,7 +162,7 @@ def linear_act(a: torch.Tensor, b: torch.Tensor, bias: torch.Tensor, bias_on_row
         def grid(meta: dict) -> tuple:
             return (triton.cdiv(m, meta["BLOCK_M"]) * triton.cdiv(n, meta["BLOCK_N"]),)
 
-        _linear_act_tuned[grid](*args, **flags)
+        _linear_act_tuned()[grid](*args, **flags)
     return out
 
 
