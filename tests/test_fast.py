@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import subprocess
 import sys
 import warnings
@@ -208,23 +209,28 @@ def test_broken_kernel_falls_back_with_one_warning(monkeypatch):
     assert len([w for w in caught if "Triton kernels disabled" in str(w.message)]) == 1
 
 
-def test_interpreter_known_to_lose_stores_is_not_used(monkeypatch):
-    """Triton 3.0-3.1's interpreter under NumPy 2 writes nothing: the kernels are turned off, saying why."""
+@pytest.mark.parametrize("triton_version, numpy_version, message", [
+    ("3.0.0", "2.0.2", "Triton 3.0.0 loses its stores under NumPy 2.0.2; install numpy<2.0 or Triton >= 3.2"),
+    ("3.2.0", "2.4.6", "Triton 3.2.0 fails on loops under NumPy 2.4.6; install numpy<2.4 or Triton >= 3.7"),
+    ("3.2.0", "2.3.5", None),
+    ("3.1.0", "1.26.4", None),
+    ("3.7.0", "2.4.6", None),
+])
+def test_interpreter_known_to_fail_is_not_used(monkeypatch, triton_version, numpy_version, message):
+    """Pairs of Triton and NumPy whose interpreter is broken: the kernels are turned off, saying why."""
     triton = pytest.importorskip("triton")
     import numpy
 
     # Not TRITON_INTERPRET itself: it would turn the kernels into interpreted ones for this whole process.
     monkeypatch.setattr(K, "interpreting", lambda: True)
     monkeypatch.setitem(K._state, "disabled_reason", None)
-    monkeypatch.setattr(numpy, "__version__", "2.0.2")
-    monkeypatch.setattr(triton, "__version__", "3.2.0")
-    assert K.triton_usable(torch.zeros(1))
-    monkeypatch.setattr(triton, "__version__", "3.0.0")
-    with pytest.warns(UserWarning, match="Triton 3.0.0 loses its stores under NumPy 2.0.2; install numpy<2"):
-        assert not K.triton_usable(torch.zeros(1))
-    monkeypatch.setitem(K._state, "disabled_reason", None)
-    monkeypatch.setattr(numpy, "__version__", "1.26.4")
-    assert K.triton_usable(torch.zeros(1))
+    monkeypatch.setattr(numpy, "__version__", numpy_version)
+    monkeypatch.setattr(triton, "__version__", triton_version)
+    if message is None:
+        assert K.triton_usable(torch.zeros(1))
+    else:
+        with pytest.warns(UserWarning, match=re.escape(message)):
+            assert not K.triton_usable(torch.zeros(1))
 
 
 # --- Triton kernels in the CPU interpreter ------------------------------------------------------

@@ -70,12 +70,16 @@ def triton_usable(t: torch.Tensor) -> bool:
     return True
 
 
-def _interpreter_problem() -> Optional[str]:
-    """Why Triton's CPU interpreter would compute wrong results here, or None.
+# Triton's CPU interpreter computes through NumPy, and some pairs of versions compute wrong results or fail:
+# (Triton release that fixed it, first NumPy release that shows it, what goes wrong). Seen here with the
+# kernels of this package, 2026-11: Triton 3.0.0 and 3.1.0 lose every store under NumPy 2.0.2 (the outputs
+# keep their old contents); Triton 3.2.0 to 3.6.0 fail on a loop with a run-time bound under NumPy 2.4.6
+# (a 1-element array turned into an int, which NumPy 2.4 refuses); 3.7.0 and 3.8.0 work.
+_INTERPRETER_BUGS = [((3, 2), (2, 0), "loses its stores"), ((3, 7), (2, 4), "fails on loops")]
 
-    The interpreters of Triton 3.0 and 3.1 (torch 2.4, 2.5) lose every store under NumPy 2: the output
-    tensors keep their old contents (seen with Triton 3.0.0 and 3.1.0 and NumPy 2.0.2; 3.2.0 works).
-    """
+
+def _interpreter_problem() -> Optional[str]:
+    """Why Triton's CPU interpreter would compute wrong results or fail here, or None."""
     import numpy
     import triton
 
@@ -83,9 +87,10 @@ def _interpreter_problem() -> Optional[str]:
         major, minor = version.split(".")[:2]
         return int(major), int(minor)
 
-    if major_minor(triton.__version__) < (3, 2) and major_minor(numpy.__version__) >= (2, 0):
-        return (f"the CPU interpreter of Triton {triton.__version__} loses its stores under NumPy "
-                f"{numpy.__version__}; install numpy<2 or Triton >= 3.2 (torch >= 2.6)")
+    for fixed_in, numpy_from, what in _INTERPRETER_BUGS:
+        if major_minor(triton.__version__) < fixed_in and major_minor(numpy.__version__) >= numpy_from:
+            return (f"the CPU interpreter of Triton {triton.__version__} {what} under NumPy {numpy.__version__}; "
+                    f"install numpy<{'.'.join(map(str, numpy_from))} or Triton >= {'.'.join(map(str, fixed_in))}")
     return None
 
 
