@@ -33,8 +33,8 @@ def _max_diff(a: Path, b: Path) -> float:
     return max((x[k] - y[k]).abs().max().item() for k in x)
 
 
-@pytest.mark.skipif(torch.__version__ < (2, 6) and not torch.cuda.is_available(),
-                    reason="FSDP2 runs on the CPU from torch 2.6 (test_fsdp_on_the_cpu_needs_torch_2_6)")
+@pytest.mark.skipif(torch.__version__ < (2, 7) and not torch.cuda.is_available(),
+                    reason="FSDP2 runs on the CPU from torch 2.7 (test_fsdp_on_the_cpu_needs_torch_2_7)")
 def test_fsdp_over_two_processes_follows_one_and_resumes(tmp_path: Path) -> None:
     fsdp = tmp_path / "fsdp"
     done = _torchrun("--out", str(fsdp), "--save-every", "1", "--keep", "5", port=29531)
@@ -67,10 +67,11 @@ def test_fsdp_in_one_process_says_it_trains_unsharded(tmp_path: Path, capsys: py
     assert load_checkpoint(tmp_path / "run").num_classes == 10
 
 
-def test_fsdp_on_the_cpu_needs_torch_2_6(tmp_path: Path, capsys: pytest.CaptureFixture,
+def test_fsdp_on_the_cpu_needs_torch_2_7(tmp_path: Path, capsys: pytest.CaptureFixture,
                                          monkeypatch: pytest.MonkeyPatch) -> None:
-    # torch 2.4's FSDP2 asks for CUDA streams whatever the device: without this check, a CUDA error.
-    monkeypatch.setattr(torch, "__version__", torch.torch_version.TorchVersion("2.5.1"))
+    # Seen: torch 2.4 and 2.5's FSDP2 ask for CUDA streams whatever the device; 2.6's wants stream events that
+    # the CPU lacks. Without this check, a traceback from inside FSDP.
+    monkeypatch.setattr(torch, "__version__", torch.torch_version.TorchVersion("2.6.0"))
     monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
     assert main([*COMMON, "--fsdp", "--processes", "2", "--out", str(tmp_path / "run")]) != 0
-    assert "--fsdp on the CPU needs torch >= 2.6 (the FSDP2 of torch 2.5.1" in capsys.readouterr().err
+    assert "--fsdp on the CPU needs torch >= 2.7 (the FSDP2 of torch 2.6.0" in capsys.readouterr().err

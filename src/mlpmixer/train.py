@@ -304,8 +304,8 @@ def _shard(model: MlpMixer) -> None:
     """FSDP: each Mixer block's parameters, gradients and optimiser state sharded across the ranks, then
     the rest (stem, final norm, head) as one more unit; a block's weights are gathered only while it runs.
 
-    FSDP2's `fully_shard` (torch.distributed.fsdp from torch 2.6, _composable.fsdp in 2.4-2.5, CUDA only
-    before 2.6) shards in place: the model keeps its class and parameter names.
+    FSDP2's `fully_shard` (torch.distributed.fsdp from torch 2.6, _composable.fsdp in 2.4-2.5; CUDA only
+    before 2.7) shards in place: the model keeps its class and parameter names.
     """
     try:
         from torch.distributed.fsdp import fully_shard
@@ -395,8 +395,8 @@ def _train(
     if fsdp and r.ema:
         raise ValueError("--fsdp does not keep EMA weights; train with --ema 0 (the paper's pre-training "
                          "recipes use none) or without --fsdp.")
-    if fsdp and device.type != "cuda" and torch.__version__ < (2, 6):
-        raise ValueError(f"--fsdp on the CPU needs torch >= 2.6 (the FSDP2 of torch {torch.__version__} runs on "
+    if fsdp and device.type != "cuda" and torch.__version__ < (2, 7):
+        raise ValueError(f"--fsdp on the CPU needs torch >= 2.7 (the FSDP2 of torch {torch.__version__} runs on "
                          "CUDA GPUs only); upgrade torch or train without --fsdp.")
     if r.augment_on not in AUGMENT_ON:
         raise ValueError(f"Unknown --augment-on {r.augment_on!r}; choose {' or '.join(AUGMENT_ON)}.")
