@@ -12,6 +12,7 @@ import pytest
 import torch
 
 from mlpmixer import load_checkpoint
+from mlpmixer import train as train_module
 from mlpmixer.cli import main
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -38,6 +39,8 @@ def _max_diff(a: Path, b: Path) -> float:
 def test_fsdp_over_two_processes_follows_one_and_resumes(tmp_path: Path) -> None:
     fsdp = tmp_path / "fsdp"
     done = _torchrun("--out", str(fsdp), "--save-every", "1", "--keep", "5", port=29531)
+    if "does not average where FSDP asks it to" in done.stderr:  # refused, as it should be (test below)
+        pytest.skip(f"the gloo backend of torch {torch.__version__} sums where FSDP averages (pytorch#162338)")
     assert done.returncode == 0, done.stderr[-2000:]
     assert main([*COMMON, "--processes", "1", "--out", str(tmp_path / "one")]) == 0
     # The weights rank 0 gathered and saved are the full model, equal to one process's to float tolerance.
@@ -75,3 +78,13 @@ def test_fsdp_on_the_cpu_needs_torch_2_7(tmp_path: Path, capsys: pytest.CaptureF
     monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
     assert main([*COMMON, "--fsdp", "--processes", "2", "--out", str(tmp_path / "run")]) != 0
     assert "--fsdp on the CPU needs torch >= 2.7 (the FSDP2 of torch 2.6.0" in capsys.readouterr().err
+
+
+def test_fsdp_refuses_a_gloo_that_does_not_average(tmp_path: Path, capsys: pytest.CaptureFixture,
+                                                   monkeypatch: pytest.MonkeyPatch) -> None:
+    # As torch 2.7.1's gloo does: its reduce-scatter sums where FSDP asks for an average (the probe itself
+    # runs for real in the two-process test above).
+    monkeypatch.setattr(train_module, "_gloo_averages", lambda: False)
+    assert main([*COMMON, "--fsdp", "--processes", "2", "--out", str(tmp_path / "run")]) != 0
+    assert "does not average where FSDP asks it to (pytorch/pytorch#162338), so --fsdp would train with 2× the " \
+           "gradients" in capsys.readouterr().err

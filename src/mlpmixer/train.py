@@ -316,6 +316,23 @@ def _shard(model: MlpMixer) -> None:
     fully_shard(model)
 
 
+def _gloo_averages() -> bool:
+    """Whether reduce-scatter with ReduceOp.AVG averages over the ranks, as FSDP2 needs for its gradients.
+
+    The gloo backend of some torch releases sums instead, silently (pytorch/pytorch#162338; seen with
+    torch 2.7.1: FSDP's gradients were twice those of one process over 2 processes). Each rank contributes
+    its rank + 1, and the average is (world + 1) / 2; more elements than ranks catch a divisor that counts
+    the elements."""
+    world = dist.get_world_size()
+    mine = torch.full((3 * world,), float(dist.get_rank() + 1))
+    out = torch.empty(3)
+    try:
+        dist.reduce_scatter_tensor(out, mine, op=dist.ReduceOp.AVG)
+    except RuntimeError:  # an older gloo without AVG at all
+        return False
+    return bool(torch.allclose(out, torch.full((3,), (world + 1) / 2)))
+
+
 def _full_options() -> Any:
     from torch.distributed.checkpoint.state_dict import StateDictOptions
 
@@ -398,6 +415,10 @@ def _train(
     if fsdp and device.type != "cuda" and torch.__version__ < (2, 7):
         raise ValueError(f"--fsdp on the CPU needs torch >= 2.7 (the FSDP2 of torch {torch.__version__} runs on "
                          "CUDA GPUs only); upgrade torch or train without --fsdp.")
+    if fsdp and dist.get_backend() == "gloo" and not _gloo_averages():
+        raise ValueError(f"The gloo backend of torch {torch.__version__} does not average where FSDP asks it to "
+                         f"(pytorch/pytorch#162338), so --fsdp would train with {world}× the gradients; upgrade "
+                         "torch or train without --fsdp.")
     if r.augment_on not in AUGMENT_ON:
         raise ValueError(f"Unknown --augment-on {r.augment_on!r}; choose {' or '.join(AUGMENT_ON)}.")
     if r.fast and (r.compile or fsdp):
