@@ -84,8 +84,8 @@ def _exported_program(model: MlpMixer, x: torch.Tensor, path: str, opset: int) -
 def load_exported(path: str | os.PathLike, fmt: str):
     """A callable images -> logits from an exported file (for checks and tests).
 
-    Only for files you wrote or trust: torch.export.load unpickles parts of a .pt2 file (torch 2.4-2.7 always,
-    later releases when weights_only loading fails), and a TorchScript file holds code that runs.
+    Only for files you wrote or trust: torch.export.load unpickles parts of a .pt2 file (seen: torch 2.4-2.7
+    always, 2.14 when loading them with weights_only fails), and a TorchScript file holds code that runs.
     """
     path = str(path)
     if fmt == "onnx":
