@@ -85,6 +85,7 @@ def test_fsdp_refuses_a_gloo_that_does_not_average(tmp_path: Path, capsys: pytes
     # As torch 2.7.1's gloo does: its reduce-scatter sums where FSDP asks for an average (the probe itself
     # runs for real in the two-process test above).
     monkeypatch.setattr(train_module, "_gloo_averages", lambda: False)
+    monkeypatch.setattr(torch, "__version__", torch.torch_version.TorchVersion("2.7.1"))  # past the version check
     assert main([*COMMON, "--fsdp", "--processes", "2", "--out", str(tmp_path / "run")]) != 0
     assert "does not average where FSDP asks it to (pytorch/pytorch#162338), so --fsdp would train with 2× the " \
            "gradients" in capsys.readouterr().err
