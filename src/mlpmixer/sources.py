@@ -251,7 +251,7 @@ class ShardDataset(torch.utils.data.IterableDataset):
         rank, _, worker, _ = wds.utils.pytorch_worker_info()
         # Shards are split and shuffled above, by epoch; webdataset reads them and shuffles samples.
         shards, stride, offset = self._my_part()
-        stages = [_read_shards(shards)]
+        stages = _shard_reading(shards)
         if stride > 1:
             stages.append(lambda samples: itertools.islice(samples, offset, None, stride))
         if self.holdout > 0:
@@ -305,10 +305,10 @@ def _read_dataset_json(folder: Path) -> Optional[dict[str, Any]]:
     return info
 
 
-def _read_shards(shards: list[str]) -> wds.DataPipeline:
-    """The samples of `shards` in order, as webdataset reads them; a shard that cannot be read stops
+def _shard_reading(shards: list[str]) -> list:
+    """The webdataset stages that read the samples of `shards` in order; a shard that cannot be read stops
     the run with BadDataError naming it (a truncated download, a damaged gzip stream)."""
-    return wds.DataPipeline(wds.SimpleShardList(shards), wds.tarfile_to_samples(handler=_unreadable_shard))
+    return [wds.SimpleShardList(shards), wds.tarfile_to_samples(handler=_unreadable_shard)]
 
 
 def _unreadable_shard(exn: Exception) -> bool:
@@ -326,7 +326,7 @@ def _scan(shards: list[str], split: str, holdout: float, seed: int) -> tuple[int
     """(number of samples on the `split` side of the hold-out, number of classes) by reading every
     sample's key and .cls member; no image is decoded."""
     count, top = 0, -1
-    stream = _read_shards(shards)
+    stream = wds.DataPipeline(*_shard_reading(shards))
     # disable=None: no bar where stderr is not a terminal (a log file would get a line per refresh).
     for sample in tqdm(stream, desc="counting samples", unit=" samples", leave=False, disable=None):
         top = max(top, int(sample["cls"]))
