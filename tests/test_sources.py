@@ -260,14 +260,22 @@ def test_shards_with_too_many_bad_images_stop_with_one_sentence(tmp_path: Path) 
     assert "could not be decoded" in message and "Traceback" not in message and "\n" not in message
 
 
-@pytest.mark.parametrize("suffix", [".tar", ".tar.gz"])
-def test_an_unreadable_shard_stops_with_one_sentence_naming_it(tmp_path: Path, suffix: str) -> None:
+# Each tar member is a 512-byte header and its data padded to 512 bytes; these shards' members are 1024 bytes.
+@pytest.mark.parametrize("suffix, keep", [
+    (".tar", 2048),                 # cut between two members: tarfile alone would take it for the end
+    (".tar", 2048 + 100),           # cut inside a member's header
+    (".tar", 2048 + 512 + 20),      # cut inside a member's data
+    (".tar.gz", 0.3), (".tar.gz", 0.5), (".tar.gz", 0.9),  # a compressed shard cut anywhere
+    (".tar.gz", "garbage"),
+])
+def test_an_unreadable_shard_stops_with_one_sentence_naming_it(tmp_path: Path, suffix: str, keep) -> None:
     make_shards(tmp_path, shards=2, per_shard=10, suffix=suffix)
     shard = tmp_path / f"part-001{suffix}"
-    if suffix == ".tar":  # cut inside the third member's data (each member: a 512-byte header, its data padded)
-        shard.write_bytes(shard.read_bytes()[: 2 * 1024 + 512 + 20])
-    else:
+    data = shard.read_bytes()
+    if keep == "garbage":
         shard.write_bytes(b"not a gzip stream" * 20)
+    else:
+        shard.write_bytes(data[: keep if isinstance(keep, int) else int(len(data) * keep)])
     # Read by DataLoader workers (the whole folder, no hold-out: no scan first) ...
     dataset = open_folder_or_shards(str(tmp_path), "train", 0.0, 0, None).dataset
     with pytest.raises(BadDataError) as error:

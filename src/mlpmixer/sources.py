@@ -24,7 +24,9 @@ uint8 tensor instead, for training that augments whole batches on the device (`-
 
 from __future__ import annotations
 
+import functools
 import glob
+import gzip
 import io
 import itertools
 import json
@@ -307,8 +309,33 @@ def _read_dataset_json(folder: Path) -> Optional[dict[str, Any]]:
 
 def _shard_reading(shards: list[str]) -> list:
     """The webdataset stages that read the samples of `shards` in order; a shard that cannot be read stops
-    the run with BadDataError naming it (a truncated download, a damaged gzip stream)."""
-    return [wds.SimpleShardList(shards), wds.tarfile_to_samples(handler=_unreadable_shard)]
+    the run with BadDataError naming it (a truncated download, a damaged gzip stream).
+
+    webdataset's `tarfile_to_samples`, with our opener in place of its `url_opener`: tarfile reads a
+    compressed shard with zlib alone and takes a stream that ends between two members for the archive's
+    end, so a shard cut there would read as a shorter one, silently. Python's gzip module checks that
+    the stream ends where it should (and its CRC); a plain .tar must end with tar's two zero blocks."""
+    expand = functools.partial(wds.tariterators.tar_file_expander, handler=_unreadable_shard)
+    group = functools.partial(wds.tariterators.group_by_keys, handler=_unreadable_shard)
+    return [wds.SimpleShardList(shards), _open_shard_files, expand, group]
+
+
+def _open_shard_files(sources: Iterator[dict[str, Any]]) -> Iterator[dict[str, Any]]:
+    for source in sources:
+        url = source["url"]
+        try:
+            if url.endswith((".gz", ".tgz")):
+                stream = gzip.open(url, "rb")
+            else:
+                with open(url, "rb") as f:  # tar ends with two zero blocks of 512 bytes
+                    f.seek(max(os.path.getsize(url) - 1024, 0))
+                    if f.read() != bytes(1024):
+                        raise tarfile.ReadError("no end-of-archive blocks")
+                stream = open(url, "rb")
+        except (OSError, tarfile.TarError) as exn:
+            exn.args = (*exn.args, None, url)  # as webdataset's opener does: the handler names the shard
+            _unreadable_shard(exn)
+        yield {**source, "stream": stream}
 
 
 def _unreadable_shard(exn: Exception) -> bool:
