@@ -333,8 +333,8 @@ def _open_shard_files(sources: Iterator[dict[str, Any]]) -> Iterator[dict[str, A
                         raise tarfile.ReadError("no end-of-archive blocks")
                 stream = open(url, "rb")
         except (OSError, tarfile.TarError) as exn:
-            exn.args = (*exn.args, None, url)  # as webdataset's opener does: the handler names the shard
-            _unreadable_shard(exn)
+            exn.args = (*exn.args, None, url)  # as webdataset's opener does, so that the handler names the shard
+            _unreadable_shard(exn)  # raises BadDataError
         yield {**source, "stream": stream}
 
 
