@@ -306,6 +306,61 @@ def test_two_processes_follow_one_with_the_same_global_batch(tmp_path: Path) -> 
         assert json.loads((tmp_path / run / "config.json").read_text())["world_size"] == 2
 
 
+def _torchrun(cwd: Path, launcher: list[str], args: list[str], log: Path):
+    """A torchrun launcher started in `cwd`, its output going to `log` (pipes could fill while another waits)."""
+    import subprocess
+    import sys
+
+    with open(log, "w") as f:
+        return subprocess.Popen([sys.executable, "-m", "torch.distributed.run", *launcher, "-m", "mlpmixer", *args],
+                                env=_env(), cwd=cwd, stdout=f, stderr=subprocess.STDOUT)
+
+
+def test_two_machines_meet_through_torchruns_rendezvous(tmp_path: Path) -> None:
+    """docs/training.md's multi-machine command, with two launchers standing for two machines, each in its
+    own folder (its own file system for the relative --out) and one process each: the run follows the
+    one-process run, and only the machine torchrun gave global rank 0 writes it. Resuming from there stops
+    both, each machine saying once which rank found no state."""
+    machines = [tmp_path / "a", tmp_path / "b"]
+    for folder in machines:
+        folder.mkdir()
+
+    def on_both(args: list[str], job: str, port: int) -> list[tuple[int, str]]:
+        launcher = ["--nnodes", "2", "--nproc_per_node", "1", "--rdzv_backend", "c10d",
+                    "--rdzv_endpoint", f"127.0.0.1:{port}", "--rdzv_id", job]
+        procs = [_torchrun(folder, launcher, args, tmp_path / f"{folder.name}-{job}.log") for folder in machines]
+        return [(p.wait(timeout=600), (tmp_path / f"{folder.name}-{job}.log").read_text())
+                for p, folder in zip(procs, machines)]
+
+    common = ["train", "--steps", "3", "--batch-size", "32", "--quiet", "--optimizer", "sgd", "--lr", "0.1",
+              "--save-every", "3"]
+    done = on_both([*common, "--out", "runs/x"], "train", 29541)
+    assert [code for code, _ in done] == [0, 0], done
+    written = [folder / "runs" / "x" for folder in machines if (folder / "runs").exists()]
+    assert len(written) == 1
+    assert json.loads((written[0] / "config.json").read_text())["world_size"] == 2
+    from mlpmixer.cli import main
+
+    assert main([*common, "--processes", "1", "--out", str(tmp_path / "one")]) == 0
+    a, b = load_checkpoint(written[0]).state_dict(), load_checkpoint(tmp_path / "one").state_dict()
+    assert max((a[k] - b[k]).abs().max().item() for k in a) < 1e-5
+
+    for code, err in on_both([*common, "--out", "runs/x", "--resume"], "resume", 29542):
+        assert code != 0
+        assert err.count("mixer train: error: On rank ") == 1 and " of 2 (" in err, err[-3000:]
+        assert "has no saved training state" in err and "file system they share" in err
+        assert str(Path("mlpmixer") / "train.py") not in err, err[-3000:]  # no traceback through our code
+
+
+def test_an_error_every_rank_meets_is_printed_once(tmp_path: Path) -> None:
+    proc = _torchrun(ROOT, ["--nproc_per_node", "2", "--master_port", "29543"],
+                     ["train", "--steps", "1", "--batch-size", "33", "--out", str(tmp_path / "r")], tmp_path / "log")
+    code, err = proc.wait(timeout=600), (tmp_path / "log").read_text()
+    assert code != 0
+    assert err.count("mixer train: error: The batch size 33 must divide") == 1, err[-3000:]
+    assert str(Path("mlpmixer") / "train.py") not in err
+
+
 def test_every_option_trains(tmp_path: Path) -> None:
     """bf16 autocast, gradient checkpointing, clipping, accumulation, EMA, sigmoid loss, linear decay, Adam,
     stochastic depth: a short run with all of them writes a finite model."""

@@ -58,7 +58,8 @@ def main(argv: Sequence[str] | None = None) -> int:
         # keep their traceback.
         if debug:
             raise
-        print(f"mixer {args.command}: error: {e}", file=sys.stderr)
+        if not getattr(e, "reported_elsewhere", False):  # a rank of several whose error another one prints
+            print(f"mixer {args.command}: error: {e}", file=sys.stderr)
         return 2
 
 

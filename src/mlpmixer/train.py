@@ -316,6 +316,68 @@ def _shard(model: MlpMixer) -> None:
     fully_shard(model)
 
 
+class StoppedElsewhere(ValueError):
+    """This rank stops because the set-up of the run failed; another process reports the error
+    (`_StartLine`), so `mixer` does not print this one."""
+
+    reported_elsewhere = True
+
+
+class _StartLine:
+    """Where the ranks of a distributed run meet once, after their set-up and before anything is written.
+
+    Without it a rank whose set-up fails (a path missing on its machine, no state there to resume, a bad
+    flag) leaves the others waiting in their first collective, where they fail with a traceback, and an
+    error that every rank meets is printed by every rank. Here each rank tells the others whether its
+    set-up succeeded; if one failed, all stop, and the first process on each machine (LOCAL_RANK 0)
+    reports what went wrong and on which rank, once.
+    """
+
+    def __init__(self, distributed: bool) -> None:
+        self.waiting = distributed
+
+    def cross(self, error: Optional[Exception] = None) -> None:
+        """Meet the other ranks (once; nothing to do in one process); raise if any rank's set-up failed,
+        this one's with `error`."""
+        if not self.waiting:
+            return
+        self.waiting = False
+        reports = _gather_texts("" if error is None else f"{socket.gethostname()}\t{error}")
+        failed = {rank: report.split("\t", 1) for rank, report in enumerate(reports) if report}
+        if not failed:
+            return
+        world = len(reports)
+        ranks_by_message: dict[str, list[int]] = {}
+        for rank, (_, message) in failed.items():
+            ranks_by_message.setdefault(message, []).append(rank)
+        if error is not None and len(failed) == world and len(ranks_by_message) == 1:
+            combined: Exception = error  # the same error on every rank
+        else:
+            parts = []
+            for message, ranks in ranks_by_message.items():
+                hosts = ", ".join(sorted({failed[rank][0] for rank in ranks}))
+                where = f"On rank{'s' if len(ranks) > 1 else ''} {', '.join(map(str, ranks))} of {world} ({hosts}): "
+                parts.append(message if len(ranks) == world else where + message)
+            combined = ValueError(" ".join(parts))
+        if int(os.environ.get("LOCAL_RANK", 0)) == 0:
+            raise combined
+        raise StoppedElsewhere(str(combined))
+
+
+def _gather_texts(text: str) -> list[str]:
+    """Every rank's `text`, in rank order. As bytes in tensors, not all_gather_object: that one pickles."""
+    device = torch.device("cuda", int(os.environ.get("LOCAL_RANK", 0))) if dist.get_backend() == "nccl" else None
+    world = dist.get_world_size()
+    mine = torch.tensor(list(text.encode()), dtype=torch.uint8, device=device)
+    sizes = [torch.zeros(1, dtype=torch.int64, device=device) for _ in range(world)]
+    dist.all_gather(sizes, torch.tensor([len(mine)], device=device))
+    padded = torch.zeros(max(1, *(int(n) for n in sizes)), dtype=torch.uint8, device=device)
+    padded[: len(mine)] = mine
+    everyone = [torch.empty_like(padded) for _ in range(world)]
+    dist.all_gather(everyone, padded)
+    return [bytes(t[: int(n)].tolist()).decode() for t, n in zip(everyone, sizes)]
+
+
 def _gloo_averages() -> bool:
     """Whether reduce-scatter with ReduceOp.AVG averages over the ranks, as FSDP2 needs for its gradients.
 
@@ -374,8 +436,12 @@ def train(r: Recipe, out: Optional[str | Path] = None, **options: Any) -> RunFil
     distributed = "WORLD_SIZE" in os.environ and int(os.environ["WORLD_SIZE"]) > 1
     if distributed:
         dist.init_process_group("nccl" if torch.cuda.is_available() else "gloo")
+    start_line = _StartLine(distributed)
     try:
-        return _train(r, out, distributed, **options)
+        return _train(r, out, distributed, start_line, **options)
+    except (ValueError, OSError) as e:
+        start_line.cross(e)  # a set-up error: the other ranks wait at the start line to hear of it
+        raise
     finally:  # also after an error, so that a caller in the same process can train again
         if distributed:
             dist.destroy_process_group()
@@ -385,6 +451,7 @@ def _train(
     r: Recipe,
     out: Optional[str | Path],
     distributed: bool,
+    start_line: _StartLine,
     *,
     resume: bool = False,
     save_every: int = 0,
@@ -415,6 +482,7 @@ def _train(
     if fsdp and device.type != "cuda" and torch.__version__ < (2, 7):
         raise ValueError(f"--fsdp on the CPU needs torch >= 2.7 (the FSDP2 of torch {torch.__version__} runs on "
                          "CUDA GPUs only); upgrade torch or train without --fsdp.")
+    # A collective before the start line: only checks that every rank meets alike may come before it.
     if fsdp and dist.get_backend() == "gloo" and not _gloo_averages():
         raise ValueError(f"The gloo backend of torch {torch.__version__} does not average where FSDP asks it to "
                          f"(pytorch/pytorch#162338), so --fsdp would train with {world}× the gradients; upgrade "
@@ -524,7 +592,10 @@ def _train(
         run = run or _latest_run()
         state_path = latest_state(run)
         if state_path is None:
-            raise FileNotFoundError(f"{run} has no saved training state ({STATE_DIR}/step-*.pt) to resume from; "
+            # torchrun's LOCAL_WORLD_SIZE counts this machine's processes: fewer than all means several machines.
+            shared = (" every rank reads it there, so with several machines put the run directory on a file system "
+                      "they share, or" if world > int(os.environ.get("LOCAL_WORLD_SIZE", world)) else "")
+            raise FileNotFoundError(f"{run} has no saved training state ({STATE_DIR}/step-*.pt) to resume from;{shared} "
                                     "train with --save-every N first.")
         _check_resumable(run, model.config, r, log if main else (lambda *_: None))
         # FSDP: each rank keeps only its shards of the full state, so read it to the CPU, not the device.
@@ -543,6 +614,7 @@ def _train(
     if profile and total - start < StepProfiler.steps_needed(profile):
         raise ValueError(f"--profile {profile} needs {StepProfiler.steps_needed(profile)} steps (the first ones are "
                          f"not profiled) and this run has {total - start} left; lower it or raise --steps.")
+    start_line.cross()  # every rank is set up: from here on files are written
     run = run or new_run_dir()
     files = RunFiles(run, run / "model.safetensors", run / "config.json", run / "metrics.jsonl",
                      run / "curves.png")
