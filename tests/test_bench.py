@@ -27,7 +27,7 @@ def run_cli(*argv: str) -> int:
 
 
 def test_bench_json_reports_consistent_throughput(capsys):
-    rc = run_cli("--variant", "digits/4", "--img-size", "28", "--device", "cpu", "--batch-size", "2",
+    rc = run_cli("--model", "digits/4", "--img-size", "28", "--device", "cpu", "--batch-size", "2",
                  "--warmup", "1", "--repeats", "2", "--iters", "1", "--json")
     assert rc == 0
     out = json.loads(capsys.readouterr().out)
@@ -45,7 +45,7 @@ def test_bench_json_reports_consistent_throughput(capsys):
 
 def test_bench_table_with_fast_path_and_timm(capsys):
     pytest.importorskip("timm")
-    rc = run_cli("--variant", "S/32", "--img-size", "64", "--device", "cpu", "--batch-size", "2", "--mode", "infer",
+    rc = run_cli("--model", "S/32", "--img-size", "64", "--device", "cpu", "--batch-size", "2", "--mode", "infer",
                  "--fast", "--vs-timm", "--warmup", "1", "--repeats", "2", "--iters", "1", "--no-ceiling")
     assert rc == 0
     text = capsys.readouterr().out
@@ -67,7 +67,7 @@ def test_bench_against_timm_computes_timms_gelu(capsys):
     [
         (["--device", "tpu"], "Unsupported device"),
         (["--device", "cpu", "--dtype", "fp16"], "fp16 autocast is not supported on the CPU"),
-        (["--device", "cpu", "--variant", "H/14", "--vs-timm"], "timm has no Mixer matching Mixer-H/14"),
+        (["--device", "cpu", "--model", "H/14", "--vs-timm"], "timm has no Mixer matching Mixer-H/14"),
         (["--device", "cpu", "--fast", "--compile"], "alternatives"),
     ],
 )
@@ -75,6 +75,20 @@ def test_bench_bad_input_is_one_clear_sentence(argv, message):
     with pytest.raises(ValueError, match=message):
         run_cli("--variant", "digits/4", "--img-size", "28", "--no-ceiling", "--warmup", "0", "--repeats", "1",
                 "--batch-size", "1", "--mode", "infer", *argv)
+
+
+@pytest.mark.parametrize("timm_module, message", [(None, "needs timm"), ("real", "no model named 'no_such_model'")])
+def test_bench_checks_timm_before_timing_anything(monkeypatch, timm_module, message):
+    def timed(*_args, **_kwargs):
+        raise AssertionError("something was timed before the timm model was checked")
+
+    monkeypatch.setattr(B, "matmul_ceiling", timed)
+    monkeypatch.setattr(B, "measure", timed)
+    if timm_module is None:
+        monkeypatch.setitem(sys.modules, "timm", None)  # as if timm were not installed: importing it fails
+    with pytest.raises(B.BenchError, match=message):
+        run_cli("--model", "S/32", "--img-size", "64", "--device", "cpu", "--vs-timm",
+                *(() if timm_module is None else ("no_such_model",)))
 
 
 def test_bench_cuda_without_gpu_says_so():

@@ -44,6 +44,7 @@ def test_without_tensorboard_installed_says_how_to_get_it(tmp_path: Path, monkey
     monkeypatch.delitem(__import__("sys").modules, "torch.utils.tensorboard", raising=False)
     assert main([*COMMON, "--tensorboard", "--out", str(tmp_path / "run")]) != 0
     assert "pip install 'mlpmixer[tensorboard]'" in capsys.readouterr().err
+    assert not (tmp_path / "run").exists()  # said before anything was written
 
 
 def test_a_resumed_run_replaces_the_redone_steps(tmp_path: Path) -> None:

@@ -207,17 +207,24 @@ def timm_name_for(config: MixerConfig) -> str:
     return f"mixer_{family.lower()}{patch}_224"
 
 
-def timm_model(name: str, config: MixerConfig, match_shapes: bool = False) -> nn.Module:
-    """A randomly initialised timm model (no download) at the Mixer's resolution and class count.
-
-    `match_shapes`: build timm's Mixer (`name` must be one) with exactly `config`'s layer shapes.
-    """
+def check_timm(name: str) -> None:
+    """Raise BenchError unless timm is installed and has a model `name`: said before anything is timed."""
     try:
         import timm
     except ImportError as e:
         raise BenchError("--vs-timm needs timm; install it with `pip install timm`.") from e
     if name not in timm.list_models():
         raise BenchError(f"timm has no model named {name!r}; see timm.list_models().")
+
+
+def timm_model(name: str, config: MixerConfig, match_shapes: bool = False) -> nn.Module:
+    """A randomly initialised timm model (no download) at the Mixer's resolution and class count.
+
+    `match_shapes`: build timm's Mixer (`name` must be one) with exactly `config`'s layer shapes.
+    """
+    check_timm(name)
+    import timm
+
     if match_shapes:
         from timm.models.mlp_mixer import MlpMixer as TimmMixer
 

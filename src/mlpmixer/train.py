@@ -410,15 +410,20 @@ def _gather(model: torch.nn.Module, plain: Optional[MlpMixer]) -> None:
         plain.load_state_dict(full)
 
 
-def _summary_writer(path: Path, start: int) -> Any:
-    """A TensorBoard writer for `path` (tensorboard is an optional dependency). A run resumed at step
-    `start` purges the events of the redone steps, as _trim_metrics does for metrics.jsonl."""
+def _summary_writer_class() -> Any:
+    """torch's TensorBoard SummaryWriter; tensorboard is an optional dependency, so one sentence without it."""
     try:
         from torch.utils.tensorboard import SummaryWriter
     except ImportError:
         raise ValueError("TensorBoard logging needs the tensorboard package; install it with "
                          "pip install 'mlpmixer[tensorboard]'.") from None
-    return SummaryWriter(str(path), purge_step=start + 1 if start else None)  # steps <= start are kept
+    return SummaryWriter
+
+
+def _summary_writer(path: Path, start: int) -> Any:
+    """A TensorBoard writer for `path`. A run resumed at step `start` purges the events of the redone
+    steps, as _trim_metrics does for metrics.jsonl."""
+    return _summary_writer_class()(str(path), purge_step=start + 1 if start else None)  # steps <= start are kept
 
 
 def latest_state(run: Path) -> Optional[Path]:
@@ -487,6 +492,8 @@ def _train(
         raise ValueError(f"The gloo backend of torch {torch.__version__} does not average where FSDP asks it to "
                          f"(pytorch/pytorch#162338), so --fsdp would train with {world}× the gradients; upgrade "
                          "torch or train without --fsdp.")
+    if r.tensorboard and main:
+        _summary_writer_class()  # without tensorboard, stop before anything is written
     if r.augment_on not in AUGMENT_ON:
         raise ValueError(f"Unknown --augment-on {r.augment_on!r}; choose {' or '.join(AUGMENT_ON)}.")
     if r.fast and (r.compile or fsdp):

@@ -22,7 +22,8 @@ def register(sub: argparse._SubParsersAction) -> None:
         "backward, fused AdamW) on random data after a warm-up; reports the median repeat, the analytic "
         "FLOPs and their share of a matrix-product ceiling measured in the same run.",
     )
-    p.add_argument("--variant", default="B/16", help="Mixer variant (default B/16), e.g. S/16, L/16, H/14")
+    p.add_argument("--model", "--variant", dest="variant", default="B/16",
+                   help="Mixer variant (default B/16), e.g. S/16, L/16, H/14")
     p.add_argument("--img-size", type=at_least(1), default=None, help="resolution (default: the variant's, 224)")
     p.add_argument("--num-classes", type=at_least(0), default=1000)
     p.add_argument("--batch-size", type=at_least(1), default=None, help="default 128 on CUDA, 8 on the CPU")
@@ -69,6 +70,7 @@ def run(args: argparse.Namespace) -> int:
     timm_name = None
     if args.vs_timm:
         timm_name = B.timm_name_for(config) if args.vs_timm == "auto" else args.vs_timm
+        B.check_timm(timm_name)
     log = (lambda msg: print(msg, file=sys.stderr)) if args.json else print
 
     result: dict = dict(environment=B.environment(device), variant=config.describe(), config=config.to_dict(),
