@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import argparse
 import json
 import os
 import subprocess
@@ -13,16 +12,14 @@ import pytest
 import torch
 
 from mlpmixer import bench as B
-from mlpmixer.commands import bench as bench_cmd
+from mlpmixer.cli import build_parser
 from mlpmixer.variants import variant_config
 
 ROOT = Path(__file__).resolve().parents[1]
 
 
 def run_cli(*argv: str) -> int:
-    parser = argparse.ArgumentParser()
-    bench_cmd.register(parser.add_subparsers())
-    args = parser.parse_args(["bench", *argv])
+    args = build_parser(["bench"]).parse_args(["bench", *argv])
     return args.func(args)
 
 

@@ -2,13 +2,12 @@
 
 from __future__ import annotations
 
-import argparse
 
 import pytest
 import torch
 
 from mlpmixer.checkpoints import save_checkpoint
-from mlpmixer.commands import export as export_cmd
+from mlpmixer.cli import build_parser
 from mlpmixer.export import ExportError, export_model, load_exported
 from mlpmixer.model import create_model
 
@@ -71,9 +70,7 @@ def test_export_rejects_bad_requests(tmp_path):
 def test_export_command_writes_and_checks_the_file(tmp_path, capsys):
     pytest.importorskip("onnxruntime")
     ckpt = save_checkpoint(small(48, 8), tmp_path / "model.safetensors")
-    parser = argparse.ArgumentParser()
-    export_cmd.register(parser.add_subparsers())
-    args = parser.parse_args(["export", str(ckpt), "--format", "onnx"])
+    args = build_parser(["export"]).parse_args(["export", str(ckpt), "--format", "onnx"])
     assert args.func(args) == 0
     assert (tmp_path / "model.onnx").stat().st_size > 0  # default: next to the checkpoint
     out = capsys.readouterr().out

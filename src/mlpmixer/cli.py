@@ -1,5 +1,8 @@
-"""The `mixer` command line. Each subcommand lives in `mlpmixer/commands/<name>.py` and exposes
-`register(subparsers)`, which adds its parser and sets `func` to the function that runs it."""
+"""The `mixer` command line. Each subcommand lives in `mlpmixer/commands/<module>.py` and exposes
+`register(parser)`, which adds its description and arguments and sets `func` to the function that runs it.
+
+Only the command being run is imported (`mixer --help` lists them from the table below): most of them
+need torch, whose import takes seconds."""
 
 from __future__ import annotations
 
@@ -7,13 +10,28 @@ import argparse
 import importlib
 import os
 import sys
-from typing import Sequence
+from typing import Iterable, Sequence
 
-# Module names under mlpmixer.commands, in the order `mixer --help` lists them.
-COMMANDS = ["train", "finetune", "eval", "predict", "recipes", "info", "convert", "resize", "fewshot", "linear_probe", "show_weights", "bench", "export"]
+# command -> (module under mlpmixer.commands, one-line summary), in the order `mixer --help` lists them.
+COMMANDS: dict[str, tuple[str, str]] = {
+    "train": ("train", "train a Mixer (default: a small one on the embedded MNIST digits)"),
+    "finetune": ("finetune", "fine-tune any checkpoint on new data (paper Appendix C recipe)"),
+    "eval": ("eval", "top-1 / top-5 accuracy of a checkpoint or run on a dataset"),
+    "predict": ("predict", "top-5 classes of images, by class name"),
+    "recipes": ("recipes", "list the training recipes (presets for train and finetune)"),
+    "info": ("info", "table of the Mixer variants, or what a checkpoint holds"),
+    "convert": ("convert", "convert a checkpoint between the official .npz, timm and our .safetensors formats"),
+    "resize": ("resize", "convert a checkpoint to a higher resolution (the paper's block-diagonal token MLPs)"),
+    "fewshot": ("fewshot", "linear few-shot accuracy on frozen features (the paper's few-shot evaluation)"),
+    "linear-probe": ("linear_probe", "linear classifier on frozen features, fitted on all the training data"),
+    "show-weights": ("show_weights", "draw the token-mixing units (paper Figure 5) or the stem kernels of a checkpoint"),
+    "bench": ("bench", "measure inference and training throughput (img/s), utilisation and peak memory"),
+    "export": ("export", "export a checkpoint to ONNX, TorchScript or a torch.export program (dynamic batch)"),
+}
 
 
-def build_parser() -> argparse.ArgumentParser:
+def build_parser(commands: Iterable[str] = COMMANDS) -> argparse.ArgumentParser:
+    """The parser of `mixer`, with the arguments of `commands` (the others are listed, not imported)."""
     from . import __version__
 
     parser = argparse.ArgumentParser(
@@ -25,13 +43,19 @@ def build_parser() -> argparse.ArgumentParser:
         "--debug", action="store_true", help="show full tracebacks (also MLPMIXER_DEBUG=1)"
     )
     sub = parser.add_subparsers(dest="command", metavar="COMMAND")
-    for name in COMMANDS:
-        importlib.import_module(f".commands.{name}", __package__).register(sub)
+    wanted = set(commands)
+    for name, (module, summary) in COMMANDS.items():
+        p = sub.add_parser(name, help=summary)
+        if name in wanted:
+            importlib.import_module(f".commands.{module}", __package__).register(p)
     return parser
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    parser = build_parser()
+    argv = sys.argv[1:] if argv is None else list(argv)
+    # The command is the first word that is not an option: `mixer`'s own options take no values.
+    command = next((word for word in argv if not word.startswith("-")), None)
+    parser = build_parser([command] if command in COMMANDS else [])
     args, extra = parser.parse_known_args(argv)
     # argparse leaves the positionals after an option unparsed (`mixer predict CKPT --top 3 A.png`):
     # a command that takes a list of inputs gets them too.

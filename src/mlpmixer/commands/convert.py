@@ -10,14 +10,10 @@ from ..model import MlpMixer
 from . import at_least, image_size
 
 
-def register(sub: argparse._SubParsersAction) -> None:
-    p = sub.add_parser(
-        "convert",
-        help="convert a checkpoint between the official .npz, timm and our .safetensors formats",
-        description="Convert a checkpoint; formats follow the extensions "
-        f"({', '.join(EXTENSIONS)}). .npz is the official Flax layout, .pth/.pt/.bin a timm state dict, "
-        ".safetensors ours (configuration included). A run directory reads its final model.",
-    )
+def register(p: argparse.ArgumentParser) -> None:
+    p.description = ("Convert a checkpoint; formats follow the extensions "
+                     f"({', '.join(EXTENSIONS)}). .npz is the official Flax layout, .pth/.pt/.bin a timm state dict, "
+                     ".safetensors ours (configuration included). A run directory reads its final model.")
     p.add_argument("src", help="checkpoint file or run directory")
     p.add_argument("dst", help="file to write; its extension picks the format")
     p.add_argument("--gelu", choices=["tanh", "exact"], help="override the GELU the source implies")

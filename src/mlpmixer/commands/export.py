@@ -11,14 +11,10 @@ from ..checkpoints import load_checkpoint
 from ..export import FORMATS, SUFFIXES, export_model, load_exported
 
 
-def register(sub: argparse._SubParsersAction) -> None:
-    p = sub.add_parser(
-        "export",
-        help="export a checkpoint to ONNX, TorchScript or a torch.export program (dynamic batch)",
-        description="Export a model for deployment at its own resolution (convert it with `mixer resize` "
-        "for another one), with a dynamic batch size; the written file is reloaded and checked against "
-        "PyTorch on random images.",
-    )
+def register(p: argparse.ArgumentParser) -> None:
+    p.description = ("Export a model for deployment at its own resolution (convert it with `mixer resize` "
+                     "for another one), with a dynamic batch size; the written file is reloaded and checked against "
+                     "PyTorch on random images.")
     p.add_argument("checkpoint", help="checkpoint file or run directory")
     p.add_argument("--format", choices=FORMATS, default="onnx")
     p.add_argument("--out", default=None, help="output file (default: next to the checkpoint, "

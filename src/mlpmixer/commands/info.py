@@ -6,15 +6,13 @@ from __future__ import annotations
 import argparse
 import json
 
-from ..checkpoints import read_checkpoint, resolve_path
 from ..variants import PAPER_VARIANTS, MixerConfig, variant_config
 from . import at_least, image_size
 
 
-def register(sub: argparse._SubParsersAction) -> None:
-    p = sub.add_parser("info", help="table of the Mixer variants, or what a checkpoint holds",
-                       description="Without CHECKPOINT, the variants of paper Table 1 with their shapes, parameters "
-                       "and GFLOPs; with one, its model, input, head and class names.")
+def register(p: argparse.ArgumentParser) -> None:
+    p.description = ("Without CHECKPOINT, the variants of paper Table 1 with their shapes, parameters "
+                     "and GFLOPs; with one, its model, input, head and class names.")
     p.add_argument("checkpoint", nargs="?", help="a checkpoint file (.npz, timm, .safetensors) or run directory")
     p.add_argument("--img-size", type=at_least(1), nargs="+", default=None, metavar="N",
                    help="resolution of the table's S and GFLOPs (default 224); with a checkpoint whose patch grid is "
@@ -40,6 +38,8 @@ def rows(img_size: int = 224, num_classes: int = 1000) -> list[dict]:
 def describe_checkpoint(path: str, img_size_hint: int | tuple[int, int] | None = None) -> dict:
     """The configuration, size and class names of the checkpoint at `path` (the model is not built);
     `img_size_hint` is the image size of a foreign file whose patch grid is not square."""
+    from ..checkpoints import read_checkpoint, resolve_path  # torch: only when a checkpoint is read
+
     file = resolve_path(path)
     _, config, extra = read_checkpoint(file, img_size_hint=img_size_hint)
     return dict(file=str(file), layout=extra["layout"], model=config.describe(), config=config.to_dict(),

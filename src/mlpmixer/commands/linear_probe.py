@@ -9,13 +9,9 @@ from ..fewshot import fit_least_squares
 from .fewshot import add_common_arguments, train_and_eval_features
 
 
-def register(sub: argparse._SubParsersAction) -> None:
-    p = sub.add_parser(
-        "linear-probe",
-        help="linear classifier on frozen features, fitted on all the training data",
-        description="Fit the few-shot evaluation's ℓ2-regularised least-squares classifier (SPEC §4) on the "
-        "frozen pre-logit features of every training image and report its accuracy on the evaluation images.",
-    )
+def register(p: argparse.ArgumentParser) -> None:
+    p.description = ("Fit the few-shot evaluation's ℓ2-regularised least-squares classifier (SPEC §4) on the "
+                     "frozen pre-logit features of every training image and report its accuracy on the evaluation images.")
     add_common_arguments(p, eval_fraction=0.2)
     p.set_defaults(func=run)
 

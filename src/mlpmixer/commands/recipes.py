@@ -8,8 +8,7 @@ import json
 from ..recipes import DEFAULT_RECIPE, RECIPES, Recipe, get_recipe
 
 
-def register(sub: argparse._SubParsersAction) -> None:
-    p = sub.add_parser("recipes", help="list the training recipes (presets for train and finetune)")
+def register(p: argparse.ArgumentParser) -> None:
     p.add_argument("name", nargs="?", help="print this recipe in full (all fields) as JSON")
     p.set_defaults(func=run)
 

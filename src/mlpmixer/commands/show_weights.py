@@ -8,14 +8,10 @@ from ..checkpoints import load_checkpoint
 from . import at_least
 
 
-def register(sub: argparse._SubParsersAction) -> None:
-    p = sub.add_parser(
-        "show-weights",
-        help="draw the token-mixing units (paper Figure 5) or the stem kernels of a checkpoint",
-        description="Draw the first token-mixing layer's hidden units of the first blocks as heat maps over "
-        "the patch grid, each beside its opposite-phase partner, pairs sorted by spatial frequency "
-        "(as in the paper's Figure 5); or, with --stem, the patch-embedding kernels as RGB tiles.",
-    )
+def register(p: argparse.ArgumentParser) -> None:
+    p.description = ("Draw the first token-mixing layer's hidden units of the first blocks as heat maps over "
+                     "the patch grid, each beside its opposite-phase partner, pairs sorted by spatial frequency "
+                     "(as in the paper's Figure 5); or, with --stem, the patch-embedding kernels as RGB tiles.")
     p.add_argument("checkpoint", help="checkpoint file or run directory")
     p.add_argument("--out", required=True, help="picture to write (.png, or .svg/.pdf)")
     p.add_argument("--block", type=int, nargs="+", metavar="I",

