@@ -158,6 +158,7 @@ def test_command_counts_out_of_range_are_one_line(run_dir: Path, capsys: pytest.
 
 
 @pytest.mark.parametrize("flags, message", [
+    (["--img-size", "0"], "--img-size must be a whole number of at least 1, not 0."),
     (["--batch-size", "0"], "--batch-size must be a whole number of at least 1, not 0."),
     (["--accum", "0"], "--accum must be a whole number of at least 1"),
     (["--steps", "-5"], "--steps must be a whole number of at least 1"),

@@ -7,7 +7,7 @@ import pytest
 import torch
 from PIL import Image
 
-from mlpmixer.reports import confusion_matrix, confusion_matrix_png, per_class_accuracy
+from mlpmixer.reports import confusion_matrix, confusion_matrix_png, per_class_accuracy, save_figure
 
 
 def test_per_class_accuracy_and_matrix():
@@ -36,3 +36,12 @@ def test_confusion_matrix_png(tmp_path, classes):
         assert im.format == "PNG"
         assert 300 <= im.width <= 5000 and 300 <= im.height <= 5000
     assert [p.name for p in (tmp_path / "sub").iterdir()] == ["cm.png"]  # no temporary left behind
+
+
+def test_a_picture_format_matplotlib_lacks_is_one_sentence(tmp_path):
+    from matplotlib.figure import Figure
+
+    with pytest.raises(ValueError, match=r"Cannot draw a picture as p\.txt: matplotlib writes no \.txt files"):
+        save_figure(Figure(), tmp_path / "p.txt")
+    assert not list(tmp_path.iterdir())
+    assert save_figure(Figure(), tmp_path / "p.SVG").read_bytes().startswith(b"<?xml")

@@ -89,7 +89,7 @@ class Recipe:
             if not fine:
                 raise ValueError(f"--{name.replace('_', '-')} must be {what}, not {value!r}.")
 
-        for name in ("batch_size", "accum", "steps", "threads", "processes"):  # None: chosen for you
+        for name in ("img_size", "batch_size", "accum", "steps", "threads", "processes"):  # None: chosen for you
             check(name, lambda v: v >= 1 and float(v).is_integer(), "a whole number of at least 1")
         check("epochs", lambda v: v > 0, "positive")
         for name in ("lr", "min_lr", "weight_decay", "warmup", "clip", "mixup", "cutmix", "pad_crop", "workers",

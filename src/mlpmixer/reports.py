@@ -45,6 +45,9 @@ def save_figure(fig: Figure, path: str | os.PathLike, dpi: int = 150) -> Path:
     """Write a figure atomically; the format follows the extension (PNG when there is none)."""
     path = Path(path)
     fmt = path.suffix[1:].lower() or "png"
+    if fmt not in fig.canvas.get_supported_filetypes():
+        raise ValueError(f"Cannot draw a picture as {path.name}: matplotlib writes no .{fmt} files; "
+                         "name it .png, .svg or .pdf.")
     return atomic_write(path, lambda tmp: fig.savefig(tmp, format=fmt, dpi=dpi, bbox_inches="tight"))
 
 
