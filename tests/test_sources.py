@@ -91,6 +91,20 @@ def test_image_folder_classes_counts_and_samples(tmp_path: Path) -> None:
     assert image.dtype == torch.uint8 and image.shape == (3, 8, 8)
 
 
+def test_hidden_folders_and_files_are_not_classes_or_images(tmp_path: Path) -> None:
+    labels = make_folder(tmp_path, {"cat": 3, "dog": 2})
+    (tmp_path / ".ipynb_checkpoints").mkdir()  # Jupyter's, in any folder it opened
+    (tmp_path / "cat" / "._0000.png").write_bytes(b"\x00\x05\x16\x07 macOS metadata, not an image")
+    source = open_folder_or_shards(str(tmp_path), "train", 0.0, 0, None)
+    assert source.class_names == ["cat", "dog"] and source.num_examples == 5
+    assert sorted(ids_and_labels(source.dataset)) == list(enumerate(labels))
+    assert source.dataset.bad_samples.bad == 0
+    only_hidden = tmp_path / "only-hidden"
+    (only_hidden / ".cache").mkdir(parents=True)
+    with pytest.raises(FileNotFoundError, match="has neither class sub-folders nor"):
+        open_folder_or_shards(str(only_hidden), "train", 0.0, 0, None)
+
+
 def test_train_val_pair_picks_the_split(tmp_path: Path) -> None:
     make_folder(tmp_path / "train", {"a": 4, "b": 4})
     make_folder(tmp_path / "val", {"a": 1, "b": 2}, start=100)

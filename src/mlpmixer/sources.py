@@ -44,6 +44,7 @@ import webdataset as wds
 from braceexpand import braceexpand
 from PIL import Image
 from torchvision.datasets import ImageFolder
+from torchvision.datasets.folder import IMG_EXTENSIONS, has_file_allowed_extension
 from torchvision.io import ImageReadMode, decode_image
 from torchvision.transforms.v2 import functional as F
 from tqdm import tqdm
@@ -388,8 +389,25 @@ def _open_shards(shards: list[str], split: str, holdout: float, seed: int, trans
     return Source(dataset, [str(name) for name in class_names], total)
 
 
+class _VisibleImageFolder(ImageFolder):
+    """ImageFolder without hidden entries: a hidden folder is not a class (Jupyter's .ipynb_checkpoints
+    would be one), and a hidden file not an image (macOS's ._NAME.jpg companions would count as undecodable
+    images); `ls` and file managers leave them out too."""
+
+    def __init__(self, root: str) -> None:
+        super().__init__(root, allow_empty=True, is_valid_file=self._is_image)
+
+    @staticmethod
+    def _is_image(path: str) -> bool:
+        return not os.path.basename(path).startswith(".") and has_file_allowed_extension(path, IMG_EXTENSIONS)
+
+    def find_classes(self, directory: str | os.PathLike) -> tuple[list[str], dict[str, int]]:
+        classes = sorted(e.name for e in os.scandir(directory) if e.is_dir() and not e.name.startswith("."))
+        return classes, {name: i for i, name in enumerate(classes)}
+
+
 def _open_image_folder(root: Path, split: str, holdout: float, seed: int, transform: Transform) -> Source:
-    folder = ImageFolder(str(root), allow_empty=True)  # only to find the classes and files
+    folder = _VisibleImageFolder(str(root))  # only to find the classes and files
     samples = folder.samples
     if not samples:
         raise FileNotFoundError(
@@ -428,7 +446,7 @@ def open_folder_or_shards(path: str, split: str, holdout: float, seed: int, tran
         raise ValueError(f"{path} is neither a folder nor a .tar/.tar.gz shard; give an image folder or shards.")
     if (root / "train").is_dir() and (root / "val").is_dir():
         return open_folder_or_shards(str(root / split), split, 0.0, seed, transform, whole)
-    if not any(p.is_dir() for p in root.iterdir()):
+    if not any(p.is_dir() and not p.name.startswith(".") for p in root.iterdir()):  # hidden ones are no classes
         raise FileNotFoundError(
             f"{path} has neither class sub-folders nor .tar/.tar.gz shards; give an image folder or shards."
         )
