@@ -24,7 +24,8 @@ COMMANDS: dict[str, tuple[str, str]] = {
     "resize": ("resize", "convert a checkpoint to a higher resolution (the paper's block-diagonal token MLPs)"),
     "fewshot": ("fewshot", "linear few-shot accuracy on frozen features (the paper's few-shot evaluation)"),
     "linear-probe": ("linear_probe", "linear classifier on frozen features, fitted on all the training data"),
-    "show-weights": ("show_weights", "draw the token-mixing units (paper Figure 5) or the stem kernels of a checkpoint"),
+    "show-weights": ("show_weights",
+                     "draw the token-mixing units (paper Figure 5) or the stem kernels of a checkpoint"),
     "bench": ("bench", "measure inference and training throughput (img/s), utilisation and peak memory"),
     "export": ("export", "export a checkpoint to ONNX, TorchScript or a torch.export program (dynamic batch)"),
 }

@@ -602,8 +602,8 @@ def _train(
             # torchrun's LOCAL_WORLD_SIZE counts this machine's processes: fewer than all means several machines.
             shared = (" every rank reads it there, so with several machines put the run directory on a file system "
                       "they share, or" if world > int(os.environ.get("LOCAL_WORLD_SIZE", world)) else "")
-            raise FileNotFoundError(f"{run} has no saved training state ({STATE_DIR}/step-*.pt) to resume from;{shared} "
-                                    "train with --save-every N first.")
+            raise FileNotFoundError(f"{run} has no saved training state ({STATE_DIR}/step-*.pt) to resume "
+                                    f"from;{shared} train with --save-every N first.")
         _check_resumable(run, model.config, r, log if main else (lambda *_: None))
         # FSDP: each rank keeps only its shards of the full state, so read it to the CPU, not the device.
         state = torch.load(state_path, map_location="cpu" if fsdp else device, weights_only=True)

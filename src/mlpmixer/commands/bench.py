@@ -15,9 +15,11 @@ from . import at_least
 
 
 def register(p: argparse.ArgumentParser) -> None:
-    p.description = ("Times inference (forward, no gradients) and training steps (forward, cross-entropy, "
-                     "backward, fused AdamW) on random data after a warm-up; reports the median repeat, the analytic "
-                     "FLOPs and their share of a matrix-product ceiling measured in the same run.")
+    p.description = (
+        "Times inference (forward, no gradients) and training steps (forward, cross-entropy, "
+        "backward, fused AdamW) on random data after a warm-up; reports the median repeat, the analytic "
+        "FLOPs and their share of a matrix-product ceiling measured in the same run."
+    )
     p.add_argument("--model", "--variant", dest="variant", default="B/16",
                    help="Mixer variant (default B/16), e.g. S/16, L/16, H/14")
     p.add_argument("--img-size", type=at_least(1), default=None, help="resolution (default: the variant's, 224)")

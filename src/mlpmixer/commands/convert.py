@@ -11,9 +11,11 @@ from . import at_least, image_size
 
 
 def register(p: argparse.ArgumentParser) -> None:
-    p.description = ("Convert a checkpoint; formats follow the extensions "
-                     f"({', '.join(EXTENSIONS)}). .npz is the official Flax layout, .pth/.pt/.bin a timm state dict, "
-                     ".safetensors ours (configuration included). A run directory reads its final model.")
+    p.description = (
+        "Convert a checkpoint; formats follow the extensions "
+        f"({', '.join(EXTENSIONS)}). .npz is the official Flax layout, .pth/.pt/.bin a timm state dict, "
+        ".safetensors ours (configuration included). A run directory reads its final model."
+    )
     p.add_argument("src", help="checkpoint file or run directory")
     p.add_argument("dst", help="file to write; its extension picks the format")
     p.add_argument("--gelu", choices=["tanh", "exact"], help="override the GELU the source implies")

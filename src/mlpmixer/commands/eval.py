@@ -15,9 +15,11 @@ from . import at_least
 
 
 def register(p: argparse.ArgumentParser) -> None:
-    p.description = ("Top-1 / top-5 accuracy of a checkpoint or run directory on a dataset; with "
-                     "--report DIR also per-class accuracy (DIR/per_class.json) and the confusion matrix "
-                     "(DIR/confusion.png).")
+    p.description = (
+        "Top-1 / top-5 accuracy of a checkpoint or run directory on a dataset; with "
+        "--report DIR also per-class accuracy (DIR/per_class.json) and the confusion matrix "
+        "(DIR/confusion.png)."
+    )
     p.add_argument("checkpoint", help="checkpoint file or run directory")
     p.add_argument("--data", required=True,
                    help="mnist5k (the embedded digits), a folder of MNIST IDX files, an image folder or shards")

@@ -12,9 +12,11 @@ from ..export import FORMATS, SUFFIXES, export_model, load_exported
 
 
 def register(p: argparse.ArgumentParser) -> None:
-    p.description = ("Export a model for deployment at its own resolution (convert it with `mixer resize` "
-                     "for another one), with a dynamic batch size; the written file is reloaded and checked against "
-                     "PyTorch on random images.")
+    p.description = (
+        "Export a model for deployment at its own resolution (convert it with `mixer resize` "
+        "for another one), with a dynamic batch size; the written file is reloaded and checked against "
+        "PyTorch on random images."
+    )
     p.add_argument("checkpoint", help="checkpoint file or run directory")
     p.add_argument("--format", choices=FORMATS, default="onnx")
     p.add_argument("--out", default=None, help="output file (default: next to the checkpoint, "

@@ -39,9 +39,11 @@ def add_common_arguments(p: argparse.ArgumentParser, eval_fraction: float) -> No
 
 
 def register(p: argparse.ArgumentParser) -> None:
-    p.description = ("Fit an ℓ2-regularised least-squares classifier on the frozen pre-logit features of a few "
-                     "images per class and report its accuracy on the evaluation images: mean ± standard deviation over "
-                     "several random draws of the support set, for each shot count (SPEC §4, as big_vision does it).")
+    p.description = (
+        "Fit an ℓ2-regularised least-squares classifier on the frozen pre-logit features of a few "
+        "images per class and report its accuracy on the evaluation images: mean ± standard deviation over "
+        "several random draws of the support set, for each shot count (SPEC §4, as big_vision does it)."
+    )
     add_common_arguments(p, eval_fraction=0.5)
     p.add_argument("--shots", default=",".join(map(str, DEFAULT_SHOTS)),
                    help="comma-separated images per class (default 1,5,10,25)")

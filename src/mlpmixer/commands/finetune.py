@@ -10,12 +10,14 @@ from .train import add_training_flags, recipe_from_args
 
 
 def register(p: argparse.ArgumentParser) -> None:
-    p.description = ("Fine-tune a checkpoint (official .npz, timm, ours, or a run directory): "
-                     "its head is replaced by a zero-initialised one for the new classes, and it trains with "
-                     "the `finetune` recipe (SGD momentum 0.9, cosine with warm-up, clip 1, no weight decay) "
-                     "at the checkpoint's own input size, or at --img-size N: the model is first converted "
-                     "to N (`mlpmixer.resize_to`, the paper's block-diagonal token MLPs for an integer "
-                     "multiple of its size).")
+    p.description = (
+        "Fine-tune a checkpoint (official .npz, timm, ours, or a run directory): "
+        "its head is replaced by a zero-initialised one for the new classes, and it trains with "
+        "the `finetune` recipe (SGD momentum 0.9, cosine with warm-up, clip 1, no weight decay) "
+        "at the checkpoint's own input size, or at --img-size N: the model is first converted "
+        "to N (`mlpmixer.resize_to`, the paper's block-diagonal token MLPs for an integer "
+        "multiple of its size)."
+    )
     p.add_argument("--from", dest="init_from", required=True, metavar="CHECKPOINT", help="checkpoint or run directory")
     add_training_flags(p, "finetune")
     p.add_argument("--resize-method", dest="resize_method", choices=METHODS,

