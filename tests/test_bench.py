@@ -156,9 +156,10 @@ def faults():  # minor page faults of a few alternating multi-MiB allocations, a
         a = torch.ones(5 << 20); b = torch.ones(2 << 20); del a; c = torch.ones(6 << 20); del b, c
     return resource.getrusage(resource.RUSAGE_SELF).ru_minflt - before
 
-faults(); plain = faults()
+# The fewest of a few rounds: on a busy machine one round in five or so still faulted one allocation in.
+faults(); plain = min(faults() for _ in range(3))
 took = keep_freed_memory()
-faults(); kept = faults()
+faults(); kept = min(faults() for _ in range(3))
 print(plain, took, kept)
 """
 
