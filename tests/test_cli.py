@@ -45,3 +45,23 @@ def test_listing_and_help_do_not_import_torch() -> None:
                           env={"PYTHONPATH": str(ROOT / "src"), "PATH": ""})
     assert done.returncode == 0, done.stderr
     assert done.stdout.strip() == "[]"
+
+
+def test_the_docs_use_only_flags_the_commands_have(capsys: pytest.CaptureFixture) -> None:
+    """Every `--flag` after `mixer COMMAND` on a line of the README or docs is in that command's --help."""
+    import re
+
+    helps = {}
+    for command in COMMANDS:
+        with pytest.raises(SystemExit):
+            main([command, "--help"])
+        helps[command] = capsys.readouterr().out
+    mention = re.compile(r"mixer (" + "|".join(map(re.escape, COMMANDS)) + r")\b([^`\n|]*)")
+    checked, unknown = 0, []
+    for doc in [ROOT / "README.md", *sorted((ROOT / "docs").glob("*.md")), ROOT / "benchmarks" / "README.md"]:
+        for found in mention.finditer(doc.read_text()):
+            for flag in re.findall(r"(?<![\w-])--[a-z][a-z0-9-]*", found.group(2)):
+                checked += 1
+                if flag not in helps[found.group(1)]:
+                    unknown.append(f"{doc.name}: mixer {found.group(1)} {flag}")
+    assert checked > 50 and not unknown
