@@ -192,3 +192,21 @@ def test_gpu_bench_smoke_runs_end_to_end(tmp_path):
     assert all(r["img_per_s"] > 0 for r in result["table"])
     # The table comes last: the output ends with its row for the last measured case.
     assert result["table"][-1]["name"] in proc.stdout.strip().splitlines()[-1]
+
+
+def test_a_case_whose_compilation_fails_runs_eagerly_and_says_so(monkeypatch, capsys):
+    def compile_that_fails(fn, **options):
+        def call(*args, **kwargs):
+            raise RuntimeError("no C++ compiler here")
+
+        return call
+
+    monkeypatch.setattr(torch, "compile", compile_that_fails)
+    with pytest.warns(UserWarning, match="torch.compile failed"):
+        assert run_cli("--model", "digits/4", "--img-size", "28", "--device", "cpu", "--batch-size", "2",
+                       "--compile", "--no-ceiling", "--warmup", "1", "--repeats", "1", "--iters", "1", "--json") == 0
+    modes = json.loads(capsys.readouterr().out)["modes"]
+    for mode in ("infer", "train"):
+        (case,) = modes[mode]["cases"]
+        assert case["name"].endswith("compiled (compile failed: eager)") and case["img_per_s"] > 0
+        assert case["compile_failed"] == "RuntimeError: no C++ compiler here"

@@ -19,6 +19,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from .compiled import CompiledOrEager
 from .variants import MixerConfig, paper_variant_of
 
 DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
@@ -94,11 +95,15 @@ class Case:
     peak_memory: Optional[int] = None  # bytes, CUDA only
     static_bytes: int = 0  # parameters, allocated before the warm-up: added to its peak
     warmup_s: float = 0.0
+    compiled: Optional[CompiledOrEager] = None  # a compiled case: says whether compiling failed
 
     def result(self) -> dict:
         med = statistics.median(self.times) if self.times else float("nan")
+        failed = self.compiled.fallback if self.compiled is not None else None
         return dict(
-            name=self.name, batch=self.batch, seconds_per_step=med,
+            # A case whose compilation failed ran eagerly: its name says so, not only the warning.
+            name=self.name + (" (compile failed: eager)" if failed else ""), compile_failed=failed,
+            batch=self.batch, seconds_per_step=med,
             img_per_s=self.batch / med if self.times else None,
             tflops=self.flops_per_image * self.batch / med / 1e12 if self.times else None,
             peak_memory_gib=None if self.peak_memory is None else self.peak_memory / 2**30,
@@ -145,7 +150,7 @@ def inference_case(
 ) -> Case:
     """Forward passes without gradients on one fixed random batch."""
     model = model.to(device).eval()
-    run = torch.compile(model) if compile else model
+    run = CompiledOrEager(model) if compile else model
     x = torch.randn(batch, 3, *img_size, device=device)
 
     @torch.no_grad()
@@ -153,7 +158,8 @@ def inference_case(
         with autocast(device, dtype):
             return run(x)
 
-    return Case(name, step, batch, flops_per_image, device, static_bytes=param_bytes(model))
+    return Case(name, step, batch, flops_per_image, device, static_bytes=param_bytes(model),
+                compiled=run if compile else None)
 
 
 def make_optimizer(params) -> torch.optim.Optimizer:
@@ -171,7 +177,7 @@ def training_case(
 ) -> Case:
     """Forward, cross-entropy, backward and an AdamW step on one fixed random batch."""
     model = model.to(device).train()
-    run = torch.compile(model) if compile else model
+    run = CompiledOrEager(model) if compile else model
     opt = make_optimizer(model.parameters())
     scaler = torch.amp.GradScaler(device.type) if dtype == torch.float16 else None
     x = torch.randn(batch, 3, *img_size, device=device)
@@ -189,7 +195,8 @@ def training_case(
             opt.step()
         opt.zero_grad(set_to_none=True)
 
-    return Case(name, step, batch, flops_per_image, device, static_bytes=param_bytes(model))
+    return Case(name, step, batch, flops_per_image, device, static_bytes=param_bytes(model),
+                compiled=run if compile else None)
 
 
 # ---------------------------------------------------------------------------------------------

@@ -32,6 +32,7 @@ import torch.nn.functional as F
 from tqdm import tqdm
 
 from .checkpoints import atomic_write, load_checkpoint, read_checkpoint, save_checkpoint
+from .compiled import CompiledOrEager
 from .data import (MNIST5K, Source, TensorData, TensorDataset, augment_digits, holdout_split, is_idx_folder,
                    load_tensors, to_model_input)
 from .evaluate import evaluate
@@ -643,8 +644,8 @@ def _train(
         shared_grads.attach(rank, model.parameters())
     elif ddp:
         net = torch.nn.parallel.DistributedDataParallel(net, device_ids=[local_rank] if device.type == "cuda" else None)
-    if r.compile:
-        net = torch.compile(net)
+    if r.compile:  # where compiling fails, the plain path runs, with one warning
+        net = CompiledOrEager(net)
     batch_fn = mixup_cutmix(num_classes, r.mixup, r.cutmix, r.mix_prob) if tensors is None else None
     if tensors is not None:
         batches = tensor_batches(train_data, r, img_size, in_chans, r.batch_size, r.accum, start, rank, world)
