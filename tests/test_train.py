@@ -384,3 +384,15 @@ def test_ema_weights_follow_the_live_ones_and_are_what_is_saved(tmp_path: Path) 
         torch.testing.assert_close(second["ema"][k], expected)
         assert torch.equal(saved[k], second["ema"][k])
     assert any(not torch.equal(second["ema"][k], v) for k, v in second["model"].items())
+
+
+def test_running_out_of_gpu_memory_is_one_sentence_saying_what_to_change(tmp_path: Path, monkeypatch) -> None:
+    from mlpmixer.model import MlpMixer
+
+    def too_big(self, x):
+        raise torch.cuda.OutOfMemoryError("CUDA out of memory. Tried to allocate 20.00 GiB")
+
+    monkeypatch.setattr(MlpMixer, "forward", too_big)
+    with pytest.raises(train_mod.OutOfMemory, match=r"micro-batches of 16 images per process; raise --accum "
+                                                      r"\(--accum 4 keeps the batch of 32"):
+        train(tiny(steps=2, batch_size=32, accum=2), tmp_path / "run", progress=False, log=lambda *_: None)

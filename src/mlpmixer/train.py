@@ -55,6 +55,10 @@ class TrainingDiverged(ValueError):
     """The loss became NaN or infinite."""
 
 
+class OutOfMemory(ValueError):
+    """The GPU ran out of memory: a batch too large for it, said in one sentence with what to change."""
+
+
 @dataclass
 class RunFiles:
     out: Path
@@ -445,12 +449,22 @@ def train(r: Recipe, out: Optional[str | Path] = None, **options: Any) -> RunFil
     start_line = _StartLine(distributed)
     try:
         return _train(r, out, distributed, start_line, **options)
-    except (ValueError, OSError) as e:
-        start_line.cross(e)  # a set-up error: the other ranks wait at the start line to hear of it
-        raise
+    except (ValueError, OSError, torch.cuda.OutOfMemoryError) as e:
+        error = _out_of_memory(r) if isinstance(e, torch.cuda.OutOfMemoryError) else e
+        start_line.cross(error)  # a set-up error: the other ranks wait at the start line to hear of it
+        if error is e:
+            raise
+        raise error from e
     finally:  # also after an error, so that a caller in the same process can train again
         if distributed:
             dist.destroy_process_group()
+
+
+def _out_of_memory(r: Recipe) -> OutOfMemory:
+    micro = r.batch_size // (r.accum * int(os.environ.get("WORLD_SIZE", 1)))
+    return OutOfMemory(f"The GPU ran out of memory with micro-batches of {micro} images per process; raise --accum "
+                       f"(--accum {2 * r.accum} keeps the batch of {r.batch_size} in steps half as large), lower "
+                       "--batch-size, or add --grad-checkpointing or --bf16; saved training states are kept.")
 
 
 def _train(
