@@ -340,6 +340,10 @@ class _StartLine:
 
     def __init__(self, distributed: bool) -> None:
         self.waiting = distributed
+        # The gathered tensors, kept until the process group is destroyed: torch 2.4's gloo could drop the last
+        # reference to them on its worker thread, which then waits for the GIL that destroy_process_group holds
+        # while it joins that thread (a deadlock, seen).
+        self.tensors: list[torch.Tensor] = []
 
     def cross(self, error: Optional[Exception] = None) -> None:
         """Meet the other ranks (once; nothing to do in one process); raise if any rank's set-up failed,
@@ -347,7 +351,7 @@ class _StartLine:
         if not self.waiting:
             return
         self.waiting = False
-        reports = _gather_texts("" if error is None else f"{socket.gethostname()}\t{error}")
+        reports = _gather_texts("" if error is None else f"{socket.gethostname()}\t{error}", self.tensors)
         failed = {rank: report.split("\t", 1) for rank, report in enumerate(reports) if report}
         if not failed:
             return
@@ -369,17 +373,20 @@ class _StartLine:
         raise StoppedElsewhere(str(combined))
 
 
-def _gather_texts(text: str) -> list[str]:
-    """Every rank's `text`, in rank order. As bytes in tensors, not all_gather_object: that one pickles."""
+def _gather_texts(text: str, keep: list[torch.Tensor]) -> list[str]:
+    """Every rank's `text`, in rank order. As bytes in tensors, not all_gather_object: that one pickles.
+    The tensors used go to `keep`."""
     device = torch.device("cuda", int(os.environ.get("LOCAL_RANK", 0))) if dist.get_backend() == "nccl" else None
     world = dist.get_world_size()
     mine = torch.tensor(list(text.encode()), dtype=torch.uint8, device=device)
     sizes = [torch.zeros(1, dtype=torch.int64, device=device) for _ in range(world)]
-    dist.all_gather(sizes, torch.tensor([len(mine)], device=device))
+    count = torch.tensor([len(mine)], device=device)
+    dist.all_gather(sizes, count)
     padded = torch.zeros(max(1, *(int(n) for n in sizes)), dtype=torch.uint8, device=device)
     padded[: len(mine)] = mine
     everyone = [torch.empty_like(padded) for _ in range(world)]
     dist.all_gather(everyone, padded)
+    keep += [mine, count, *sizes, padded, *everyone]
     return [bytes(t[: int(n)].tolist()).decode() for t, n in zip(everyone, sizes)]
 
 
