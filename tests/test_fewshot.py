@@ -157,3 +157,18 @@ def test_cli_fewshot_and_linear_probe(tmp_path, capsys):
     # The pool holds 20 images per class (half of 40).
     assert main(["fewshot", ckpt, *common, "--shots", "21"]) == 2
     assert "21-shot evaluation needs 21 images of every class" in capsys.readouterr().err
+
+
+def test_feature_progress_counts_the_images_of_a_folder(tmp_path, capsys):
+    from PIL import Image
+
+    from mlpmixer.cli import main
+
+    ckpt = str(tiny_checkpoint(tmp_path / "m.safetensors"))
+    rng = np.random.default_rng(0)
+    for name in ("a", "b"):
+        (tmp_path / "folder" / name).mkdir(parents=True)
+        for i in range(6):
+            Image.fromarray(rng.integers(0, 255, (28, 28), dtype=np.uint8)).save(tmp_path / "folder" / name / f"{i}.png")
+    assert main(["linear-probe", ckpt, "--data", str(tmp_path / "folder"), "--workers", "0", "--json"]) == 0
+    assert "12/12 [" in capsys.readouterr().err  # the folder's size is known: a bar with a total, in images

@@ -161,21 +161,18 @@ def extract_features(model: MlpMixer, batches: Iterable[tuple[torch.Tensor, torc
                      device: torch.device | str | None = None, desc: str = "features",
                      total: int | None = None) -> tuple[torch.Tensor, torch.Tensor]:
     """Frozen pre-logit features (N, C) and labels (N,) of every (images, labels) batch in `batches`
-    (a DataLoader or any iterable; `total` batches for the progress bar when it has no length)."""
+    (a DataLoader or any iterable); `total` images, when known, for the progress bar."""
     device = torch.device(device) if device is not None else next(model.parameters()).device
     was_training = model.training
     model.eval()
     feats, labels = [], []
-    if total is None and hasattr(batches, "__len__"):
-        try:
-            total = len(batches)  # type: ignore[arg-type]
-        except TypeError:  # a DataLoader over a streamed (iterable) dataset has no length
-            total = None
     try:
-        for images, targets in tqdm(batches, total=total, desc=desc, unit="batch"):
-            x = model.forward_features(images.to(device, non_blocking=True))
-            feats.append(model.forward_head(x, pre_logits=True).float().cpu())
-            labels.append(torch.as_tensor(targets).long())
+        with tqdm(total=total, desc=desc, unit="img") as bar:
+            for images, targets in batches:
+                x = model.forward_features(images.to(device, non_blocking=True))
+                feats.append(model.forward_head(x, pre_logits=True).float().cpu())
+                labels.append(torch.as_tensor(targets).long())
+                bar.update(len(labels[-1]))
     finally:
         model.train(was_training)
     if not feats:

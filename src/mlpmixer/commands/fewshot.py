@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import math
 
 import torch
 
@@ -77,9 +76,9 @@ def _features(model: MlpMixer, spec: str, split: str, args: argparse.Namespace,
 
         transform = eval_transform(cfg.img_size, cfg.in_chans, args.eval_mode)
         data = open_source(spec, split=split, holdout=0.0, seed=args.seed, transform=transform)
-        total = None
+        total = data.num_examples  # None where shards do not say how many images they hold
     else:
-        total = math.ceil(len(data) / args.batch_size)
+        total = len(data)
     batches = batches_of(data, model, args.batch_size, args.workers)
     feats, labels = extract_features(model, batches, desc=desc, total=total)
     return feats, labels, data.class_names
