@@ -8,12 +8,14 @@ import json
 import warnings
 from pathlib import Path
 
+import numpy as np
 import pytest
 import torch
 import webdataset as wds
 from PIL import Image
 from torch.utils.data import DataLoader
 
+from mlpmixer import sources
 from mlpmixer.sources import (
     BadDataError,
     check_same_classes,
@@ -338,12 +340,26 @@ def test_check_same_classes() -> None:
     [("PNG", "L", 1), ("PNG", "RGB", 3), ("PNG", "RGBA", 3), ("PNG", "P", 3), ("JPEG", "L", 1), ("JPEG", "RGB", 3),
      ("BMP", "RGB", 3), ("WEBP", "RGB", 3)],
 )
-def test_decode_gives_greyscale_or_rgb(fmt: str, mode: str, channels: int) -> None:
+@pytest.mark.parametrize("torchvision_decodes", [True, False])
+def test_decode_gives_greyscale_or_rgb(fmt: str, mode: str, channels: int, torchvision_decodes: bool,
+                                       monkeypatch: pytest.MonkeyPatch) -> None:
+    if not torchvision_decodes:  # as with a torchvision whose deprecated decoders are gone: PIL decodes
+        monkeypatch.setattr(sources, "decode_image", None)
     pil = Image.new("RGB", (6, 4), (200, 30, 60)).convert(mode)
     image = decode_image_bytes(encode_pil(pil, fmt))
     assert image.dtype == torch.uint8 and image.shape == (channels, 4, 6)
     expected = torch.tensor(pil.convert("L" if channels == 1 else "RGB").getpixel((0, 0))).reshape(-1)
     assert (image[:, 0, 0].int() - expected).abs().max() <= 3  # lossy formats round a little
+
+
+@pytest.mark.parametrize("torchvision_decodes", [True, False])
+def test_a_16_bit_png_keeps_its_top_8_bits(torchvision_decodes: bool, monkeypatch: pytest.MonkeyPatch) -> None:
+    if not torchvision_decodes:
+        monkeypatch.setattr(sources, "decode_image", None)
+    values = np.array([[0, 255, 256, 40000, 65535]], dtype=np.uint16)
+    image = decode_image_bytes(encode_pil(Image.fromarray(values), "PNG"))
+    assert image.dtype == torch.uint8 and image.shape == (1, 1, 5)
+    assert image.flatten().tolist() == [0, 0, 1, 156, 255]
 
 
 def encode_pil(image: Image.Image, fmt: str) -> bytes:

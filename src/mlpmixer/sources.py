@@ -39,15 +39,20 @@ import zlib
 from pathlib import Path
 from typing import Any, Callable, Iterator, Optional, TypeVar
 
+import numpy as np
 import torch
 import webdataset as wds
 from braceexpand import braceexpand
 from PIL import Image
 from torchvision.datasets import ImageFolder
 from torchvision.datasets.folder import IMG_EXTENSIONS, has_file_allowed_extension
-from torchvision.io import ImageReadMode, decode_image
 from torchvision.transforms.v2 import functional as F
 from tqdm import tqdm
+
+try:  # torchvision 0.29 deprecates its decoders in favour of TorchCodec: where they are gone, PIL decodes all
+    from torchvision.io import ImageReadMode, decode_image
+except ImportError:
+    decode_image = None
 
 from .data import Source, TensorData
 
@@ -119,15 +124,17 @@ def decode_image_bytes(data: bytes) -> torch.Tensor:
     # JPEG and PNG go to torchvision's decoders, about 3x faster here than PIL plus conversion. The
     # PNG colour type (byte 25 of the header: 0 grey, 4 grey + alpha) is read by hand because asking
     # PIL for the mode costs as much as decoding a 32x32 JPEG; UNCHANGED would give palette indices.
-    if data.startswith(_PNG_MAGIC):
+    if decode_image is not None and data.startswith(_PNG_MAGIC):
         image = decode_image(buffer, ImageReadMode.GRAY if data[25] in (0, 4) else ImageReadMode.RGB)
-    elif data.startswith(_JPEG_MAGIC):
+    elif decode_image is not None and data.startswith(_JPEG_MAGIC):
         image = decode_image(buffer, ImageReadMode.UNCHANGED)  # 1 or 3 channels, 4 for CMYK
         if image.shape[0] == 4:
             image = decode_image(buffer, ImageReadMode.RGB)
-    else:  # WebP, GIF, BMP, TIFF, PPM, ...
+    else:  # WebP, GIF, BMP, TIFF, PPM, ... (and every format without torchvision's decoders)
         with Image.open(io.BytesIO(data)) as pil:
-            grey = pil.mode in ("1", "L", "LA", "I", "I;16", "F")
+            if pil.mode.startswith("I;16") or pil.mode == "I":  # 16-bit grey: the top 8 bits, as to_dtype keeps
+                return torch.from_numpy((np.asarray(pil).astype(np.int64) >> 8).clip(0, 255).astype(np.uint8))[None]
+            grey = pil.mode in ("1", "L", "LA", "F")
             image = F.pil_to_tensor(pil.convert("L" if grey else "RGB"))
     if image.dtype != torch.uint8:  # 16-bit PNG
         image = F.to_dtype(image, torch.uint8, scale=True)
