@@ -13,7 +13,7 @@ import os
 import statistics
 import time
 from dataclasses import dataclass, field
-from typing import Callable, Optional
+from typing import Callable, Iterable, Optional
 
 import torch
 import torch.nn.functional as F
@@ -54,7 +54,7 @@ def sync(device: torch.device) -> None:
         torch.cuda.synchronize(device)
 
 
-def autocast(device: torch.device, dtype: torch.dtype):
+def autocast(device: torch.device, dtype: torch.dtype) -> torch.autocast:
     """Mixed precision the usual way: fp32 weights, products in `dtype` (off for fp32)."""
     return torch.autocast(device.type, dtype=dtype, enabled=dtype != torch.float32)
 
@@ -162,7 +162,7 @@ def inference_case(
                 compiled=run if compile else None)
 
 
-def make_optimizer(params) -> torch.optim.Optimizer:
+def make_optimizer(params: Iterable[torch.nn.Parameter]) -> torch.optim.Optimizer:
     """AdamW, fused (one kernel for all parameters) where this PyTorch has it for the device."""
     params = list(params)
     try:

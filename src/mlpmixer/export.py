@@ -12,6 +12,7 @@ import inspect
 import os
 import warnings
 from pathlib import Path
+from typing import Callable
 
 import torch
 
@@ -81,7 +82,7 @@ def _exported_program(model: MlpMixer, x: torch.Tensor, path: str, opset: int) -
     torch.export.save(program, path)
 
 
-def load_exported(path: str | os.PathLike, fmt: str):
+def load_exported(path: str | os.PathLike, fmt: str) -> Callable[[torch.Tensor], torch.Tensor]:
     """A callable images -> logits from an exported file (for checks and tests).
 
     Only for files you wrote or trust: torch.export.load unpickles parts of a .pt2 file (seen: torch 2.4-2.7

@@ -37,6 +37,7 @@ from torch import nn
 
 from . import kernels as K
 from .model import MlpMixer
+from .variants import MixerConfig
 
 EPS = 1e-6  # the model's LayerNorm epsilon (SPEC §1)
 
@@ -142,7 +143,7 @@ class FastMixer(nn.Module):
         self._warned_plain = False
 
     @property
-    def config(self):
+    def config(self) -> MixerConfig:
         return self.model.config
 
     def _needs_plain(self) -> bool:

@@ -22,7 +22,7 @@ import math
 import os
 import time
 import warnings
-from typing import Optional
+from typing import Callable, Optional
 
 import torch
 import torch.nn.functional as F
@@ -319,7 +319,7 @@ def _splits_for(k: int) -> list[int]:
     return [j for j in SPLITS if j == 1 or (k % j == 0 and k // j >= MIN_CHUNK)]
 
 
-def median_seconds(fn, cuda: bool, reps: int = 5) -> float:
+def median_seconds(fn: Callable[[], object], cuda: bool, reps: int = 5) -> float:
     """Median seconds of `fn()` after one untimed call: CUDA events on the current stream, or the
     wall clock."""
     fn()
@@ -339,7 +339,7 @@ def median_seconds(fn, cuda: bool, reps: int = 5) -> float:
     return sorted(times)[len(times) // 2]
 
 
-def pick_split(a: torch.Tensor, b: torch.Tensor, timer=lambda fn: median_seconds(fn, cuda=True)) -> int:
+def pick_split(a: torch.Tensor, b: torch.Tensor, timer: Callable[[Callable[[], object]], float] =lambda fn: median_seconds(fn, cuda=True)) -> int:
     """The number of chunks that computes a @ b fastest by `timer`, among those that agree with the
     plain product to the dtype's tolerance."""
     ref = torch.mm(a, b)
