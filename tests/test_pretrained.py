@@ -307,3 +307,29 @@ def test_loading_the_cached_file_directly(tmp_path: Path) -> None:
     register_weights("digits/4", "ours", path.as_uri())
     cached = download(path.as_uri())
     assert torch.equal(load_checkpoint(cached).head.weight, original.head.weight)
+
+
+def test_weights_trained_on_other_pixels_take_ours(tmp_path: Path) -> None:
+    """MIIL's weights were trained on pixels in [0, 1]: loaded, they take [-1, 1] like every model here."""
+    model = create_model("nano/4", img_size=32, num_classes=10)
+    with torch.no_grad():
+        for p in model.parameters():
+            p.normal_(std=0.2)
+    path = tmp_path / "miil.safetensors"
+    save_checkpoint(model, path)
+    mean, std = (0.1, 0.2, 0.3), (0.9, 0.5, 0.7)
+    register_weights("nano/4", "other-pixels", path.as_uri(), mean=mean, std=std)
+    folded = load_pretrained("nano/4", "other-pixels")
+    pixels = torch.rand(4, 3, 32, 32)  # p / 255
+    theirs = (pixels - torch.tensor(mean).view(1, 3, 1, 1)) / torch.tensor(std).view(1, 3, 1, 1)
+    ours = pixels * 2 - 1
+    model.eval(), folded.eval()
+    torch.testing.assert_close(folded(ours), model(theirs), rtol=1e-5, atol=1e-5)
+    assert not torch.allclose(folded(ours), model(ours), atol=1e-3)  # the fold changed something
+    register_weights("nano/4", "official-pixels", path.as_uri())  # [-1, 1]: loaded as saved
+    assert torch.equal(load_pretrained("nano/4", "official-pixels").stem.proj.weight, model.stem.proj.weight)
+    grey = tmp_path / "grey.safetensors"
+    save_checkpoint(create_model("nano/4", img_size=32, in_chans=1), grey)
+    register_weights("nano/4", "three-means", grey.as_uri(), mean=mean, std=std)
+    with pytest.raises(ValueError, match="does not fit a model of 1 input channels"):
+        load_pretrained("nano/4", "three-means")

@@ -26,8 +26,9 @@ import urllib.request
 from dataclasses import dataclass
 from functools import lru_cache
 from pathlib import Path
-from typing import IO, Any
+from typing import IO, Any, Sequence
 
+import torch
 from tqdm import tqdm
 
 from .checkpoints import load_checkpoint
@@ -49,7 +50,8 @@ class DownloadError(OSError):
 
 @dataclass(frozen=True)
 class Weights:
-    """One published checkpoint. `mean`/`std` are the input normalisation it was trained with."""
+    """One published checkpoint. `mean`/`std` are the input normalisation it was trained with, per channel
+    of pixels in [0, 1]; `load_pretrained` folds any other than the official [-1, 1] into the stem."""
 
     variant: str  # canonical name, e.g. "B/16"
     tag: str
@@ -74,7 +76,8 @@ def register_weights(
 ) -> Weights:
     """Add (or replace) the checkpoint `tag` of `variant` ('B/16', 'Mixer-B_16', ...) at `url`.
 
-    `sha256` and `num_classes`, when given, are checked when the file is downloaded and loaded.
+    `sha256` and `num_classes`, when given, are checked when the file is downloaded and loaded. `mean`
+    and `std` are the normalisation the weights were trained with (default: the official [-1, 1]).
     """
     entry = Weights(canonical_name(variant), tag, url, sha256.lower() if sha256 else None, num_classes,
                     tuple(mean), tuple(std))
@@ -277,7 +280,8 @@ def load_pretrained(name: str, tag: str, **overrides: Any) -> MlpMixer:
 
     Downloads the checkpoint once (see `download`); `overrides` go to `load_checkpoint` (a different
     `num_classes` gives a new zero head, ready for fine-tuning). 1000-class models get the ImageNet
-    class names as `model.class_names`.
+    class names as `model.class_names`. The model takes pixels in [-1, 1], as every model here: weights
+    trained on another normalisation (the MIIL ones) get it folded into their stem.
     """
     entry = find_weights(name, tag)
     size = name_img_size(name)
@@ -301,4 +305,27 @@ def load_pretrained(name: str, tag: str, **overrides: Any) -> MlpMixer:
         )
     if model.class_names is None and model.num_classes == 1000:
         model.class_names = imagenet_class_names()
+    if (entry.mean, entry.std) != GOOGLE_NORM:
+        fold_input_normalisation(model, entry.mean, entry.std)
     return model
+
+
+def fold_input_normalisation(model: MlpMixer, mean: Sequence[float], std: Sequence[float]) -> None:
+    """Make a model trained on pixels normalised as (p/255 - mean) / std take this library's input,
+    p/127.5 - 1 (SPEC §4), by changing its stem in place.
+
+    Every pipeline here feeds [-1, 1], so weights trained on another range (the MIIL ones: [0, 1]) would
+    see the wrong pixels. The stem is linear in its input: with u = v·0.5/std + (0.5 - mean)/std for
+    v in [-1, 1], W·u + b = (W·0.5/std)·v + (b + W·(0.5 - mean)/std), computed in float64. The logits
+    equal the original model's on the original inputs to float rounding.
+    """
+    proj = model.stem.proj
+    if len(mean) != proj.in_channels or len(std) != proj.in_channels or not all(std):
+        raise ValueError(f"The input normalisation (mean {tuple(mean)}, std {tuple(std)}) does not fit a model of "
+                         f"{proj.in_channels} input channels; give one mean and one non-zero std per channel.")
+    mean64, std64 = torch.tensor(mean, dtype=torch.float64), torch.tensor(std, dtype=torch.float64)
+    w = proj.weight.detach().double()
+    scale, shift = (0.5 / std64).view(1, -1, 1, 1), ((0.5 - mean64) / std64).view(1, -1, 1, 1)
+    with torch.no_grad():
+        proj.bias.copy_(proj.bias.double() + (w * shift).sum((1, 2, 3)))
+        proj.weight.copy_(w * scale)
