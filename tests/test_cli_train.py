@@ -171,6 +171,11 @@ def test_command_counts_out_of_range_are_one_line(run_dir: Path, capsys: pytest.
     (["--randaugment", "40"], "--randaugment must be a whole magnitude from 0 to 30"),
     (["--crop-area", "0.5", "0.2"], "--crop-area must be two area fractions, 0 < low <= high <= 1"),
     (["--betas", "0.9", "1.0"], "--betas must be two decays"),
+    (["--schedule", "step"], "--schedule must be one of cosine, linear, not 'step'."),
+    (["--loss", "hinge"], "--loss must be one of softmax, sigmoid, not 'hinge'."),
+    (["--optimizer", "lamb"], "--optimizer must be one of adamw, adam, sgd, not 'lamb'."),
+    (["--augment-on", "gpu"], "--augment-on must be one of workers, device, not 'gpu'."),
+    (["--eval-mode", "crop"], "--eval-mode must be one of resize, resmall-crop, not 'crop'."),
 ])
 def test_settings_out_of_range_are_one_sentence(tmp_path: Path, capsys: pytest.CaptureFixture, flags: list[str],
                                                 message: str) -> None:
@@ -190,7 +195,8 @@ def test_config_file_values_of_the_wrong_type_are_one_sentence(tmp_path: Path, c
 def test_every_checked_setting_has_a_flag() -> None:
     """The range errors name flags: each field they check must have one, and the pairs take two values."""
     fields = {field for field, _, _ in RECIPE_FLAGS.values()}
-    assert {"min_lr", "betas", "momentum", "dropout", "crop_area", "evals", "ema", "mix_prob"} <= fields
+    assert {"min_lr", "betas", "momentum", "dropout", "crop_area", "evals", "ema", "mix_prob", "optimizer",
+            "schedule", "loss", "eval_mode", "augment_on"} <= fields
     p = argparse.ArgumentParser()
     add_training_flags(p, "mnist5k")
     r = recipe_from_args(p.parse_args(["--crop-area", "0.1", "0.9", "--betas", "0.8", "0.95", "--evals", "3"]))

@@ -37,6 +37,25 @@ def test_a_short_run_writes_every_file(tmp_path: Path) -> None:
     assert model.head.weight.abs().sum() > 0  # it trained (the head starts at zero)
 
 
+def test_in_memory_training_data_is_evaluated_on_any_eval_data(tmp_path: Path) -> None:
+    """--eval-data replaces the hold-out, whatever its source; missing or other-class data stop the run."""
+    from test_sources import make_folder
+
+    make_folder(tmp_path / "digits", {str(i): 2 for i in range(10)})
+    said: list[str] = []
+    files = train(tiny(eval_data=str(tmp_path / "digits"), evals=1), tmp_path / "run", progress=False,
+                  log=said.append)
+    assert "(5000 images, 10 classes)" in said[0]  # nothing held out
+    rows = [json.loads(line) for line in files.metrics.read_text().splitlines()]
+    assert [r["val_n"] for r in rows if "val_n" in r] == [20]
+    with pytest.raises(FileNotFoundError, match="nowhere"):
+        train(tiny(eval_data=str(tmp_path / "nowhere")), tmp_path / "run2", progress=False, log=lambda *_: None)
+    make_folder(tmp_path / "letters", {"a": 1, "b": 1})
+    with pytest.raises(ValueError, match="2 classes instead of 10"):
+        train(tiny(eval_data=str(tmp_path / "letters")), tmp_path / "run3", progress=False, log=lambda *_: None)
+    assert not (tmp_path / "run2").exists() and not (tmp_path / "run3").exists()
+
+
 def test_rebatch_gives_exact_batches_in_order() -> None:
     sizes = [5, 5, 2, 5, 1]  # what workers hand over: full batches and each one's short last batch
     starts = [sum(sizes[:i]) for i in range(len(sizes))]
@@ -105,8 +124,8 @@ def test_softmax_and_sigmoid_losses() -> None:
     assert loss_fn(logits, y, Recipe()) == pytest.approx(-torch.log_softmax(logits, 1)[0, 0].item())
     expected = -(math.log(torch.sigmoid(torch.tensor(2.0)).item()) + math.log(0.5) + math.log(1 - torch.sigmoid(torch.tensor(-1.0)).item()))
     assert loss_fn(logits, y, Recipe(loss="sigmoid")).item() == pytest.approx(expected, rel=1e-5)
-    with pytest.raises(ValueError, match="Unknown loss"):
-        loss_fn(logits, y, Recipe(loss="hinge"))
+    with pytest.raises(ValueError, match="--loss must be one of softmax, sigmoid"):
+        Recipe(loss="hinge")
 
 
 def test_resume_checks_the_model_and_notes_other_settings(tmp_path: Path) -> None:
@@ -137,6 +156,10 @@ def test_sigmoid_head_bias_starts_at_minus_log_classes(tmp_path: Path, monkeypat
 
     monkeypatch.setattr(train_mod, "make_optimizer", spy)
     train(tiny(loss="sigmoid", steps=1, evals=0), tmp_path / "s", progress=False, log=lambda *_: None)
+    assert torch.allclose(seen["bias"], torch.full((10,), -math.log(10)))
+    seen.clear()  # fine-tuning: the new head's weights are zero, its bias the same prior
+    train(tiny(loss="sigmoid", steps=1, evals=0), tmp_path / "f", init_from=str(tmp_path / "s"), progress=False,
+          log=lambda *_: None)
     assert torch.allclose(seen["bias"], torch.full((10,), -math.log(10)))
 
 

@@ -15,6 +15,15 @@ from typing import Any, Optional
 
 from .variants import canonical_name
 
+# The choices of the recipe's named settings. Evaluation preprocessing (SPEC §4) is applied by
+# transforms.eval_transform; its modes are defined here, where the command line can read them without
+# importing torchvision (seconds at start-up).
+OPTIMIZERS = ("adamw", "adam", "sgd")
+SCHEDULES = ("cosine", "linear")
+LOSSES = ("softmax", "sigmoid")
+EVAL_MODES = ("resize", "resmall-crop")
+AUGMENT_ON = ("workers", "device")
+
 
 @dataclass
 class Recipe:
@@ -29,7 +38,7 @@ class Recipe:
     epochs: float = 1.0
     steps: Optional[int] = None  # overrides epochs
     batch_size: int = 128
-    accum: int = 1  # gradient accumulation: optimiser steps see batch_size × accum images
+    accum: int = 1  # gradient accumulation: batch_size is split into accum micro-batches
     # Optimiser and schedule.
     optimizer: str = "adamw"  # adamw | adam | sgd
     lr: float = 1e-3
@@ -72,7 +81,7 @@ class Recipe:
     fsdp: bool = False  # under torchrun: shard parameters, gradients and optimiser state (FSDP2)
     tensorboard: bool = False  # also log the metrics to RUN/tensorboard (needs mlpmixer[tensorboard])
     threads: Optional[int] = None  # None: the free cores (see train._free_cores)
-    processes: Optional[int] = None  # local CPU processes (DDP); None: one per free core for in-memory data
+    processes: Optional[int] = None  # local CPU processes (shared_grads.py); None: one per free core for in-memory data
     workers: int = 2
     evals: int = 10  # validation passes, evenly spaced, the last at the end (0: only at the end)
     seed: int = 0
@@ -102,6 +111,9 @@ class Recipe:
         check("randaugment", lambda v: 0 <= v <= 30 and float(v).is_integer(), "a whole magnitude from 0 to 30")
         check("crop_area", lambda v: 0 < v[0] <= v[1] <= 1, "two area fractions, 0 < low <= high <= 1")
         check("betas", lambda v: all(0 <= b < 1 for b in v), "two decays, each at least 0 and below 1")
+        for name, allowed in (("optimizer", OPTIMIZERS), ("schedule", SCHEDULES), ("loss", LOSSES),
+                              ("eval_mode", EVAL_MODES), ("augment_on", AUGMENT_ON)):
+            check(name, lambda v: v in allowed, "one of " + ", ".join(allowed))
 
     def replace(self, **changes: Any) -> "Recipe":
         unknown = set(changes) - {f.name for f in dataclasses.fields(self)}
@@ -183,10 +195,6 @@ RECIPES: dict[str, dict[str, Any]] = {
 }
 
 DEFAULT_RECIPE = "mnist5k"
-# Evaluation preprocessing (SPEC §4), applied by transforms.eval_transform; defined here, where the
-# command line can read it without importing torchvision (seconds at start-up).
-EVAL_MODES = ("resize", "resmall-crop")
-AUGMENT_ON = ("workers", "device")
 
 
 def get_recipe(name: str = DEFAULT_RECIPE, **overrides: Any) -> Recipe:

@@ -39,7 +39,7 @@ from .evaluate import evaluate
 from .model import MlpMixer, create_model
 from .permute import FixedPermutation
 from .profiling import StepProfiler
-from .recipes import AUGMENT_ON, Recipe
+from .recipes import Recipe
 from .resize import resize_to
 from .shared_grads import SharedGradients
 from .variants import MixerConfig, as_pair
@@ -110,9 +110,7 @@ def lr_at(step: int, total: int, r: Recipe) -> float:
     progress = (step - warmup) / max(1, total - warmup)
     if r.schedule == "cosine":
         return r.min_lr + (r.lr - r.min_lr) * 0.5 * (1 + math.cos(math.pi * progress))
-    if r.schedule == "linear":
-        return r.min_lr + (r.lr - r.min_lr) * (1 - progress)
-    raise ValueError(f"Unknown schedule {r.schedule!r}; choose cosine or linear.")
+    return r.min_lr + (r.lr - r.min_lr) * (1 - progress)  # linear (Recipe checks the choice)
 
 
 def make_optimizer(model: torch.nn.Module, r: Recipe) -> torch.optim.Optimizer:
@@ -124,9 +122,7 @@ def make_optimizer(model: torch.nn.Module, r: Recipe) -> torch.optim.Optimizer:
         # The fused kernel updates every tensor in one pass: on small models it saves most of the step's
         # optimiser time. It needs floating-point CPU or CUDA parameters (torch >= 2.4 on the CPU).
         return torch.optim.AdamW(groups, lr=r.lr, betas=tuple(r.betas), fused=_fusable(model))
-    if r.optimizer == "sgd":
-        return torch.optim.SGD(groups, lr=r.lr, momentum=r.momentum)
-    raise ValueError(f"Unknown optimizer {r.optimizer!r}; choose adamw, adam or sgd.")
+    return torch.optim.SGD(groups, lr=r.lr, momentum=r.momentum)  # sgd (Recipe checks the choice)
 
 
 def _fusable(model: torch.nn.Module) -> bool:
@@ -139,12 +135,11 @@ def loss_fn(logits: torch.Tensor, target: torch.Tensor, r: Recipe) -> torch.Tens
     logits = logits.float()
     if r.loss == "softmax":
         return F.cross_entropy(logits, target, label_smoothing=r.label_smoothing)
-    if r.loss == "sigmoid":  # big_vision's sigmoid_xent: summed over classes, averaged over images
-        n = logits.shape[1]
-        probs = F.one_hot(target, n).float() if target.ndim == 1 else target
-        probs = probs * (1 - r.label_smoothing) + r.label_smoothing / n
-        return F.binary_cross_entropy_with_logits(logits, probs, reduction="sum") / len(logits)
-    raise ValueError(f"Unknown loss {r.loss!r}; choose softmax or sigmoid.")
+    # sigmoid (Recipe checks the choice): big_vision's sigmoid_xent, summed over classes, averaged over images
+    n = logits.shape[1]
+    probs = F.one_hot(target, n).float() if target.ndim == 1 else target
+    probs = probs * (1 - r.label_smoothing) + r.label_smoothing / n
+    return F.binary_cross_entropy_with_logits(logits, probs, reduction="sum") / len(logits)
 
 
 def _seed(seed: int, *parts: int) -> int:
@@ -516,8 +511,6 @@ def _train(
                          "torch or train without --fsdp.")
     if r.tensorboard and main:
         _summary_writer_class()  # without tensorboard, stop before anything is written
-    if r.augment_on not in AUGMENT_ON:
-        raise ValueError(f"Unknown --augment-on {r.augment_on!r}; choose {' or '.join(AUGMENT_ON)}.")
     if r.fast and (r.compile or fsdp):
         raise ValueError(f"--fast is an alternative to {'--compile' if r.compile else '--fsdp'}; choose one.")
     if r.batch_size % (r.accum * world):
@@ -533,7 +526,7 @@ def _train(
         log(f"--augment-on device is for image folders and shards; {r.data} is in memory already and "
             "augmented batch by batch (digits_aug).")
     if tensors is not None:
-        train_idx, val_idx = holdout_split(len(tensors), r.holdout, r.seed)
+        train_idx, val_idx = holdout_split(len(tensors), r.holdout if r.eval_data is None else 0, r.seed)
         train_data, class_names = tensors.subset(train_idx), tensors.class_names
         val_data: Any = tensors.subset(val_idx) if len(val_idx) else None
         img_size, in_chans = r.img_size or tuple(tensors.images.shape[-2:]), tensors.images.shape[1]
@@ -574,9 +567,16 @@ def _train(
             else:
                 val_data = open_folder_or_shards(r.eval_data or r.data, "val", holdout, r.seed, t_eval)
             check_same_classes(class_names, val_data.class_names)
-    num_classes = len(class_names)
-    if r.eval_data and tensors is not None:
+    if r.eval_data and tensors is not None:  # in-memory training data, evaluated on any source
         val_data = load_tensors(r.eval_data, split="test")
+        if val_data is None:
+            from .sources import check_same_classes, open_folder_or_shards
+            from .transforms import eval_transform
+
+            val_data = open_folder_or_shards(r.eval_data, "val", 0.0, r.seed,
+                                             eval_transform(img_size, in_chans, r.eval_mode))
+        check_same_classes(class_names, val_data.class_names)
+    num_classes = len(class_names)
 
     # --- model.
     torch.manual_seed(r.seed)
@@ -592,7 +592,7 @@ def _train(
     # Paper Figure 4: one fixed permutation of every training and validation image (None: off).
     permute = (FixedPermutation(r.permute, model.config.img_size, model.config.patch_size, r.permute_seed)
                if r.permute else None)
-    if r.loss == "sigmoid" and not init_from:  # big_vision: the head starts at a prior of 1/classes
+    if r.loss == "sigmoid":  # big_vision: the (new) head starts at a prior of 1/classes
         torch.nn.init.constant_(model.head.bias, -math.log(num_classes))
     model.set_grad_checkpointing(r.grad_checkpointing)
     model.to(device)

@@ -42,6 +42,8 @@ RECIPE_FLAGS: dict[str, tuple[str, Any, str]] = {
     "--augment-on": ("augment_on", str, "image folders and shards: augment each image in the DataLoader workers, "
                      "or decode the data into memory once and augment whole batches on the training device "
                      "(device: for small images such as CIFAR's, where a GPU outruns the workers)"),
+    "--eval-mode": ("eval_mode", str, "image data: validation preprocessing, resize (to the model's size) or resmall-crop "
+                    "(shorter side to 256/224 of it, then the central crop; SPEC §4)"),
     "--permute": ("permute", str, "paper Figure 4: one fixed permutation of every training and validation image, "
                   "patches (patch order + pixels within patches) or pixels (all pixels); config.json records it and "
                   "`mixer eval RUN` applies it (or give `mixer eval --permute`)"),
