@@ -54,7 +54,8 @@ def test_bench_against_timm_computes_timms_gelu(capsys):
     pytest.importorskip("timm")
     common = ("--variant", "S/32", "--img-size", "64", "--device", "cpu", "--batch-size", "1", "--mode", "infer",
               "--warmup", "0", "--repeats", "1", "--iters", "1", "--no-ceiling", "--json")
-    for extra, gelu in (((), "tanh"), (("--vs-timm",), "exact"), (("--vs-timm", "--gelu", "tanh"), "tanh")):
+    for extra, gelu in (((), "tanh"), (("--vs-timm",), "exact"), (("--vs-timm", "--gelu", "tanh"), "tanh"),
+                        (("--vs-timm", "mixer_s32_224"), "exact"), (("--vs-timm", "resnet18"), "tanh")):
         assert run_cli(*common, *extra) == 0
         assert json.loads(capsys.readouterr().out)["config"]["gelu"] == gelu
 

@@ -157,6 +157,8 @@ def test_cli_fewshot_and_linear_probe(tmp_path, capsys):
     # The pool holds 20 images per class (half of 40).
     assert main(["fewshot", ckpt, *common, "--shots", "21"]) == 2
     assert "21-shot evaluation needs 21 images of every class" in capsys.readouterr().err
+    assert main(["linear-probe", ckpt, *common, "--device", "tpu"]) == 2
+    assert "Unsupported device 'tpu'" in capsys.readouterr().err
 
 
 def test_feature_progress_counts_the_images_of_a_folder(tmp_path, capsys):

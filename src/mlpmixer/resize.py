@@ -5,8 +5,8 @@ factor K_h×K_w, the paper's conversion widens the token MLP to K_h·K_w·D_S an
 each copy of the pre-trained MLP processes exactly the tokens of one of the K_h×K_w spatial parts, so an
 image made of tiles gives each tile's original features (`method="blockdiag"`, the default).
 
-Beyond the paper, `method="resample"` handles any size (the factor need not be an integer): the weights
-are resampled over the patch grid, keeping D_S. It is only an approximation; docs/paper-tools.md
+Beyond the paper, `method="resample"` handles any multiple of the patch (the factor need not be an
+integer): the weights are resampled over the patch grid, keeping D_S. It is only an approximation; docs/paper-tools.md
 compares the two.
 """
 
@@ -44,7 +44,8 @@ def integer_factors(old: tuple[int, int], new: tuple[int, int]) -> tuple[int, in
         raise ValueError(
             f"{new[0]}×{new[1]} is not an integer multiple of the model's {old[0]}×{old[1]} per side, which "
             "the paper's block-diagonal conversion needs; choose such a size, or use the approximate "
-            "resampling that takes any size (method='resample'; on the command line `--method resample` for `mixer resize`, `--resize-method resample` for `mixer finetune`)."
+            "resampling that takes any multiple of the patch (method='resample'; on the command line "
+            "`--method resample` for `mixer resize`, `--resize-method resample` for `mixer finetune`)."
         )
     return (new[0] // old[0], new[1] // old[1])
 

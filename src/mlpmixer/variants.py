@@ -26,7 +26,7 @@ def as_pair(value: Size) -> tuple[int, int]:
 class MixerConfig:
     """Everything that fixes a Mixer's shapes and its numerics.
 
-    `patch_size` and `img_size` are (height, width) pairs; `tokens` = S follows from them.
+    `patch_size` and `img_size` are (height, width) pairs; `num_tokens` = S follows from them.
     """
 
     patch_size: tuple[int, int] = (16, 16)

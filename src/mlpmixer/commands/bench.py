@@ -58,17 +58,18 @@ def run(args: argparse.Namespace) -> int:
     overrides = {"num_classes": args.num_classes}
     if args.img_size:
         overrides["img_size"] = args.img_size
-    # Against timm's Mixer, the same function: timm computes the exact GELU, whose CPU kernel is about
+    timm_name = None
+    if args.vs_timm:
+        auto = args.vs_timm == "auto"
+        timm_name = B.timm_name_for(variant_config(args.variant, **overrides)) if auto else args.vs_timm
+        B.check_timm(timm_name)
+    # Against a timm Mixer, the same function: timm computes the exact GELU, whose CPU kernel is about
     # 3× faster than the tanh one's.
-    gelu = args.gelu or ("exact" if args.vs_timm == "auto" else None)
+    gelu = args.gelu or ("exact" if timm_name and timm_name.startswith("mixer_") else None)
     if gelu:
         overrides["gelu"] = gelu
     config = variant_config(args.variant, **overrides)
     batch = args.batch_size or (128 if device.type == "cuda" else 8)
-    timm_name = None
-    if args.vs_timm:
-        timm_name = B.timm_name_for(config) if args.vs_timm == "auto" else args.vs_timm
-        B.check_timm(timm_name)
     log = (lambda msg: print(msg, file=sys.stderr)) if args.json else print
 
     result: dict = dict(environment=B.environment(device), variant=config.describe(), config=config.to_dict(),

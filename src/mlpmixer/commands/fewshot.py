@@ -87,7 +87,9 @@ def _features(model: MlpMixer, spec: str, split: str, args: argparse.Namespace,
 def train_and_eval_features(args: argparse.Namespace) -> tuple[torch.Tensor, ...]:
     """(train features, train labels, eval features, eval labels, class names) of the command's data,
     from --eval-data or from a stratified hold-out of --data."""
-    device = torch.device(args.device) if args.device else torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    from ..bench import resolve_device  # an unknown or absent device is one sentence
+
+    device = resolve_device(args.device or ("cuda" if torch.cuda.is_available() else "cpu"))
     model = load_checkpoint(args.checkpoint).to(device).eval()
     feats, labels, names = _features(model, args.data, "train", args, "features of --data")
     if args.eval_data:
