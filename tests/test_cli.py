@@ -28,12 +28,13 @@ def test_the_full_parser_has_every_command() -> None:
 
 
 def test_listing_and_help_do_not_import_torch() -> None:
-    # torch takes seconds to import: `mixer --help`, `mixer train --help`, `recipes` and `info` (the
-    # variants table) need none of it.
+    # torch takes seconds to import: `mixer --help`, the help of the commands whose choices need no torch,
+    # `recipes` and `info` (the variants table) need none of it.
     code = (
         "import contextlib, io, sys\n"
         "from mlpmixer.cli import main\n"
-        "for argv in (['--help'], ['train', '--help'], ['recipes'], ['info'], ['info', '--json']):\n"
+        "helps = [[c, '--help'] for c in ('train', 'finetune', 'eval', 'resize', 'show-weights', 'recipes', 'info')]\n"
+        "for argv in (['--help'], *helps, ['recipes'], ['info'], ['info', '--json']):\n"
         "    with contextlib.redirect_stdout(io.StringIO()):\n"
         "        try:\n"
         "            assert main(argv) == 0\n"

@@ -10,9 +10,8 @@ from __future__ import annotations
 
 import torch
 
+from .recipes import PERMUTE_MODES
 from .variants import Size, as_pair
-
-MODES = ("patches", "pixels")
 
 
 class FixedPermutation:
@@ -20,8 +19,8 @@ class FixedPermutation:
     (one image or a batch); all channels move together."""
 
     def __init__(self, mode: str, img_size: Size, patch_size: Size = 16, seed: int = 0) -> None:
-        if mode not in MODES:
-            raise ValueError(f"Unknown permutation mode {mode!r}; use one of {', '.join(MODES)}.")
+        if mode not in PERMUTE_MODES:
+            raise ValueError(f"Unknown permutation mode {mode!r}; use one of {', '.join(PERMUTE_MODES)}.")
         (h, w), (ph, pw) = as_pair(img_size), as_pair(patch_size)
         if mode == "patches" and (h % ph or w % pw):
             raise ValueError(f"Image size {h}×{w} is not a multiple of the {ph}×{pw} patch; "

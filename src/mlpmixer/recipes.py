@@ -23,6 +23,8 @@ SCHEDULES = ("cosine", "linear")
 LOSSES = ("softmax", "sigmoid")
 EVAL_MODES = ("resize", "resmall-crop")
 AUGMENT_ON = ("workers", "device")
+PERMUTE_MODES = ("patches", "pixels")  # permute.py
+RESIZE_METHODS = ("blockdiag", "resample")  # resize.resize_to
 
 
 @dataclass
@@ -112,7 +114,8 @@ class Recipe:
         check("crop_area", lambda v: 0 < v[0] <= v[1] <= 1, "two area fractions, 0 < low <= high <= 1")
         check("betas", lambda v: all(0 <= b < 1 for b in v), "two decays, each at least 0 and below 1")
         for name, allowed in (("optimizer", OPTIMIZERS), ("schedule", SCHEDULES), ("loss", LOSSES),
-                              ("eval_mode", EVAL_MODES), ("augment_on", AUGMENT_ON)):
+                              ("eval_mode", EVAL_MODES), ("augment_on", AUGMENT_ON), ("permute", PERMUTE_MODES),
+                              ("resize_method", RESIZE_METHODS)):
             check(name, lambda v: v in allowed, "one of " + ", ".join(allowed))
 
     def replace(self, **changes: Any) -> "Recipe":

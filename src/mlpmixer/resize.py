@@ -18,9 +18,8 @@ import torch
 import torch.nn.functional as F
 
 from .model import MlpMixer
+from .recipes import RESIZE_METHODS
 from .variants import MixerConfig, Size, as_pair, paper_variant_of
-
-METHODS = ("blockdiag", "resample")
 
 
 def part_major_index(grid: tuple[int, int], factors: tuple[int, int]) -> torch.Tensor:
@@ -115,8 +114,8 @@ def resize_to(model: MlpMixer, img_size: Size, method: str = "blockdiag", mode: 
     `mode` ("bicubic", "bilinear" or "nearest"); it is an approximation, not in the paper.
     `model` itself is left unchanged.
     """
-    if method not in METHODS:
-        raise ValueError(f"Unknown resize method {method!r}; use one of {', '.join(METHODS)}.")
+    if method not in RESIZE_METHODS:
+        raise ValueError(f"Unknown resize method {method!r}; use one of {', '.join(RESIZE_METHODS)}.")
     cfg = model.config
     new_size = as_pair(img_size)
     (ph, pw) = cfg.patch_size

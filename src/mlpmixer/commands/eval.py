@@ -9,8 +9,7 @@ import math
 from pathlib import Path
 from typing import Any, Optional
 
-from ..permute import MODES as PERMUTE_MODES
-from ..recipes import EVAL_MODES
+from ..recipes import EVAL_MODES, PERMUTE_MODES
 from . import at_least
 
 

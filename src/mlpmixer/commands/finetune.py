@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import argparse
 
-from ..resize import METHODS
+from ..recipes import RESIZE_METHODS
 from .train import add_training_flags, recipe_from_args
 
 
@@ -20,7 +20,7 @@ def register(p: argparse.ArgumentParser) -> None:
     )
     p.add_argument("--from", dest="init_from", required=True, metavar="CHECKPOINT", help="checkpoint or run directory")
     add_training_flags(p, "finetune")
-    p.add_argument("--resize-method", dest="resize_method", choices=METHODS,
+    p.add_argument("--resize-method", dest="resize_method", choices=RESIZE_METHODS,
                    help="how --img-size converts the token MLPs: blockdiag (the paper's, integer multiples "
                    "of the checkpoint's size; default) or resample (any multiple of the patch, approximate)")
     p.set_defaults(func=run)

@@ -4,8 +4,7 @@ from __future__ import annotations
 
 import argparse
 
-from ..checkpoints import load_checkpoint, save_checkpoint
-from ..resize import METHODS, resize_to
+from ..recipes import RESIZE_METHODS
 from . import at_least, image_size
 
 
@@ -21,7 +20,7 @@ def register(p: argparse.ArgumentParser) -> None:
     p.add_argument("--img-size", type=at_least(1), nargs="+", required=True, metavar="N",
                    help="new image size: N for N×N, or H W")
     p.add_argument("--out", required=True, help="file to write (.safetensors keeps the configuration)")
-    p.add_argument("--method", choices=METHODS, default="blockdiag",
+    p.add_argument("--method", choices=RESIZE_METHODS, default="blockdiag",
                    help="blockdiag (paper, integer factors only; default) or resample (any multiple of the patch, approximate)")
     p.add_argument("--mode", choices=["bicubic", "bilinear", "nearest"], default="bicubic",
                    help="interpolation for --method resample (default bicubic)")
@@ -29,6 +28,9 @@ def register(p: argparse.ArgumentParser) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
+    from ..checkpoints import load_checkpoint, save_checkpoint  # torch: imported only when needed
+    from ..resize import resize_to
+
     size = image_size(args.img_size)
     model = load_checkpoint(args.checkpoint)
     old = model.config

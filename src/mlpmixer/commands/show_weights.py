@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import argparse
 
-from ..checkpoints import load_checkpoint
 from . import at_least
 
 
@@ -24,7 +23,8 @@ def register(p: argparse.ArgumentParser) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
-    from ..visualize import plot_stem, plot_token_mixing  # matplotlib: imported only when needed
+    from ..checkpoints import load_checkpoint  # torch and matplotlib: imported only when needed
+    from ..visualize import plot_stem, plot_token_mixing
 
     model = load_checkpoint(args.checkpoint)
     if args.stem:
