@@ -48,6 +48,11 @@ def test_in_memory_training_data_is_evaluated_on_any_eval_data(tmp_path: Path) -
     assert "(5000 images, 10 classes)" in said[0]  # nothing held out
     rows = [json.loads(line) for line in files.metrics.read_text().splitlines()]
     assert [r["val_n"] for r in rows if "val_n" in r] == [20]
+    from test_fewshot import write_idx_digits
+
+    idx = write_idx_digits(tmp_path / "idx", per_class=3)
+    files = train(tiny(eval_data=idx, evals=1), tmp_path / "run1", progress=False, log=lambda *_: None)
+    assert [json.loads(line).get("val_n") for line in files.metrics.read_text().splitlines()][-1] == 30
     with pytest.raises(FileNotFoundError, match="nowhere"):
         train(tiny(eval_data=str(tmp_path / "nowhere")), tmp_path / "run2", progress=False, log=lambda *_: None)
     make_folder(tmp_path / "letters", {"a": 1, "b": 1})

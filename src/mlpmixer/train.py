@@ -568,11 +568,11 @@ def _train(
                 val_data = open_folder_or_shards(r.eval_data or r.data, "val", holdout, r.seed, t_eval)
             check_same_classes(class_names, val_data.class_names)
     if r.eval_data and tensors is not None:  # in-memory training data, evaluated on any source
+        from .sources import check_same_classes, open_folder_or_shards
+        from .transforms import eval_transform
+
         val_data = load_tensors(r.eval_data, split="test")
         if val_data is None:
-            from .sources import check_same_classes, open_folder_or_shards
-            from .transforms import eval_transform
-
             val_data = open_folder_or_shards(r.eval_data, "val", 0.0, r.seed,
                                              eval_transform(img_size, in_chans, r.eval_mode))
         check_same_classes(class_names, val_data.class_names)
