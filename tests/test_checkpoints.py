@@ -329,6 +329,10 @@ def bad_files(folder: Path) -> dict[str, Path]:
     save_file(good.state_dict(), files["bad-names.safetensors"],
               metadata={"format": "mlpmixer", "config": SQUARE.to_json(), "class_names": '["only one"]'})
 
+    for text in ("hello\n", "abc"):  # the legacy reader fails on these with KeyError and IndexError
+        files[f"text-{text.strip()}.pth"] = folder / f"text-{text.strip()}.pth"
+        files[f"text-{text.strip()}.pth"].write_text(text)
+
     files["missing.npz"] = folder / "does-not-exist.npz"
     files["unknown-extension"] = folder / "weights.h5"
     files["unknown-extension"].write_bytes(b"\x89HDF")
@@ -339,6 +343,7 @@ def bad_files(folder: Path) -> dict[str, Path]:
 
 EXPECTED = {
     "truncated": "truncated",
+    "text-": "not a readable PyTorch file",
     "random": "corrupt",
     "empty": "corrupt",
     "object-array.npz": "never unpickled",

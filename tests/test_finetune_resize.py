@@ -42,12 +42,19 @@ def test_finetune_at_twice_the_size_uses_the_block_diagonal_conversion(tiny: Pat
     assert any(m.get("val_n") == 50 for m in metrics)
 
 
-def test_finetune_without_img_size_keeps_the_checkpoint_size(tiny: Path, tmp_path: Path) -> None:
+def test_finetune_without_img_size_keeps_the_checkpoint_size(tiny: Path, tmp_path: Path,
+                                                              capsys: pytest.CaptureFixture) -> None:
     out = tmp_path / "ft28"
-    assert main(["finetune", "--from", str(tiny), "--out", str(out), *FINETUNE]) == 0
+    assert main(["finetune", "--from", str(tiny), "--out", str(out), "--save-every", "2", *FINETUNE]) == 0
     model = load_checkpoint(out)
     assert model.config.img_size == (28, 28) and model.config.tokens_mlp_dim == 8
-    assert json.loads((out / "config.json").read_text())["recipe"]["img_size"] is None
+    config = json.loads((out / "config.json").read_text())
+    assert config["recipe"]["img_size"] is None and config["init_from"] == str(tiny)
+    # Resumed by `mixer train`, which would build another model and optimiser: one sentence naming the way.
+    assert main(["train", "--out", str(out), "--resume", "--quiet"]) == 2
+    assert f"fine-tunes {tiny}; resume it with mixer finetune --from {tiny}" in capsys.readouterr().err
+    assert main(["finetune", "--from", str(tiny), "--model", "S/16", "--out", str(tmp_path / "s16"), *FINETUNE]) == 2
+    assert "takes no --model" in capsys.readouterr().err and not (tmp_path / "s16").exists()
 
 
 def test_finetune_resample_takes_any_multiple_of_the_patch(tiny: Path, tmp_path: Path) -> None:

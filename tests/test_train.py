@@ -25,6 +25,10 @@ def test_a_short_run_writes_every_file(tmp_path: Path) -> None:
     files = train(tiny(), tmp_path / "run", progress=False, log=lambda *_: None)
     for f in (files.model, files.config, files.metrics, files.curves):
         assert f.is_file() and f.stat().st_size > 0
+    before = {f: f.read_bytes() for f in (files.model, files.config, files.metrics)}
+    with pytest.raises(FileExistsError, match="holds a run already; add --resume"):
+        train(tiny(), tmp_path / "run", progress=False, log=lambda *_: None)  # not over the finished run
+    assert all(f.read_bytes() == data for f, data in before.items())
     assert files.curves.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
     config = json.loads(files.config.read_text())
     assert config["recipe"]["data"] == "mnist5k" and config["model"]["in_chans"] == 1
@@ -138,10 +142,12 @@ def test_resume_checks_the_model_and_notes_other_settings(tmp_path: Path) -> Non
     run = tmp_path / "run"
     train(r, run, save_every=2, progress=False, log=lambda *_: None)
     metrics = (run / "metrics.jsonl").read_text()
-    with pytest.raises(ValueError, match=r"trains Mixer-digits/7 \(28×28, 10 classes\) and this command builds "
-                                         r"Mixer\(C=24, N=4, P=7\) \(28×28, 10 classes\); resume with the run's own"):
+    with pytest.raises(ValueError, match=r"trains Mixer-digits/7 \(28×28, 1 channel, 10 classes\) and this command "
+                                         r"builds Mixer\(C=24, N=4, P=7\) \(28×28, 1 channel, 10 classes\); resume"):
         train(r.replace(model_args={**r.model_args, "hidden_dim": 24}), run, resume=True, progress=False,
               log=lambda *_: None)
+    with pytest.raises(ValueError, match="trained with --optimizer adamw, whose saved state --optimizer sgd cannot"):
+        train(r.replace(optimizer="sgd"), run, resume=True, progress=False, log=lambda *_: None)
     assert (run / "metrics.jsonl").read_text() == metrics  # nothing written
     said: list[str] = []
     train(r.replace(steps=6), run, resume=True, progress=False, log=said.append)

@@ -229,7 +229,7 @@ def _read_torch(path: Path) -> StateDict:
             f"{path} contains Python objects other than tensors and was not loaded (it is never unpickled); "
             "save a plain state dict of tensors, or use .safetensors."
         ) from None
-    except (RuntimeError, EOFError, OSError, zipfile.BadZipFile) as e:
+    except Exception as e:  # noqa: BLE001 - the legacy reader meets garbage with KeyError, IndexError, ...
         raise CheckpointError(
             f"{path} is not a readable PyTorch file (truncated or corrupt: {_first_line(e)}); "
             "re-download or re-save it."

@@ -617,6 +617,10 @@ def _train(
     # --- run directory, or the run to resume.
     run = Path(out) if out else None
     start = 0
+    if not resume and run is not None and any((run / name).exists() for name in ("config.json", "model.safetensors",
+                                                                                   STATE_DIR)):
+        raise FileExistsError(f"{run} holds a run already; add --resume to go on from its last saved state, or "
+                              "give another --out (nothing in it was changed).")
     if resume:
         run = run or _latest_run()
         state_path = latest_state(run)
@@ -626,7 +630,7 @@ def _train(
                       "they share, or" if world > int(os.environ.get("LOCAL_WORLD_SIZE", world)) else "")
             raise FileNotFoundError(f"{run} has no saved training state ({STATE_DIR}/step-*.pt) to resume "
                                     f"from;{shared} train with --save-every N first.")
-        _check_resumable(run, model.config, r, log if main else (lambda *_: None))
+        _check_resumable(run, model.config, r, init_from, log if main else (lambda *_: None))
         # FSDP: each rank keeps only its shards of the full state, so read it to the CPU, not the device.
         state = torch.load(state_path, map_location="cpu" if fsdp else device, weights_only=True)
         if fsdp:  # the state holds full tensors (keyed by name): each rank keeps its shards
@@ -636,7 +640,11 @@ def _train(
             set_optimizer_state_dict(model, opt, state["optimizer"], options=_full_options())
         else:
             model.load_state_dict(state["model"])
-            opt.load_state_dict(state["optimizer"])
+            try:
+                opt.load_state_dict(state["optimizer"])
+            except (KeyError, ValueError) as e:  # another optimiser's state, whose run left no config.json
+                raise ValueError(f"{state_path} holds the state of another optimiser than --optimizer {r.optimizer} "
+                                 f"({type(e).__name__}: {e}); resume with the run's own settings.") from None
         ema = state["ema"] or ema
         start = int(state["step"])
     # Before anything is written: a resumed run's metrics are trimmed to its state below.
@@ -651,6 +659,8 @@ def _train(
         run.mkdir(parents=True, exist_ok=True)
         config = {"model": model.config.to_dict(), "recipe": r.to_dict(), "class_names": list(class_names),
                   "steps": total, "world_size": world}
+        if init_from:  # where a fine-tuning run started (the recipe's `model` is not what it trains)
+            config["init_from"] = str(init_from)
         files.config.write_text(json.dumps(config, indent=1) + "\n")
         _trim_metrics(files.metrics, start)
     board = _summary_writer(run / "tensorboard", start) if main and r.tensorboard else None
@@ -811,9 +821,10 @@ def _train(
     return files
 
 
-def _check_resumable(run: Path, config: MixerConfig, r: Recipe, log: Any) -> None:
-    """Resuming builds the model from the command's settings: a model of other shapes is one sentence
-    here (not load_state_dict's list of mismatches), other recipe settings a note, as the run then
+def _check_resumable(run: Path, config: MixerConfig, r: Recipe, init_from: Optional[str], log: Any) -> None:
+    """Resuming builds the model and optimiser from the command's settings: a model of other shapes,
+    another optimiser or a fine-tuning run resumed without its --from is one sentence here (not
+    load_state_dict's list of mismatches or KeyError), other recipe settings a note, as the run then
     goes on differently from the one it resumes."""
     try:
         saved = json.loads((run / "config.json").read_text())
@@ -824,12 +835,20 @@ def _check_resumable(run: Path, config: MixerConfig, r: Recipe, log: Any) -> Non
     def shapes(d: dict) -> dict:  # what the weights' shapes depend on
         return {k: v for k, v in d.items() if k not in ("name", "gelu", "drop_rate", "drop_path_rate")}
 
+    if saved.get("init_from") and not init_from:
+        raise ValueError(f"{run} fine-tunes {saved['init_from']}; resume it with mixer finetune --from "
+                         f"{saved['init_from']} and the run's other settings, plus --resume.")
     if shapes(saved["model"]) != shapes(config.to_dict()):
-        was = MixerConfig.from_dict(saved["model"])
-        raise ValueError(f"{run} trains {was.describe()} ({was.img_size[0]}×{was.img_size[1]}, {was.num_classes} "
-                         f"classes) and this command builds {config.describe()} ({config.img_size[0]}×"
-                         f"{config.img_size[1]}, {config.num_classes} classes); resume with the run's own settings "
-                         "(its config.json) and the same data.")
+        def what(c: MixerConfig) -> str:
+            return (f"{c.describe()} ({c.img_size[0]}×{c.img_size[1]}, {c.in_chans} channel{'s' * (c.in_chans > 1)}, "
+                    f"{c.num_classes} classes)")
+
+        raise ValueError(f"{run} trains {what(MixerConfig.from_dict(saved['model']))} and this command builds "
+                         f"{what(config)}; resume with the run's own settings (its config.json) and the same data.")
+    was = saved["recipe"].get("optimizer")
+    if was != r.optimizer and "sgd" in (was, r.optimizer):  # adam and adamw both train with AdamW's state
+        raise ValueError(f"{run} was trained with --optimizer {was}, whose saved state --optimizer {r.optimizer} "
+                         f"cannot go on from; resume with --optimizer {was} (the run's settings are in its config.json).")
     now = json.loads(json.dumps(r.to_dict()))  # as config.json holds it: tuples as lists
     # The process and thread counts are taken from the run (launch); only the count chosen is recorded.
     changed = [f"{k} {saved['recipe'].get(k)!r} -> {v!r}" for k, v in now.items()

@@ -29,6 +29,9 @@ def register(p: argparse.ArgumentParser) -> None:
 def run(args: argparse.Namespace) -> int:
     from ..train import launch
 
+    if args.model:
+        raise ValueError("mixer finetune trains the model of --from CHECKPOINT, so it takes no --model; give "
+                         "--img-size N to fine-tune it at another resolution.")
     recipe = recipe_from_args(args)
     if args.resize_method:
         recipe = recipe.replace(resize_method=args.resize_method)
