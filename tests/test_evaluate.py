@@ -67,3 +67,29 @@ def test_eval_bad_input(digits_model: Path, tmp_path: Path, capsys: pytest.Captu
     save_checkpoint(three, tmp_path / "three.safetensors")
     assert main(["eval", str(tmp_path / "three.safetensors"), "--data", "mnist5k"]) != 0
     assert "10 classes but the model predicts 3" in capsys.readouterr().err
+
+
+def test_an_undecodable_image_is_left_out_of_the_score(digits_model: Path, tmp_path: Path) -> None:
+    """A folder's bad image counts neither as itself nor twice as the next one: n is the good images."""
+    import warnings
+
+    from test_sources import make_folder
+
+    from mlpmixer import load_checkpoint
+    from mlpmixer.evaluate import open_eval_data
+
+    model = load_checkpoint(digits_model)
+    model.class_names = ["a", "b"]
+    model.reset_classifier(2)
+    torch.nn.init.normal_(model.head.weight)
+    make_folder(tmp_path / "good", {"a": 150, "b": 150})
+    make_folder(tmp_path / "bad", {"a": 150, "b": 150}, bad=(4, 5))  # below 1%; a batch of 2 is all bad
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        clean = evaluate(model, open_eval_data(str(tmp_path / "good"), model), batch_size=2, workers=0,
+                         predictions=True)
+        damaged = evaluate(model, open_eval_data(str(tmp_path / "bad"), model), batch_size=2, workers=0,
+                           predictions=True)
+    assert damaged["n"] == 298 and clean["n"] == 300
+    kept = [i for i in range(300) if i not in (4, 5)]  # the same pictures as the clean folder's
+    assert torch.equal(damaged["preds"], clean["preds"][kept]) and torch.equal(damaged["labels"], clean["labels"][kept])

@@ -76,7 +76,7 @@ def make_shards(
 
 def ids_and_labels(dataset, workers: int = 0) -> list[tuple[int, int]]:
     loader = DataLoader(dataset, batch_size=None, num_workers=workers)
-    return [(sample_id(image), int(label)) for image, label in loader]
+    return [(sample_id(item[0]), int(item[1])) for item in loader if item is not None]  # None: a skipped image
 
 
 # --- image folders -------------------------------------------------------------------------------------
@@ -133,16 +133,23 @@ def test_folder_holdout_is_disjoint_complete_and_seeded(tmp_path: Path) -> None:
 
 def test_folder_bad_image_is_skipped_and_counted(tmp_path: Path) -> None:
     make_folder(tmp_path, {"a": 150, "b": 150}, bad=(5,))
-    dataset = open_folder_or_shards(str(tmp_path), "train", 0.0, 0, None).dataset
-    with pytest.warns(UserWarning, match="0005.png"):
-        image, label = dataset[5]
-    assert sample_id(image) == 6 and label == 0  # the next good image stands in
-    assert (dataset.bad_samples.bad, dataset.bad_samples.seen) == (1, 2)
+    dataset = open_folder_or_shards(str(tmp_path), "val", 0.0, 0, None).dataset
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
         ids = [i for i, _ in ids_and_labels(dataset, workers=2)]
-    assert 5 not in ids and len(ids) == 300
-    assert dataset.bad_samples.bad == 2  # the workers' counts reach the main process
+    assert sorted(ids) == [i for i in range(300) if i != 5]  # skipped: evaluation counts each good image once
+    assert (dataset.bad_samples.bad, dataset.bad_samples.seen) == (1, 300)  # the workers' counts reach us
+    with warnings.catch_warnings(record=True) as said:
+        warnings.simplefilter("always")
+        assert len(ids_and_labels(dataset)) == 299  # a second epoch passes over the file found bad
+    assert not [w for w in said if "Skipping" in str(w.message)]  # without a word
+    assert (dataset.bad_samples.bad, dataset.bad_samples.seen) == (1, 599)  # counted once, not per epoch
+    # Training keeps its batches whole: the next good image stands in.
+    training = open_folder_or_shards(str(tmp_path), "train", 0.0, 0, None, replace_bad=True).dataset
+    with pytest.warns(UserWarning, match="0005.png"):
+        image, label = training[5]
+    assert sample_id(image) == 6 and label == 0
+    assert (training.bad_samples.bad, training.bad_samples.seen) == (1, 2)
 
 
 def test_folder_with_too_many_bad_images_stops(tmp_path: Path) -> None:

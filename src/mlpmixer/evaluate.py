@@ -37,9 +37,13 @@ def open_eval_data(spec: str, model: MlpMixer, mode: str = "resize", workers: in
 
 
 def batches_of(data: Union[TensorData, Source], model: MlpMixer, batch_size: int, workers: int = 2) -> Iterable:
+    """(images, labels) batches of `data` for `model`, without the images that could not be decoded."""
     if isinstance(data, TensorData):
         return tensor_batches(data, model, batch_size)
-    return torch.utils.data.DataLoader(data.dataset, batch_size=batch_size, num_workers=workers)
+    from .sources import drop_bad
+
+    loader = torch.utils.data.DataLoader(data.dataset, batch_size=batch_size, num_workers=workers, collate_fn=drop_bad)
+    return (batch for batch in loader if batch is not None)
 
 
 @torch.no_grad()

@@ -176,24 +176,45 @@ def check_same_classes(train_names: list[str], eval_names: list[str]) -> None:
 class FolderDataset(torch.utils.data.Dataset):
     """(path, label) pairs of an image folder; yields (transform(image), label).
 
-    A bad image is replaced by the next good one (warned about and counted), so a batch keeps its size
-    and samplers need not know."""
+    A bad image is warned about and counted, and then skipped: it yields None, which `drop_bad` takes
+    out of the batch (evaluation counts each good image once). With `replace_bad` (training) it is
+    replaced by the next good image instead, so a batch keeps its size and the samplers, which place
+    every step's images for resuming, need not know.
 
-    def __init__(self, samples: list[tuple[str, int]], transform: Transform) -> None:
+    Each bad file is warned about and counted once: the images found bad are marked in shared memory
+    (seen by every worker, as the counts are) and passed over in later epochs. Counted again on every
+    visit, one bad file among 116 (0.9%) read as 2 of 173 images (1.2%) early in the second epoch."""
+
+    def __init__(self, samples: list[tuple[str, int]], transform: Transform, replace_bad: bool = False) -> None:
         self.samples = samples
         self.transform = transform
+        self.replace_bad = replace_bad
         self.bad_samples = BadSampleCounter(len(samples))
+        self._found_bad = multiprocessing.Array("b", len(samples), lock=False)  # one flag per image
 
     def __len__(self) -> int:
         return len(self.samples)
 
-    def __getitem__(self, index: int) -> tuple[Any, int]:
-        for offset in range(len(self.samples)):
-            path, label = self.samples[(index + offset) % len(self.samples)]
+    def __getitem__(self, index: int) -> Optional[tuple[Any, int]]:
+        for offset in range(len(self.samples) if self.replace_bad else 1):
+            i = (index + offset) % len(self.samples)
+            if self._found_bad[i]:
+                continue
+            path, label = self.samples[i]
             image = _load_counted(path, self.bad_samples, lambda: decode_image_bytes(Path(path).read_bytes()))
-            if image is not None:
+            if image is None:
+                self._found_bad[i] = 1
+            else:
                 return (self.transform(image) if self.transform else image), label
+        if not self.replace_bad:
+            return None
         raise BadDataError(f"None of the {len(self.samples)} images could be decoded.")
+
+
+def drop_bad(batch: list[Optional[tuple[Any, int]]]) -> Optional[tuple[torch.Tensor, torch.Tensor]]:
+    """DataLoader collation that leaves out the images a FolderDataset skipped; None if all were."""
+    good = [item for item in batch if item is not None]
+    return torch.utils.data.default_collate(good) if good else None
 
 
 class ShardDataset(torch.utils.data.IterableDataset):
@@ -412,7 +433,8 @@ class _VisibleImageFolder(ImageFolder):
         return classes, {name: i for i, name in enumerate(classes)}
 
 
-def _open_image_folder(root: Path, split: str, holdout: float, seed: int, transform: Transform) -> Source:
+def _open_image_folder(root: Path, split: str, holdout: float, seed: int, transform: Transform,
+                       replace_bad: bool) -> Source:
     folder = _VisibleImageFolder(str(root))  # only to find the classes and files
     samples = folder.samples
     if not samples:
@@ -428,15 +450,17 @@ def _open_image_folder(root: Path, split: str, holdout: float, seed: int, transf
                 f"The {split} part of {root} is empty with a hold-out fraction of {holdout}; "
                 "use a fraction that leaves images on both sides."
             )
-    return Source(FolderDataset(samples, transform), list(folder.classes), len(samples))
+    return Source(FolderDataset(samples, transform, replace_bad), list(folder.classes), len(samples))
 
 
 def open_folder_or_shards(path: str, split: str, holdout: float, seed: int, transform: Transform,
-                          whole: bool = False) -> Source:
+                          whole: bool = False, replace_bad: bool = False) -> Source:
     """Open an image folder or WebDataset shards as the `split` ("train" or "val") part of the data,
     holding out a seeded `holdout` fraction for "val" when no train/ + val/ pair is given (0: the
     whole folder, whatever the split). The dataset yields (transform(uint8 CHW tensor), int label).
-    `whole`: shards are not split across processes nor shuffled (every process reads all of them)."""
+    `whole`: shards are not split across processes nor shuffled (every process reads all of them).
+    Bad images are skipped (shards) or yield None (folders: batch them with `drop_bad`), or with
+    `replace_bad` a folder gives the next good image in their place (FolderDataset)."""
     if split not in SPLITS:
         raise ValueError(f"The split must be 'train' or 'val', not {split!r}.")
     if not 0 <= holdout < 1:
@@ -451,12 +475,12 @@ def open_folder_or_shards(path: str, split: str, holdout: float, seed: int, tran
     if not root.is_dir():
         raise ValueError(f"{path} is neither a folder nor a .tar/.tar.gz shard; give an image folder or shards.")
     if (root / "train").is_dir() and (root / "val").is_dir():
-        return open_folder_or_shards(str(root / split), split, 0.0, seed, transform, whole)
+        return open_folder_or_shards(str(root / split), split, 0.0, seed, transform, whole, replace_bad)
     if not any(p.is_dir() and not p.name.startswith(".") for p in root.iterdir()):  # hidden ones are no classes
         raise FileNotFoundError(
             f"{path} has neither class sub-folders nor .tar/.tar.gz shards; give an image folder or shards."
         )
-    return _open_image_folder(root, split, holdout, seed, transform)
+    return _open_image_folder(root, split, holdout, seed, transform, replace_bad)
 
 
 def read_into_memory(path: str, split: str, holdout: float, seed: int, in_chans: int, workers: int = 2,
@@ -495,10 +519,14 @@ def read_into_memory(path: str, split: str, holdout: float, seed: int, in_chans:
     return TensorData(torch.stack(images), torch.tensor(labels, dtype=torch.int64), source.class_names, counter)
 
 
-def _pack(batch: list[tuple[torch.Tensor, int]]) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+def _pack(batch: list[Optional[tuple[torch.Tensor, int]]]) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """DataLoader collation for images of any sizes: (all pixels concatenated, (n, 3) shapes, labels).
     Three tensors per batch, as a worker passes each tensor to the main process through a file
     descriptor: one per image ran out of them."""
-    images, labels = zip(*batch)
+    good = [item for item in batch if item is not None]  # a folder's bad images yield None
+    if not good:
+        no_labels = torch.empty(0, dtype=torch.int64)
+        return torch.empty(0, dtype=torch.uint8), torch.empty(0, 3, dtype=torch.int64), no_labels
+    images, labels = zip(*good)
     shapes = torch.tensor([image.shape for image in images], dtype=torch.int64)
     return torch.cat([image.reshape(-1) for image in images]), shapes, torch.tensor(labels, dtype=torch.int64)

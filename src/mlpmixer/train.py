@@ -553,7 +553,7 @@ def _train(
         else:
             t_train = train_transform(img_size, in_chans, crop_area=tuple(r.crop_area),
                                       randaugment_m=r.randaugment, flip=r.flip, pad_crop=r.pad_crop)
-            source = open_folder_or_shards(r.data, "train", holdout, r.seed, t_train)
+            source = open_folder_or_shards(r.data, "train", holdout, r.seed, t_train, replace_bad=True)
             train_data, class_names, num_train = source.dataset, source.class_names, source.num_examples
         val_data = None
         if holdout or r.eval_data:
