@@ -125,10 +125,13 @@ def test_folder_holdout_is_disjoint_complete_and_seeded(tmp_path: Path) -> None:
 
     train, val = ids("train", 1), ids("val", 1)
     assert not train & val and train | val == set(range(60))
-    assert 5 <= len(val) <= 25  # about a quarter
+    assert len(val) == 15  # exactly a quarter
     assert ids("val", 1) == val  # deterministic
     assert ids("val", 2) != val  # and seeded
     assert open_folder_or_shards(str(tmp_path), "val", 0.0, 1, None).num_examples == 60  # no hold-out: whole folder
+    assert open_folder_or_shards(str(tmp_path), "val", 1 / 60, 1, None).num_examples == 1  # a count of 1 is 1
+    with pytest.raises(ValueError, match="Holding out 0 of the 60 images .* leaves its val part empty"):
+        open_folder_or_shards(str(tmp_path), "val", 0.001, 1, None)
 
 
 def test_folder_bad_image_is_skipped_and_counted(tmp_path: Path) -> None:
@@ -225,6 +228,8 @@ def test_shard_holdout_is_disjoint_complete_and_deterministic(tmp_path: Path) ->
     assert not set(train) & set(val) and sorted(train + val) == list(range(80))
     assert 5 <= len(val) <= 30
     assert ids("val") == val
+    with pytest.raises(ValueError, match="leaves their val part empty"):  # said before any training
+        open_folder_or_shards(str(tmp_path), "val", 1e-6, 3, None)
 
 
 def test_globs_brace_lists_and_single_shards(tmp_path: Path) -> None:

@@ -65,6 +65,25 @@ def test_in_memory_training_data_is_evaluated_on_any_eval_data(tmp_path: Path) -
     assert not (tmp_path / "run2").exists() and not (tmp_path / "run3").exists()
 
 
+def test_a_folders_holdout_count_is_exact_and_a_val_folder_needs_none(tmp_path: Path) -> None:
+    from test_sources import make_folder
+
+    make_folder(tmp_path / "f", {"a": 20, "b": 20})
+    r = tiny(data=str(tmp_path / "f"), img_size=14, workers=0, batch_size=8, steps=1, evals=1)
+    assert r.holdout == 250  # the default job's count, more than this folder holds
+    with pytest.raises(ValueError, match="Cannot hold out 250 of the 40 images of .*; lower --holdout"):
+        train(r, tmp_path / "run", progress=False, log=lambda *_: None)
+
+    def scored(recipe: Recipe, out: str) -> int:
+        files = train(recipe, tmp_path / out, progress=False, log=lambda *_: None)
+        return [json.loads(line).get("val_n") for line in files.metrics.read_text().splitlines()][-1]
+
+    assert scored(r.replace(holdout=6), "six") == 6
+    make_folder(tmp_path / "pair" / "train", {"a": 20, "b": 20})
+    make_folder(tmp_path / "pair" / "val", {"a": 2, "b": 3}, start=100)
+    assert scored(r.replace(data=str(tmp_path / "pair")), "pair") == 5  # val/ is the validation data, whole
+
+
 def test_rebatch_gives_exact_batches_in_order() -> None:
     sizes = [5, 5, 2, 5, 1]  # what workers hand over: full batches and each one's short last batch
     starts = [sum(sizes[:i]) for i in range(len(sizes))]

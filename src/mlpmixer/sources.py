@@ -152,10 +152,21 @@ def _load_counted(where: str, counter: BadSampleCounter, load: Callable[[], T]) 
     return item
 
 
+def _holdout_rank(key: str, seed: int) -> int:
+    """A stable hash of a sample's name (not Python's salted hash()), so every process and run agrees."""
+    return zlib.crc32(f"{seed}/{key}".encode())
+
+
 def in_holdout(key: str, holdout: float, seed: int) -> bool:
-    """Whether the sample named `key` belongs to the hold-out ("val") part. A stable hash (not
-    Python's salted hash()), so every process and every run agrees."""
-    return zlib.crc32(f"{seed}/{key}".encode()) % 1000 < round(holdout * 1000)
+    """Whether the shard sample named `key` belongs to the hold-out ("val") part: a share `holdout` of
+    the samples on average, to 2^-32 (a hold-out of 10 among CIFAR-10's 50,000 holds out about 10).
+    Streamed shards can do no better than chance; folders hold out an exact count (`_open_image_folder`)."""
+    return _holdout_rank(key, seed) < holdout * 2**32
+
+
+def is_split_pair(path: str) -> bool:
+    """Whether `path` is a folder with `train/` and `val/` sub-folders, which are the two splits."""
+    return (Path(path) / "train").is_dir() and (Path(path) / "val").is_dir()
 
 
 def check_same_classes(train_names: list[str], eval_names: list[str]) -> None:
@@ -411,6 +422,9 @@ def _open_shards(shards: list[str], split: str, holdout: float, seed: int, trans
             )
         total, num_classes = _scan(shards, split, holdout, seed)
         class_names = class_names or [str(i) for i in range(num_classes)]
+        if holdout > 0 and total == 0:
+            raise ValueError(f"A hold-out of {holdout:.4g} of the shards in {folder} leaves their {split} part empty; "
+                             "hold out more or fewer images (--holdout).")
     dataset = ShardDataset(shards, transform, len(class_names), total, split=split, holdout=holdout, seed=seed,
                            whole=whole)
     return Source(dataset, [str(name) for name in class_names], total)
@@ -441,14 +455,15 @@ def _open_image_folder(root: Path, split: str, holdout: float, seed: int, transf
         raise FileNotFoundError(
             f"{root} has class folders but no images in them; put each class's images in its folder."
         )
-    if holdout > 0:
-        val = split == "val"
-        key = lambda path: Path(path).relative_to(root).as_posix()  # noqa: E731
-        samples = [s for s in samples if in_holdout(key(s[0]), holdout, seed) == val]
+    if holdout > 0:  # exactly round(holdout × images), the first in the order of a seeded stable hash
+        count = round(holdout * len(samples))
+        ranked = sorted(samples, key=lambda s: (_holdout_rank(Path(s[0]).relative_to(root).as_posix(), seed), s[0]))
+        held = {path for path, _ in ranked[:count]}
+        samples = [s for s in samples if (s[0] in held) == (split == "val")]
         if not samples:
             raise ValueError(
-                f"The {split} part of {root} is empty with a hold-out fraction of {holdout}; "
-                "use a fraction that leaves images on both sides."
+                f"Holding out {count} of the {len(ranked)} images of {root} leaves its {split} part empty; "
+                f"hold out between 1 and {len(ranked) - 1} of them (--holdout)."
             )
     return Source(FolderDataset(samples, transform, replace_bad), list(folder.classes), len(samples))
 
@@ -474,7 +489,7 @@ def open_folder_or_shards(path: str, split: str, holdout: float, seed: int, tran
         raise FileNotFoundError(f"No {what} matches {path}; check the --data path.")
     if not root.is_dir():
         raise ValueError(f"{path} is neither a folder nor a .tar/.tar.gz shard; give an image folder or shards.")
-    if (root / "train").is_dir() and (root / "val").is_dir():
+    if is_split_pair(path):
         return open_folder_or_shards(str(root / split), split, 0.0, seed, transform, whole, replace_bad)
     if not any(p.is_dir() and not p.name.startswith(".") for p in root.iterdir()):  # hidden ones are no classes
         raise FileNotFoundError(

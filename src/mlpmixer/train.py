@@ -534,17 +534,20 @@ def _train(
         if init_config:
             img_size, in_chans = r.img_size or init_config.img_size, init_config.in_chans
     else:
-        from .sources import check_same_classes, open_folder_or_shards, read_into_memory
+        from .sources import check_same_classes, is_split_pair, open_folder_or_shards, read_into_memory
         from .transforms import eval_transform, mixup_cutmix, train_transform
 
         img_size, in_chans = r.img_size or 224, 3
         if init_from:  # fine-tuning keeps the checkpoint's channels (and size, unless r.img_size)
             img_size, in_chans = r.img_size or init_config.img_size, init_config.in_chans
-        holdout = r.holdout if r.eval_data is None else 0.0
+        pair = is_split_pair(r.data)  # its val/ is the validation data
+        holdout = r.holdout if r.eval_data is None and not pair else 0.0
         if holdout >= 1:  # a count (as the digits recipe gives): the sources take a fraction
             n = open_folder_or_shards(r.data, "train", 0.0, r.seed, None).num_examples
             if not n:
                 raise ValueError(f"{r.data} does not say how many images it holds; give --holdout as a fraction.")
+            if holdout >= n:
+                raise ValueError(f"Cannot hold out {holdout:g} of the {n} images of {r.data}; lower --holdout.")
             holdout = holdout / n
         if r.augment_on == "device":  # decoded once here, augmented batch by batch on the device
             train_data = read_into_memory(r.data, "train", holdout, r.seed, in_chans, r.workers,
@@ -556,7 +559,7 @@ def _train(
             source = open_folder_or_shards(r.data, "train", holdout, r.seed, t_train, replace_bad=True)
             train_data, class_names, num_train = source.dataset, source.class_names, source.num_examples
         val_data = None
-        if holdout or r.eval_data:
+        if holdout or r.eval_data or pair:
             t_eval = eval_transform(img_size, in_chans, r.eval_mode)
             if r.augment_on == "device":
                 # Decoded once too: through the workers, each evaluation read every shard again (the H200
@@ -848,7 +851,8 @@ def _check_resumable(run: Path, config: MixerConfig, r: Recipe, init_from: Optio
     was = saved["recipe"].get("optimizer")
     if was != r.optimizer and "sgd" in (was, r.optimizer):  # adam and adamw both train with AdamW's state
         raise ValueError(f"{run} was trained with --optimizer {was}, whose saved state --optimizer {r.optimizer} "
-                         f"cannot go on from; resume with --optimizer {was} (the run's settings are in its config.json).")
+                         f"cannot go on from; resume with --optimizer {was} (the run's settings are in its "
+                         "config.json).")
     now = json.loads(json.dumps(r.to_dict()))  # as config.json holds it: tuples as lists
     # The process and thread counts are taken from the run (launch); only the count chosen is recorded.
     changed = [f"{k} {saved['recipe'].get(k)!r} -> {v!r}" for k, v in now.items()
