@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 import subprocess
 import sys
 from pathlib import Path
@@ -66,3 +67,23 @@ def test_the_docs_use_only_flags_the_commands_have(capsys: pytest.CaptureFixture
                 if flag not in helps[found.group(1)]:
                     unknown.append(f"{doc.name}: mixer {found.group(1)} {flag}")
     assert checked > 50 and not unknown
+
+
+def test_our_warnings_are_one_line(tmp_path: Path) -> None:
+    """A skipped image is one "mixer: warning:" line, also from a DataLoader worker process."""
+    from test_sources import make_folder
+
+    from mlpmixer import create_model, save_checkpoint
+
+    model = create_model("digits/4", img_size=8, patch_size=4, num_classes=2)
+    model.class_names = ["a", "b"]
+    save_checkpoint(model, tmp_path / "m.safetensors")
+    make_folder(tmp_path / "data", {"a": 100, "b": 100}, bad=(7,))
+    done = subprocess.run([sys.executable, "-m", "mlpmixer", "eval", str(tmp_path / "m.safetensors"), "--data",
+                           str(tmp_path / "data"), "--workers", "1"], capture_output=True, text=True, timeout=120,
+                          env={**os.environ, "PYTHONPATH": str(ROOT / "src")})
+    assert done.returncode == 0, done.stderr
+    said = [line for line in done.stderr.splitlines() if "0007.png" in line]  # perhaps after the progress bar
+    assert len(said) == 1 and f"mixer: warning: Skipping {tmp_path / 'data' / 'a' / '0007.png'}: " in said[0]
+    assert "UserWarning" not in done.stderr
+    assert "_load_counted" not in done.stderr  # no source line of the warnings.warn call

@@ -10,6 +10,7 @@ import argparse
 import importlib
 import os
 import sys
+import warnings
 from typing import Iterable, Sequence
 
 # command -> (module under mlpmixer.commands, one-line summary), in the order `mixer --help` lists them.
@@ -52,8 +53,24 @@ def build_parser(commands: Iterable[str] = COMMANDS) -> argparse.ArgumentParser:
     return parser
 
 
+_PACKAGE = os.path.dirname(os.path.abspath(__file__))
+_python_format_warning = warnings.formatwarning
+
+
+def _format_warning(message: Warning | str, category: type[Warning], filename: str, lineno: int,
+                    line: str | None = None) -> str:
+    """Our warnings as one line, like our errors (Python's format adds the file, the line number and
+    the source line of the warnings.warn call); other libraries' warnings as Python prints them."""
+    if os.path.abspath(filename).startswith(_PACKAGE + os.sep):
+        # On a terminal, first clear the line a progress bar may be drawing (it redraws itself after).
+        clear = "\r\033[K" if sys.stderr.isatty() else ""
+        return f"{clear}mixer: warning: {message}\n"
+    return _python_format_warning(message, category, filename, lineno, line)
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     argv = sys.argv[1:] if argv is None else list(argv)
+    warnings.formatwarning = _format_warning  # DataLoader workers, forked later, inherit it
     # The command is the first word that is not an option: `mixer`'s own options take no values.
     command = next((word for word in argv if not word.startswith("-")), None)
     parser = build_parser([command] if command in COMMANDS else [])

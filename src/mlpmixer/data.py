@@ -127,7 +127,7 @@ def load_idx_folder(path: str | Path, split: str = "test") -> TensorData:
     if pair is None:
         raise FileNotFoundError(
             f"{folder} has no MNIST IDX files (t10k-images-idx3-ubyte[.gz] and t10k-labels-idx1-ubyte[.gz]); "
-            "check the --data path."
+            "check the path."
         )
     images, labels = read_idx(pair[0]), read_idx(pair[1])
     if images.ndim != 3 or labels.ndim != 1 or len(images) != len(labels):

@@ -90,7 +90,7 @@ def evaluate(
     bar.close()
     model.train(was_training)
     if n == 0:
-        raise ValueError("The evaluation data holds no images; check the --data path.")
+        raise ValueError("The evaluation data holds no images; check the path.")
     result = {"top1": correct1 / n, "top5": correct5 / n, "loss": loss_sum / n, "n": n}
     if predictions:
         result.update(preds=torch.cat(preds), labels=torch.cat(labels))

@@ -176,5 +176,5 @@ def extract_features(model: MlpMixer, batches: Iterable[tuple[torch.Tensor, torc
     finally:
         model.train(was_training)
     if not feats:
-        raise ValueError("The data source yielded no images; check the --data path.")
+        raise ValueError("The data source yielded no images; check the path.")
     return torch.cat(feats), torch.cat(labels)

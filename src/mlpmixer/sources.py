@@ -328,7 +328,7 @@ def _list_shards(path: str) -> list[str]:
         patterns = list(braceexpand(path))
         missing = [p for p in patterns if not any(c in p for c in "*?[") and not os.path.exists(p)]
         if len(patterns) > 1 and missing:
-            raise FileNotFoundError(f"Shard {missing[0]} does not exist; check the --data list.")
+            raise FileNotFoundError(f"Shard {missing[0]} does not exist; check the list of shards.")
         names = [name for pattern in patterns for name in glob.glob(pattern)]
     return sorted({name for name in names if name.endswith(SHARD_SUFFIXES) and os.path.isfile(name)})
 
@@ -486,7 +486,7 @@ def open_folder_or_shards(path: str, split: str, holdout: float, seed: int, tran
     root = Path(path)
     if not root.exists():
         what = "shards" if any(c in path for c in "*?[{") else "file or folder"
-        raise FileNotFoundError(f"No {what} matches {path}; check the --data path.")
+        raise FileNotFoundError(f"No {what} matches {path}; check the path.")
     if not root.is_dir():
         raise ValueError(f"{path} is neither a folder nor a .tar/.tar.gz shard; give an image folder or shards.")
     if is_split_pair(path):

@@ -13,7 +13,7 @@ RECIPE_FLAGS: dict[str, tuple[str, Any, str]] = {
     "--data": ("data", str, "training data: mnist5k, an MNIST IDX folder, an image folder or WebDataset shards"),
     "--eval-data": ("eval_data", str, "validation data (default: a hold-out of --data)"),
     "--holdout": ("holdout", float, "images held out of --data for validation: a count or a fraction"),
-    "--model": ("model", str, "Mixer variant (B/16, S/32, nano/4, digits/7, ...; `mixer info` lists them)"),
+    "--model": ("model", str, "Mixer variant: B/16, S/32, ... (`mixer info` lists the paper's), nano/4, digits/7, digits/4"),
     "--img-size": ("img_size", int, "input resolution"),
     "--epochs": ("epochs", float, "passes over the training data"),
     "--steps": ("steps", int, "optimiser steps (overrides --epochs)"),
