@@ -237,6 +237,8 @@ def test_cli_convert(tmp_path: Path, capsys: pytest.CaptureFixture) -> None:
     code, _, _ = run_cli(["convert", tmp_path / "r.npz", tmp_path / "r.safetensors", "--img-size", "32", "16"],
                          capsys)
     assert code == 0 and load_checkpoint(tmp_path / "r.safetensors").config.img_size == (32, 16)
+    code, _, err = run_cli(["convert", tmp_path / "r.safetensors", tmp_path / "r.safetensors"], capsys)
+    assert code != 0 and "is the checkpoint being read" in err
 
 
 # --- mismatches ---------------------------------------------------------------------------------

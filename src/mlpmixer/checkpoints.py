@@ -481,6 +481,38 @@ def _savez(tmp: str, arrays: dict[str, np.ndarray]) -> None:
 
 def convert(src: str | os.PathLike, dst: str | os.PathLike, **overrides: Any) -> MlpMixer:
     """Read any supported checkpoint and write it in the format of `dst`'s extension."""
+    check_not_the_source(src, dst)
     model = load_checkpoint(src, **overrides)
     save_checkpoint(model, dst)
     return model
+
+
+def check_not_the_source(src: str | os.PathLike, dst: str | os.PathLike) -> None:
+    """Refuse to write a converted model over the checkpoint it comes from (a run's model.safetensors
+    too, which would no longer match the run's config.json)."""
+    if Path(dst).expanduser().resolve() == resolve_path(src).resolve():
+        raise CheckpointError(f"{dst} is the checkpoint being read; write the new one to another file.")
+
+
+def format_notes(path: str | os.PathLike, model: MlpMixer) -> list[str]:
+    """What a file without our metadata (.npz, timm's formats) at `path` cannot carry of `model`, one
+    sentence each; none for our .safetensors, which keeps everything."""
+    suffix = Path(path).suffix.lower()
+    if suffix == ".safetensors":
+        return []
+    implied = "tanh" if suffix == ".npz" else "exact"  # what load_checkpoint assumes for this format
+    layout = "official .npz" if suffix == ".npz" else "timm-format"
+    c = model.config
+    notes = []
+    if c.gelu != implied:
+        notes.append(f"{layout} files carry no configuration and load with {implied} GELU; this model uses "
+                     f"{c.gelu} GELU, so load it with gelu='{c.gelu}' (mixer convert --gelu {c.gelu}) for "
+                     "identical outputs.")
+    (h, w), (ph, pw) = c.img_size, c.patch_size
+    if h // ph != w // pw:  # the size is read from the token count, as a square grid
+        notes.append(f"{layout} files carry no image size, and a {h // ph}×{w // pw} patch grid is not square: "
+                     f"load it with img_size=({h}, {w}) (mixer convert --img-size {h} {w}), or keep a "
+                     ".safetensors copy for the other commands.")
+    if getattr(model, "class_names", None):
+        notes.append(f"{layout} files carry no class names; keep a .safetensors copy to have predict print them.")
+    return notes

@@ -5,8 +5,7 @@ from __future__ import annotations
 import argparse
 from pathlib import Path
 
-from ..checkpoints import EXTENSIONS, convert
-from ..model import MlpMixer
+from ..checkpoints import EXTENSIONS, convert, format_notes
 from . import at_least, image_size
 
 
@@ -31,23 +30,7 @@ def run(args: argparse.Namespace) -> int:
         overrides["img_size"] = image_size(args.img_size)
     model = convert(args.src, args.dst, **overrides)
     print(f"Wrote {model.config.describe()} ({model.num_classes} classes) to {args.dst}.")
-    for note in _lost_in(args.dst, model):
+    for note in format_notes(args.dst, model):
         print("Note: " + note)
     return 0
 
-
-def _lost_in(dst: str, model: MlpMixer) -> list[str]:
-    """What a file without our metadata (.npz, timm's formats) cannot carry of `model`, one sentence each."""
-    suffix = Path(dst).suffix.lower()
-    if suffix == ".safetensors":
-        return []
-    implied = "tanh" if suffix == ".npz" else "exact"  # what load_checkpoint assumes for this format
-    layout = "official .npz" if suffix == ".npz" else "timm-format"
-    notes = []
-    if model.config.gelu != implied:
-        notes.append(f"{layout} files carry no configuration and load with {implied} GELU; this model uses "
-                     f"{model.config.gelu} GELU, so load it with gelu='{model.config.gelu}' "
-                     f"(mixer convert --gelu {model.config.gelu}) for identical outputs.")
-    if getattr(model, "class_names", None):
-        notes.append(f"{layout} files carry no class names; keep a .safetensors copy to have predict print them.")
-    return notes
