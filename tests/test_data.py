@@ -10,7 +10,7 @@ import pytest
 import torch
 
 from mlpmixer.data import (
-    augment_digits, holdout_split, load_idx_folder, load_mnist5k, load_tensors, open_source, read_idx,
+    augment_digits, holdout_split, is_idx_folder, load_idx_folder, load_mnist5k, load_tensors, open_source, read_idx,
     to_model_input,
 )
 
@@ -54,12 +54,15 @@ def test_idx_plain_and_gzip(tmp_path: Path, compress: bool) -> None:
 
 def test_bad_idx_files(tmp_path: Path) -> None:
     (tmp_path / "t10k-images-idx3-ubyte").write_bytes(b"\x00\x00\x08\x03" + np.array([5, 28, 28], ">i4").tobytes() + b"\x00" * 100)
-    with pytest.raises(ValueError, match="truncated"):
+    with pytest.raises(ValueError, match=r"truncated: its header promises shape \(5, 28, 28\);"):
         read_idx(tmp_path / "t10k-images-idx3-ubyte")
+    assert is_idx_folder(tmp_path)  # images without labels: an IDX folder, whose loading says what is missing
+    with pytest.raises(FileNotFoundError, match="no complete pair of MNIST IDX files .* add the missing one"):
+        load_idx_folder(tmp_path)
     (tmp_path / "junk-idx1").write_bytes(b"PK\x03\x04 not an idx file")
     with pytest.raises(ValueError, match="not an IDX file"):
         read_idx(tmp_path / "junk-idx1")
-    with pytest.raises(FileNotFoundError, match="no MNIST IDX"):
+    with pytest.raises(FileNotFoundError, match="no complete pair of MNIST IDX"):
         load_idx_folder(tmp_path / "nowhere")
 
 

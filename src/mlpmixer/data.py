@@ -100,7 +100,8 @@ def read_idx(path: str | Path) -> np.ndarray:
     dtype = np.dtype(IDX_DTYPES[data[2]])
     offset = 4 + 4 * ndim
     if len(data) - offset != int(np.prod(dims)) * dtype.itemsize:
-        raise ValueError(f"{path} is truncated: its header promises shape {tuple(dims)}; re-download it.")
+        shape = tuple(int(d) for d in dims)
+        raise ValueError(f"{path} is truncated: its header promises shape {shape}; re-download it.")
     return np.frombuffer(data, dtype=dtype, offset=offset).reshape(tuple(int(d) for d in dims))
 
 
@@ -114,8 +115,9 @@ def _idx_files(folder: Path, prefix: str) -> tuple[Path, Path] | None:
 
 
 def is_idx_folder(path: str | Path) -> bool:
+    """Whether `path` is a folder of MNIST IDX files (a pair lacking a file is one too: loading says so)."""
     p = Path(path)
-    return p.is_dir() and any(_idx_files(p, prefix) for prefix in ("t10k", "train"))
+    return p.is_dir() and any(f.is_file() for f in p.glob("*idx[13]*"))
 
 
 def load_idx_folder(path: str | Path, split: str = "test") -> TensorData:
@@ -126,8 +128,8 @@ def load_idx_folder(path: str | Path, split: str = "test") -> TensorData:
     pair = next((found for prefix in order if (found := _idx_files(folder, prefix))), None)
     if pair is None:
         raise FileNotFoundError(
-            f"{folder} has no MNIST IDX files (t10k-images-idx3-ubyte[.gz] and t10k-labels-idx1-ubyte[.gz]); "
-            "check the path."
+            f"{folder} has no complete pair of MNIST IDX files (t10k-images-idx3-ubyte[.gz] and "
+            "t10k-labels-idx1-ubyte[.gz], or train-...); add the missing one or check the path."
         )
     images, labels = read_idx(pair[0]), read_idx(pair[1])
     if images.ndim != 3 or labels.ndim != 1 or len(images) != len(labels):
