@@ -26,7 +26,7 @@ def test_a_short_run_writes_every_file(tmp_path: Path) -> None:
     for f in (files.model, files.config, files.metrics, files.curves):
         assert f.is_file() and f.stat().st_size > 0
     before = {f: f.read_bytes() for f in (files.model, files.config, files.metrics)}
-    with pytest.raises(FileExistsError, match="holds a run already; add --resume"):
+    with pytest.raises(FileExistsError, match="holds a run already; give another --out, or delete it"):
         train(tiny(), tmp_path / "run", progress=False, log=lambda *_: None)  # not over the finished run
     assert all(f.read_bytes() == data for f, data in before.items())
     assert files.curves.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
@@ -167,6 +167,8 @@ def test_resume_checks_the_model_and_notes_other_settings(tmp_path: Path) -> Non
               log=lambda *_: None)
     with pytest.raises(ValueError, match="trained with --optimizer adamw, whose saved state --optimizer sgd cannot"):
         train(r.replace(optimizer="sgd"), run, resume=True, progress=False, log=lambda *_: None)
+    with pytest.raises(FileExistsError, match="holds a run already; add --resume to go on from its last saved state"):
+        train(r, run, progress=False, log=lambda *_: None)
     assert (run / "metrics.jsonl").read_text() == metrics  # nothing written
     said: list[str] = []
     train(r.replace(steps=6), run, resume=True, progress=False, log=said.append)

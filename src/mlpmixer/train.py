@@ -622,8 +622,9 @@ def _train(
     start = 0
     if not resume and run is not None and any((run / name).exists() for name in ("config.json", "model.safetensors",
                                                                                    STATE_DIR)):
-        raise FileExistsError(f"{run} holds a run already; add --resume to go on from its last saved state, or "
-                              "give another --out (nothing in it was changed).")
+        way = ("add --resume to go on from its last saved state, or give another --out" if latest_state(run) else
+               "give another --out, or delete it to start again there (it has no saved state to resume from)")
+        raise FileExistsError(f"{run} holds a run already; {way} (nothing in it was changed).")
     if resume:
         run = run or _latest_run()
         state_path = latest_state(run)
