@@ -343,8 +343,11 @@ def test_check_same_classes() -> None:
     check_same_classes(["a", "b"], ["a", "b"])
     with pytest.raises(ValueError, match="3 classes instead of 2"):
         check_same_classes(["a", "b"], ["a", "b", "c"])
-    with pytest.raises(ValueError, match="class 1 is 'c' instead of 'b'"):
+    with pytest.raises(ValueError, match="class 1 is 'c' instead of 'b'") as other:
         check_same_classes(["a", "b"], ["a", "c"])
+    assert "dataset.json" not in str(other.value)
+    with pytest.raises(ValueError, match="class 0 is '0' instead of 'cat'.*put one with the class names"):
+        check_same_classes(["cat", "dog"], ["0", "1"])  # shards without a dataset.json
 
 
 @pytest.mark.parametrize(

@@ -178,9 +178,12 @@ def check_same_classes(train_names: list[str], eval_names: list[str]) -> None:
     else:
         i = next(i for i, (a, b) in enumerate(zip(train_names, eval_names)) if a != b)
         detail = f"class {i} is {eval_names[i]!r} instead of {train_names[i]!r}"
+    numbered = list(eval_names) == [str(i) for i in range(len(eval_names))] != list(train_names)
+    hint = (" (shards without a dataset.json name their classes by number: put one with the class names "
+            "next to them)" if numbered else "")
     raise ValueError(
         f"The evaluation data does not have the model's classes ({detail}); evaluate on data with the "
-        "same classes in the same order, or fine-tune a new head first."
+        f"same classes in the same order{hint}, or fine-tune a new head first."
     )
 
 
