@@ -151,7 +151,8 @@ def infer_config(
     if img_size is None:
         raise CheckpointError(
             f"{source} has {s} tokens, which do not form a square patch grid, so its image size is "
-            "unknown; pass img_size=(height, width) (`--img-size H W` on the command line)."
+            "unknown; pass img_size=(height, width), or on the command line convert it once with "
+            "`mixer convert FILE MODEL.safetensors --img-size H W` (our format keeps the size)."
         )
     head = state.get("head.weight")
     return MixerConfig(
