@@ -164,6 +164,29 @@ def test_load_into_a_given_model(tmp_path: Path) -> None:
     assert target.class_names == list("vwxyz")  # the file has no names: the model keeps its own
 
 
+def test_wrapped_models_save_as_the_model_itself(tmp_path: Path) -> None:
+    """What training and inference wrap a model in saves as the model: it loads back in every format."""
+    from mlpmixer.compiled import CompiledOrEager
+    from mlpmixer.fast import optimize
+
+    model = random_model(SQUARE)
+    for wrapper, ext in ((optimize, ".safetensors"), (CompiledOrEager, ".npz"), (torch.compile, ".pth")):
+        path = save_checkpoint(wrapper(model), tmp_path / f"{wrapper.__name__}{ext}")
+        assert_same_state(model, load_checkpoint(path, gelu=model.config.gelu))
+    with pytest.raises(CheckpointError, match="takes an MlpMixer .* not a Linear"):
+        save_checkpoint(torch.nn.Linear(2, 2), tmp_path / "linear.safetensors")
+
+
+def test_names_and_overrides_that_cannot_apply_are_refused(tmp_path: Path) -> None:
+    model = random_model(SQUARE)
+    with pytest.raises(CheckpointError, match="1 class names do not fit the 5-class head"):
+        save_checkpoint(model, tmp_path / "m.safetensors", class_names=["only one"])
+    assert not (tmp_path / "m.safetensors").exists()
+    save_checkpoint(model, tmp_path / "m.safetensors")
+    with pytest.raises(ValueError, match="loads into the given model as it is; num_classes cannot change it"):
+        load_checkpoint(tmp_path / "m.safetensors", model=random_model(SQUARE), num_classes=7)
+
+
 def test_save_is_atomic_and_readable(tmp_path: Path) -> None:
     model = random_model(SQUARE)
     path = save_checkpoint(model, tmp_path / "m.safetensors")

@@ -51,8 +51,10 @@ def test_torch_formats_match_at_any_batch(tmp_path, fmt, name):
 
 
 def test_export_leaves_the_model_usable(tmp_path):
-    model = small(48, 8).train()
+    model = small(48, 8).train().bfloat16()
     export_model(model, "torchscript", tmp_path / "m.pt")
+    assert model.training and model.head.weight.dtype == torch.bfloat16  # exported from a copy
+    model.float()
     x = torch.randn(2, 3, 48, 48)
     with pytest.raises(ValueError, match="48×48"):  # the input check still works after tracing
         model(torch.randn(2, 3, 32, 32))

@@ -129,6 +129,7 @@ def test_drop_path_drops_whole_samples() -> None:
     assert torch.all(per_sample[kept] == 2.0) and torch.all(per_sample[~kept] == 0.0)
     assert 10 < kept.sum() < 54  # about half of 64 survive
     assert torch.equal(drop.eval()(torch.ones(6, 64, 3)), torch.ones(6, 64, 3))
+    assert torch.equal(DropPath(1.0).train()(torch.ones(6, 4, 3)), torch.zeros(6, 4, 3))  # all dropped, no 0 / 0
 
 
 def test_dropout_only_in_training(tiny_config: MixerConfig) -> None:
@@ -174,3 +175,23 @@ def test_wrong_channels_or_rank(tiny_config: MixerConfig) -> None:
         model(torch.zeros(2, 1, 24, 32))
     with pytest.raises(ValueError, match="takes images shaped"):
         model(torch.zeros(3, 24, 32))
+    with pytest.raises(ValueError, match=r"takes float images .* got torch.uint8; .* x.float\(\) / 127.5 - 1"):
+        model(torch.zeros(2, 3, 24, 32, dtype=torch.uint8))
+    assert model(torch.zeros(0, 3, 24, 32)).shape == (0, model.num_classes)  # an empty batch, as timm
+
+
+def test_timm_style_calls(tiny_config: MixerConfig) -> None:
+    """What timm users write: pretrained=False, reset_classifier(n, 'avg'), mlpmixer.<submodule>."""
+    import subprocess
+    import sys
+
+    assert create_model(tiny_config, pretrained=False).num_classes == tiny_config.num_classes
+    model = create_model(tiny_config)
+    model.reset_classifier(4, "avg")
+    assert model.num_classes == 4
+    with pytest.raises(ValueError, match="pools its tokens by the mean"):
+        model.reset_classifier(4, "max")
+    # Submodules are attributes of the package once asked for, as after `import mlpmixer.fast`.
+    code = "import mlpmixer; print(callable(mlpmixer.fast.optimize), callable(mlpmixer.pretrained.fold_input_normalisation))"
+    done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
+    assert done.stdout.split() == ["True", "True"], done.stderr

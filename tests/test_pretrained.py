@@ -276,6 +276,10 @@ def test_create_model_with_pretrained_weights(tmp_path: Path) -> None:
     assert torch.equal(again.head.weight, original.head.weight)
     tuned = load_pretrained("digits/4", "test", num_classes=10)
     assert tuned.num_classes == 10 and torch.count_nonzero(tuned.head.weight) == 0 and tuned.class_names is None
+    tagged = create_model("digits/4.test", pretrained=True)  # timm's "model.tag"
+    assert torch.equal(tagged.head.weight, original.head.weight)
+    with pytest.raises(ValueError, match="pretrained=True needs the weights named"):
+        create_model("digits/4", pretrained=True)
 
 
 def test_timm_style_pretrained_file_loads_with_exact_gelu(tmp_path: Path) -> None:

@@ -141,6 +141,16 @@ def test_custom_config_fields_and_validation() -> None:
             MixerConfig(img_size=size, patch_size=32)
     with pytest.raises(ValueError, match="patch_size must be at least 1"):
         MixerConfig(patch_size=0)
+    # Values that would fail later, deep in torch, with its own words.
+    for field, value, said in (("hidden_dim", 512.5, "hidden_dim must be a whole number"),
+                               ("num_classes", True, "num_classes must be 0"),
+                               ("drop_rate", 2.0, "drop_rate must be from 0 to 1"),
+                               ("drop_path_rate", -1.0, "drop_path_rate must be from 0 to 1")):
+        with pytest.raises(ValueError, match=said):
+            MixerConfig(**{field: value})
+    import numpy as np
+
+    assert MixerConfig(img_size=np.int64(224), hidden_dim=np.int64(768)).img_size == (224, 224)
 
 
 def test_config_dict_round_trip() -> None:

@@ -38,6 +38,11 @@ if TYPE_CHECKING:  # what type checkers and editors see
 
 def __getattr__(name: str) -> Any:
     if name not in _EXPORTS:
+        try:  # a submodule, as after `import mlpmixer.fast`: `mlpmixer.fast.optimize(model)`
+            return importlib.import_module(f".{name}", __name__)
+        except ModuleNotFoundError as e:
+            if e.name != f"{__name__}.{name}":  # the submodule exists and lacks something itself
+                raise
         raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
     value = getattr(importlib.import_module(f".{_EXPORTS[name]}", __name__), name)
     globals()[name] = value  # later uses skip this function

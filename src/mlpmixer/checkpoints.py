@@ -363,6 +363,9 @@ def load_checkpoint(path: str | os.PathLike, model: MlpMixer | None = None, **ov
     `overrides` applied. A `num_classes` override that differs from the file's drops its head and
     puts a new zero-initialised one (for fine-tuning). With `model`, the file must match it exactly.
     """
+    if model is not None and overrides:
+        raise ValueError(f"load_checkpoint loads into the given model as it is; {', '.join(sorted(overrides))} "
+                         "cannot change it (build the model with them, or load without a model).")
     hint = model.config.img_size if model is not None else None
     state, config, extra = read_checkpoint(path, img_size_hint=hint, **overrides)
     names = extra.get("class_names")
@@ -458,8 +461,12 @@ def save_checkpoint(model: MlpMixer, path: str | os.PathLike, class_names: list[
     """
     path = Path(path)
     suffix = path.suffix.lower()
+    model = _unwrapped(model)
     state = {k: v.detach().cpu().contiguous() for k, v in model.state_dict().items()}
     names = class_names if class_names is not None else getattr(model, "class_names", None)
+    if names is not None and len(names) != model.num_classes:
+        raise CheckpointError(f"{len(names)} class names do not fit the {model.num_classes}-class head of the model "
+                              f"to save to {path}; give one name per class.")
     if suffix == ".safetensors":
         from safetensors.torch import save_file
 
@@ -473,6 +480,20 @@ def save_checkpoint(model: MlpMixer, path: str | os.PathLike, class_names: list[
     if suffix in TORCH_EXTENSIONS:
         return atomic_write(path, lambda tmp: torch.save(state, tmp))
     raise CheckpointError(f"Cannot write {path}: unknown extension {path.suffix!r}; use one of {', '.join(EXTENSIONS)}.")
+
+
+def _unwrapped(model: torch.nn.Module) -> MlpMixer:
+    """The MlpMixer inside the wrappers training and inference put around it (torch.compile's
+    `_orig_mod`, fast.optimize's `model`, CompiledOrEager's `eager`, DDP's `module`), whose state dict
+    names are those of the model itself."""
+    while not isinstance(model, MlpMixer):
+        inner = next((getattr(model, a) for a in ("_orig_mod", "model", "eager", "module")
+                      if isinstance(getattr(model, a, None), torch.nn.Module)), None)
+        if inner is None:
+            raise CheckpointError(f"save_checkpoint takes an MlpMixer (or a wrapper of one), not a "
+                                  f"{type(model).__name__}.")
+        model = inner
+    return model
 
 
 def _savez(tmp: str, arrays: dict[str, np.ndarray]) -> None:

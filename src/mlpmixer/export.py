@@ -7,6 +7,7 @@ only looks at the channel and spatial sizes, which are static, so it traces and 
 
 from __future__ import annotations
 
+import copy
 import importlib
 import inspect
 import os
@@ -49,7 +50,7 @@ def export_model(model: MlpMixer, fmt: str, out: str | os.PathLike, opset: int =
     if fmt == "exported-program" and Path(out).suffix != ".pt2":
         raise ExportError(f"An exported program is saved as a .pt2 file (torch.export.load needs it): name it "
                           f"{Path(out).with_suffix('.pt2').name} instead of {Path(out).name}.")
-    model = model.float().cpu().eval()
+    model = copy.deepcopy(model).float().cpu().eval()  # the caller's model keeps its dtype, device and mode
     x = _example(model)
     writer = {"onnx": _onnx, "torchscript": _torchscript, "exported-program": _exported_program}[fmt]
     with torch.no_grad(), warnings.catch_warnings():

@@ -43,6 +43,8 @@ class DropPath(nn.Module):
         if self.rate == 0.0 or not self.training:
             return x
         keep = 1.0 - self.rate
+        if keep == 0.0:  # every sample dropped (as timm does): scaling by 1 / keep would make 0 / 0
+            return torch.zeros_like(x)
         # Scaled on the small mask, so the activation is read and written once, forward and backward.
         mask = x.new_empty(1, x.shape[1], 1).bernoulli_(keep).div_(keep)
         return x * mask
@@ -123,7 +125,7 @@ class PatchEmbed(nn.Module):
         ph, pw = self.patch_size
         gh, gw = h // ph, w // pw
         # Gather patches token-major; each patch flattened as (in, ph, pw) like the conv weight.
-        patches = x.reshape(b, cin, gh, ph, gw, pw).permute(2, 4, 0, 1, 3, 5).reshape(gh * gw, b, -1)
+        patches = x.reshape(b, cin, gh, ph, gw, pw).permute(2, 4, 0, 1, 3, 5).reshape(gh * gw, b, cin * ph * pw)
         return F.linear(patches, self.proj.weight.reshape(self.proj.out_channels, -1), self.proj.bias)
 
 
@@ -171,6 +173,9 @@ class MlpMixer(nn.Module):
 
     def check_input(self, x: torch.Tensor) -> None:
         cfg = self.config
+        if not x.is_floating_point():
+            raise ValueError(f"{cfg.describe()} takes float images (pixels scaled to [-1, 1]), got {x.dtype}; "
+                             "convert them first, e.g. x.float() / 127.5 - 1 for 0-255 pixels.")
         if x.ndim != 4 or x.shape[1] != cfg.in_chans:
             raise ValueError(
                 f"{cfg.describe()} takes images shaped (batch, {cfg.in_chans}, height, width), "
@@ -206,8 +211,12 @@ class MlpMixer(nn.Module):
     def get_classifier(self) -> nn.Module:
         return self.head
 
-    def reset_classifier(self, num_classes: int) -> None:
-        """Replace the head by a zero-initialised one for `num_classes` (0: no head)."""
+    def reset_classifier(self, num_classes: int, global_pool: str | None = None) -> None:
+        """Replace the head by a zero-initialised one for `num_classes` (0: no head). `global_pool` is
+        timm's argument: a Mixer pools by the mean, "avg" (None keeps it)."""
+        if global_pool not in (None, "avg"):
+            raise ValueError(f"A Mixer pools its tokens by the mean ('avg'); global_pool={global_pool!r} is not "
+                             "supported.")
         self.config = self.config.replace(num_classes=num_classes)
         self.num_classes = num_classes
         self.class_names = None  # the old names belong to the old head
@@ -223,7 +232,7 @@ def create_model(
     name: str | MixerConfig = "B/16",
     num_classes: int | None = None,
     img_size: int | tuple[int, int] | None = None,
-    pretrained: str | None = None,
+    pretrained: str | bool | None = None,
     **overrides: Any,
 ) -> MlpMixer:
     """Build a Mixer by variant name ('B/16', 'Mixer-B_16', 'mixer_b16_224', ...) or config.
@@ -231,9 +240,17 @@ def create_model(
     `num_classes` defaults to 1000, or to the checkpoint's classes with `pretrained`; any other
     field of `MixerConfig` can be overridden (hidden_dim, num_blocks, patch_size, gelu, ...).
     `pretrained` names a published checkpoint (see `mlpmixer.pretrained.available()`); a different
-    `num_classes` then gives a new zero-initialised head, ready for fine-tuning.
+    `num_classes` then gives a new zero-initialised head, ready for fine-tuning. As in timm, a name
+    may carry the tag ('mixer_b16_224.goog_in21k') that pretrained=True then loads; False is None.
     """
-    if pretrained is not None:
+    if isinstance(name, str) and "." in name:  # timm's "model.tag"
+        name, tag = name.split(".", 1)
+        if pretrained is True:
+            pretrained = tag
+    if pretrained is True:
+        raise ValueError("pretrained=True needs the weights named: pretrained='TAG', or a name such as "
+                         "'mixer_b16_224.goog_in21k'; mlpmixer.available() lists the tags.")
+    if pretrained:
         from .pretrained import load_pretrained
 
         model = load_pretrained(name if isinstance(name, str) else name.describe(), pretrained, **overrides)

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import numbers
 import re
 from dataclasses import dataclass, field
 from typing import Any, Union
@@ -16,8 +17,8 @@ SHAPE_FIELDS = frozenset({"num_blocks", "patch_size", "hidden_dim", "tokens_mlp_
 
 def as_pair(value: Size) -> tuple[int, int]:
     """`224` -> (224, 224); `(224, 320)` stays as it is."""
-    if isinstance(value, int):
-        return (value, value)
+    if isinstance(value, numbers.Integral):  # numpy's integers too
+        return (int(value), int(value))
     h, w = value
     return (int(h), int(w))
 
@@ -47,11 +48,17 @@ class MixerConfig:
         object.__setattr__(self, "img_size", as_pair(self.img_size))
         if self.gelu not in ("tanh", "exact"):
             raise ValueError(f"gelu must be 'tanh' or 'exact', not {self.gelu!r}.")
+        def whole(value: Any) -> bool:
+            return isinstance(value, numbers.Integral) and not isinstance(value, bool)
+
         for dim in ("hidden_dim", "num_blocks", "tokens_mlp_dim", "channels_mlp_dim", "in_chans"):
-            if getattr(self, dim) < 1:
-                raise ValueError(f"{dim} must be at least 1, not {getattr(self, dim)}.")
-        if self.num_classes < 0:
-            raise ValueError(f"num_classes must be 0 (no head) or more, not {self.num_classes}.")
+            if not whole(getattr(self, dim)) or getattr(self, dim) < 1:
+                raise ValueError(f"{dim} must be a whole number of at least 1, not {getattr(self, dim)!r}.")
+        if not whole(self.num_classes) or self.num_classes < 0:
+            raise ValueError(f"num_classes must be 0 (no head) or a larger whole number, not {self.num_classes!r}.")
+        for rate in ("drop_rate", "drop_path_rate"):
+            if not 0 <= getattr(self, rate) <= 1:
+                raise ValueError(f"{rate} must be from 0 to 1, not {getattr(self, rate)!r}.")
         (h, w), (ph, pw) = self.img_size, self.patch_size
         if ph < 1 or pw < 1:
             raise ValueError(f"patch_size must be at least 1×1, not {ph}×{pw}.")
