@@ -165,8 +165,9 @@ def test_fast_bf16_autocast_close_to_plain():
 
 
 def test_fast_shares_parameters_and_falls_back_for_dropout():
-    model = tiny(drop_path_rate=0.1).train()
+    model = tiny(drop_path_rate=0.1).eval()
     fast = optimize(model)
+    model.train()  # after wrapping: the wrapper follows the model's mode
     assert [id(p) for p in fast.parameters()] == [id(p) for p in model.parameters()]
     x = torch.randn(2, 3, 32, 32)
     with pytest.warns(UserWarning, match="stochastic depth"):

@@ -149,7 +149,7 @@ class FastMixer(nn.Module):
     def _needs_plain(self) -> bool:
         cfg = self.model.config
         regularised = cfg.drop_rate > 0 or cfg.drop_path_rate > 0
-        if self.training and regularised:
+        if self.model.training and regularised:  # the model's mode: model.train() after wrapping counts
             if not self._warned_plain:
                 self._warned_plain = True
                 warnings.warn(
