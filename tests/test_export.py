@@ -77,3 +77,27 @@ def test_export_command_writes_and_checks_the_file(tmp_path, capsys):
     assert (tmp_path / "model.onnx").stat().st_size > 0  # default: next to the checkpoint
     out = capsys.readouterr().out
     assert "any batch" in out and "relative error against PyTorch" in out
+
+
+def test_export_command_refuses_what_would_lose_or_mislabel_a_file(tmp_path, capsys):
+    from mlpmixer.cli import main
+    from mlpmixer.checkpoints import load_checkpoint
+
+    ckpt = save_checkpoint(small(48, 8), tmp_path / "model.safetensors")
+    before = ckpt.read_bytes()
+    for argv, said in (
+        (["--format", "torchscript", "--out", str(ckpt)], "is the checkpoint being read"),
+        (["--format", "onnx", "--out", str(tmp_path / "m.pt")], "A onnx file is named .onnx: name it m.onnx"),
+        (["--format", "torchscript", "--out", str(tmp_path)], "is a folder; give the name of a file"),
+        (["--format", "onnx", "--opset", "99"], "ONNX export at opset 99 failed"),
+    ):
+        assert main(["export", str(ckpt), *argv]) == 2
+        err = capsys.readouterr().err
+        assert said in err and err.count("\n") == 1, err
+    assert ckpt.read_bytes() == before and not (tmp_path / "model.onnx").exists()
+    assert main(["export", str(ckpt), "--format", "torchscript"]) == 0
+    with pytest.raises(ValueError, match="is a TorchScript program .* not a checkpoint"):
+        load_checkpoint(tmp_path / "model.pt")
+    (tmp_path / "model.onnx").write_bytes(b"onnx")
+    with pytest.raises(ValueError, match="is an exported model"):
+        load_checkpoint(tmp_path / "model.onnx")

@@ -212,6 +212,11 @@ def _read_npz(path: Path) -> StateDict:
 
 
 def _read_torch(path: Path) -> StateDict:
+    if zipfile.is_zipfile(path):
+        with zipfile.ZipFile(path) as archive:
+            if any(name.endswith("/constants.pkl") for name in archive.namelist()):
+                raise CheckpointError(f"{path} is a TorchScript program (as `mixer export` writes), not a "
+                                      "checkpoint; give the checkpoint it was exported from.")
     try:
         with warnings.catch_warnings():  # e.g. "Detected pickle protocol 4": noise for a user
             warnings.simplefilter("ignore")
@@ -271,6 +276,9 @@ def resolve_path(path: str | os.PathLike) -> Path:
         )
     if not p.exists():
         raise CheckpointError(f"No checkpoint at {p}; check the path.")
+    if p.suffix.lower() in (".onnx", ".pt2"):
+        raise CheckpointError(f"{p} is an exported model (`mixer export`), not a checkpoint; give the checkpoint "
+                              "it was exported from.")
     if p.suffix.lower() not in EXTENSIONS:
         raise CheckpointError(
             f"{p} has an unknown checkpoint extension {p.suffix!r}; use one of {', '.join(EXTENSIONS)}."
@@ -430,6 +438,8 @@ def atomic_write(path: str | os.PathLike, write: Any) -> Path:
     The temporary file is fsynced before the rename, and the directory after it.
     """
     path = Path(path)
+    if path.is_dir():
+        raise IsADirectoryError(f"{path} is a folder; give the name of a file to write.")
     path.parent.mkdir(parents=True, exist_ok=True)
     # Created as an ordinary file (mode 0666 less the umask), and that mode restored after `write`:
     # tempfile.mkstemp, and some writers (safetensors, torch.save), leave private 0600 files.

@@ -21,7 +21,8 @@ from .checkpoints import atomic_write
 from .model import MlpMixer
 
 FORMATS = ("onnx", "torchscript", "exported-program")
-SUFFIXES = {"onnx": ".onnx", "torchscript": ".pt", "exported-program": ".pt2"}
+SUFFIXES = {"onnx": ".onnx", "torchscript": ".pt", "exported-program": ".pt2"}  # the default of each
+ACCEPTED_SUFFIXES = {"onnx": (".onnx",), "torchscript": (".pt", ".pth", ".ts"), "exported-program": (".pt2",)}
 
 
 class ExportError(ValueError):
@@ -47,9 +48,10 @@ def export_model(model: MlpMixer, fmt: str, out: str | os.PathLike, opset: int =
     """Write `model` (in eval mode, fp32, on the CPU) to `out` in format `fmt`; returns the path."""
     if fmt not in FORMATS:
         raise ExportError(f"Unknown export format {fmt!r}; use one of {', '.join(FORMATS)}.")
-    if fmt == "exported-program" and Path(out).suffix != ".pt2":
-        raise ExportError(f"An exported program is saved as a .pt2 file (torch.export.load needs it): name it "
-                          f"{Path(out).with_suffix('.pt2').name} instead of {Path(out).name}.")
+    # torch.export.load needs .pt2, say (a folder is atomic_write's to refuse).
+    if not Path(out).is_dir() and Path(out).suffix.lower() not in ACCEPTED_SUFFIXES[fmt]:
+        raise ExportError(f"A {fmt} file is named {' or '.join(ACCEPTED_SUFFIXES[fmt])}: name it "
+                          f"{Path(out).with_suffix(SUFFIXES[fmt]).name} instead of {Path(out).name}.")
     model = copy.deepcopy(model).float().cpu().eval()  # the caller's model keeps its dtype, device and mode
     x = _example(model)
     writer = {"onnx": _onnx, "torchscript": _torchscript, "exported-program": _exported_program}[fmt]
@@ -66,10 +68,14 @@ def _onnx(model: MlpMixer, x: torch.Tensor, path: str, opset: int) -> None:
     # The TorchScript-based exporter: no extra dependency, a plain graph with a symbolic batch, and
     # present in every torch >= 2.4 (which predates the `dynamo` switch; newer ones default to True).
     extra = {"dynamo": False} if "dynamo" in inspect.signature(torch.onnx.export).parameters else {}
-    torch.onnx.export(
-        model, (x,), path, input_names=["images"], output_names=["logits"], opset_version=opset,
-        dynamic_axes={"images": {0: "batch"}, "logits": {0: "batch"}}, **extra,
-    )
+    try:
+        torch.onnx.export(
+            model, (x,), path, input_names=["images"], output_names=["logits"], opset_version=opset,
+            dynamic_axes={"images": {0: "batch"}, "logits": {0: "batch"}}, **extra,
+        )
+    except Exception as e:  # the exporter's own errors, e.g. "Unsupported onnx_opset_version: 99"
+        first = (str(e).strip().splitlines() or [type(e).__name__])[0]
+        raise ExportError(f"ONNX export at opset {opset} failed ({first}); the default, 18, works.") from None
 
 
 def _torchscript(model: MlpMixer, x: torch.Tensor, path: str, opset: int) -> None:

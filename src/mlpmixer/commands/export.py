@@ -3,11 +3,12 @@
 from __future__ import annotations
 
 import argparse
+import warnings
 from pathlib import Path
 
 import torch
 
-from ..checkpoints import load_checkpoint
+from ..checkpoints import check_not_the_source, load_checkpoint
 from ..export import FORMATS, SUFFIXES, export_model, load_exported
 
 
@@ -26,15 +27,23 @@ def register(p: argparse.ArgumentParser) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
-    model = load_checkpoint(args.checkpoint).eval()
     src = Path(args.checkpoint)
     out = Path(args.out) if args.out else src.with_name(src.stem + SUFFIXES[args.format])
+    check_not_the_source(src, out)
+    model = load_checkpoint(args.checkpoint).eval()
     path = export_model(model, args.format, out, opset=args.opset)
     # Check the file, at a batch size other than the one it was traced with.
     x = torch.randn(3, model.config.in_chans, *model.config.img_size)
-    with torch.no_grad():
-        ref = model(x)
-        got = load_exported(path, args.format)(x)
+    try:
+        with torch.no_grad(), warnings.catch_warnings():
+            warnings.filterwarnings("ignore", message=".*torch.jit.*deprecated", category=FutureWarning)
+            ref = model(x)
+            got = load_exported(path, args.format)(x)
+    except Exception as e:  # a file its runtime refuses (an ONNX opset without an operator it needs, say)
+        path.unlink()
+        first = (str(e).strip().splitlines() or [type(e).__name__])[0]
+        raise ValueError(f"The exported file did not run ({first}); it was removed. With --format onnx, the "
+                         "default --opset 18 works.") from None
     err = ((got - ref).norm() / ref.norm().clamp_min(1e-12)).item()
     h, w = model.config.img_size
     print(f"Wrote {model.config.describe()} as {args.format} to {path} (input: batch×{model.config.in_chans}×{h}×{w}, "
