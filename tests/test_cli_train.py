@@ -93,6 +93,10 @@ def test_predict_bad_images(run_dir: Path, tmp_path: Path, capsys: pytest.Captur
     assert "No image at" in capsys.readouterr().err
     assert main(["predict", str(run_dir)]) == 2
     assert "at least one image" in capsys.readouterr().err
+    assert main(["predict", str(run_dir), str(tmp_path)]) == 2
+    assert "is a folder; give its image files" in capsys.readouterr().err
+    assert main(["predict", str(run_dir), str(tmp_path / "*.png")]) == 2
+    assert "leave the pattern unquoted" in capsys.readouterr().err
     # Among good images, a bad one is named and the others are still classified.
     good = _png(tmp_path / "digit.png", load_mnist5k().images[0, 0].numpy())
     assert main(["predict", str(run_dir), str(good), str(bad), str(good), "--json"]) == 2
@@ -101,6 +105,18 @@ def test_predict_bad_images(run_dir: Path, tmp_path: Path, capsys: pytest.Captur
     assert [r["image"] for r in rows] == [str(good), str(bad), str(good)]
     assert len(rows[0]["top"]) == len(rows[2]["top"]) == 5 and "not a readable image" in rows[1]["error"]
     assert captured.err.count("\n") == 1 and "broken.png is not a readable image" in captured.err
+
+
+def test_predict_reads_16_bit_greyscale_as_training_does(run_dir: Path, tmp_path: Path,
+                                                         capsys: pytest.CaptureFixture) -> None:
+    digit = load_mnist5k().images[0, 0].numpy()
+    eight = _png(tmp_path / "eight.png", digit)
+    Image.fromarray(digit.astype(np.uint16) * 257).save(tmp_path / "sixteen.png")  # the same picture, 16-bit
+    assert Image.open(tmp_path / "sixteen.png").mode.startswith("I")
+    assert main(["predict", str(run_dir), str(eight), str(tmp_path / "sixteen.png"), "--json"]) == 0
+    captured = capsys.readouterr()
+    rows = [json.loads(line) for line in captured.out.splitlines()]
+    assert rows[0]["top"] == rows[1]["top"] and "top 8 bits" in captured.err  # not a white image
 
 
 def test_train_bad_input(tmp_path: Path, capsys: pytest.CaptureFixture) -> None:

@@ -133,11 +133,21 @@ def decode_image_bytes(data: bytes) -> torch.Tensor:
             image = decode_image(buffer, ImageReadMode.RGB)
     else:  # WebP, GIF, BMP, TIFF, PPM, ... (and every format without torchvision's decoders)
         with Image.open(io.BytesIO(data)) as pil:
-            if pil.mode.startswith("I;16") or pil.mode == "I":  # 16-bit grey: its top 8 bits
-                return torch.from_numpy((np.asarray(pil).astype(np.int64) >> 8).clip(0, 255).astype(np.uint8))[None]
+            if is_16_bit(pil):
+                return torch.from_numpy(top_8_bits(pil))[None]
             grey = pil.mode in ("1", "L", "LA", "F")
             image = F.pil_to_tensor(pil.convert("L" if grey else "RGB"))
     return image
+
+
+def is_16_bit(pil: Image.Image) -> bool:
+    """Whether a PIL image is 16-bit (or 32-bit integer) greyscale, which convert("L") clips to 255."""
+    return pil.mode.startswith("I;16") or pil.mode == "I"
+
+
+def top_8_bits(pil: Image.Image) -> np.ndarray:
+    """A 16-bit greyscale PIL image as uint8 (H, W): the top 8 bits of each value."""
+    return (np.asarray(pil).astype(np.int64) >> 8).clip(0, 255).astype(np.uint8)
 
 
 def _load_counted(where: str, counter: BadSampleCounter, load: Callable[[], T]) -> Optional[T]:

@@ -29,16 +29,25 @@ def load_image(path: str, in_chans: int) -> tuple[torch.Tensor, list[str]]:
     """An image file as a uint8 (1, in_chans, H, W) tensor, and notes on any conversion made."""
     from PIL import Image, UnidentifiedImageError
 
+    from ..sources import is_16_bit, top_8_bits  # as training and evaluation read such images
+
     p = Path(path)
+    if p.is_dir():
+        raise ValueError(f"{p} is a folder; give its image files (a shell pattern such as {p}/*.jpg lists them).")
     if not p.is_file():
-        raise FileNotFoundError(f"No image at {p}; check the path.")
+        pattern = any(c in path for c in "*?[")  # quoted, so the shell did not expand it
+        raise FileNotFoundError(f"No image at {p}; " + ("leave the pattern unquoted for the shell to expand."
+                                                          if pattern else "check the path."))
     try:
         with Image.open(p) as im:
             im.load()
             image = im.copy()
-    except (UnidentifiedImageError, OSError, SyntaxError, ValueError) as e:
+    except (UnidentifiedImageError, OSError, SyntaxError, ValueError, Image.DecompressionBombError) as e:
         raise ValueError(f"{p} is not a readable image ({e}); give a PNG or JPEG file.") from None
     notes = []
+    if is_16_bit(image):  # convert("L") would clip every value above 255 to white
+        image = Image.fromarray(top_8_bits(image))
+        notes.append("kept the top 8 bits of 16-bit greyscale")
     want = "L" if in_chans == 1 else "RGB"
     if image.mode != want:
         was = {"L": "greyscale", "RGB": "RGB", "1": "black-and-white"}.get(image.mode, f"mode {image.mode}")
