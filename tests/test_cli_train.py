@@ -201,11 +201,22 @@ def test_settings_out_of_range_are_one_sentence(tmp_path: Path, capsys: pytest.C
     assert not (tmp_path / "run").exists()
 
 
-def test_config_file_values_of_the_wrong_type_are_one_sentence(tmp_path: Path, capsys: pytest.CaptureFixture) -> None:
+@pytest.mark.parametrize("fields, message", [
+    ({"batch_size": "512"}, "--batch-size must be a whole number of at least 1, not '512'."),
+    ({"betas": 0.9}, "--betas must be two decays, each at least 0 and below 1, not 0.9."),
+    ({"bf16": "no"}, "--bf16 must be true or false, not 'no'."),
+    ({"seed": "abc"}, "--seed must be a whole number, not 'abc'."),
+    ({"model_args": {"hiden_dim": 3}}, "model_args must be MixerConfig fields ("),
+    ({"digits_aug": {"rotat": 3}}, "digits_aug has unknown settings ['rotat']; augment_digits takes rotate,"),
+])
+def test_config_file_values_of_the_wrong_type_are_one_sentence(tmp_path: Path, capsys: pytest.CaptureFixture,
+                                                                fields: dict, message: str) -> None:
     config = tmp_path / "c.json"
-    config.write_text(json.dumps({"batch_size": "512"}))
+    config.write_text(json.dumps(fields))
     assert main(["train", "--config", str(config), "--out", str(tmp_path / "run"), "--quiet"]) == 2
-    assert "--batch-size must be a whole number of at least 1, not '512'." in capsys.readouterr().err
+    err = capsys.readouterr().err
+    assert message in err and err.count("\n") == 1
+    assert not (tmp_path / "run").exists()  # refused before anything was written
 
 
 def test_every_checked_setting_has_a_flag() -> None:

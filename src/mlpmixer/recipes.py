@@ -13,7 +13,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Optional
 
-from .variants import canonical_name
+from .variants import MixerConfig, canonical_name
 
 # The choices of the recipe's named settings. Evaluation preprocessing (SPEC §4) is applied by
 # transforms.eval_transform; its modes are defined here, where the command line can read them without
@@ -95,10 +95,11 @@ class Recipe:
             value = getattr(self, name)
             try:
                 fine = value is None or bool(ok(value))
-            except TypeError:  # a string from a config file, say
+            except (TypeError, ValueError):  # a string from a config file, say
                 fine = False
-            if not fine:
-                raise ValueError(f"--{name.replace('_', '-')} must be {what}, not {value!r}.")
+            if not fine:  # named as the flag, or as the config file's field where there is no flag
+                label = name if name in ("model_args", "digits_aug") else "--" + name.replace("_", "-")
+                raise ValueError(f"{label} must be {what}, not {value!r}.")
 
         for name in ("img_size", "batch_size", "accum", "steps", "threads", "processes"):  # None: chosen for you
             check(name, lambda v: v >= 1 and float(v).is_integer(), "a whole number of at least 1")
@@ -113,6 +114,15 @@ class Recipe:
         check("randaugment", lambda v: 0 <= v <= 30 and float(v).is_integer(), "a whole magnitude from 0 to 30")
         check("crop_area", lambda v: 0 < v[0] <= v[1] <= 1, "two area fractions, 0 < low <= high <= 1")
         check("betas", lambda v: all(0 <= b < 1 for b in v), "two decays, each at least 0 and below 1")
+        for f in dataclasses.fields(self):  # a config file's "bf16": "no" is not True
+            if f.type == "bool":
+                check(f.name, lambda v: isinstance(v, bool), "true or false")
+        for name in ("seed", "permute_seed"):
+            check(name, lambda v: not isinstance(v, bool) and float(v).is_integer(), "a whole number")
+        known = {f.name for f in dataclasses.fields(MixerConfig)}
+        check("model_args", lambda v: isinstance(v, dict) and set(v) <= known,
+              f"MixerConfig fields ({', '.join(sorted(known))})")
+        check("digits_aug", lambda v: isinstance(v, dict), "an object of augment_digits arguments")
         for name, allowed in (("optimizer", OPTIMIZERS), ("schedule", SCHEDULES), ("loss", LOSSES),
                               ("eval_mode", EVAL_MODES), ("augment_on", AUGMENT_ON), ("permute", PERMUTE_MODES),
                               ("resize_method", RESIZE_METHODS)):
@@ -123,7 +133,7 @@ class Recipe:
         if unknown:
             raise ValueError(f"Unknown recipe settings {sorted(unknown)}; `mixer recipes` lists the fields.")
         for key in ("betas", "crop_area"):
-            if key in changes and changes[key] is not None:
+            if isinstance(changes.get(key), list):  # from JSON; anything else is __post_init__'s to refuse
                 changes[key] = tuple(changes[key])
         return dataclasses.replace(self, **changes)
 

@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import contextlib
 import copy
+import inspect
 import json
 import math
 import multiprocessing
@@ -511,6 +512,10 @@ def _train(
                          "torch or train without --fsdp.")
     if r.tensorboard and main:
         _summary_writer_class()  # without tensorboard, stop before anything is written
+    settings = [name for name in inspect.signature(augment_digits).parameters if name not in ("x", "generator", "rows")]
+    if set(r.digits_aug) - set(settings):
+        raise ValueError(f"digits_aug has unknown settings {sorted(set(r.digits_aug) - set(settings))}; "
+                         f"augment_digits takes {', '.join(settings)}.")
     if r.fast and (r.compile or fsdp):
         raise ValueError(f"--fast is an alternative to {'--compile' if r.compile else '--fsdp'}; choose one.")
     if r.batch_size % (r.accum * world):
