@@ -67,6 +67,7 @@ def test_bench_against_timm_computes_timms_gelu(capsys):
         (["--device", "cpu", "--dtype", "fp16"], "fp16 autocast is not supported on the CPU"),
         (["--device", "cpu", "--model", "H/14", "--vs-timm"], "timm has no Mixer matching Mixer-H/14"),
         (["--device", "cpu", "--fast", "--compile"], "alternatives"),
+        (["--device", "cpu", "--num-classes", "0", "--mode", "both"], "A training step needs a head"),
     ],
 )
 def test_bench_bad_input_is_one_clear_sentence(argv, message):

@@ -55,6 +55,8 @@ def run(args: argparse.Namespace) -> int:
     dtype = B.resolve_dtype(dtype_name, device)
     B.set_threads(args.threads)
     kept = device.type == "cpu" and not args.default_malloc and B.keep_freed_memory()
+    if args.num_classes == 0 and args.mode != "infer":
+        raise B.BenchError("A training step needs a head to train: give --num-classes 1 or more, or --mode infer.")
     overrides = {"num_classes": args.num_classes}
     if args.img_size:
         overrides["img_size"] = args.img_size
