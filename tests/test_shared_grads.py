@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import multiprocessing
 import os
+import signal
+import time
 
 import pytest
 import torch
@@ -75,3 +77,44 @@ def test_a_failed_process_releases_the_others() -> None:
     other.join(timeout=60)
     with pytest.raises(RuntimeError, match="Another training process stopped"):
         shared.attach(0, _params(0))  # would wait for the other process for ever otherwise
+
+
+def _killed_after_attach(shared: SharedGradients, rank: int) -> None:
+    shared.attach(rank, _params(rank))
+    os.kill(os.getpid(), signal.SIGKILL)  # as the out-of-memory killer would: no abort, no exception
+
+
+def _reports(shared: SharedGradients, rank: int, results) -> None:
+    try:
+        shared.attach(rank, _params(rank))
+        shared.average()
+        results.put("passed the barrier")
+    except ChildProcessError as e:
+        results.put(str(e))
+    finally:
+        os._exit(0)
+
+
+def test_a_killed_process_releases_the_others_at_once() -> None:
+    """A process that dies without a word (SIGKILL) stops the others within seconds, not WAIT_S."""
+    ctx = multiprocessing.get_context("fork")
+    # The killed one is rank 0, as when the parent of `mixer train --processes 2` is killed.
+    shared, results = SharedGradients(2), ctx.SimpleQueue()
+    procs = [ctx.Process(target=_killed_after_attach, args=(shared, 0)),
+             ctx.Process(target=_reports, args=(shared, 1, results))]
+    start = time.monotonic()
+    for p in procs:
+        p.start()
+    procs[1].join(timeout=60)
+    assert procs[1].exitcode == 0 and time.monotonic() - start < 30
+    assert results.get() == "Training process 0 of 2 died (killed?); the saved training states are kept: add " \
+                            "--resume to go on."
+    procs[0].join()
+    # This process as rank 0, its child killed (not yet reaped: a zombie counts as dead).
+    shared = SharedGradients(2)
+    child = ctx.Process(target=_killed_after_attach, args=(shared, 1))
+    child.start()
+    shared.attach(0, _params(0))
+    with pytest.raises(ChildProcessError, match="Training process 1 of 2 died"):
+        shared.average()
+    child.join()

@@ -15,14 +15,32 @@ machines, GPUs).
 
 from __future__ import annotations
 
+import os
 import threading
-from typing import Iterable
+import time
+from typing import Iterable, Optional
 
 import torch
 
 # Long enough for rank 0's evaluations and checkpoints; a process that died stops the others sooner
-# (see `abort`).
+# (see `abort`, and the watch each process keeps on the others).
 WAIT_S = 1800.0
+WATCH_S = 1.0  # how often each process checks that the others are alive
+
+
+def _alive(pid: int) -> bool:
+    """Whether process `pid` runs (a killed child that its parent has not reaped yet counts as dead)."""
+    try:
+        with open(f"/proc/{pid}/stat") as f:
+            return f.read().rsplit(")", 1)[1].split()[0] not in ("Z", "X")
+    except FileNotFoundError:
+        return False
+    except OSError:  # no /proc: whether the process exists at all
+        try:
+            os.kill(pid, 0)
+            return True
+        except ProcessLookupError:
+            return False
 
 
 class SharedGradients:
@@ -33,6 +51,8 @@ class SharedGradients:
         ctx = torch.multiprocessing.get_context("fork")
         self.world = world
         self.barrier = ctx.Barrier(world)
+        self._pids = ctx.Array("i", world, lock=False)  # each process's, for the others to watch
+        self._lost: Optional[int] = None  # the rank whose process died, once one has
         self._handover = ctx.Queue()  # hands the shared buffer to the other processes
         self._rows = torch.empty(0)
         self._params: list[torch.nn.Parameter] = []
@@ -43,6 +63,8 @@ class SharedGradients:
         """Share a buffer sized for `params`, and start every process from rank 0's values (as
         DistributedDataParallel does)."""
         self.rank = rank
+        self._pids[rank] = os.getpid()
+        threading.Thread(target=self._watch, daemon=True).start()
         self._params = [p for p in params if p.requires_grad]
         size = sum(p.numel() for p in self._params)
         if rank == 0:
@@ -84,8 +106,21 @@ class SharedGradients:
             else:
                 p.data.copy_(values)
 
+    def _watch(self) -> None:
+        """Release this process from the barrier when another one dies without a word: killed (SIGKILL,
+        the kernel's out-of-memory killer), it never calls `abort`, and the others would wait WAIT_S."""
+        while self._lost is None:
+            time.sleep(WATCH_S)
+            for rank, pid in enumerate(self._pids):
+                if rank != self.rank and pid and not _alive(pid):
+                    self._lost = rank
+                    self.barrier.abort()
+
     def _wait(self) -> None:
         try:
             self.barrier.wait(WAIT_S)
         except threading.BrokenBarrierError:
+            if self._lost is not None:
+                raise ChildProcessError(f"Training process {self._lost} of {self.world} died (killed?); the saved "
+                                        "training states are kept: add --resume to go on.") from None
             raise RuntimeError("Another training process stopped; see its error above.") from None
