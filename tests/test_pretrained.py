@@ -127,6 +127,10 @@ def test_offline_and_not_cached_names_url_and_cache_path(tmp_path: Path, monkeyp
     with pytest.raises(DownloadError) as err:
         download(src.as_uri())
     assert src.as_uri() in str(err.value) and str(cache_path(src.as_uri())) in str(err.value)
+    for on in ("true", "YES"):  # the usual spellings of "on" forbid downloads too
+        monkeypatch.setenv("MLPMIXER_OFFLINE", on)
+        with pytest.raises(DownloadError):
+            download(src.as_uri())
     monkeypatch.delenv("MLPMIXER_OFFLINE")
     cached = download(src.as_uri())
     monkeypatch.setenv("MLPMIXER_OFFLINE", "1")

@@ -519,8 +519,9 @@ def _train(
     if r.fast and (r.compile or fsdp):
         raise ValueError(f"--fast is an alternative to {'--compile' if r.compile else '--fsdp'}; choose one.")
     if r.batch_size % (r.accum * world):
-        raise ValueError(f"The batch size {r.batch_size} must divide into {r.accum} accumulation steps "
-                         f"× {world} processes; choose a multiple of {r.accum * world}.")
+        raise ValueError(f"The batch size {r.batch_size} must divide into {r.accum} accumulation "
+                         f"step{'s' * (r.accum > 1)} × {world} process{'es' * (world > 1)}; choose a multiple of "
+                         f"{r.accum * world}.")
 
     # --- data.
     # Fine-tuning keeps the checkpoint's channels, and its input size unless r.img_size asks for another

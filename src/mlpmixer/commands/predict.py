@@ -112,5 +112,5 @@ def run(args: argparse.Namespace) -> int:
         else:
             print(f"{path}:")
             for rank, (name, p) in enumerate(best, 1):
-                print(f"  {rank}. {name:<30} {p:7.2%}")
+                print(f"  {f'{rank}.':<3} {name:<30} {p:7.2%}")  # aligned past 9 ranks too
     return 2 if unreadable else 0  # the status of a user error, as when nothing could be read
