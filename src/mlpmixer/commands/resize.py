@@ -21,7 +21,8 @@ def register(p: argparse.ArgumentParser) -> None:
                    help="new image size: N for N×N, or H W")
     p.add_argument("--out", required=True, help="file to write (.safetensors keeps the configuration)")
     p.add_argument("--method", choices=RESIZE_METHODS, default="blockdiag",
-                   help="blockdiag (paper, integer factors only; default) or resample (any multiple of the patch, approximate)")
+                   help="blockdiag (paper, integer factors only; default) or resample (any multiple of the patch, "
+                   "approximate)")
     p.add_argument("--mode", choices=["bicubic", "bilinear", "nearest"], default="bicubic",
                    help="interpolation for --method resample (default bicubic)")
     p.set_defaults(func=run)

@@ -13,7 +13,8 @@ RECIPE_FLAGS: dict[str, tuple[str, Any, str]] = {
     "--data": ("data", str, "training data: mnist5k, an MNIST IDX folder, an image folder or WebDataset shards"),
     "--eval-data": ("eval_data", str, "validation data (default: a hold-out of --data)"),
     "--holdout": ("holdout", float, "images held out of --data for validation: a count or a fraction"),
-    "--model": ("model", str, "Mixer variant: B/16, S/32, ... (`mixer info` lists the paper's), nano/4, digits/7, digits/4"),
+    "--model": ("model", str, "Mixer variant: B/16, S/32, ... (`mixer info` lists the paper's), nano/4, digits/7, "
+                "digits/4"),
     "--img-size": ("img_size", int, "input resolution"),
     "--epochs": ("epochs", float, "passes over the training data"),
     "--steps": ("steps", int, "optimiser steps (overrides --epochs)"),
@@ -42,8 +43,8 @@ RECIPE_FLAGS: dict[str, tuple[str, Any, str]] = {
     "--augment-on": ("augment_on", str, "image folders and shards: augment each image in the DataLoader workers, "
                      "or decode the data into memory once and augment whole batches on the training device "
                      "(device: for small images such as CIFAR's, where a GPU outruns the workers)"),
-    "--eval-mode": ("eval_mode", str, "image data: validation preprocessing, resize (to the model's size) or resmall-crop "
-                    "(shorter side to 256/224 of it, then the central crop; SPEC §4)"),
+    "--eval-mode": ("eval_mode", str, "image data: validation preprocessing, resize (to the model's size) or "
+                    "resmall-crop (shorter side to 256/224 of it, then the central crop; SPEC §4)"),
     "--permute": ("permute", str, "paper Figure 4: one fixed permutation of every training and validation image, "
                   "patches (patch order + pixels within patches) or pixels (all pixels); config.json records it and "
                   "`mixer eval RUN` applies it (or give `mixer eval --permute`)"),

@@ -339,7 +339,8 @@ def median_seconds(fn: Callable[[], object], cuda: bool, reps: int = 5) -> float
     return sorted(times)[len(times) // 2]
 
 
-def pick_split(a: torch.Tensor, b: torch.Tensor, timer: Callable[[Callable[[], object]], float] =lambda fn: median_seconds(fn, cuda=True)) -> int:
+def pick_split(a: torch.Tensor, b: torch.Tensor,
+               timer: Callable[[Callable[[], object]], float] = lambda fn: median_seconds(fn, cuda=True)) -> int:
     """The number of chunks that computes a @ b fastest by `timer`, among those that agree with the
     plain product to the dtype's tolerance."""
     ref = torch.mm(a, b)
