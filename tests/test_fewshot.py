@@ -13,6 +13,7 @@ from mlpmixer.fewshot import (
     extract_features,
     fewshot_evaluate,
     fit_least_squares,
+    ShotResult,
     sample_support,
     split_pool,
 )
@@ -51,6 +52,14 @@ def test_solver_classifies_separable_data():
     assert probe.accuracy(features, labels) > 0.95
     with pytest.raises(ValueError, match="positive"):
         fit_least_squares(features, labels, 5, l2=0)
+
+
+def test_shot_result_statistics():
+    import math
+
+    assert math.isnan(ShotResult(1).mean) and ShotResult(1).std == 0.0  # no draw yet
+    done = ShotResult(5, [0.5, 0.7])
+    assert done.mean == pytest.approx(0.6) and done.to_dict()["accuracies"] == [0.5, 0.7]
 
 
 def test_support_draws_and_errors():

@@ -33,6 +33,7 @@ def test_unit_pairs_with_its_negation():
     assert {frozenset(p) for p in pairs if None not in p} == {frozenset((i, i + 4)) for i in range(4)}
     assert (8, None) in pairs
     assert sorted(u for p in pairs for u in p if u is not None) == list(range(9))  # each unit once
+    assert pair_opposite_phase(units[:1]) == [(0, None)]  # a single unit (its correlation is a scalar)
 
 
 def test_low_frequency_before_high():

@@ -8,6 +8,7 @@ feature, and an ℓ2-regularised least-squares fit to ±1 one-hot targets, solve
 
 from __future__ import annotations
 
+import math
 import statistics
 from dataclasses import dataclass, field
 from typing import Iterable, Sequence
@@ -120,7 +121,8 @@ class ShotResult:
 
     @property
     def mean(self) -> float:
-        return statistics.fmean(self.accuracies)
+        """The mean accuracy over the draws (NaN before any draw)."""
+        return statistics.fmean(self.accuracies) if self.accuracies else math.nan
 
     @property
     def std(self) -> float:

@@ -40,7 +40,8 @@ def pair_opposite_phase(units: np.ndarray) -> list[tuple[int, int | None]]:
     correlated. An odd unit out is paired with None."""
     flat = units.reshape(len(units), -1).astype(np.float64)
     with np.errstate(invalid="ignore", divide="ignore"):
-        corr = np.nan_to_num(np.corrcoef(flat), nan=0.0)  # constant units correlate with nothing
+        # atleast_2d: a single unit's correlation comes back as a scalar. Constant units correlate with nothing.
+        corr = np.atleast_2d(np.nan_to_num(np.corrcoef(flat), nan=0.0))
     i, j = np.triu_indices(len(units), k=1)
     order = np.argsort(corr[i, j], kind="stable")
     free = np.ones(len(units), dtype=bool)
