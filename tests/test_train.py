@@ -176,6 +176,11 @@ def test_resume_checks_the_model_and_notes_other_settings(tmp_path: Path) -> Non
     said.clear()
     train(r.replace(steps=6), run, resume=True, progress=False, log=said.append)  # the same settings: no note
     assert not any(line.startswith("Resuming with") for line in said)
+    config = json.loads((run / "config.json").read_text())
+    (run / "config.json").write_text(json.dumps({**config, "world_size": 2}))  # as a run of two processes
+    said.clear()
+    train(r.replace(steps=6), run, resume=True, progress=False, log=said.append)
+    assert said[0].startswith("Resuming with settings other than the run's (processes 2 -> 1):")
 
 
 def test_sigmoid_head_bias_starts_at_minus_log_classes(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:

@@ -640,7 +640,7 @@ def _train(
                       "they share, or" if world > int(os.environ.get("LOCAL_WORLD_SIZE", world)) else "")
             raise FileNotFoundError(f"{run} has no saved training state ({STATE_DIR}/step-*.pt) to resume "
                                     f"from;{shared} train with --save-every N first.")
-        _check_resumable(run, model.config, r, init_from, log if main else (lambda *_: None))
+        _check_resumable(run, model.config, r, init_from, world, log if main else (lambda *_: None))
         # FSDP: each rank keeps only its shards of the full state, so read it to the CPU, not the device.
         state = torch.load(state_path, map_location="cpu" if fsdp else device, weights_only=True)
         if fsdp:  # the state holds full tensors (keyed by name): each rank keeps its shards
@@ -831,7 +831,8 @@ def _train(
     return files
 
 
-def _check_resumable(run: Path, config: MixerConfig, r: Recipe, init_from: Optional[str], log: Any) -> None:
+def _check_resumable(run: Path, config: MixerConfig, r: Recipe, init_from: Optional[str], world: int,
+                     log: Any) -> None:
     """Resuming builds the model and optimiser from the command's settings: a model of other shapes,
     another optimiser or a fine-tuning run resumed without its --from is one sentence here (not
     load_state_dict's list of mismatches or KeyError), other recipe settings a note, as the run then
@@ -864,6 +865,8 @@ def _check_resumable(run: Path, config: MixerConfig, r: Recipe, init_from: Optio
     # The process and thread counts are taken from the run (launch); only the count chosen is recorded.
     changed = [f"{k} {saved['recipe'].get(k)!r} -> {v!r}" for k, v in now.items()
                if k not in ("processes", "threads") and saved["recipe"].get(k) != v]
+    if saved.get("world_size", world) != world:  # the order of the gradient sums: no longer bit for bit
+        changed.append(f"processes {saved['world_size']} -> {world}")
     if changed:
         log(f"Resuming with settings other than the run's ({', '.join(changed)}): the run goes on with these, "
             "so it will not end as the run it resumes would have.")
