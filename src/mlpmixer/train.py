@@ -36,7 +36,7 @@ from .checkpoints import atomic_write, load_checkpoint, read_checkpoint, save_ch
 from .compiled import CompiledOrEager
 from .data import (MNIST5K, Source, TensorData, TensorDataset, augment_digits, holdout_split, is_idx_folder,
                    load_tensors, to_model_input)
-from .evaluate import evaluate
+from .evaluate import evaluate, open_eval_data
 from .model import MlpMixer, create_model
 from .permute import FixedPermutation
 from .profiling import StepProfiler
@@ -576,15 +576,6 @@ def _train(
             else:
                 val_data = open_folder_or_shards(r.eval_data or r.data, "val", holdout, r.seed, t_eval)
             check_same_classes(class_names, val_data.class_names)
-    if r.eval_data and tensors is not None:  # in-memory training data, evaluated on any source
-        from .sources import check_same_classes, open_folder_or_shards
-        from .transforms import eval_transform
-
-        val_data = load_tensors(r.eval_data, split="test")
-        if val_data is None:
-            val_data = open_folder_or_shards(r.eval_data, "val", 0.0, r.seed,
-                                             eval_transform(img_size, in_chans, r.eval_mode))
-        check_same_classes(class_names, val_data.class_names)
     num_classes = len(class_names)
 
     # --- model.
@@ -598,6 +589,11 @@ def _train(
         model = create_model(r.model, num_classes=num_classes, img_size=img_size, in_chans=in_chans,
                              drop_path_rate=r.drop_path, drop_rate=r.dropout, **r.model_args)
     model.class_names = list(class_names)
+    if r.eval_data and tensors is not None:  # in-memory training data, evaluated on any source as `mixer eval` does
+        from .sources import check_same_classes
+
+        val_data = open_eval_data(r.eval_data, model, r.eval_mode)
+        check_same_classes(class_names, val_data.class_names)
     # Paper Figure 4: one fixed permutation of every training and validation image (None: off).
     permute = (FixedPermutation(r.permute, model.config.img_size, model.config.patch_size, r.permute_seed)
                if r.permute else None)
