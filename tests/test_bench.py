@@ -102,6 +102,16 @@ def test_unknown_dtype():
         B.resolve_dtype("fp64", torch.device("cpu"))
 
 
+@pytest.mark.parametrize("native", [True, False])
+def test_bf16_on_a_cpu_without_bf16_units_is_named(monkeypatch, recwarn, native):
+    monkeypatch.setattr(torch.ops.mkldnn, "_is_mkldnn_bf16_supported", lambda: native)
+    cpu = torch.device("cpu")
+    assert (B.slow_bf16(cpu) is None) == native
+    assert B.resolve_dtype("bf16", cpu) == torch.bfloat16
+    assert [str(w.message) for w in recwarn] == ([] if native else [B.slow_bf16(cpu) + ": --dtype bf16 will measure that emulation."])
+    assert B.slow_bf16(torch.device("cuda")) is None
+
+
 def test_largest_fitting_batch_halves_until_it_fits():
     tried = []
 

@@ -298,3 +298,11 @@ def test_errors_of_a_two_process_run_are_one_sentence(tmp_path: Path, capsys: py
     assert "larger than the 4750 training images" in err and "Traceback" not in err
     assert main(["train", "--processes", "2", "--steps", "1", "--batch-size", "33", "--out", str(tmp_path / "r")]) == 2
     assert "choose a multiple of 2" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("native", [True, False])
+def test_bf16_training_on_a_cpu_without_bf16_says_it_is_slow(tmp_path: Path, capsys: pytest.CaptureFixture,
+                                                              monkeypatch: pytest.MonkeyPatch, native: bool) -> None:
+    monkeypatch.setattr(torch.ops.mkldnn, "_is_mkldnn_bf16_supported", lambda: native)
+    assert main(["train", "--bf16", "--steps", "1", "--batch-size", "8", "--out", str(tmp_path / "run")]) == 0
+    assert ("training without --bf16 will be faster here" in capsys.readouterr().out) != native

@@ -33,6 +33,7 @@ import torch.nn.functional as F
 from tqdm import tqdm
 
 from .checkpoints import atomic_write, load_checkpoint, read_checkpoint, save_checkpoint
+from .bench import slow_bf16
 from .compiled import CompiledOrEager
 from .data import (MNIST5K, Source, TensorData, TensorDataset, augment_digits, holdout_split, is_idx_folder,
                    load_tensors, to_model_input)
@@ -499,6 +500,8 @@ def _train(
         shared_grads = None
     if r.fsdp and not distributed and main:
         log("--fsdp shards the model over several processes (torchrun); in one process it trains unsharded.")
+    if r.bf16 and main and (reason := slow_bf16(device)):
+        log(f"Note: {reason}; training without --bf16 will be faster here.")
     if fsdp and r.ema:
         raise ValueError("--fsdp does not keep EMA weights; train with --ema 0 (the paper's pre-training "
                          "recipes use none) or without --fsdp.")
