@@ -71,6 +71,9 @@ def test_fast_inference_matches_plain_fp32(gelu):
     x = torch.randn(3, 3, 32, 32)  # fresh random inputs
     with torch.no_grad():
         assert rel(fast(x), model(x)) <= 1e-5
+        feats = fast.forward_features(x)
+        assert feats.is_contiguous() and rel(feats, model.forward_features(x)) <= 1e-5
+        assert torch.equal(fast.forward_head(feats, pre_logits=True), feats.mean(dim=1))
 
 
 @pytest.mark.parametrize("gelu", ["tanh", "exact"])
@@ -82,6 +85,8 @@ def test_tokens_first_inference_with_plain_twins_matches_plain(gelu, monkeypatch
     x = torch.randn(3, 3, 32, 32)
     with torch.no_grad():
         assert rel(optimize(model)(x), model(x)) <= 1e-5
+        feats = optimize(model).forward_features(x)
+        assert feats.is_contiguous() and rel(feats, model.forward_features(x)) <= 1e-5
 
 
 @pytest.mark.parametrize("gelu", ["tanh", "exact"])
@@ -96,6 +101,8 @@ def test_fast_training_matches_plain_fp32(gelu):
     out.square().sum().backward()
     assert rel(out, ref_out) <= 1e-5
     assert grad_error(grads(model), ref) <= 1e-4
+    feats = fast.forward_features(x)
+    assert feats.requires_grad and feats.is_contiguous() and rel(feats, model.forward_features(x)) <= 1e-5
 
 
 @pytest.mark.parametrize("layout", ["a@b", "a@bT", "aT@b"])
@@ -275,6 +282,7 @@ for gelu in ("tanh", "exact"):
     x = torch.randn(2, 3, 16, 16)
     with torch.no_grad():
         res[f"model_infer_{gelu}"] = rel(f(x), m(x))
+        res[f"model_features_{gelu}"] = rel(f.forward_features(x), m.forward_features(x))
     m(x).square().sum().backward()
     ref = [p.grad.clone() for p in m.parameters()]
     m.zero_grad()
@@ -326,6 +334,7 @@ def test_triton_gelu_fwd_bwd(interpreter_results, act):
 @pytest.mark.parametrize("gelu", ["tanh", "exact"])
 def test_triton_fast_path_whole_model(interpreter_results, gelu):
     assert interpreter_results[f"model_infer_{gelu}"] <= 1e-5
+    assert interpreter_results[f"model_features_{gelu}"] <= 1e-5
     assert interpreter_results[f"model_grads_{gelu}"] <= 1e-5
 
 

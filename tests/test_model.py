@@ -29,7 +29,7 @@ def test_custom_rectangular_greyscale_model(tiny_config: MixerConfig) -> None:
     x = images(cfg, batch=3)
     assert model(x).shape == (3, 7)
     feats = model.forward_features(x)
-    assert feats.shape == (3, 12, 32)  # (B, S, C): a 3×4 grid of tokens
+    assert feats.shape == (3, 12, 32) and feats.is_contiguous()  # (B, S, C): a 3×4 grid of tokens
     randomise_head(model)
     with torch.no_grad():
         assert torch.equal(model(x), model.forward_head(feats))

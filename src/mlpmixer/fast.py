@@ -11,7 +11,7 @@ Inference (no gradients)
     a Triton GEMM in bf16/fp16; in fp32, cuBLASLt for the tanh GELU and GEMM then GELU otherwise).
   - On CUDA, one CUDA graph per input shape replays the whole forward (no launch overhead).
   - On the CPU the stream is image-major, (B, S, C), and token mixing a batched product per
-    image, which MKL runs faster than one product over all B·C columns (`_forward_infer_cpu`).
+    image, which MKL runs faster than one product over all B·C columns (`_features_infer_cpu`).
 
 Training
   - Each residual branch is one autograd.Function that saves only its input, the LayerNorm's
@@ -160,22 +160,39 @@ class FastMixer(nn.Module):
         return False
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self._run(x, features_only=False)
+
+    def forward_features(self, x: torch.Tensor) -> torch.Tensor:
+        """Images (B, in, H, W) -> normalised token features (B, S, C), as `MlpMixer.forward_features`."""
+        return self._run(x, features_only=True)
+
+    def forward_head(self, x: torch.Tensor, pre_logits: bool = False) -> torch.Tensor:
+        return self.model.forward_head(x, pre_logits)
+
+    def _run(self, x: torch.Tensor, features_only: bool) -> torch.Tensor:
         model = self.model
         if self._needs_plain() or torch.jit.is_tracing() or torch.compiler.is_compiling():
-            return model(x)
+            return model.forward_features(x) if features_only else model(x)
         model.check_input(x)
         dtype, autocast = compute_dtype(x, model)
         if torch.is_grad_enabled() and (x.requires_grad or any(p.requires_grad for p in model.parameters())):
-            return self._forward_train(x, dtype, autocast)
+            return self._finish(self._features_train(x, dtype, autocast), dtype, autocast, features_only)
         if x.is_cuda and self.cuda_graphs:
-            return self._forward_graphed(x, dtype, autocast)
-        return self._forward_infer(x, dtype, autocast)
+            return self._forward_graphed(x, dtype, autocast, features_only)
+        return self._infer(x, dtype, autocast, features_only)
+
+    def _finish(self, feats: torch.Tensor, dtype: torch.dtype, autocast: bool, features_only: bool) -> torch.Tensor:
+        """Token features (B, S, C), maybe a transposed view, -> contiguous features or logits."""
+        if features_only:
+            return feats.contiguous()
+        with _autocast(feats.device.type, dtype, autocast):  # the mean pools the view: no copy needed
+            return self.model.forward_head(feats)
 
     # -- inference ------------------------------------------------------------------------------
 
-    def _forward_infer(self, x: torch.Tensor, dtype: torch.dtype, autocast: bool) -> torch.Tensor:
+    def _features_infer(self, x: torch.Tensor, dtype: torch.dtype, autocast: bool) -> torch.Tensor:
         if x.device.type == "cpu" and not K.interpreting():
-            return self._forward_infer_cpu(x, dtype, autocast)
+            return self._features_infer_cpu(x, dtype, autocast)
         model, act = self.model, self.model.config.gelu
         dev = x.device.type
         # The stem and the head are the plain model's code, under the caller's autocast.
@@ -203,10 +220,9 @@ class FastMixer(nn.Module):
             norm = model.norm
             # As in the plain path under autocast, the final LayerNorm's output stays fp32.
             feats = K.layer_norm(r, row_bias, col_bias, norm.weight, norm.bias, EPS, torch.float32 if autocast else dtype)
-        with _autocast(dev, dtype, autocast):
-            return model.forward_head(feats.transpose(0, 1))
+        return feats.transpose(0, 1)
 
-    def _forward_infer_cpu(self, x: torch.Tensor, dtype: torch.dtype, autocast: bool) -> torch.Tensor:
+    def _features_infer_cpu(self, x: torch.Tensor, dtype: torch.dtype, autocast: bool) -> torch.Tensor:
         """Inference on the CPU, where the stream is kept image-major, (B, S, C).
 
         Token mixing then runs as one batched product per image, W1 · X[b] with X[b] of (S, C),
@@ -238,43 +254,44 @@ class FastMixer(nn.Module):
                 r.view(b * s, c).addmm_(h_chan, chan.fc2.weight.to(dtype).t())
                 r += chan.fc2.bias.to(dtype)
             norm = model.norm
-            feats = K.layer_norm(r, None, None, norm.weight, norm.bias, EPS, torch.float32 if autocast else dtype)
-        with _autocast("cpu", dtype, autocast):
-            return model.forward_head(feats)
+            return K.layer_norm(r, None, None, norm.weight, norm.bias, EPS, torch.float32 if autocast else dtype)
 
-    def _forward_graphed(self, x: torch.Tensor, dtype: torch.dtype, autocast: bool) -> torch.Tensor:
+    def _forward_graphed(self, x: torch.Tensor, dtype: torch.dtype, autocast: bool, features_only: bool) -> torch.Tensor:
         # A graph reads the parameters at the addresses it was captured with: parameters that were
         # replaced (a new head, .to(), .half()) need new graphs. In-place updates are seen as they are.
         where = tuple(p.data_ptr() for p in self.model.parameters())
         if where != self._graph_params:
             self._graphs.clear()
             self._graph_params = where
-        key = (tuple(x.shape), x.dtype, x.device, dtype, autocast)
+        key = (tuple(x.shape), x.dtype, x.device, dtype, autocast, features_only)
         entry = self._graphs.get(key)
         if entry is None:
             try:
-                entry = self._capture(x, dtype, autocast)
+                entry = self._capture(x, dtype, autocast, features_only)
             except Exception as e:  # capture unsupported here: eager is correct, just slower
                 warnings.warn(f"CUDA graph capture failed ({e}); running the fast path without graphs.", stacklevel=3)
                 self.cuda_graphs = False
-                return self._forward_infer(x, dtype, autocast)
+                return self._infer(x, dtype, autocast, features_only)
             self._graphs[key] = entry
         graph, static_x, static_out = entry
         static_x.copy_(x)
         graph.replay()
         return static_out.clone()
 
-    def _capture(self, x: torch.Tensor, dtype: torch.dtype, autocast: bool) -> tuple:
+    def _infer(self, x: torch.Tensor, dtype: torch.dtype, autocast: bool, features_only: bool) -> torch.Tensor:
+        return self._finish(self._features_infer(x, dtype, autocast), dtype, autocast, features_only)
+
+    def _capture(self, x: torch.Tensor, dtype: torch.dtype, autocast: bool, features_only: bool) -> tuple:
         static_x = x.clone()
         side = torch.cuda.Stream(device=x.device)
         side.wait_stream(torch.cuda.current_stream(x.device))
         with torch.cuda.stream(side):  # warm-up: Triton compiles and autotunes outside the capture
             for _ in range(2):
-                self._forward_infer(static_x, dtype, autocast)
+                self._infer(static_x, dtype, autocast, features_only)
         torch.cuda.current_stream(x.device).wait_stream(side)
         graph = torch.cuda.CUDAGraph()
         with torch.cuda.graph(graph):
-            static_out = self._forward_infer(static_x, dtype, autocast)
+            static_out = self._infer(static_x, dtype, autocast, features_only)
         return graph, static_x, static_out
 
     def reset_graphs(self) -> None:
@@ -283,7 +300,7 @@ class FastMixer(nn.Module):
 
     # -- training -------------------------------------------------------------------------------
 
-    def _forward_train(self, x: torch.Tensor, dtype: torch.dtype, autocast: bool) -> torch.Tensor:
+    def _features_train(self, x: torch.Tensor, dtype: torch.dtype, autocast: bool) -> torch.Tensor:
         model, act = self.model, self.model.config.gelu
         dev = x.device.type
         with _autocast(dev, dtype, autocast):
@@ -300,7 +317,7 @@ class FastMixer(nn.Module):
                     chan.fc1.bias.to(dtype), chan.fc2.weight.to(dtype), chan.fc2.bias.to(dtype), act,
                 )
         with _autocast(dev, dtype, autocast):
-            return model.forward_head(model.norm(r).transpose(0, 1))
+            return model.norm(r).transpose(0, 1)
 
 
 def optimize(model: MlpMixer, cuda_graphs: bool = True, gemm: str = "auto") -> FastMixer:

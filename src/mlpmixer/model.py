@@ -198,7 +198,8 @@ class MlpMixer(nn.Module):
                 x = checkpoint(block, x, use_reentrant=False)
         else:
             x = self.blocks(x)
-        return self.norm(x).transpose(0, 1)  # a view: the (S, B, C) data are not copied
+        # Contiguous, as timm's: a transposed view of the (S, B, C) stream would fail `.view()` in user code.
+        return self.norm(x).transpose(0, 1).contiguous()
 
     def forward_head(self, x: torch.Tensor, pre_logits: bool = False) -> torch.Tensor:
         """Token features (B, S, C) -> logits (B, classes), or pooled features if `pre_logits`."""
