@@ -439,3 +439,18 @@ def test_read_checkpoint_reports_config_and_names(tmp_path: Path) -> None:
         assert read_checkpoint(tmp_path / name)[2] == {"layout": layout}  # names do not travel in these
     with pytest.raises(CheckpointError, match="Cannot apply"):
         read_checkpoint(tmp_path / "m.safetensors", heads=3)
+
+
+@pytest.mark.parametrize("suffix", [".npz", ".pth"])
+def test_a_wide_grid_with_a_square_token_count_loads_at_the_models_size(tmp_path: Path, suffix: str) -> None:
+    """A 2×8 patch grid has 16 tokens, as a 4×4 one: files without an image size load at the size of the
+    model they are loaded into, and alone at the square size (which `save_checkpoint`'s notes warn of)."""
+    wide = random_model(SQUARE.replace(img_size=(16, 64)))
+    path = tmp_path / f"wide{suffix}"
+    save_checkpoint(wide, path)
+    into = create_model(SQUARE.replace(img_size=(16, 64), gelu=wide.config.gelu))
+    load_checkpoint(path, model=into)
+    assert into.config.img_size == (16, 64)
+    assert_same_state(into, wide)
+    assert load_checkpoint(path).config.img_size == (32, 32)
+    assert load_checkpoint(path, img_size=(16, 64)).config.img_size == (16, 64)
