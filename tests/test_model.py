@@ -195,3 +195,53 @@ def test_timm_style_calls(tiny_config: MixerConfig) -> None:
     code = "import mlpmixer; print(callable(mlpmixer.fast.optimize), callable(mlpmixer.pretrained.fold_input_normalisation))"
     done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
     assert done.stdout.split() == ["True", "True"], done.stderr
+
+
+def test_forward_intermediates_match_timms(tiny_config: MixerConfig) -> None:
+    timm = pytest.importorskip("timm")
+    cfg = tiny_config.replace(num_blocks=3, gelu="exact")  # timm's GELU
+    ours = create_model(cfg).eval()
+    with torch.no_grad():
+        for p in ours.parameters():
+            p.normal_(0, 0.2)
+    theirs = timm.models.mlp_mixer.MlpMixer(num_classes=5, img_size=cfg.img_size, patch_size=8, num_blocks=3,
+                                            embed_dim=32, mlp_ratio=(0.5, 2.0)).eval()
+    theirs.load_state_dict(ours.state_dict())
+    x = images(cfg)
+    with torch.no_grad():
+        for kwargs in ({}, dict(indices=2, norm=True), dict(indices=[0, -1], output_fmt="NLC")):
+            final, taps = ours.forward_intermediates(x, **kwargs)
+            want_final, want_taps = theirs.forward_intermediates(x, **kwargs)
+            torch.testing.assert_close(final, want_final)
+            assert len(taps) == len(want_taps) and all(t.is_contiguous() for t in taps)
+            for got, want in zip(taps, want_taps):
+                torch.testing.assert_close(got, want)
+        # The last block's tap, normalised, is the features; stop_early skips the later blocks.
+        (last,) = ours.forward_intermediates(x, indices=1, norm=True, intermediates_only=True)
+        torch.testing.assert_close(last.flatten(2).transpose(1, 2), ours.forward_features(x))
+        (first,) = ours.forward_intermediates(x, indices=[0], intermediates_only=True, stop_early=True)
+        torch.testing.assert_close(first, ours.blocks[0](ours.stem(x)).permute(1, 2, 0).reshape(2, 32, 3, 4))
+    assert [f["module"] for f in ours.feature_info] == ["blocks.0", "blocks.1", "blocks.2"]
+    for bad in (0, 4, [3], [-4]):
+        with pytest.raises(ValueError, match="has 3 blocks"):
+            ours.forward_intermediates(x, indices=bad)
+
+
+def test_timms_data_and_optimiser_tools_take_our_model(tiny_config: MixerConfig) -> None:
+    timm = pytest.importorskip("timm")
+    import timm.data
+    import timm.optim
+
+    model = create_model(tiny_config.replace(in_chans=1))
+    data = timm.data.resolve_data_config({}, model=model)
+    assert data["input_size"] == (1, 24, 32) and data["mean"] == (0.5,) and data["std"] == (0.5,)
+    assert data["crop_pct"] == 1.0  # the official "resize" evaluation
+    pixels = torch.randint(0, 256, (1, 24, 32), dtype=torch.uint8)
+    from torchvision.transforms.v2.functional import to_pil_image
+
+    x = timm.data.create_transform(**data)(to_pil_image(pixels))  # timm's pipeline gives our [-1, 1] input
+    torch.testing.assert_close(x, pixels.float() / 127.5 - 1)
+    # Layer-wise learning-rate decay groups the stem, each block, then the final norm and the head.
+    optimizer = timm.optim.create_optimizer_v2(model, "adamw", lr=1.0, layer_decay=0.5)
+    scales = {round(g["lr_scale"], 6) for g in optimizer.param_groups}
+    assert scales == {0.125, 0.25, 0.5, 1.0}

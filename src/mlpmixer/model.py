@@ -11,7 +11,7 @@ layout is mapped in `checkpoints.py`.
 from __future__ import annotations
 
 import math
-from typing import Any
+from typing import Any, Sequence
 
 import torch
 import torch.nn.functional as F
@@ -227,6 +227,74 @@ class MlpMixer(nn.Module):
     def set_grad_checkpointing(self, enable: bool = True) -> None:
         """Recompute each block in the backward pass instead of storing its activations."""
         self.grad_checkpointing = enable
+
+    # -- the rest of timm's model API, for tools built on it (timm.data, timm.optim's layer decay) --------
+
+    def forward_intermediates(
+        self,
+        x: torch.Tensor,
+        indices: int | Sequence[int] | None = None,
+        norm: bool = False,
+        stop_early: bool = False,
+        output_fmt: str = "NCHW",
+        intermediates_only: bool = False,
+    ) -> list[torch.Tensor] | tuple[torch.Tensor, list[torch.Tensor]]:
+        """The outputs of some blocks, as timm's: `indices` an int takes the last n blocks, a sequence
+        those blocks (negative ones count from the end), None all. Each is (B, C, H', W') over the patch
+        grid for "NCHW", or (B, S, C) tokens for "NLC", after the final LayerNorm if `norm`. Returns
+        (final features (B, S, C), intermediates), or only the intermediates; `stop_early` skips the
+        blocks after the last one taken when `intermediates_only`."""
+        if output_fmt not in ("NCHW", "NLC"):
+            raise ValueError(f"output_fmt must be 'NCHW' or 'NLC', not {output_fmt!r}.")
+        n = len(self.blocks)
+        if indices is None:
+            indices = n
+        if isinstance(indices, int):
+            if not 0 < indices <= n:
+                raise ValueError(f"{self.config.describe()} has {n} blocks: indices={indices} must be in 1..{n}.")
+            take = list(range(n - indices, n))
+        else:
+            take = [i + n if i < 0 else i for i in indices]
+            if not all(0 <= i < n for i in take):
+                raise ValueError(f"{self.config.describe()} has {n} blocks: indices {list(indices)} must be in "
+                                 f"{-n}..{n - 1}.")
+        self.check_input(x)
+        (h, w), (ph, pw) = self.config.img_size, self.config.patch_size
+        x = self.stem(x)  # (S, B, C)
+        last = max(take) if stop_early and intermediates_only else n - 1
+        intermediates = []
+        for i, block in enumerate(self.blocks[: last + 1]):
+            x = block(x)
+            if i in take:
+                y = (self.norm(x) if norm else x).transpose(0, 1)  # (B, S, C)
+                if output_fmt == "NCHW":
+                    y = y.reshape(x.shape[1], h // ph, w // pw, -1).permute(0, 3, 1, 2)
+                intermediates.append(y.contiguous())
+        if intermediates_only:
+            return intermediates
+        return self.norm(x).transpose(0, 1).contiguous(), intermediates
+
+    @property
+    def feature_info(self) -> list[dict[str, Any]]:
+        """timm's description of the taps of `forward_intermediates`: one per block, at the patch stride."""
+        channels, stride = self.config.hidden_dim, self.config.patch_size[0]
+        return [dict(num_chs=channels, reduction=stride, module=f"blocks.{i}") for i in range(len(self.blocks))]
+
+    @property
+    def pretrained_cfg(self) -> dict[str, Any]:
+        """The input this model expects, in timm's keys, so that `timm.data.resolve_data_config(model=...)`
+        builds its transforms: pixels to [-1, 1] (mean and std 0.5; MIIL weights are folded to take the
+        same, see `pretrained.fold_input_normalisation`) and the official "resize" evaluation (SPEC §4)."""
+        c, (h, w) = self.config.in_chans, self.config.img_size
+        return dict(input_size=(c, h, w), num_classes=self.num_classes, mean=(0.5,) * c, std=(0.5,) * c,
+                    interpolation="bilinear", crop_pct=1.0, crop_mode="center", first_conv="stem.proj",
+                    classifier="head")
+
+    default_cfg = pretrained_cfg  # timm's older name
+
+    def group_matcher(self, coarse: bool = False) -> dict[str, Any]:
+        """Parameter groups for timm's layer-wise learning-rate decay: the stem, each block, then the norm."""
+        return dict(stem=r"^stem", blocks=[(r"^blocks\.(\d+)", None), (r"^norm", (99999,))])
 
 
 def create_model(
