@@ -621,6 +621,9 @@ def _train(
     else:
         raise ValueError(f"{r.data} does not say how many images it holds; give --steps.")
     per_epoch = per_epoch or total
+    if main and r.warmup >= total:
+        log(f"Note: the warm-up of {int(r.warmup)} steps covers the whole run of {total}: the learning rate never "
+            "decays; give --warmup as a fraction of the run (e.g. 0.05) or more steps.")
 
     # --- run directory, or the run to resume.
     run = Path(out) if out else None
