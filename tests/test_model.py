@@ -167,6 +167,9 @@ def test_wrong_image_size_names_the_size_and_the_conversion() -> None:
     assert "256×256" in message and "resolution" in message and "resize_to" in message
     with pytest.raises(ValueError, match="224×224"):
         model(torch.zeros(1, 3, 224, 192))
+    # As many patches on another grid (7×7 = 49 = 1×49): most likely weights loaded at the wrong size.
+    with pytest.raises(ValueError, match=r"got 32×1568, which have as many patches: .* img_size=\(32, 1568\)"):
+        model(torch.zeros(1, 3, 32, 1568))
 
 
 def test_wrong_channels_or_rank(tiny_config: MixerConfig) -> None:

@@ -151,6 +151,14 @@ def test_custom_config_fields_and_validation() -> None:
     import numpy as np
 
     assert MixerConfig(img_size=np.int64(224), hidden_dim=np.int64(768)).img_size == (224, 224)
+    assert MixerConfig(img_size=(np.int64(224), 288)).img_size == (224, 288)
+    for size in ((448,), 224.5, (224.5, 224), "224", (224, 224, 3), True):
+        with pytest.raises(ValueError, match="A size is a whole number or a \\(height, width\\) pair"):
+            MixerConfig(img_size=size)
+    from mlpmixer import resize_to
+
+    with pytest.raises(ValueError, match="not \\(448,\\)"):
+        resize_to(create_model("S/32", num_classes=0), (448,))
 
 
 def test_config_dict_round_trip() -> None:
@@ -174,6 +182,6 @@ def test_info_command_prints_table_1(capsys: pytest.CaptureFixture) -> None:
     assert main(["info", "--img-size", "448", "--num-classes", "0"]) == 0
     out = capsys.readouterr().out
     assert f"{variant_config('H/14', img_size=448, num_classes=0).num_params():,}" in out
-    assert "no head" in out and "448×448" in out
+    assert "no head" in out and "448×448" in out and "`mixer resize` of a 224 checkpoint" in out
     assert main(["info", "--img-size", "448", "224"]) == 2
     assert "give one --img-size" in capsys.readouterr().err

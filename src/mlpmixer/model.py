@@ -182,7 +182,15 @@ class MlpMixer(nn.Module):
                 f"got a tensor of shape {tuple(x.shape)}."
             )
         if tuple(x.shape[-2:]) != cfg.img_size:
-            (h, w), (gh, gw) = cfg.img_size, x.shape[-2:]
+            (h, w), (gh, gw), (ph, pw) = cfg.img_size, x.shape[-2:], cfg.patch_size
+            if gh % ph == 0 and gw % pw == 0 and (gh // ph) * (gw // pw) == cfg.num_tokens:
+                # .npz and timm files carry no image size: a 4×9 grid's 36 tokens load as a 6×6 one.
+                raise ValueError(
+                    f"{cfg.describe()} takes {h}×{w} images, got {gh}×{gw}, which have as many patches: if the "
+                    f"weights came from a .npz or timm file (they carry no image size), load them with "
+                    f"img_size=({gh}, {gw}) (or convert them once: mixer convert FILE OUT.safetensors --img-size "
+                    f"{gh} {gw}); otherwise resize the images to {h}×{w}."
+                )
             raise ValueError(
                 f"{cfg.describe()} takes {h}×{w} images, got {gh}×{gw}: resize the images to {h}×{w}, "
                 "or convert the model to the new resolution first with mlpmixer.resize_to(model, size) "

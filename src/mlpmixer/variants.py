@@ -16,10 +16,18 @@ SHAPE_FIELDS = frozenset({"num_blocks", "patch_size", "hidden_dim", "tokens_mlp_
 
 
 def as_pair(value: Size) -> tuple[int, int]:
-    """`224` -> (224, 224); `(224, 320)` stays as it is."""
-    if isinstance(value, numbers.Integral):  # numpy's integers too
+    """`224` -> (224, 224); `(224, 320)` stays as it is; anything else is refused in one sentence."""
+    def whole(v: Any) -> bool:  # numpy's integers too
+        return isinstance(v, numbers.Integral) and not isinstance(v, bool)
+
+    if whole(value):
         return (int(value), int(value))
-    h, w = value
+    try:
+        h, w = value
+    except (TypeError, ValueError):
+        h = w = None
+    if not (whole(h) and whole(w)):
+        raise ValueError(f"A size is a whole number or a (height, width) pair of them, not {value!r}.")
     return (int(h), int(w))
 
 

@@ -92,4 +92,7 @@ def run(args: argparse.Namespace) -> int:
     head = f"a {num_classes}-class head" if num_classes else "no head"
     print(f"Parameters with {head}; GFLOPs = 2 × multiply-accumulates of one "
           f"forward pass at {img_size}×{img_size}.")
+    if img_size != 224:
+        print(f"Each variant as built at {img_size}×{img_size}, D_S unchanged; `mixer resize` of a 224 checkpoint "
+              "(the paper's method, SPEC §5) widens D_S instead, K² times for K times the side.")
     return 0
