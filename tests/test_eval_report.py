@@ -130,3 +130,41 @@ def test_train_with_permuted_patches_validates_and_evaluates_permuted(tmp_path: 
     assert main(["eval", str(out), "--data", "mnist5k", "--permute", "none", "--json"]) == 0
     off = json.loads(capsys.readouterr().out)
     assert "permute" not in off and off["loss"] == pytest.approx(evaluate(model, full)["loss"], rel=1e-5)
+
+    # predict, linear-probe and fewshot apply it too: their defaults equal the explicit permutation.
+    digit = tmp_path / "digit.png"
+    Image.fromarray(full.images[0, 0].numpy()).save(digit)
+    assert main(["predict", str(out), str(digit), "--json"]) == 0
+    top = json.loads(capsys.readouterr().out)["top"][0]
+    with torch.no_grad():
+        probs = model.eval()(permute(to_model_input(full.images[:1], 28, 1))).softmax(-1)[0]
+    assert top["prob"] == pytest.approx(float(probs.max()), rel=1e-5) and top["class"] == str(int(probs.argmax()))
+    for command in ("linear-probe", "fewshot"):
+        results = []
+        for extra in ([], ["--permute", "patches", "--permute-seed", "3"], ["--permute", "none"]):
+            assert main([command, str(out), "--data", "mnist5k", "--json", *extra]) == 0
+            results.append(capsys.readouterr().out)
+        assert results[0] == results[1] != results[2], command
+
+    # Without its config.json readable, a run cannot say how its images are prepared: one sentence.
+    (out / "config.json").write_text("{")
+    assert main(["eval", str(out), "--data", "mnist5k"]) != 0
+    assert "config.json cannot be read" in capsys.readouterr().err
+
+
+def test_eval_uses_the_evaluation_mode_a_run_validated_with(digits_model: Path, tmp_path: Path,
+                                                            capsys: pytest.CaptureFixture) -> None:
+    folder = tmp_path / "images"
+    for i, image in enumerate(load_mnist5k().images[:10, 0].numpy()):
+        (folder / str(i % 10)).mkdir(parents=True, exist_ok=True)
+        Image.fromarray(np.pad(image, ((0, 0), (8, 8)))).save(folder / str(i % 10) / f"{i}.png")  # 28×44
+    run = tmp_path / "run"
+    run.mkdir()
+    save_checkpoint(load_checkpoint(digits_model), run / "model.safetensors")
+    (run / "config.json").write_text(json.dumps({"recipe": {"eval_mode": "resmall-crop"}}))
+    said = {}
+    for extra in ([], ["--eval-mode", "resmall-crop"], ["--eval-mode", "resize"]):
+        assert main(["eval", str(run), "--data", str(folder), "--workers", "0", "--json", *extra]) == 0
+        out = json.loads(capsys.readouterr().out)
+        said[out["eval_mode"]] = said.get(out["eval_mode"], []) + [out["loss"]]
+    assert said["resmall-crop"][0] == said["resmall-crop"][1] != said["resize"][0]

@@ -3,7 +3,13 @@
 from __future__ import annotations
 
 import argparse
-from typing import Callable
+import json
+from pathlib import Path
+from typing import TYPE_CHECKING, Any, Callable, Optional
+
+if TYPE_CHECKING:
+    from ..permute import FixedPermutation
+    from ..variants import MixerConfig
 
 
 def at_least(low: int) -> Callable[[str], int]:
@@ -25,3 +31,46 @@ def image_size(values: list[int]) -> int | tuple[int, int]:
     if len(values) > 2:
         raise ValueError(f"--img-size takes N or H W, not {len(values)} numbers.")
     return (values[0], values[1]) if len(values) == 2 else values[0]
+
+
+def run_recipe(checkpoint: str) -> dict[str, Any]:
+    """The recipe a `mixer train` run recorded in the config.json beside `checkpoint` (a run directory,
+    or a checkpoint file in one); {} where there is none. An unreadable config.json is an error, not
+    {}: it may hold the permutation the run's images need, and going on without it would be silently wrong."""
+    path = Path(checkpoint)
+    config = (path if path.is_dir() else path.parent) / "config.json"
+    if not config.is_file():
+        return {}
+    try:
+        recipe = json.loads(config.read_text()).get("recipe", {})
+        if not isinstance(recipe, dict):
+            raise ValueError("its 'recipe' is not a JSON object")
+    except (OSError, ValueError, AttributeError) as e:
+        raise ValueError(f"{config} cannot be read ({e}); it records how the run prepares its images (permutation, "
+                         "evaluation mode): restore it, or use a copy of the model file kept outside the run folder."
+                         ) from None
+    return recipe
+
+
+def run_permutation(checkpoint: str, config: MixerConfig, mode: Optional[str] = None,
+                    seed: Optional[int] = None) -> Optional[FixedPermutation]:
+    """The fixed pixel permutation (paper Figure 4) a run was trained with, or the one `mode` ("none":
+    no permutation) and `seed` ask for; None where there is none. Every command that feeds a run's
+    model images must apply it, or it measures a model on images it never saw."""
+    from ..permute import FixedPermutation
+
+    recipe = run_recipe(checkpoint)
+    mode = mode or recipe.get("permute")
+    seed = int(recipe.get("permute_seed") or 0) if seed is None else seed
+    if not mode or mode == "none":
+        return None
+    return FixedPermutation(mode, config.img_size, config.patch_size, seed)
+
+
+def add_permute_arguments(p: argparse.ArgumentParser) -> None:
+    from ..recipes import PERMUTE_MODES
+
+    p.add_argument("--permute", choices=[*PERMUTE_MODES, "none"],
+                   help="apply the fixed permutation a run was trained with (paper Figure 4); default: the "
+                   "one recorded in the run directory's config.json, if any")
+    p.add_argument("--permute-seed", type=int, help="seed of that permutation (default: the run's, or 0)")

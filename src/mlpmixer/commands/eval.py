@@ -9,8 +9,8 @@ import math
 from pathlib import Path
 from typing import Any, Optional
 
-from ..recipes import EVAL_MODES, PERMUTE_MODES
-from . import at_least
+from ..recipes import EVAL_MODES
+from . import add_permute_arguments, at_least, run_permutation, run_recipe
 
 
 def register(p: argparse.ArgumentParser) -> None:
@@ -22,32 +22,16 @@ def register(p: argparse.ArgumentParser) -> None:
     p.add_argument("checkpoint", help="checkpoint file or run directory")
     p.add_argument("--data", required=True,
                    help="mnist5k (the embedded digits), a folder of MNIST IDX files, an image folder or shards")
-    p.add_argument("--eval-mode", "--mode", dest="mode", choices=EVAL_MODES, default="resize",
-                   help="preprocessing of image folders and shards (SPEC §4; default resize); in-memory digits "
-                   "are always resized to the model's size")
+    p.add_argument("--eval-mode", "--mode", dest="mode", choices=EVAL_MODES,
+                   help="preprocessing of image folders and shards (SPEC §4; default: the one a run validated "
+                   "with, else resize); in-memory digits are always resized to the model's size")
     p.add_argument("--report", metavar="DIR", help="write DIR/per_class.json and DIR/confusion.png")
-    p.add_argument("--permute", choices=[*PERMUTE_MODES, "none"],
-                   help="apply the fixed permutation a run was trained with (paper Figure 4); default: the "
-                   "one recorded in the run directory's config.json, if any")
-    p.add_argument("--permute-seed", type=int, help="seed of that permutation (default: the run's, or 0)")
+    add_permute_arguments(p)
     p.add_argument("--batch-size", type=at_least(1), default=500)
     p.add_argument("--workers", type=at_least(0), default=2, help="DataLoader workers (image folders and shards)")
     p.add_argument("--json", action="store_true", help="print one JSON object: top1, top5 (fractions), n, loss "
                    "(and per_class, a class name -> accuracy object, with --report)")
     p.set_defaults(func=run)
-
-
-def recorded_permutation(checkpoint: str) -> tuple[Optional[str], int]:
-    """(mode, seed) of the permutation a `mixer train` run recorded in its config.json, else (None, 0).
-
-    A checkpoint file counts as part of a run when a run's config.json lies beside it."""
-    path = Path(checkpoint)
-    config = (path if path.is_dir() else path.parent) / "config.json"
-    try:
-        recipe = json.loads(config.read_text()).get("recipe", {})
-    except (OSError, ValueError, AttributeError):  # no run's config there: nothing recorded
-        return None, 0
-    return recipe.get("permute"), int(recipe.get("permute_seed") or 0)
 
 
 def _nan_to_none(x: float) -> Optional[float]:
@@ -57,13 +41,13 @@ def _nan_to_none(x: float) -> Optional[float]:
 def run(args: argparse.Namespace) -> int:
     from ..checkpoints import atomic_write, load_checkpoint
     from ..evaluate import evaluate, open_eval_data
-    from ..permute import FixedPermutation
     from ..reports import confusion_matrix_png, per_class_accuracy
 
     model = load_checkpoint(args.checkpoint)
     if model.num_classes == 0:
         raise ValueError(f"{args.checkpoint} has no classification head; evaluate a model with one.")
-    data = open_eval_data(args.data, model, args.mode, args.workers)
+    mode = args.mode or run_recipe(args.checkpoint).get("eval_mode") or "resize"
+    data = open_eval_data(args.data, model, mode, args.workers)
     names = data.class_names
     if len(names) != model.num_classes:
         raise ValueError(f"{args.data} has {len(names)} classes but the model predicts {model.num_classes}; "
@@ -72,16 +56,13 @@ def run(args: argparse.Namespace) -> int:
         raise ValueError(f"The classes of {args.data} ({', '.join(names[:5])}, ...) differ from the model's "
                          f"({', '.join(model.class_names[:5])}, ...); evaluate on data with the model's classes.")
 
-    mode, seed = recorded_permutation(args.checkpoint)
-    mode = args.permute or mode
-    seed = seed if args.permute_seed is None else args.permute_seed
     cfg = model.config
-    permute = FixedPermutation(mode, cfg.img_size, cfg.patch_size, seed) if mode and mode != "none" else None
+    permute = run_permutation(args.checkpoint, cfg, args.permute, args.permute_seed)
 
     m = evaluate(model, data, batch_size=args.batch_size, workers=args.workers, progress=not args.json,
                  transform=permute, predictions=bool(args.report))
     result: dict[str, Any] = {"top1": m["top1"], "top5": m["top5"], "n": m["n"], "loss": m["loss"],
-                              "checkpoint": str(args.checkpoint), "data": args.data}
+                              "checkpoint": str(args.checkpoint), "data": args.data, "eval_mode": mode}
     if permute is not None:
         result["permute"], result["permute_seed"] = permute.mode, permute.seed
     if args.report:

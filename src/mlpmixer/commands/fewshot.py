@@ -11,7 +11,7 @@ from ..checkpoints import load_checkpoint
 from ..fewshot import DEFAULT_L2, DEFAULT_SHOTS, extract_features, fewshot_evaluate, split_pool
 from ..model import MlpMixer
 from ..recipes import EVAL_MODES
-from . import at_least
+from . import add_permute_arguments, at_least, run_permutation
 
 
 def add_common_arguments(p: argparse.ArgumentParser, eval_fraction: float) -> None:
@@ -34,6 +34,7 @@ def add_common_arguments(p: argparse.ArgumentParser, eval_fraction: float) -> No
     p.add_argument("--workers", type=at_least(0), default=2, help="DataLoader worker processes (default 2)")
     p.add_argument("--device", help="cpu, cuda, cuda:1, ... (default: cuda when available)")
     p.add_argument("--seed", type=int, default=0, help="seed of the hold-out split and support draws")
+    add_permute_arguments(p)
     p.add_argument("--json", action="store_true", help="print one JSON object instead of text")
 
 
@@ -80,6 +81,9 @@ def _features(model: MlpMixer, spec: str, split: str, args: argparse.Namespace,
     else:
         total = len(data)
     batches = batches_of(data, model, args.batch_size, args.workers)
+    permute = run_permutation(args.checkpoint, cfg, args.permute, args.permute_seed)
+    if permute is not None:
+        batches = ((permute(images), targets) for images, targets in batches)
     feats, labels = extract_features(model, batches, desc=desc, total=total)
     return feats, labels, data.class_names
 

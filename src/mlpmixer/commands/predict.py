@@ -9,7 +9,7 @@ from pathlib import Path
 
 import torch
 
-from . import at_least
+from . import add_permute_arguments, at_least, run_permutation
 
 
 def register(p: argparse.ArgumentParser) -> None:
@@ -22,6 +22,7 @@ def register(p: argparse.ArgumentParser) -> None:
     p.add_argument("--pretrained", metavar="TAG", help="published weights, e.g. imagenet1k")
     p.add_argument("--top", type=at_least(1), default=5, help="classes to show per image (default 5)")
     p.add_argument("--json", action="store_true", help="print one JSON object per image")
+    add_permute_arguments(p)
     p.set_defaults(func=run)
 
 
@@ -70,12 +71,14 @@ def run(args: argparse.Namespace) -> int:
         from ..pretrained import load_pretrained
 
         model, images = load_pretrained(args.model, args.pretrained), args.inputs
+        permute = None  # published weights saw their images as they are
     else:
         if len(args.inputs) < 2:
             raise ValueError("Give a checkpoint and at least one image: mixer predict CHECKPOINT IMAGE...")
         from ..checkpoints import load_checkpoint
 
         model, images = load_checkpoint(args.inputs[0]), args.inputs[1:]
+        permute = run_permutation(args.inputs[0], model.config, args.permute, args.permute_seed)
     if model.num_classes == 0:
         raise ValueError("The model has no classification head, so it cannot predict classes.")
     names = list(model.class_names or [])
@@ -101,8 +104,9 @@ def run(args: argparse.Namespace) -> int:
             continue
         if tuple(image.shape[-2:]) != (h, w):
             notes.append(f"resized {image.shape[-1]}×{image.shape[-2]} to the model's {w}×{h}")
+        x = to_model_input(image, cfg.img_size, cfg.in_chans)
         with torch.no_grad():
-            probs = model(to_model_input(image, cfg.img_size, cfg.in_chans)).softmax(-1)[0]
+            probs = model(permute(x) if permute is not None else x).softmax(-1)[0]
         top = probs.topk(k)
         best = [(names[i], float(p)) for p, i in zip(top.values.tolist(), top.indices.tolist())]
         for note in notes:
