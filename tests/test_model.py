@@ -238,12 +238,16 @@ def test_timms_data_and_optimiser_tools_take_our_model(tiny_config: MixerConfig)
     model = create_model(tiny_config.replace(in_chans=1))
     data = timm.data.resolve_data_config({}, model=model)
     assert data["input_size"] == (1, 24, 32) and data["mean"] == (0.5,) and data["std"] == (0.5,)
-    assert data["crop_pct"] == 1.0  # the official "resize" evaluation
-    pixels = torch.randint(0, 256, (1, 24, 32), dtype=torch.uint8)
     from torchvision.transforms.v2.functional import to_pil_image
 
-    x = timm.data.create_transform(**data)(to_pil_image(pixels))  # timm's pipeline gives our [-1, 1] input
-    torch.testing.assert_close(x, pixels.float() / 127.5 - 1)
+    from mlpmixer.transforms import eval_transform
+
+    # timm's pipeline gives our input: [-1, 1], and the official "resize" evaluation, also of an image
+    # of another shape (a centre crop would cut its sides off).
+    pixels = torch.randint(0, 256, (1, 40, 90), dtype=torch.uint8)
+    theirs = timm.data.create_transform(**data)(to_pil_image(pixels))
+    assert theirs.shape == (1, 24, 32)
+    torch.testing.assert_close(theirs, eval_transform((24, 32), 1, "resize")(pixels), atol=2 / 255, rtol=0)
     # Layer-wise learning-rate decay groups the stem, each block, then the final norm and the head.
     optimizer = timm.optim.create_optimizer_v2(model, "adamw", lr=1.0, layer_decay=0.5)
     scales = {round(g["lr_scale"], 6) for g in optimizer.param_groups}

@@ -295,7 +295,7 @@ class MlpMixer(nn.Module):
         same, see `pretrained.fold_input_normalisation`) and the official "resize" evaluation (SPEC §4)."""
         c, (h, w) = self.config.in_chans, self.config.img_size
         return dict(input_size=(c, h, w), num_classes=self.num_classes, mean=(0.5,) * c, std=(0.5,) * c,
-                    interpolation="bilinear", crop_pct=1.0, crop_mode="center", first_conv="stem.proj",
+                    interpolation="bilinear", crop_pct=1.0, crop_mode="squash", first_conv="stem.proj",
                     classifier="head")
 
     default_cfg = pretrained_cfg  # timm's older name
