@@ -19,7 +19,7 @@ def register(p: argparse.ArgumentParser) -> None:
         "multiple of its size)."
     )
     p.add_argument("--from", dest="init_from", required=True, metavar="CHECKPOINT", help="checkpoint or run directory")
-    add_training_flags(p, "finetune")
+    add_training_flags(p, "finetune", without=("--model",))  # the model is the checkpoint's
     p.add_argument("--resize-method", dest="resize_method", choices=RESIZE_METHODS,
                    help="how --img-size converts the token MLPs: blockdiag (the paper's, integer multiples "
                    "of the checkpoint's size; default) or resample (any multiple of the patch, approximate)")
@@ -29,9 +29,6 @@ def register(p: argparse.ArgumentParser) -> None:
 def run(args: argparse.Namespace) -> int:
     from ..train import launch
 
-    if args.model:
-        raise ValueError("mixer finetune trains the model of --from CHECKPOINT, so it takes no --model; give "
-                         "--img-size N to fine-tune it at another resolution.")
     recipe = recipe_from_args(args)
     if args.resize_method:
         recipe = recipe.replace(resize_method=args.resize_method)

@@ -66,11 +66,14 @@ RECIPE_FLAGS: dict[str, tuple[str, Any, str]] = {
 }
 
 
-def add_training_flags(p: argparse.ArgumentParser, default_recipe: str) -> None:
+def add_training_flags(p: argparse.ArgumentParser, default_recipe: str, without: tuple[str, ...] = ()) -> None:
+    """The recipe flags and run options of `train` and `finetune`, less the flags in `without`."""
     p.add_argument("--recipe", default=default_recipe, choices=list(RECIPES),
                    help=f"named preset to start from (default {default_recipe}; `mixer recipes` lists them)")
     p.add_argument("--config", metavar="FILE.json", help="recipe fields to override, as a JSON object")
     for flag, (field, kind, text) in RECIPE_FLAGS.items():
+        if flag in without:
+            continue
         if kind is None:
             p.add_argument(flag, dest=field, action="store_true", default=None, help=text)
         elif isinstance(kind, tuple):
@@ -91,7 +94,7 @@ def add_training_flags(p: argparse.ArgumentParser, default_recipe: str) -> None:
 def recipe_from_args(args: argparse.Namespace) -> Any:
     overrides: dict[str, Any] = load_config_file(args.config) if args.config else {}
     overrides.update({field: getattr(args, field) for field, _, _ in RECIPE_FLAGS.values()
-                      if getattr(args, field) is not None})
+                      if getattr(args, field, None) is not None})
     return get_recipe(args.recipe, **overrides)
 
 
