@@ -79,6 +79,18 @@ def test_export_command_writes_and_checks_the_file(tmp_path, capsys):
     assert "any batch" in out and "relative error against PyTorch" in out
 
 
+@pytest.mark.parametrize("zero_head", [True, False])
+def test_export_check_says_when_a_zero_head_leaves_nothing_to_compare(tmp_path, recwarn, zero_head):
+    model = small(48, 8)
+    if zero_head:
+        model.reset_classifier(11)  # a new head: every logit is its bias, whatever the image
+    ckpt = save_checkpoint(model, tmp_path / "model.safetensors")
+    args = build_parser(["export"]).parse_args(["export", str(ckpt), "--format", "torchscript"])
+    assert args.func(args) == 0
+    said = [str(w.message) for w in recwarn if "do not depend on the image" in str(w.message)]
+    assert len(said) == int(zero_head)
+
+
 def test_export_command_refuses_what_would_lose_or_mislabel_a_file(tmp_path, capsys):
     from mlpmixer.cli import main
     from mlpmixer.checkpoints import load_checkpoint
