@@ -163,9 +163,19 @@ def test_cli_fewshot_and_linear_probe(tmp_path, capsys):
     assert main(["linear-probe", ckpt, *common, "--json"]) == 0
     probe = json.loads(capsys.readouterr().out)
     assert probe["accuracy"] > 0.4 and probe["eval_images"] == 80 and probe["train_images"] == 320
-    # The pool holds 20 images per class (half of 40).
+    # The pool holds 20 images per class (half of 40): 21-shot is skipped, saying so, and 5-shot reported.
+    with pytest.warns(UserWarning, match="skipped 21-shot: the smallest class of the support pool has 20 images"):
+        assert main(["fewshot", ckpt, *common, "--shots", "5,21", "--draws", "1"]) == 0
+    out = capsys.readouterr().out
+    assert "5-shot" in out and "21-shot" not in out and "1 draw:" in out
     assert main(["fewshot", ckpt, *common, "--shots", "21"]) == 2
-    assert "21-shot evaluation needs 21 images of every class" in capsys.readouterr().err
+    assert "has 20 images, fewer than any of the shot counts 21" in capsys.readouterr().err
+    # Options the solver would refuse are refused before any feature is extracted (no progress bar).
+    for bad, said in ((["--l2", "0"], "--l2 must be positive, not 0.0"),
+                      (["--eval-fraction", "1"], "--eval-fraction must lie strictly between 0 and 1")):
+        assert main(["linear-probe", ckpt, *common, *bad]) == 2
+        err = capsys.readouterr().err
+        assert said in err and "features of --data" not in err
     assert main(["linear-probe", ckpt, *common, "--device", "tpu"]) == 2
     assert "Unsupported device 'tpu'" in capsys.readouterr().err
 

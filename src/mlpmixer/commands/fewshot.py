@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import warnings
 
 import torch
 
@@ -93,6 +94,11 @@ def train_and_eval_features(args: argparse.Namespace) -> tuple[torch.Tensor, ...
     from --eval-data or from a stratified hold-out of --data."""
     from ..bench import resolve_device  # an unknown or absent device is one sentence
 
+    # Checked before the features are extracted, which can take hours; the solver would refuse only after.
+    if not args.l2 > 0:
+        raise ValueError(f"--l2 must be positive, not {args.l2}.")
+    if not args.eval_data and not 0 < args.eval_fraction < 1:
+        raise ValueError(f"--eval-fraction must lie strictly between 0 and 1, not {args.eval_fraction}.")
     device = resolve_device(args.device or ("cuda" if torch.cuda.is_available() else "cpu"))
     model = load_checkpoint(args.checkpoint).to(device).eval()
     feats, labels, names = _features(model, args.data, "train", args, "features of --data")
@@ -110,13 +116,23 @@ def train_and_eval_features(args: argparse.Namespace) -> tuple[torch.Tensor, ...
 def run(args: argparse.Namespace) -> int:
     shots = parse_shots(args.shots)
     feats, labels, eval_feats, eval_labels, names = train_and_eval_features(args)
+    # A shot count the smallest class cannot fill is skipped, said once; the others are still reported.
+    smallest = int(labels.bincount(minlength=len(names)).min())
+    if max(shots) > smallest:
+        too_many = [k for k in shots if k > smallest]
+        shots = [k for k in shots if k <= smallest]
+        if not shots:
+            raise ValueError(f"The smallest class of the support pool has {smallest} images, fewer than any of the "
+                             f"shot counts {args.shots}; use fewer shots or more data.")
+        warnings.warn(f"skipped {', '.join(map(str, too_many))}-shot: the smallest class of the support pool has "
+                      f"{smallest} images.")
     results = fewshot_evaluate(feats, labels, eval_feats, eval_labels, shots=shots, num_classes=len(names),
                                l2=args.l2, draws=args.draws, seed=args.seed, class_names=names)
     if args.json:
         print(json.dumps({str(k): r.to_dict() for k, r in results.items()}))
         return 0
     print(f"Linear few-shot accuracy, {len(names)} classes, {len(eval_labels)} evaluation images, "
-          f"ℓ2 = {args.l2:g}, {args.draws} draws:")
+          f"ℓ2 = {args.l2:g}, {args.draws} draw{'s' if args.draws > 1 else ''}:")
     for k, r in results.items():
         print(f"  {k:>4}-shot  {100 * r.mean:6.2f}% ± {100 * r.std:.2f}")
     return 0
