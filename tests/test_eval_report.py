@@ -45,6 +45,8 @@ def test_evaluate_returns_predictions_only_on_request(digits_model: Path) -> Non
         expected = model.eval()(to_model_input(data.images, 28, 1)).argmax(1)
     assert torch.equal(m["preds"], expected) and torch.equal(m["labels"], data.labels)
     assert m["top1"] == plain["top1"] == pytest.approx((expected == data.labels).float().mean().item())
+    # A --data spec works in place of opened data.
+    assert evaluate(model, "mnist5k")["top1"] == evaluate(model, load_mnist5k())["top1"]
 
 
 def test_eval_report_files_match_a_direct_computation(digits_model: Path, tmp_path: Path,

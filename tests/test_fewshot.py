@@ -181,6 +181,8 @@ def test_cli_fewshot_and_linear_probe(tmp_path, capsys):
 
 
 def test_feature_progress_counts_the_images_of_a_folder(tmp_path, capsys):
+    import json
+
     from PIL import Image
 
     from mlpmixer.cli import main
@@ -193,3 +195,13 @@ def test_feature_progress_counts_the_images_of_a_folder(tmp_path, capsys):
             Image.fromarray(rng.integers(0, 255, (28, 28), dtype=np.uint8)).save(tmp_path / "folder" / name / f"{i}.png")
     assert main(["linear-probe", ckpt, "--data", str(tmp_path / "folder"), "--workers", "0", "--json"]) == 0
     assert "12/12 [" in capsys.readouterr().err  # the folder's size is known: a bar with a total, in images
+    # A train/ + val/ pair is evaluated on its val/ without --eval-data.
+    (tmp_path / "pair").mkdir()
+    (tmp_path / "folder").rename(tmp_path / "pair" / "train")
+    for name in ("a", "b"):
+        (tmp_path / "pair" / "val" / name).mkdir(parents=True)
+        for i in range(2):
+            Image.fromarray(rng.integers(0, 255, (28, 28), dtype=np.uint8)).save(tmp_path / "pair" / "val" / name / f"{i}.png")
+    assert main(["linear-probe", ckpt, "--data", str(tmp_path / "pair"), "--workers", "0", "--json"]) == 0
+    result = json.loads(capsys.readouterr().out)
+    assert result["train_images"] == 12 and result["eval_images"] == 4

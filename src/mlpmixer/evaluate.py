@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 from typing import Any, Callable, Iterable, Iterator, Optional, Union
 
 import torch
@@ -49,7 +50,7 @@ def batches_of(data: Union[TensorData, Source], model: MlpMixer, batch_size: int
 @torch.no_grad()
 def evaluate(
     model: MlpMixer,
-    data: Union[TensorData, Source],
+    data: Union[TensorData, Source, str, os.PathLike],
     batch_size: int = 500,
     workers: int = 2,
     progress: bool = False,
@@ -57,12 +58,15 @@ def evaluate(
     transform: Optional[Callable[[torch.Tensor], torch.Tensor]] = None,
     predictions: bool = False,
 ) -> dict[str, Any]:
-    """{"top1", "top5" (fractions), "loss" (mean softmax cross-entropy), "n"} of `model` on `data`.
+    """{"top1", "top5" (fractions), "loss" (mean softmax cross-entropy), "n"} of `model` on `data`
+    (opened data, or a `--data` spec such as a path, opened with `open_eval_data`'s "resize" default).
 
     `transform` is applied to every model-ready batch (e.g. the fixed permutation of permute.py).
     With `predictions`, the result also holds "preds" and "labels": the top-1 class and the true class
     of every image, in data order (int64 tensors on the CPU), for reports.per_class_accuracy and friends.
     """
+    if isinstance(data, (str, os.PathLike)):
+        data = open_eval_data(str(data), model, workers=workers)
     was_training = model.training
     model.eval()
     device = device or next(model.parameters()).device

@@ -22,7 +22,7 @@ def add_common_arguments(p: argparse.ArgumentParser, eval_fraction: float) -> No
                    help="data source: 'mnist5k', an MNIST IDX folder, an image folder or shards "
                         "(its train/ part where it has train/ and val/)")
     p.add_argument("--eval-data", help="separate evaluation data, its val/ part where it has one "
-                                       "(default: hold out part of --data)")
+                                       "(default: the val/ part of --data, else hold out part of it)")
     p.add_argument("--eval-fraction", type=float, default=eval_fraction,
                    help=f"fraction of each class of --data held out for evaluation without --eval-data "
                         f"(default {eval_fraction})")
@@ -97,16 +97,17 @@ def train_and_eval_features(args: argparse.Namespace) -> tuple[torch.Tensor, ...
     # Checked before the features are extracted, which can take hours; the solver would refuse only after.
     if not args.l2 > 0:
         raise ValueError(f"--l2 must be positive, not {args.l2}.")
-    if not args.eval_data and not 0 < args.eval_fraction < 1:
+    if args.eval_data is None and not 0 < args.eval_fraction < 1:
         raise ValueError(f"--eval-fraction must lie strictly between 0 and 1, not {args.eval_fraction}.")
     device = resolve_device(args.device or ("cuda" if torch.cuda.is_available() else "cpu"))
     model = load_checkpoint(args.checkpoint).to(device).eval()
-    feats, labels, names = _features(model, args.data, "train", args, "features of --data")
-    if args.eval_data:
-        eval_feats, eval_labels, eval_names = _features(model, args.eval_data, "val", args,
-                                                        "features of --eval-data")
-        from ..sources import check_same_classes
+    from ..sources import check_same_classes, is_split_pair
 
+    feats, labels, names = _features(model, args.data, "train", args, "features of --data")
+    # A folder with train/ and val/ brings its own evaluation split, as in training.
+    eval_spec = args.eval_data or (args.data if is_split_pair(args.data) else None)
+    if eval_spec:
+        eval_feats, eval_labels, eval_names = _features(model, eval_spec, "val", args, f"features of {eval_spec}")
         check_same_classes(names, eval_names)
         return feats, labels, eval_feats, eval_labels, names
     pool, held = split_pool(labels, args.eval_fraction, args.seed)
