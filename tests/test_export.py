@@ -75,6 +75,9 @@ def test_export_command_writes_and_checks_the_file(tmp_path, capsys):
     args = build_parser(["export"]).parse_args(["export", str(ckpt), "--format", "onnx"])
     assert args.func(args) == 0
     assert (tmp_path / "model.onnx").stat().st_size > 0  # default: next to the checkpoint
+    (tmp_path / "model.onnx").unlink()
+    args = build_parser(["export"]).parse_args(["export", str(tmp_path), "--format", "onnx"])  # a run directory
+    assert args.func(args) == 0 and (tmp_path / "model.onnx").is_file()  # inside it
     out = capsys.readouterr().out
     assert "any batch" in out and "relative error against PyTorch" in out
 
@@ -99,7 +102,7 @@ def test_export_command_refuses_what_would_lose_or_mislabel_a_file(tmp_path, cap
     before = ckpt.read_bytes()
     for argv, said in (
         (["--format", "torchscript", "--out", str(ckpt)], "is the checkpoint being read"),
-        (["--format", "onnx", "--out", str(tmp_path / "m.pt")], "A onnx file is named .onnx: name it m.onnx"),
+        (["--format", "onnx", "--out", str(tmp_path / "m.pt")], "An onnx file is named .onnx: name it m.onnx"),
         (["--format", "torchscript", "--out", str(tmp_path)], "is a folder; give the name of a file"),
         (["--format", "onnx", "--opset", "99"], "ONNX export at opset 99 failed"),
     ):

@@ -50,7 +50,7 @@ def export_model(model: MlpMixer, fmt: str, out: str | os.PathLike, opset: int =
         raise ExportError(f"Unknown export format {fmt!r}; use one of {', '.join(FORMATS)}.")
     # torch.export.load needs .pt2, say (a folder is atomic_write's to refuse).
     if not Path(out).is_dir() and Path(out).suffix.lower() not in ACCEPTED_SUFFIXES[fmt]:
-        raise ExportError(f"A {fmt} file is named {' or '.join(ACCEPTED_SUFFIXES[fmt])}: name it "
+        raise ExportError(f"{'An' if fmt[0] in 'aeiou' else 'A'} {fmt} file is named {' or '.join(ACCEPTED_SUFFIXES[fmt])}: name it "
                           f"{Path(out).with_suffix(SUFFIXES[fmt]).name} instead of {Path(out).name}.")
     model = copy.deepcopy(model).float().cpu().eval()  # the caller's model keeps its dtype, device and mode
     x = _example(model)

@@ -20,7 +20,7 @@ def register(p: argparse.ArgumentParser) -> None:
     )
     p.add_argument("checkpoint", help="checkpoint file or run directory")
     p.add_argument("--format", choices=FORMATS, default="onnx")
-    p.add_argument("--out", default=None, help="output file (default: next to the checkpoint, "
+    p.add_argument("--out", default=None, help="output file (default: next to the checkpoint, or model.* inside a run directory, "
                    + ", ".join(f"{v} for {k}" for k, v in SUFFIXES.items()) + ")")
     p.add_argument("--opset", type=int, default=18, help="ONNX opset (default 18)")
     p.set_defaults(func=run)
@@ -28,7 +28,9 @@ def register(p: argparse.ArgumentParser) -> None:
 
 def run(args: argparse.Namespace) -> int:
     src = Path(args.checkpoint)
-    out = Path(args.out) if args.out else src.with_name(src.stem + SUFFIXES[args.format])
+    # By default next to the checkpoint, or inside the run directory given: runs/b/model.onnx, not runs/b.onnx.
+    default = src / f"model{SUFFIXES[args.format]}" if src.is_dir() else src.with_name(src.stem + SUFFIXES[args.format])
+    out = Path(args.out) if args.out else default
     check_not_the_source(src, out)
     model = load_checkpoint(args.checkpoint).eval()
     path = export_model(model, args.format, out, opset=args.opset)
