@@ -5,8 +5,9 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 
-from ..variants import PAPER_VARIANTS, MixerConfig, variant_config
+from ..variants import PAPER_VARIANTS, MixerConfig, canonical_name, variant_config
 from . import at_least, image_size
 
 
@@ -15,7 +16,8 @@ def register(p: argparse.ArgumentParser) -> None:
         "Without CHECKPOINT, the variants of paper Table 1 with their shapes, parameters "
         "and GFLOPs; with one, its model, input, head and class names."
     )
-    p.add_argument("checkpoint", nargs="?", help="a checkpoint file (.npz, timm, .safetensors) or run directory")
+    p.add_argument("checkpoint", nargs="?", help="a checkpoint file (.npz, timm, .safetensors) or run directory, "
+                   "or a variant name (B/16, nano/4, ...) for its row of the table")
     p.add_argument("--img-size", type=at_least(1), nargs="+", default=None, metavar="N",
                    help="resolution of the table's S and GFLOPs (default 224); with a checkpoint whose patch grid is "
                    "not square and that does not say its size (.npz, timm), its H W")
@@ -25,9 +27,9 @@ def register(p: argparse.ArgumentParser) -> None:
     p.set_defaults(func=run)
 
 
-def rows(img_size: int = 224, num_classes: int = 1000) -> list[dict]:
+def rows(img_size: int = 224, num_classes: int = 1000, names: tuple[str, ...] = PAPER_VARIANTS) -> list[dict]:
     out = []
-    for name in PAPER_VARIANTS:
+    for name in names:
         c = variant_config(name, img_size=img_size, num_classes=num_classes)
         out.append(dict(
             variant=f"Mixer-{name}", layers=c.num_blocks, patch=c.patch_size[0], C=c.hidden_dim,
@@ -66,8 +68,19 @@ def _print_checkpoint(info: dict) -> None:
     print(f"  size        {info['params']:,} parameters, {info['gflops']:.3g} GFLOPs per image")
 
 
+def _variant_name(text: str | None) -> str | None:
+    """`text` as a variant name when it is one and no file or folder of that name exists."""
+    if not text or os.path.exists(text):
+        return None
+    try:
+        return canonical_name(text)
+    except ValueError:
+        return None
+
+
 def run(args: argparse.Namespace) -> int:
-    if args.checkpoint:
+    variant = _variant_name(args.checkpoint)
+    if args.checkpoint and not variant:
         if args.num_classes is not None:
             raise ValueError("--num-classes shapes the variants table; a checkpoint has its own head.")
         info = describe_checkpoint(args.checkpoint, image_size(args.img_size) if args.img_size else None)
@@ -80,7 +93,7 @@ def run(args: argparse.Namespace) -> int:
     if not isinstance(img_size, int):
         raise ValueError("The variants table is for square images; give one --img-size.")
     num_classes = 1000 if args.num_classes is None else args.num_classes
-    table = rows(img_size, num_classes)
+    table = rows(img_size, num_classes, (variant,) if variant else PAPER_VARIANTS)
     if args.json:
         print(json.dumps(table, indent=1))
         return 0
