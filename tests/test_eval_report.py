@@ -125,7 +125,8 @@ def test_train_with_permuted_patches_validates_and_evaluates_permuted(tmp_path: 
 
     # `mixer eval RUN` applies the recorded permutation; --permute none turns it off.
     full = load_mnist5k()
-    assert main(["eval", str(out), "--data", "mnist5k", "--json"]) == 0
+    with pytest.warns(UserWarning, match="the run trained on mnist5k, so this accuracy includes the images"):
+        assert main(["eval", str(out), "--data", "mnist5k", "--json"]) == 0
     recorded = json.loads(capsys.readouterr().out)
     assert recorded["permute"] == "patches" and recorded["permute_seed"] == 3
     assert recorded["loss"] == pytest.approx(evaluate(model, full, transform=permute)["loss"], rel=1e-5)

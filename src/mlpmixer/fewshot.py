@@ -165,6 +165,11 @@ def extract_features(model: MlpMixer, batches: Iterable[tuple[torch.Tensor, torc
     """Frozen pre-logit features (N, C) and labels (N,) of every (images, labels) batch in `batches`
     (a DataLoader or any iterable); `total` images, when known, for the progress bar."""
     device = torch.device(device) if device is not None else next(model.parameters()).device
+    if total is None:  # a DataLoader over a dataset of known size still gives the bar its total
+        try:
+            total = len(batches.dataset)  # type: ignore[attr-defined]
+        except (AttributeError, TypeError):
+            pass
     was_training = model.training
     model.eval()
     feats, labels = [], []

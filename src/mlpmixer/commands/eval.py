@@ -6,6 +6,7 @@ from __future__ import annotations
 import argparse
 import json
 import math
+import warnings
 from pathlib import Path
 from typing import Any, Optional
 
@@ -40,13 +41,21 @@ def _nan_to_none(x: float) -> Optional[float]:
 
 def run(args: argparse.Namespace) -> int:
     from ..checkpoints import atomic_write, load_checkpoint
+    from ..data import is_idx_folder
     from ..evaluate import evaluate, open_eval_data
     from ..reports import confusion_matrix_png, per_class_accuracy
+    from ..sources import is_split_pair
 
     model = load_checkpoint(args.checkpoint)
     if model.num_classes == 0:
         raise ValueError(f"{args.checkpoint} has no classification head; evaluate a model with one.")
-    mode = args.mode or run_recipe(args.checkpoint).get("eval_mode") or "resize"
+    recipe = run_recipe(args.checkpoint)
+    mode = args.mode or recipe.get("eval_mode") or "resize"
+    # Evaluated whole, such data hold the images the run trained on (a train/ + val/ pair is read at
+    # val/; an IDX folder at its test files, which training used only when it had no others: not said).
+    if recipe.get("data") == args.data and not is_split_pair(args.data) and not is_idx_folder(args.data):
+        warnings.warn(f"the run trained on {args.data}, so this accuracy includes the images it trained on; give "
+                      "held-out data for a fair measure.")
     data = open_eval_data(args.data, model, mode, args.workers)
     names = data.class_names
     if len(names) != model.num_classes:
