@@ -9,7 +9,32 @@ import pytest
 from matplotlib.backends.backend_agg import FigureCanvasAgg
 from PIL import Image
 
-from mlpmixer.plots import curves_figure, plot_curves
+from mlpmixer.plots import curve_labels, curves_figure, plot_curves
+from mlpmixer.recipes import get_recipe
+
+
+def test_a_finetune_is_not_called_augmented():
+    # The digits are in memory: no augmentation, smoothing or mixing is applied to them.
+    assert curve_labels(get_recipe("finetune"), in_memory=True) == ("training (as optimised)", "validation")
+    # Image files get the recipe's Inception crops and flips, and nothing else.
+    assert curve_labels(get_recipe("finetune"), in_memory=False)[0] == "training (as optimised: Inception crops, flips)"
+
+
+def test_labels_name_what_the_recipe_applied():
+    train, val = curve_labels(get_recipe("mnist5k"), in_memory=True)
+    assert train == "training (as optimised: rotations, zooms, shifts, elastic warps, label-smoothed loss)"
+    assert val == "validation"
+    train, val = curve_labels(get_recipe("cifar10-nano"), in_memory=False)
+    assert train == ("training (as optimised: padded crops, flips, RandAugment, CutMix on 50% of batches, "
+                     "label-smoothed loss)")
+    assert val == "validation (EMA weights)"
+    train, _ = curve_labels(get_recipe("imagenette-s16", dropout=0.1), in_memory=False)
+    assert train == ("training (as optimised: Inception crops, flips, RandAugment, MixUp, dropout, stochastic depth, "
+                     "label-smoothed loss)")
+    # In-memory data are neither cropped, flipped nor mixed; a crop of all the image is no crop.
+    assert curve_labels(get_recipe("mnist5k", digits_aug={}, mixup=0.2, label_smoothing=0.0), True)[0] == \
+        "training (as optimised)"
+    assert curve_labels(get_recipe("finetune", crop_area=(1.0, 1.0), flip=False), False)[0] == "training (as optimised)"
 
 
 def write_metrics(path: Path, train_loss, val_loss) -> Path:

@@ -4,14 +4,40 @@ from __future__ import annotations
 
 import json
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import numpy as np
 from matplotlib.figure import Figure
 from matplotlib.ticker import LogFormatter, MaxNLocator
 
+if TYPE_CHECKING:
+    from .recipes import Recipe
+
 
 def read_metrics(path: str | Path) -> list[dict]:
     return [json.loads(line) for line in Path(path).read_text().splitlines() if line.strip()]
+
+
+def curve_labels(r: Recipe, in_memory: bool) -> tuple[str, str]:
+    """Legend entries for the training and validation curves: what the run did to the batches, the network
+    and the loss it optimised that the validation pass does not do, and whether validation scored the EMA
+    weights. As train.py applies the recipe: in-memory data (the digits, IDX folders) are warped by
+    digits_aug alone; image files get the crops, flips, RandAugment and MixUp/CutMix."""
+    if in_memory:
+        aug = r.digits_aug
+        applied = [("rotations", aug.get("rotate")), ("zooms", aug.get("scale")), ("shifts", aug.get("shift")),
+                   ("elastic warps", aug.get("elastic"))]
+    else:
+        mixes = " or ".join(name for name, alpha in (("MixUp", r.mixup), ("CutMix", r.cutmix)) if alpha > 0)
+        applied = [("padded crops", r.pad_crop),
+                   # A crop area of (1, 1) leaves nothing to choose: the whole image, resized.
+                   ("Inception crops", not r.pad_crop and r.crop_area[0] < 1),
+                   ("flips", r.flip), ("RandAugment", r.randaugment is not None),
+                   (mixes + (f" on {r.mix_prob:.0%} of batches" if r.mix_prob < 1 else ""), mixes and r.mix_prob > 0)]
+    applied += [("dropout", r.dropout), ("stochastic depth", r.drop_path), ("label-smoothed loss", r.label_smoothing)]
+    done = [name for name, on in applied if on]
+    train = f"training (as optimised: {', '.join(done)})" if done else "training (as optimised)"
+    return train, "validation (EMA weights)" if r.ema else "validation"
 
 
 class PlainLogFormatter(LogFormatter):
@@ -63,7 +89,7 @@ def curves_figure(metrics: str | Path, train_label: str = "training (as optimise
 
 def plot_curves(metrics: str | Path, png: str | Path, train_label: str = "training (as optimised)",
                 val_label: str = "validation") -> Path:
-    """Draw `curves_figure` to `png`."""
+    """Draw `curves_figure` to `png`; train.train passes the labels of `curve_labels`."""
     from .reports import save_figure  # atomic, like every file a run writes
 
     return save_figure(curves_figure(metrics, train_label, val_label), png, dpi=100)
