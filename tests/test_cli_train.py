@@ -33,7 +33,18 @@ def _png(path: Path, array: np.ndarray) -> Path:
     return path
 
 
-def test_train_prints_where_everything_went(run_dir: Path, tmp_path: Path, capsys: pytest.CaptureFixture) -> None:
+def spy_on_curve_labels(monkeypatch: pytest.MonkeyPatch) -> list[tuple[str, ...]]:
+    """The legend labels each run draws curves.png with (train imports plot_curves when it draws)."""
+    import mlpmixer.plots as plots
+
+    drawn, draw = [], plots.plot_curves
+    monkeypatch.setattr(plots, "plot_curves", lambda metrics, png, *labels: drawn.append(labels) or draw(metrics, png, *labels))
+    return drawn
+
+
+def test_train_prints_where_everything_went(run_dir: Path, tmp_path: Path, capsys: pytest.CaptureFixture,
+                                            monkeypatch: pytest.MonkeyPatch) -> None:
+    drawn = spy_on_curve_labels(monkeypatch)
     out = tmp_path / "again"
     assert main(["train", "--steps", "2", "--batch-size", "16", "--lr", "0.001", "--out", str(out), "--quiet"]) == 0
     printed = capsys.readouterr().out
@@ -42,6 +53,8 @@ def test_train_prints_where_everything_went(run_dir: Path, tmp_path: Path, capsy
     recipe = json.loads((out / "config.json").read_text())["recipe"]
     assert recipe["lr"] == 0.001 and recipe["steps"] == 2 and recipe["batch_size"] == 16
     assert load_checkpoint(run_dir).config.in_chans == 1
+    assert drawn == [("training (as optimised: rotations, zooms, shifts, elastic warps, label-smoothed loss)",
+                      "validation")]
 
 
 def test_predict_a_digit_by_class_name(run_dir: Path, tmp_path: Path, capsys: pytest.CaptureFixture) -> None:
@@ -231,7 +244,8 @@ def test_every_checked_setting_has_a_flag() -> None:
     assert get_recipe("mnist5k").evals == 5
 
 
-def test_finetune_puts_a_new_head(run_dir: Path, tmp_path: Path) -> None:
+def test_finetune_puts_a_new_head(run_dir: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    drawn = spy_on_curve_labels(monkeypatch)
     out = tmp_path / "ft"
     assert main(["finetune", "--from", str(run_dir), "--data", "mnist5k", "--holdout", "100", "--steps", "2",
                  "--batch-size", "16", "--out", str(out), "--quiet"]) == 0
@@ -239,6 +253,7 @@ def test_finetune_puts_a_new_head(run_dir: Path, tmp_path: Path) -> None:
     assert model.num_classes == 10 and model.config.in_chans == 1
     recipe = json.loads((out / "config.json").read_text())["recipe"]
     assert recipe["optimizer"] == "sgd" and recipe["data"] == "mnist5k"
+    assert drawn == [("training (as optimised)", "validation")]  # no augmentation or smoothing: none claimed
 
 
 def test_predict_with_published_weights_calls_the_registry(tmp_path: Path, capsys: pytest.CaptureFixture,

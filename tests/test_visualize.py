@@ -36,6 +36,19 @@ def test_unit_pairs_with_its_negation():
     assert pair_opposite_phase(units[:1]) == [(0, None)]  # a single unit (its correlation is a scalar)
 
 
+def test_pairing_is_greedy_not_each_units_best():
+    """What the title and the docs say: the most negatively correlated pair is taken first, so a unit can
+    lose its most opposite unit to another, and the units left over pair even when they correlate positively."""
+    rng = np.random.default_rng(0)
+    u1, u2 = (v - v.mean() for v in rng.normal(size=(2, 16)))
+    c = -(0.8 * u1 + 0.6 * u2)
+    units = np.stack([u1, -u1, c, c + 0.1 * u2]).reshape(4, 4, 4)
+    corr = np.corrcoef(units.reshape(4, -1))
+    assert np.argsort(corr[2])[0] == 0  # unit 2's most opposite unit is 0 ...
+    assert pair_opposite_phase(units) == [(0, 1), (2, 3)]  # ... which pairs with 1 first
+    assert corr[2, 3] > 0.9
+
+
 def test_low_frequency_before_high():
     low, high = wave(1 / 8), wave(3 / 8)
     freq = spatial_frequency(np.stack([high, low, np.full((8, 8), 2.0)]))
@@ -68,6 +81,17 @@ def check_png(path, min_side=200):
     assert pixels.std() > 10  # not blank
 
 
+def test_title_says_the_pairing_is_greedy(tmp_path, monkeypatch):
+    import mlpmixer.visualize as visualize
+
+    figures = []
+    monkeypatch.setattr(visualize, "save_figure", lambda fig, path: figures.append(fig) or path)
+    plot_token_mixing(tiny(), tmp_path / "units.png")
+    title = figures[0].get_suptitle()
+    assert "paired greedily by most negative correlation among the units still unpaired" in title
+    assert "partner" not in title  # it said "each beside its most opposite-phase partner", which most are not
+
+
 def test_plots_write_pngs(tmp_path):
     check_png(plot_token_mixing(tiny(), tmp_path / "units.png"))
     check_png(plot_token_mixing(tiny(), tmp_path / "one.png", blocks=[3], max_pairs=2))
@@ -84,3 +108,8 @@ def test_cli_show_weights(tmp_path, capsys):
     check_png(tmp_path / "s.png")
     assert main(["show-weights", str(tmp_path / "m.safetensors"), "--out", str(out), "--block", "7"]) == 2
     assert "Block 7 does not exist" in capsys.readouterr().err
+    with pytest.raises(SystemExit):
+        main(["show-weights", "--help"])
+    help_text = " ".join(capsys.readouterr().out.split())  # argparse wraps it
+    assert "paired greedily (repeatedly the two unpaired units whose weights correlate most negatively)" in help_text
+    assert "partner" not in help_text

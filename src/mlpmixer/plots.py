@@ -4,48 +4,92 @@ from __future__ import annotations
 
 import json
 from pathlib import Path
+from typing import TYPE_CHECKING
+
+import numpy as np
+from matplotlib.figure import Figure
+from matplotlib.ticker import LogFormatter, MaxNLocator
+
+if TYPE_CHECKING:
+    from .recipes import Recipe
 
 
 def read_metrics(path: str | Path) -> list[dict]:
     return [json.loads(line) for line in Path(path).read_text().splitlines() if line.strip()]
 
 
-def plot_curves(metrics: str | Path, png: str | Path) -> Path:
-    """Two panels (loss; accuracy) with the training and validation curves, written to `png`."""
-    import matplotlib
+def curve_labels(r: Recipe, in_memory: bool) -> tuple[str, str]:
+    """Legend entries for the training and validation curves: what the run did to the batches, the network
+    and the loss it optimised that the validation pass does not do, and whether validation scored the EMA
+    weights. As train.py applies the recipe: in-memory data (the digits, IDX folders) are warped by
+    digits_aug alone; image files get the crops, flips, RandAugment and MixUp/CutMix."""
+    if in_memory:
+        aug = r.digits_aug
+        applied = [("rotations", aug.get("rotate")), ("zooms", aug.get("scale")), ("shifts", aug.get("shift")),
+                   ("elastic warps", aug.get("elastic"))]
+    else:
+        mixes = " or ".join(name for name, alpha in (("MixUp", r.mixup), ("CutMix", r.cutmix)) if alpha > 0)
+        applied = [("padded crops", r.pad_crop),
+                   # A crop area of (1, 1) leaves nothing to choose: the whole image, resized.
+                   ("Inception crops", not r.pad_crop and r.crop_area[0] < 1),
+                   ("flips", r.flip), ("RandAugment", r.randaugment is not None),
+                   (mixes + (f" on {r.mix_prob:.0%} of batches" if r.mix_prob < 1 else ""), mixes and r.mix_prob > 0)]
+    applied += [("dropout", r.dropout), ("stochastic depth", r.drop_path), ("label-smoothed loss", r.label_smoothing)]
+    done = [name for name, on in applied if on]
+    train = f"training (as optimised: {', '.join(done)})" if done else "training (as optimised)"
+    return train, "validation (EMA weights)" if r.ema else "validation"
 
-    matplotlib.use("Agg")  # files only, no display needed
-    import matplotlib.pyplot as plt
-    from matplotlib.ticker import MaxNLocator
 
+class PlainLogFormatter(LogFormatter):
+    """matplotlib's choice of which log-scale ticks to label (minor ones only where few decades show),
+    written as plain decimals: 0.2, 1, 2 rather than 2×10⁻¹, 10⁰, 2×10⁰."""
+
+    def __call__(self, x: float, pos: int | None = None) -> str:
+        if not super().__call__(x, pos):
+            return ""
+        # Three significant digits: enough for the linear minor ticks of a range within one decade (0.41, 0.42).
+        return np.format_float_positional(x, precision=3, fractional=False, trim="-")
+
+
+def curves_figure(metrics: str | Path, train_label: str = "training (as optimised)",
+                  val_label: str = "validation") -> Figure:
+    """Two panels (loss; accuracy) with the training and validation curves, one legend below them."""
     rows = read_metrics(metrics) if Path(metrics).exists() else []
     train = [m for m in rows if "train_loss" in m]
     val = [m for m in rows if "val_top1" in m]
-    fig, (ax_loss, ax_acc) = plt.subplots(1, 2, figsize=(10, 4))
+    fig = Figure(figsize=(10, 4), layout="constrained")
+    ax_loss, ax_acc = fig.subplots(1, 2)
     if train:
         steps = [m["step"] for m in train]
-        ax_loss.plot(steps, [m["train_loss"] for m in train], label="training (as optimised: augmented, smoothed)")
-        ax_acc.plot(steps, [100 * m["train_acc"] for m in train], label="training (augmented)")
+        ax_loss.plot(steps, [m["train_loss"] for m in train], label=train_label)
+        ax_acc.plot(steps, [100 * m["train_acc"] for m in train], label=train_label)
     if val:
         steps = [m["step"] for m in val]
-        ax_loss.plot(steps, [m["val_loss"] for m in val], "o-", label="validation")
-        ax_acc.plot(steps, [100 * m["val_top1"] for m in val], "o-", label="validation")
-        best = val[-1]["val_top1"]
-        ax_acc.set_title(f"accuracy (final validation {100 * best:.2f}%)")
+        ax_loss.plot(steps, [m["val_loss"] for m in val], "o-", label=val_label)
+        ax_acc.plot(steps, [100 * m["val_top1"] for m in val], "o-", label=val_label)
+        ax_acc.set_title(f"accuracy (final validation {100 * val[-1]['val_top1']:.2f}%)")
     else:
         ax_acc.set_title("accuracy")
     ax_loss.set_title("loss")
     ax_loss.set_yscale("log")
+    ax_loss.yaxis.set_major_formatter(PlainLogFormatter())
+    ax_loss.yaxis.set_minor_formatter(PlainLogFormatter(labelOnlyBase=False))
     for ax, label in ((ax_loss, "loss"), (ax_acc, "top-1 accuracy (%)")):
         ax.set_xlabel("step")
         ax.xaxis.set_major_locator(MaxNLocator(nbins=5, integer=True))  # 5-digit step labels must not overlap
         ax.set_ylabel(label)
         ax.grid(alpha=0.3)
-        if train or val:
-            ax.legend()
-    fig.tight_layout()
+    if train or val:
+        # Both panels share their lines' styles, so one legend serves both. Hung below the figure's
+        # area, it can hide no curve; save_figure's tight bounding box takes it in.
+        fig.legend(*ax_loss.get_legend_handles_labels(), loc="upper center", bbox_to_anchor=(0.5, 0),
+                   frameon=False)
+    return fig
+
+
+def plot_curves(metrics: str | Path, png: str | Path, train_label: str = "training (as optimised)",
+                val_label: str = "validation") -> Path:
+    """Draw `curves_figure` to `png`; train.train passes the labels of `curve_labels`."""
     from .reports import save_figure  # atomic, like every file a run writes
 
-    path = save_figure(fig, png, dpi=100)
-    plt.close(fig)
-    return path
+    return save_figure(curves_figure(metrics, train_label, val_label), png, dpi=100)

@@ -825,9 +825,9 @@ def _train(
                     + "; ".join(f"{shape}: {chunks}" for shape, chunks in splits.items()))
         with _swap_in(plain, ema):
             save_checkpoint(plain, files.model, class_names=list(class_names))
-        from .plots import plot_curves
+        from .plots import curve_labels, plot_curves
 
-        plot_curves(files.metrics, files.curves)
+        plot_curves(files.metrics, files.curves, *curve_labels(r, in_memory=tensors is not None))
         log(f"Done in {time.time() - t_start:.1f} s. Model: {files.model}; configuration: {files.config}; "
             f"metrics: {files.metrics}; curves: {files.curves}")
     return files

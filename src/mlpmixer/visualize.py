@@ -2,7 +2,8 @@
 
 Each hidden unit of a token-mixing MLP's first layer has one weight per input token, that is, one per
 patch position: a row of fc1.weight (D_S×S) is a small image over the (g_h, g_w) patch grid. The paper
-pairs every unit with its opposite-phase partner and sorts the pairs by spatial frequency.
+pairs the units to show kernels of opposite phase and sorts the pairs by spatial frequency; here the pairs
+are found greedily (pair_opposite_phase), so a unit's partner is not always its most opposite one.
 """
 
 from __future__ import annotations
@@ -69,7 +70,7 @@ def spatial_frequency(units: np.ndarray) -> np.ndarray:
 
 
 def ordered_pairs(units: np.ndarray) -> list[tuple[int, int | None]]:
-    """Opposite-phase pairs, lowest spatial frequency first (by the pair's mean frequency)."""
+    """The pairs of pair_opposite_phase, lowest spatial frequency first (by the pair's mean frequency)."""
     freq = spatial_frequency(units)
     pairs = pair_opposite_phase(units)
     return sorted(pairs, key=lambda p: float(np.mean([freq[u] for u in p if u is not None])))
@@ -98,8 +99,8 @@ def _cmap():
 def plot_token_mixing(model: MlpMixer, path: str | os.PathLike, blocks: Sequence[int] | None = None,
                       max_pairs: int | None = None) -> Path:
     """Draw the first token-mixing layer's units of `blocks` (default: the first three), one panel per
-    block, each unit next to its opposite-phase partner, pairs sorted by spatial frequency. Each pair
-    is scaled by its largest |weight| so that all are readable; zero is white."""
+    block, units paired greedily (pair_opposite_phase), pairs sorted by spatial frequency. Each pair is
+    scaled by its largest |weight| so that all are readable; zero is white."""
     if blocks is None:
         blocks = list(range(min(3, len(model.blocks))))
     if not blocks:
@@ -118,7 +119,7 @@ def plot_token_mixing(model: MlpMixer, path: str | os.PathLike, blocks: Sequence
     height, width = panels[0][2].shape
     # About 0.025 inch per weight (4 pixels at 150 dpi), so that 14×14 units stay legible.
     panel_w = max(4.0, 0.025 * width)
-    # At least 9 inches wide so the two-line title fits above a single small panel.
+    # At least 9 inches wide so the three-line title fits above a single small panel.
     fig_w = max(9.0, panel_w * len(panels) + 1.0)
     fig = Figure(figsize=(fig_w, (fig_w - 1.0) / len(panels) * height / width + 1.2), layout="constrained")
     axes = np.atleast_1d(fig.subplots(1, len(panels)))
@@ -131,7 +132,10 @@ def plot_token_mixing(model: MlpMixer, path: str | os.PathLike, blocks: Sequence
     fig.colorbar(im, ax=list(axes), fraction=0.02, pad=0.01, label="weight ÷ max |weight| of its pair")
     fig.suptitle(
         f"{model.config.describe()}: token-mixing hidden units (rows of W1 over the {gh}×{gw} patch grid),\n"
-        "each beside its most opposite-phase partner, pairs sorted from low to high spatial frequency",
+        # Says what pair_opposite_phase does: a greedy pairing, so a unit's partner is not always the unit
+        # most opposite to it, and the last pairs formed can even correlate positively.
+        "paired greedily by most negative correlation among the units still unpaired,\n"
+        "pairs sorted from low to high spatial frequency",
         fontsize=11,
     )
     return save_figure(fig, path)

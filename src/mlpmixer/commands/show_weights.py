@@ -10,8 +10,9 @@ from . import at_least
 def register(p: argparse.ArgumentParser) -> None:
     p.description = (
         "Draw the first token-mixing layer's hidden units of the first blocks as heat maps over "
-        "the patch grid, each beside its opposite-phase partner, pairs sorted by spatial frequency "
-        "(as in the paper's Figure 5); or, with --stem, the patch-embedding kernels as RGB tiles."
+        "the patch grid, paired greedily (repeatedly the two unpaired units whose weights correlate most "
+        "negatively), pairs sorted by spatial frequency (after the paper's Figure 5); or, with --stem, the "
+        "patch-embedding kernels as RGB tiles."
     )
     p.add_argument("checkpoint", help="checkpoint file or run directory")
     p.add_argument("--out", required=True, help="picture to write (.png, or .svg/.pdf)")
