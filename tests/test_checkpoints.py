@@ -454,3 +454,11 @@ def test_a_wide_grid_with_a_square_token_count_loads_at_the_models_size(tmp_path
     assert_same_state(into, wide)
     assert load_checkpoint(path).config.img_size == (32, 32)
     assert load_checkpoint(path, img_size=(16, 64)).config.img_size == (16, 64)
+
+
+def test_a_file_without_its_size_says_which_commands_take_it(tmp_path: Path, capsys: pytest.CaptureFixture) -> None:
+    path = save_checkpoint(random_model(SQUARE.replace(img_size=(16, 24))), tmp_path / "wide.npz")  # a 2×3 grid
+    code, _, err = run_cli(["info", path], capsys)
+    assert code == 2 and "6 tokens, which do not form a square patch grid" in err and "mixer info and convert" in err
+    code, out, _ = run_cli(["info", path, "--img-size", "16", "24"], capsys)
+    assert code == 0 and "16×24" in out

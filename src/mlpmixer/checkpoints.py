@@ -151,8 +151,9 @@ def infer_config(
     if img_size is None:
         raise CheckpointError(
             f"{source} has {s} tokens, which do not form a square patch grid, so its image size is "
-            "unknown; pass img_size=(height, width), or on the command line convert it once with "
-            "`mixer convert FILE MODEL.safetensors --img-size H W` (our format keeps the size)."
+            "unknown; pass img_size=(height, width), or on the command line give --img-size H W (mixer info "
+            "and convert take it; `mixer convert FILE MODEL.safetensors --img-size H W` once makes a file that "
+            "keeps the size for the other commands)."
         )
     head = state.get("head.weight")
     return MixerConfig(
