@@ -237,9 +237,16 @@ def poison_third_loss(monkeypatch: pytest.MonkeyPatch, value: float) -> list[int
 
 def test_nan_loss_stops_and_names_the_step(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     poison_third_loss(monkeypatch, float("nan"))
-    with pytest.raises(TrainingDiverged, match="at step 2; the last good checkpoint is .*step-00000002.pt"):
-        train(tiny(steps=6, evals=0), tmp_path / "nan", save_every=1, progress=False, log=lambda *_: None)
+    # The third step's loss comes from the state saved after step 2: that one is moved aside, not named good.
+    with pytest.raises(TrainingDiverged, match=r"in step 3 \(counted as the progress bar counts\); the state saved "
+                                               r"after step 2, whose weights gave it, was moved aside to "
+                                               r".*diverged-step-00000002.pt; the last good checkpoint is "
+                                               r".*step-00000001.pt\."):
+        train(tiny(steps=6, evals=0), tmp_path / "nan", save_every=1, keep=0, progress=False, log=lambda *_: None)
     assert not (tmp_path / "nan" / "model.safetensors").exists()
+    states = tmp_path / "nan" / "checkpoints"
+    assert sorted(p.name for p in states.iterdir()) == ["diverged-step-00000002.pt", "step-00000001.pt"]
+    assert train_mod.latest_state(tmp_path / "nan").name == "step-00000001.pt"  # what --resume goes on from
 
 
 def test_deferred_nan_checks_name_the_first_bad_step_and_save_nothing_after_it(
@@ -247,7 +254,7 @@ def test_deferred_nan_checks_name_the_first_bad_step_and_save_nothing_after_it(
     """On GPUs the losses are checked only before logging, evaluating or saving (here forced on the CPU)."""
     calls = poison_third_loss(monkeypatch, float("inf"))
     monkeypatch.setattr(train_mod, "_defer_checks", lambda device: True)
-    with pytest.raises(TrainingDiverged, match="became (inf|nan) at step 2; no checkpoint was saved"):
+    with pytest.raises(TrainingDiverged, match=r"became (inf|nan) in step 3 \(.*\); no checkpoint was saved"):
         train(tiny(steps=12, evals=0), tmp_path / "nan", save_every=5, progress=False, log=lambda *_: None)
     assert len(calls) == 5  # it ran on to the first save point, then stopped before saving
     assert not (tmp_path / "nan" / "checkpoints").exists() or not any((tmp_path / "nan" / "checkpoints").iterdir())

@@ -751,7 +751,7 @@ def _train(
                 (loss / len(micro)).backward()
             unchecked.append((step, loss.detach()))
             if check_every_step:
-                _check_finite(unchecked, run, bar)
+                _check_finite(unchecked, run, bar, main)
             loss_sum += loss.detach() * len(y)
             correct += (logits.argmax(1) == y).sum()
             count += len(y)
@@ -771,7 +771,7 @@ def _train(
         seen += r.batch_size
         done = step + 1
         if done % 10 == 0 or done == total or done in eval_at or (save_every and done % save_every == 0):
-            _check_finite(unchecked, run, bar)
+            _check_finite(unchecked, run, bar, main)
 
         # --- logging, evaluation, saving.
         if main and (done % 10 == 0 or done == total):
@@ -879,8 +879,12 @@ def _defer_checks(device: torch.device) -> bool:
     return device.type == "cuda"
 
 
-def _check_finite(unchecked: list[tuple[int, torch.Tensor]], run: Path, bar: tqdm) -> None:
-    """Raise TrainingDiverged naming the first step whose loss is NaN or infinite; empties `unchecked`."""
+def _check_finite(unchecked: list[tuple[int, torch.Tensor]], run: Path, bar: tqdm, main: bool) -> None:
+    """Raise TrainingDiverged naming the first step whose loss is NaN or infinite; empties `unchecked`.
+
+    The state saved after k steps holds weights that no forward pass has met yet: when the loss of the
+    next step (step k + 1, as the progress bar counts) is not finite, that state is the one that gives it,
+    so it is moved aside (kept, under a name --resume does not pick) and the state before it is named."""
     if not unchecked:
         return
     losses = torch.stack([loss for _, loss in unchecked]).float().cpu()  # one wait for the device
@@ -890,10 +894,21 @@ def _check_finite(unchecked: list[tuple[int, torch.Tensor]], run: Path, bar: tqd
     if len(bad):
         i = int(bad[0])
         bar.close()
+        before = run / STATE_DIR / STATE_PATTERN.format(steps[i])  # the weights the bad loss came from
+        moved = ""
+        if main and before.exists():
+            aside, n = before.with_name("diverged-" + before.name), 1
+            while aside.exists():  # an earlier attempt's, kept too
+                n += 1
+                aside = before.with_name(f"diverged{n}-{before.name}")
+            before.replace(aside)
+            moved = f"the state saved after step {steps[i]}, whose weights gave it, was moved aside to {aside}; "
         last = latest_state(run)
-        kept = f"the last good checkpoint is {last}" if last else "no checkpoint was saved (use --save-every)"
-        raise TrainingDiverged(f"The loss became {losses[i].item()} at step {steps[i]}; {kept}. "
-                               "Lower the learning rate, add warm-up or clipping (--clip 1), and resume.")
+        kept = (f"the last good checkpoint is {last}" if last else "no earlier state is kept (see --keep)" if moved
+                else "no checkpoint was saved (use --save-every)")
+        raise TrainingDiverged(f"The loss became {losses[i].item()} in step {steps[i] + 1} (counted as the progress "
+                               f"bar counts); {moved}{kept}. Lower the learning rate, add warm-up or clipping "
+                               "(--clip 1), and resume.")
 
 
 @contextlib.contextmanager
