@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import math
+import pickle
 from pathlib import Path
 
 import pytest
@@ -181,6 +182,26 @@ def test_resume_checks_the_model_and_notes_other_settings(tmp_path: Path) -> Non
     said.clear()
     train(r.replace(steps=6), run, resume=True, progress=False, log=said.append)
     assert said[0].startswith("Resuming with settings other than the run's (processes 2 -> 1):")
+
+
+def test_a_damaged_state_or_one_of_other_shapes_is_one_sentence(tmp_path: Path) -> None:
+    r = tiny(steps=4, evals=0)
+    run = tmp_path / "run"
+    train(r, run, save_every=2, progress=False, log=lambda *_: None)
+    last = run / "checkpoints" / "step-00000004.pt"
+    good = last.read_bytes()
+    for damaged in (good[:1000], b"", b"not a checkpoint at all", pickle.dumps(Exception("crafted"))):
+        last.write_bytes(damaged)
+        with pytest.raises(ValueError, match=r"step-00000004.pt is not a readable training state \(truncated, "
+                                             r"damaged, or not written by mixer train\); move it out of .* or delete "
+                                             r"it, and rerun to go on from the state before it, step-00000002.pt\."):
+            train(r, run, resume=True, progress=False, log=lambda *_: None)
+    last.write_bytes(good)
+    (run / "config.json").write_text("")  # no configuration to compare with: the state's shapes decide
+    with pytest.raises(ValueError, match=r"step-00000004.pt holds weights of other shapes than the Mixer-digits/4 "
+                                         r"this command builds; resume with the run's own settings"):
+        train(get_recipe("mnist5k", model="digits/4", steps=4, batch_size=32), run, resume=True, progress=False,
+              log=lambda *_: None)
 
 
 def test_sigmoid_head_bias_starts_at_minus_log_classes(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:

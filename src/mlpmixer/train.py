@@ -22,6 +22,7 @@ import multiprocessing
 import os
 import socket
 import time
+import warnings
 from dataclasses import dataclass
 from datetime import datetime
 from pathlib import Path
@@ -435,6 +436,26 @@ def _summary_writer(path: Path, start: int) -> Any:
     return _summary_writer_class()(str(path), purge_step=start + 1 if start else None)  # steps <= start are kept
 
 
+def _read_state(path: Path, device: str | torch.device) -> dict[str, Any]:
+    """A saved training state, read with weights_only (nothing but tensors and plain containers is
+    unpickled). A damaged one (cut short by a full disk or a copy, overwritten, crafted) is one sentence
+    naming it, not torch's traceback, whose advice for a refused pickle is to unpickle it anyway."""
+    try:
+        with warnings.catch_warnings():  # e.g. "Detected pickle protocol 4" of a file torch did not write
+            warnings.simplefilter("ignore")
+            state = torch.load(path, map_location=device, weights_only=True)
+    except Exception:  # noqa: BLE001 - torch meets damage with RuntimeError, UnpicklingError, EOFError, ...
+        state = None
+    if not isinstance(state, dict) or not {"model", "optimizer", "step", "ema"} <= state.keys() \
+            or not isinstance(state["step"], int):
+        earlier = sorted(p for p in path.parent.glob("step-*.pt") if p.name < path.name)
+        then = (f"go on from the state before it, {earlier[-1].name}" if earlier else
+                "start again (there is no earlier state), without --resume")
+        raise ValueError(f"{path} is not a readable training state (truncated, damaged, or not written by mixer "
+                         f"train); move it out of {path.parent} or delete it, and rerun to {then}.")
+    return state
+
+
 def latest_state(run: Path) -> Optional[Path]:
     states = sorted((run / STATE_DIR).glob("step-*.pt"))
     return states[-1] if states else None
@@ -644,14 +665,19 @@ def _train(
                                     f"from;{shared} train with --save-every N first.")
         _check_resumable(run, model.config, r, init_from, world, log if main else (lambda *_: None))
         # FSDP: each rank keeps only its shards of the full state, so read it to the CPU, not the device.
-        state = torch.load(state_path, map_location="cpu" if fsdp else device, weights_only=True)
+        state = _read_state(state_path, "cpu" if fsdp else device)
         if fsdp:  # the state holds full tensors (keyed by name): each rank keeps its shards
             from torch.distributed.checkpoint.state_dict import set_model_state_dict, set_optimizer_state_dict
 
             set_model_state_dict(model, state["model"], options=_full_options())
             set_optimizer_state_dict(model, opt, state["optimizer"], options=_full_options())
         else:
-            model.load_state_dict(state["model"])
+            try:
+                model.load_state_dict(state["model"])
+            except RuntimeError:  # load_state_dict's list of size mismatches: a run whose config.json is gone
+                raise ValueError(f"{state_path} holds weights of other shapes than the {model.config.describe()} this "
+                                 "command builds; resume with the run's own settings (--model, --img-size) and the "
+                                 "same data.") from None
             try:
                 opt.load_state_dict(state["optimizer"])
             except (KeyError, ValueError) as e:  # another optimiser's state, whose run left no config.json
