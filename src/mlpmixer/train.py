@@ -42,7 +42,7 @@ from .evaluate import evaluate, open_eval_data
 from .model import MlpMixer, create_model
 from .permute import FixedPermutation
 from .profiling import StepProfiler
-from .recipes import Recipe
+from .recipes import MAX_STEPS, Recipe
 from .resize import resize_to
 from .shared_grads import SharedGradients
 from .variants import MixerConfig, as_pair
@@ -639,6 +639,9 @@ def _train(
         total = r.steps
     elif per_epoch:
         total = max(1, round(r.epochs * per_epoch))
+        if total > MAX_STEPS:
+            raise ValueError(f"--epochs {r.epochs:g} of {per_epoch:,} steps each make more than the {MAX_STEPS:,} "
+                             "steps a run can have; lower --epochs.")
     else:
         raise ValueError(f"{r.data} does not say how many images it holds; give --steps.")
     per_epoch = per_epoch or total
