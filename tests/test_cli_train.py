@@ -150,6 +150,9 @@ def test_recipes_command(capsys: pytest.CaptureFixture) -> None:
 @pytest.mark.parametrize("argv, message", [
     (["eval", "RUN", "--data", "mnist5k", "--batch-size", "0"], "argument --batch-size: must be at least 1, not 0"),
     (["eval", "RUN", "--data", "mnist5k", "--workers", "-1"], "argument --workers: must be at least 0, not -1"),
+    (["eval", "RUN", "--data", "mnist5k", "--workers", "5000"], "argument --workers: must be at most 64, not 5000"),
+    (["fewshot", "RUN", "--data", "mnist5k", "--workers", "65"], "argument --workers: must be at most 64, not 65"),
+    (["linear-probe", "RUN", "--data", "mnist5k", "--workers", "5000"], "argument --workers: must be at most 64"),
     (["fewshot", "RUN", "--data", "mnist5k", "--batch-size", "x"], "argument --batch-size: must be a whole number, not 'x'"),
     (["linear-probe", "RUN", "--data", "mnist5k", "--batch-size", "0"], "argument --batch-size: must be at least 1"),
     (["predict", "--top", "0", "RUN", "IMAGE"], "argument --top: must be at least 1, not 0"),
@@ -185,6 +188,7 @@ def test_command_counts_out_of_range_are_one_line(run_dir: Path, capsys: pytest.
     (["--steps", "100000000"], "--steps must be a whole number from 1 to 99,999,999, not 100000000."),
     (["--epochs", "1e300"], "--epochs 1e+300 of 37 steps each make more than the 99,999,999 steps a run can have"),
     (["--lr", "-1"], "--lr must be zero or more"),
+    (["--workers", "5000"], "--workers must be a whole number from 0 to 64, not 5000."),
     (["--mix-prob", "3"], "--mix-prob must be from 0 to 1, not 3.0."),
     (["--label-smoothing", "1"], "--label-smoothing must be at least 0 and below 1"),
     (["--holdout", "2.5"], "--holdout must be a fraction below 1 or a whole count"),

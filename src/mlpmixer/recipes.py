@@ -29,6 +29,10 @@ RESIZE_METHODS = ("blockdiag", "resample")  # resize.resize_to
 # Training states are named by their step in 8 digits (train.STATE_PATTERN), and --resume takes the last
 # name in sorted order: one more digit would sort step 100,000,000 before step 99,999,999.
 MAX_STEPS = 99_999_999
+# DataLoader worker processes (--workers of train, eval, fewshot, linear-probe): a fixed cap rather than one
+# from os.cpu_count(), so that a recipe or run recorded on one machine stays valid on another. Thousands of
+# workers never start up (a hang, seen with 5,000); past a few dozen they only compete for the cores.
+MAX_WORKERS = 64
 
 
 @dataclass
@@ -111,9 +115,10 @@ class Recipe:
               f"a whole number from 1 to {MAX_STEPS:,}")
         # Infinity passes a comparison with 0 and then fails deep in the run (OverflowError), or never ends.
         check("epochs", lambda v: 0 < v < math.inf, "positive and finite")
-        for name in ("lr", "min_lr", "weight_decay", "warmup", "clip", "mixup", "cutmix", "pad_crop", "workers",
-                     "evals"):
+        for name in ("lr", "min_lr", "weight_decay", "warmup", "clip", "mixup", "cutmix", "pad_crop", "evals"):
             check(name, lambda v: 0 <= v < math.inf, "zero or more, and finite")
+        check("workers", lambda v: 0 <= v <= MAX_WORKERS and float(v).is_integer(),
+              f"a whole number from 0 to {MAX_WORKERS}")
         for name in ("label_smoothing", "drop_path", "dropout", "ema", "momentum"):
             check(name, lambda v: 0 <= v < 1, "at least 0 and below 1")
         check("mix_prob", lambda v: 0 <= v <= 1, "from 0 to 1")

@@ -3,11 +3,12 @@
 from __future__ import annotations
 
 import argparse
-from typing import Callable
+from typing import Callable, Optional
 
 
-def at_least(low: int) -> Callable[[str], int]:
-    """An argparse type: a whole number of at least `low`; anything else is argparse's one-line error."""
+def at_least(low: int, most: Optional[int] = None) -> Callable[[str], int]:
+    """An argparse type: a whole number of at least `low` (and at most `most`); anything else is argparse's
+    one-line error."""
     def parse(text: str) -> int:
         try:
             value = int(text)
@@ -15,6 +16,8 @@ def at_least(low: int) -> Callable[[str], int]:
             raise argparse.ArgumentTypeError(f"must be a whole number, not {text!r}") from None
         if value < low:
             raise argparse.ArgumentTypeError(f"must be at least {low}, not {value}")
+        if most is not None and value > most:
+            raise argparse.ArgumentTypeError(f"must be at most {most}, not {value}")
         return value
 
     return parse

@@ -9,7 +9,7 @@ import math
 from pathlib import Path
 from typing import Any, Optional
 
-from ..recipes import EVAL_MODES, PERMUTE_MODES
+from ..recipes import EVAL_MODES, MAX_WORKERS, PERMUTE_MODES
 from . import at_least
 
 
@@ -31,7 +31,7 @@ def register(p: argparse.ArgumentParser) -> None:
                    "one recorded in the run directory's config.json, if any")
     p.add_argument("--permute-seed", type=int, help="seed of that permutation (default: the run's, or 0)")
     p.add_argument("--batch-size", type=at_least(1), default=500)
-    p.add_argument("--workers", type=at_least(0), default=2, help="DataLoader workers (image folders and shards)")
+    p.add_argument("--workers", type=at_least(0, MAX_WORKERS), default=2, help="DataLoader workers (image folders and shards)")
     p.add_argument("--json", action="store_true", help="print one JSON object: top1, top5 (fractions), n, loss "
                    "(and per_class, a class name -> accuracy object, with --report)")
     p.set_defaults(func=run)
