@@ -204,6 +204,20 @@ def test_a_damaged_state_or_one_of_other_shapes_is_one_sentence(tmp_path: Path) 
               log=lambda *_: None)
 
 
+@pytest.mark.parametrize("resume", [False, True])
+def test_a_run_stopped_before_its_first_state_starts_over(tmp_path: Path, resume: bool) -> None:
+    run = tmp_path / "run"
+    with pytest.raises(ValueError, match="larger than the 4750 training images"):  # found once the folder exists
+        train(tiny(batch_size=10_000), run, save_every=2, progress=False, log=lambda *_: None)
+    assert (run / "config.json").exists()
+    said: list[str] = []
+    train(tiny(steps=2, evals=0), run, resume=resume, save_every=2, progress=False, log=said.append)
+    assert said[0] == (f"Note: {run} holds no saved training state and no model (the run there stopped before its "
+                       "first save); starting it over.")
+    assert (run / "model.safetensors").exists()
+    assert json.loads((run / "config.json").read_text())["recipe"]["batch_size"] == 32
+
+
 def test_sigmoid_head_bias_starts_at_minus_log_classes(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     seen = {}
     real = train_mod.make_optimizer

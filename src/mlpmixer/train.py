@@ -652,11 +652,19 @@ def _train(
     # --- run directory, or the run to resume.
     run = Path(out) if out else None
     start = 0
-    if not resume and run is not None and any((run / name).exists() for name in ("config.json", "model.safetensors",
-                                                                                   STATE_DIR)):
+    if run is not None and (run / "config.json").exists() and not latest_state(run) \
+            and not (run / "model.safetensors").exists():
+        # A run stopped before its first saved state (killed, or an error such as a batch larger than the
+        # data): its config.json and metrics hold nothing to lose, and the corrected command starts it over.
+        if main:
+            log(f"Note: {run} holds no saved training state and no model (the run there stopped before its first "
+                "save); starting it over.")
+        resume = False
+    elif not resume and run is not None and any((run / name).exists() for name in ("config.json", "model.safetensors",
+                                                                                     STATE_DIR)):
         way = ("add --resume to go on from its last saved state, or give another --out" if latest_state(run) else
                "give another --out, or delete it to start again there (it has no saved state to resume from)")
-        raise FileExistsError(f"{run} holds a run already; {way} (nothing in it was changed).")
+        raise FileExistsError(f"{run} holds a run already; {way}; nothing in it was changed.")
     if resume:
         run = run or _latest_run()
         state_path = latest_state(run)
