@@ -450,7 +450,7 @@ def _read_state(path: Path, device: str | torch.device) -> dict[str, Any]:
             or not isinstance(state["step"], int):
         earlier = sorted(p for p in path.parent.glob("step-*.pt") if p.name < path.name)
         then = (f"go on from the state before it, {earlier[-1].name}" if earlier else
-                "start again (there is no earlier state), without --resume")
+                "start the run over (there is no earlier state)")
         raise ValueError(f"{path} is not a readable training state (truncated, damaged, or not written by mixer "
                          f"train); move it out of {path.parent} or delete it, and rerun to {then}.")
     return state
