@@ -218,6 +218,18 @@ def test_a_run_stopped_before_its_first_state_starts_over(tmp_path: Path, resume
     assert json.loads((run / "config.json").read_text())["recipe"]["batch_size"] == 32
 
 
+def test_image_augmentation_flags_on_in_memory_data_are_named_as_unused(tmp_path: Path) -> None:
+    said: list[str] = []
+    train(tiny(steps=1, evals=0, mixup=0.2, randaugment=0, augment_on="device"), tmp_path / "run", progress=False,
+          log=said.append)
+    assert said[0].startswith("--augment-on device is for image folders and shards; mnist5k is in memory already")
+    assert said[1] == ("Note: --randaugment, --mixup augment image folders and shards; mnist5k is in memory and "
+                       "augmented with digits_aug only, so they are not used.")
+    said.clear()
+    train(tiny(steps=1, evals=0), tmp_path / "plain", progress=False, log=said.append)
+    assert not any("not used" in line for line in said)
+
+
 def test_sigmoid_head_bias_starts_at_minus_log_classes(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     seen = {}
     real = train_mod.make_optimizer

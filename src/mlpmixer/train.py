@@ -555,6 +555,12 @@ def _train(
     if tensors is not None and r.augment_on == "device" and main:
         log(f"--augment-on device is for image folders and shards; {r.data} is in memory already and "
             "augmented batch by batch (digits_aug).")
+    unused = [name for name, off in (("randaugment", None), ("pad_crop", 0), ("mixup", 0), ("cutmix", 0))
+              if getattr(r, name) != off]
+    if tensors is not None and unused and main:  # config.json records them: say they did nothing
+        log(f"Note: {', '.join('--' + name.replace('_', '-') for name in unused)} augment image folders and shards; "
+            f"{r.data} is in memory and augmented with digits_aug only, so {'they are' if len(unused) > 1 else 'it is'} "
+            "not used.")
     if tensors is not None:
         train_idx, val_idx = holdout_split(len(tensors), r.holdout if r.eval_data is None else 0, r.seed)
         train_data, class_names = tensors.subset(train_idx), tensors.class_names
