@@ -129,6 +129,16 @@ def test_train_bad_input(tmp_path: Path, capsys: pytest.CaptureFixture) -> None:
     assert "no saved training state" in capsys.readouterr().err
 
 
+@pytest.mark.parametrize("config", ['{"recipe": "x"}', '{"recipe": [1]}', '{"recipe": {"permute": 3}}'])
+def test_eval_names_a_malformed_run_config(run_dir: Path, tmp_path: Path, capsys: pytest.CaptureFixture,
+                                           config: str) -> None:
+    (tmp_path / "model.safetensors").write_bytes((run_dir / "model.safetensors").read_bytes())
+    (tmp_path / "config.json").write_text(config)
+    assert main(["eval", str(tmp_path), "--data", "mnist5k"]) == 2
+    err = capsys.readouterr().err
+    assert "config.json is not a run configuration as mixer train writes it" in err and "Traceback" not in err
+
+
 def test_a_closed_pipe_stops_the_command_quietly() -> None:
     # The reader is gone before the command writes (`mixer info | head -0`): no error message, status 141.
     proc = subprocess.Popen([sys.executable, "-m", "mlpmixer", "info"], stdout=subprocess.PIPE,

@@ -197,7 +197,7 @@ def test_a_damaged_state_or_one_of_other_shapes_is_one_sentence(tmp_path: Path) 
                                              r"it, and rerun to go on from the state before it, step-00000002.pt\."):
             train(r, run, resume=True, progress=False, log=lambda *_: None)
     last.write_bytes(good)
-    (run / "config.json").write_text("")  # no configuration to compare with: the state's shapes decide
+    (run / "config.json").unlink()  # no configuration to compare with: the state's shapes decide
     with pytest.raises(ValueError, match=r"step-00000004.pt holds weights of other shapes than the Mixer-digits/4 "
                                          r"this command builds; resume with the run's own settings"):
         train(get_recipe("mnist5k", model="digits/4", steps=4, batch_size=32), run, resume=True, progress=False,
@@ -228,6 +228,31 @@ def test_image_augmentation_flags_on_in_memory_data_are_named_as_unused(tmp_path
     said.clear()
     train(tiny(steps=1, evals=0), tmp_path / "plain", progress=False, log=said.append)
     assert not any("not used" in line for line in said)
+
+
+def test_resume_drops_a_damaged_last_metrics_line_and_names_malformed_files(
+        tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    r = tiny(steps=4, evals=0)
+    run = tmp_path / "run"
+    written, real = [], train_mod.atomic_write
+    monkeypatch.setattr(train_mod, "atomic_write", lambda path, write: written.append(path.name) or real(path, write))
+    train(r, run, save_every=2, progress=False, log=lambda *_: None)
+    assert "config.json" in written  # written atomically, as the states
+    metrics, config = run / "metrics.jsonl", run / "config.json"
+    good = config.read_text()
+    for bad in ("[]", '{"recipe": "x"}', '{"model": {}, "recipe": [1]}', "{\"model\": {"):
+        config.write_text(bad)
+        with pytest.raises(ValueError, match=r"config.json is not a run configuration as mixer train writes it"):
+            train_mod.launch(r, run, resume=True, save_every=2, progress=False, log=lambda *_: None)
+    config.write_text(good)
+    metrics.write_bytes(b'{"step": 2}\n[1, 2]\n{"step": 4}\n')
+    with pytest.raises(ValueError, match=r"metrics.jsonl line 2 is not a metrics entry .*; delete that line and rerun"):
+        train(r, run, resume=True, save_every=2, progress=False, log=lambda *_: None)
+    metrics.write_bytes(b'{"step": 2}\n{"step": 4, "train_lo\xff')  # a power cut in the middle of an append
+    with pytest.warns(UserWarning, match=r"metrics.jsonl: its last line is damaged \(cut short\?\) and was dropped"):
+        train(r.replace(steps=6), run, resume=True, save_every=2, progress=False, log=lambda *_: None)
+    assert [json.loads(line)["step"] for line in metrics.read_text().splitlines()] == [2, 6, 6]  # train, val
+    assert "metrics.jsonl" in written  # trimmed atomically
 
 
 def test_sigmoid_head_bias_starts_at_minus_log_classes(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:

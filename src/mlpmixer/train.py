@@ -716,7 +716,8 @@ def _train(
                   "steps": total, "world_size": world}
         if init_from:  # where a fine-tuning run started (the recipe's `model` is not what it trains)
             config["init_from"] = str(init_from)
-        files.config.write_text(json.dumps(config, indent=1) + "\n")
+        text = json.dumps(config, indent=1) + "\n"
+        atomic_write(files.config, lambda tmp: Path(tmp).write_text(text))  # also on resuming: the old one stays whole
         _trim_metrics(files.metrics, start)
     board = _summary_writer(run / "tensorboard", start) if main and r.tensorboard else None
 
@@ -882,11 +883,8 @@ def _check_resumable(run: Path, config: MixerConfig, r: Recipe, init_from: Optio
     another optimiser or a fine-tuning run resumed without its --from is one sentence here (not
     load_state_dict's list of mismatches or KeyError), other recipe settings a note, as the run then
     goes on differently from the one it resumes."""
-    try:
-        saved = json.loads((run / "config.json").read_text())
-    except (OSError, ValueError):  # a state without its configuration: the state itself decides
-        return
-    if not isinstance(saved, dict) or not {"model", "recipe"} <= saved.keys():
+    saved = _run_config(run)
+    if saved is None:  # a state without its configuration: the state itself decides
         return
     def shapes(d: dict) -> dict:  # what the weights' shapes depend on
         return {k: v for k, v in d.items() if k not in ("name", "gelu", "drop_rate", "drop_path_rate")}
@@ -974,11 +972,29 @@ def _append(path: Path, entry: dict[str, Any]) -> None:
 
 
 def _trim_metrics(path: Path, start: int) -> None:
-    """A resumed run keeps the metrics up to its checkpoint and drops those of the lost steps."""
+    """A resumed run keeps the metrics up to its checkpoint and drops those of the lost steps.
+
+    A last line cut short (a power cut during an append) is dropped with a warning; any other line that is
+    not a metrics entry is one sentence naming the file."""
     if not path.exists():
         return
-    lines = [l for l in path.read_text().splitlines() if l and json.loads(l)["step"] <= start] if start else []
-    path.write_text("".join(l + "\n" for l in lines))
+    lines = [line for line in path.read_bytes().splitlines() if line.strip()] if start else []
+    kept = []
+    for n, line in enumerate(lines, 1):
+        try:
+            entry = json.loads(line)
+            step = entry["step"] if isinstance(entry, dict) else None
+        except (ValueError, KeyError):  # not JSON, not UTF-8, or no step
+            step = None
+        if not isinstance(step, int):
+            if n == len(lines):
+                warnings.warn(f"{path}: its last line is damaged (cut short?) and was dropped.")
+                break
+            raise ValueError(f"{path} line {n} is not a metrics entry (a JSON object with a step); delete that "
+                             "line and rerun.")
+        if step <= start:
+            kept.append(line + b"\n")
+    atomic_write(path, lambda tmp: Path(tmp).write_bytes(b"".join(kept)))
 
 
 def _latest_run(root: str | Path = "runs") -> Path:
@@ -1039,11 +1055,28 @@ def launch(r: Recipe, out: Optional[str | Path] = None, **options: Any) -> RunFi
 
 def _saved_layout(run: Path) -> tuple[Optional[int], Optional[int]]:
     """(processes, threads per process) an earlier run of `run` used, from its config.json."""
-    try:
-        config = json.loads((run / "config.json").read_text())
-        return config.get("world_size"), config.get("recipe", {}).get("threads")
-    except (OSError, ValueError):  # no run there yet: `train` says so
+    config = _run_config(run)
+    if config is None:  # no run there yet: `train` says so
         return None, None
+    return config.get("world_size"), config["recipe"].get("threads")
+
+
+def _run_config(run: Path) -> Optional[dict[str, Any]]:
+    """The config.json of the run in `run`, None where there is none. mixer train writes a JSON object with
+    "model" and "recipe" objects: anything else (edited, damaged) is one sentence naming it, not an
+    AttributeError or KeyError deep in resuming."""
+    path = run / "config.json"
+    try:
+        config = json.loads(path.read_bytes())
+    except FileNotFoundError:
+        return None
+    except ValueError:  # not JSON, or not UTF-8 text
+        config = None
+    if not (isinstance(config, dict) and isinstance(config.get("model"), dict)
+            and isinstance(config.get("recipe"), dict)):
+        raise ValueError(f"{path} is not a run configuration as mixer train writes it (a JSON object with \"model\" "
+                         "and \"recipe\" objects); restore it, or delete it to resume with the command's settings.")
+    return config
 
 
 def _child(rank: int, env: dict[str, str], r: Recipe, out: Path, options: dict[str, Any]) -> None:

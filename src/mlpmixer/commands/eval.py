@@ -44,10 +44,17 @@ def recorded_permutation(checkpoint: str) -> tuple[Optional[str], int]:
     path = Path(checkpoint)
     config = (path if path.is_dir() else path.parent) / "config.json"
     try:
-        recipe = json.loads(config.read_text()).get("recipe", {})
-    except (OSError, ValueError, AttributeError):  # no run's config there: nothing recorded
+        saved = json.loads(config.read_text())
+    except (OSError, ValueError):  # no run's config there: nothing recorded
         return None, 0
-    return recipe.get("permute"), int(recipe.get("permute_seed") or 0)
+    if not isinstance(saved, dict) or "recipe" not in saved:  # another tool's config.json (timm's, say)
+        return None, 0
+    recipe = saved["recipe"]
+    if not isinstance(recipe, dict) or recipe.get("permute") not in (None, *PERMUTE_MODES) \
+            or not isinstance(recipe.get("permute_seed") or 0, int):
+        raise ValueError(f"{config} is not a run configuration as mixer train writes it (a \"recipe\" object, "
+                         "with the permutation the run used); restore it, or move it away.")
+    return recipe.get("permute"), recipe.get("permute_seed") or 0
 
 
 def _nan_to_none(x: float) -> Optional[float]:
