@@ -255,6 +255,18 @@ def test_resume_drops_a_damaged_last_metrics_line_and_names_malformed_files(
     assert "metrics.jsonl" in written  # trimmed atomically
 
 
+def test_resume_removes_the_temporaries_of_a_save_that_was_killed(tmp_path: Path) -> None:
+    r = tiny(steps=2, evals=0)
+    run = tmp_path / "run"
+    train(r, run, save_every=2, progress=False, log=lambda *_: None)
+    stale = [run / "checkpoints" / ".step-00000004.pt.0123456789ab.tmp.pt", run / ".curves.png.a1b2c3d4e5f6.tmp.png"]
+    others = [run / ".notes.tmp", run / "checkpoints" / ".step-00000004.pt.xyz.tmp.pt", run / "keep.0123456789ab.tmp.pt"]
+    for p in stale + others:
+        p.write_bytes(b"half written")
+    train(r.replace(steps=4), run, resume=True, save_every=2, progress=False, log=lambda *_: None)
+    assert not any(p.exists() for p in stale) and all(p.exists() for p in others)
+
+
 def test_sigmoid_head_bias_starts_at_minus_log_classes(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     seen = {}
     real = train_mod.make_optimizer

@@ -33,7 +33,7 @@ import torch.distributed as dist
 import torch.nn.functional as F
 from tqdm import tqdm
 
-from .checkpoints import atomic_write, load_checkpoint, read_checkpoint, save_checkpoint
+from .checkpoints import atomic_write, load_checkpoint, read_checkpoint, remove_temporaries, save_checkpoint
 from .bench import slow_bf16
 from .compiled import CompiledOrEager
 from .data import (MNIST5K, Source, TensorData, TensorDataset, augment_digits, holdout_split, is_idx_folder,
@@ -712,6 +712,8 @@ def _train(
                      run / "curves.png")
     if main:
         run.mkdir(parents=True, exist_ok=True)
+        for folder in (run, run / STATE_DIR):  # what a kill in the middle of a save left: never renamed into place
+            remove_temporaries(folder)
         config = {"model": model.config.to_dict(), "recipe": r.to_dict(), "class_names": list(class_names),
                   "steps": total, "world_size": world}
         if init_from:  # where a fine-tuning run started (the recipe's `model` is not what it trains)
