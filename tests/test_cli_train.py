@@ -139,6 +139,22 @@ def test_eval_names_a_malformed_run_config(run_dir: Path, tmp_path: Path, capsys
     assert "config.json is not a run configuration as mixer train writes it" in err and "Traceback" not in err
 
 
+def test_an_out_path_that_cannot_be_a_run_folder_is_one_sentence(tmp_path: Path, capsys: pytest.CaptureFixture,
+                                                                 monkeypatch: pytest.MonkeyPatch) -> None:
+    file = tmp_path / "f"
+    file.write_text("")
+    flags = ["train", "--steps", "1", "--batch-size", "32", "--processes", "1", "--quiet", "--out"]
+    assert main([*flags, str(file)]) == 2
+    assert f"--out {file} is a file; give the path of a folder." in capsys.readouterr().err
+    assert main([*flags, str(file / "a" / "b")]) == 2
+    assert f"--out {file}/a/b lies under {file}, which is a file; give" in capsys.readouterr().err
+    monkeypatch.setattr(os, "access", lambda path, mode: Path(path) != tmp_path)  # as a read-only folder (root is not refused)
+    assert main([*flags, str(tmp_path / "run")]) == 2
+    err = capsys.readouterr().err
+    assert f"{tmp_path} is not writable for this user; give another --out" in err and err.count("\n") == 1
+    assert not (tmp_path / "run").exists()
+
+
 def test_a_closed_pipe_stops_the_command_quietly() -> None:
     # The reader is gone before the command writes (`mixer info | head -0`): no error message, status 141.
     proc = subprocess.Popen([sys.executable, "-m", "mlpmixer", "info"], stdout=subprocess.PIPE,

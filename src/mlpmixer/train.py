@@ -706,6 +706,8 @@ def _train(
     if profile and total - start < StepProfiler.steps_needed(profile):
         raise ValueError(f"--profile {profile} needs {StepProfiler.steps_needed(profile)} steps (the first ones are "
                          f"not profiled) and this run has {total - start} left; lower it or raise --steps.")
+    if main:
+        _check_writable(run or Path("runs"))
     start_line.cross()  # every rank is set up: from here on files are written
     run = run or new_run_dir()
     files = RunFiles(run, run / "model.safetensors", run / "config.json", run / "metrics.jsonl",
@@ -877,6 +879,20 @@ def _train(
         log(f"Done in {time.time() - t_start:.1f} s. Model: {files.model}; configuration: {files.config}; "
             f"metrics: {files.metrics}; curves: {files.curves}")
     return files
+
+
+def _check_writable(run: Path) -> None:
+    """An --out that is a file, lies under a file or in a folder this user cannot write to: one sentence
+    before anything runs, not mkdir's "[Errno 20] Not a directory" once the set-up is done."""
+    folder = run
+    while not folder.exists() and folder != folder.parent:  # the nearest existing folder: mkdir makes the rest
+        folder = folder.parent
+    if not folder.is_dir():
+        where = "is a file" if folder == run else f"lies under {folder}, which is a file"
+        raise NotADirectoryError(f"--out {run} {where}; give the path of a folder.")
+    if not os.access(folder, os.W_OK | os.X_OK):
+        raise PermissionError(f"--out {run}: {folder} is not writable for this user; give another --out, or change "
+                              "its permissions.")
 
 
 def _check_resumable(run: Path, config: MixerConfig, r: Recipe, init_from: Optional[str], world: int,
