@@ -4,11 +4,14 @@ from __future__ import annotations
 
 import json
 import math
+import os
 import pickle
+import signal
 from pathlib import Path
 
 import pytest
 import torch
+from safetensors import SafetensorError
 
 import mlpmixer.train as train_mod
 from mlpmixer import load_checkpoint
@@ -265,6 +268,48 @@ def test_resume_removes_the_temporaries_of_a_save_that_was_killed(tmp_path: Path
         p.write_bytes(b"half written")
     train(r.replace(steps=4), run, resume=True, save_every=2, progress=False, log=lambda *_: None)
     assert not any(p.exists() for p in stale) and all(p.exists() for p in others)
+
+
+class _KilledInWorker(torch.utils.data.Dataset):
+    def __len__(self) -> int:
+        return 8
+
+    def __getitem__(self, i: int):
+        os.kill(os.getpid(), signal.SIGKILL)  # as the out-of-memory killer does
+
+
+def test_a_killed_dataloader_worker_is_one_sentence() -> None:
+    batches = loader_batches(_KilledInWorker(), tiny(workers=1), 4, 1, 0, 2, 0, 1)
+    with pytest.raises(ChildProcessError, match=r"A DataLoader worker died \(DataLoader worker \(pid.*; the out-of-memory "
+                                                r"killer\?\); the saved training states are kept: add --resume to go on"):
+        next(batches)
+
+
+def test_a_save_that_fails_for_want_of_space_is_one_sentence(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    real, calls = torch.save, []
+
+    def full_disk(obj, f, *args, **kwargs):
+        calls.append(f)
+        if len(calls) == 2:
+            raise RuntimeError("basic_ios::clear: iostream error")  # torch's report of a write on a full disk
+        return real(obj, f, *args, **kwargs)
+
+    monkeypatch.setattr(torch, "save", full_disk)
+    run = tmp_path / "run"
+    with pytest.raises(OSError, match=r"Could not save .*step-00000004.pt \(basic_ios::clear: iostream error\); free "
+                                      r"space on its disk .* and rerun with --resume; the last saved state is "
+                                      r".*step-00000002.pt\."):
+        train(tiny(steps=6, evals=0), run, save_every=2, progress=False, log=lambda *_: None)
+    assert [p.name for p in (run / "checkpoints").iterdir()] == ["step-00000002.pt"]  # no temporary left
+    monkeypatch.setattr(torch, "save", real)
+    import safetensors.torch
+
+    def no_space(*args, **kwargs):
+        raise SafetensorError("Error while serializing: I/O error: No space left on device (os error 28)")
+
+    monkeypatch.setattr(safetensors.torch, "save_file", no_space)
+    with pytest.raises(OSError, match=r"Could not save .*model.safetensors \(no space left on the device\); free"):
+        train(tiny(steps=6, evals=0), run, resume=True, save_every=2, progress=False, log=lambda *_: None)
 
 
 def test_sigmoid_head_bias_starts_at_minus_log_classes(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:

@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import contextlib
 import copy
+import errno
 import inspect
 import json
 import math
@@ -31,9 +32,10 @@ from typing import TYPE_CHECKING, Any, Iterable, Iterator, Optional
 import torch
 import torch.distributed as dist
 import torch.nn.functional as F
+from safetensors import SafetensorError
 from tqdm import tqdm
 
-from .checkpoints import atomic_write, load_checkpoint, read_checkpoint, remove_temporaries, save_checkpoint
+from .checkpoints import _first_line, atomic_write, load_checkpoint, read_checkpoint, remove_temporaries, save_checkpoint
 from .bench import slow_bf16
 from .compiled import CompiledOrEager
 from .data import (MNIST5K, Source, TensorData, TensorDataset, augment_digits, holdout_split, is_idx_folder,
@@ -268,15 +270,22 @@ def loader_batches(dataset: Any, r: Recipe, batch: int, accum: int, start: int, 
                                              persistent_workers=False)
         micro: list[tuple[torch.Tensor, torch.Tensor]] = []
         before = step
-        for n, (x, y) in enumerate(loader if sampler is not None else rebatch(loader, local)):
-            if n < skip:
-                continue
-            micro.append((x, y))
-            if len(micro) == accum:
-                yield micro
-                micro, step = [], step + 1
-                if step % per_epoch == 0:
-                    break
+        try:
+            for n, (x, y) in enumerate(loader if sampler is not None else rebatch(loader, local)):
+                if n < skip:
+                    continue
+                micro.append((x, y))
+                if len(micro) == accum:
+                    yield micro
+                    micro, step = [], step + 1
+                    if step % per_epoch == 0:
+                        break
+        except RuntimeError as e:
+            if not str(e).startswith("DataLoader worker"):  # "... (pid N) is killed by signal: Killed."
+                raise
+            raise ChildProcessError(f"A DataLoader worker died ({_first_line(e).rstrip('.')}; the out-of-memory "
+                                    "killer?); the saved training states are kept: add --resume to go on (fewer "
+                                    "--workers take less memory).") from None
         if step == before:
             raise ValueError(f"The training data yield fewer images than one batch of {batch} per pass; "
                              "lower --batch-size or check the data.")
@@ -852,7 +861,8 @@ def _train(
                     board.add_scalar(key.replace("_", "/", 1), m[key[4:]], done)
             bar.write(f"step {done}/{total}: validation top-1 {m['top1']:.2%} (n={m['n']})")
         if save_every and (main or fsdp) and (done % save_every == 0 or done == total):
-            save_state(run / STATE_DIR, model, opt, ema, done, keep, sharded=fsdp)
+            with _saving(run / STATE_DIR / STATE_PATTERN.format(done), run):
+                save_state(run / STATE_DIR, model, opt, ema, done, keep, sharded=fsdp)
         if profiler is not None:
             profiler.step()
     if profiler is not None:
@@ -871,7 +881,7 @@ def _train(
             if splits:
                 log("Weight-gradient products, by the chunks of the batch each runs in (1: one product): "
                     + "; ".join(f"{shape}: {chunks}" for shape, chunks in splits.items()))
-        with _swap_in(plain, ema):
+        with _swap_in(plain, ema), _saving(files.model, run):
             save_checkpoint(plain, files.model, class_names=list(class_names))
         from .plots import plot_curves
 
@@ -968,6 +978,21 @@ def _check_finite(unchecked: list[tuple[int, torch.Tensor]], run: Path, bar: tqd
         raise TrainingDiverged(f"The loss became {losses[i].item()} in step {steps[i] + 1} (counted as the progress "
                                f"bar counts); {moved}{kept}. Lower the learning rate, add warm-up or clipping "
                                "(--clip 1), and resume.")
+
+
+@contextlib.contextmanager
+def _saving(path: Path, run: Path) -> Iterator[None]:
+    """A save that fails is one sentence saying what to do, not torch's "basic_ios::clear: iostream error"
+    or safetensors' "os error 28" traceback (a full disk, the usual cause); atomic_write has removed the
+    temporary file, so the states saved before are whole and --resume goes on from the last."""
+    try:
+        yield
+    except (OSError, RuntimeError, SafetensorError) as e:  # torch reports a failed write as a RuntimeError
+        full = getattr(e, "errno", None) == errno.ENOSPC or "os error 28" in str(e)
+        last = latest_state(run)
+        raise OSError(f"Could not save {path} ({'no space left on the device' if full else _first_line(e)}); free "
+                      "space on its disk (a full disk is the usual cause) and rerun with --resume; "
+                      + (f"the last saved state is {last}." if last else "no training state was saved.")) from None
 
 
 @contextlib.contextmanager
