@@ -35,7 +35,8 @@ import torch.nn.functional as F
 from safetensors import SafetensorError
 from tqdm import tqdm
 
-from .checkpoints import _first_line, atomic_write, load_checkpoint, read_checkpoint, remove_temporaries, save_checkpoint
+from .checkpoints import (_first_line, atomic_write, load_checkpoint, read_checkpoint, remove_temporaries,
+                          save_checkpoint)
 from .bench import slow_bf16
 from .compiled import CompiledOrEager
 from .data import (MNIST5K, Source, TensorData, TensorDataset, augment_digits, holdout_split, is_idx_folder,
@@ -567,9 +568,9 @@ def _train(
     unused = [name for name, off in (("randaugment", None), ("pad_crop", 0), ("mixup", 0), ("cutmix", 0))
               if getattr(r, name) != off]
     if tensors is not None and unused and main:  # config.json records them: say they did nothing
+        they = "they are" if len(unused) > 1 else "it is"
         log(f"Note: {', '.join('--' + name.replace('_', '-') for name in unused)} augment image folders and shards; "
-            f"{r.data} is in memory and augmented with digits_aug only, so {'they are' if len(unused) > 1 else 'it is'} "
-            "not used.")
+            f"{r.data} is in memory and augmented with digits_aug only, so {they} not used.")
     if tensors is not None:
         train_idx, val_idx = holdout_split(len(tensors), r.holdout if r.eval_data is None else 0, r.seed)
         train_data, class_names = tensors.subset(train_idx), tensors.class_names
