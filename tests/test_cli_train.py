@@ -142,6 +142,37 @@ def test_train_bad_input(tmp_path: Path, capsys: pytest.CaptureFixture) -> None:
     assert "no saved training state" in capsys.readouterr().err
 
 
+@pytest.mark.parametrize("config, said", [
+    ('{"recipe": "x"}', 'config.json cannot be read (its "recipe" is not a JSON object)'),
+    ('{"recipe": [1]}', 'config.json cannot be read (its "recipe" is not a JSON object)'),
+    ('{"recipe": {"permute": 3}}', "records no valid permutation (permute 3, seed None); restore its config.json"),
+    ("{", "config.json cannot be read (Expecting property name"),
+])
+def test_eval_names_a_malformed_run_config(run_dir: Path, tmp_path: Path, capsys: pytest.CaptureFixture,
+                                           config: str, said: str) -> None:
+    (tmp_path / "model.safetensors").write_bytes((run_dir / "model.safetensors").read_bytes())
+    (tmp_path / "config.json").write_text(config)
+    assert main(["eval", str(tmp_path), "--data", "mnist5k"]) == 2
+    err = capsys.readouterr().err
+    assert said in err and "Traceback" not in err
+
+
+def test_an_out_path_that_cannot_be_a_run_folder_is_one_sentence(tmp_path: Path, capsys: pytest.CaptureFixture,
+                                                                 monkeypatch: pytest.MonkeyPatch) -> None:
+    file = tmp_path / "f"
+    file.write_text("")
+    flags = ["train", "--steps", "1", "--batch-size", "32", "--processes", "1", "--quiet", "--out"]
+    assert main([*flags, str(file)]) == 2
+    assert f"--out {file} is a file; give the path of a folder." in capsys.readouterr().err
+    assert main([*flags, str(file / "a" / "b")]) == 2
+    assert f"--out {file}/a/b lies under {file}, which is a file; give" in capsys.readouterr().err
+    monkeypatch.setattr(os, "access", lambda path, mode: Path(path) != tmp_path)  # as a read-only folder (root is not refused)
+    assert main([*flags, str(tmp_path / "run")]) == 2
+    err = capsys.readouterr().err
+    assert f"{tmp_path} is not writable for this user; give another --out" in err and err.count("\n") == 1
+    assert not (tmp_path / "run").exists()
+
+
 def test_a_closed_pipe_stops_the_command_quietly() -> None:
     # The reader is gone before the command writes (`mixer info | head -0`): no error message, status 141.
     proc = subprocess.Popen([sys.executable, "-m", "mlpmixer", "info"], stdout=subprocess.PIPE,
@@ -163,6 +194,9 @@ def test_recipes_command(capsys: pytest.CaptureFixture) -> None:
 @pytest.mark.parametrize("argv, message", [
     (["eval", "RUN", "--data", "mnist5k", "--batch-size", "0"], "argument --batch-size: must be at least 1, not 0"),
     (["eval", "RUN", "--data", "mnist5k", "--workers", "-1"], "argument --workers: must be at least 0, not -1"),
+    (["eval", "RUN", "--data", "mnist5k", "--workers", "5000"], "argument --workers: must be at most 64, not 5000"),
+    (["fewshot", "RUN", "--data", "mnist5k", "--workers", "65"], "argument --workers: must be at most 64, not 65"),
+    (["linear-probe", "RUN", "--data", "mnist5k", "--workers", "5000"], "argument --workers: must be at most 64"),
     (["fewshot", "RUN", "--data", "mnist5k", "--batch-size", "x"], "argument --batch-size: must be a whole number, not 'x'"),
     (["linear-probe", "RUN", "--data", "mnist5k", "--batch-size", "0"], "argument --batch-size: must be at least 1"),
     (["predict", "--top", "0", "RUN", "IMAGE"], "argument --top: must be at least 1, not 0"),
@@ -190,9 +224,15 @@ def test_command_counts_out_of_range_are_one_line(run_dir: Path, capsys: pytest.
     (["--img-size", "0"], "--img-size must be a whole number of at least 1, not 0."),
     (["--batch-size", "0"], "--batch-size must be a whole number of at least 1, not 0."),
     (["--accum", "0"], "--accum must be a whole number of at least 1"),
-    (["--steps", "-5"], "--steps must be a whole number of at least 1"),
+    (["--steps", "-5"], "--steps must be a whole number from 1 to 99,999,999, not -5."),
     (["--epochs", "0"], "--epochs must be positive"),
+    (["--epochs", "inf"], "--epochs must be positive and finite, not inf."),
+    (["--warmup", "inf"], "--warmup must be zero or more, and finite, not inf."),
+    (["--lr", "nan"], "--lr must be zero or more, and finite, not nan."),
+    (["--steps", "100000000"], "--steps must be a whole number from 1 to 99,999,999, not 100000000."),
+    (["--epochs", "1e300"], "--epochs 1e+300 of 37 steps each make more than the 99,999,999 steps a run can have"),
     (["--lr", "-1"], "--lr must be zero or more"),
+    (["--workers", "5000"], "--workers must be a whole number from 0 to 64, not 5000."),
     (["--mix-prob", "3"], "--mix-prob must be from 0 to 1, not 3.0."),
     (["--label-smoothing", "1"], "--label-smoothing must be at least 0 and below 1"),
     (["--holdout", "2.5"], "--holdout must be a fraction below 1 or a whole count"),

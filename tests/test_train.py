@@ -4,10 +4,14 @@ from __future__ import annotations
 
 import json
 import math
+import os
+import pickle
+import signal
 from pathlib import Path
 
 import pytest
 import torch
+from safetensors import SafetensorError
 
 import mlpmixer.train as train_mod
 from mlpmixer import load_checkpoint
@@ -183,6 +187,131 @@ def test_resume_checks_the_model_and_notes_other_settings(tmp_path: Path) -> Non
     assert said[0].startswith("Resuming with settings other than the run's (processes 2 -> 1):")
 
 
+def test_a_damaged_state_or_one_of_other_shapes_is_one_sentence(tmp_path: Path) -> None:
+    r = tiny(steps=4, evals=0)
+    run = tmp_path / "run"
+    train(r, run, save_every=2, progress=False, log=lambda *_: None)
+    last = run / "checkpoints" / "step-00000004.pt"
+    good = last.read_bytes()
+    for damaged in (good[:1000], b"", b"not a checkpoint at all", pickle.dumps(Exception("crafted"))):
+        last.write_bytes(damaged)
+        with pytest.raises(ValueError, match=r"step-00000004.pt is not a readable training state \(truncated, "
+                                             r"damaged, or not written by mixer train\); move it out of .* or delete "
+                                             r"it, and rerun to go on from the state before it, step-00000002.pt\."):
+            train(r, run, resume=True, progress=False, log=lambda *_: None)
+    last.write_bytes(good)
+    (run / "config.json").unlink()  # no configuration to compare with: the state's shapes decide
+    with pytest.raises(ValueError, match=r"step-00000004.pt holds weights of other shapes than the Mixer-digits/4 "
+                                         r"this command builds; resume with the run's own settings"):
+        train(get_recipe("mnist5k", model="digits/4", steps=4, batch_size=32), run, resume=True, progress=False,
+              log=lambda *_: None)
+
+
+@pytest.mark.parametrize("resume", [False, True])
+def test_a_run_stopped_before_its_first_state_starts_over(tmp_path: Path, resume: bool) -> None:
+    run = tmp_path / "run"
+    with pytest.raises(ValueError, match="larger than the 4750 training images"):  # found once the folder exists
+        train(tiny(batch_size=10_000), run, save_every=2, progress=False, log=lambda *_: None)
+    assert (run / "config.json").exists()
+    said: list[str] = []
+    train(tiny(steps=2, evals=0), run, resume=resume, save_every=2, progress=False, log=said.append)
+    assert said[0] == (f"Note: {run} holds no saved training state and no model (the run there stopped before its "
+                       "first save); starting it over.")
+    assert (run / "model.safetensors").exists()
+    assert json.loads((run / "config.json").read_text())["recipe"]["batch_size"] == 32
+
+
+def test_image_augmentation_flags_on_in_memory_data_are_named_as_unused(tmp_path: Path) -> None:
+    said: list[str] = []
+    train(tiny(steps=1, evals=0, mixup=0.2, randaugment=0, augment_on="device"), tmp_path / "run", progress=False,
+          log=said.append)
+    assert said[0].startswith("--augment-on device is for image folders and shards; mnist5k is in memory already")
+    assert said[1] == ("Note: --randaugment, --mixup augment image folders and shards; mnist5k is in memory and "
+                       "augmented with digits_aug only, so they are not used.")
+    said.clear()
+    train(tiny(steps=1, evals=0), tmp_path / "plain", progress=False, log=said.append)
+    assert not any("not used" in line for line in said)
+
+
+def test_resume_drops_a_damaged_last_metrics_line_and_names_malformed_files(
+        tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    r = tiny(steps=4, evals=0)
+    run = tmp_path / "run"
+    written, real = [], train_mod.atomic_write
+    monkeypatch.setattr(train_mod, "atomic_write", lambda path, write: written.append(path.name) or real(path, write))
+    train(r, run, save_every=2, progress=False, log=lambda *_: None)
+    assert "config.json" in written  # written atomically, as the states
+    metrics, config = run / "metrics.jsonl", run / "config.json"
+    good = config.read_text()
+    for bad in ("[]", '{"recipe": "x"}', '{"model": {}, "recipe": [1]}', "{\"model\": {"):
+        config.write_text(bad)
+        with pytest.raises(ValueError, match=r"config.json is not a run configuration as mixer train writes it"):
+            train_mod.launch(r, run, resume=True, save_every=2, progress=False, log=lambda *_: None)
+    config.write_text(good)
+    metrics.write_bytes(b'{"step": 2}\n[1, 2]\n{"step": 4}\n')
+    with pytest.raises(ValueError, match=r"metrics.jsonl line 2 is not a metrics entry .*; delete that line and rerun"):
+        train(r, run, resume=True, save_every=2, progress=False, log=lambda *_: None)
+    metrics.write_bytes(b'{"step": 2}\n{"step": 4, "train_lo\xff')  # a power cut in the middle of an append
+    with pytest.warns(UserWarning, match=r"metrics.jsonl: its last line is damaged \(cut short\?\) and was dropped"):
+        train(r.replace(steps=6), run, resume=True, save_every=2, progress=False, log=lambda *_: None)
+    assert [json.loads(line)["step"] for line in metrics.read_text().splitlines()] == [2, 6, 6]  # train, val
+    assert "metrics.jsonl" in written  # trimmed atomically
+
+
+def test_resume_removes_the_temporaries_of_a_save_that_was_killed(tmp_path: Path) -> None:
+    r = tiny(steps=2, evals=0)
+    run = tmp_path / "run"
+    train(r, run, save_every=2, progress=False, log=lambda *_: None)
+    stale = [run / "checkpoints" / ".step-00000004.pt.0123456789ab.tmp.pt", run / ".curves.png.a1b2c3d4e5f6.tmp.png"]
+    others = [run / ".notes.tmp", run / "checkpoints" / ".step-00000004.pt.xyz.tmp.pt", run / "keep.0123456789ab.tmp.pt"]
+    for p in stale + others:
+        p.write_bytes(b"half written")
+    train(r.replace(steps=4), run, resume=True, save_every=2, progress=False, log=lambda *_: None)
+    assert not any(p.exists() for p in stale) and all(p.exists() for p in others)
+
+
+class _KilledInWorker(torch.utils.data.Dataset):
+    def __len__(self) -> int:
+        return 8
+
+    def __getitem__(self, i: int):
+        os.kill(os.getpid(), signal.SIGKILL)  # as the out-of-memory killer does
+
+
+def test_a_killed_dataloader_worker_is_one_sentence() -> None:
+    batches = loader_batches(_KilledInWorker(), tiny(workers=1), 4, 1, 0, 2, 0, 1)
+    with pytest.raises(ChildProcessError, match=r"A DataLoader worker died \(DataLoader worker \(pid.*; the out-of-memory "
+                                                r"killer\?\); the saved training states are kept: add --resume to go on"):
+        next(batches)
+
+
+def test_a_save_that_fails_for_want_of_space_is_one_sentence(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    real, calls = torch.save, []
+
+    def full_disk(obj, f, *args, **kwargs):
+        calls.append(f)
+        if len(calls) == 2:
+            raise RuntimeError("basic_ios::clear: iostream error")  # torch's report of a write on a full disk
+        return real(obj, f, *args, **kwargs)
+
+    monkeypatch.setattr(torch, "save", full_disk)
+    run = tmp_path / "run"
+    with pytest.raises(OSError, match=r"Could not save .*step-00000004.pt \(basic_ios::clear: iostream error\); free "
+                                      r"space on its disk .* and rerun with --resume; the last saved state is "
+                                      r".*step-00000002.pt\."):
+        train(tiny(steps=6, evals=0), run, save_every=2, progress=False, log=lambda *_: None)
+    assert [p.name for p in (run / "checkpoints").iterdir()] == ["step-00000002.pt"]  # no temporary left
+    monkeypatch.setattr(torch, "save", real)
+    import safetensors.torch
+
+    def no_space(*args, **kwargs):
+        raise SafetensorError("Error while serializing: I/O error: No space left on device (os error 28)")
+
+    monkeypatch.setattr(safetensors.torch, "save_file", no_space)
+    with pytest.raises(OSError, match=r"Could not save .*model.safetensors \(no space left on the device\); free"):
+        train(tiny(steps=6, evals=0), run, resume=True, save_every=2, progress=False, log=lambda *_: None)
+
+
 def test_sigmoid_head_bias_starts_at_minus_log_classes(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     seen = {}
     real = train_mod.make_optimizer
@@ -237,9 +366,16 @@ def poison_third_loss(monkeypatch: pytest.MonkeyPatch, value: float) -> list[int
 
 def test_nan_loss_stops_and_names_the_step(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     poison_third_loss(monkeypatch, float("nan"))
-    with pytest.raises(TrainingDiverged, match="at step 2; the last good checkpoint is .*step-00000002.pt"):
-        train(tiny(steps=6, evals=0), tmp_path / "nan", save_every=1, progress=False, log=lambda *_: None)
+    # The third step's loss comes from the state saved after step 2: that one is moved aside, not named good.
+    with pytest.raises(TrainingDiverged, match=r"in step 3 \(counted as the progress bar counts\); the state saved "
+                                               r"after step 2, whose weights gave it, was moved aside to "
+                                               r".*diverged-step-00000002.pt; the last good checkpoint is "
+                                               r".*step-00000001.pt\."):
+        train(tiny(steps=6, evals=0), tmp_path / "nan", save_every=1, keep=0, progress=False, log=lambda *_: None)
     assert not (tmp_path / "nan" / "model.safetensors").exists()
+    states = tmp_path / "nan" / "checkpoints"
+    assert sorted(p.name for p in states.iterdir()) == ["diverged-step-00000002.pt", "step-00000001.pt"]
+    assert train_mod.latest_state(tmp_path / "nan").name == "step-00000001.pt"  # what --resume goes on from
 
 
 def test_deferred_nan_checks_name_the_first_bad_step_and_save_nothing_after_it(
@@ -247,7 +383,7 @@ def test_deferred_nan_checks_name_the_first_bad_step_and_save_nothing_after_it(
     """On GPUs the losses are checked only before logging, evaluating or saving (here forced on the CPU)."""
     calls = poison_third_loss(monkeypatch, float("inf"))
     monkeypatch.setattr(train_mod, "_defer_checks", lambda device: True)
-    with pytest.raises(TrainingDiverged, match="became (inf|nan) at step 2; no checkpoint was saved"):
+    with pytest.raises(TrainingDiverged, match=r"became (inf|nan) in step 3 \(.*\); no checkpoint was saved"):
         train(tiny(steps=12, evals=0), tmp_path / "nan", save_every=5, progress=False, log=lambda *_: None)
     assert len(calls) == 5  # it ran on to the first save point, then stopped before saving
     assert not (tmp_path / "nan" / "checkpoints").exists() or not any((tmp_path / "nan" / "checkpoints").iterdir())

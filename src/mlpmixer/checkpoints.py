@@ -433,6 +433,19 @@ def _load_state(
 # Writing files.
 
 
+# atomic_write's temporary names: ".NAME.<12 hex digits>.tmp.SUFFIX".
+_TEMPORARY = re.compile(r"\..+\.[0-9a-f]{12}\.tmp(\.[^.]+)?")
+
+
+def remove_temporaries(folder: str | os.PathLike) -> list[Path]:
+    """Delete the temporary files that atomic_write left in `folder` when it was killed before its rename
+    (only names of its own pattern); returns them. Call it where no other write is under way."""
+    stale = [p for p in Path(folder).glob(".*.tmp*") if _TEMPORARY.fullmatch(p.name) and p.is_file()]
+    for p in stale:
+        p.unlink()
+    return stale
+
+
 def atomic_write(path: str | os.PathLike, write: Any) -> Path:
     """Call `write(tmp_path)` then move the finished file into place: a crash leaves the old file.
 

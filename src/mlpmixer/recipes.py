@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import math
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Optional
@@ -25,6 +26,13 @@ EVAL_MODES = ("resize", "resmall-crop")
 AUGMENT_ON = ("workers", "device")
 PERMUTE_MODES = ("patches", "pixels")  # permute.py
 RESIZE_METHODS = ("blockdiag", "resample")  # resize.resize_to
+# Training states are named by their step in 8 digits (train.STATE_PATTERN), and --resume takes the last
+# name in sorted order: one more digit would sort step 100,000,000 before step 99,999,999.
+MAX_STEPS = 99_999_999
+# DataLoader worker processes (--workers of train, eval, fewshot, linear-probe): a fixed cap rather than one
+# from os.cpu_count(), so that a recipe or run recorded on one machine stays valid on another. Thousands of
+# workers never start up (a hang, seen with 5,000); past a few dozen they only compete for the cores.
+MAX_WORKERS = 64
 
 
 @dataclass
@@ -101,12 +109,16 @@ class Recipe:
                 label = name if name in ("model_args", "digits_aug") else "--" + name.replace("_", "-")
                 raise ValueError(f"{label} must be {what}, not {value!r}.")
 
-        for name in ("img_size", "batch_size", "accum", "steps", "threads", "processes"):  # None: chosen for you
+        for name in ("img_size", "batch_size", "accum", "threads", "processes"):  # None: chosen for you
             check(name, lambda v: v >= 1 and float(v).is_integer(), "a whole number of at least 1")
-        check("epochs", lambda v: v > 0, "positive")
-        for name in ("lr", "min_lr", "weight_decay", "warmup", "clip", "mixup", "cutmix", "pad_crop", "workers",
-                     "evals"):
-            check(name, lambda v: v >= 0, "zero or more")
+        check("steps", lambda v: 1 <= v <= MAX_STEPS and float(v).is_integer(),
+              f"a whole number from 1 to {MAX_STEPS:,}")
+        # Infinity passes a comparison with 0 and then fails deep in the run (OverflowError), or never ends.
+        check("epochs", lambda v: 0 < v < math.inf, "positive and finite")
+        for name in ("lr", "min_lr", "weight_decay", "warmup", "clip", "mixup", "cutmix", "pad_crop", "evals"):
+            check(name, lambda v: 0 <= v < math.inf, "zero or more, and finite")
+        check("workers", lambda v: 0 <= v <= MAX_WORKERS and float(v).is_integer(),
+              f"a whole number from 0 to {MAX_WORKERS}")
         for name in ("label_smoothing", "drop_path", "dropout", "ema", "momentum"):
             check(name, lambda v: 0 <= v < 1, "at least 0 and below 1")
         check("mix_prob", lambda v: 0 <= v <= 1, "from 0 to 1")

@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import contextlib
 import copy
+import errno
 import inspect
 import json
 import math
@@ -22,6 +23,7 @@ import multiprocessing
 import os
 import socket
 import time
+import warnings
 from dataclasses import dataclass
 from datetime import datetime
 from pathlib import Path
@@ -30,9 +32,11 @@ from typing import TYPE_CHECKING, Any, Iterable, Iterator, Optional
 import torch
 import torch.distributed as dist
 import torch.nn.functional as F
+from safetensors import SafetensorError
 from tqdm import tqdm
 
-from .checkpoints import atomic_write, load_checkpoint, read_checkpoint, save_checkpoint
+from .checkpoints import (_first_line, atomic_write, load_checkpoint, read_checkpoint, remove_temporaries,
+                          save_checkpoint)
 from .bench import slow_bf16
 from .compiled import CompiledOrEager
 from .data import (MNIST5K, Source, TensorData, TensorDataset, augment_digits, holdout_split, is_idx_folder,
@@ -41,7 +45,7 @@ from .evaluate import evaluate, open_eval_data
 from .model import MlpMixer, create_model
 from .permute import FixedPermutation
 from .profiling import StepProfiler
-from .recipes import Recipe
+from .recipes import MAX_STEPS, Recipe
 from .resize import resize_to
 from .shared_grads import SharedGradients
 from .variants import MixerConfig, as_pair
@@ -267,15 +271,22 @@ def loader_batches(dataset: Any, r: Recipe, batch: int, accum: int, start: int, 
                                              persistent_workers=False)
         micro: list[tuple[torch.Tensor, torch.Tensor]] = []
         before = step
-        for n, (x, y) in enumerate(loader if sampler is not None else rebatch(loader, local)):
-            if n < skip:
-                continue
-            micro.append((x, y))
-            if len(micro) == accum:
-                yield micro
-                micro, step = [], step + 1
-                if step % per_epoch == 0:
-                    break
+        try:
+            for n, (x, y) in enumerate(loader if sampler is not None else rebatch(loader, local)):
+                if n < skip:
+                    continue
+                micro.append((x, y))
+                if len(micro) == accum:
+                    yield micro
+                    micro, step = [], step + 1
+                    if step % per_epoch == 0:
+                        break
+        except RuntimeError as e:
+            if not str(e).startswith("DataLoader worker"):  # "... (pid N) is killed by signal: Killed."
+                raise
+            raise ChildProcessError(f"A DataLoader worker died ({_first_line(e).rstrip('.')}; the out-of-memory "
+                                    "killer?); the saved training states are kept: add --resume to go on (fewer "
+                                    "--workers take less memory).") from None
         if step == before:
             raise ValueError(f"The training data yield fewer images than one batch of {batch} per pass; "
                              "lower --batch-size or check the data.")
@@ -435,6 +446,26 @@ def _summary_writer(path: Path, start: int) -> Any:
     return _summary_writer_class()(str(path), purge_step=start + 1 if start else None)  # steps <= start are kept
 
 
+def _read_state(path: Path, device: str | torch.device) -> dict[str, Any]:
+    """A saved training state, read with weights_only (nothing but tensors and plain containers is
+    unpickled). A damaged one (cut short by a full disk or a copy, overwritten, crafted) is one sentence
+    naming it, not torch's traceback, whose advice for a refused pickle is to unpickle it anyway."""
+    try:
+        with warnings.catch_warnings():  # e.g. "Detected pickle protocol 4" of a file torch did not write
+            warnings.simplefilter("ignore")
+            state = torch.load(path, map_location=device, weights_only=True)
+    except Exception:  # noqa: BLE001 - torch meets damage with RuntimeError, UnpicklingError, EOFError, ...
+        state = None
+    if not isinstance(state, dict) or not {"model", "optimizer", "step", "ema"} <= state.keys() \
+            or not isinstance(state["step"], int):
+        earlier = sorted(p for p in path.parent.glob("step-*.pt") if p.name < path.name)
+        then = (f"go on from the state before it, {earlier[-1].name}" if earlier else
+                "start the run over (there is no earlier state)")
+        raise ValueError(f"{path} is not a readable training state (truncated, damaged, or not written by mixer "
+                         f"train); move it out of {path.parent} or delete it, and rerun to {then}.")
+    return state
+
+
 def latest_state(run: Path) -> Optional[Path]:
     states = sorted((run / STATE_DIR).glob("step-*.pt"))
     return states[-1] if states else None
@@ -534,6 +565,12 @@ def _train(
     if tensors is not None and r.augment_on == "device" and main:
         log(f"--augment-on device is for image folders and shards; {r.data} is in memory already and "
             "augmented batch by batch (digits_aug).")
+    unused = [name for name, off in (("randaugment", None), ("pad_crop", 0), ("mixup", 0), ("cutmix", 0))
+              if getattr(r, name) != off]
+    if tensors is not None and unused and main:  # config.json records them: say they did nothing
+        they = "they are" if len(unused) > 1 else "it is"
+        log(f"Note: {', '.join('--' + name.replace('_', '-') for name in unused)} augment image folders and shards; "
+            f"{r.data} is in memory and augmented with digits_aug only, so {they} not used.")
     if tensors is not None:
         train_idx, val_idx = holdout_split(len(tensors), r.holdout if r.eval_data is None else 0, r.seed)
         train_data, class_names = tensors.subset(train_idx), tensors.class_names
@@ -618,6 +655,9 @@ def _train(
         total = r.steps
     elif per_epoch:
         total = max(1, round(r.epochs * per_epoch))
+        if total > MAX_STEPS:
+            raise ValueError(f"--epochs {r.epochs:g} of {per_epoch:,} steps each make more than the {MAX_STEPS:,} "
+                             "steps a run can have; lower --epochs.")
     else:
         raise ValueError(f"{r.data} does not say how many images it holds; give --steps.")
     per_epoch = per_epoch or total
@@ -628,11 +668,19 @@ def _train(
     # --- run directory, or the run to resume.
     run = Path(out) if out else None
     start = 0
-    if not resume and run is not None and any((run / name).exists() for name in ("config.json", "model.safetensors",
-                                                                                   STATE_DIR)):
+    if run is not None and (run / "config.json").exists() and not latest_state(run) \
+            and not (run / "model.safetensors").exists():
+        # A run stopped before its first saved state (killed, or an error such as a batch larger than the
+        # data): its config.json and metrics hold nothing to lose, and the corrected command starts it over.
+        if main:
+            log(f"Note: {run} holds no saved training state and no model (the run there stopped before its first "
+                "save); starting it over.")
+        resume = False
+    elif not resume and run is not None and any((run / name).exists() for name in ("config.json", "model.safetensors",
+                                                                                     STATE_DIR)):
         way = ("add --resume to go on from its last saved state, or give another --out" if latest_state(run) else
                "give another --out, or delete it to start again there (it has no saved state to resume from)")
-        raise FileExistsError(f"{run} holds a run already; {way} (nothing in it was changed).")
+        raise FileExistsError(f"{run} holds a run already; {way}; nothing in it was changed.")
     if resume:
         run = run or _latest_run()
         state_path = latest_state(run)
@@ -644,14 +692,19 @@ def _train(
                                     f"from;{shared} train with --save-every N first.")
         _check_resumable(run, model.config, r, init_from, world, log if main else (lambda *_: None))
         # FSDP: each rank keeps only its shards of the full state, so read it to the CPU, not the device.
-        state = torch.load(state_path, map_location="cpu" if fsdp else device, weights_only=True)
+        state = _read_state(state_path, "cpu" if fsdp else device)
         if fsdp:  # the state holds full tensors (keyed by name): each rank keeps its shards
             from torch.distributed.checkpoint.state_dict import set_model_state_dict, set_optimizer_state_dict
 
             set_model_state_dict(model, state["model"], options=_full_options())
             set_optimizer_state_dict(model, opt, state["optimizer"], options=_full_options())
         else:
-            model.load_state_dict(state["model"])
+            try:
+                model.load_state_dict(state["model"])
+            except RuntimeError:  # load_state_dict's list of size mismatches: a run whose config.json is gone
+                raise ValueError(f"{state_path} holds weights of other shapes than the {model.config.describe()} this "
+                                 "command builds; resume with the run's own settings (--model, --img-size) and the "
+                                 "same data.") from None
             try:
                 opt.load_state_dict(state["optimizer"])
             except (KeyError, ValueError) as e:  # another optimiser's state, whose run left no config.json
@@ -663,17 +716,22 @@ def _train(
     if profile and total - start < StepProfiler.steps_needed(profile):
         raise ValueError(f"--profile {profile} needs {StepProfiler.steps_needed(profile)} steps (the first ones are "
                          f"not profiled) and this run has {total - start} left; lower it or raise --steps.")
+    if main:
+        _check_writable(run or Path("runs"))
     start_line.cross()  # every rank is set up: from here on files are written
     run = run or new_run_dir()
     files = RunFiles(run, run / "model.safetensors", run / "config.json", run / "metrics.jsonl",
                      run / "curves.png")
     if main:
         run.mkdir(parents=True, exist_ok=True)
+        for folder in (run, run / STATE_DIR):  # what a kill in the middle of a save left: never renamed into place
+            remove_temporaries(folder)
         config = {"model": model.config.to_dict(), "recipe": r.to_dict(), "class_names": list(class_names),
                   "steps": total, "world_size": world}
         if init_from:  # where a fine-tuning run started (the recipe's `model` is not what it trains)
             config["init_from"] = str(init_from)
-        files.config.write_text(json.dumps(config, indent=1) + "\n")
+        text = json.dumps(config, indent=1) + "\n"
+        atomic_write(files.config, lambda tmp: Path(tmp).write_text(text))  # also on resuming: the old one stays whole
         _trim_metrics(files.metrics, start)
     board = _summary_writer(run / "tensorboard", start) if main and r.tensorboard else None
 
@@ -751,7 +809,7 @@ def _train(
                 (loss / len(micro)).backward()
             unchecked.append((step, loss.detach()))
             if check_every_step:
-                _check_finite(unchecked, run, bar)
+                _check_finite(unchecked, run, bar, main)
             loss_sum += loss.detach() * len(y)
             correct += (logits.argmax(1) == y).sum()
             count += len(y)
@@ -771,7 +829,7 @@ def _train(
         seen += r.batch_size
         done = step + 1
         if done % 10 == 0 or done == total or done in eval_at or (save_every and done % save_every == 0):
-            _check_finite(unchecked, run, bar)
+            _check_finite(unchecked, run, bar, main)
 
         # --- logging, evaluation, saving.
         if main and (done % 10 == 0 or done == total):
@@ -804,7 +862,8 @@ def _train(
                     board.add_scalar(key.replace("_", "/", 1), m[key[4:]], done)
             bar.write(f"step {done}/{total}: validation top-1 {m['top1']:.2%} (n={m['n']})")
         if save_every and (main or fsdp) and (done % save_every == 0 or done == total):
-            save_state(run / STATE_DIR, model, opt, ema, done, keep, sharded=fsdp)
+            with _saving(run / STATE_DIR / STATE_PATTERN.format(done), run):
+                save_state(run / STATE_DIR, model, opt, ema, done, keep, sharded=fsdp)
         if profiler is not None:
             profiler.step()
     if profiler is not None:
@@ -823,7 +882,7 @@ def _train(
             if splits:
                 log("Weight-gradient products, by the chunks of the batch each runs in (1: one product): "
                     + "; ".join(f"{shape}: {chunks}" for shape, chunks in splits.items()))
-        with _swap_in(plain, ema):
+        with _swap_in(plain, ema), _saving(files.model, run):
             save_checkpoint(plain, files.model, class_names=list(class_names))
         from .plots import curve_labels, plot_curves
 
@@ -833,17 +892,28 @@ def _train(
     return files
 
 
+def _check_writable(run: Path) -> None:
+    """An --out that is a file, lies under a file or in a folder this user cannot write to: one sentence
+    before anything runs, not mkdir's "[Errno 20] Not a directory" once the set-up is done."""
+    folder = run
+    while not folder.exists() and folder != folder.parent:  # the nearest existing folder: mkdir makes the rest
+        folder = folder.parent
+    if not folder.is_dir():
+        where = "is a file" if folder == run else f"lies under {folder}, which is a file"
+        raise NotADirectoryError(f"--out {run} {where}; give the path of a folder.")
+    if not os.access(folder, os.W_OK | os.X_OK):
+        raise PermissionError(f"--out {run}: {folder} is not writable for this user; give another --out, or change "
+                              "its permissions.")
+
+
 def _check_resumable(run: Path, config: MixerConfig, r: Recipe, init_from: Optional[str], world: int,
                      log: Any) -> None:
     """Resuming builds the model and optimiser from the command's settings: a model of other shapes,
     another optimiser or a fine-tuning run resumed without its --from is one sentence here (not
     load_state_dict's list of mismatches or KeyError), other recipe settings a note, as the run then
     goes on differently from the one it resumes."""
-    try:
-        saved = json.loads((run / "config.json").read_text())
-    except (OSError, ValueError):  # a state without its configuration: the state itself decides
-        return
-    if not isinstance(saved, dict) or not {"model", "recipe"} <= saved.keys():
+    saved = _run_config(run)
+    if saved is None:  # a state without its configuration: the state itself decides
         return
     def shapes(d: dict) -> dict:  # what the weights' shapes depend on
         return {k: v for k, v in d.items() if k not in ("name", "gelu", "drop_rate", "drop_path_rate")}
@@ -879,8 +949,12 @@ def _defer_checks(device: torch.device) -> bool:
     return device.type == "cuda"
 
 
-def _check_finite(unchecked: list[tuple[int, torch.Tensor]], run: Path, bar: tqdm) -> None:
-    """Raise TrainingDiverged naming the first step whose loss is NaN or infinite; empties `unchecked`."""
+def _check_finite(unchecked: list[tuple[int, torch.Tensor]], run: Path, bar: tqdm, main: bool) -> None:
+    """Raise TrainingDiverged naming the first step whose loss is NaN or infinite; empties `unchecked`.
+
+    The state saved after k steps holds weights that no forward pass has met yet: when the loss of the
+    next step (step k + 1, as the progress bar counts) is not finite, that state is the one that gives it,
+    so it is moved aside (kept, under a name --resume does not pick) and the state before it is named."""
     if not unchecked:
         return
     losses = torch.stack([loss for _, loss in unchecked]).float().cpu()  # one wait for the device
@@ -890,10 +964,36 @@ def _check_finite(unchecked: list[tuple[int, torch.Tensor]], run: Path, bar: tqd
     if len(bad):
         i = int(bad[0])
         bar.close()
+        before = run / STATE_DIR / STATE_PATTERN.format(steps[i])  # the weights the bad loss came from
+        moved = ""
+        if main and before.exists():
+            aside, n = before.with_name("diverged-" + before.name), 1
+            while aside.exists():  # an earlier attempt's, kept too
+                n += 1
+                aside = before.with_name(f"diverged{n}-{before.name}")
+            before.replace(aside)
+            moved = f"the state saved after step {steps[i]}, whose weights gave it, was moved aside to {aside}; "
         last = latest_state(run)
-        kept = f"the last good checkpoint is {last}" if last else "no checkpoint was saved (use --save-every)"
-        raise TrainingDiverged(f"The loss became {losses[i].item()} at step {steps[i]}; {kept}. "
-                               "Lower the learning rate, add warm-up or clipping (--clip 1), and resume.")
+        kept = (f"the last good checkpoint is {last}" if last else "no earlier state is kept (see --keep)" if moved
+                else "no checkpoint was saved (use --save-every)")
+        raise TrainingDiverged(f"The loss became {losses[i].item()} in step {steps[i] + 1} (counted as the progress "
+                               f"bar counts); {moved}{kept}. Lower the learning rate, add warm-up or clipping "
+                               "(--clip 1), and resume.")
+
+
+@contextlib.contextmanager
+def _saving(path: Path, run: Path) -> Iterator[None]:
+    """A save that fails is one sentence saying what to do, not torch's "basic_ios::clear: iostream error"
+    or safetensors' "os error 28" traceback (a full disk, the usual cause); atomic_write has removed the
+    temporary file, so the states saved before are whole and --resume goes on from the last."""
+    try:
+        yield
+    except (OSError, RuntimeError, SafetensorError) as e:  # torch reports a failed write as a RuntimeError
+        full = getattr(e, "errno", None) == errno.ENOSPC or "os error 28" in str(e)
+        last = latest_state(run)
+        raise OSError(f"Could not save {path} ({'no space left on the device' if full else _first_line(e)}); free "
+                      "space on its disk (a full disk is the usual cause) and rerun with --resume; "
+                      + (f"the last saved state is {last}." if last else "no training state was saved.")) from None
 
 
 @contextlib.contextmanager
@@ -916,11 +1016,29 @@ def _append(path: Path, entry: dict[str, Any]) -> None:
 
 
 def _trim_metrics(path: Path, start: int) -> None:
-    """A resumed run keeps the metrics up to its checkpoint and drops those of the lost steps."""
+    """A resumed run keeps the metrics up to its checkpoint and drops those of the lost steps.
+
+    A last line cut short (a power cut during an append) is dropped with a warning; any other line that is
+    not a metrics entry is one sentence naming the file."""
     if not path.exists():
         return
-    lines = [l for l in path.read_text().splitlines() if l and json.loads(l)["step"] <= start] if start else []
-    path.write_text("".join(l + "\n" for l in lines))
+    lines = [line for line in path.read_bytes().splitlines() if line.strip()] if start else []
+    kept = []
+    for n, line in enumerate(lines, 1):
+        try:
+            entry = json.loads(line)
+            step = entry["step"] if isinstance(entry, dict) else None
+        except (ValueError, KeyError):  # not JSON, not UTF-8, or no step
+            step = None
+        if not isinstance(step, int):
+            if n == len(lines):
+                warnings.warn(f"{path}: its last line is damaged (cut short?) and was dropped.")
+                break
+            raise ValueError(f"{path} line {n} is not a metrics entry (a JSON object with a step); delete that "
+                             "line and rerun.")
+        if step <= start:
+            kept.append(line + b"\n")
+    atomic_write(path, lambda tmp: Path(tmp).write_bytes(b"".join(kept)))
 
 
 def _latest_run(root: str | Path = "runs") -> Path:
@@ -981,11 +1099,28 @@ def launch(r: Recipe, out: Optional[str | Path] = None, **options: Any) -> RunFi
 
 def _saved_layout(run: Path) -> tuple[Optional[int], Optional[int]]:
     """(processes, threads per process) an earlier run of `run` used, from its config.json."""
-    try:
-        config = json.loads((run / "config.json").read_text())
-        return config.get("world_size"), config.get("recipe", {}).get("threads")
-    except (OSError, ValueError):  # no run there yet: `train` says so
+    config = _run_config(run)
+    if config is None:  # no run there yet: `train` says so
         return None, None
+    return config.get("world_size"), config["recipe"].get("threads")
+
+
+def _run_config(run: Path) -> Optional[dict[str, Any]]:
+    """The config.json of the run in `run`, None where there is none. mixer train writes a JSON object with
+    "model" and "recipe" objects: anything else (edited, damaged) is one sentence naming it, not an
+    AttributeError or KeyError deep in resuming."""
+    path = run / "config.json"
+    try:
+        config = json.loads(path.read_bytes())
+    except FileNotFoundError:
+        return None
+    except ValueError:  # not JSON, or not UTF-8 text
+        config = None
+    if not (isinstance(config, dict) and isinstance(config.get("model"), dict)
+            and isinstance(config.get("recipe"), dict)):
+        raise ValueError(f"{path} is not a run configuration as mixer train writes it (a JSON object with \"model\" "
+                         "and \"recipe\" objects); restore it, or delete it to resume with the command's settings.")
+    return config
 
 
 def _child(rank: int, env: dict[str, str], r: Recipe, out: Path, options: dict[str, Any]) -> None:

@@ -12,8 +12,9 @@ if TYPE_CHECKING:
     from ..variants import MixerConfig
 
 
-def at_least(low: int) -> Callable[[str], int]:
-    """An argparse type: a whole number of at least `low`; anything else is argparse's one-line error."""
+def at_least(low: int, most: Optional[int] = None) -> Callable[[str], int]:
+    """An argparse type: a whole number of at least `low` (and at most `most`); anything else is argparse's
+    one-line error."""
     def parse(text: str) -> int:
         try:
             value = int(text)
@@ -21,6 +22,8 @@ def at_least(low: int) -> Callable[[str], int]:
             raise argparse.ArgumentTypeError(f"must be a whole number, not {text!r}") from None
         if value < low:
             raise argparse.ArgumentTypeError(f"must be at least {low}, not {value}")
+        if most is not None and value > most:
+            raise argparse.ArgumentTypeError(f"must be at most {most}, not {value}")
         return value
 
     return parse
@@ -42,14 +45,16 @@ def run_recipe(checkpoint: str) -> dict[str, Any]:
     if not config.is_file():
         return {}
     try:
-        recipe = json.loads(config.read_text()).get("recipe", {})
-        if not isinstance(recipe, dict):
-            raise ValueError("its 'recipe' is not a JSON object")
-    except (OSError, ValueError, AttributeError) as e:
+        saved = json.loads(config.read_text())
+        if not isinstance(saved, dict) or "recipe" not in saved:  # another tool's config.json (timm's, say)
+            return {}
+        if not isinstance(saved["recipe"], dict):
+            raise ValueError("its \"recipe\" is not a JSON object")
+    except (OSError, ValueError) as e:
         raise ValueError(f"{config} cannot be read ({e}); it records how the run prepares its images (permutation, "
                          "evaluation mode): restore it, or use a copy of the model file kept outside the run folder."
                          ) from None
-    return recipe
+    return saved["recipe"]
 
 
 def run_permutation(checkpoint: str, config: MixerConfig, mode: Optional[str] = None,
@@ -58,10 +63,14 @@ def run_permutation(checkpoint: str, config: MixerConfig, mode: Optional[str] = 
     no permutation) and `seed` ask for; None where there is none. Every command that feeds a run's
     model images must apply it, or it measures a model on images it never saw."""
     from ..permute import FixedPermutation
+    from ..recipes import PERMUTE_MODES
 
     recipe = run_recipe(checkpoint)
+    if recipe.get("permute") not in (None, *PERMUTE_MODES) or not isinstance(recipe.get("permute_seed") or 0, int):
+        raise ValueError(f"The run configuration beside {checkpoint} records no valid permutation (permute "
+                         f"{recipe.get('permute')!r}, seed {recipe.get('permute_seed')!r}); restore its config.json.")
     mode = mode or recipe.get("permute")
-    seed = int(recipe.get("permute_seed") or 0) if seed is None else seed
+    seed = (recipe.get("permute_seed") or 0) if seed is None else seed
     if not mode or mode == "none":
         return None
     return FixedPermutation(mode, config.img_size, config.patch_size, seed)

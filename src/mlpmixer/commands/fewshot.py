@@ -11,7 +11,7 @@ import torch
 from ..checkpoints import load_checkpoint
 from ..fewshot import DEFAULT_L2, DEFAULT_SHOTS, extract_features, fewshot_evaluate, split_pool
 from ..model import MlpMixer
-from ..recipes import EVAL_MODES
+from ..recipes import EVAL_MODES, MAX_WORKERS
 from . import add_permute_arguments, at_least, run_permutation
 
 
@@ -32,7 +32,7 @@ def add_common_arguments(p: argparse.ArgumentParser, eval_fraction: float) -> No
                         "the shorter side to 256/224 of it and a central crop (default, as big_vision's few-shot "
                         "evaluation); in-memory digits are resized whole, as `mixer eval` does")
     p.add_argument("--batch-size", type=at_least(1), default=128, help="images per forward pass (default 128)")
-    p.add_argument("--workers", type=at_least(0), default=2, help="DataLoader worker processes (default 2)")
+    p.add_argument("--workers", type=at_least(0, MAX_WORKERS), default=2, help="DataLoader worker processes (default 2)")
     p.add_argument("--device", help="cpu, cuda, cuda:1, ... (default: cuda when available)")
     p.add_argument("--seed", type=int, default=0, help="seed of the hold-out split and support draws")
     add_permute_arguments(p)
