@@ -24,10 +24,14 @@ def tiny(tmp_path_factory: pytest.TempPathFactory) -> Path:
     return save_checkpoint(model, tmp_path_factory.mktemp("ft") / "tiny.safetensors")
 
 
-def test_finetune_at_twice_the_size_uses_the_block_diagonal_conversion(tiny: Path, tmp_path: Path) -> None:
+def test_finetune_at_twice_the_size_uses_the_block_diagonal_conversion(tiny: Path, tmp_path: Path,
+                                                                      capsys: pytest.CaptureFixture) -> None:
     out = tmp_path / "ft56"
     # lr 0: the weights stay as converted, so they can be compared with resize_to's.
     assert main(["finetune", "--from", str(tiny), "--img-size", "56", "--lr", "0", "--out", str(out), *FINETUNE]) == 0
+    what = load_checkpoint(out).config
+    assert (f"Fine-tuning {what.describe()} ({what.num_params():,} parameters) from {tiny} (a new "
+            "zero-initialised head; converted from 28×28 to 56×56 by blockdiag) on mnist5k") in capsys.readouterr().out
     model = load_checkpoint(out)
     assert model.config.img_size == (56, 56) and model.config.tokens_mlp_dim == 4 * 8
     config = json.loads((out / "config.json").read_text())

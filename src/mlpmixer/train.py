@@ -622,12 +622,17 @@ def _train(
     torch.manual_seed(r.seed)
     if init_from:
         model = load_checkpoint(init_from, drop_path_rate=r.drop_path, drop_rate=r.dropout)
+        verb, origin = "Fine-tuning", f" from {init_from} (a new zero-initialised head"
         if as_pair(img_size) != model.config.img_size:  # paper Appendix C: fine-tune at another resolution
+            (h, w), was = as_pair(img_size), model.config.img_size
             model = resize_to(model, img_size, method=r.resize_method)
+            origin += f"; converted from {was[0]}×{was[1]} to {h}×{w} by {r.resize_method}"
+        origin += ")"
         model.reset_classifier(num_classes)  # always a new zero-initialised head (paper Appendix C)
     else:
         model = create_model(r.model, num_classes=num_classes, img_size=img_size, in_chans=in_chans,
                              drop_path_rate=r.drop_path, drop_rate=r.dropout, **r.model_args)
+        verb, origin = "Training", ""
     model.class_names = list(class_names)
     if r.eval_data and tensors is not None:  # in-memory training data, evaluated on any source as `mixer eval` does
         from .sources import check_same_classes
@@ -765,7 +770,7 @@ def _train(
 
     if main:
         what = f"{model.config.describe()} ({model.config.num_params():,} parameters)"
-        log(f"Training {what} on {r.data} ({num_train if num_train else '?'} images, {num_classes} classes) "
+        log(f"{verb} {what}{origin} on {r.data} ({num_train if num_train else '?'} images, {num_classes} classes) "
             f"for {total} steps of {r.batch_size}" + (f", resuming at step {start}" if start else "") + f"; run: {run}")
     bar = tqdm(total=total, initial=start, desc="training", unit="step", disable=not (main and progress),
                dynamic_ncols=True)
