@@ -251,6 +251,20 @@ def test_shards_without_dataset_json_count_their_classes(tmp_path: Path) -> None
     assert source.class_names == ["0", "1", "2", "3", "4"] and source.num_examples == 8
 
 
+@pytest.mark.parametrize("info, complaint", [
+    ({"classes": "abc", "splits": {"train": 6}}, "\"classes\" must be a list of names, not 'abc'"),
+    ({"classes": ["a", "b", "c"], "splits": {"train": "6"}}, "\"splits\" must map each split to a whole number"),
+    ({"classes": ["a", "b", "c"], "splits": [6]}, "\"splits\" must map each split to a whole number"),
+])
+def test_a_dataset_json_of_the_wrong_shape_is_one_sentence(tmp_path: Path, info: dict, complaint: str) -> None:
+    """A string of classes was read as one-letter classes, a quoted count gave a TypeError."""
+    make_shards(tmp_path, shards=1, per_shard=6)
+    (tmp_path / "dataset.json").write_text(json.dumps(info))
+    with pytest.raises(ValueError, match=f"dataset.json is not a valid dataset description \\({complaint}.*\\); "
+                                         "fix it or remove it"):
+        open_folder_or_shards(str(tmp_path), "train", 0.0, 0, None)
+
+
 def test_shard_bad_image_is_skipped_and_counted(tmp_path: Path) -> None:
     make_shards(tmp_path, shards=2, per_shard=75, bad=(10,))
     dataset = open_folder_or_shards(str(tmp_path), "train", 0.0, 0, None).dataset

@@ -354,6 +354,12 @@ def _read_dataset_json(folder: Path) -> Optional[dict[str, Any]]:
         info = json.loads(path.read_text())
         if not isinstance(info, dict):
             raise ValueError("not a JSON object")
+        # A string would pass for a list of one-letter classes, and a count in quotes fail later.
+        if not isinstance(info.get("classes", []), list):
+            raise ValueError(f'"classes" must be a list of names, not {info["classes"]!r}')
+        splits = info.get("splits", {})
+        if not isinstance(splits, dict) or not all(type(n) is int and n >= 0 for n in splits.values()):
+            raise ValueError(f'"splits" must map each split to a whole number of images, not {splits!r}')
     except ValueError as e:
         raise ValueError(f"{path} is not a valid dataset description ({e}); fix it or remove it.") from None
     return info
