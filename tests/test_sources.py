@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import io
 import json
+import os
 import warnings
 from pathlib import Path
 
@@ -153,6 +154,25 @@ def test_folder_bad_image_is_skipped_and_counted(tmp_path: Path) -> None:
         image, label = training[5]
     assert sample_id(image) == 6 and label == 0
     assert (training.bad_samples.bad, training.bad_samples.seen) == (1, 2)
+
+
+def test_an_empty_image_file_is_skipped_as_an_empty_file(tmp_path: Path) -> None:
+    make_folder(tmp_path, {"a": 2})
+    (tmp_path / "a" / "zero.png").write_bytes(b"")
+    dataset = open_folder_or_shards(str(tmp_path), "val", 0.0, 0, None).dataset
+    with pytest.warns(UserWarning, match=r"Skipping .*zero.png: empty file\.$"):
+        assert dataset[2] is None
+
+
+def test_a_file_name_that_is_not_utf8_is_held_out_by_its_bytes(tmp_path: Path) -> None:
+    make_folder(tmp_path, {"a": 5, "b": 5})
+    odd = os.path.join(os.fsencode(tmp_path / "a"), b"caf\xe9.png")  # Latin-1, as older file systems write
+    with open(odd, "wb") as f:
+        f.write(encode(99))
+    train = open_folder_or_shards(str(tmp_path), "train", 0.3, 0, None)
+    val = open_folder_or_shards(str(tmp_path), "val", 0.3, 0, None)
+    got = ids_and_labels(train.dataset) + ids_and_labels(val.dataset)
+    assert sorted(got) == [*[(i, i // 5) for i in range(10)], (99, 0)] and val.num_examples == 3
 
 
 def test_folder_with_too_many_bad_images_stops(tmp_path: Path) -> None:

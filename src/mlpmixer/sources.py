@@ -120,6 +120,8 @@ class BadSampleCounter:
 
 def decode_image_bytes(data: bytes) -> torch.Tensor:
     """An encoded image -> uint8 (C, H, W), C = 1 for greyscale images and 3 otherwise (alpha dropped)."""
+    if not data:  # said plainly: torch.frombuffer's complaint about a zero buffer length names no file problem
+        raise ValueError("empty file")
     buffer = torch.frombuffer(bytearray(data), dtype=torch.uint8)
     # JPEG and 8-bit PNG go to torchvision's decoders, about 3x faster here than PIL plus conversion
     # (torchvision 0.19 decodes no 16-bit PNG). The PNG bit depth and colour type (bytes 24 and 25 of the
@@ -163,8 +165,9 @@ def _load_counted(where: str, counter: BadSampleCounter, load: Callable[[], T]) 
 
 
 def _holdout_rank(key: str, seed: int) -> int:
-    """A stable hash of a sample's name (not Python's salted hash()), so every process and run agrees."""
-    return zlib.crc32(f"{seed}/{key}".encode())
+    """A stable hash of a sample's name (not Python's salted hash()), so every process and run agrees.
+    The name's bytes as the file system holds them: a file name that is not UTF-8 has no UTF-8 encoding."""
+    return zlib.crc32(os.fsencode(f"{seed}/{key}"))
 
 
 def in_holdout(key: str, holdout: float, seed: int) -> bool:
