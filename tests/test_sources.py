@@ -299,17 +299,88 @@ def test_shard_bad_image_is_skipped_and_counted(tmp_path: Path) -> None:
     assert (dataset.bad_samples.bad, dataset.bad_samples.seen) == (2, 300)  # counted in the workers
 
 
-def test_shard_samples_without_image_or_valid_class_are_bad(tmp_path: Path) -> None:
-    make_shards(tmp_path, shards=1, per_shard=250)
-    with wds.TarWriter(str(tmp_path / "part-001.tar")) as sink:
+def write_odd_samples(shard: Path) -> None:
+    """A shard of four samples without an image or a usable label."""
+    with wds.TarWriter(str(shard)) as sink:
         sink.write({"__key__": "no_image", "cls": b"1"})
         sink.write({"__key__": "bad_class", "png": encode(0), "cls": b"7"})
+        sink.write({"__key__": "no_class", "png": encode(0)})
+        sink.write({"__key__": "text_class", "png": encode(0), "cls": b"abc"})
+
+
+def test_shard_samples_without_image_or_valid_class_are_bad(tmp_path: Path) -> None:
+    make_shards(tmp_path, shards=1, per_shard=500)
+    write_odd_samples(tmp_path / "part-001.tar")
     dataset = open_folder_or_shards(str(tmp_path), "val", 0.0, 0, None).dataset
     with pytest.warns(UserWarning) as caught:
-        assert len(ids_and_labels(dataset)) == 250
-    assert (dataset.bad_samples.bad, dataset.bad_samples.seen) == (2, 252)
+        assert len(ids_and_labels(dataset)) == 500
+    assert (dataset.bad_samples.bad, dataset.bad_samples.seen) == (4, 504)
     messages = " ".join(str(w.message) for w in caught)
-    assert "no_image: no jpg/jpeg/png/webp image" in messages and "bad_class: its .cls class" in messages
+    for said in ("part-001.tar:no_image: no jpg/jpeg/png/webp image",
+                 "part-001.tar:bad_class: its .cls label 7 is not one of the 3 classes",
+                 "part-001.tar:no_class: it has no .cls label",
+                 "part-001.tar:text_class: its .cls label 'abc' is not a class number"):
+        assert said in messages
+
+
+def test_shards_scanned_for_counts_leave_out_samples_without_a_usable_label(tmp_path: Path) -> None:
+    """Scanned for a hold-out or for the classes, a sample without .cls (KeyError: 'cls') or with a .cls that
+    is no number (invalid literal for int()) stopped the run naming neither; it is now a bad sample."""
+    make_shards(tmp_path, shards=1, per_shard=500, describe=False)
+    with wds.TarWriter(str(tmp_path / "part-001.tar")) as sink:
+        sink.write({"__key__": "no_class", "png": encode(0)})
+        sink.write({"__key__": "text_class", "png": encode(0), "cls": b"abc"})
+    with pytest.warns(UserWarning, match="No dataset.json"):
+        train = open_folder_or_shards(str(tmp_path), "train", 0.5, 0, None)
+        val = open_folder_or_shards(str(tmp_path), "val", 0.5, 0, None)
+    assert train.class_names == ["0", "1", "2"]
+    with pytest.warns(UserWarning, match="no_class: it has no .cls label|text_class: its .cls label 'abc'"):
+        got = [ids_and_labels(side.dataset) for side in (train, val)]
+    # The counts hold the samples read: an epoch ends where the data does.
+    assert [len(ids) for ids in got] == [train.num_examples, val.num_examples]
+    assert train.num_examples + val.num_examples == 500
+
+
+def test_shards_without_dataset_json_need_labels_without_gaps(tmp_path: Path) -> None:
+    """One sample labelled 99 among 0-9 made a model of 100 classes."""
+    make_shards(tmp_path, shards=1, per_shard=20, classes=10, describe=False)
+    with wds.TarWriter(str(tmp_path / "part-001.tar")) as sink:
+        sink.write({"__key__": "odd", "png": encode(0), "cls": b"99"})
+    with pytest.warns(UserWarning, match="No dataset.json"), pytest.raises(
+            ValueError, match=r"The .cls labels of the shards in .* skip 10 to 98 \(.*part-001.tar:odd is labelled "
+                              r"99\); put a dataset.json naming the classes next to them"):
+        open_folder_or_shards(str(tmp_path), "train", 0.0, 0, None)
+    make_shards(tmp_path / "labels", shards=1, per_shard=12, classes=4, describe=False)
+    with wds.TarWriter(str(tmp_path / "labels" / "part-000.tar")) as sink:  # replaced: no label 2
+        for i in range(12):
+            sink.write({"__key__": f"s{i}", "png": encode(i), "cls": str([0, 1, 3][i % 3]).encode()})
+    with pytest.warns(UserWarning, match="No dataset.json"), pytest.raises(ValueError, match=r"skip 2 \(.*:s2 is"):
+        open_folder_or_shards(str(tmp_path / "labels"), "val", 0.0, 0, None)
+    (tmp_path / "none").mkdir()
+    with wds.TarWriter(str(tmp_path / "none" / "part-000.tar")) as sink:
+        sink.write({"__key__": "s0", "png": encode(0)})
+    with pytest.warns(UserWarning, match="No dataset.json"), pytest.raises(ValueError, match="No sample of the shards"):
+        open_folder_or_shards(str(tmp_path / "none"), "val", 0.0, 0, None)
+
+
+def test_too_many_bad_labels_are_named_as_labels(tmp_path: Path) -> None:
+    """They read as 'images could not be decoded'."""
+    make_shards(tmp_path, shards=1, per_shard=20)
+    with wds.TarWriter(str(tmp_path / "part-001.tar")) as sink:
+        for i in range(3):
+            sink.write({"__key__": f"beyond{i}", "png": encode(i), "cls": b"5"})
+    dataset = open_folder_or_shards(str(tmp_path), "val", 0.0, 0, None).dataset
+    with warnings.catch_warnings(), pytest.raises(BadDataError, match=r"\d of 2\d samples \(\d.\d%\) have a missing "
+                                                                      "label or one that is not a class of the data"):
+        warnings.simplefilter("ignore")
+        ids_and_labels(dataset)
+    make_shards(tmp_path / "both", shards=1, per_shard=20, bad=(3,))
+    with wds.TarWriter(str(tmp_path / "both" / "a.tar")) as sink:  # read first
+        sink.write({"__key__": "beyond", "png": encode(0), "cls": b"5"})
+    dataset = open_folder_or_shards(str(tmp_path / "both"), "val", 0.0, 0, None).dataset
+    with warnings.catch_warnings(), pytest.raises(BadDataError, match=r"are bad \(1 for their label, 1 for an image"):
+        warnings.simplefilter("ignore")
+        ids_and_labels(dataset)
 
 
 def test_shards_with_too_many_bad_images_stop_with_one_sentence(tmp_path: Path) -> None:

@@ -81,8 +81,13 @@ class BadDataError(ValueError):
         super().__init__(message.rsplit(f"{type(self).__name__}: ", 1)[-1].strip())
 
 
+class BadLabel(ValueError):
+    """A shard sample's .cls label is missing, not a number, or not one of the classes."""
+
+
 class BadSampleCounter:
-    """How many images were decoded (`seen`) and how many of them failed (`bad`), for the whole run.
+    """How many images were decoded (`seen`) and how many of them failed (`bad`; some perhaps for their
+    shard sample's label rather than the image), for the whole run.
 
     The counts live in shared memory, so DataLoader worker processes (which receive the dataset when
     they start) add to the counts the main process reads. They cover one process: each DDP rank
@@ -94,6 +99,7 @@ class BadSampleCounter:
         self.window = min(window or BAD_WINDOW, BAD_WINDOW)
         self._seen = multiprocessing.Value("q", 0)
         self._bad = multiprocessing.Value("q", 0)
+        self._bad_labels = multiprocessing.Value("q", 0)
 
     @property
     def seen(self) -> int:
@@ -103,19 +109,27 @@ class BadSampleCounter:
     def bad(self) -> int:
         return self._bad.value
 
-    def record(self, ok: bool) -> None:
+    def record(self, ok: bool, bad_label: bool = False) -> None:
         with self._seen.get_lock():
             self._seen.value += 1
         if not ok:
             with self._bad.get_lock():
                 self._bad.value += 1
-        seen, bad = self.seen, self.bad
+        if bad_label:
+            with self._bad_labels.get_lock():
+                self._bad_labels.value += 1
+        seen, bad, labels = self.seen, self.bad, self._bad_labels.value
         if seen >= self.window and bad > MAX_BAD_FRACTION * seen:
-            raise BadDataError(
-                f"{bad} of {seen} images ({100 * bad / seen:.1f}%) could not be decoded, more than the "
-                f"{100 * MAX_BAD_FRACTION:g}% allowed; check or rebuild the data "
-                "(the warnings name the bad files)."
-            )
+            share = f"{bad} of {seen} {'samples' if labels else 'images'} ({100 * bad / seen:.1f}%)"
+            # Bad labels are named as such: they are fixed in the .cls members or dataset.json, not the images.
+            if not labels:
+                what = "could not be decoded"
+            elif labels == bad:
+                what = "have a missing label or one that is not a class of the data"
+            else:
+                what = f"are bad ({labels} for their label, {bad - labels} for an image that could not be decoded)"
+            raise BadDataError(f"{share} {what}, more than the {100 * MAX_BAD_FRACTION:g}% allowed; check or "
+                               "rebuild the data (the warnings name the bad files).")
 
 
 def decode_image_bytes(data: bytes) -> torch.Tensor:
@@ -154,13 +168,14 @@ def top_8_bits(pil: Image.Image) -> np.ndarray:
 
 def _load_counted(where: str, counter: BadSampleCounter, load: Callable[[], T]) -> Optional[T]:
     """`load()`, or None with a warning when it fails (a missing, truncated or undecodable image, a
-    missing class); either way counted."""
+    missing or wrong label); either way counted."""
     try:
         item: Optional[T] = load()
     except Exception as e:  # any failure means a bad sample, whatever the decoder raises
         warnings.warn(f"Skipping {where}: {str(e).splitlines()[0] or type(e).__name__}.", stacklevel=2)
-        item = None
-    counter.record(ok=item is not None)
+        counter.record(ok=False, bad_label=isinstance(e, BadLabel))
+        return None
+    counter.record(ok=True)
     return item
 
 
@@ -330,10 +345,22 @@ class ShardDataset(torch.utils.data.IterableDataset):
         data = next((sample[ext] for ext in IMAGE_MEMBERS if ext in sample), None)
         if data is None:
             raise ValueError(f"no {'/'.join(IMAGE_MEMBERS)} image")
-        label = int(sample.get("cls", b"-1"))  # int() accepts the ASCII bytes of "3\n"
+        label = _label(sample)
         if not 0 <= label < self.num_classes:
-            raise ValueError(f"its .cls class is missing or not one of the {self.num_classes} classes")
+            raise BadLabel(f"its .cls label {label} is not one of the {self.num_classes} classes")
         return decode_image_bytes(data), label
+
+
+def _label(sample: dict[str, Any]) -> int:
+    """A shard sample's class number, from its .cls member (int() takes the ASCII bytes of "3\n");
+    BadLabel when it has none or it is not a whole number."""
+    text = sample.get("cls")
+    if text is None:
+        raise BadLabel("it has no .cls label")
+    try:
+        return int(text)
+    except ValueError:
+        raise BadLabel(f"its .cls label {text[:20].decode(errors='replace')!r} is not a class number") from None
 
 
 def _list_shards(path: str) -> list[str]:
@@ -410,17 +437,43 @@ def _unreadable_shard(exn: Exception) -> bool:
                        "copy or build it again, or leave it out of --data.") from None
 
 
-def _scan(shards: list[str], split: str, holdout: float, seed: int) -> tuple[int, int]:
-    """(number of samples on the `split` side of the hold-out, number of classes) by reading every
-    sample's key and .cls member; no image is decoded."""
-    count, top = 0, -1
+def _scan(shards: list[str], split: str, holdout: float, seed: int,
+          num_classes: Optional[int]) -> tuple[int, dict[int, str]]:
+    """Every sample's key and .cls member read, no image decoded: the number of samples on the `split` side
+    of the hold-out, and the labels found, each with a sample that has it. A sample whose label is missing,
+    not a number or not one of `num_classes` (where known) is left out of both: reading it for training or
+    evaluation skips it as a bad sample, with a warning naming it."""
+    count, labels = 0, {}
     stream = wds.DataPipeline(*_shard_reading(shards))
     # disable=None: no bar where stderr is not a terminal (a log file would get a line per refresh).
     for sample in tqdm(stream, desc="counting samples", unit=" samples", leave=False, disable=None):
-        top = max(top, int(sample["cls"]))
+        try:
+            label = _label(sample)
+        except BadLabel:
+            continue
+        if label < 0 or (num_classes is not None and label >= num_classes):
+            continue
+        if label not in labels:
+            labels[label] = f"{sample['__url__']}:{sample['__key__']}"
         if holdout == 0 or in_holdout(sample["__key__"], holdout, seed) == (split == "val"):
             count += 1
-    return count, top + 1
+    return count, labels
+
+
+def _numbered_classes(labels: dict[int, str], folder: Path) -> list[str]:
+    """The classes of shards without a dataset.json, named by their numbers, which must run 0..n-1: a label
+    beyond a gap (one sample labelled 99 among 0-9) would make classes of no images."""
+    if not labels:
+        raise ValueError(f"No sample of the shards in {folder} has a .cls class number; label them or put a "
+                         "dataset.json naming the classes next to them.")
+    gap = min(set(range(max(labels))) - labels.keys(), default=None)
+    if gap is not None:
+        above = min(label for label in labels if label > gap)
+        skipped = f"{gap}" if above == gap + 1 else f"{gap} to {above - 1}"
+        raise ValueError(f"The .cls labels of the shards in {folder} skip {skipped} ({labels[above]} is labelled "
+                         f"{above}); put a dataset.json naming the classes next to them (samples labelled beyond "
+                         "them are then skipped as bad) or fix the labels.")
+    return [str(i) for i in range(len(labels))]
 
 
 def _open_shards(shards: list[str], split: str, holdout: float, seed: int, transform: Transform,
@@ -442,8 +495,8 @@ def _open_shards(shards: list[str], split: str, holdout: float, seed: int, trans
                 "the classes, which are named by their numbers.",
                 stacklevel=3,
             )
-        total, num_classes = _scan(shards, split, holdout, seed)
-        class_names = class_names or [str(i) for i in range(num_classes)]
+        total, labels = _scan(shards, split, holdout, seed, None if class_names is None else len(class_names))
+        class_names = class_names or _numbered_classes(labels, folder)
         if holdout > 0 and total == 0:
             raise ValueError(f"A hold-out of {holdout:.4g} of the shards in {folder} leaves their {split} part empty; "
                              "hold out more or fewer images (--holdout).")
