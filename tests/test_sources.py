@@ -108,6 +108,54 @@ def test_hidden_folders_and_files_are_not_classes_or_images(tmp_path: Path) -> N
         open_folder_or_shards(str(only_hidden), "train", 0.0, 0, None)
 
 
+def test_links_are_followed_unless_they_lead_back_into_the_data(tmp_path: Path) -> None:
+    """`ln -s .. a/up` made 2,460 samples of 60 images, most of them under the wrong class."""
+    data = tmp_path / "data"
+    make_folder(data, {"a": 3, "b": 2})
+    make_folder(tmp_path / "elsewhere", {"c": 2, "more": 1}, start=10)
+    (data / "a" / "up").symlink_to("..")  # a loop
+    (data / "a" / "b-too").symlink_to(data / "b")  # b's images under a
+    (data / "c").symlink_to(tmp_path / "elsewhere" / "c")  # a class folder kept elsewhere: followed
+    (data / "b" / "more").symlink_to(tmp_path / "elsewhere" / "more")  # a folder of b's kept elsewhere: followed
+    (tmp_path / "elsewhere" / "more" / "again").symlink_to(tmp_path / "elsewhere" / "more")  # a loop there
+    (data / "b" / "one.png").symlink_to(tmp_path / "elsewhere" / "c" / "0010.png")  # an image: followed
+    with pytest.warns(UserWarning) as said:
+        source = open_folder_or_shards(str(data), "train", 0.0, 0, None)
+    assert source.class_names == ["a", "b", "c"]
+    assert sorted(ids_and_labels(source.dataset)) == [(0, 0), (1, 0), (2, 0), (3, 1), (4, 1), (10, 1), (10, 2),
+                                                      (11, 2), (12, 1)]
+    skipped = sorted(str(w.message).split()[4].rstrip(":") for w in said)
+    assert skipped == [str(data / "a" / "b-too"), str(data / "a" / "up"), str(data / "b" / "more" / "again")]
+
+
+def test_a_class_folder_without_images_stops_training_and_is_warned_about_elsewhere(tmp_path: Path) -> None:
+    make_folder(tmp_path, {"a": 2, "b": 0, "c": 1})
+    (tmp_path / "b" / "notes.txt").write_text("not an image")
+    with pytest.raises(FileNotFoundError, match=r"The class folder .*b holds no images; put its images in it or "
+                                                r"remove it \(a class that no image shows cannot be learnt\)\."):
+        open_folder_or_shards(str(tmp_path), "train", 0.0, 0, None)
+    with pytest.warns(UserWarning, match=r"The class folder .*b holds no images: its class has nothing to evaluate"):
+        source = open_folder_or_shards(str(tmp_path), "val", 0.0, 0, None)
+    assert source.class_names == ["a", "b", "c"] and source.num_examples == 3
+
+
+def test_a_folder_that_cannot_be_read_is_one_sentence(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """os.walk passed over it, so its class had no images, or fewer, without a word."""
+    make_folder(tmp_path, {"a": 2, "b": 1})
+    (tmp_path / "a" / "more").mkdir()
+    real_scandir = os.scandir
+
+    def scandir(path):  # as for a folder of mode 000, which the tests' root user could read anyway
+        if Path(path) == tmp_path / "a" / "more":
+            raise PermissionError(13, "Permission denied", str(path))
+        return real_scandir(path)
+
+    monkeypatch.setattr(os, "scandir", scandir)
+    for split in ("train", "val"):
+        with pytest.raises(OSError, match=r"^\S+/a/more cannot be read \(Permission denied\); fix its permissions"):
+            open_folder_or_shards(str(tmp_path), split, 0.0, 0, None)
+
+
 def test_train_val_pair_picks_the_split(tmp_path: Path) -> None:
     make_folder(tmp_path / "train", {"a": 4, "b": 4})
     make_folder(tmp_path / "val", {"a": 1, "b": 2}, start=100)

@@ -6,7 +6,7 @@
 - a folder, a single shard, a glob (`shards/*.tar`) or a brace list (`train-{000..009}.tar.gz`) of
   WebDataset shards (`.tar`, `.tar.gz`, `.tgz`; members KEY.jpg|png + KEY.cls), with an optional
   `dataset.json` next to them naming the classes ({"classes": [...], "splits": {"train": count}});
-- a folder of class sub-folders (ImageFolder).
+- a folder of class sub-folders (ImageFolder's layout and order; found by `_image_folder`).
 
 A folder is used whole whatever its split is called. With `holdout` > 0 (and no `train/` + `val/` pair),
 every image falls on the "val" side when a seeded hash of its key (shards) or relative path (folders)
@@ -44,7 +44,6 @@ import torch
 import webdataset as wds
 from braceexpand import braceexpand
 from PIL import Image
-from torchvision.datasets import ImageFolder
 from torchvision.datasets.folder import IMG_EXTENSIONS, has_file_allowed_extension
 from torchvision.transforms.v2 import functional as F
 from tqdm import tqdm
@@ -505,27 +504,56 @@ def _open_shards(shards: list[str], split: str, holdout: float, seed: int, trans
     return Source(dataset, [str(name) for name in class_names], total)
 
 
-class _VisibleImageFolder(ImageFolder):
-    """ImageFolder without hidden entries: a hidden folder is not a class (Jupyter's .ipynb_checkpoints
-    would be one), and a hidden file not an image (macOS's ._NAME.jpg companions would count as undecodable
-    images); `ls` and file managers leave them out too."""
+def _image_folder(root: Path, split: str) -> tuple[list[str], list[tuple[str, int]]]:
+    """The classes of an image folder (its sub-folders, sorted) and its (image path, label) pairs, in
+    ImageFolder's order, found by a walk of our own for what ImageFolder does not say.
 
-    def __init__(self, root: str) -> None:
-        super().__init__(root, allow_empty=True, is_valid_file=self._is_image)
+    Hidden entries are left out, as `ls` and file managers leave them: a hidden folder is not a class
+    (Jupyter's .ipynb_checkpoints would be one), nor a hidden file an image (macOS's ._NAME.jpg companions
+    would count as undecodable images). Links are followed, to class folders, images and folders, except
+    a link to a folder that leads into the data folder, into a folder read through another link, or to a
+    folder holding one of them: through it, images would be read twice, under another class, or without
+    end (`up -> ..` made 2,460 samples of 60 images); it is left out with a warning. A folder that cannot
+    be read stops with one sentence, as does a class folder without images in training data ("train":
+    a class that no image shows cannot be learnt); elsewhere that is a warning."""
+    trees = [os.path.realpath(root)]  # the folders read, by real path: the data folder and the links' targets
 
-    @staticmethod
-    def _is_image(path: str) -> bool:
-        return not os.path.basename(path).startswith(".") and has_file_allowed_extension(path, IMG_EXTENSIONS)
+    def followed(path: str) -> bool:
+        if not os.path.islink(path):
+            return True
+        real = os.path.realpath(path)
+        if any(os.path.commonpath([real, tree]) in (real, tree) for tree in trees):
+            warnings.warn(f"Not following the link {path}: it leads back into the data ({real}), whose images "
+                          "would be read twice.", stacklevel=3)
+            return False
+        trees.append(real)
+        return True
 
-    def find_classes(self, directory: str | os.PathLike) -> tuple[list[str], dict[str, int]]:
-        classes = sorted(e.name for e in os.scandir(directory) if e.is_dir() and not e.name.startswith("."))
-        return classes, {name: i for i, name in enumerate(classes)}
+    def unreadable(e: OSError) -> None:  # os.walk would pass over the folder and its images silently
+        raise OSError(f"{e.filename} cannot be read ({e.strerror}); fix its permissions or move it out of the data.")
+
+    entries = sorted(os.scandir(root), key=lambda e: e.name)  # sorted first: which link counts as first is fixed
+    classes = [e.name for e in entries if e.is_dir() and not e.name.startswith(".") and followed(e.path)]
+    samples = []
+    for label, name in enumerate(classes):
+        found = []
+        for top, dirs, files in os.walk(root / name, followlinks=True, onerror=unreadable):
+            dirs[:] = [d for d in dirs if followed(os.path.join(top, d))]
+            images = [f for f in files if not f.startswith(".") and has_file_allowed_extension(f, IMG_EXTENSIONS)]
+            found += [(top, f) for f in images]
+        if not found:
+            message = f"The class folder {root / name} holds no images"
+            if split == "train":
+                raise FileNotFoundError(f"{message}; put its images in it or remove it (a class that no image shows "
+                                        "cannot be learnt).")
+            warnings.warn(f"{message}: its class has nothing to evaluate.", stacklevel=3)
+        samples += [(os.path.join(top, f), label) for top, f in sorted(found)]
+    return classes, samples
 
 
 def _open_image_folder(root: Path, split: str, holdout: float, seed: int, transform: Transform,
                        replace_bad: bool) -> Source:
-    folder = _VisibleImageFolder(str(root))  # only to find the classes and files
-    samples = folder.samples
+    classes, samples = _image_folder(root, split)
     if not samples:
         raise FileNotFoundError(
             f"{root} has class folders but no images in them; put each class's images in its folder."
@@ -540,7 +568,7 @@ def _open_image_folder(root: Path, split: str, holdout: float, seed: int, transf
                 f"Holding out {count} of the {len(ranked)} images of {root} leaves its {split} part empty; "
                 f"hold out between 1 and {len(ranked) - 1} of them (--holdout)."
             )
-    return Source(FolderDataset(samples, transform, replace_bad), list(folder.classes), len(samples))
+    return Source(FolderDataset(samples, transform, replace_bad), classes, len(samples))
 
 
 def open_folder_or_shards(path: str, split: str, holdout: float, seed: int, transform: Transform,
