@@ -16,10 +16,11 @@ does not depend on worker, rank or file order.
 Images are decoded inside the dataset, so in the DataLoader workers. An image that cannot be decoded
 (or a shard sample without a usable label) is skipped with a warning and counted, once, in the dataset's
 `bad_samples` (a `BadSampleCounter` shared by all DataLoader workers of one process); when more than 1% of
-the images seen are bad, the dataset raises `BadDataError`. Folders are map-style datasets (use any sampler); shards are iterable datasets
-that shuffle and split themselves: call `dataset.set_epoch(epoch)` before each epoch, as with
-DistributedSampler, to get a new order. `read_into_memory` decodes a folder or shards once into one
-uint8 tensor instead, for training that augments whole batches on the device (`--augment-on device`).
+the images seen are bad, the dataset raises `BadDataError`. Folders are map-style datasets (use any
+sampler); shards are iterable datasets that shuffle and split themselves: call `dataset.set_epoch(epoch)`
+before each epoch, as with DistributedSampler, to get a new order. `read_into_memory` decodes a folder or
+shards once into one uint8 tensor instead, for training that augments whole batches on the device
+(`--augment-on device`).
 """
 
 from __future__ import annotations
