@@ -66,6 +66,15 @@ def test_bad_idx_files(tmp_path: Path) -> None:
         load_idx_folder(tmp_path / "nowhere")
 
 
+def test_idx_labels_out_of_range_are_refused_when_loaded(tmp_path: Path) -> None:
+    """Not mid-training, where the loss met them (IndexError: Target 200 is out of bounds)."""
+    _write_idx(tmp_path / "t10k-images-idx3-ubyte", np.zeros((4, 28, 28)), compress=False)
+    _write_idx(tmp_path / "t10k-labels-idx1-ubyte", np.array([3, 9, 200, 12]), compress=False)
+    with pytest.raises(ValueError, match=r"t10k-labels-idx1-ubyte holds 2 label\(s\) outside 0-9 \(the first, 200, "
+                                         r"at index 2\); fix or re-download"):
+        load_tensors(str(tmp_path))
+
+
 def test_holdout_split_is_seeded_and_disjoint() -> None:
     train, val = holdout_split(100, 10, seed=3)
     assert len(val) == 10 and len(train) == 90

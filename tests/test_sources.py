@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import io
 import json
+import os
 import warnings
 from pathlib import Path
 
@@ -107,6 +108,54 @@ def test_hidden_folders_and_files_are_not_classes_or_images(tmp_path: Path) -> N
         open_folder_or_shards(str(only_hidden), "train", 0.0, 0, None)
 
 
+def test_links_are_followed_unless_they_lead_back_into_the_data(tmp_path: Path) -> None:
+    """`ln -s .. a/up` made 2,460 samples of 60 images, most of them under the wrong class."""
+    data = tmp_path / "data"
+    make_folder(data, {"a": 3, "b": 2})
+    make_folder(tmp_path / "elsewhere", {"c": 2, "more": 1}, start=10)
+    (data / "a" / "up").symlink_to("..")  # a loop
+    (data / "a" / "b-too").symlink_to(data / "b")  # b's images under a
+    (data / "c").symlink_to(tmp_path / "elsewhere" / "c")  # a class folder kept elsewhere: followed
+    (data / "b" / "more").symlink_to(tmp_path / "elsewhere" / "more")  # a folder of b's kept elsewhere: followed
+    (tmp_path / "elsewhere" / "more" / "again").symlink_to(tmp_path / "elsewhere" / "more")  # a loop there
+    (data / "b" / "one.png").symlink_to(tmp_path / "elsewhere" / "c" / "0010.png")  # an image: followed
+    with pytest.warns(UserWarning) as said:
+        source = open_folder_or_shards(str(data), "train", 0.0, 0, None)
+    assert source.class_names == ["a", "b", "c"]
+    assert sorted(ids_and_labels(source.dataset)) == [(0, 0), (1, 0), (2, 0), (3, 1), (4, 1), (10, 1), (10, 2),
+                                                      (11, 2), (12, 1)]
+    skipped = sorted(str(w.message).split()[4].rstrip(":") for w in said)
+    assert skipped == [str(data / "a" / "b-too"), str(data / "a" / "up"), str(data / "b" / "more" / "again")]
+
+
+def test_a_class_folder_without_images_stops_training_and_is_warned_about_elsewhere(tmp_path: Path) -> None:
+    make_folder(tmp_path, {"a": 2, "b": 0, "c": 1})
+    (tmp_path / "b" / "notes.txt").write_text("not an image")
+    with pytest.raises(FileNotFoundError, match=r"The class folder .*b holds no images; put its images in it or "
+                                                r"remove it \(a class that no image shows cannot be learnt\)\."):
+        open_folder_or_shards(str(tmp_path), "train", 0.0, 0, None)
+    with pytest.warns(UserWarning, match=r"The class folder .*b holds no images: its class has nothing to evaluate"):
+        source = open_folder_or_shards(str(tmp_path), "val", 0.0, 0, None)
+    assert source.class_names == ["a", "b", "c"] and source.num_examples == 3
+
+
+def test_a_folder_that_cannot_be_read_is_one_sentence(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """os.walk passed over it, so its class had no images, or fewer, without a word."""
+    make_folder(tmp_path, {"a": 2, "b": 1})
+    (tmp_path / "a" / "more").mkdir()
+    real_scandir = os.scandir
+
+    def scandir(path):  # as for a folder of mode 000, which the tests' root user could read anyway
+        if Path(path) == tmp_path / "a" / "more":
+            raise PermissionError(13, "Permission denied", str(path))
+        return real_scandir(path)
+
+    monkeypatch.setattr(os, "scandir", scandir)
+    for split in ("train", "val"):
+        with pytest.raises(OSError, match=r"^\S+/a/more cannot be read \(Permission denied\); fix its permissions"):
+            open_folder_or_shards(str(tmp_path), split, 0.0, 0, None)
+
+
 def test_train_val_pair_picks_the_split(tmp_path: Path) -> None:
     make_folder(tmp_path / "train", {"a": 4, "b": 4})
     make_folder(tmp_path / "val", {"a": 1, "b": 2}, start=100)
@@ -153,6 +202,25 @@ def test_folder_bad_image_is_skipped_and_counted(tmp_path: Path) -> None:
         image, label = training[5]
     assert sample_id(image) == 6 and label == 0
     assert (training.bad_samples.bad, training.bad_samples.seen) == (1, 2)
+
+
+def test_an_empty_image_file_is_skipped_as_an_empty_file(tmp_path: Path) -> None:
+    make_folder(tmp_path, {"a": 2})
+    (tmp_path / "a" / "zero.png").write_bytes(b"")
+    dataset = open_folder_or_shards(str(tmp_path), "val", 0.0, 0, None).dataset
+    with pytest.warns(UserWarning, match=r"Skipping .*zero.png: empty file\.$"):
+        assert dataset[2] is None
+
+
+def test_a_file_name_that_is_not_utf8_is_held_out_by_its_bytes(tmp_path: Path) -> None:
+    make_folder(tmp_path, {"a": 5, "b": 5})
+    odd = os.path.join(os.fsencode(tmp_path / "a"), b"caf\xe9.png")  # Latin-1, as older file systems write
+    with open(odd, "wb") as f:
+        f.write(encode(99))
+    train = open_folder_or_shards(str(tmp_path), "train", 0.3, 0, None)
+    val = open_folder_or_shards(str(tmp_path), "val", 0.3, 0, None)
+    got = ids_and_labels(train.dataset) + ids_and_labels(val.dataset)
+    assert sorted(got) == [*[(i, i // 5) for i in range(10)], (99, 0)] and val.num_examples == 3
 
 
 def test_folder_with_too_many_bad_images_stops(tmp_path: Path) -> None:
@@ -251,6 +319,20 @@ def test_shards_without_dataset_json_count_their_classes(tmp_path: Path) -> None
     assert source.class_names == ["0", "1", "2", "3", "4"] and source.num_examples == 8
 
 
+@pytest.mark.parametrize("info, complaint", [
+    ({"classes": "abc", "splits": {"train": 6}}, "\"classes\" must be a list of names, not 'abc'"),
+    ({"classes": ["a", "b", "c"], "splits": {"train": "6"}}, "\"splits\" must map each split to a whole number"),
+    ({"classes": ["a", "b", "c"], "splits": [6]}, "\"splits\" must map each split to a whole number"),
+])
+def test_a_dataset_json_of_the_wrong_shape_is_one_sentence(tmp_path: Path, info: dict, complaint: str) -> None:
+    """A string of classes was read as one-letter classes, a quoted count gave a TypeError."""
+    make_shards(tmp_path, shards=1, per_shard=6)
+    (tmp_path / "dataset.json").write_text(json.dumps(info))
+    with pytest.raises(ValueError, match=f"dataset.json is not a valid dataset description \\({complaint}.*\\); "
+                                         "fix it or remove it"):
+        open_folder_or_shards(str(tmp_path), "train", 0.0, 0, None)
+
+
 def test_shard_bad_image_is_skipped_and_counted(tmp_path: Path) -> None:
     make_shards(tmp_path, shards=2, per_shard=75, bad=(10,))
     dataset = open_folder_or_shards(str(tmp_path), "train", 0.0, 0, None).dataset
@@ -262,20 +344,96 @@ def test_shard_bad_image_is_skipped_and_counted(tmp_path: Path) -> None:
         warnings.simplefilter("ignore")  # (the workers warn on their own stderr)
         ids = [i for i, _ in ids_and_labels(dataset, workers=2)]
     assert sorted(ids) == [i for i in range(150) if i != 10]
-    assert (dataset.bad_samples.bad, dataset.bad_samples.seen) == (2, 300)  # counted in the workers
+    # Found bad in the first pass: passed over in the workers, not counted again (as folders do).
+    assert (dataset.bad_samples.bad, dataset.bad_samples.seen) == (1, 299)
+    for epoch in range(1, 4):  # counted on each pass, 2 of 151 (1.3%) stopped a run where it came first
+        dataset.set_epoch(epoch)
+        assert len(ids_and_labels(dataset, workers=2)) == 149
+    assert (dataset.bad_samples.bad, dataset.bad_samples.seen) == (1, 150 + 4 * 149)
+
+
+def write_odd_samples(shard: Path) -> None:
+    """A shard of four samples without an image or a usable label."""
+    with wds.TarWriter(str(shard)) as sink:
+        sink.write({"__key__": "no_image", "cls": b"1"})
+        sink.write({"__key__": "bad_class", "png": encode(0), "cls": b"7"})
+        sink.write({"__key__": "no_class", "png": encode(0)})
+        sink.write({"__key__": "text_class", "png": encode(0), "cls": b"abc"})
 
 
 def test_shard_samples_without_image_or_valid_class_are_bad(tmp_path: Path) -> None:
-    make_shards(tmp_path, shards=1, per_shard=250)
-    with wds.TarWriter(str(tmp_path / "part-001.tar")) as sink:
-        sink.write({"__key__": "no_image", "cls": b"1"})
-        sink.write({"__key__": "bad_class", "png": encode(0), "cls": b"7"})
+    make_shards(tmp_path, shards=1, per_shard=500)
+    write_odd_samples(tmp_path / "part-001.tar")
     dataset = open_folder_or_shards(str(tmp_path), "val", 0.0, 0, None).dataset
     with pytest.warns(UserWarning) as caught:
-        assert len(ids_and_labels(dataset)) == 250
-    assert (dataset.bad_samples.bad, dataset.bad_samples.seen) == (2, 252)
+        assert len(ids_and_labels(dataset)) == 500
+    assert (dataset.bad_samples.bad, dataset.bad_samples.seen) == (4, 504)
     messages = " ".join(str(w.message) for w in caught)
-    assert "no_image: no jpg/jpeg/png/webp image" in messages and "bad_class: its .cls class" in messages
+    for said in ("part-001.tar:no_image: no jpg/jpeg/png/webp image",
+                 "part-001.tar:bad_class: its .cls label 7 is not one of the 3 classes",
+                 "part-001.tar:no_class: it has no .cls label",
+                 "part-001.tar:text_class: its .cls label 'abc' is not a class number"):
+        assert said in messages
+
+
+def test_shards_scanned_for_counts_leave_out_samples_without_a_usable_label(tmp_path: Path) -> None:
+    """Scanned for a hold-out or for the classes, a sample without .cls (KeyError: 'cls') or with a .cls that
+    is no number (invalid literal for int()) stopped the run naming neither; it is now a bad sample."""
+    make_shards(tmp_path, shards=1, per_shard=500, describe=False)
+    with wds.TarWriter(str(tmp_path / "part-001.tar")) as sink:
+        sink.write({"__key__": "no_class", "png": encode(0)})
+        sink.write({"__key__": "text_class", "png": encode(0), "cls": b"abc"})
+    with pytest.warns(UserWarning, match="No dataset.json"):
+        train = open_folder_or_shards(str(tmp_path), "train", 0.5, 0, None)
+        val = open_folder_or_shards(str(tmp_path), "val", 0.5, 0, None)
+    assert train.class_names == ["0", "1", "2"]
+    with pytest.warns(UserWarning, match="no_class: it has no .cls label|text_class: its .cls label 'abc'"):
+        got = [ids_and_labels(side.dataset) for side in (train, val)]
+    # The counts hold the samples read: an epoch ends where the data does.
+    assert [len(ids) for ids in got] == [train.num_examples, val.num_examples]
+    assert train.num_examples + val.num_examples == 500
+
+
+def test_shards_without_dataset_json_need_labels_without_gaps(tmp_path: Path) -> None:
+    """One sample labelled 99 among 0-9 made a model of 100 classes."""
+    make_shards(tmp_path, shards=1, per_shard=20, classes=10, describe=False)
+    with wds.TarWriter(str(tmp_path / "part-001.tar")) as sink:
+        sink.write({"__key__": "odd", "png": encode(0), "cls": b"99"})
+    with pytest.warns(UserWarning, match="No dataset.json"), pytest.raises(
+            ValueError, match=r"The .cls labels of the shards in .* skip 10 to 98 \(.*part-001.tar:odd is labelled "
+                              r"99\); put a dataset.json naming the classes next to them"):
+        open_folder_or_shards(str(tmp_path), "train", 0.0, 0, None)
+    make_shards(tmp_path / "labels", shards=1, per_shard=12, classes=4, describe=False)
+    with wds.TarWriter(str(tmp_path / "labels" / "part-000.tar")) as sink:  # replaced: no label 2
+        for i in range(12):
+            sink.write({"__key__": f"s{i}", "png": encode(i), "cls": str([0, 1, 3][i % 3]).encode()})
+    with pytest.warns(UserWarning, match="No dataset.json"), pytest.raises(ValueError, match=r"skip 2 \(.*:s2 is"):
+        open_folder_or_shards(str(tmp_path / "labels"), "val", 0.0, 0, None)
+    (tmp_path / "none").mkdir()
+    with wds.TarWriter(str(tmp_path / "none" / "part-000.tar")) as sink:
+        sink.write({"__key__": "s0", "png": encode(0)})
+    with pytest.warns(UserWarning, match="No dataset.json"), pytest.raises(ValueError, match="No sample of the shards"):
+        open_folder_or_shards(str(tmp_path / "none"), "val", 0.0, 0, None)
+
+
+def test_too_many_bad_labels_are_named_as_labels(tmp_path: Path) -> None:
+    """They read as 'images could not be decoded'."""
+    make_shards(tmp_path, shards=1, per_shard=20)
+    with wds.TarWriter(str(tmp_path / "part-001.tar")) as sink:
+        for i in range(3):
+            sink.write({"__key__": f"beyond{i}", "png": encode(i), "cls": b"5"})
+    dataset = open_folder_or_shards(str(tmp_path), "val", 0.0, 0, None).dataset
+    with warnings.catch_warnings(), pytest.raises(BadDataError, match=r"\d of 2\d samples \(\d.\d%\) have a missing "
+                                                                      "label or one that is not a class of the data"):
+        warnings.simplefilter("ignore")
+        ids_and_labels(dataset)
+    make_shards(tmp_path / "both", shards=1, per_shard=20, bad=(3,))
+    with wds.TarWriter(str(tmp_path / "both" / "a.tar")) as sink:  # read first
+        sink.write({"__key__": "beyond", "png": encode(0), "cls": b"5"})
+    dataset = open_folder_or_shards(str(tmp_path / "both"), "val", 0.0, 0, None).dataset
+    with warnings.catch_warnings(), pytest.raises(BadDataError, match=r"are bad \(1 for their label, 1 for an image"):
+        warnings.simplefilter("ignore")
+        ids_and_labels(dataset)
 
 
 def test_shards_with_too_many_bad_images_stop_with_one_sentence(tmp_path: Path) -> None:

@@ -7,6 +7,7 @@ import math
 import os
 import pickle
 import signal
+import warnings
 from pathlib import Path
 
 import pytest
@@ -112,6 +113,75 @@ def test_shard_epochs_are_whole_with_several_workers(tmp_path: Path) -> None:
         assert len(set(seen)) == len(seen) == per_epoch * batch  # no image twice within an epoch
         epochs.append(seen)
     assert epochs[0] != epochs[1]  # the second epoch is a new shuffle, not a repeat
+
+
+def shard_steps(dataset, start: int, steps: int, per_epoch: int, batch: int = 15) -> list[list[int]]:
+    """The sample numbers of each step's batch from `start`, as training draws them."""
+    from test_sources import sample_id
+
+    batches = loader_batches(dataset, tiny(workers=0), batch, 1, start, per_epoch, 0, 1)
+    return [[sample_id(image) for image in next(batches)[0][0]] for _ in range(steps)]
+
+
+@pytest.mark.filterwarnings("ignore:The image decoding:DeprecationWarning")  # torchvision 0.29
+def test_shard_epochs_go_on_when_a_pass_holds_fewer_images_than_counted(tmp_path: Path) -> None:
+    """One bad image among 150, batches of 15: a pass made 9 batches where the epoch counts 10, and the run
+    stopped ('fewer images than one batch ... per pass'), at the end of epoch 1 and again on --resume."""
+    from test_sources import make_shards
+
+    make_shards(tmp_path / "shards", shards=2, per_shard=75, bad=(10,))
+    source = open_folder_or_shards(str(tmp_path / "shards"), "train", 0.0, 0, None)
+    per_epoch = source.num_examples // 15
+    with pytest.warns(UserWarning) as said:
+        steps = shard_steps(source.dataset, 0, 3 * per_epoch, per_epoch)
+    assert sum("held fewer images than counted" in str(w.message) for w in said) == 1  # once, not per epoch
+    for epoch in range(3):
+        seen = [i for step in steps[epoch * per_epoch:(epoch + 1) * per_epoch] for i in step]
+        assert len(seen) == 150 and set(seen) == set(range(150)) - {10}  # one image twice
+    assert source.dataset.bad_samples.bad == 1  # the 1% rule still counts it, once
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        assert shard_steps(source.dataset, 19, 6, per_epoch) == steps[19:25]  # resumed mid-epoch, at its end too
+        # dataset.json counts more images than the shards hold: the epoch takes them from its start again.
+        (tmp_path / "shards" / "dataset.json").write_text(json.dumps({"splits": {"train": 200}}))
+        more = open_folder_or_shards(str(tmp_path / "shards"), "val", 0.0, 0, None).dataset  # in shard order
+        steps = shard_steps(more, 0, 2 * 13, 13)
+    one_pass = [i for i in range(150) if i != 10]
+    assert [i for step in steps[:13] for i in step] == (one_pass + one_pass)[:195]
+    assert steps[13:] == steps[:13]
+
+
+@pytest.mark.filterwarnings("ignore:The image decoding:DeprecationWarning")  # torchvision 0.29
+@pytest.mark.filterwarnings("ignore:The image decoding:DeprecationWarning")  # torchvision 0.29
+def test_shards_with_a_bad_image_train_their_epochs_and_resume(tmp_path: Path) -> None:
+    """The audit's run: 150 samples, one of them cut short, batches of 15, 3 epochs; killed and resumed."""
+    from test_sources import make_shards
+
+    make_shards(tmp_path / "shards", shards=1, per_shard=150, bad=(7,), classes=10)
+    r = get_recipe("cifar10-nano", data=str(tmp_path / "shards"), img_size=8, augment_on="workers", workers=0,
+                   batch_size=15, epochs=3, holdout=0, evals=1)
+    with pytest.warns(UserWarning) as said:
+        files = train(r, tmp_path / "run", save_every=5, progress=False, log=lambda *_: None)
+    said = " ".join(str(w.message) for w in said)
+    assert "Skipping" in said and "sample00007" in said and "fewer images than counted" in said
+    rows = [json.loads(line) for line in files.metrics.read_text().splitlines()]
+    assert max(row["step"] for row in rows) == 30 and rows[-1]["bad_samples"] == 1
+    cut = tmp_path / "cut"
+    (cut / "checkpoints").mkdir(parents=True)
+    state = "step-00000025.pt"  # in epoch 3, whose last step takes an image from its start again
+    (cut / "checkpoints" / state).write_bytes((tmp_path / "run" / "checkpoints" / state).read_bytes())
+    with pytest.warns(UserWarning, match="sample00007|fewer images than counted"):
+        train(r, cut, resume=True, save_every=5, progress=False, log=lambda *_: None)
+    assert (cut / "model.safetensors").is_file()
+
+
+def test_too_few_images_for_one_batch_per_pass_stop_the_run(tmp_path: Path) -> None:
+    from test_sources import make_shards
+
+    make_shards(tmp_path / "shards", shards=1, per_shard=10)
+    dataset = open_folder_or_shards(str(tmp_path / "shards"), "train", 0.0, 0, None).dataset
+    with pytest.raises(ValueError, match="fewer images than one batch of 15 per pass"):
+        shard_steps(dataset, 0, 1, 1)
 
 
 def test_cifar_style_augmentation_in_the_workers_trains(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:

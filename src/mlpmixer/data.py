@@ -137,6 +137,14 @@ def load_idx_folder(path: str | Path, split: str = "test") -> TensorData:
             f"{pair[0].name} and {pair[1].name} do not match (shapes {images.shape} and {labels.shape}); "
             "give an images file and its labels file."
         )
+    # Checked here, not by the loss: a label out of range would stop training or evaluation midway.
+    out_of_range = np.flatnonzero((labels < 0) | (labels >= len(DIGIT_NAMES)))
+    if len(out_of_range):
+        first = out_of_range[0]
+        raise ValueError(
+            f"{pair[1]} holds {len(out_of_range)} label(s) outside 0-{len(DIGIT_NAMES) - 1} (the first, "
+            f"{labels[first]}, at index {first}); fix or re-download the labels file."
+        )
     return TensorData(
         torch.from_numpy(images.astype(np.uint8)).unsqueeze(1),
         torch.from_numpy(labels.astype(np.int64)),

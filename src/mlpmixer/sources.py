@@ -6,7 +6,7 @@
 - a folder, a single shard, a glob (`shards/*.tar`) or a brace list (`train-{000..009}.tar.gz`) of
   WebDataset shards (`.tar`, `.tar.gz`, `.tgz`; members KEY.jpg|png + KEY.cls), with an optional
   `dataset.json` next to them naming the classes ({"classes": [...], "splits": {"train": count}});
-- a folder of class sub-folders (ImageFolder).
+- a folder of class sub-folders (ImageFolder's layout and order; found by `_image_folder`).
 
 A folder is used whole whatever its split is called. With `holdout` > 0 (and no `train/` + `val/` pair),
 every image falls on the "val" side when a seeded hash of its key (shards) or relative path (folders)
@@ -14,12 +14,13 @@ lands in the hold-out fraction, and on the "train" side otherwise: the two never
 does not depend on worker, rank or file order.
 
 Images are decoded inside the dataset, so in the DataLoader workers. An image that cannot be decoded
-is skipped with a warning and counted in the dataset's `bad_samples` (a `BadSampleCounter` shared by
-all DataLoader workers of one process); when more than 1% of the images seen are bad, the dataset
-raises `BadDataError`. Folders are map-style datasets (use any sampler); shards are iterable datasets
-that shuffle and split themselves: call `dataset.set_epoch(epoch)` before each epoch, as with
-DistributedSampler, to get a new order. `read_into_memory` decodes a folder or shards once into one
-uint8 tensor instead, for training that augments whole batches on the device (`--augment-on device`).
+(or a shard sample without a usable label) is skipped with a warning and counted, once, in the dataset's
+`bad_samples` (a `BadSampleCounter` shared by all DataLoader workers of one process); when more than 1% of
+the images seen are bad, the dataset raises `BadDataError`. Folders are map-style datasets (use any
+sampler); shards are iterable datasets that shuffle and split themselves: call `dataset.set_epoch(epoch)`
+before each epoch, as with DistributedSampler, to get a new order. `read_into_memory` decodes a folder or
+shards once into one uint8 tensor instead, for training that augments whole batches on the device
+(`--augment-on device`).
 """
 
 from __future__ import annotations
@@ -27,6 +28,7 @@ from __future__ import annotations
 import functools
 import glob
 import gzip
+import hashlib
 import io
 import itertools
 import json
@@ -44,7 +46,6 @@ import torch
 import webdataset as wds
 from braceexpand import braceexpand
 from PIL import Image
-from torchvision.datasets import ImageFolder
 from torchvision.datasets.folder import IMG_EXTENSIONS, has_file_allowed_extension
 from torchvision.transforms.v2 import functional as F
 from tqdm import tqdm
@@ -81,8 +82,13 @@ class BadDataError(ValueError):
         super().__init__(message.rsplit(f"{type(self).__name__}: ", 1)[-1].strip())
 
 
+class BadLabel(ValueError):
+    """A shard sample's .cls label is missing, not a number, or not one of the classes."""
+
+
 class BadSampleCounter:
-    """How many images were decoded (`seen`) and how many of them failed (`bad`), for the whole run.
+    """How many images were decoded (`seen`) and how many of them failed (`bad`; some perhaps for their
+    shard sample's label rather than the image), for the whole run.
 
     The counts live in shared memory, so DataLoader worker processes (which receive the dataset when
     they start) add to the counts the main process reads. They cover one process: each DDP rank
@@ -94,6 +100,7 @@ class BadSampleCounter:
         self.window = min(window or BAD_WINDOW, BAD_WINDOW)
         self._seen = multiprocessing.Value("q", 0)
         self._bad = multiprocessing.Value("q", 0)
+        self._bad_labels = multiprocessing.Value("q", 0)
 
     @property
     def seen(self) -> int:
@@ -103,23 +110,33 @@ class BadSampleCounter:
     def bad(self) -> int:
         return self._bad.value
 
-    def record(self, ok: bool) -> None:
+    def record(self, ok: bool, bad_label: bool = False) -> None:
         with self._seen.get_lock():
             self._seen.value += 1
         if not ok:
             with self._bad.get_lock():
                 self._bad.value += 1
-        seen, bad = self.seen, self.bad
+        if bad_label:
+            with self._bad_labels.get_lock():
+                self._bad_labels.value += 1
+        seen, bad, labels = self.seen, self.bad, self._bad_labels.value
         if seen >= self.window and bad > MAX_BAD_FRACTION * seen:
-            raise BadDataError(
-                f"{bad} of {seen} images ({100 * bad / seen:.1f}%) could not be decoded, more than the "
-                f"{100 * MAX_BAD_FRACTION:g}% allowed; check or rebuild the data "
-                "(the warnings name the bad files)."
-            )
+            share = f"{bad} of {seen} {'samples' if labels else 'images'} ({100 * bad / seen:.1f}%)"
+            # Bad labels are named as such: they are fixed in the .cls members or dataset.json, not the images.
+            if not labels:
+                what = "could not be decoded"
+            elif labels == bad:
+                what = "have a missing label or one that is not a class of the data"
+            else:
+                what = f"are bad ({labels} for their label, {bad - labels} for an image that could not be decoded)"
+            raise BadDataError(f"{share} {what}, more than the {100 * MAX_BAD_FRACTION:g}% allowed; check or "
+                               "rebuild the data (the warnings name the bad files).")
 
 
 def decode_image_bytes(data: bytes) -> torch.Tensor:
     """An encoded image -> uint8 (C, H, W), C = 1 for greyscale images and 3 otherwise (alpha dropped)."""
+    if not data:  # said plainly: torch.frombuffer's complaint about a zero buffer length names no file problem
+        raise ValueError("empty file")
     buffer = torch.frombuffer(bytearray(data), dtype=torch.uint8)
     # JPEG and 8-bit PNG go to torchvision's decoders, about 3x faster here than PIL plus conversion
     # (torchvision 0.19 decodes no 16-bit PNG). The PNG bit depth and colour type (bytes 24 and 25 of the
@@ -152,19 +169,21 @@ def top_8_bits(pil: Image.Image) -> np.ndarray:
 
 def _load_counted(where: str, counter: BadSampleCounter, load: Callable[[], T]) -> Optional[T]:
     """`load()`, or None with a warning when it fails (a missing, truncated or undecodable image, a
-    missing class); either way counted."""
+    missing or wrong label); either way counted."""
     try:
         item: Optional[T] = load()
     except Exception as e:  # any failure means a bad sample, whatever the decoder raises
         warnings.warn(f"Skipping {where}: {str(e).splitlines()[0] or type(e).__name__}.", stacklevel=2)
-        item = None
-    counter.record(ok=item is not None)
+        counter.record(ok=False, bad_label=isinstance(e, BadLabel))
+        return None
+    counter.record(ok=True)
     return item
 
 
 def _holdout_rank(key: str, seed: int) -> int:
-    """A stable hash of a sample's name (not Python's salted hash()), so every process and run agrees."""
-    return zlib.crc32(f"{seed}/{key}".encode())
+    """A stable hash of a sample's name (not Python's salted hash()), so every process and run agrees.
+    The name's bytes as the file system holds them: a file name that is not UTF-8 has no UTF-8 encoding."""
+    return zlib.crc32(os.fsencode(f"{seed}/{key}"))
 
 
 def in_holdout(key: str, holdout: float, seed: int) -> bool:
@@ -195,6 +214,29 @@ def check_same_classes(train_names: list[str], eval_names: list[str]) -> None:
         f"The evaluation data does not have the model's classes ({detail}); evaluate on data with the "
         f"same classes in the same order{hint}, or fine-tune a new head first."
     )
+
+
+class SharedNames:
+    """A set of sample names that DataLoader workers share, as the counts of BadSampleCounter are: 64-bit
+    hashes in shared memory, `room` of them at most (more are not kept)."""
+
+    def __init__(self, room: int) -> None:
+        self._hashes = multiprocessing.Array("q", room)
+        self._size = multiprocessing.Value("i", 0)
+
+    @staticmethod
+    def _hash(name: str) -> int:
+        return int.from_bytes(hashlib.blake2b(os.fsencode(name), digest_size=8).digest(), "little", signed=True)
+
+    def __contains__(self, name: str) -> bool:
+        size = self._size.value
+        return size > 0 and self._hash(name) in self._hashes[:size]  # no hashing while the set is empty
+
+    def add(self, name: str) -> None:
+        with self._size.get_lock():
+            if self._size.value < len(self._hashes):
+                self._hashes[self._size.value] = self._hash(name)
+                self._size.value += 1
 
 
 class FolderDataset(torch.utils.data.Dataset):
@@ -278,6 +320,11 @@ class ShardDataset(torch.utils.data.IterableDataset):
         self.shuffle_buffer = shuffle_buffer
         self.epoch = 0
         self.bad_samples = BadSampleCounter(num_examples)
+        # As in FolderDataset, each bad sample is warned about and counted once, then passed over: counted on
+        # every pass, one bad image among 150 (0.7%) read as 2 of 151 (1.3%) where it came first in the second
+        # pass, which stopped the run. Room for the 1% of the samples that may be bad (more stops the run
+        # within the first pass); beyond it, a bad sample is counted again on each pass.
+        self._found_bad = SharedNames(int(MAX_BAD_FRACTION * (num_examples or BAD_WINDOW)) + 1)
 
     def set_epoch(self, epoch: int) -> None:
         self.epoch = epoch
@@ -317,8 +364,12 @@ class ShardDataset(torch.utils.data.IterableDataset):
             stages.append(wds.shuffle(self.shuffle_buffer, rng=rng))
         for sample in wds.DataPipeline(*stages):
             where = f"{sample.get('__url__')}:{sample['__key__']}"
+            if where in self._found_bad:
+                continue
             item = _load_counted(where, self.bad_samples, lambda: self._decode(sample))
-            if item is not None:
+            if item is None:
+                self._found_bad.add(where)
+            else:
                 image, label = item
                 yield (self.transform(image) if self.transform else image), label
 
@@ -327,10 +378,22 @@ class ShardDataset(torch.utils.data.IterableDataset):
         data = next((sample[ext] for ext in IMAGE_MEMBERS if ext in sample), None)
         if data is None:
             raise ValueError(f"no {'/'.join(IMAGE_MEMBERS)} image")
-        label = int(sample.get("cls", b"-1"))  # int() accepts the ASCII bytes of "3\n"
+        label = _label(sample)
         if not 0 <= label < self.num_classes:
-            raise ValueError(f"its .cls class is missing or not one of the {self.num_classes} classes")
+            raise BadLabel(f"its .cls label {label} is not one of the {self.num_classes} classes")
         return decode_image_bytes(data), label
+
+
+def _label(sample: dict[str, Any]) -> int:
+    """A shard sample's class number, from its .cls member (int() takes the ASCII bytes of "3\n");
+    BadLabel when it has none or it is not a whole number."""
+    text = sample.get("cls")
+    if text is None:
+        raise BadLabel("it has no .cls label")
+    try:
+        return int(text)
+    except ValueError:
+        raise BadLabel(f"its .cls label {text[:20].decode(errors='replace')!r} is not a class number") from None
 
 
 def _list_shards(path: str) -> list[str]:
@@ -354,6 +417,12 @@ def _read_dataset_json(folder: Path) -> Optional[dict[str, Any]]:
         info = json.loads(path.read_text())
         if not isinstance(info, dict):
             raise ValueError("not a JSON object")
+        # A string would pass for a list of one-letter classes, and a count in quotes fail later.
+        if not isinstance(info.get("classes", []), list):
+            raise ValueError(f'"classes" must be a list of names, not {info["classes"]!r}')
+        splits = info.get("splits", {})
+        if not isinstance(splits, dict) or not all(type(n) is int and n >= 0 for n in splits.values()):
+            raise ValueError(f'"splits" must map each split to a whole number of images, not {splits!r}')
     except ValueError as e:
         raise ValueError(f"{path} is not a valid dataset description ({e}); fix it or remove it.") from None
     return info
@@ -401,17 +470,43 @@ def _unreadable_shard(exn: Exception) -> bool:
                        "copy or build it again, or leave it out of --data.") from None
 
 
-def _scan(shards: list[str], split: str, holdout: float, seed: int) -> tuple[int, int]:
-    """(number of samples on the `split` side of the hold-out, number of classes) by reading every
-    sample's key and .cls member; no image is decoded."""
-    count, top = 0, -1
+def _scan(shards: list[str], split: str, holdout: float, seed: int,
+          num_classes: Optional[int]) -> tuple[int, dict[int, str]]:
+    """Every sample's key and .cls member read, no image decoded: the number of samples on the `split` side
+    of the hold-out, and the labels found, each with a sample that has it. A sample whose label is missing,
+    not a number or not one of `num_classes` (where known) is left out of both: reading it for training or
+    evaluation skips it as a bad sample, with a warning naming it."""
+    count, labels = 0, {}
     stream = wds.DataPipeline(*_shard_reading(shards))
     # disable=None: no bar where stderr is not a terminal (a log file would get a line per refresh).
     for sample in tqdm(stream, desc="counting samples", unit=" samples", leave=False, disable=None):
-        top = max(top, int(sample["cls"]))
+        try:
+            label = _label(sample)
+        except BadLabel:
+            continue
+        if label < 0 or (num_classes is not None and label >= num_classes):
+            continue
+        if label not in labels:
+            labels[label] = f"{sample['__url__']}:{sample['__key__']}"
         if holdout == 0 or in_holdout(sample["__key__"], holdout, seed) == (split == "val"):
             count += 1
-    return count, top + 1
+    return count, labels
+
+
+def _numbered_classes(labels: dict[int, str], folder: Path) -> list[str]:
+    """The classes of shards without a dataset.json, named by their numbers, which must run 0..n-1: a label
+    beyond a gap (one sample labelled 99 among 0-9) would make classes of no images."""
+    if not labels:
+        raise ValueError(f"No sample of the shards in {folder} has a .cls class number; label them or put a "
+                         "dataset.json naming the classes next to them.")
+    gap = min(set(range(max(labels))) - labels.keys(), default=None)
+    if gap is not None:
+        above = min(label for label in labels if label > gap)
+        skipped = f"{gap}" if above == gap + 1 else f"{gap} to {above - 1}"
+        raise ValueError(f"The .cls labels of the shards in {folder} skip {skipped} ({labels[above]} is labelled "
+                         f"{above}); put a dataset.json naming the classes next to them (samples labelled beyond "
+                         "them are then skipped as bad) or fix the labels.")
+    return [str(i) for i in range(len(labels))]
 
 
 def _open_shards(shards: list[str], split: str, holdout: float, seed: int, transform: Transform,
@@ -433,8 +528,8 @@ def _open_shards(shards: list[str], split: str, holdout: float, seed: int, trans
                 "the classes, which are named by their numbers.",
                 stacklevel=3,
             )
-        total, num_classes = _scan(shards, split, holdout, seed)
-        class_names = class_names or [str(i) for i in range(num_classes)]
+        total, labels = _scan(shards, split, holdout, seed, None if class_names is None else len(class_names))
+        class_names = class_names or _numbered_classes(labels, folder)
         if holdout > 0 and total == 0:
             raise ValueError(f"A hold-out of {holdout:.4g} of the shards in {folder} leaves their {split} part empty; "
                              "hold out more or fewer images (--holdout).")
@@ -443,27 +538,56 @@ def _open_shards(shards: list[str], split: str, holdout: float, seed: int, trans
     return Source(dataset, [str(name) for name in class_names], total)
 
 
-class _VisibleImageFolder(ImageFolder):
-    """ImageFolder without hidden entries: a hidden folder is not a class (Jupyter's .ipynb_checkpoints
-    would be one), and a hidden file not an image (macOS's ._NAME.jpg companions would count as undecodable
-    images); `ls` and file managers leave them out too."""
+def _image_folder(root: Path, split: str) -> tuple[list[str], list[tuple[str, int]]]:
+    """The classes of an image folder (its sub-folders, sorted) and its (image path, label) pairs, in
+    ImageFolder's order, found by a walk of our own for what ImageFolder does not say.
 
-    def __init__(self, root: str) -> None:
-        super().__init__(root, allow_empty=True, is_valid_file=self._is_image)
+    Hidden entries are left out, as `ls` and file managers leave them: a hidden folder is not a class
+    (Jupyter's .ipynb_checkpoints would be one), nor a hidden file an image (macOS's ._NAME.jpg companions
+    would count as undecodable images). Links are followed, to class folders, images and folders, except
+    a link to a folder that leads into the data folder, into a folder read through another link, or to a
+    folder holding one of them: through it, images would be read twice, under another class, or without
+    end (`up -> ..` made 2,460 samples of 60 images); it is left out with a warning. A folder that cannot
+    be read stops with one sentence, as does a class folder without images in training data ("train":
+    a class that no image shows cannot be learnt); elsewhere that is a warning."""
+    trees = [os.path.realpath(root)]  # the folders read, by real path: the data folder and the links' targets
 
-    @staticmethod
-    def _is_image(path: str) -> bool:
-        return not os.path.basename(path).startswith(".") and has_file_allowed_extension(path, IMG_EXTENSIONS)
+    def followed(path: str) -> bool:
+        if not os.path.islink(path):
+            return True
+        real = os.path.realpath(path)
+        if any(os.path.commonpath([real, tree]) in (real, tree) for tree in trees):
+            warnings.warn(f"Not following the link {path}: it leads back into the data ({real}), whose images "
+                          "would be read twice.", stacklevel=3)
+            return False
+        trees.append(real)
+        return True
 
-    def find_classes(self, directory: str | os.PathLike) -> tuple[list[str], dict[str, int]]:
-        classes = sorted(e.name for e in os.scandir(directory) if e.is_dir() and not e.name.startswith("."))
-        return classes, {name: i for i, name in enumerate(classes)}
+    def unreadable(e: OSError) -> None:  # os.walk would pass over the folder and its images silently
+        raise OSError(f"{e.filename} cannot be read ({e.strerror}); fix its permissions or move it out of the data.")
+
+    entries = sorted(os.scandir(root), key=lambda e: e.name)  # sorted first: which link counts as first is fixed
+    classes = [e.name for e in entries if e.is_dir() and not e.name.startswith(".") and followed(e.path)]
+    samples = []
+    for label, name in enumerate(classes):
+        found = []
+        for top, dirs, files in os.walk(root / name, followlinks=True, onerror=unreadable):
+            dirs[:] = [d for d in dirs if followed(os.path.join(top, d))]
+            images = [f for f in files if not f.startswith(".") and has_file_allowed_extension(f, IMG_EXTENSIONS)]
+            found += [(top, f) for f in images]
+        if not found:
+            message = f"The class folder {root / name} holds no images"
+            if split == "train":
+                raise FileNotFoundError(f"{message}; put its images in it or remove it (a class that no image shows "
+                                        "cannot be learnt).")
+            warnings.warn(f"{message}: its class has nothing to evaluate.", stacklevel=3)
+        samples += [(os.path.join(top, f), label) for top, f in sorted(found)]
+    return classes, samples
 
 
 def _open_image_folder(root: Path, split: str, holdout: float, seed: int, transform: Transform,
                        replace_bad: bool) -> Source:
-    folder = _VisibleImageFolder(str(root))  # only to find the classes and files
-    samples = folder.samples
+    classes, samples = _image_folder(root, split)
     if not samples:
         raise FileNotFoundError(
             f"{root} has class folders but no images in them; put each class's images in its folder."
@@ -478,7 +602,7 @@ def _open_image_folder(root: Path, split: str, holdout: float, seed: int, transf
                 f"Holding out {count} of the {len(ranked)} images of {root} leaves its {split} part empty; "
                 f"hold out between 1 and {len(ranked) - 1} of them (--holdout)."
             )
-    return Source(FolderDataset(samples, transform, replace_bad), list(folder.classes), len(samples))
+    return Source(FolderDataset(samples, transform, replace_bad), classes, len(samples))
 
 
 def open_folder_or_shards(path: str, split: str, holdout: float, seed: int, transform: Transform,

@@ -250,6 +250,28 @@ def rebatch(batches: Iterable[tuple[torch.Tensor, torch.Tensor]], size: int) -> 
         xs, ys = ([x], [y]) if len(x) else ([], [])
 
 
+def _passes(loader: Iterable[tuple[torch.Tensor, torch.Tensor]], size: int,
+            warn: bool) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
+    """An iterable dataset's batches, pass after pass, for as long as an epoch takes them: a pass can hold
+    fewer images than the epoch's steps (bad images skipped, a dataset.json that counts more images than
+    the shards hold, a rank with fewer shards than another), and its last steps then take images from the
+    start of the same pass again, in the order (seed, epoch) gives it, so a resumed run finds them too.
+    Ends after a pass of fewer images than one batch of `size`, where no batch could be made. `warn`: say
+    so when a pass runs short (once a run is enough: every epoch runs short alike)."""
+    while True:
+        images = 0
+        for x, y in loader:
+            images += len(x)
+            yield x, y
+        if images < size:
+            return
+        if warn:
+            warn = False
+            warnings.warn("The training data held fewer images than counted (bad images skipped, or a dataset.json "
+                          "counting more images than the shards hold): an epoch's last steps take images from its "
+                          "start again.")
+
+
 def loader_batches(dataset: Any, r: Recipe, batch: int, accum: int, start: int, per_epoch: int,
                    rank: int, world: int) -> Iterator[list[tuple[torch.Tensor, torch.Tensor]]]:
     """The same for image folders (map-style: a seeded order per epoch, resumed mid-epoch) and shards
@@ -271,8 +293,10 @@ def loader_batches(dataset: Any, r: Recipe, batch: int, accum: int, start: int, 
                                              persistent_workers=False)
         micro: list[tuple[torch.Tensor, torch.Tensor]] = []
         before = step
+        # Shards: pass after pass while the epoch lasts, in batches of `local`; a short pass is said in the first epoch.
+        batches = loader if sampler is not None else rebatch(_passes(loader, local, warn=step == start), local)
         try:
-            for n, (x, y) in enumerate(loader if sampler is not None else rebatch(loader, local)):
+            for n, (x, y) in enumerate(batches):
                 if n < skip:
                     continue
                 micro.append((x, y))
