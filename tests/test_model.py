@@ -244,10 +244,11 @@ def test_timms_data_and_optimiser_tools_take_our_model(tiny_config: MixerConfig)
 
     # timm's pipeline gives our input: [-1, 1], and the official "resize" evaluation, also of an image
     # of another shape (a centre crop would cut its sides off).
-    pixels = torch.randint(0, 256, (1, 40, 90), dtype=torch.uint8)
+    pixels = torch.randint(0, 256, (1, 40, 90), dtype=torch.uint8, generator=torch.Generator().manual_seed(0))
     theirs = timm.data.create_transform(**data)(to_pil_image(pixels))
     assert theirs.shape == (1, 24, 32)
-    torch.testing.assert_close(theirs, eval_transform((24, 32), 1, "resize")(pixels), atol=2 / 255, rtol=0)
+    # PIL's resize and torchvision's round a few pixels apart: one grey level (2/255 in [-1, 1]) at most.
+    torch.testing.assert_close(theirs, eval_transform((24, 32), 1, "resize")(pixels), atol=1.01 * 2 / 255, rtol=0)
     # Layer-wise learning-rate decay groups the stem, each block, then the final norm and the head.
     optimizer = timm.optim.create_optimizer_v2(model, "adamw", lr=1.0, layer_decay=0.5)
     scales = {round(g["lr_scale"], 6) for g in optimizer.param_groups}
