@@ -173,7 +173,7 @@ def infer_config(
 # Reading files.
 
 
-def _first_line(error: BaseException) -> str:
+def first_line(error: BaseException) -> str:
     lines = str(error).strip().splitlines()
     return lines[0] if lines else type(error).__name__
 
@@ -238,7 +238,7 @@ def _read_torch(path: Path) -> StateDict:
         ) from None
     except Exception as e:  # noqa: BLE001 - the legacy reader meets garbage with KeyError, IndexError, ...
         raise CheckpointError(
-            f"{path} is not a readable PyTorch file (truncated or corrupt: {_first_line(e)}); "
+            f"{path} is not a readable PyTorch file (truncated or corrupt: {first_line(e)}); "
             "re-download or re-save it."
         ) from None
     # Training checkpoints often nest the weights.

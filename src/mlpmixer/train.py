@@ -35,9 +35,9 @@ import torch.nn.functional as F
 from safetensors import SafetensorError
 from tqdm import tqdm
 
-from .checkpoints import (_first_line, atomic_write, load_checkpoint, read_checkpoint, remove_temporaries,
-                          save_checkpoint)
 from .bench import slow_bf16
+from .checkpoints import (atomic_write, first_line, load_checkpoint, read_checkpoint, remove_temporaries,
+                          save_checkpoint)
 from .compiled import CompiledOrEager
 from .data import (MNIST5K, Source, TensorData, TensorDataset, augment_digits, holdout_split, is_idx_folder,
                    load_tensors, to_model_input)
@@ -308,7 +308,7 @@ def loader_batches(dataset: Any, r: Recipe, batch: int, accum: int, start: int, 
         except RuntimeError as e:
             if not str(e).startswith("DataLoader worker"):  # "... (pid N) is killed by signal: Killed."
                 raise
-            raise ChildProcessError(f"A DataLoader worker died ({_first_line(e).rstrip('.')}; the out-of-memory "
+            raise ChildProcessError(f"A DataLoader worker died ({first_line(e).rstrip('.')}; the out-of-memory "
                                     "killer?); the saved training states are kept: add --resume to go on (fewer "
                                     "--workers take less memory).") from None
         if step == before:
@@ -1020,7 +1020,7 @@ def _saving(path: Path, run: Path) -> Iterator[None]:
     except (OSError, RuntimeError, SafetensorError) as e:  # torch reports a failed write as a RuntimeError
         full = getattr(e, "errno", None) == errno.ENOSPC or "os error 28" in str(e)
         last = latest_state(run)
-        raise OSError(f"Could not save {path} ({'no space left on the device' if full else _first_line(e)}); free "
+        raise OSError(f"Could not save {path} ({'no space left on the device' if full else first_line(e)}); free "
                       "space on its disk (a full disk is the usual cause) and rerun with --resume; "
                       + (f"the last saved state is {last}." if last else "no training state was saved.")) from None
 
