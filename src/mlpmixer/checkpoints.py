@@ -174,6 +174,7 @@ def infer_config(
 
 
 def first_line(error: BaseException) -> str:
+    """An error's first line (its type's name when it has no message), for our one-sentence errors."""
     lines = str(error).strip().splitlines()
     return lines[0] if lines else type(error).__name__
 
