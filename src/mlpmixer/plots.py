@@ -73,7 +73,8 @@ def curves_figure(metrics: str | Path, train_label: str = "training (as optimise
     ax_loss.set_title("loss")
     ax_loss.set_yscale("log")
     ax_loss.yaxis.set_major_formatter(PlainLogFormatter())
-    ax_loss.yaxis.set_minor_formatter(PlainLogFormatter(labelOnlyBase=False))
+    # Minor ticks labelled up to two decades (matplotlib < 3.10 stopped at one, leaving 0.2-2.5 with "1" alone).
+    ax_loss.yaxis.set_minor_formatter(PlainLogFormatter(labelOnlyBase=False, minor_thresholds=(2, 0.5)))
     for ax, label in ((ax_loss, "loss"), (ax_acc, "top-1 accuracy (%)")):
         ax.set_xlabel("step")
         ax.xaxis.set_major_locator(MaxNLocator(nbins=5, integer=True))  # 5-digit step labels must not overlap
