@@ -7,6 +7,8 @@ import json
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Callable, Optional
 
+from ..recipes import PERMUTE_MODES
+
 if TYPE_CHECKING:
     from ..permute import FixedPermutation
     from ..variants import MixerConfig
@@ -62,8 +64,7 @@ def run_permutation(checkpoint: str, config: MixerConfig, mode: Optional[str] = 
     """The fixed pixel permutation (paper Figure 4) a run was trained with, or the one `mode` ("none":
     no permutation) and `seed` ask for; None where there is none. Every command that feeds a run's
     model images must apply it, or it measures a model on images it never saw."""
-    from ..permute import FixedPermutation
-    from ..recipes import PERMUTE_MODES
+    from ..permute import FixedPermutation  # torch: only when a command runs
 
     recipe = run_recipe(checkpoint)
     if recipe.get("permute") not in (None, *PERMUTE_MODES) or not isinstance(recipe.get("permute_seed") or 0, int):
@@ -77,8 +78,7 @@ def run_permutation(checkpoint: str, config: MixerConfig, mode: Optional[str] = 
 
 
 def add_permute_arguments(p: argparse.ArgumentParser) -> None:
-    from ..recipes import PERMUTE_MODES
-
+    """--permute and --permute-seed, for the commands that take `run_permutation`'s arguments."""
     p.add_argument("--permute", choices=[*PERMUTE_MODES, "none"],
                    help="apply the fixed permutation a run was trained with (paper Figure 4); default: the "
                    "one recorded in the run directory's config.json, if any")
