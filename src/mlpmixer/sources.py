@@ -540,7 +540,8 @@ def _open_shards(shards: list[str], split: str, holdout: float, seed: int, trans
 
 def _image_folder(root: Path, split: str) -> tuple[list[str], list[tuple[str, int]]]:
     """The classes of an image folder (its sub-folders, sorted) and its (image path, label) pairs, in
-    ImageFolder's order, found by a walk of our own for what ImageFolder does not say.
+    ImageFolder's order. Written here rather than taken from torchvision's ImageFolder because its walk
+    follows every link with no loop check, and passes over folders it cannot read without a word.
 
     Hidden entries are left out, as `ls` and file managers leave them: a hidden folder is not a class
     (Jupyter's .ipynb_checkpoints would be one), nor a hidden file an image (macOS's ._NAME.jpg companions
