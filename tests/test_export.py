@@ -78,8 +78,9 @@ def test_export_command_writes_and_checks_the_file(tmp_path, capsys):
     (tmp_path / "model.onnx").unlink()
     args = build_parser(["export"]).parse_args(["export", str(tmp_path), "--format", "onnx"])  # a run directory
     assert args.func(args) == 0 and (tmp_path / "model.onnx").is_file()  # inside it
-    out = capsys.readouterr().out
-    assert "any batch" in out and "relative error against PyTorch" in out
+    captured = capsys.readouterr()
+    assert "any batch" in captured.out and "relative error against PyTorch" in captured.out
+    assert captured.err == ""  # torch's recommended exporter for its version: no deprecation notice, no chatter
 
 
 @pytest.mark.parametrize("zero_head", [True, False])
@@ -104,7 +105,7 @@ def test_export_command_refuses_what_would_lose_or_mislabel_a_file(tmp_path, cap
         (["--format", "torchscript", "--out", str(ckpt)], "is the checkpoint being read"),
         (["--format", "onnx", "--out", str(tmp_path / "m.pt")], "An onnx file is named .onnx: name it m.onnx"),
         (["--format", "torchscript", "--out", str(tmp_path)], "is a folder; give the name of a file"),
-        (["--format", "onnx", "--opset", "99"], "ONNX export at opset 99 failed"),
+        (["--format", "onnx", "--opset", "99"], "ONNX opset 99 is not one the installed onnx package knows"),
     ):
         assert main(["export", str(ckpt), *argv]) == 2
         err = capsys.readouterr().err

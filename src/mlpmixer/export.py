@@ -64,15 +64,23 @@ def export_model(model: MlpMixer, fmt: str, out: str | os.PathLike, opset: int =
 
 
 def _onnx(model: MlpMixer, x: torch.Tensor, path: str, opset: int) -> None:
-    _require("onnx")
-    # The TorchScript-based exporter: no extra dependency, a plain graph with a symbolic batch, and
-    # present in every torch >= 2.4 (which predates the `dynamo` switch; newer ones default to True).
-    extra = {"dynamo": False} if "dynamo" in inspect.signature(torch.onnx.export).parameters else {}
+    newest = _require("onnx").defs.onnx_opset_version()
+    if not 1 <= opset <= newest:  # the torch.export-based exporter would write a file no runtime loads
+        raise ExportError(f"ONNX opset {opset} is not one the installed onnx package knows (1 to {newest}); "
+                          "the default, 18, works.")
+    # The exporter torch recommends for its version: torch.export-based where it is the default (torch >= 2.9;
+    # a graph of fewer, fused nodes, though about 10x slower to write), TorchScript-based before that (torch
+    # 2.4 has no other; in 2.5-2.8 the new one was still being built). Both give a symbolic batch size.
+    dynamo = inspect.signature(torch.onnx.export).parameters.get("dynamo")
+    if dynamo is not None and dynamo.default is True:
+        extra = {"dynamo": True, "verbose": False, "dynamic_shapes": {"x": {0: torch.export.Dim("batch", min=1)}}}
+    else:
+        extra = {"dynamic_axes": {"images": {0: "batch"}, "logits": {0: "batch"}}}
+        if dynamo is not None:
+            extra["dynamo"] = False
     try:
-        torch.onnx.export(
-            model, (x,), path, input_names=["images"], output_names=["logits"], opset_version=opset,
-            dynamic_axes={"images": {0: "batch"}, "logits": {0: "batch"}}, **extra,
-        )
+        torch.onnx.export(model, (x,), path, input_names=["images"], output_names=["logits"], opset_version=opset,
+                          **extra)
     except Exception as e:  # the exporter's own errors, e.g. "Unsupported onnx_opset_version: 99"
         first = (str(e).strip().splitlines() or [type(e).__name__])[0]
         raise ExportError(f"ONNX export at opset {opset} failed ({first}); the default, 18, works.") from None
