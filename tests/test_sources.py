@@ -3,6 +3,7 @@ bad paths, and one real CIFAR-10 shard."""
 
 from __future__ import annotations
 
+import gc
 import io
 import json
 import os
@@ -444,6 +445,23 @@ def test_shards_with_too_many_bad_images_stop_with_one_sentence(tmp_path: Path) 
         ids_and_labels(dataset, workers=2)
     message = str(error.value)
     assert "could not be decoded" in message and "Traceback" not in message and "\n" not in message
+
+
+def test_shard_files_are_closed_once_read_or_abandoned(tmp_path: Path) -> None:
+    """webdataset's reader left each shard file open for the garbage collector ("ResourceWarning: unclosed
+    file"), whether the shards were counted, read whole, or left part-read."""
+    make_shards(tmp_path, shards=2, per_shard=3)
+    with warnings.catch_warnings(record=True) as said:
+        warnings.simplefilter("always", ResourceWarning)
+        source = open_folder_or_shards(str(tmp_path), "train", 0.5, 0, None)  # a hold-out: counted first
+        ids_and_labels(source.dataset)
+        # The whole side, unshuffled: its first sample comes before the first shard's end (a training side's
+        # shuffle buffer would read both shards first).
+        part_read = iter(open_folder_or_shards(str(tmp_path), "val", 0.0, 0, None).dataset)
+        next(part_read)
+        del part_read
+        gc.collect()
+    assert not [w for w in said if issubclass(w.category, ResourceWarning)]
 
 
 # Each tar member is a 512-byte header and its data padded to 512 bytes; these shards' members are 1024 bytes.

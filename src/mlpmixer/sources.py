@@ -456,7 +456,12 @@ def _open_shard_files(sources: Iterator[dict[str, Any]]) -> Iterator[dict[str, A
         except (OSError, tarfile.TarError) as exn:
             exn.args = (*exn.args, None, url)  # as webdataset's opener does, so that the handler names the shard
             _unreadable_shard(exn)  # raises BadDataError
-        yield {**source, "stream": stream}
+        # Closed here, once the shard is read or its reading abandoned: webdataset's reader leaves it open,
+        # to the garbage collector ("ResourceWarning: unclosed file").
+        try:
+            yield {**source, "stream": stream}
+        finally:
+            stream.close()
 
 
 def _unreadable_shard(exn: Exception) -> bool:
