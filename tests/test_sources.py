@@ -320,6 +320,17 @@ def test_shards_without_dataset_json_count_their_classes(tmp_path: Path) -> None
     assert source.class_names == ["0", "1", "2", "3", "4"] and source.num_examples == 8
 
 
+
+def test_shards_without_dataset_json_are_said_so_once(tmp_path: Path) -> None:
+    """Training with a hold-out opens both sides (and counts the images for a --holdout count): it was said
+    on each."""
+    make_shards(tmp_path, shards=2, per_shard=4, describe=False)
+    with warnings.catch_warnings(record=True) as said:
+        warnings.simplefilter("always")
+        for split, holdout in (("train", 0.0), ("train", 0.5), ("val", 0.5)):
+            open_folder_or_shards(str(tmp_path), split, holdout, 0, None)
+    assert len([w for w in said if "No dataset.json" in str(w.message)]) == 1
+
 @pytest.mark.parametrize("info, complaint", [
     ({"classes": "abc", "splits": {"train": 6}}, "\"classes\" must be a list of names, not 'abc'"),
     ({"classes": ["a", "b", "c"], "splits": {"train": "6"}}, "\"splits\" must map each split to a whole number"),

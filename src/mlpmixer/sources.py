@@ -69,6 +69,10 @@ MAX_BAD_FRACTION = 0.01
 BAD_WINDOW = 10_000
 SHUFFLE_BUFFER = 1000  # encoded samples held per worker for shuffling shards
 
+# The folders of shards already said to have no dataset.json naming the classes: a run opens each side of a
+# hold-out (and may count its images first), and is told once.
+_UNNAMED_SAID: set[str] = set()
+
 _JPEG_MAGIC = b"\xff\xd8\xff"
 _PNG_MAGIC = b"\x89PNG\r\n\x1a\n"
 
@@ -527,10 +531,11 @@ def _open_shards(shards: list[str], split: str, holdout: float, seed: int, trans
     elif class_names is None or holdout > 0:
         # A hold-out's sides are only known sample by sample, and training needs the exact count to
         # know where an epoch ends; without dataset.json the classes are unknown too.
-        if class_names is None:
+        if class_names is None and os.path.realpath(folder) not in _UNNAMED_SAID:
+            _UNNAMED_SAID.add(os.path.realpath(folder))
             warnings.warn(
-                f"No dataset.json with class names next to {shards[0]}; reading the shards once to count "
-                "the classes, which are named by their numbers.",
+                f"No dataset.json with class names next to {shards[0]}; reading the shards to count the "
+                "classes, which are named by their numbers.",
                 stacklevel=3,
             )
         total, labels = _scan(shards, split, holdout, seed, None if class_names is None else len(class_names))
