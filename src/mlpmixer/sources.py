@@ -300,6 +300,9 @@ class ShardDataset(torch.utils.data.IterableDataset):
 
     `counted_in`: where `num_examples` is dataset.json's count, what it says (the file, the count), for the
     warning given once, by the first reader to find that the shards hold more samples.
+
+    Set `keyed` to get (transform(image), label, name) items instead, the name being "shard:key": the order
+    in which a DataLoader's workers interleave their samples depends on their number, the names' does not.
     """
 
     def __init__(
@@ -327,6 +330,7 @@ class ShardDataset(torch.utils.data.IterableDataset):
         self.shuffle = split == "train" and not whole
         self.shuffle_buffer = shuffle_buffer
         self.epoch = 0
+        self.keyed = False
         self.bad_samples = BadSampleCounter(num_examples)
         # As in FolderDataset, each bad sample is warned about and counted once, then passed over: counted on
         # every pass, one bad image among 150 (0.7%) read as 2 of 151 (1.3%) where it came first in the second
@@ -363,7 +367,7 @@ class ShardDataset(torch.utils.data.IterableDataset):
         # Ranks first, so they get equal numbers of shards (within one); a rank's workers share its own.
         return shards[rank::world_size][worker::num_workers], 1, 0
 
-    def __iter__(self) -> Iterator[tuple[Any, int]]:
+    def __iter__(self) -> Iterator[tuple[Any, ...]]:
         rank, _, worker, _ = wds.utils.pytorch_worker_info()
         # Shards are split and shuffled above, by epoch; webdataset reads them and shuffles samples.
         shards, stride, offset = self._my_part()
@@ -388,7 +392,8 @@ class ShardDataset(torch.utils.data.IterableDataset):
                 self._found_bad.add(where)
             else:
                 image, label = item
-                yield (self.transform(image) if self.transform else image), label
+                image = self.transform(image) if self.transform else image
+                yield (image, label, where) if self.keyed else (image, label)
 
     def _held_counted(self, samples: Iterator[dict[str, Any]]) -> Iterator[dict[str, Any]]:
         """`samples`, counted shard by shard into `_held`; once the shards are found to hold more samples than
