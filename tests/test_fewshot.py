@@ -116,6 +116,12 @@ def test_extract_features_are_frozen_pre_logits():
         want = model.forward_head(model.forward_features(images), pre_logits=True)
     assert feats.shape == (10, 16) and torch.equal(got_labels, labels)
     torch.testing.assert_close(feats, want)
+    # Named, in the names' order, whatever order the batches came in (as from DataLoader workers).
+    names = [f"shard:{i:02d}" for i in range(10)]
+    backwards = [(images[i:i + 4], labels[i:i + 4], names[i:i + 4]) for i in (8, 4, 0)]
+    feats, got_labels = extract_features(model, backwards)
+    assert torch.equal(got_labels, labels)
+    torch.testing.assert_close(feats, want)
 
 
 def tiny_checkpoint(path):
@@ -179,6 +185,27 @@ def test_cli_fewshot_and_linear_probe(tmp_path, capsys):
     assert main(["linear-probe", ckpt, *common, "--device", "tpu"]) == 2
     assert "Unsupported device 'tpu'" in capsys.readouterr().err
 
+
+
+@pytest.mark.filterwarnings("ignore:The image decoding:DeprecationWarning")  # torchvision 0.29's, as in test_sources
+def test_results_on_shards_do_not_depend_on_the_workers(tmp_path, capsys):
+    """DataLoader workers interleave the shards they read, in an order their number decides; the pool split and
+    the support draws pick by position, so --workers changed the accuracies."""
+    import json
+
+    from test_sources import make_shards
+
+    from mlpmixer.cli import main
+
+    ckpt = str(tiny_checkpoint(tmp_path / "m.safetensors"))
+    make_shards(tmp_path / "shards", shards=4, per_shard=12)
+    for command, options in (("fewshot", ["--shots", "1,5", "--draws", "2"]), ("linear-probe", [])):
+        said = []
+        for workers in ("0", "1", "2"):
+            assert main([command, ckpt, "--data", str(tmp_path / "shards"), "--workers", workers, "--json",
+                         *options]) == 0
+            said.append(json.loads(capsys.readouterr().out))
+        assert said[0] == said[1] == said[2]
 
 def test_feature_progress_counts_the_images_of_a_folder(tmp_path, capsys):
     import json

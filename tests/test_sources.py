@@ -3,9 +3,11 @@ bad paths, and one real CIFAR-10 shard."""
 
 from __future__ import annotations
 
+import gc
 import io
 import json
 import os
+import sys
 import warnings
 from pathlib import Path
 
@@ -319,6 +321,45 @@ def test_shards_without_dataset_json_count_their_classes(tmp_path: Path) -> None
     assert source.class_names == ["0", "1", "2", "3", "4"] and source.num_examples == 8
 
 
+
+def test_shards_without_dataset_json_are_said_so_once(tmp_path: Path) -> None:
+    """Training with a hold-out opens both sides (and counts the images for a --holdout count): it was said
+    on each."""
+    make_shards(tmp_path, shards=2, per_shard=4, describe=False)
+    with warnings.catch_warnings(record=True) as said:
+        warnings.simplefilter("always")
+        for split, holdout in (("train", 0.0), ("train", 0.5), ("val", 0.5)):
+            open_folder_or_shards(str(tmp_path), split, holdout, 0, None)
+    assert len([w for w in said if "No dataset.json" in str(w.message)]) == 1
+
+
+def test_shards_holding_more_than_dataset_json_counts_are_said_so_once(
+        tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capfd: pytest.CaptureFixture) -> None:
+    """The count ends training's epochs: the images beyond it were left out of every epoch without a word."""
+    make_shards(tmp_path, shards=2, per_shard=5)  # 10 images, counted right
+    # DataLoader workers, forked, inherit this: their warnings reach our stderr, whatever the registry says.
+    monkeypatch.setattr(warnings, "showwarning", lambda message, *args, **kwargs: print(message, file=sys.stderr))
+    warnings.simplefilter("always")  # (pytest restores the filters after the test)
+
+    def said(workers: int, path: Path = tmp_path, images: int = 10) -> list[str]:
+        """What two passes over `path` say of its count."""
+        dataset = open_folder_or_shards(str(path), "train", 0.0, 0, None).dataset
+        for _ in range(2):
+            assert len(ids_and_labels(dataset, workers)) == images  # nothing is cut short
+        return [line for line in capfd.readouterr().err.splitlines() if "hold more" in line]
+
+    assert said(0) == said(2) == []  # pass after pass, no false alarm
+    info = json.loads((tmp_path / "dataset.json").read_text())
+    (tmp_path / "dataset.json").write_text(json.dumps({**info, "splits": {"train": 6}}))
+    expected = (f"{tmp_path / 'dataset.json'} counts 6 images, but the shards hold more (at least 7): training "
+                "ends each epoch after the count, leaving the others out; correct the count in its \"splits\" (or "
+                "remove it and train with --steps).")
+    assert said(0) == said(2) == [expected]  # once, whichever reader finds it
+    assert said(2, tmp_path / "part-000.tar", images=5) == [
+        f"{tmp_path / 'dataset.json'} counts 6 images, 3 in proportion for the 1 of its 2 shards read, but the "
+        "shards hold more (at least 4): training ends each epoch after the count, leaving the others out; correct "
+        "the count in its \"splits\" (or remove it and train with --steps)."]
+
 @pytest.mark.parametrize("info, complaint", [
     ({"classes": "abc", "splits": {"train": 6}}, "\"classes\" must be a list of names, not 'abc'"),
     ({"classes": ["a", "b", "c"], "splits": {"train": "6"}}, "\"splits\" must map each split to a whole number"),
@@ -444,6 +485,23 @@ def test_shards_with_too_many_bad_images_stop_with_one_sentence(tmp_path: Path) 
         ids_and_labels(dataset, workers=2)
     message = str(error.value)
     assert "could not be decoded" in message and "Traceback" not in message and "\n" not in message
+
+
+def test_shard_files_are_closed_once_read_or_abandoned(tmp_path: Path) -> None:
+    """webdataset's reader left each shard file open for the garbage collector ("ResourceWarning: unclosed
+    file"), whether the shards were counted, read whole, or left part-read."""
+    make_shards(tmp_path, shards=2, per_shard=3)
+    with warnings.catch_warnings(record=True) as said:
+        warnings.simplefilter("always", ResourceWarning)
+        source = open_folder_or_shards(str(tmp_path), "train", 0.5, 0, None)  # a hold-out: counted first
+        ids_and_labels(source.dataset)
+        # The whole side, unshuffled: its first sample comes before the first shard's end (a training side's
+        # shuffle buffer would read both shards first).
+        part_read = iter(open_folder_or_shards(str(tmp_path), "val", 0.0, 0, None).dataset)
+        next(part_read)
+        del part_read
+        gc.collect()
+    assert not [w for w in said if issubclass(w.category, ResourceWarning)]
 
 
 # Each tar member is a 512-byte header and its data padded to 512 bytes; these shards' members are 1024 bytes.

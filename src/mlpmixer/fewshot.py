@@ -11,7 +11,7 @@ from __future__ import annotations
 import math
 import statistics
 from dataclasses import dataclass, field
-from typing import Iterable, Sequence
+from typing import Any, Iterable, Sequence
 
 import torch
 from tqdm import tqdm
@@ -159,11 +159,13 @@ def fewshot_evaluate(pool_features: torch.Tensor, pool_labels: torch.Tensor,
 
 
 @torch.inference_mode()
-def extract_features(model: MlpMixer, batches: Iterable[tuple[torch.Tensor, torch.Tensor]],
+def extract_features(model: MlpMixer, batches: Iterable[Sequence[Any]],
                      device: torch.device | str | None = None, desc: str = "features",
                      total: int | None = None) -> tuple[torch.Tensor, torch.Tensor]:
     """Frozen pre-logit features (N, C) and labels (N,) of every (images, labels) batch in `batches`
-    (a DataLoader or any iterable); `total` images, when known, for the progress bar."""
+    (a DataLoader or any iterable); `total` images, when known, for the progress bar. Batches of
+    (images, labels, names) give them in the order of the names, whatever order the batches came in (as
+    from DataLoader workers reading shards: `ShardDataset.keyed`)."""
     device = torch.device(device) if device is not None else next(model.parameters()).device
     if total is None:  # a DataLoader over a dataset of known size still gives the bar its total
         try:
@@ -172,16 +174,20 @@ def extract_features(model: MlpMixer, batches: Iterable[tuple[torch.Tensor, torc
             pass
     was_training = model.training
     model.eval()
-    feats, labels = [], []
+    feats, labels, names = [], [], []
     try:
         with tqdm(total=total, desc=desc, unit="img") as bar:
-            for images, targets in batches:
+            for images, targets, *batch_names in batches:
                 x = model.forward_features(images.to(device, non_blocking=True))
                 feats.append(model.forward_head(x, pre_logits=True).float().cpu())
                 labels.append(torch.as_tensor(targets).long())
+                names += batch_names[0] if batch_names else []
                 bar.update(len(labels[-1]))
     finally:
         model.train(was_training)
     if not feats:
         raise ValueError("The data source yielded no images; check the path.")
-    return torch.cat(feats), torch.cat(labels)
+    if not names:
+        return torch.cat(feats), torch.cat(labels)
+    order = sorted(range(len(names)), key=names.__getitem__)
+    return torch.cat(feats)[order], torch.cat(labels)[order]

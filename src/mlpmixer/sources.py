@@ -69,6 +69,10 @@ MAX_BAD_FRACTION = 0.01
 BAD_WINDOW = 10_000
 SHUFFLE_BUFFER = 1000  # encoded samples held per worker for shuffling shards
 
+# The folders of shards already said to have no dataset.json naming the classes: a run opens each side of a
+# hold-out (and may count its images first), and is told once.
+_UNNAMED_SAID: set[str] = set()
+
 _JPEG_MAGIC = b"\xff\xd8\xff"
 _PNG_MAGIC = b"\x89PNG\r\n\x1a\n"
 
@@ -293,6 +297,12 @@ class ShardDataset(torch.utils.data.IterableDataset):
     (ranks × workers), every reader reads every shard and keeps every (ranks × workers)-th sample
     instead. Training data is also shuffled through a buffer. Ranks get different numbers of samples
     when the shards do not divide evenly.
+
+    `counted_in`: where `num_examples` is dataset.json's count, what it says (the file, the count), for the
+    warning given once, by the first reader to find that the shards hold more samples.
+
+    Set `keyed` to get (transform(image), label, name) items instead, the name being "shard:key": the order
+    in which a DataLoader's workers interleave their samples depends on their number, the names' does not.
     """
 
     def __init__(
@@ -307,6 +317,7 @@ class ShardDataset(torch.utils.data.IterableDataset):
         seed: int = 0,
         shuffle_buffer: int = SHUFFLE_BUFFER,
         whole: bool = False,
+        counted_in: Optional[str] = None,
     ) -> None:
         self.shards = shards
         self.transform = transform
@@ -319,12 +330,20 @@ class ShardDataset(torch.utils.data.IterableDataset):
         self.shuffle = split == "train" and not whole
         self.shuffle_buffer = shuffle_buffer
         self.epoch = 0
+        self.keyed = False
         self.bad_samples = BadSampleCounter(num_examples)
         # As in FolderDataset, each bad sample is warned about and counted once, then passed over: counted on
         # every pass, one bad image among 150 (0.7%) read as 2 of 151 (1.3%) where it came first in the second
         # pass, which stopped the run. Room for the 1% of the samples that may be bad (more stops the run
         # within the first pass); beyond it, a bad sample is counted again on each pass.
         self._found_bad = SharedNames(int(MAX_BAD_FRACTION * (num_examples or BAD_WINDOW)) + 1)
+        # The count ends training's epochs, so samples beyond it would be left out of each without a word. Not
+        # counted at the start, which would read every shard: each reader, as it reads, records the most samples
+        # read from each shard by any reader of this process (`_held`, totalled in `_held_total`).
+        self.num_examples, self.counted_in = num_examples, counted_in
+        self._held = multiprocessing.Array("q", len(shards), lock=False)
+        self._held_total = multiprocessing.Value("q", 0)  # its lock guards `_held` and `_said` too
+        self._said = multiprocessing.Value("b", 0, lock=False)
 
     def set_epoch(self, epoch: int) -> None:
         self.epoch = epoch
@@ -348,11 +367,13 @@ class ShardDataset(torch.utils.data.IterableDataset):
         # Ranks first, so they get equal numbers of shards (within one); a rank's workers share its own.
         return shards[rank::world_size][worker::num_workers], 1, 0
 
-    def __iter__(self) -> Iterator[tuple[Any, int]]:
+    def __iter__(self) -> Iterator[tuple[Any, ...]]:
         rank, _, worker, _ = wds.utils.pytorch_worker_info()
         # Shards are split and shuffled above, by epoch; webdataset reads them and shuffles samples.
         shards, stride, offset = self._my_part()
         stages = _shard_reading(shards)
+        if self.counted_in is not None:
+            stages.append(self._held_counted)
         if stride > 1:
             stages.append(lambda samples: itertools.islice(samples, offset, None, stride))
         if self.holdout > 0:
@@ -371,7 +392,32 @@ class ShardDataset(torch.utils.data.IterableDataset):
                 self._found_bad.add(where)
             else:
                 image, label = item
-                yield (self.transform(image) if self.transform else image), label
+                image = self.transform(image) if self.transform else image
+                yield (image, label, where) if self.keyed else (image, label)
+
+    def _held_counted(self, samples: Iterator[dict[str, Any]]) -> Iterator[dict[str, Any]]:
+        """`samples`, counted shard by shard into `_held`; once the shards are found to hold more samples than
+        counted, a warning saying so, once for all readers of this process."""
+        index = {url: i for i, url in enumerate(self.shards)}
+        url, read = None, 0
+        for sample in samples:
+            if sample["__url__"] != url:
+                url, read = sample["__url__"], 0
+            read += 1
+            with self._held_total.get_lock():
+                i = index[url]
+                if read > self._held[i]:
+                    self._held_total.value += read - self._held[i]
+                    self._held[i] = read
+                found = self._held_total.value
+                over = found > self.num_examples and not self._said.value
+                if over:
+                    self._said.value = 1
+            if over:
+                warnings.warn(f"{self.counted_in}, but the shards hold more (at least {found}): training ends each "
+                              "epoch after the count, leaving the others out; correct the count in its \"splits\" "
+                              "(or remove it and train with --steps).")
+            yield sample
 
     def _decode(self, sample: dict[str, Any]) -> tuple[torch.Tensor, int]:
         """A sample's image and class; ValueError when either is missing or wrong."""
@@ -456,7 +502,12 @@ def _open_shard_files(sources: Iterator[dict[str, Any]]) -> Iterator[dict[str, A
         except (OSError, tarfile.TarError) as exn:
             exn.args = (*exn.args, None, url)  # as webdataset's opener does, so that the handler names the shard
             _unreadable_shard(exn)  # raises BadDataError
-        yield {**source, "stream": stream}
+        # Closed here, once the shard is read or its reading abandoned: webdataset's reader leaves it open,
+        # to the garbage collector ("ResourceWarning: unclosed file").
+        try:
+            yield {**source, "stream": stream}
+        finally:
+            stream.close()
 
 
 def _unreadable_shard(exn: Exception) -> bool:
@@ -515,26 +566,33 @@ def _open_shards(shards: list[str], split: str, holdout: float, seed: int, trans
     info = _read_dataset_json(folder) or {}
     class_names = info.get("classes")
     total = sum(info.get("splits", {}).values()) or None
+    counted_in = None  # what dataset.json says of the count, while it is the count used
     if total is not None:  # dataset.json counts the whole folder; estimate for the shards chosen
-        total = round(total * len(shards) / len(_list_shards(str(folder))))
+        counted_in = f"{folder / 'dataset.json'} counts {total} images"
+        in_folder = len(_list_shards(str(folder)))
+        total = round(total * len(shards) / in_folder)
+        if len(shards) < in_folder:
+            counted_in += f", {total} in proportion for the {len(shards)} of its {in_folder} shards read"
     if holdout > 0 and whole and class_names is not None:
-        total = None  # read whole into memory: counted as it is read, no need to scan first
+        total = counted_in = None  # read whole into memory: counted as it is read, no need to scan first
     elif class_names is None or holdout > 0:
         # A hold-out's sides are only known sample by sample, and training needs the exact count to
         # know where an epoch ends; without dataset.json the classes are unknown too.
-        if class_names is None:
+        if class_names is None and os.path.realpath(folder) not in _UNNAMED_SAID:
+            _UNNAMED_SAID.add(os.path.realpath(folder))
             warnings.warn(
-                f"No dataset.json with class names next to {shards[0]}; reading the shards once to count "
-                "the classes, which are named by their numbers.",
+                f"No dataset.json with class names next to {shards[0]}; reading the shards to count the "
+                "classes, which are named by their numbers.",
                 stacklevel=3,
             )
         total, labels = _scan(shards, split, holdout, seed, None if class_names is None else len(class_names))
+        counted_in = None
         class_names = class_names or _numbered_classes(labels, folder)
         if holdout > 0 and total == 0:
             raise ValueError(f"A hold-out of {holdout:.4g} of the shards in {folder} leaves their {split} part empty; "
                              "hold out more or fewer images (--holdout).")
     dataset = ShardDataset(shards, transform, len(class_names), total, split=split, holdout=holdout, seed=seed,
-                           whole=whole)
+                           whole=whole, counted_in=counted_in)
     return Source(dataset, [str(name) for name in class_names], total)
 
 

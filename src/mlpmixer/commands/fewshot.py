@@ -74,17 +74,22 @@ def _features(model: MlpMixer, spec: str, split: str, args: argparse.Namespace,
     # the train- or t10k- files of an IDX folder; in-memory digits are batched as `mixer eval` does.
     data = load_tensors(spec, split="train" if split == "train" else "test")
     if data is None:
-        from ..transforms import eval_transform  # torchvision: imported only when needed
+        from ..sources import ShardDataset  # torchvision: imported only when needed
+        from ..transforms import eval_transform
 
         transform = eval_transform(cfg.img_size, cfg.in_chans, args.eval_mode)
         data = open_source(spec, split=split, holdout=0.0, seed=args.seed, transform=transform)
         total = data.num_examples  # None where shards do not say how many images they hold
+        if isinstance(data.dataset, ShardDataset):
+            # The pool split and the support draws pick by position, and shards come in the order their
+            # DataLoader workers interleave them, which --workers changes: the features go in name order.
+            data.dataset.keyed = True
     else:
         total = len(data)
     batches = batches_of(data, model, args.batch_size, args.workers)
     permute = run_permutation(args.checkpoint, cfg, args.permute, args.permute_seed)
     if permute is not None:
-        batches = ((permute(images), targets) for images, targets in batches)
+        batches = ((permute(images), *rest) for images, *rest in batches)
     feats, labels = extract_features(model, batches, desc=desc, total=total)
     return feats, labels, data.class_names
 
