@@ -13,6 +13,7 @@ import os
 import statistics
 import time
 import warnings
+from pathlib import Path
 from dataclasses import dataclass, field
 from typing import Callable, Iterable, Optional
 
@@ -334,7 +335,7 @@ def cpu_name() -> str:
     import platform
 
     try:
-        lines = open("/proc/cpuinfo").read().splitlines()
+        lines = Path("/proc/cpuinfo").read_text().splitlines()
         return next(line.split(":", 1)[1].strip() for line in lines if line.startswith("model name"))
     except (OSError, StopIteration):
         return platform.processor() or platform.machine()
