@@ -92,7 +92,7 @@ def _features(model: MlpMixer, spec: str, split: str, args: argparse.Namespace,
 def train_and_eval_features(args: argparse.Namespace) -> tuple[torch.Tensor, ...]:
     """(train features, train labels, eval features, eval labels, class names) of the command's data,
     from --eval-data or from a stratified hold-out of --data."""
-    from ..bench import resolve_device  # an unknown or absent device is one sentence
+    from ..bench import free_cores, resolve_device, set_threads  # resolve_device: an unknown or absent device is one sentence
 
     # Checked before the features are extracted, which can take hours; the solver would refuse only after.
     if not args.l2 > 0:
@@ -100,6 +100,7 @@ def train_and_eval_features(args: argparse.Namespace) -> tuple[torch.Tensor, ...
     if args.eval_data is None and not 0 < args.eval_fraction < 1:
         raise ValueError(f"--eval-fraction must lie strictly between 0 and 1, not {args.eval_fraction}.")
     device = resolve_device(args.device or ("cuda" if torch.cuda.is_available() else "cpu"))
+    set_threads(free_cores())  # as train does: on a busy machine, threads that lose their core stall the others
     model = load_checkpoint(args.checkpoint).to(device).eval()
     from ..sources import check_same_classes, is_split_pair
 
