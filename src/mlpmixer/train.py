@@ -37,7 +37,7 @@ from tqdm import tqdm
 
 from .bench import free_cores, slow_bf16
 from .checkpoints import (atomic_write, first_line, load_checkpoint, read_checkpoint, remove_temporaries,
-                          save_checkpoint)
+                          run_config, save_checkpoint)
 from .compiled import CompiledOrEager
 from .data import (MNIST5K, Source, TensorData, TensorDataset, augment_digits, holdout_split, is_idx_folder,
                    load_tensors, to_model_input)
@@ -916,7 +916,7 @@ def _check_resumable(run: Path, config: MixerConfig, r: Recipe, init_from: Optio
     another optimiser or a fine-tuning run resumed without its --from is one sentence here (not
     load_state_dict's list of mismatches or KeyError), other recipe settings a note, as the run then
     goes on differently from the one it resumes."""
-    saved = _run_config(run)
+    saved = run_config(run)
     if saved is None:  # a state without its configuration: the state itself decides
         return
     def shapes(d: dict) -> dict:  # what the weights' shapes depend on
@@ -1103,28 +1103,10 @@ def launch(r: Recipe, out: Optional[str | Path] = None, **options: Any) -> RunFi
 
 def _saved_layout(run: Path) -> tuple[Optional[int], Optional[int]]:
     """(processes, threads per process) an earlier run of `run` used, from its config.json."""
-    config = _run_config(run)
+    config = run_config(run)
     if config is None:  # no run there yet: `train` says so
         return None, None
     return config.get("world_size"), config["recipe"].get("threads")
-
-
-def _run_config(run: Path) -> Optional[dict[str, Any]]:
-    """The config.json of the run in `run`, None where there is none. mixer train writes a JSON object with
-    "model" and "recipe" objects: anything else (edited, damaged) is one sentence naming it, not an
-    AttributeError or KeyError deep in resuming."""
-    path = run / "config.json"
-    try:
-        config = json.loads(path.read_bytes())
-    except FileNotFoundError:
-        return None
-    except ValueError:  # not JSON, or not UTF-8 text
-        config = None
-    if not (isinstance(config, dict) and isinstance(config.get("model"), dict)
-            and isinstance(config.get("recipe"), dict)):
-        raise ValueError(f"{path} is not a run configuration as mixer train writes it (a JSON object with \"model\" "
-                         "and \"recipe\" objects); restore it, or delete it to resume with the command's settings.")
-    return config
 
 
 def _child(rank: int, env: dict[str, str], r: Recipe, out: Path, options: dict[str, Any]) -> None:
