@@ -21,10 +21,11 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from .choices import BENCH_DTYPES
 from .compiled import CompiledOrEager
 from .variants import MixerConfig, paper_variant_of
 
-DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
+DTYPES = dict(zip(BENCH_DTYPES, (torch.float32, torch.bfloat16, torch.float16)))
 
 
 class BenchError(ValueError):
