@@ -28,14 +28,14 @@ def test_the_full_parser_has_every_command() -> None:
     assert parser.parse_args(["info", "--json"]).json
 
 
-def test_listing_and_help_do_not_import_torch() -> None:
-    # torch takes seconds to import: `mixer --help`, the help of the commands whose choices need no torch,
-    # `recipes` and `info` (the variants table) need none of it.
+@pytest.mark.parametrize("command", list(COMMANDS))
+def test_listing_and_help_do_not_import_torch(command: str) -> None:
+    # torch takes seconds to import: `mixer --help`, every command's --help, `recipes` and `info` (the variants
+    # table) need none of it.
     code = (
         "import contextlib, io, sys\n"
         "from mlpmixer.cli import main\n"
-        "helps = [[c, '--help'] for c in ('train', 'finetune', 'eval', 'resize', 'show-weights', 'recipes', 'info')]\n"
-        "for argv in (['--help'], *helps, ['recipes'], ['info'], ['info', '--json']):\n"
+        f"for argv in (['--help'], [{command!r}, '--help'], ['recipes'], ['info'], ['info', '--json']):\n"
         "    with contextlib.redirect_stdout(io.StringIO()):\n"
         "        try:\n"
         "            assert main(argv) == 0\n"
@@ -47,6 +47,18 @@ def test_listing_and_help_do_not_import_torch() -> None:
                           env={"PYTHONPATH": str(ROOT / "src"), "PATH": ""})
     assert done.returncode == 0, done.stderr
     assert done.stdout.strip() == "[]"
+
+
+def test_convert_help_names_every_checkpoint_extension(capsys: pytest.CaptureFixture) -> None:
+    """Its description names them without importing checkpoints.py (torch) for its EXTENSIONS."""
+    import re
+
+    from mlpmixer.checkpoints import EXTENSIONS
+
+    with pytest.raises(SystemExit):
+        main(["convert", "--help"])
+    text = capsys.readouterr().out
+    assert all(re.search(re.escape(ext) + r"\b", text) for ext in EXTENSIONS)
 
 
 def test_the_docs_use_only_flags_the_commands_have(capsys: pytest.CaptureFixture) -> None:

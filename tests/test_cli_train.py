@@ -157,6 +157,29 @@ def test_eval_names_a_malformed_run_config(run_dir: Path, tmp_path: Path, capsys
     assert said in err and "Traceback" not in err
 
 
+def test_info_names_a_training_state_and_reads_its_run_configuration(tmp_path: Path,
+                                                                     capsys: pytest.CaptureFixture) -> None:
+    """RUN/checkpoints/step-N.pt holds weights in timm's names, but its configuration is RUN/config.json's: a
+    tanh-GELU model (digits/4), which the shapes alone would take for timm's exact GELU."""
+    run = tmp_path / "run"
+    assert main(["train", "--model", "digits/4", "--steps", "2", "--batch-size", "16", "--save-every", "2",
+                 "--threads", "1", "--processes", "1", "--out", str(run), "--quiet"]) == 0
+    state = run / "checkpoints" / "step-00000002.pt"
+    capsys.readouterr()
+    assert main(["info", str(state)]) == 0
+    out = capsys.readouterr().out
+    assert f"layout      training state of mixer train, configured by {run / 'config.json'}" in out
+    assert "tanh GELU" in out and "class names 0, 1, 2" in out and "timm" not in out
+    assert main(["info", str(state), "--json"]) == 0
+    info = json.loads(capsys.readouterr().out)
+    assert info["layout"] == "training state" and info["config"] == load_checkpoint(run).config.to_dict()
+    # Taken out of its run, it is still named, and what is assumed is said.
+    (tmp_path / "loose.pt").write_bytes(state.read_bytes())
+    assert main(["info", str(tmp_path / "loose.pt")]) == 0
+    out = capsys.readouterr().out
+    assert "layout      training state, weights only: the GELU is assumed exact (no config.json of its run)" in out
+
+
 def test_an_out_path_that_cannot_be_a_run_folder_is_one_sentence(tmp_path: Path, capsys: pytest.CaptureFixture,
                                                                  monkeypatch: pytest.MonkeyPatch) -> None:
     file = tmp_path / "f"

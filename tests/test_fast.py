@@ -105,8 +105,33 @@ def test_fast_training_matches_plain_fp32(gelu):
     assert feats.requires_grad and feats.is_contiguous() and rel(feats, model.forward_features(x)) <= 1e-5
 
 
+@pytest.mark.parametrize("path", ["cpu", "tokens-first", "training"])
+def test_a_float64_model_stays_float64(path, monkeypatch):
+    """The LayerNorm's fp32 upcast is for bf16/fp16 streams: a float64 model's fast path loses nothing."""
+    def rel64(a: torch.Tensor, b: torch.Tensor) -> float:
+        return ((a - b).norm() / b.norm()).item()
+
+    if path == "tokens-first":  # as test_tokens_first_inference_with_plain_twins_matches_plain
+        monkeypatch.setattr(K, "interpreting", lambda: True)
+        monkeypatch.setitem(K._state, "disabled_reason", "off for this test")
+    model = tiny().double().train(path == "training")
+    x = torch.randn(3, 3, 32, 32, dtype=torch.float64)
+    with torch.set_grad_enabled(path == "training"):
+        out, ref = optimize(model)(x), model(x)
+    assert out.dtype == torch.float64 and rel64(out, ref) <= 1e-12
+
+
+def test_triton_leaves_float64_to_pytorch(monkeypatch):
+    """The Triton kernels compute in fp32."""
+    pytest.importorskip("triton")
+    monkeypatch.setattr(K, "interpreting", lambda: True)  # as if the kernels could run on CPU tensors
+    monkeypatch.setattr(K, "_interpreter_problem", lambda: None)
+    assert K.triton_usable(torch.zeros(2)) and not K.triton_usable(torch.zeros(2, dtype=torch.float64))
+    assert K._state["disabled_reason"] is None
+
+
 @pytest.mark.parametrize("layout", ["a@b", "a@bT", "aT@b"])
-@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("dtype", [torch.float64, torch.float32, torch.bfloat16])
 def test_split_k_product_matches_one_product(layout, dtype):
     """The weight-gradient layouts of the fast backward: chunks of k are strided views, not copies."""
     m, k, n = 5, 4096, 7
@@ -117,7 +142,8 @@ def test_split_k_product_matches_one_product(layout, dtype):
     for chunks in (1, 4, 64):
         out = K.split_k_mm(a, b, chunks)
         assert out.dtype == dtype and out.shape == (m, n)
-        assert rel(out, ref) <= (1e-5 if dtype == torch.float32 else 1e-2)  # k = 4096 terms
+        err = ((out.double() - ref).norm() / ref.norm()).item()
+        assert err <= {torch.float64: 1e-12, torch.float32: 1e-5, torch.bfloat16: 1e-2}[dtype]  # k = 4096 terms
     with pytest.raises(ValueError, match="equal chunks"):
         K.split_k_mm(a, b, 3)
 

@@ -159,6 +159,27 @@ def test_gradient_checkpointing_gives_the_same_gradients(tiny_config: MixerConfi
         torch.testing.assert_close(g0, g1)
 
 
+@pytest.mark.parametrize("overrides", [{}, {"num_classes": 0},
+                                       {"drop_rate": 0.5, "drop_path_rate": 0.3, "gelu": "exact"}])
+def test_torch_jit_script_compiles_the_model(tiny_config: MixerConfig, overrides: dict) -> None:
+    """What TorchScript cannot hold (the config behind the input check and timm's properties) is left out."""
+    import warnings
+
+    model = create_model(tiny_config.replace(**overrides))
+    randomise_head(model)
+    with warnings.catch_warnings():  # recent PyTorch marks torch.jit deprecated
+        warnings.filterwarnings("ignore", message=".*torch.jit.*deprecated", category=FutureWarning)
+        scripted = torch.jit.script(model)
+    for mode in (False, True):  # eval, then training with dropout and stochastic depth drawn alike
+        model.train(mode)
+        scripted.train(mode)
+        x = images(tiny_config, batch=3)
+        torch.manual_seed(1)
+        got = scripted(x)
+        torch.manual_seed(1)
+        torch.testing.assert_close(got, model(x))
+
+
 def test_wrong_image_size_names_the_size_and_the_conversion() -> None:
     model = create_model("S/32", hidden_dim=16, num_blocks=1, tokens_mlp_dim=8, channels_mlp_dim=16)
     with pytest.raises(ValueError, match="224×224") as err:

@@ -92,6 +92,24 @@ def test_title_says_the_pairing_is_greedy(tmp_path, monkeypatch):
     assert "partner" not in title  # it said "each beside its most opposite-phase partner", which most are not
 
 
+@pytest.mark.parametrize("units, max_pairs", [(10, None), (10, 1), (64, None), (64, 8)])
+def test_colour_bar_is_as_tall_as_the_mosaic(tmp_path, monkeypatch, units, max_pairs):
+    """Beside a short mosaic (few units: one or two rows) the bar took the height of the panel's space, leaving a
+    blank band above and below the mosaic."""
+    import mlpmixer.visualize as visualize
+
+    figures, save = [], visualize.save_figure
+    monkeypatch.setattr(visualize, "save_figure", lambda fig, path: figures.append(fig) or save(fig, path))
+    torch.manual_seed(0)
+    model = create_model("digits/4", img_size=(16, 24), hidden_dim=12, num_blocks=2, tokens_mlp_dim=units,
+                         channels_mlp_dim=8, num_classes=2)
+    plot_token_mixing(model, tmp_path / "units.png", max_pairs=max_pairs)  # laid out as it is written
+    image = [ax for ax in figures[0].axes if ax.images][-1].images[0]
+    mosaic, bar = image.axes.get_position(), image.colorbar.ax.get_position()
+    assert (bar.y0, bar.y1) == pytest.approx((mosaic.y0, mosaic.y1), abs=1e-6)
+    assert mosaic.x1 < bar.x0 < mosaic.x1 + 0.05  # just right of it
+
+
 def test_plots_write_pngs(tmp_path):
     check_png(plot_token_mixing(tiny(), tmp_path / "units.png"))
     check_png(plot_token_mixing(tiny(), tmp_path / "one.png", blocks=[3], max_pairs=2))

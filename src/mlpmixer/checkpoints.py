@@ -9,6 +9,7 @@ The format follows the file's extension (SPEC §6 gives both foreign layouts):
 | .pth .pt .bin   | timm state dict (`blocks.0.mlp_tokens.fc1.weight`)      | exact            |
 | .safetensors    | ours (config in metadata), or timm's if it has none     | as saved / exact |
 | a run directory | the final `model.safetensors` that `mixer train` wrote  | as saved         |
+| step-N.pt       | a training state in RUN/checkpoints/ (timm's names)     | RUN/config.json  |
 
 Nothing is ever unpickled: `numpy.load(allow_pickle=False)`, `torch.load(weights_only=True)`, and an
 .npz must be a zip archive before NumPy sees it. Every unreadable or unfitting file raises a
@@ -213,7 +214,8 @@ def _read_npz(path: Path) -> StateDict:
     return official_to_state(arrays, str(path))
 
 
-def _read_torch(path: Path) -> StateDict:
+def _read_torch(path: Path) -> tuple[StateDict, bool]:
+    """The weights of a PyTorch file, and whether it is a training state of `mixer train` (train.save_state)."""
     if zipfile.is_zipfile(path):
         with zipfile.ZipFile(path) as archive:
             if any(name.endswith("/constants.pkl") for name in archive.namelist()):
@@ -242,13 +244,14 @@ def _read_torch(path: Path) -> StateDict:
             f"{path} is not a readable PyTorch file (truncated or corrupt: {first_line(e)}); "
             "re-download or re-save it."
         ) from None
+    training_state = isinstance(obj, dict) and {"model", "optimizer", "step", "ema"} <= obj.keys()
     # Training checkpoints often nest the weights.
     for key in ("state_dict", "model", "model_state"):
         if isinstance(obj, dict) and isinstance(obj.get(key), dict):
             obj = obj[key]
     if not isinstance(obj, dict) or not all(isinstance(v, torch.Tensor) for v in obj.values()):
         raise CheckpointError(f"{path} is not a state dict of tensors; save model.state_dict().")
-    return {k.removeprefix("module.").removeprefix("_orig_mod."): v for k, v in obj.items()}
+    return {k.removeprefix("module.").removeprefix("_orig_mod."): v for k, v in obj.items()}, training_state
 
 
 def _read_safetensors(path: Path) -> tuple[StateDict, dict[str, str]]:
@@ -288,6 +291,25 @@ def resolve_path(path: str | os.PathLike) -> Path:
     return p
 
 
+def run_config(run: Path) -> dict[str, Any] | None:
+    """The config.json of the `mixer train` run in `run`, None where there is none. mixer train writes a JSON
+    object with "model" and "recipe" objects: anything else (edited, damaged) is one sentence naming it, not an
+    AttributeError or KeyError deep in resuming."""
+    path = run / "config.json"
+    try:
+        config = json.loads(path.read_bytes())
+    except FileNotFoundError:
+        return None
+    except ValueError:  # not JSON, or not UTF-8 text
+        config = None
+    if not (isinstance(config, dict) and isinstance(config.get("model"), dict)
+            and isinstance(config.get("recipe"), dict)):
+        raise CheckpointError(f"{path} is not a run configuration as mixer train writes it (a JSON object with "
+                              "\"model\" and \"recipe\" objects); restore it, or delete it to resume with the "
+                              "command's settings.")
+    return config
+
+
 def read_checkpoint(
     path: str | os.PathLike, *, img_size_hint: Any = None, **overrides: Any
 ) -> tuple[StateDict, MixerConfig, dict[str, Any]]:
@@ -296,7 +318,9 @@ def read_checkpoint(
     `overrides` change configuration fields (gelu, img_size, drop_path_rate, ...) before building.
     `img_size_hint` is the image size to assume for a foreign file whose patch grid is not square.
     Extra metadata holds `layout` ("mlpmixer": the configuration was in the file; "official" or "timm":
-    it was inferred from the shapes) and `class_names` where the file carries them.
+    it was inferred from the shapes; "training state": a `mixer train` state, RUN/checkpoints/step-N.pt,
+    configured by RUN/config.json, then named in `run_config`, else inferred from its shapes) and
+    `class_names` where the file or its run carries them.
     """
     p = resolve_path(path)
     suffix = p.suffix.lower()
@@ -307,9 +331,17 @@ def read_checkpoint(
         extra["layout"] = "official"
         config = infer_config(state, gelu="tanh", img_size=img_size, img_size_hint=img_size_hint, source=str(p))
     elif suffix in TORCH_EXTENSIONS:
-        state = _read_torch(p)
-        extra["layout"] = "timm"
-        config = infer_config(state, gelu="exact", img_size=img_size, img_size_hint=img_size_hint, source=str(p))
+        state, training_state = _read_torch(p)
+        run = run_config(p.parent.parent) if training_state else None
+        extra["layout"] = "training state" if training_state else "timm"
+        if run is not None:
+            run_file = p.parent.parent / "config.json"
+            config, names = _saved_config(run_file, run["model"], run.get("class_names"), "restore it")
+            extra["run_config"] = str(run_file)
+            if names is not None:
+                extra["class_names"] = names
+        else:  # the shapes say all but the GELU (timm's) and a non-square grid's image size
+            config = infer_config(state, gelu="exact", img_size=img_size, img_size_hint=img_size_hint, source=str(p))
     else:
         state, metadata = _read_safetensors(p)
         if metadata.get("format") == FORMAT_TAG:
@@ -332,20 +364,29 @@ def read_checkpoint(
 
 def _parse_metadata(path: Path, metadata: dict[str, str]) -> tuple[MixerConfig, list[str] | None]:
     """Our .safetensors metadata -> (configuration, class names or None)."""
+    fix = "re-save it with this version of mlpmixer"
     try:
-        config = MixerConfig.from_dict(json.loads(metadata["config"]))
+        saved = json.loads(metadata["config"])
         names = json.loads(metadata["class_names"]) if "class_names" in metadata else None
-    except (KeyError, TypeError, ValueError) as e:  # json.JSONDecodeError is a ValueError
-        raise CheckpointError(
-            f"{path} has a damaged or unknown mlpmixer configuration in its metadata ({e}); "
-            "re-save it with this version of mlpmixer."
-        ) from None
+    except (KeyError, ValueError) as e:  # json.JSONDecodeError is a ValueError
+        raise CheckpointError(f"{path} has a damaged or unknown mlpmixer configuration in its metadata ({e}); {fix}.") \
+            from None
+    return _saved_config(path, saved, names, fix)
+
+
+def _saved_config(path: Path, saved: Any, names: Any, fix: str) -> tuple[MixerConfig, list[str] | None]:
+    """A configuration and class names as our files hold them (JSON) -> (configuration, class names or None);
+    damaged ones are one sentence naming `path` and ending in `fix`."""
+    try:
+        config = MixerConfig.from_dict(saved)
+    except (TypeError, ValueError) as e:
+        raise CheckpointError(f"{path} has a damaged or unknown mlpmixer configuration ({e}); {fix}.") from None
     if names is not None and (
         not isinstance(names, list) or len(names) != config.num_classes or not all(isinstance(n, str) for n in names)
     ):
         raise CheckpointError(
-            f"{path} lists class names that do not match its {config.num_classes}-class head; re-save it "
-            "with one name per class."
+            f"{path} lists class names that do not match its {config.num_classes}-class head; {fix} with one "
+            "name per class."
         )
     return config, names
 

@@ -18,10 +18,10 @@ from typing import Callable
 import torch
 
 from .checkpoints import atomic_write
+from .choices import EXPORT_FORMATS as FORMATS
+from .choices import EXPORT_SUFFIXES as SUFFIXES
 from .model import MlpMixer
 
-FORMATS = ("onnx", "torchscript", "exported-program")
-SUFFIXES = {"onnx": ".onnx", "torchscript": ".pt", "exported-program": ".pt2"}  # the default of each
 ACCEPTED_SUFFIXES = {"onnx": (".onnx",), "torchscript": (".pt", ".pth", ".ts"), "exported-program": (".pt2",)}
 
 

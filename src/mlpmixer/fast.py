@@ -5,8 +5,8 @@ What it changes against the plain `model.forward` (same function, same parameter
 Inference (no gradients)
   - Each residual branch ends in an in-place GEMM, `r.addmm_(W, h)`: the residual add happens in
     the GEMM's β=1 epilogue. The branch's output bias is not added there: the biases accumulate in
-    a per-token and a per-channel vector that the next LayerNorm adds in fp32 while it reads the
-    stream (`kernels.layer_norm`), so residual adds and output biases cost no memory pass.
+    a per-token and a per-channel vector that the next LayerNorm adds in fp32 (float64 for float64)
+    while it reads the stream (`kernels.layer_norm`), so residual adds and output biases cost no memory pass.
   - The first product of each MLP carries its bias and GELU in the epilogue (`kernels.linear_act`:
     a Triton GEMM in bf16/fp16; in fp32, cuBLASLt for the tanh GELU and GEMM then GELU otherwise).
   - On CUDA, one CUDA graph per input shape replays the whole forward (no launch overhead).
@@ -22,7 +22,7 @@ Training
     are split over that reduction on CUDA where this measures faster (`kernels.weight_grad`).
 
 Under autocast the products run in the autocast dtype with fp32 accumulation, as in the plain path;
-LayerNorm statistics are fp32. Dropout and stochastic depth in training are not fused: with either
+LayerNorm statistics are fp32 (float64 for a float64 model, which runs in float64 throughout). Dropout and stochastic depth in training are not fused: with either
 active the plain path runs (one warning).
 """
 
@@ -209,14 +209,16 @@ class FastMixer(nn.Module):
                     tok.fc1.weight.to(dtype), y.view(s, b * c), tok.fc1.bias.to(dtype), True, act, self.gemm
                 )
                 r.view(s, b * c).addmm_(tok.fc2.weight.to(dtype), h)
-                row_bias = tok.fc2.bias.float() if row_bias is None else row_bias + tok.fc2.bias.float()
+                b2 = tok.fc2.bias.to(K.accumulation_dtype(r.dtype))
+                row_bias = b2 if row_bias is None else row_bias + b2
 
                 y = K.layer_norm(r, row_bias, col_bias, blk.norm2.weight, blk.norm2.bias, EPS, r.dtype)
                 h = K.linear_act(
                     y.view(s * b, c), chan.fc1.weight.to(dtype).t(), chan.fc1.bias.to(dtype), False, act, self.gemm
                 )
                 r.view(s * b, c).addmm_(h, chan.fc2.weight.to(dtype).t())
-                col_bias = chan.fc2.bias.float() if col_bias is None else col_bias + chan.fc2.bias.float()
+                b4 = chan.fc2.bias.to(K.accumulation_dtype(r.dtype))
+                col_bias = b4 if col_bias is None else col_bias + b4
             norm = model.norm
             # As in the plain path under autocast, the final LayerNorm's output stays fp32.
             feats = K.layer_norm(r, row_bias, col_bias, norm.weight, norm.bias, EPS, torch.float32 if autocast else dtype)

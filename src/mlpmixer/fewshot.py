@@ -16,10 +16,10 @@ from typing import Any, Iterable, Sequence
 import torch
 from tqdm import tqdm
 
+from .choices import FEWSHOT_L2 as DEFAULT_L2
+from .choices import FEWSHOT_SHOTS as DEFAULT_SHOTS
 from .model import MlpMixer
 
-DEFAULT_L2 = 2.0**10
-DEFAULT_SHOTS = (1, 5, 10, 25)
 # Added to each feature's standard deviation so a constant feature does not divide by zero.
 STD_EPS = 1e-5
 

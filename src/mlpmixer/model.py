@@ -171,6 +171,7 @@ class MlpMixer(nn.Module):
                 nn.init.ones_(module.weight)
                 nn.init.zeros_(module.bias)
 
+    @torch.jit.unused  # its messages need the config, which TorchScript cannot hold: a scripted model skips it
     def check_input(self, x: torch.Tensor) -> None:
         cfg = self.config
         if not x.is_floating_point():
@@ -199,9 +200,11 @@ class MlpMixer(nn.Module):
 
     def forward_features(self, x: torch.Tensor) -> torch.Tensor:
         """Images (B, in, H, W) -> normalised token features (B, S, C)."""
-        self.check_input(x)
+        if not torch.jit.is_scripting():
+            self.check_input(x)
         x = self.stem(x)
-        if self.grad_checkpointing and self.training and torch.is_grad_enabled():
+        # Gradient checkpointing is eager PyTorch's (torch.jit.script(model) compiles the branch away).
+        if not torch.jit.is_scripting() and self.grad_checkpointing and self.training and torch.is_grad_enabled():
             for block in self.blocks:
                 x = checkpoint(block, x, use_reentrant=False)
         else:
@@ -299,6 +302,8 @@ class MlpMixer(nn.Module):
                     classifier="head")
 
     default_cfg = pretrained_cfg  # timm's older name
+    # Read from the config, which TorchScript cannot hold: torch.jit.script(model) leaves them out.
+    __jit_unused_properties__ = ["feature_info", "pretrained_cfg", "default_cfg"]
 
     def group_matcher(self, coarse: bool = False) -> dict[str, Any]:
         """Parameter groups for timm's layer-wise learning-rate decay: the stem, each block, then the norm."""

@@ -90,7 +90,7 @@ class Recipe:
     grad_checkpointing: bool = False
     fsdp: bool = False  # under torchrun: shard parameters, gradients and optimiser state (FSDP2)
     tensorboard: bool = False  # also log the metrics to RUN/tensorboard (needs mlpmixer[tensorboard])
-    threads: Optional[int] = None  # None: the free cores (see train._free_cores)
+    threads: Optional[int] = None  # None: the free cores (see bench.free_cores)
     processes: Optional[int] = None  # local CPU processes (shared_grads.py); None: one per free core for in-memory data
     workers: int = 2
     evals: int = 10  # validation passes, evenly spaced, the last at the end (0: only at the end)

@@ -35,9 +35,9 @@ import torch.nn.functional as F
 from safetensors import SafetensorError
 from tqdm import tqdm
 
-from .bench import slow_bf16
+from .bench import free_cores, slow_bf16
 from .checkpoints import (atomic_write, first_line, load_checkpoint, read_checkpoint, remove_temporaries,
-                          save_checkpoint)
+                          run_config, save_checkpoint)
 from .compiled import CompiledOrEager
 from .data import (MNIST5K, Source, TensorData, TensorDataset, augment_digits, holdout_split, is_idx_folder,
                    load_tensors, to_model_input)
@@ -81,31 +81,6 @@ def new_run_dir(root: str | Path = "runs") -> Path:
         n += 1
         path = Path(root) / f"{stamp}-{n}"
     return path
-
-
-def _free_cores() -> int:
-    """The cores that other programs leave idle right now (at least one).
-
-    Intra-op threads wait for each other at every operation; when another program holds one of the
-    cores, a thread that loses its core stalls all the others: measured on 2 busy cores, 2 threads ran
-    the default job's steps 2-8 times slower than 1. So use only the idle cores, as /proc/stat counts
-    them over a tenth of a second (the load average would still count our own previous run).
-    """
-    cores = torch.get_num_threads()
-
-    def idle_and_total() -> tuple[int, int]:
-        with open("/proc/stat") as f:
-            ticks = [int(v) for v in f.readline().split()[1:]]
-        return ticks[3] + ticks[4], sum(ticks)  # idle + iowait, all
-
-    try:
-        idle0, total0 = idle_and_total()
-        time.sleep(0.1)
-        idle1, total1 = idle_and_total()
-    except (OSError, ValueError, IndexError):  # not Linux: assume the machine is ours
-        return cores
-    busy = (os.cpu_count() or cores) * (1 - (idle1 - idle0) / max(1, total1 - total0))
-    return max(1, min(cores, math.floor(cores - busy + 0.5)))
 
 
 def lr_at(step: int, total: int, r: Recipe) -> float:
@@ -548,7 +523,7 @@ def _train(
     device = torch.device(f"cuda:{local_rank}" if torch.cuda.is_available() else "cpu")
     main = rank == 0
     # Recorded in config.json, so that a resumed run computes with the same thread count.
-    r = r.replace(threads=r.threads or _free_cores())
+    r = r.replace(threads=r.threads or free_cores())
     torch.set_num_threads(r.threads)
     fsdp = r.fsdp and distributed
     if fsdp:  # FSDP reduces the gradients of its shards itself
@@ -941,7 +916,7 @@ def _check_resumable(run: Path, config: MixerConfig, r: Recipe, init_from: Optio
     another optimiser or a fine-tuning run resumed without its --from is one sentence here (not
     load_state_dict's list of mismatches or KeyError), other recipe settings a note, as the run then
     goes on differently from the one it resumes."""
-    saved = _run_config(run)
+    saved = run_config(run)
     if saved is None:  # a state without its configuration: the state itself decides
         return
     def shapes(d: dict) -> dict:  # what the weights' shapes depend on
@@ -1096,7 +1071,7 @@ def launch(r: Recipe, out: Optional[str | Path] = None, **options: Any) -> RunFi
         out = Path(out) if out else _latest_run()
         saved = _saved_layout(out)
         r = r.replace(processes=r.processes or saved[0], threads=r.threads or saved[1])
-    n = r.processes or (_free_cores() if in_memory and not torch.cuda.is_available() else 1)
+    n = r.processes or (free_cores() if in_memory and not torch.cuda.is_available() else 1)
     if n <= 1 or "WORLD_SIZE" in os.environ:
         return train(r, out, **options)
     if out is None:  # every process must write to the same run
@@ -1128,28 +1103,10 @@ def launch(r: Recipe, out: Optional[str | Path] = None, **options: Any) -> RunFi
 
 def _saved_layout(run: Path) -> tuple[Optional[int], Optional[int]]:
     """(processes, threads per process) an earlier run of `run` used, from its config.json."""
-    config = _run_config(run)
+    config = run_config(run)
     if config is None:  # no run there yet: `train` says so
         return None, None
     return config.get("world_size"), config["recipe"].get("threads")
-
-
-def _run_config(run: Path) -> Optional[dict[str, Any]]:
-    """The config.json of the run in `run`, None where there is none. mixer train writes a JSON object with
-    "model" and "recipe" objects: anything else (edited, damaged) is one sentence naming it, not an
-    AttributeError or KeyError deep in resuming."""
-    path = run / "config.json"
-    try:
-        config = json.loads(path.read_bytes())
-    except FileNotFoundError:
-        return None
-    except ValueError:  # not JSON, or not UTF-8 text
-        config = None
-    if not (isinstance(config, dict) and isinstance(config.get("model"), dict)
-            and isinstance(config.get("recipe"), dict)):
-        raise ValueError(f"{path} is not a run configuration as mixer train writes it (a JSON object with \"model\" "
-                         "and \"recipe\" objects); restore it, or delete it to resume with the command's settings.")
-    return config
 
 
 def _child(rank: int, env: dict[str, str], r: Recipe, out: Path, options: dict[str, Any]) -> None:

@@ -114,7 +114,8 @@ def plot_token_mixing(model: MlpMixer, path: str | os.PathLike, blocks: Sequence
             members = [units[u] for u in pair if u is not None]
             scale = max(np.abs(m).max() for m in members) or 1.0
             tiles += [m / scale for m in members] + [np.full_like(units[0], np.nan)] * (2 - len(members))
-        panels.append((b, len(units), _mosaic(tiles, columns=16, gap=1, group=2, group_gap=2)))
+        # At most 8 pairs a row; fewer units, fewer columns (not a row padded with gaps).
+        panels.append((b, len(units), _mosaic(tiles, columns=min(16, len(tiles)), gap=1, group=2, group_gap=2)))
     gh, gw = model.config.grid
     height, width = panels[0][2].shape
     # About 0.025 inch per weight (4 pixels at 150 dpi), so that 14×14 units stay legible.
@@ -129,13 +130,18 @@ def plot_token_mixing(model: MlpMixer, path: str | os.PathLike, blocks: Sequence
         shown = f", {2 * max_pairs} shown" if max_pairs and 2 * max_pairs < count else ""
         ax.set_title(f"block {b}: {count} units{shown}", fontsize=10)
         ax.set_axis_off()
-    fig.colorbar(im, ax=list(axes), fraction=0.02, pad=0.01, label="weight ÷ max |weight| of its pair")
+    # The bar in an inset of the last panel's axes, which follow its mosaic (an image keeps its aspect by
+    # shrinking its axes): as tall as the mosaic. `fig.colorbar(ax=axes)` took the height of the space the
+    # layout gave the panels, which a short, wide mosaic (few units) fills only in part, and its label, longer
+    # than such a bar, stretched the picture by a blank band below the mosaics: the title says what the scale is.
+    tall = panel_w * height / width >= 0.5  # inches: room for three tick labels
+    fig.colorbar(im, cax=axes[-1].inset_axes([1.02, 0.0, 0.15 / panel_w, 1.0]), ticks=[-1, 0, 1] if tall else [-1, 1])
     fig.suptitle(
         f"{model.config.describe()}: token-mixing hidden units (rows of W1 over the {gh}×{gw} patch grid),\n"
         # Says what pair_opposite_phase does: a greedy pairing, so a unit's partner is not always the unit
         # most opposite to it, and the last pairs formed can even correlate positively.
         "paired greedily by most negative correlation among the units still unpaired,\n"
-        "pairs sorted from low to high spatial frequency",
+        "pairs sorted from low to high spatial frequency, each pair scaled by its largest |weight| (zero is white)",
         fontsize=11,
     )
     return save_figure(fig, path)

@@ -7,9 +7,7 @@ import json
 import sys
 import time
 
-import torch
-
-from .. import bench as B
+from ..choices import BENCH_DTYPES
 from ..variants import variant_config
 from . import at_least
 
@@ -26,7 +24,7 @@ def register(p: argparse.ArgumentParser) -> None:
     p.add_argument("--num-classes", type=at_least(0), default=1000)
     p.add_argument("--batch-size", type=at_least(1), default=None, help="default 128 on CUDA, 8 on the CPU")
     p.add_argument("--mode", choices=["infer", "train", "both"], default="both")
-    p.add_argument("--dtype", choices=list(B.DTYPES), default=None,
+    p.add_argument("--dtype", choices=BENCH_DTYPES, default=None,
                    help="fp32, or bf16/fp16 autocast (default bf16 on CUDA, fp32 on the CPU)")
     p.add_argument("--device", default=None, help="cpu or cuda (default cuda when available)")
     p.add_argument("--compile", action="store_true", help="torch.compile the models")
@@ -50,6 +48,10 @@ def register(p: argparse.ArgumentParser) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
+    import torch
+
+    from .. import bench as B
+
     device = B.resolve_device(args.device or ("cuda" if torch.cuda.is_available() else "cpu"))
     dtype_name = args.dtype or ("bf16" if device.type == "cuda" else "fp32")
     dtype = B.resolve_dtype(dtype_name, device)

@@ -5,15 +5,13 @@ from __future__ import annotations
 import argparse
 from pathlib import Path
 
-from ..checkpoints import EXTENSIONS, convert, format_notes
 from . import at_least, image_size
 
 
 def register(p: argparse.ArgumentParser) -> None:
     p.description = (
-        "Convert a checkpoint; formats follow the extensions "
-        f"({', '.join(EXTENSIONS)}). .npz is the official Flax layout, .pth/.pt/.bin a timm state dict, "
-        ".safetensors ours (configuration included). A run directory reads its final model."
+        "Convert a checkpoint; formats follow the extensions: .npz is the official Flax layout, .pth/.pt/.bin "
+        "a timm state dict, .safetensors ours (configuration included). A run directory reads its final model."
     )
     p.add_argument("src", help="checkpoint file or run directory")
     p.add_argument("dst", help="file to write; its extension picks the format")
@@ -23,6 +21,8 @@ def register(p: argparse.ArgumentParser) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
+    from ..checkpoints import convert, format_notes  # torch: only when the command runs
+
     overrides = {}
     if args.gelu:
         overrides["gelu"] = args.gelu

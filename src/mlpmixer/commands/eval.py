@@ -40,12 +40,14 @@ def _nan_to_none(x: float) -> Optional[float]:
 
 
 def run(args: argparse.Namespace) -> int:
+    from ..bench import free_cores, set_threads
     from ..checkpoints import atomic_write, load_checkpoint
     from ..data import is_idx_folder
     from ..evaluate import evaluate, open_eval_data
     from ..reports import confusion_matrix_png, per_class_accuracy
     from ..sources import is_split_pair
 
+    set_threads(free_cores())  # as train does: on a busy machine, threads that lose their core stall the others
     model = load_checkpoint(args.checkpoint)
     if model.num_classes == 0:
         raise ValueError(f"{args.checkpoint} has no classification head; evaluate a model with one.")

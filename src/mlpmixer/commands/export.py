@@ -6,10 +6,7 @@ import argparse
 import warnings
 from pathlib import Path
 
-import torch
-
-from ..checkpoints import check_not_the_source, load_checkpoint
-from ..export import FORMATS, SUFFIXES, export_model, load_exported
+from ..choices import EXPORT_FORMATS, EXPORT_SUFFIXES
 
 
 def register(p: argparse.ArgumentParser) -> None:
@@ -19,17 +16,23 @@ def register(p: argparse.ArgumentParser) -> None:
         "PyTorch on random images."
     )
     p.add_argument("checkpoint", help="checkpoint file or run directory")
-    p.add_argument("--format", choices=FORMATS, default="onnx")
+    p.add_argument("--format", choices=EXPORT_FORMATS, default="onnx")
     p.add_argument("--out", default=None, help="output file (default: next to the checkpoint, or model.* inside a run directory, "
-                   + ", ".join(f"{v} for {k}" for k, v in SUFFIXES.items()) + ")")
+                   + ", ".join(f"{v} for {k}" for k, v in EXPORT_SUFFIXES.items()) + ")")
     p.add_argument("--opset", type=int, default=18, help="ONNX opset (default 18)")
     p.set_defaults(func=run)
 
 
 def run(args: argparse.Namespace) -> int:
+    import torch
+
+    from ..checkpoints import check_not_the_source, load_checkpoint
+    from ..export import export_model, load_exported
+
     src = Path(args.checkpoint)
+    suffix = EXPORT_SUFFIXES[args.format]
     # By default next to the checkpoint, or inside the run directory given: runs/b/model.onnx, not runs/b.onnx.
-    default = src / f"model{SUFFIXES[args.format]}" if src.is_dir() else src.with_name(src.stem + SUFFIXES[args.format])
+    default = src / f"model{suffix}" if src.is_dir() else src.with_name(src.stem + suffix)
     out = Path(args.out) if args.out else default
     check_not_the_source(src, out)
     model = load_checkpoint(args.checkpoint).eval()

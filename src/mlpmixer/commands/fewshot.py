@@ -5,14 +5,16 @@ from __future__ import annotations
 import argparse
 import json
 import warnings
+from typing import TYPE_CHECKING
 
-import torch
-
-from ..checkpoints import load_checkpoint
-from ..fewshot import DEFAULT_L2, DEFAULT_SHOTS, extract_features, fewshot_evaluate, split_pool
-from ..model import MlpMixer
+from ..choices import FEWSHOT_L2, FEWSHOT_SHOTS
 from ..recipes import EVAL_MODES, MAX_WORKERS
 from . import add_permute_arguments, at_least, run_permutation
+
+if TYPE_CHECKING:  # torch is imported when the command runs: `mixer fewshot --help` needs none of it
+    import torch
+
+    from ..model import MlpMixer
 
 
 def add_common_arguments(p: argparse.ArgumentParser, eval_fraction: float) -> None:
@@ -26,7 +28,7 @@ def add_common_arguments(p: argparse.ArgumentParser, eval_fraction: float) -> No
     p.add_argument("--eval-fraction", type=float, default=eval_fraction,
                    help=f"fraction of each class of --data held out for evaluation without --eval-data "
                         f"(default {eval_fraction})")
-    p.add_argument("--l2", type=float, default=DEFAULT_L2, help="ℓ2 regularisation (default 2^10 = 1024)")
+    p.add_argument("--l2", type=float, default=FEWSHOT_L2, help="ℓ2 regularisation (default 2^10 = 1024)")
     p.add_argument("--eval-mode", choices=EVAL_MODES, default="resmall-crop",
                    help="preprocessing of image folders and shards: resize straight to the model's size, or "
                         "the shorter side to 256/224 of it and a central crop (default, as big_vision's few-shot "
@@ -46,7 +48,7 @@ def register(p: argparse.ArgumentParser) -> None:
         "several random draws of the support set, for each shot count (SPEC §4, as big_vision does it)."
     )
     add_common_arguments(p, eval_fraction=0.5)
-    p.add_argument("--shots", default=",".join(map(str, DEFAULT_SHOTS)),
+    p.add_argument("--shots", default=",".join(map(str, FEWSHOT_SHOTS)),
                    help="comma-separated images per class (default 1,5,10,25)")
     p.add_argument("--draws", type=at_least(1), default=3, help="random support sets per shot count (default 3)")
     p.set_defaults(func=run)
@@ -64,9 +66,9 @@ def parse_shots(text: str) -> list[int]:
 
 def _features(model: MlpMixer, spec: str, split: str, args: argparse.Namespace,
               desc: str) -> tuple[torch.Tensor, torch.Tensor, list[str]]:
-    # Imported here so that `mixer --help` does not load the data stack.
     from ..data import load_tensors, open_source
     from ..evaluate import batches_of
+    from ..fewshot import extract_features
 
     cfg = model.config
     # No hold-out here: without --eval-data, the support pool and the evaluation set are split on
@@ -97,7 +99,11 @@ def _features(model: MlpMixer, spec: str, split: str, args: argparse.Namespace,
 def train_and_eval_features(args: argparse.Namespace) -> tuple[torch.Tensor, ...]:
     """(train features, train labels, eval features, eval labels, class names) of the command's data,
     from --eval-data or from a stratified hold-out of --data."""
-    from ..bench import resolve_device  # an unknown or absent device is one sentence
+    import torch
+
+    from ..bench import free_cores, resolve_device, set_threads  # resolve_device: an unknown or absent device is one sentence
+    from ..checkpoints import load_checkpoint
+    from ..fewshot import split_pool
 
     # Checked before the features are extracted, which can take hours; the solver would refuse only after.
     if not args.l2 > 0:
@@ -105,6 +111,7 @@ def train_and_eval_features(args: argparse.Namespace) -> tuple[torch.Tensor, ...
     if args.eval_data is None and not 0 < args.eval_fraction < 1:
         raise ValueError(f"--eval-fraction must lie strictly between 0 and 1, not {args.eval_fraction}.")
     device = resolve_device(args.device or ("cuda" if torch.cuda.is_available() else "cpu"))
+    set_threads(free_cores())  # as train does: on a busy machine, threads that lose their core stall the others
     model = load_checkpoint(args.checkpoint).to(device).eval()
     from ..sources import check_same_classes, is_split_pair
 
@@ -120,6 +127,8 @@ def train_and_eval_features(args: argparse.Namespace) -> tuple[torch.Tensor, ...
 
 
 def run(args: argparse.Namespace) -> int:
+    from ..fewshot import fewshot_evaluate
+
     shots = parse_shots(args.shots)
     feats, labels, eval_feats, eval_labels, names = train_and_eval_features(args)
     # A shot count the smallest class cannot fill is skipped, said once; the others are still reported.

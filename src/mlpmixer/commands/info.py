@@ -46,8 +46,9 @@ def describe_checkpoint(path: str, img_size_hint: int | tuple[int, int] | None =
 
     file = resolve_path(path)
     _, config, extra = read_checkpoint(file, img_size_hint=img_size_hint)
-    return dict(file=str(file), layout=extra["layout"], model=config.describe(), config=config.to_dict(),
-                params=config.num_params(), gflops=2 * config.macs() / 1e9, class_names=extra.get("class_names"))
+    return dict(file=str(file), layout=extra["layout"], run_config=extra.get("run_config"), model=config.describe(),
+                config=config.to_dict(), params=config.num_params(), gflops=2 * config.macs() / 1e9,
+                class_names=extra.get("class_names"))
 
 
 def _print_checkpoint(info: dict) -> None:
@@ -56,8 +57,11 @@ def _print_checkpoint(info: dict) -> None:
     names = info["class_names"] or []
     shown = ", ".join(names[:10]) + (f", … ({len(names) - 10} more)" if len(names) > 10 else "")
     print(f"{info['file']}: {info['model']}")
-    if info["layout"] != "mlpmixer":  # what the file does not say was assumed, as load_checkpoint does
-        print(f"  layout      {info['layout']}, weights only: the GELU is the format's, the image size comes from "
+    if info["run_config"]:
+        print(f"  layout      {info['layout']} of mixer train, configured by {info['run_config']}")
+    elif info["layout"] != "mlpmixer":  # what the file does not say was assumed, as load_checkpoint does
+        gelu = "the format's" if info["layout"] != "training state" else "assumed exact (no config.json of its run)"
+        print(f"  layout      {info['layout']}, weights only: the GELU is {gelu}, the image size comes from "
               "the token count (or --img-size)")
     print(f"  input       {h}×{w}, {c.in_chans} channel{'s' if c.in_chans > 1 else ''}; patch {ph}×{pw}, "
           f"{c.num_tokens} tokens")

@@ -5,7 +5,6 @@ from __future__ import annotations
 import argparse
 import json
 
-from ..fewshot import fit_least_squares
 from .fewshot import add_common_arguments, train_and_eval_features
 
 
@@ -19,6 +18,8 @@ def register(p: argparse.ArgumentParser) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
+    from ..fewshot import fit_least_squares  # torch: only when the command runs
+
     feats, labels, eval_feats, eval_labels, names = train_and_eval_features(args)
     probe = fit_least_squares(feats, labels, len(names), args.l2)
     result = {"train_accuracy": probe.accuracy(feats, labels), "accuracy": probe.accuracy(eval_feats, eval_labels),

@@ -6,10 +6,12 @@ import argparse
 import json
 import sys
 from pathlib import Path
-
-import torch
+from typing import TYPE_CHECKING
 
 from . import add_permute_arguments, at_least, run_permutation
+
+if TYPE_CHECKING:  # torch is imported when the command runs: `mixer predict --help` needs none of it
+    import torch
 
 
 def register(p: argparse.ArgumentParser) -> None:
@@ -55,6 +57,7 @@ def load_image(path: str, in_chans: int) -> tuple[torch.Tensor, list[str]]:
         notes.append(f"converted {was} to {'greyscale' if want == 'L' else 'RGB'}")
         image = image.convert(want)
     import numpy as np
+    import torch
 
     array = np.asarray(image)
     t = torch.from_numpy(array.copy())
@@ -63,6 +66,8 @@ def load_image(path: str, in_chans: int) -> tuple[torch.Tensor, list[str]]:
 
 
 def run(args: argparse.Namespace) -> int:
+    import torch
+
     from ..data import to_model_input
 
     if args.pretrained or args.model:

@@ -53,7 +53,7 @@ RECIPE_FLAGS: dict[str, tuple[str, Any, str]] = {
     "--evals": ("evals", int, "validation passes over the run, evenly spaced (0: one at the end)"),
     "--seed": ("seed", int, "random seed"),
     "--workers": ("workers", int, "DataLoader worker processes"),
-    "--threads": ("threads", int, "CPU threads for torch"),
+    "--threads": ("threads", int, "CPU threads for torch (default: the cores other programs leave idle)"),
     "--processes": ("processes", int, "local CPU training processes (default: one per free core for in-memory data)"),
     "--bf16": ("bf16", None, "bfloat16 autocast"),
     "--compile": ("compile", None, "torch.compile the model"),

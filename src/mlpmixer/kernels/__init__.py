@@ -6,8 +6,9 @@ the tests use):
 - `layer_norm`: LayerNorm of a residual stream whose biases are still *pending*. The fast path
   adds each block's residual branch with an in-place GEMM (`r.addmm_(W, h)`, the residual add done
   by the GEMM's β=1 epilogue) and leaves the branch's output bias out; the biases are summed into
-  a per-token and a per-channel vector and added here, in fp32, while the LayerNorm reads the
-  stream anyway. So the residual adds and the output biases cost no memory pass of their own.
+  a per-token and a per-channel vector and added here, in fp32 (float64 for float64), while the
+  LayerNorm reads the stream anyway. So the residual adds and the output biases cost no memory pass
+  of their own.
 - `linear_act`: a matrix product with the bias and the GELU in its epilogue.
 
 Any failure of a Triton kernel (import, compilation, launch) or a mismatch with the plain twin
@@ -52,9 +53,15 @@ def disable_cublaslt(reason: str) -> None:
         warnings.warn(f"cuBLASLt GELU epilogue disabled, using GEMM then GELU instead: {reason}", stacklevel=3)
 
 
+def accumulation_dtype(dtype: torch.dtype) -> torch.dtype:
+    """The dtype sums and statistics of `dtype` tensors run in: fp32 for bf16, fp16 and fp32, float64 for float64."""
+    return torch.promote_types(dtype, torch.float32)
+
+
 def triton_usable(t: torch.Tensor) -> bool:
-    """Whether the Triton kernels may run on `t`'s device in this process."""
-    if _state["disabled_reason"] is not None:
+    """Whether the Triton kernels may run on `t` in this process (they compute in fp32: a float64 tensor
+    keeps PyTorch's float64 operations)."""
+    if _state["disabled_reason"] is not None or t.dtype == torch.float64:
         return False
     if t.device.type != "cuda" and not interpreting():
         return False
@@ -133,16 +140,17 @@ def layer_norm_ref(
     eps: float,
     out_dtype: torch.dtype,
 ) -> torch.Tensor:
-    """LayerNorm(r + row_bias[s] + col_bias[c]) in fp32, returned in `out_dtype`."""
-    x = r.float()
+    """LayerNorm(r + row_bias[s] + col_bias[c]) in fp32 (float64 for a float64 stream), returned in `out_dtype`."""
+    acc = accumulation_dtype(r.dtype)
+    x = r.to(acc)
     # The two bias vectors make one small (S, 1, C) table first: one pass over the stream, not two.
     if row_bias is not None and col_bias is not None:
-        x = x + (row_bias.float()[:, None] + col_bias.float())[:, None, :]
+        x = x + (row_bias.to(acc)[:, None] + col_bias.to(acc))[:, None, :]
     elif row_bias is not None:
-        x = x + row_bias.float()[:, None, None]
+        x = x + row_bias.to(acc)[:, None, None]
     elif col_bias is not None:
-        x = x + col_bias.float()
-    return F.layer_norm(x, x.shape[-1:], weight.float(), bias.float(), eps).to(out_dtype)
+        x = x + col_bias.to(acc)
+    return F.layer_norm(x, x.shape[-1:], weight.to(acc), bias.to(acc), eps).to(out_dtype)
 
 
 def layer_norm(
@@ -301,8 +309,8 @@ _split_choice: dict[tuple, int] = {}
 
 
 def split_k_mm(a: torch.Tensor, b: torch.Tensor, chunks: int) -> torch.Tensor:
-    """a @ b computed as `chunks` products over consecutive slices of k, summed in fp32; the result
-    in a's dtype. `a` and `b` may be transposed views (their chunks are then strided views, no copy)."""
+    """a @ b computed as `chunks` products over consecutive slices of k, summed in fp32 (float64 for float64);
+    the result in a's dtype. `a` and `b` may be transposed views (their chunks are then strided views, no copy)."""
     m, k = a.shape
     if k % chunks:
         raise ValueError(f"A reduction of {k} does not split into {chunks} equal chunks.")
@@ -312,7 +320,7 @@ def split_k_mm(a: torch.Tensor, b: torch.Tensor, chunks: int) -> torch.Tensor:
         parts = torch.bmm(a3, b3, out_dtype=torch.float32)  # torch >= 2.8: fp32 partials from bf16
     else:
         parts = torch.bmm(a3, b3)
-    return parts.sum(0, dtype=torch.float32).to(a.dtype)
+    return parts.sum(0, dtype=accumulation_dtype(a.dtype)).to(a.dtype)
 
 
 def _splits_for(k: int) -> list[int]:
