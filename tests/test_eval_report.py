@@ -106,7 +106,7 @@ def test_train_with_permuted_patches_validates_and_evaluates_permuted(tmp_path: 
                                                                      capsys: pytest.CaptureFixture) -> None:
     out = tmp_path / "permuted"
     assert main(["train", "--permute", "patches", "--permute-seed", "3", "--steps", "6", "--batch-size", "32",
-                 "--processes", "1", "--out", str(out), "--quiet"]) == 0
+                 "--processes", "1", "--save-every", "3", "--out", str(out), "--quiet"]) == 0
     capsys.readouterr()  # the training's own messages
     recipe = json.loads((out / "config.json").read_text())["recipe"]
     assert recipe["permute"] == "patches" and recipe["permute_seed"] == 3
@@ -133,6 +133,11 @@ def test_train_with_permuted_patches_validates_and_evaluates_permuted(tmp_path: 
     assert main(["eval", str(out), "--data", "mnist5k", "--permute", "none", "--json"]) == 0
     off = json.loads(capsys.readouterr().out)
     assert "permute" not in off and off["loss"] == pytest.approx(evaluate(model, full)["loss"], rel=1e-5)
+    # So does `mixer eval` of a training state in the run's checkpoints/ folder.
+    state = sorted((out / "checkpoints").glob("step-*.pt"))[-1]
+    with pytest.warns(UserWarning, match="includes the images"):
+        assert main(["eval", str(state), "--data", "mnist5k", "--json"]) == 0
+    assert json.loads(capsys.readouterr().out)["permute"] == "patches"
 
     # predict, linear-probe and fewshot apply it too: their defaults equal the explicit permutation.
     digit = tmp_path / "digit.png"

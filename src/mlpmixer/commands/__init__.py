@@ -40,10 +40,14 @@ def image_size(values: list[int]) -> int | tuple[int, int]:
 
 def run_recipe(checkpoint: str) -> dict[str, Any]:
     """The recipe a `mixer train` run recorded in the config.json beside `checkpoint` (a run directory,
-    or a checkpoint file in one); {} where there is none. An unreadable config.json is an error, not
-    {}: it may hold the permutation the run's images need, and going on without it would be silently wrong."""
+    a checkpoint file in one, or a training state in its checkpoints/ folder); {} where there is none. An
+    unreadable config.json is an error, not {}: it may hold the permutation the run's images need, and going
+    on without it would be silently wrong."""
     path = Path(checkpoint)
-    config = (path if path.is_dir() else path.parent) / "config.json"
+    folder = path if path.is_dir() else path.parent
+    if folder.name == "checkpoints" and not (folder / "config.json").exists():  # RUN/checkpoints/step-N.pt
+        folder = folder.parent
+    config = folder / "config.json"
     if not config.is_file():
         return {}
     try:
