@@ -173,10 +173,10 @@ def test_an_out_path_that_cannot_be_a_run_folder_is_one_sentence(tmp_path: Path,
     assert not (tmp_path / "run").exists()
 
 
-def test_a_closed_pipe_stops_the_command_quietly() -> None:
+def test_a_closed_pipe_stops_the_command_quietly(child_env: dict) -> None:
     # The reader is gone before the command writes (`mixer info | head -0`): no error message, status 141.
     proc = subprocess.Popen([sys.executable, "-m", "mlpmixer", "info"], stdout=subprocess.PIPE,
-                            stderr=subprocess.PIPE, env={**os.environ, "PYTHONPATH": str(Path(__file__).resolve().parents[1] / "src")})
+                            stderr=subprocess.PIPE, env=child_env)
     proc.stdout.close()
     _, err = proc.communicate(timeout=120)
     assert proc.returncode == 141 and err == b""

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import os
 import shutil
 import subprocess
 import sys
@@ -21,11 +20,10 @@ ROOT = Path(__file__).resolve().parents[1]
 COMMON = ["train", "--steps", "3", "--batch-size", "32", "--quiet", "--optimizer", "sgd", "--lr", "0.1"]
 
 
-def _torchrun(*args: str, port: int) -> subprocess.CompletedProcess:
+def _torchrun(*args: str, port: int, env: dict) -> subprocess.CompletedProcess:
     return subprocess.run([sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port",
                            str(port), "-m", "mlpmixer", *COMMON, "--fsdp", *args],
-                          env={**os.environ, "PYTHONPATH": str(ROOT / "src")}, cwd=ROOT, timeout=600,
-                          capture_output=True, text=True)
+                          env=env, cwd=ROOT, timeout=600, capture_output=True, text=True)
 
 
 def _max_diff(a: Path, b: Path) -> float:
@@ -36,9 +34,9 @@ def _max_diff(a: Path, b: Path) -> float:
 
 @pytest.mark.skipif(torch.__version__ < (2, 7) and not torch.cuda.is_available(),
                     reason="FSDP2 runs on the CPU from torch 2.7 (test_fsdp_on_the_cpu_needs_torch_2_7)")
-def test_fsdp_over_two_processes_follows_one_and_resumes(tmp_path: Path) -> None:
+def test_fsdp_over_two_processes_follows_one_and_resumes(tmp_path: Path, child_env: dict) -> None:
     fsdp = tmp_path / "fsdp"
-    done = _torchrun("--out", str(fsdp), "--save-every", "1", "--keep", "5", port=29531)
+    done = _torchrun("--out", str(fsdp), "--save-every", "1", "--keep", "5", port=29531, env=child_env)
     if "does not average where FSDP asks it to" in done.stderr:  # refused, as it should be (test below)
         pytest.skip(f"the gloo backend of torch {torch.__version__} sums where FSDP averages (pytorch#162338)")
     assert done.returncode == 0, done.stderr[-2000:]
@@ -54,7 +52,7 @@ def test_fsdp_over_two_processes_follows_one_and_resumes(tmp_path: Path) -> None
     shutil.copytree(fsdp, resumed)
     (resumed / "checkpoints" / "step-00000003.pt").unlink()
     (resumed / "model.safetensors").unlink()
-    done = _torchrun("--out", str(resumed), "--resume", port=29532)
+    done = _torchrun("--out", str(resumed), "--resume", port=29532, env=child_env)
     assert done.returncode == 0, done.stderr[-2000:]
     assert _max_diff(resumed, fsdp) == 0.0
 

@@ -515,13 +515,7 @@ def test_another_model_is_built_as_its_variant_defines_it() -> None:
 ROOT = Path(__file__).resolve().parents[1]
 
 
-def _env() -> dict:
-    import os
-
-    return {**os.environ, "PYTHONPATH": str(ROOT / "src")}
-
-
-def test_resume_after_sigkill_is_bit_exact(tmp_path: Path) -> None:
+def test_resume_after_sigkill_is_bit_exact(tmp_path: Path, child_env: dict) -> None:
     import subprocess
     import sys
     import time
@@ -532,7 +526,7 @@ def test_resume_after_sigkill_is_bit_exact(tmp_path: Path) -> None:
     args = ["train", "--steps", "40", "--batch-size", "32", "--save-every", "4", "--quiet", "--processes", "1",
             "--threads", "1"]
     killed = tmp_path / "killed"
-    proc = subprocess.Popen([sys.executable, "-m", "mlpmixer", *args, "--out", str(killed)], env=_env(), cwd=ROOT)
+    proc = subprocess.Popen([sys.executable, "-m", "mlpmixer", *args, "--out", str(killed)], env=child_env, cwd=ROOT)
     deadline = time.time() + 300
     while not list((killed / "checkpoints").glob("step-*0008.pt")) and time.time() < deadline and proc.poll() is None:
         time.sleep(0.05)
@@ -548,7 +542,7 @@ def test_resume_after_sigkill_is_bit_exact(tmp_path: Path) -> None:
     assert all(torch.equal(a[k], b[k]) for k in a)
 
 
-def test_two_processes_follow_one_with_the_same_global_batch(tmp_path: Path) -> None:
+def test_two_processes_follow_one_with_the_same_global_batch(tmp_path: Path, child_env: dict) -> None:
     import subprocess
     import sys
 
@@ -558,7 +552,7 @@ def test_two_processes_follow_one_with_the_same_global_batch(tmp_path: Path) -> 
     common = ["train", "--steps", "3", "--batch-size", "32", "--quiet", "--optimizer", "sgd", "--lr", "0.1"]
     for run, flags in (("ddp", []), ("ddp-fast", ["--fast"])):  # --fast: DDP wraps the fast path
         subprocess.run([sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port",
-                        "29517", "-m", "mlpmixer", *common, *flags, "--out", str(tmp_path / run)], env=_env(), cwd=ROOT,
+                        "29517", "-m", "mlpmixer", *common, *flags, "--out", str(tmp_path / run)], env=child_env, cwd=ROOT,
                        check=True, timeout=600)
     from mlpmixer.cli import main
 
@@ -572,17 +566,17 @@ def test_two_processes_follow_one_with_the_same_global_batch(tmp_path: Path) -> 
         assert json.loads((tmp_path / run / "config.json").read_text())["world_size"] == 2
 
 
-def _torchrun(cwd: Path, launcher: list[str], args: list[str], log: Path):
+def _torchrun(cwd: Path, launcher: list[str], args: list[str], log: Path, env: dict):
     """A torchrun launcher started in `cwd`, its output going to `log` (pipes could fill while another waits)."""
     import subprocess
     import sys
 
     with open(log, "w") as f:
         return subprocess.Popen([sys.executable, "-m", "torch.distributed.run", *launcher, "-m", "mlpmixer", *args],
-                                env=_env(), cwd=cwd, stdout=f, stderr=subprocess.STDOUT)
+                                env=env, cwd=cwd, stdout=f, stderr=subprocess.STDOUT)
 
 
-def test_two_machines_meet_through_torchruns_rendezvous(tmp_path: Path) -> None:
+def test_two_machines_meet_through_torchruns_rendezvous(tmp_path: Path, child_env: dict) -> None:
     """docs/training.md's multi-machine command, with two launchers standing for two machines, each in its
     own folder (its own file system for the relative --out) and one process each: the run follows the
     one-process run, and only the machine torchrun gave global rank 0 writes it. Resuming from there stops
@@ -594,7 +588,8 @@ def test_two_machines_meet_through_torchruns_rendezvous(tmp_path: Path) -> None:
     def on_both(args: list[str], job: str, port: int) -> list[tuple[int, str]]:
         launcher = ["--nnodes", "2", "--nproc_per_node", "1", "--rdzv_backend", "c10d",
                     "--rdzv_endpoint", f"127.0.0.1:{port}", "--rdzv_id", job]
-        procs = [_torchrun(folder, launcher, args, tmp_path / f"{folder.name}-{job}.log") for folder in machines]
+        procs = [_torchrun(folder, launcher, args, tmp_path / f"{folder.name}-{job}.log", child_env)
+                 for folder in machines]
         return [(p.wait(timeout=600), (tmp_path / f"{folder.name}-{job}.log").read_text())
                 for p, folder in zip(procs, machines)]
 
@@ -618,9 +613,10 @@ def test_two_machines_meet_through_torchruns_rendezvous(tmp_path: Path) -> None:
         assert str(Path("mlpmixer") / "train.py") not in err, err[-3000:]  # no traceback through our code
 
 
-def test_an_error_every_rank_meets_is_printed_once(tmp_path: Path) -> None:
+def test_an_error_every_rank_meets_is_printed_once(tmp_path: Path, child_env: dict) -> None:
     proc = _torchrun(ROOT, ["--nproc_per_node", "2", "--master_port", "29543"],
-                     ["train", "--steps", "1", "--batch-size", "33", "--out", str(tmp_path / "r")], tmp_path / "log")
+                     ["train", "--steps", "1", "--batch-size", "33", "--out", str(tmp_path / "r")], tmp_path / "log",
+                     child_env)
     code, err = proc.wait(timeout=600), (tmp_path / "log").read_text()
     assert code != 0
     assert err.count("mixer train: error: The batch size 33 must divide") == 1, err[-3000:]
