@@ -55,6 +55,17 @@ def test_fsdp_over_two_processes_follows_one_and_resumes(tmp_path: Path, child_e
     done = _torchrun("--out", str(resumed), "--resume", port=29532, env=child_env)
     assert done.returncode == 0, done.stderr[-2000:]
     assert _max_diff(resumed, fsdp) == 0.0
+    # A run whose config.json is gone, resumed with another model or optimiser: the state itself decides, and
+    # says so in one sentence, as without --fsdp.
+    (resumed / "config.json").unlink()
+    for port, flags, said in ((29533, ["--model", "digits/4"], "holds weights of other shapes than the Mixer-digits/4 "
+                                                                "this command builds"),
+                              (29534, ["--optimizer", "adamw"], "holds the state of another optimiser than --optimizer "
+                                                                "adamw")):
+        done = _torchrun("--out", str(resumed), "--resume", *flags, port=port, env=child_env)
+        assert done.returncode != 0
+        assert done.stderr.count("mixer train: error: ") == 1 and said in done.stderr, done.stderr[-3000:]
+        assert str(Path("mlpmixer") / "train.py") not in done.stderr, done.stderr[-3000:]
 
 
 def test_fsdp_refuses_ema_with_several_processes(tmp_path: Path, capsys: pytest.CaptureFixture) -> None:

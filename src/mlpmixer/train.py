@@ -724,21 +724,23 @@ def _train(
         state = _read_state(state_path, "cpu" if fsdp else device)
         if fsdp:  # the state holds full tensors (keyed by name): each rank keeps its shards
             from torch.distributed.checkpoint.state_dict import set_model_state_dict, set_optimizer_state_dict
-
-            set_model_state_dict(model, state["model"], options=_full_options())
-            set_optimizer_state_dict(model, opt, state["optimizer"], options=_full_options())
-        else:
-            try:
+        try:
+            if fsdp:
+                set_model_state_dict(model, state["model"], options=_full_options())
+            else:
                 model.load_state_dict(state["model"])
-            except RuntimeError:  # load_state_dict's list of size mismatches: a run whose config.json is gone
-                raise ValueError(f"{state_path} holds weights of other shapes than the {model.config.describe()} this "
-                                 "command builds; resume with the run's own settings (--model, --img-size) and the "
-                                 "same data.") from None
-            try:
+        except RuntimeError:  # load_state_dict's list of size mismatches (FSDP's too): a run whose config.json is gone
+            raise ValueError(f"{state_path} holds weights of other shapes than the {model.config.describe()} this "
+                             "command builds; resume with the run's own settings (--model, --img-size) and the "
+                             "same data.") from None
+        try:
+            if fsdp:
+                set_optimizer_state_dict(model, opt, state["optimizer"], options=_full_options())
+            else:
                 opt.load_state_dict(state["optimizer"])
-            except (KeyError, ValueError) as e:  # another optimiser's state, whose run left no config.json
-                raise ValueError(f"{state_path} holds the state of another optimiser than --optimizer {r.optimizer} "
-                                 f"({type(e).__name__}: {e}); resume with the run's own settings.") from None
+        except (KeyError, ValueError) as e:  # another optimiser's state, whose run left no config.json
+            raise ValueError(f"{state_path} holds the state of another optimiser than --optimizer {r.optimizer} "
+                             f"({type(e).__name__}: {e}); resume with the run's own settings.") from None
         ema = state["ema"] or ema
         start = int(state["step"])
     # Before anything is written: a resumed run's metrics are trimmed to its state below.
