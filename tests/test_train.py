@@ -613,6 +613,15 @@ def test_two_machines_meet_through_torchruns_rendezvous(tmp_path: Path, child_en
         assert str(Path("mlpmixer") / "train.py") not in err, err[-3000:]  # no traceback through our code
 
 
+def _on_two_ranks(args: list[str], port: int, tmp_path: Path, env: dict) -> str:
+    """The output of `mixer ARGS` under torchrun in 2 processes, which must fail."""
+    proc = _torchrun(ROOT, ["--nproc_per_node", "2", "--master_port", str(port)], args, tmp_path / f"{port}.log", env)
+    code, err = proc.wait(timeout=600), (tmp_path / f"{port}.log").read_text()
+    assert code != 0, err[-3000:]
+    assert str(Path("mlpmixer") / "train.py") not in err, err[-3000:]  # no traceback through our code, on any rank
+    return err
+
+
 def test_an_error_every_rank_meets_is_printed_once(tmp_path: Path, child_env: dict) -> None:
     proc = _torchrun(ROOT, ["--nproc_per_node", "2", "--master_port", "29543"],
                      ["train", "--steps", "1", "--batch-size", "33", "--out", str(tmp_path / "r")], tmp_path / "log",
@@ -621,6 +630,22 @@ def test_an_error_every_rank_meets_is_printed_once(tmp_path: Path, child_env: di
     assert code != 0
     assert err.count("mixer train: error: The batch size 33 must divide") == 1, err[-3000:]
     assert str(Path("mlpmixer") / "train.py") not in err
+
+
+def test_a_malformed_metrics_line_on_resume_stops_every_rank_with_one_sentence(tmp_path: Path,
+                                                                                child_env: dict) -> None:
+    from mlpmixer.cli import main
+
+    args = ["train", "--steps", "2", "--batch-size", "32", "--evals", "0", "--save-every", "2", "--quiet",
+            "--out", str(tmp_path / "r")]
+    assert main([*args, "--processes", "1"]) == 0
+    (tmp_path / "r" / "metrics.jsonl").write_bytes(b'{"step": 1}\n[1, 2]\n{"step": 2}\n')
+    config = (tmp_path / "r" / "config.json").read_bytes()
+    err = _on_two_ranks([*args, "--resume"], 29547, tmp_path, child_env)
+    assert err.count("mixer train: error: ") == 1 and "metrics.jsonl line 2 is not a metrics entry" in err, \
+        err[-3000:]
+    # Found in the set-up, before the ranks meet: nothing was written (a resumed run rewrites its config.json after).
+    assert (tmp_path / "r" / "config.json").read_bytes() == config
 
 
 def test_every_option_trains(tmp_path: Path) -> None:

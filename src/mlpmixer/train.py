@@ -466,7 +466,7 @@ def _summary_writer_class() -> Any:
 
 def _summary_writer(path: Path, start: int) -> Any:
     """A TensorBoard writer for `path`. A run resumed at step `start` purges the events of the redone
-    steps, as _trim_metrics does for metrics.jsonl."""
+    steps, as _kept_metrics does for metrics.jsonl."""
     return _summary_writer_class()(str(path), purge_step=start + 1 if start else None)  # steps <= start are kept
 
 
@@ -743,12 +743,13 @@ def _train(
                              f"({type(e).__name__}: {e}); resume with the run's own settings.") from None
         ema = state["ema"] or ema
         start = int(state["step"])
-    # Before anything is written: a resumed run's metrics are trimmed to its state below.
     if profile and total - start < StepProfiler.steps_needed(profile):
         raise ValueError(f"--profile {profile} needs {StepProfiler.steps_needed(profile)} steps (the first ones are "
                          f"not profiled) and this run has {total - start} left; lower it or raise --steps.")
     if main:
         _check_writable(run or Path("runs"))
+    # Read before the start line, so that a malformed metrics.jsonl stops every rank there; written back below.
+    metrics = _kept_metrics(run / "metrics.jsonl", start) if main and run is not None else None
     start_line.cross()  # every rank is set up: from here on files are written
     run = run or new_run_dir()
     files = RunFiles(run, run / "model.safetensors", run / "config.json", run / "metrics.jsonl",
@@ -763,7 +764,8 @@ def _train(
             config["init_from"] = str(init_from)
         text = json.dumps(config, indent=1) + "\n"
         atomic_write(files.config, lambda tmp: Path(tmp).write_text(text))  # also on resuming: the old one stays whole
-        _trim_metrics(files.metrics, start)
+        if metrics is not None:
+            atomic_write(files.metrics, lambda tmp: Path(tmp).write_bytes(metrics))
     board = _summary_writer(run / "tensorboard", start) if main and r.tensorboard else None
 
     net: torch.nn.Module = model
@@ -1046,13 +1048,14 @@ def _append(path: Path, entry: dict[str, Any]) -> None:
         f.write(json.dumps(entry) + "\n")
 
 
-def _trim_metrics(path: Path, start: int) -> None:
-    """A resumed run keeps the metrics up to its checkpoint and drops those of the lost steps.
+def _kept_metrics(path: Path, start: int) -> Optional[bytes]:
+    """What a run starting at step `start` keeps of its metrics.jsonl (None: there is none): a resumed run
+    keeps the metrics up to its checkpoint and drops those of the lost steps.
 
     A last line cut short (a power cut during an append) is dropped with a warning; any other line that is
     not a metrics entry is one sentence naming the file."""
     if not path.exists():
-        return
+        return None
     lines = [line for line in path.read_bytes().splitlines() if line.strip()] if start else []
     kept = []
     for n, line in enumerate(lines, 1):
@@ -1069,7 +1072,7 @@ def _trim_metrics(path: Path, start: int) -> None:
                              "line and rerun.")
         if step <= start:
             kept.append(line + b"\n")
-    atomic_write(path, lambda tmp: Path(tmp).write_bytes(b"".join(kept)))
+    return b"".join(kept)
 
 
 def _latest_run(root: str | Path = "runs") -> Path:
