@@ -623,13 +623,27 @@ def _on_two_ranks(args: list[str], port: int, tmp_path: Path, env: dict) -> str:
 
 
 def test_an_error_every_rank_meets_is_printed_once(tmp_path: Path, child_env: dict) -> None:
-    proc = _torchrun(ROOT, ["--nproc_per_node", "2", "--master_port", "29543"],
-                     ["train", "--steps", "1", "--batch-size", "33", "--out", str(tmp_path / "r")], tmp_path / "log",
-                     child_env)
-    code, err = proc.wait(timeout=600), (tmp_path / "log").read_text()
-    assert code != 0
+    common = ["train", "--quiet", "--out", str(tmp_path / "r")]
+    # In the set-up, before the start line where the ranks meet.
+    err = _on_two_ranks([*common, "--steps", "1", "--batch-size", "33"], 29543, tmp_path, child_env)
     assert err.count("mixer train: error: The batch size 33 must divide") == 1, err[-3000:]
-    assert str(Path("mlpmixer") / "train.py") not in err
+    # After it, where each rank stops on its own: found by the first batch.
+    err = _on_two_ranks([*common, "--steps", "1", "--batch-size", "10000"], 29545, tmp_path, child_env)
+    assert err.count("mixer train: error: The batch size 10000 is larger than the 4750 training images") == 1, \
+        err[-3000:]
+
+
+def test_an_error_of_rank_0_alone_stops_the_other_ranks_without_a_word(tmp_path: Path, child_env: dict) -> None:
+    """Rank 0 evaluates alone: validation images that are all undecodable stop it after the start line, while
+    rank 1 waits for it in the next step's gradient all-reduce, which then breaks."""
+    from test_sources import make_folder
+
+    make_folder(tmp_path / "bad", {str(i): 1 for i in range(10)}, bad=tuple(range(10)))
+    args = ["train", "--quiet", "--steps", "4", "--evals", "2", "--batch-size", "32", "--workers", "0",
+            "--eval-data", str(tmp_path / "bad"), "--out", str(tmp_path / "r")]
+    err = _on_two_ranks(args, 29546, tmp_path, child_env)
+    assert err.count("mixer train: error: ") == 1 and "10 of 10 images (100.0%) could not be decoded" in err, \
+        err[-3000:]
 
 
 def test_a_malformed_metrics_line_on_resume_stops_every_rank_with_one_sentence(tmp_path: Path,

@@ -354,8 +354,9 @@ def _shard(model: MlpMixer) -> None:
 
 
 class StoppedElsewhere(ValueError):
-    """This rank stops because the set-up of the run failed; another process reports the error
-    (`_StartLine`), so `mixer` does not print this one."""
+    """This rank stops on an error that another process reports (the set-up of the run failed: `_StartLine`;
+    later, an error said already on this machine: `_first_to_say`, `_error_said`), so `mixer` does not print
+    this one."""
 
     reported_elsewhere = True
 
@@ -403,6 +404,33 @@ class _StartLine:
         if int(os.environ.get("LOCAL_RANK", 0)) == 0:
             raise combined
         raise StoppedElsewhere(str(combined))
+
+
+def _first_to_say(error: Exception) -> bool:
+    """After the start line the ranks stop one by one, without meeting again: whether this process is the first
+    on its machine to say `error`, so that an error every rank meets (a batch larger than the data) is said once,
+    and one rank's own error still is. Counted in the process group's store, which torchrun's agent keeps after
+    its workers stop; where the store cannot be reached, every process says its error rather than lose it."""
+    try:
+        store = dist.distributed_c10d._get_default_store()
+        store.add(_said_here(), 1)  # for `_error_said`
+        return store.add(f"{_said_here()}/{error}", 1) == 1
+    except RuntimeError:  # the store is gone (its host stopped)
+        return True
+
+
+def _error_said() -> bool:
+    """Whether a process on this machine has said an error after the start line (`_first_to_say`): its stop
+    breaks the collectives of the others, whose errors (gloo's "Connection closed by peer") say nothing more."""
+    try:
+        return dist.distributed_c10d._get_default_store().add(_said_here(), 0) > 0
+    except RuntimeError:
+        return False
+
+
+def _said_here() -> str:
+    """The store key that counts the errors said on this machine (torchrun's GROUP_RANK numbers the machines)."""
+    return f"mixer/said/{os.environ.get('GROUP_RANK', '')}"
 
 
 def _gather_texts(text: str, keep: list[torch.Tensor]) -> list[str]:
@@ -506,14 +534,22 @@ def train(r: Recipe, out: Optional[str | Path] = None, **options: Any) -> RunFil
     if distributed:
         dist.init_process_group("nccl" if torch.cuda.is_available() else "gloo")
     start_line = _StartLine(distributed)
+    # torchrun's processes say their own errors; those that `launch` forks leave them to rank 0 (`_child`).
+    saying = distributed and options.get("shared_grads") is None
     try:
         return _train(r, out, distributed, start_line, **options)
     except (ValueError, OSError, torch.cuda.OutOfMemoryError) as e:
         error = _out_of_memory(r) if isinstance(e, torch.cuda.OutOfMemoryError) else e
         start_line.cross(error)  # a set-up error: the other ranks wait at the start line to hear of it
+        if saying and not _first_to_say(error):  # past the start line: said once on each machine
+            raise StoppedElsewhere(str(error)) from e
         if error is e:
             raise
         raise error from e
+    except RuntimeError as e:
+        if saying and _error_said():  # a collective broken by a process that stopped on an error, said already
+            raise StoppedElsewhere(f"Another process of the run stopped on an error ({first_line(e)}).") from e
+        raise
     finally:  # also after an error, so that a caller in the same process can train again
         if distributed:
             dist.destroy_process_group()
