@@ -293,6 +293,8 @@ def test_finetune_puts_a_new_head(run_dir: Path, tmp_path: Path, monkeypatch: py
     assert model.num_classes == 10 and model.config.in_chans == 1
     recipe = json.loads((out / "config.json").read_text())["recipe"]
     assert recipe["optimizer"] == "sgd" and recipe["data"] == "mnist5k"
+    # The model fine-tuned (the default job's), not the recipe's default digits/4.
+    assert (recipe["model"], recipe["model_args"], recipe["img_size"]) == ("digits/7", {"gelu": "exact"}, 28)
     assert drawn == [("training (as optimised)", "validation")]  # no augmentation or smoothing: none claimed
 
 

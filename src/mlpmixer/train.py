@@ -48,7 +48,7 @@ from .profiling import StepProfiler
 from .recipes import MAX_STEPS, Recipe
 from .resize import resize_to
 from .shared_grads import SharedGradients
-from .variants import MixerConfig, as_pair
+from .variants import SHAPE_FIELDS, MixerConfig, as_pair, paper_variant_of, variant_config
 
 if TYPE_CHECKING:  # imported where used: torchvision takes a second to import, the default job needs none of it
     from .batch_augment import BatchAugment
@@ -689,6 +689,8 @@ def _train(
             origin += f"; converted from {was[0]}×{was[1]} to {h}×{w} by {r.resize_method}"
         origin += ")"
         model.reset_classifier(num_classes)  # always a new zero-initialised head (paper Appendix C)
+        # config.json's recipe then names this model, not the recipe's default: `--config RUN/config.json` builds it.
+        r = r.replace(**_recipe_model(model.config, r.model))
     else:
         model = create_model(r.model, num_classes=num_classes, img_size=img_size, in_chans=in_chans,
                              drop_path_rate=r.drop_path, drop_rate=r.dropout, **r.model_args)
@@ -961,6 +963,17 @@ def _train(
     return files
 
 
+def _recipe_model(config: MixerConfig, base: str) -> dict[str, Any]:
+    """The recipe fields that make `mixer train` build `config` (the classes and channels come from the data):
+    its variant, or `base` where its shapes are no variant's, with what differs from that variant in
+    `model_args`, and its input size where it is square (the recipe's img_size is one number)."""
+    name = paper_variant_of(config) or base
+    defined = variant_config(name).to_dict()
+    args = {k: v for k, v in config.to_dict().items() if k in SHAPE_FIELDS | {"gelu"} and v != defined[k]}
+    h, w = config.img_size
+    return {"model": name, "model_args": args, "img_size": h if h == w else None}
+
+
 def _check_writable(run: Path) -> None:
     """An --out that is a file, lies under a file or in a folder this user cannot write to: one sentence
     before anything runs, not mkdir's "[Errno 20] Not a directory" once the set-up is done."""
@@ -1003,9 +1016,11 @@ def _check_resumable(run: Path, config: MixerConfig, r: Recipe, init_from: Optio
                          f"cannot go on from; resume with --optimizer {was} (the run's settings are in its "
                          "config.json).")
     now = json.loads(json.dumps(r.to_dict()))  # as config.json holds it: tuples as lists
-    # The process and thread counts are taken from the run (launch); only the count chosen is recorded.
+    # The process and thread counts are taken from the run (launch); only the count chosen is recorded. A
+    # fine-tuning run's model fields follow from its checkpoint, whose shapes are compared above.
+    ignored = {"processes", "threads"} | ({"model", "model_args", "img_size"} if init_from else set())
     changed = [f"{k} {saved['recipe'].get(k)!r} -> {v!r}" for k, v in now.items()
-               if k not in ("processes", "threads") and saved["recipe"].get(k) != v]
+               if k not in ignored and saved["recipe"].get(k) != v]
     if saved.get("world_size", world) != world:  # the order of the gradient sums: no longer bit for bit
         changed.append(f"processes {saved['world_size']} -> {world}")
     if changed:
