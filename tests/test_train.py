@@ -340,7 +340,9 @@ def test_resume_removes_the_temporaries_of_a_save_that_was_killed(tmp_path: Path
     assert not any(p.exists() for p in stale) and all(p.exists() for p in others)
 
 
-class _KilledInWorker(torch.utils.data.Dataset):
+class KilledInWorker(torch.utils.data.Dataset):
+    """Images whose reading kills the DataLoader worker process."""
+
     def __len__(self) -> int:
         return 8
 
@@ -349,10 +351,22 @@ class _KilledInWorker(torch.utils.data.Dataset):
 
 
 def test_a_killed_dataloader_worker_is_one_sentence() -> None:
-    batches = loader_batches(_KilledInWorker(), tiny(workers=1), 4, 1, 0, 2, 0, 1)
+    batches = loader_batches(KilledInWorker(), tiny(workers=1), 4, 1, 0, 2, 0, 1)
     with pytest.raises(ChildProcessError, match=r"A DataLoader worker died \(DataLoader worker \(pid.*; the out-of-memory "
                                                 r"killer\?\); the saved training states are kept: add --resume to go on"):
         next(batches)
+
+
+def test_a_dataloader_worker_killed_in_a_validation_is_one_sentence(tmp_path: Path,
+                                                                    monkeypatch: pytest.MonkeyPatch) -> None:
+    from mlpmixer.data import Source
+
+    monkeypatch.setattr(train_mod, "open_eval_data", lambda *_: Source(KilledInWorker(), [str(i) for i in range(10)], 8))
+    with pytest.raises(ChildProcessError, match=r"A DataLoader worker died \(DataLoader worker \(pid.*; the out-of-memory "
+                                                r"killer\?\); the saved training states are kept: add --resume to go on"):
+        train(tiny(steps=2, evals=1, workers=1, eval_data="elsewhere"), tmp_path / "run", save_every=1, progress=False,
+              log=lambda *_: None)
+    assert train_mod.latest_state(tmp_path / "run").name == "step-00000001.pt"  # kept, as the sentence says
 
 
 def test_a_save_that_fails_for_want_of_space_is_one_sentence(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:

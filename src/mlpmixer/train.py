@@ -40,7 +40,7 @@ from .checkpoints import (atomic_write, first_line, load_checkpoint, read_checkp
                           save_checkpoint)
 from .compiled import CompiledOrEager
 from .data import (MNIST5K, Source, TensorData, TensorDataset, augment_digits, holdout_split, is_idx_folder,
-                   load_tensors, to_model_input)
+                   load_tensors, to_model_input, worker_deaths)
 from .evaluate import evaluate, open_eval_data
 from .model import MlpMixer, create_model
 from .permute import FixedPermutation
@@ -55,6 +55,8 @@ if TYPE_CHECKING:  # imported where used: torchvision takes a second to import, 
 
 STATE_DIR = "checkpoints"  # training states for --resume, inside the run directory
 STATE_PATTERN = "step-{:08d}.pt"
+# What to do when a DataLoader worker dies in training or its evaluations (data.worker_deaths).
+RESUME_ADVICE = "the saved training states are kept: add --resume to go on"
 
 
 class TrainingDiverged(ValueError):
@@ -295,7 +297,7 @@ def loader_batches(dataset: Any, r: Recipe, batch: int, accum: int, start: int, 
         before = step
         # Shards: pass after pass while the epoch lasts, in batches of `local`; a short pass is said in the first epoch.
         batches = loader if sampler is not None else rebatch(_passes(loader, local, warn=step == start), local)
-        try:
+        with worker_deaths(RESUME_ADVICE):
             for n, (x, y) in enumerate(batches):
                 if n < skip:
                     continue
@@ -305,12 +307,6 @@ def loader_batches(dataset: Any, r: Recipe, batch: int, accum: int, start: int, 
                     micro, step = [], step + 1
                     if step % per_epoch == 0:
                         break
-        except RuntimeError as e:
-            if not str(e).startswith("DataLoader worker"):  # "... (pid N) is killed by signal: Killed."
-                raise
-            raise ChildProcessError(f"A DataLoader worker died ({first_line(e).rstrip('.')}; the out-of-memory "
-                                    "killer?); the saved training states are kept: add --resume to go on (fewer "
-                                    "--workers take less memory).") from None
         if step == before:
             raise ValueError(f"The training data yield fewer images than one batch of {batch} per pass; "
                              "lower --batch-size or check the data.")
@@ -923,7 +919,7 @@ def _train(
             _gather(model, plain)
         if main and val_data is not None and done in eval_at:
             scored = _swap_in(model, ema)
-            with scored:
+            with scored, worker_deaths(RESUME_ADVICE):
                 m = evaluate(plain, val_data, batch_size=500, workers=eval_workers, device=device,
                              transform=permute)
             _append(files.metrics, {"step": done, "epoch": round(done / per_epoch, 3), "val_loss": m["loss"],
