@@ -2,6 +2,9 @@
 
 from __future__ import annotations
 
+import os
+from pathlib import Path
+
 import pytest
 
 from mlpmixer import MixerConfig
@@ -21,3 +24,13 @@ def tiny_config() -> MixerConfig:
         patch_size=8, hidden_dim=32, num_blocks=2, tokens_mlp_dim=16, channels_mlp_dim=64,
         img_size=(24, 32), num_classes=5,
     )
+
+
+@pytest.fixture
+def child_env(tmp_path: Path) -> dict[str, str]:
+    """The environment of the processes a test starts (mixer, torchrun): this checkout's mlpmixer, and their
+    temporary files under the test's tmp_path, not /tmp, which would keep them: torchrun leaves a
+    torchelastic_* folder behind at every run, and multiprocessing a pymp-* one for a process killed."""
+    tmp = tmp_path / "tmp"
+    tmp.mkdir(exist_ok=True)
+    return {**os.environ, "PYTHONPATH": str(Path(__file__).resolve().parents[1] / "src"), "TMPDIR": str(tmp)}

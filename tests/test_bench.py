@@ -5,7 +5,6 @@ from __future__ import annotations
 
 import itertools
 import json
-import os
 import subprocess
 import sys
 from pathlib import Path
@@ -225,10 +224,10 @@ print(plain, took, kept)
 
 
 @pytest.mark.skipif(not sys.platform.startswith("linux"), reason="glibc's mallopt is Linux's")
-def test_keep_freed_memory_stops_page_faults():
+def test_keep_freed_memory_stops_page_faults(child_env):
     """In a fresh process (the setting is process-wide): glibc's default faults the pages in again."""
     out = subprocess.run([sys.executable, "-c", KEEP_FREED_MEMORY], capture_output=True, text=True, check=True,
-                         env={**os.environ, "PYTHONPATH": str(ROOT / "src")}).stdout.split()
+                         env=child_env).stdout.split()
     plain, took, kept = int(out[0]), out[1], int(out[2])
     assert took == "True"
     assert plain > 1000 and kept < plain / 20

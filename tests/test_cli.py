@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import os
 import subprocess
 import sys
 from pathlib import Path
@@ -81,7 +80,7 @@ def test_the_docs_use_only_flags_the_commands_have(capsys: pytest.CaptureFixture
     assert checked > 50 and not unknown
 
 
-def test_our_warnings_are_one_line(tmp_path: Path) -> None:
+def test_our_warnings_are_one_line(tmp_path: Path, child_env: dict) -> None:
     """A skipped image is one "mixer: warning:" line, also from a DataLoader worker process."""
     from test_sources import make_folder
 
@@ -93,7 +92,7 @@ def test_our_warnings_are_one_line(tmp_path: Path) -> None:
     make_folder(tmp_path / "data", {"a": 100, "b": 100}, bad=(7,))
     done = subprocess.run([sys.executable, "-m", "mlpmixer", "eval", str(tmp_path / "m.safetensors"), "--data",
                            str(tmp_path / "data"), "--workers", "1"], capture_output=True, text=True, timeout=120,
-                          env={**os.environ, "PYTHONPATH": str(ROOT / "src")})
+                          env=child_env)
     assert done.returncode == 0, done.stderr
     said = [line for line in done.stderr.splitlines() if "0007.png" in line]  # perhaps after the progress bar
     assert len(said) == 1 and f"mixer: warning: Skipping {tmp_path / 'data' / 'a' / '0007.png'}: " in said[0]

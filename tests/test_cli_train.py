@@ -196,10 +196,10 @@ def test_an_out_path_that_cannot_be_a_run_folder_is_one_sentence(tmp_path: Path,
     assert not (tmp_path / "run").exists()
 
 
-def test_a_closed_pipe_stops_the_command_quietly() -> None:
+def test_a_closed_pipe_stops_the_command_quietly(child_env: dict) -> None:
     # The reader is gone before the command writes (`mixer info | head -0`): no error message, status 141.
     proc = subprocess.Popen([sys.executable, "-m", "mlpmixer", "info"], stdout=subprocess.PIPE,
-                            stderr=subprocess.PIPE, env={**os.environ, "PYTHONPATH": str(Path(__file__).resolve().parents[1] / "src")})
+                            stderr=subprocess.PIPE, env=child_env)
     proc.stdout.close()
     _, err = proc.communicate(timeout=120)
     assert proc.returncode == 141 and err == b""
@@ -316,6 +316,8 @@ def test_finetune_puts_a_new_head(run_dir: Path, tmp_path: Path, monkeypatch: py
     assert model.num_classes == 10 and model.config.in_chans == 1
     recipe = json.loads((out / "config.json").read_text())["recipe"]
     assert recipe["optimizer"] == "sgd" and recipe["data"] == "mnist5k"
+    # The model fine-tuned (the default job's), not the recipe's default digits/4.
+    assert (recipe["model"], recipe["model_args"], recipe["img_size"]) == ("digits/7", {"gelu": "exact"}, 28)
     assert drawn == [("training (as optimised)", "validation")]  # no augmentation or smoothing: none claimed
 
 

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import re
 from pathlib import Path
 
 import pytest
@@ -67,6 +68,22 @@ def test_eval_bad_input(digits_model: Path, tmp_path: Path, capsys: pytest.Captu
     save_checkpoint(three, tmp_path / "three.safetensors")
     assert main(["eval", str(tmp_path / "three.safetensors"), "--data", "mnist5k"]) != 0
     assert "10 classes but the model predicts 3" in capsys.readouterr().err
+
+
+def test_a_killed_dataloader_worker_is_one_sentence(digits_model: Path, capsys: pytest.CaptureFixture,
+                                                   monkeypatch: pytest.MonkeyPatch) -> None:
+    from test_train import KilledInWorker
+
+    import mlpmixer.evaluate
+    from mlpmixer.data import Source
+
+    monkeypatch.setattr(mlpmixer.evaluate, "open_eval_data",
+                        lambda *_: Source(KilledInWorker(), [str(i) for i in range(10)], 8))
+    assert main(["eval", str(digits_model), "--data", "elsewhere", "--workers", "1"]) == 2
+    err = capsys.readouterr().err
+    assert re.search(r"\rmixer eval: error: A DataLoader worker died \(DataLoader worker \(pid.*; the out-of-memory "
+                     r"killer\?\); rerun the command \(fewer --workers take less memory\)\.\n$", err), err
+    assert err.count("error") == 1  # no traceback
 
 
 def test_an_undecodable_image_is_left_out_of_the_score(digits_model: Path, tmp_path: Path) -> None:

@@ -53,10 +53,22 @@ def test_finetune_without_img_size_keeps_the_checkpoint_size(tiny: Path, tmp_pat
     model = load_checkpoint(out)
     assert model.config.img_size == (28, 28) and model.config.tokens_mlp_dim == 8
     config = json.loads((out / "config.json").read_text())
-    assert config["recipe"]["img_size"] is None and config["init_from"] == str(tiny)
+    assert config["init_from"] == str(tiny)
+    # Its recipe names the model fine-tuned (no variant's: digits/4 with other shapes), so that mixer train builds it.
+    assert (config["recipe"]["model"], config["recipe"]["model_args"], config["recipe"]["img_size"]) == \
+        ("digits/4", {"patch_size": [7, 7], "hidden_dim": 16, "tokens_mlp_dim": 8, "channels_mlp_dim": 32}, 28)
+    again = tmp_path / "again"
+    assert main(["train", "--config", str(out / "config.json"), "--steps", "1", "--out", str(again), "--quiet"]) == 0
+    assert load_checkpoint(again).config == model.config
     # Resumed by `mixer train`, which would build another model and optimiser: one sentence naming the way.
     assert main(["train", "--out", str(out), "--resume", "--quiet"]) == 2
     assert f"fine-tunes {tiny}; resume it with mixer finetune --from {tiny}" in capsys.readouterr().err
+    # A run whose recipe holds the recipe's default model (as before it named the model fine-tuned) resumes
+    # without a note of other settings: the checkpoint decides the model.
+    config["recipe"].update(model="digits/4", model_args={}, img_size=None)
+    (out / "config.json").write_text(json.dumps(config))
+    assert main(["finetune", "--from", str(tiny), "--out", str(out), "--save-every", "2", "--resume", *FINETUNE]) == 0
+    assert "Resuming with settings other" not in capsys.readouterr().out
     with pytest.raises(SystemExit) as stop:  # the model is the checkpoint's: finetune has no --model
         main(["finetune", "--from", str(tiny), "--model", "S/16", "--out", str(tmp_path / "s16"), *FINETUNE])
     assert stop.value.code == 2

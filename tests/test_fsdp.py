@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import os
 import shutil
 import subprocess
 import sys
@@ -21,11 +20,10 @@ ROOT = Path(__file__).resolve().parents[1]
 COMMON = ["train", "--steps", "3", "--batch-size", "32", "--quiet", "--optimizer", "sgd", "--lr", "0.1"]
 
 
-def _torchrun(*args: str, port: int) -> subprocess.CompletedProcess:
+def _torchrun(*args: str, port: int, env: dict) -> subprocess.CompletedProcess:
     return subprocess.run([sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port",
                            str(port), "-m", "mlpmixer", *COMMON, "--fsdp", *args],
-                          env={**os.environ, "PYTHONPATH": str(ROOT / "src")}, cwd=ROOT, timeout=600,
-                          capture_output=True, text=True)
+                          env=env, cwd=ROOT, timeout=600, capture_output=True, text=True)
 
 
 def _max_diff(a: Path, b: Path) -> float:
@@ -36,9 +34,9 @@ def _max_diff(a: Path, b: Path) -> float:
 
 @pytest.mark.skipif(torch.__version__ < (2, 7) and not torch.cuda.is_available(),
                     reason="FSDP2 runs on the CPU from torch 2.7 (test_fsdp_on_the_cpu_needs_torch_2_7)")
-def test_fsdp_over_two_processes_follows_one_and_resumes(tmp_path: Path) -> None:
+def test_fsdp_over_two_processes_follows_one_and_resumes(tmp_path: Path, child_env: dict) -> None:
     fsdp = tmp_path / "fsdp"
-    done = _torchrun("--out", str(fsdp), "--save-every", "1", "--keep", "5", port=29531)
+    done = _torchrun("--out", str(fsdp), "--save-every", "1", "--keep", "5", port=29531, env=child_env)
     if "does not average where FSDP asks it to" in done.stderr:  # refused, as it should be (test below)
         pytest.skip(f"the gloo backend of torch {torch.__version__} sums where FSDP averages (pytorch#162338)")
     assert done.returncode == 0, done.stderr[-2000:]
@@ -54,9 +52,20 @@ def test_fsdp_over_two_processes_follows_one_and_resumes(tmp_path: Path) -> None
     shutil.copytree(fsdp, resumed)
     (resumed / "checkpoints" / "step-00000003.pt").unlink()
     (resumed / "model.safetensors").unlink()
-    done = _torchrun("--out", str(resumed), "--resume", port=29532)
+    done = _torchrun("--out", str(resumed), "--resume", port=29532, env=child_env)
     assert done.returncode == 0, done.stderr[-2000:]
     assert _max_diff(resumed, fsdp) == 0.0
+    # A run whose config.json is gone, resumed with another model or optimiser: the state itself decides, and
+    # says so in one sentence, as without --fsdp.
+    (resumed / "config.json").unlink()
+    for port, flags, said in ((29533, ["--model", "digits/4"], "holds weights of other shapes than the Mixer-digits/4 "
+                                                                "this command builds"),
+                              (29534, ["--optimizer", "adamw"], "holds the state of another optimiser than --optimizer "
+                                                                "adamw")):
+        done = _torchrun("--out", str(resumed), "--resume", *flags, port=port, env=child_env)
+        assert done.returncode != 0
+        assert done.stderr.count("mixer train: error: ") == 1 and said in done.stderr, done.stderr[-3000:]
+        assert str(Path("mlpmixer") / "train.py") not in done.stderr, done.stderr[-3000:]
 
 
 def test_fsdp_refuses_ema_with_several_processes(tmp_path: Path, capsys: pytest.CaptureFixture) -> None:

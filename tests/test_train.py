@@ -340,7 +340,9 @@ def test_resume_removes_the_temporaries_of_a_save_that_was_killed(tmp_path: Path
     assert not any(p.exists() for p in stale) and all(p.exists() for p in others)
 
 
-class _KilledInWorker(torch.utils.data.Dataset):
+class KilledInWorker(torch.utils.data.Dataset):
+    """Images whose reading kills the DataLoader worker process."""
+
     def __len__(self) -> int:
         return 8
 
@@ -349,10 +351,22 @@ class _KilledInWorker(torch.utils.data.Dataset):
 
 
 def test_a_killed_dataloader_worker_is_one_sentence() -> None:
-    batches = loader_batches(_KilledInWorker(), tiny(workers=1), 4, 1, 0, 2, 0, 1)
+    batches = loader_batches(KilledInWorker(), tiny(workers=1), 4, 1, 0, 2, 0, 1)
     with pytest.raises(ChildProcessError, match=r"A DataLoader worker died \(DataLoader worker \(pid.*; the out-of-memory "
                                                 r"killer\?\); the saved training states are kept: add --resume to go on"):
         next(batches)
+
+
+def test_a_dataloader_worker_killed_in_a_validation_is_one_sentence(tmp_path: Path,
+                                                                    monkeypatch: pytest.MonkeyPatch) -> None:
+    from mlpmixer.data import Source
+
+    monkeypatch.setattr(train_mod, "open_eval_data", lambda *_: Source(KilledInWorker(), [str(i) for i in range(10)], 8))
+    with pytest.raises(ChildProcessError, match=r"A DataLoader worker died \(DataLoader worker \(pid.*; the out-of-memory "
+                                                r"killer\?\); the saved training states are kept: add --resume to go on"):
+        train(tiny(steps=2, evals=1, workers=1, eval_data="elsewhere"), tmp_path / "run", save_every=1, progress=False,
+              log=lambda *_: None)
+    assert train_mod.latest_state(tmp_path / "run").name == "step-00000001.pt"  # kept, as the sentence says
 
 
 def test_a_save_that_fails_for_want_of_space_is_one_sentence(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
@@ -515,13 +529,7 @@ def test_another_model_is_built_as_its_variant_defines_it() -> None:
 ROOT = Path(__file__).resolve().parents[1]
 
 
-def _env() -> dict:
-    import os
-
-    return {**os.environ, "PYTHONPATH": str(ROOT / "src")}
-
-
-def test_resume_after_sigkill_is_bit_exact(tmp_path: Path) -> None:
+def test_resume_after_sigkill_is_bit_exact(tmp_path: Path, child_env: dict) -> None:
     import subprocess
     import sys
     import time
@@ -532,7 +540,7 @@ def test_resume_after_sigkill_is_bit_exact(tmp_path: Path) -> None:
     args = ["train", "--steps", "40", "--batch-size", "32", "--save-every", "4", "--quiet", "--processes", "1",
             "--threads", "1"]
     killed = tmp_path / "killed"
-    proc = subprocess.Popen([sys.executable, "-m", "mlpmixer", *args, "--out", str(killed)], env=_env(), cwd=ROOT)
+    proc = subprocess.Popen([sys.executable, "-m", "mlpmixer", *args, "--out", str(killed)], env=child_env, cwd=ROOT)
     deadline = time.time() + 300
     while not list((killed / "checkpoints").glob("step-*0008.pt")) and time.time() < deadline and proc.poll() is None:
         time.sleep(0.05)
@@ -548,7 +556,7 @@ def test_resume_after_sigkill_is_bit_exact(tmp_path: Path) -> None:
     assert all(torch.equal(a[k], b[k]) for k in a)
 
 
-def test_two_processes_follow_one_with_the_same_global_batch(tmp_path: Path) -> None:
+def test_two_processes_follow_one_with_the_same_global_batch(tmp_path: Path, child_env: dict) -> None:
     import subprocess
     import sys
 
@@ -558,7 +566,7 @@ def test_two_processes_follow_one_with_the_same_global_batch(tmp_path: Path) -> 
     common = ["train", "--steps", "3", "--batch-size", "32", "--quiet", "--optimizer", "sgd", "--lr", "0.1"]
     for run, flags in (("ddp", []), ("ddp-fast", ["--fast"])):  # --fast: DDP wraps the fast path
         subprocess.run([sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port",
-                        "29517", "-m", "mlpmixer", *common, *flags, "--out", str(tmp_path / run)], env=_env(), cwd=ROOT,
+                        "29517", "-m", "mlpmixer", *common, *flags, "--out", str(tmp_path / run)], env=child_env, cwd=ROOT,
                        check=True, timeout=600)
     from mlpmixer.cli import main
 
@@ -572,17 +580,17 @@ def test_two_processes_follow_one_with_the_same_global_batch(tmp_path: Path) -> 
         assert json.loads((tmp_path / run / "config.json").read_text())["world_size"] == 2
 
 
-def _torchrun(cwd: Path, launcher: list[str], args: list[str], log: Path):
+def _torchrun(cwd: Path, launcher: list[str], args: list[str], log: Path, env: dict):
     """A torchrun launcher started in `cwd`, its output going to `log` (pipes could fill while another waits)."""
     import subprocess
     import sys
 
     with open(log, "w") as f:
         return subprocess.Popen([sys.executable, "-m", "torch.distributed.run", *launcher, "-m", "mlpmixer", *args],
-                                env=_env(), cwd=cwd, stdout=f, stderr=subprocess.STDOUT)
+                                env=env, cwd=cwd, stdout=f, stderr=subprocess.STDOUT)
 
 
-def test_two_machines_meet_through_torchruns_rendezvous(tmp_path: Path) -> None:
+def test_two_machines_meet_through_torchruns_rendezvous(tmp_path: Path, child_env: dict) -> None:
     """docs/training.md's multi-machine command, with two launchers standing for two machines, each in its
     own folder (its own file system for the relative --out) and one process each: the run follows the
     one-process run, and only the machine torchrun gave global rank 0 writes it. Resuming from there stops
@@ -594,7 +602,8 @@ def test_two_machines_meet_through_torchruns_rendezvous(tmp_path: Path) -> None:
     def on_both(args: list[str], job: str, port: int) -> list[tuple[int, str]]:
         launcher = ["--nnodes", "2", "--nproc_per_node", "1", "--rdzv_backend", "c10d",
                     "--rdzv_endpoint", f"127.0.0.1:{port}", "--rdzv_id", job]
-        procs = [_torchrun(folder, launcher, args, tmp_path / f"{folder.name}-{job}.log") for folder in machines]
+        procs = [_torchrun(folder, launcher, args, tmp_path / f"{folder.name}-{job}.log", child_env)
+                 for folder in machines]
         return [(p.wait(timeout=600), (tmp_path / f"{folder.name}-{job}.log").read_text())
                 for p, folder in zip(procs, machines)]
 
@@ -618,13 +627,53 @@ def test_two_machines_meet_through_torchruns_rendezvous(tmp_path: Path) -> None:
         assert str(Path("mlpmixer") / "train.py") not in err, err[-3000:]  # no traceback through our code
 
 
-def test_an_error_every_rank_meets_is_printed_once(tmp_path: Path) -> None:
-    proc = _torchrun(ROOT, ["--nproc_per_node", "2", "--master_port", "29543"],
-                     ["train", "--steps", "1", "--batch-size", "33", "--out", str(tmp_path / "r")], tmp_path / "log")
-    code, err = proc.wait(timeout=600), (tmp_path / "log").read_text()
-    assert code != 0
+def _on_two_ranks(args: list[str], port: int, tmp_path: Path, env: dict) -> str:
+    """The output of `mixer ARGS` under torchrun in 2 processes, which must fail."""
+    proc = _torchrun(ROOT, ["--nproc_per_node", "2", "--master_port", str(port)], args, tmp_path / f"{port}.log", env)
+    code, err = proc.wait(timeout=600), (tmp_path / f"{port}.log").read_text()
+    assert code != 0, err[-3000:]
+    assert str(Path("mlpmixer") / "train.py") not in err, err[-3000:]  # no traceback through our code, on any rank
+    return err
+
+
+def test_an_error_every_rank_meets_is_printed_once(tmp_path: Path, child_env: dict) -> None:
+    common = ["train", "--quiet", "--out", str(tmp_path / "r")]
+    # In the set-up, before the start line where the ranks meet.
+    err = _on_two_ranks([*common, "--steps", "1", "--batch-size", "33"], 29543, tmp_path, child_env)
     assert err.count("mixer train: error: The batch size 33 must divide") == 1, err[-3000:]
-    assert str(Path("mlpmixer") / "train.py") not in err
+    # After it, where each rank stops on its own: found by the first batch.
+    err = _on_two_ranks([*common, "--steps", "1", "--batch-size", "10000"], 29545, tmp_path, child_env)
+    assert err.count("mixer train: error: The batch size 10000 is larger than the 4750 training images") == 1, \
+        err[-3000:]
+
+
+def test_an_error_of_rank_0_alone_stops_the_other_ranks_without_a_word(tmp_path: Path, child_env: dict) -> None:
+    """Rank 0 evaluates alone: validation images that are all undecodable stop it after the start line, while
+    rank 1 waits for it in the next step's gradient all-reduce, which then breaks."""
+    from test_sources import make_folder
+
+    make_folder(tmp_path / "bad", {str(i): 1 for i in range(10)}, bad=tuple(range(10)))
+    args = ["train", "--quiet", "--steps", "4", "--evals", "2", "--batch-size", "32", "--workers", "0",
+            "--eval-data", str(tmp_path / "bad"), "--out", str(tmp_path / "r")]
+    err = _on_two_ranks(args, 29546, tmp_path, child_env)
+    assert err.count("mixer train: error: ") == 1 and "10 of 10 images (100.0%) could not be decoded" in err, \
+        err[-3000:]
+
+
+def test_a_malformed_metrics_line_on_resume_stops_every_rank_with_one_sentence(tmp_path: Path,
+                                                                                child_env: dict) -> None:
+    from mlpmixer.cli import main
+
+    args = ["train", "--steps", "2", "--batch-size", "32", "--evals", "0", "--save-every", "2", "--quiet",
+            "--out", str(tmp_path / "r")]
+    assert main([*args, "--processes", "1"]) == 0
+    (tmp_path / "r" / "metrics.jsonl").write_bytes(b'{"step": 1}\n[1, 2]\n{"step": 2}\n')
+    config = (tmp_path / "r" / "config.json").read_bytes()
+    err = _on_two_ranks([*args, "--resume"], 29547, tmp_path, child_env)
+    assert err.count("mixer train: error: ") == 1 and "metrics.jsonl line 2 is not a metrics entry" in err, \
+        err[-3000:]
+    # Found in the set-up, before the ranks meet: nothing was written (a resumed run rewrites its config.json after).
+    assert (tmp_path / "r" / "config.json").read_bytes() == config
 
 
 def test_every_option_trains(tmp_path: Path) -> None:

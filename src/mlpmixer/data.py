@@ -14,17 +14,19 @@ augments whole batches at once on tensors (`augment_digits`), which is what make
 
 from __future__ import annotations
 
+import contextlib
 import gzip
 import importlib.util
 import math
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Callable, Optional
+from typing import Any, Callable, Iterator, Optional
 
 import numpy as np
 import torch
 import torch.nn.functional as F
 
+from .checkpoints import first_line
 from .variants import Size, as_pair
 
 MNIST5K = "mnist5k"
@@ -56,6 +58,19 @@ class TensorData:
 
     def subset(self, index: torch.Tensor) -> "TensorData":
         return TensorData(self.images[index], self.labels[index], self.class_names)
+
+
+@contextlib.contextmanager
+def worker_deaths(advice: str) -> Iterator[None]:
+    """A DataLoader worker that dies inside the block (killed, say by the out-of-memory killer) is one sentence
+    ending with `advice`, what to do next, not torch's RuntimeError and its traceback."""
+    try:
+        yield
+    except RuntimeError as e:
+        if not str(e).startswith("DataLoader worker"):  # "... (pid N) is killed by signal: Killed."
+            raise
+        raise ChildProcessError(f"A DataLoader worker died ({first_line(e).rstrip('.')}; the out-of-memory "
+                                f"killer?); {advice} (fewer --workers take less memory).") from None
 
 
 # ---------------------------------------------------------------------------------------------

@@ -76,22 +76,22 @@ def evaluate(
     preds: list[torch.Tensor] = []
     labels: list[torch.Tensor] = []
     total = len(data) if isinstance(data, TensorData) else data.num_examples
-    bar = tqdm(total=total, desc="evaluating", unit="img", disable=not progress, leave=False)
-    for x, y in batches_of(data, model, batch_size, workers):
-        x, y = x.to(device), y.to(device)
-        if transform is not None:
-            x = transform(x)
-        logits = model(x).float()
-        loss_sum += F.cross_entropy(logits, y, reduction="sum").item()
-        top = logits.topk(k, dim=1).indices
-        correct1 += (top[:, 0] == y).sum().item()
-        correct5 += (top == y[:, None]).any(dim=1).sum().item()
-        n += len(y)
-        if predictions:
-            preds.append(top[:, 0].cpu())
-            labels.append(y.cpu())
-        bar.update(len(y))
-    bar.close()
+    # Closed on an error too: its line is cleared before the error is printed.
+    with tqdm(total=total, desc="evaluating", unit="img", disable=not progress, leave=False) as bar:
+        for x, y in batches_of(data, model, batch_size, workers):
+            x, y = x.to(device), y.to(device)
+            if transform is not None:
+                x = transform(x)
+            logits = model(x).float()
+            loss_sum += F.cross_entropy(logits, y, reduction="sum").item()
+            top = logits.topk(k, dim=1).indices
+            correct1 += (top[:, 0] == y).sum().item()
+            correct5 += (top == y[:, None]).any(dim=1).sum().item()
+            n += len(y)
+            if predictions:
+                preds.append(top[:, 0].cpu())
+                labels.append(y.cpu())
+            bar.update(len(y))
     model.train(was_training)
     if n == 0:
         raise ValueError("The evaluation data holds no images; check the path.")

@@ -40,7 +40,7 @@ from .checkpoints import (atomic_write, first_line, load_checkpoint, read_checkp
                           run_config, save_checkpoint)
 from .compiled import CompiledOrEager
 from .data import (MNIST5K, Source, TensorData, TensorDataset, augment_digits, holdout_split, is_idx_folder,
-                   load_tensors, to_model_input)
+                   load_tensors, to_model_input, worker_deaths)
 from .evaluate import evaluate, open_eval_data
 from .model import MlpMixer, create_model
 from .permute import FixedPermutation
@@ -48,13 +48,15 @@ from .profiling import StepProfiler
 from .recipes import MAX_STEPS, Recipe
 from .resize import resize_to
 from .shared_grads import SharedGradients
-from .variants import MixerConfig, as_pair
+from .variants import SHAPE_FIELDS, MixerConfig, as_pair, paper_variant_of, variant_config
 
 if TYPE_CHECKING:  # imported where used: torchvision takes a second to import, the default job needs none of it
     from .batch_augment import BatchAugment
 
 STATE_DIR = "checkpoints"  # training states for --resume, inside the run directory
 STATE_PATTERN = "step-{:08d}.pt"
+# What to do when a DataLoader worker dies in training or its evaluations (data.worker_deaths).
+RESUME_ADVICE = "the saved training states are kept: add --resume to go on"
 
 
 class TrainingDiverged(ValueError):
@@ -270,7 +272,7 @@ def loader_batches(dataset: Any, r: Recipe, batch: int, accum: int, start: int, 
         before = step
         # Shards: pass after pass while the epoch lasts, in batches of `local`; a short pass is said in the first epoch.
         batches = loader if sampler is not None else rebatch(_passes(loader, local, warn=step == start), local)
-        try:
+        with worker_deaths(RESUME_ADVICE):
             for n, (x, y) in enumerate(batches):
                 if n < skip:
                     continue
@@ -280,12 +282,6 @@ def loader_batches(dataset: Any, r: Recipe, batch: int, accum: int, start: int, 
                     micro, step = [], step + 1
                     if step % per_epoch == 0:
                         break
-        except RuntimeError as e:
-            if not str(e).startswith("DataLoader worker"):  # "... (pid N) is killed by signal: Killed."
-                raise
-            raise ChildProcessError(f"A DataLoader worker died ({first_line(e).rstrip('.')}; the out-of-memory "
-                                    "killer?); the saved training states are kept: add --resume to go on (fewer "
-                                    "--workers take less memory).") from None
         if step == before:
             raise ValueError(f"The training data yield fewer images than one batch of {batch} per pass; "
                              "lower --batch-size or check the data.")
@@ -329,8 +325,9 @@ def _shard(model: MlpMixer) -> None:
 
 
 class StoppedElsewhere(ValueError):
-    """This rank stops because the set-up of the run failed; another process reports the error
-    (`_StartLine`), so `mixer` does not print this one."""
+    """This rank stops on an error that another process reports (the set-up of the run failed: `_StartLine`;
+    later, an error said already on this machine: `_first_to_say`, `_error_said`), so `mixer` does not print
+    this one."""
 
     reported_elsewhere = True
 
@@ -378,6 +375,33 @@ class _StartLine:
         if int(os.environ.get("LOCAL_RANK", 0)) == 0:
             raise combined
         raise StoppedElsewhere(str(combined))
+
+
+def _first_to_say(error: Exception) -> bool:
+    """After the start line the ranks stop one by one, without meeting again: whether this process is the first
+    on its machine to say `error`, so that an error every rank meets (a batch larger than the data) is said once,
+    and one rank's own error still is. Counted in the process group's store, which torchrun's agent keeps after
+    its workers stop; where the store cannot be reached, every process says its error rather than lose it."""
+    try:
+        store = dist.distributed_c10d._get_default_store()
+        store.add(_said_here(), 1)  # for `_error_said`
+        return store.add(f"{_said_here()}/{error}", 1) == 1
+    except RuntimeError:  # the store is gone (its host stopped)
+        return True
+
+
+def _error_said() -> bool:
+    """Whether a process on this machine has said an error after the start line (`_first_to_say`): its stop
+    breaks the collectives of the others, whose errors (gloo's "Connection closed by peer") say nothing more."""
+    try:
+        return dist.distributed_c10d._get_default_store().add(_said_here(), 0) > 0
+    except RuntimeError:
+        return False
+
+
+def _said_here() -> str:
+    """The store key that counts the errors said on this machine (torchrun's GROUP_RANK numbers the machines)."""
+    return f"mixer/said/{os.environ.get('GROUP_RANK', '')}"
 
 
 def _gather_texts(text: str, keep: list[torch.Tensor]) -> list[str]:
@@ -441,7 +465,7 @@ def _summary_writer_class() -> Any:
 
 def _summary_writer(path: Path, start: int) -> Any:
     """A TensorBoard writer for `path`. A run resumed at step `start` purges the events of the redone
-    steps, as _trim_metrics does for metrics.jsonl."""
+    steps, as _kept_metrics does for metrics.jsonl."""
     return _summary_writer_class()(str(path), purge_step=start + 1 if start else None)  # steps <= start are kept
 
 
@@ -481,14 +505,22 @@ def train(r: Recipe, out: Optional[str | Path] = None, **options: Any) -> RunFil
     if distributed:
         dist.init_process_group("nccl" if torch.cuda.is_available() else "gloo")
     start_line = _StartLine(distributed)
+    # torchrun's processes say their own errors; those that `launch` forks leave them to rank 0 (`_child`).
+    saying = distributed and options.get("shared_grads") is None
     try:
         return _train(r, out, distributed, start_line, **options)
     except (ValueError, OSError, torch.cuda.OutOfMemoryError) as e:
         error = _out_of_memory(r) if isinstance(e, torch.cuda.OutOfMemoryError) else e
         start_line.cross(error)  # a set-up error: the other ranks wait at the start line to hear of it
+        if saying and not _first_to_say(error):  # past the start line: said once on each machine
+            raise StoppedElsewhere(str(error)) from e
         if error is e:
             raise
         raise error from e
+    except RuntimeError as e:
+        if saying and _error_said():  # a collective broken by a process that stopped on an error, said already
+            raise StoppedElsewhere(f"Another process of the run stopped on an error ({first_line(e)}).") from e
+        raise
     finally:  # also after an error, so that a caller in the same process can train again
         if distributed:
             dist.destroy_process_group()
@@ -628,6 +660,8 @@ def _train(
             origin += f"; converted from {was[0]}×{was[1]} to {h}×{w} by {r.resize_method}"
         origin += ")"
         model.reset_classifier(num_classes)  # always a new zero-initialised head (paper Appendix C)
+        # config.json's recipe then names this model, not the recipe's default: `--config RUN/config.json` builds it.
+        r = r.replace(**_recipe_model(model.config, r.model))
     else:
         model = create_model(r.model, num_classes=num_classes, img_size=img_size, in_chans=in_chans,
                              drop_path_rate=r.drop_path, drop_rate=r.dropout, **r.model_args)
@@ -699,29 +733,32 @@ def _train(
         state = _read_state(state_path, "cpu" if fsdp else device)
         if fsdp:  # the state holds full tensors (keyed by name): each rank keeps its shards
             from torch.distributed.checkpoint.state_dict import set_model_state_dict, set_optimizer_state_dict
-
-            set_model_state_dict(model, state["model"], options=_full_options())
-            set_optimizer_state_dict(model, opt, state["optimizer"], options=_full_options())
-        else:
-            try:
+        try:
+            if fsdp:
+                set_model_state_dict(model, state["model"], options=_full_options())
+            else:
                 model.load_state_dict(state["model"])
-            except RuntimeError:  # load_state_dict's list of size mismatches: a run whose config.json is gone
-                raise ValueError(f"{state_path} holds weights of other shapes than the {model.config.describe()} this "
-                                 "command builds; resume with the run's own settings (--model, --img-size) and the "
-                                 "same data.") from None
-            try:
+        except RuntimeError:  # load_state_dict's list of size mismatches (FSDP's too): a run whose config.json is gone
+            raise ValueError(f"{state_path} holds weights of other shapes than the {model.config.describe()} this "
+                             "command builds; resume with the run's own settings (--model, --img-size) and the "
+                             "same data.") from None
+        try:
+            if fsdp:
+                set_optimizer_state_dict(model, opt, state["optimizer"], options=_full_options())
+            else:
                 opt.load_state_dict(state["optimizer"])
-            except (KeyError, ValueError) as e:  # another optimiser's state, whose run left no config.json
-                raise ValueError(f"{state_path} holds the state of another optimiser than --optimizer {r.optimizer} "
-                                 f"({type(e).__name__}: {e}); resume with the run's own settings.") from None
+        except (KeyError, ValueError) as e:  # another optimiser's state, whose run left no config.json
+            raise ValueError(f"{state_path} holds the state of another optimiser than --optimizer {r.optimizer} "
+                             f"({type(e).__name__}: {e}); resume with the run's own settings.") from None
         ema = state["ema"] or ema
         start = int(state["step"])
-    # Before anything is written: a resumed run's metrics are trimmed to its state below.
     if profile and total - start < StepProfiler.steps_needed(profile):
         raise ValueError(f"--profile {profile} needs {StepProfiler.steps_needed(profile)} steps (the first ones are "
                          f"not profiled) and this run has {total - start} left; lower it or raise --steps.")
     if main:
         _check_writable(run or Path("runs"))
+    # Read before the start line, so that a malformed metrics.jsonl stops every rank there; written back below.
+    metrics = _kept_metrics(run / "metrics.jsonl", start) if main and run is not None else None
     start_line.cross()  # every rank is set up: from here on files are written
     run = run or new_run_dir()
     files = RunFiles(run, run / "model.safetensors", run / "config.json", run / "metrics.jsonl",
@@ -736,7 +773,8 @@ def _train(
             config["init_from"] = str(init_from)
         text = json.dumps(config, indent=1) + "\n"
         atomic_write(files.config, lambda tmp: Path(tmp).write_text(text))  # also on resuming: the old one stays whole
-        _trim_metrics(files.metrics, start)
+        if metrics is not None:
+            atomic_write(files.metrics, lambda tmp: Path(tmp).write_bytes(metrics))
     board = _summary_writer(run / "tensorboard", start) if main and r.tensorboard else None
 
     net: torch.nn.Module = model
@@ -856,7 +894,7 @@ def _train(
             _gather(model, plain)
         if main and val_data is not None and done in eval_at:
             scored = _swap_in(model, ema)
-            with scored:
+            with scored, worker_deaths(RESUME_ADVICE):
                 m = evaluate(plain, val_data, batch_size=500, workers=eval_workers, device=device,
                              transform=permute)
             _append(files.metrics, {"step": done, "epoch": round(done / per_epoch, 3), "val_loss": m["loss"],
@@ -894,6 +932,17 @@ def _train(
         log(f"Done in {time.time() - t_start:.1f} s. Model: {files.model}; configuration: {files.config}; "
             f"metrics: {files.metrics}; curves: {files.curves}")
     return files
+
+
+def _recipe_model(config: MixerConfig, base: str) -> dict[str, Any]:
+    """The recipe fields that make `mixer train` build `config` (the classes and channels come from the data):
+    its variant, or `base` where its shapes are no variant's, with what differs from that variant in
+    `model_args`, and its input size where it is square (the recipe's img_size is one number)."""
+    name = paper_variant_of(config) or base
+    defined = variant_config(name).to_dict()
+    args = {k: v for k, v in config.to_dict().items() if k in SHAPE_FIELDS | {"gelu"} and v != defined[k]}
+    h, w = config.img_size
+    return {"model": name, "model_args": args, "img_size": h if h == w else None}
 
 
 def _check_writable(run: Path) -> None:
@@ -938,9 +987,11 @@ def _check_resumable(run: Path, config: MixerConfig, r: Recipe, init_from: Optio
                          f"cannot go on from; resume with --optimizer {was} (the run's settings are in its "
                          "config.json).")
     now = json.loads(json.dumps(r.to_dict()))  # as config.json holds it: tuples as lists
-    # The process and thread counts are taken from the run (launch); only the count chosen is recorded.
+    # The process and thread counts are taken from the run (launch); only the count chosen is recorded. A
+    # fine-tuning run's model fields follow from its checkpoint, whose shapes are compared above.
+    ignored = {"processes", "threads"} | ({"model", "model_args", "img_size"} if init_from else set())
     changed = [f"{k} {saved['recipe'].get(k)!r} -> {v!r}" for k, v in now.items()
-               if k not in ("processes", "threads") and saved["recipe"].get(k) != v]
+               if k not in ignored and saved["recipe"].get(k) != v]
     if saved.get("world_size", world) != world:  # the order of the gradient sums: no longer bit for bit
         changed.append(f"processes {saved['world_size']} -> {world}")
     if changed:
@@ -1019,13 +1070,14 @@ def _append(path: Path, entry: dict[str, Any]) -> None:
         f.write(json.dumps(entry) + "\n")
 
 
-def _trim_metrics(path: Path, start: int) -> None:
-    """A resumed run keeps the metrics up to its checkpoint and drops those of the lost steps.
+def _kept_metrics(path: Path, start: int) -> Optional[bytes]:
+    """What a run starting at step `start` keeps of its metrics.jsonl (None: there is none): a resumed run
+    keeps the metrics up to its checkpoint and drops those of the lost steps.
 
     A last line cut short (a power cut during an append) is dropped with a warning; any other line that is
     not a metrics entry is one sentence naming the file."""
     if not path.exists():
-        return
+        return None
     lines = [line for line in path.read_bytes().splitlines() if line.strip()] if start else []
     kept = []
     for n, line in enumerate(lines, 1):
@@ -1042,7 +1094,7 @@ def _trim_metrics(path: Path, start: int) -> None:
                              "line and rerun.")
         if step <= start:
             kept.append(line + b"\n")
-    atomic_write(path, lambda tmp: Path(tmp).write_bytes(b"".join(kept)))
+    return b"".join(kept)
 
 
 def _latest_run(root: str | Path = "runs") -> Path:

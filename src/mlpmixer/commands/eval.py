@@ -42,7 +42,7 @@ def _nan_to_none(x: float) -> Optional[float]:
 def run(args: argparse.Namespace) -> int:
     from ..bench import free_cores, set_threads
     from ..checkpoints import atomic_write, load_checkpoint
-    from ..data import is_idx_folder
+    from ..data import is_idx_folder, worker_deaths
     from ..evaluate import evaluate, open_eval_data
     from ..reports import confusion_matrix_png, per_class_accuracy
     from ..sources import is_split_pair
@@ -70,8 +70,9 @@ def run(args: argparse.Namespace) -> int:
     cfg = model.config
     permute = run_permutation(args.checkpoint, cfg, args.permute, args.permute_seed)
 
-    m = evaluate(model, data, batch_size=args.batch_size, workers=args.workers, progress=not args.json,
-                 transform=permute, predictions=bool(args.report))
+    with worker_deaths("rerun the command"):
+        m = evaluate(model, data, batch_size=args.batch_size, workers=args.workers, progress=not args.json,
+                     transform=permute, predictions=bool(args.report))
     result: dict[str, Any] = {"top1": m["top1"], "top5": m["top5"], "n": m["n"], "loss": m["loss"],
                               "checkpoint": str(args.checkpoint), "data": args.data, "eval_mode": mode}
     if permute is not None:
