@@ -207,6 +207,24 @@ def test_results_on_shards_do_not_depend_on_the_workers(tmp_path, capsys):
             said.append(json.loads(capsys.readouterr().out))
         assert said[0] == said[1] == said[2]
 
+
+@pytest.mark.parametrize("command", ["fewshot", "linear-probe"])
+def test_a_killed_dataloader_worker_is_one_sentence(tmp_path, capsys, monkeypatch, command):
+    from test_train import KilledInWorker
+
+    import mlpmixer.data
+    from mlpmixer.cli import main
+
+    ckpt = str(tiny_checkpoint(tmp_path / "m.safetensors"))
+    monkeypatch.setattr(mlpmixer.data, "load_tensors", lambda *_, **__: None)
+    monkeypatch.setattr(mlpmixer.data, "open_source",
+                        lambda *_, **__: mlpmixer.data.Source(KilledInWorker(), [str(i) for i in range(10)], 8))
+    assert main([command, ckpt, "--data", "elsewhere", "--workers", "1"]) == 2
+    err = capsys.readouterr().err
+    assert "error: A DataLoader worker died (DataLoader worker (pid" in err and "rerun the command" in err
+    assert "Traceback" not in err and err.count("error") == 1
+
+
 def test_feature_progress_counts_the_images_of_a_folder(tmp_path, capsys):
     import json
 

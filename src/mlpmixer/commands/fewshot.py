@@ -66,7 +66,7 @@ def parse_shots(text: str) -> list[int]:
 
 def _features(model: MlpMixer, spec: str, split: str, args: argparse.Namespace,
               desc: str) -> tuple[torch.Tensor, torch.Tensor, list[str]]:
-    from ..data import load_tensors, open_source
+    from ..data import load_tensors, open_source, worker_deaths
     from ..evaluate import batches_of
     from ..fewshot import extract_features
 
@@ -92,7 +92,8 @@ def _features(model: MlpMixer, spec: str, split: str, args: argparse.Namespace,
     permute = run_permutation(args.checkpoint, cfg, args.permute, args.permute_seed)
     if permute is not None:
         batches = ((permute(images), *rest) for images, *rest in batches)
-    feats, labels = extract_features(model, batches, desc=desc, total=total)
+    with worker_deaths("rerun the command"):
+        feats, labels = extract_features(model, batches, desc=desc, total=total)
     return feats, labels, data.class_names
 
 
