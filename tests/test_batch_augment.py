@@ -14,6 +14,7 @@ from torchvision.transforms.v2 import functional as F
 
 from mlpmixer import load_checkpoint
 from mlpmixer.batch_augment import RANDAUGMENT_SPACE, BatchAugment, crop_boxes
+from mlpmixer.data import Source
 from mlpmixer.recipes import get_recipe
 from mlpmixer.sources import read_into_memory
 from mlpmixer.train import train
@@ -150,6 +151,16 @@ def test_read_into_memory_reads_every_image_in_every_process(tmp_path: Path, mon
     assert any("Skipping" in m and "sample00004" in m for m in messages)  # each bad image is named too
     assert any("Skipped 1 of 120" in m for m in messages)
     assert grey.images.shape == (119, 1, 8, 8)
+
+
+def test_a_worker_killed_while_reading_into_memory_is_one_sentence(monkeypatch: pytest.MonkeyPatch) -> None:
+    from test_train import KilledInWorker
+
+    import mlpmixer.sources as sources
+
+    monkeypatch.setattr(sources, "open_folder_or_shards", lambda *_, **__: Source(KilledInWorker(), ["a"], 8))
+    with pytest.raises(ChildProcessError, match=r"A DataLoader worker died .*; rerun the command \(fewer --workers"):
+        read_into_memory("elsewhere", "train", 0.0, 0, in_chans=3, workers=1, progress=False)
 
 
 def test_a_holdout_is_read_into_memory_without_counting_first(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:

@@ -55,7 +55,7 @@ try:  # torchvision 0.29 deprecates its decoders in favour of TorchCodec: where 
 except ImportError:
     decode_image = None
 
-from .data import Source, TensorData
+from .data import Source, TensorData, worker_deaths
 
 Transform = Optional[Callable[[torch.Tensor], Any]]
 T = TypeVar("T")
@@ -709,8 +709,8 @@ def read_into_memory(path: str, split: str, holdout: float, seed: int, in_chans:
     loader = torch.utils.data.DataLoader(source.dataset, batch_size=256, num_workers=workers, collate_fn=_pack)
     images: list[torch.Tensor] = []
     labels: list[int] = []
-    with tqdm(total=source.num_examples, desc="decoding into memory", unit="img", disable=not progress,
-              leave=False) as bar:
+    with worker_deaths("rerun the command"), tqdm(total=source.num_examples, desc="decoding into memory", unit="img",
+                                                 disable=not progress, leave=False) as bar:
         for pixels, shapes, batch_labels in loader:
             sizes = shapes.prod(1).tolist()
             images += [flat.view(*shape) for flat, shape in zip(pixels.split(sizes), shapes.tolist())]
