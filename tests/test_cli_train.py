@@ -380,6 +380,35 @@ def test_errors_of_a_two_process_run_are_one_sentence(tmp_path: Path, capsys: py
     assert "choose a multiple of 2" in capsys.readouterr().err
 
 
+@pytest.mark.parametrize("error", [ValueError("The second process's data is gone; put it back."), KeyError("bug")])
+def test_an_error_of_a_forked_process_alone_is_told(tmp_path: Path, capfd: pytest.CaptureFixture,
+                                                  monkeypatch: pytest.MonkeyPatch, error: Exception) -> None:
+    """Rank 0 stopped with "see its error above" while the forked process had printed nothing."""
+    import mlpmixer.train
+
+    real_reseed = mlpmixer.train.reseed
+
+    def reseed(seed: int) -> None:  # each step's; fails in the second process only
+        if os.environ.get("RANK") == "1":
+            raise error
+        real_reseed(seed)
+
+    monkeypatch.setattr(mlpmixer.train, "reseed", reseed)
+    code = main(["train", "--processes", "2", "--steps", "3", "--batch-size", "32", "--out", str(tmp_path / "r"),
+                 "--quiet"]) if isinstance(error, ValueError) else None
+    if code is not None:  # a user error: the one sentence, said by rank 0
+        assert code == 2
+        err = capfd.readouterr().err
+        assert "mixer train: error: The second process's data is gone; put it back.\n" in err
+        assert "Traceback" not in err and err.count("error") == 1
+    else:  # a bug: its traceback, printed where it happened, then rank 0's pointer to it
+        with pytest.raises(RuntimeError, match="Another training process stopped; see its error above"):
+            main(["train", "--processes", "2", "--steps", "3", "--batch-size", "32", "--out", str(tmp_path / "r"),
+                  "--quiet"])
+        err = capfd.readouterr().err
+        assert "Training process 1:\nTraceback" in err and "KeyError: 'bug'" in err
+
+
 @pytest.mark.parametrize("native", [True, False])
 def test_bf16_training_on_a_cpu_without_bf16_says_it_is_slow(tmp_path: Path, capsys: pytest.CaptureFixture,
                                                               monkeypatch: pytest.MonkeyPatch, native: bool) -> None:

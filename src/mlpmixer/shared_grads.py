@@ -53,6 +53,8 @@ class SharedGradients:
         self.barrier = ctx.Barrier(world)
         self._pids = ctx.Array("i", world, lock=False)  # each process's, for the others to watch
         self._lost: Optional[int] = None  # the rank whose process died, once one has
+        # The one-sentence error a child process stopped on, for rank 0 to print: a forked child prints none.
+        self._error = ctx.Array("c", 4096, lock=False)
         self._handover = ctx.Queue()  # hands the shared buffer to the other processes
         self._rows = torch.empty(0)
         self._params: list[torch.nn.Parameter] = []
@@ -90,8 +92,11 @@ class SharedGradients:
         self._wait()
         self._scatter(rows.sum(0).div_(self.world), into_grads=True)
 
-    def abort(self) -> None:
-        """Release the processes waiting for this one (it is stopping on an error)."""
+    def abort(self, error: str = "") -> None:
+        """Release the processes waiting for this one (it is stopping on an error); `error`, a user error's one
+        sentence, is what they then stop on, unless another process has told its own already."""
+        if error and not self._error.value:
+            self._error.value = error.encode()[:len(self._error) - 1]
         self.barrier.abort()
 
     def _scatter(self, flat: torch.Tensor, into_grads: bool) -> None:
@@ -123,4 +128,6 @@ class SharedGradients:
             if self._lost is not None:
                 raise ChildProcessError(f"Training process {self._lost} of {self.world} died (killed?); the saved "
                                         "training states are kept: add --resume to go on.") from None
+            if self._error.value:  # the error of the process that stopped, as if this one had met it
+                raise ValueError(self._error.value.decode(errors="replace")) from None
             raise RuntimeError("Another training process stopped; see its error above.") from None

@@ -22,7 +22,9 @@ import math
 import multiprocessing
 import os
 import socket
+import sys
 import time
+import traceback
 import warnings
 from dataclasses import dataclass
 from datetime import datetime
@@ -1166,7 +1168,12 @@ def _child(rank: int, env: dict[str, str], r: Recipe, out: Path, options: dict[s
     code = 0
     try:
         train(r, out, **{**options, "progress": False, "log": lambda *_: None})
-    except Exception:  # rank 0 meets the same error, or this one through the aborted barrier, and reports it
+    except (ValueError, OSError) as e:  # a user error: rank 0 says it (its own, or this one through the barrier)
+        options["shared_grads"].abort("" if getattr(e, "reported_elsewhere", False) else str(e))
+        code = 1
+    except Exception:  # a bug: its traceback here, where it happened; rank 0 points to it
+        print(f"Training process {rank}:", file=sys.stderr)
+        traceback.print_exc()
         options["shared_grads"].abort()
         code = 1
     finally:
