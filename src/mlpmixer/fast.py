@@ -30,14 +30,13 @@ from __future__ import annotations
 
 import contextlib
 import warnings
-from typing import Optional
+from typing import Any, Optional
 
 import torch
 from torch import nn
 
 from . import kernels as K
 from .model import MlpMixer
-from .variants import MixerConfig
 
 EPS = 1e-6  # the model's LayerNorm epsilon (SPEC §1)
 
@@ -142,9 +141,36 @@ class FastMixer(nn.Module):
         self._graph_params: tuple = ()
         self._warned_plain = False
 
+    def __getattr__(self, name: str) -> Any:
+        """What nn.Module does not find on the wrapper (num_classes, pretrained_cfg, get_classifier, ...) is
+        the wrapped model's: timm's tools and ours then take a FastMixer as they take the model."""
+        try:
+            return super().__getattr__(name)  # parameters, buffers and submodules, `model` among them
+        except AttributeError:
+            if name == "model":  # not set yet (while unpickling or deep-copying): no recursion
+                raise
+            return getattr(self.model, name)
+
+    # What names parameters or submodules must say where they are in the wrapper ("model." first).
+
+    def group_matcher(self, coarse: bool = False) -> dict[str, Any]:
+        """The model's parameter groups (timm's layer-wise learning-rate decay), for the wrapper's names."""
+        def inside(pattern: str) -> str:
+            return r"^model\." + pattern.removeprefix("^")
+
+        return {group: inside(rule) if isinstance(rule, str) else [(inside(p), order) for p, order in rule]
+                for group, rule in self.model.group_matcher(coarse).items()}
+
     @property
-    def config(self) -> MixerConfig:
-        return self.model.config
+    def feature_info(self) -> list[dict[str, Any]]:
+        """The model's `feature_info`, its modules named as the wrapper's `named_modules()` names them."""
+        return [dict(info, module="model." + info["module"]) for info in self.model.feature_info]
+
+    def reset_classifier(self, num_classes: int, global_pool: Optional[str] = None) -> None:
+        """The model's `reset_classifier`; the CUDA graphs, captured with the old head, go with it (the
+        new head may reuse the old one's memory, which the graphs' parameter check would not notice)."""
+        self.model.reset_classifier(num_classes, global_pool)
+        self.reset_graphs()
 
     def _needs_plain(self) -> bool:
         cfg = self.model.config
