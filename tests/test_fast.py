@@ -30,8 +30,8 @@ def rel(a: torch.Tensor, b: torch.Tensor) -> float:
     return ((a.float() - b.float()).norm() / b.float().norm()).item()
 
 
-def tiny(gelu: str = "tanh", **kw) -> torch.nn.Module:
-    torch.manual_seed(0)
+def tiny(gelu: str = "tanh", seed: int = 0, **kw) -> torch.nn.Module:
+    torch.manual_seed(seed)
     m = create_model("S/16", img_size=32, num_classes=7, num_blocks=2, hidden_dim=24,
                      tokens_mlp_dim=12, channels_mlp_dim=40, patch_size=8, gelu=gelu, **kw)
     with torch.no_grad():  # the head starts at zero: perturb everything so outputs are informative
@@ -270,6 +270,33 @@ def test_fast_mixer_copies_and_pickles():
         for other in (copy.deepcopy(fast), pickle.loads(pickle.dumps(fast))):
             assert isinstance(other, FastMixer) and other.num_classes == 7
             assert torch.equal(other(x), fast(x))
+
+
+def test_fast_mixer_state_dict_is_the_models(tmp_path):
+    """Under the model's names: interchangeable with the plain model's, timm's and load_checkpoint's."""
+    from mlpmixer import load_checkpoint
+
+    model = tiny().eval()
+    fast = optimize(model)
+    assert list(fast.state_dict()) == list(model.state_dict())
+    torch.save(fast.state_dict(), tmp_path / "fast.pth")
+    loaded = load_checkpoint(tmp_path / "fast.pth", gelu="tanh").eval()
+    x = torch.randn(2, 3, 32, 32)
+    with torch.no_grad():
+        assert torch.equal(loaded(x), model(x))
+
+    other = optimize(tiny(seed=1))
+    other.load_state_dict(model.state_dict())
+    assert all(torch.equal(a, b) for a, b in zip(other.parameters(), model.parameters()))
+    other.load_state_dict({"model." + k: v.neg() for k, v in model.state_dict().items()})  # the names it had before
+    assert torch.equal(other.model.head.bias, -model.head.bias)
+
+    outer = torch.nn.Sequential(fast)  # inside another module too, both ways
+    assert list(outer.state_dict()) == ["0." + k for k in model.state_dict()]
+    torch.nn.Sequential(other).load_state_dict(outer.state_dict())
+    assert torch.equal(other.model.head.bias, model.head.bias)
+    with pytest.raises(RuntimeError, match="Unexpected key"):
+        other.load_state_dict({**model.state_dict(), "extra.weight": torch.zeros(1)})
 
 
 def test_broken_kernel_falls_back_with_one_warning(monkeypatch):

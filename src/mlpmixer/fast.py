@@ -122,6 +122,20 @@ class _ChannelBranch(torch.autograd.Function):
         return dx.view(x.shape), dg, dbeta, dw3, db3, dw4, db4, None
 
 
+def _drop_model_prefix(wrapper: nn.Module, state: dict[str, Any], prefix: str, local_metadata: dict) -> None:
+    """A state dict hook of FastMixer: its keys `prefix + "model." + name` become `prefix + name`."""
+    inner = prefix + "model."
+    for key in [k for k in state if k.startswith(inner)]:
+        state[prefix + key[len(inner):]] = state.pop(key)
+
+
+def _add_model_prefix(state: dict[str, Any], prefix: str, *_: Any) -> None:
+    """A load_state_dict pre-hook of FastMixer: the model's names go to the wrapped model. Keys that
+    already start with "model." (a FastMixer's state dict before it dropped the prefix) stay as they are."""
+    for key in [k for k in state if k.startswith(prefix) and not k.startswith(prefix + "model.")]:
+        state[prefix + "model." + key[len(prefix):]] = state.pop(key)
+
+
 class FastMixer(nn.Module):
     """An `MlpMixer` run through the fast path; `self.model` is the wrapped model (shared, not copied).
 
@@ -140,6 +154,10 @@ class FastMixer(nn.Module):
         self._graphs: dict = {}
         self._graph_params: tuple = ()
         self._warned_plain = False
+        # The state dict is the model's, under the model's names (no "model." prefix): a fast model's
+        # weights load into a plain one, into timm's and with load_checkpoint, and theirs into it.
+        self._register_state_dict_hook(_drop_model_prefix)
+        self._register_load_state_dict_pre_hook(_add_model_prefix)
 
     def __getattr__(self, name: str) -> Any:
         """What nn.Module does not find on the wrapper (num_classes, pretrained_cfg, get_classifier, ...) is
