@@ -299,6 +299,19 @@ def test_fast_mixer_state_dict_is_the_models(tmp_path):
         other.load_state_dict({**model.state_dict(), "extra.weight": torch.zeros(1)})
 
 
+def test_compiled_fast_mixer_runs_the_plain_path(monkeypatch):
+    """As documented: torch.compile traces the model's own forward, not the fast path's kernels."""
+    model = tiny().eval()
+
+    def not_traced(*args):
+        raise AssertionError("the fast path ran under torch.compile")
+
+    monkeypatch.setattr(FastMixer, "_infer", not_traced)
+    x = torch.randn(2, 3, 32, 32)
+    with torch.no_grad():
+        assert torch.allclose(torch.compile(optimize(model), backend="eager")(x), model(x), rtol=1e-5, atol=1e-6)
+
+
 def test_broken_kernel_falls_back_with_one_warning(monkeypatch):
     """A kernel that gives wrong numbers is caught on first use; a crashing one too."""
     monkeypatch.setitem(K._state, "disabled_reason", None)

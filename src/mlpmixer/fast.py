@@ -141,6 +141,11 @@ class FastMixer(nn.Module):
 
     `cuda_graphs`: replay inference on CUDA from one CUDA graph per input shape and dtype.
     `gemm`: the first product's epilogue backend, see `kernels.linear_act` ("auto" picks).
+
+    The rest of the model's API (timm's included) works on the wrapper, and its state dict is the model's.
+    `torch.compile` does not trace the fast path (its Triton kernels, first-use checks, in-place products
+    and CUDA graphs): a compiled FastMixer compiles and runs the plain `model.forward`. Use one or the
+    other: `optimize(model)`, or `torch.compile(model)`.
     """
 
     def __init__(self, model: MlpMixer, cuda_graphs: bool = True, gemm: str = "auto") -> None:
@@ -367,5 +372,6 @@ class FastMixer(nn.Module):
 
 
 def optimize(model: MlpMixer, cuda_graphs: bool = True, gemm: str = "auto") -> FastMixer:
-    """Wrap `model` in the fast path; parameters are shared, so training either trains both."""
+    """Wrap `model` in the fast path; parameters are shared, so training either trains both. Not to be
+    compiled: under `torch.compile` the wrapper runs the plain path (see `FastMixer`)."""
     return FastMixer(model, cuda_graphs=cuda_graphs, gemm=gemm)
