@@ -174,7 +174,7 @@ class FastMixer(nn.Module):
                 raise
             return getattr(self.model, name)
 
-    # What names parameters or submodules must say where they are in the wrapper ("model." first).
+    # Where the model's API names parameters or submodules, the wrapper's names are "model." + the model's.
 
     def group_matcher(self, coarse: bool = False) -> dict[str, Any]:
         """The model's parameter groups (timm's layer-wise learning-rate decay), for the wrapper's names."""
