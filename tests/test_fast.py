@@ -6,8 +6,10 @@ interpreter setting cannot leak into other tests (it must be set before triton i
 
 from __future__ import annotations
 
+import copy
 import json
 import os
+import pickle
 import re
 import subprocess
 import sys
@@ -18,7 +20,7 @@ import pytest
 import torch
 
 from mlpmixer import kernels as K
-from mlpmixer.fast import optimize
+from mlpmixer.fast import FastMixer, optimize
 from mlpmixer.model import create_model
 
 SRC = str(Path(__file__).resolve().parents[1] / "src")
@@ -28,8 +30,8 @@ def rel(a: torch.Tensor, b: torch.Tensor) -> float:
     return ((a.float() - b.float()).norm() / b.float().norm()).item()
 
 
-def tiny(gelu: str = "tanh", **kw) -> torch.nn.Module:
-    torch.manual_seed(0)
+def tiny(gelu: str = "tanh", seed: int = 0, **kw) -> torch.nn.Module:
+    torch.manual_seed(seed)
     m = create_model("S/16", img_size=32, num_classes=7, num_blocks=2, hidden_dim=24,
                      tokens_mlp_dim=12, channels_mlp_dim=40, patch_size=8, gelu=gelu, **kw)
     with torch.no_grad():  # the head starts at zero: perturb everything so outputs are informative
@@ -216,6 +218,100 @@ def test_fast_rejects_wrong_input_like_the_model():
         fast(torch.randn(1, 3, 48, 48))
 
 
+def test_fast_mixer_has_the_models_timm_api():
+    """timm's tools and ours take the wrapper as they take the model it wraps."""
+    timm = pytest.importorskip("timm")
+    from timm.data import resolve_data_config
+    from timm.optim import create_optimizer_v2
+
+    from mlpmixer.data import TensorData
+    from mlpmixer.evaluate import evaluate
+
+    model = tiny()
+    fast = optimize(model)
+    config = resolve_data_config(model=fast)
+    assert config == resolve_data_config(model=model)
+    assert config["mean"] == config["std"] == (0.5, 0.5, 0.5)  # not timm's ImageNet default
+    assert fast.default_cfg == model.pretrained_cfg
+    assert (fast.num_classes, fast.num_features, fast.config) == (7, 24, model.config)
+    assert fast.get_classifier() is model.head
+    assert not hasattr(fast, "no_weight_decay")  # as the model: timm then decays by its own rule
+    modules = dict(fast.named_modules())
+    assert [modules[info["module"]] for info in fast.feature_info] == list(model.blocks)
+
+    def lr_scales(net: torch.nn.Module) -> dict[int, float]:
+        opt = create_optimizer_v2(net, "adamw", lr=1e-3, weight_decay=0.05, layer_decay=0.75)
+        return {id(p): g["lr_scale"] for g in opt.param_groups for p in g["params"]}
+
+    scales = lr_scales(fast)
+    assert scales == lr_scales(model) and len(set(scales.values())) == 4  # stem, 2 blocks, norm + head
+
+    data = TensorData(torch.randint(0, 256, (6, 3, 32, 32), dtype=torch.uint8), torch.arange(6) % 7, list("abcdefg"))
+    assert evaluate(fast, data, batch_size=4) == evaluate(model, data, batch_size=4)
+
+
+def test_fast_mixer_reset_classifier_resets_the_model_and_the_graphs():
+    model = tiny()
+    fast = optimize(model)
+    fast._graphs["captured with the old head"] = None
+    fast.reset_classifier(3)
+    assert model.num_classes == fast.num_classes == 3 and not fast._graphs
+    x = torch.randn(2, 3, 32, 32)
+    with torch.no_grad():
+        torch.nn.init.normal_(model.head.weight)  # a zero head would hide a stale one
+        assert fast(x).shape == (2, 3)
+        assert rel(fast(x), model(x)) <= 1e-5
+
+
+def test_fast_mixer_copies_and_pickles():
+    fast = optimize(tiny().eval())
+    x = torch.randn(2, 3, 32, 32)
+    with torch.no_grad():
+        for other in (copy.deepcopy(fast), pickle.loads(pickle.dumps(fast))):
+            assert isinstance(other, FastMixer) and other.num_classes == 7
+            assert torch.equal(other(x), fast(x))
+
+
+def test_fast_mixer_state_dict_is_the_models(tmp_path):
+    """Under the model's names: interchangeable with the plain model's, timm's and load_checkpoint's."""
+    from mlpmixer import load_checkpoint
+
+    model = tiny().eval()
+    fast = optimize(model)
+    assert list(fast.state_dict()) == list(model.state_dict())
+    torch.save(fast.state_dict(), tmp_path / "fast.pth")
+    loaded = load_checkpoint(tmp_path / "fast.pth", gelu="tanh").eval()
+    x = torch.randn(2, 3, 32, 32)
+    with torch.no_grad():
+        assert torch.equal(loaded(x), model(x))
+
+    other = optimize(tiny(seed=1))
+    other.load_state_dict(model.state_dict())
+    assert all(torch.equal(a, b) for a, b in zip(other.parameters(), model.parameters()))
+    other.load_state_dict({"model." + k: v.neg() for k, v in model.state_dict().items()})  # the names it had before
+    assert torch.equal(other.model.head.bias, -model.head.bias)
+
+    outer = torch.nn.Sequential(fast)  # inside another module too, both ways
+    assert list(outer.state_dict()) == ["0." + k for k in model.state_dict()]
+    torch.nn.Sequential(other).load_state_dict(outer.state_dict())
+    assert torch.equal(other.model.head.bias, model.head.bias)
+    with pytest.raises(RuntimeError, match="Unexpected key"):
+        other.load_state_dict({**model.state_dict(), "extra.weight": torch.zeros(1)})
+
+
+def test_compiled_fast_mixer_runs_the_plain_path(monkeypatch):
+    """As documented: torch.compile traces the model's own forward, not the fast path's kernels."""
+    model = tiny().eval()
+
+    def not_traced(*args):
+        raise AssertionError("the fast path ran under torch.compile")
+
+    monkeypatch.setattr(FastMixer, "_infer", not_traced)
+    x = torch.randn(2, 3, 32, 32)
+    with torch.no_grad():
+        assert torch.allclose(torch.compile(optimize(model), backend="eager")(x), model(x), rtol=1e-5, atol=1e-6)
+
+
 def test_broken_kernel_falls_back_with_one_warning(monkeypatch):
     """A kernel that gives wrong numbers is caught on first use; a crashing one too."""
     monkeypatch.setitem(K._state, "disabled_reason", None)
@@ -272,7 +368,7 @@ def test_interpreter_known_to_fail_is_not_used(monkeypatch, triton_version, nump
 INTERPRETER_CHECKS = r"""
 import json, torch
 from mlpmixer import kernels as K
-from mlpmixer.fast import optimize
+from mlpmixer.fast import FastMixer, optimize
 from mlpmixer.model import create_model
 torch.manual_seed(0)
 rel = lambda a, b: ((a.float() - b.float()).norm() / b.float().norm()).item()

@@ -70,6 +70,17 @@ def test_original_model_unchanged_and_identity_factor():
     assert same is not small
 
 
+@pytest.mark.parametrize("wrap", ["fast", "compile"])
+def test_wrapped_model_resizes_as_the_model_inside(wrap):
+    from mlpmixer.fast import optimize
+
+    model = random_mixer((8, 8))
+    wrapped = optimize(model) if wrap == "fast" else torch.compile(model)
+    new = resize_to(wrapped, 16)
+    assert type(new) is MlpMixer and new.config == resize_to(model, 16).config
+    assert all(torch.equal(a, b) for a, b in zip(new.state_dict().values(), resize_to(model, 16).state_dict().values()))
+
+
 def test_part_major_index_is_permutation_grouping_parts():
     index = part_major_index((2, 3), (2, 2))  # enlarged grid 4×6
     assert sorted(index.tolist()) == list(range(24))

@@ -30,14 +30,13 @@ from __future__ import annotations
 
 import contextlib
 import warnings
-from typing import Optional
+from typing import Any, Optional
 
 import torch
 from torch import nn
 
 from . import kernels as K
 from .model import MlpMixer
-from .variants import MixerConfig
 
 EPS = 1e-6  # the model's LayerNorm epsilon (SPEC §1)
 
@@ -123,11 +122,30 @@ class _ChannelBranch(torch.autograd.Function):
         return dx.view(x.shape), dg, dbeta, dw3, db3, dw4, db4, None
 
 
+def _drop_model_prefix(wrapper: nn.Module, state: dict[str, Any], prefix: str, local_metadata: dict) -> None:
+    """A state dict hook of FastMixer: its keys `prefix + "model." + name` become `prefix + name`."""
+    inner = prefix + "model."
+    for key in [k for k in state if k.startswith(inner)]:
+        state[prefix + key[len(inner):]] = state.pop(key)
+
+
+def _add_model_prefix(state: dict[str, Any], prefix: str, *_: Any) -> None:
+    """A load_state_dict pre-hook of FastMixer: the model's names go to the wrapped model. Keys that
+    already start with "model." (a FastMixer's state dict before it dropped the prefix) stay as they are."""
+    for key in [k for k in state if k.startswith(prefix) and not k.startswith(prefix + "model.")]:
+        state[prefix + "model." + key[len(prefix):]] = state.pop(key)
+
+
 class FastMixer(nn.Module):
     """An `MlpMixer` run through the fast path; `self.model` is the wrapped model (shared, not copied).
 
     `cuda_graphs`: replay inference on CUDA from one CUDA graph per input shape and dtype.
     `gemm`: the first product's epilogue backend, see `kernels.linear_act` ("auto" picks).
+
+    The rest of the model's API (timm's included) works on the wrapper, and its state dict is the model's.
+    `torch.compile` does not trace the fast path (its Triton kernels, first-use checks, in-place products
+    and CUDA graphs): a compiled FastMixer compiles and runs the plain `model.forward`. Use one or the
+    other: `optimize(model)`, or `torch.compile(model)`.
     """
 
     def __init__(self, model: MlpMixer, cuda_graphs: bool = True, gemm: str = "auto") -> None:
@@ -141,10 +159,41 @@ class FastMixer(nn.Module):
         self._graphs: dict = {}
         self._graph_params: tuple = ()
         self._warned_plain = False
+        # The state dict is the model's, under the model's names (no "model." prefix): a fast model's
+        # weights load into a plain one, into timm's and with load_checkpoint, and theirs into it.
+        self._register_state_dict_hook(_drop_model_prefix)
+        self._register_load_state_dict_pre_hook(_add_model_prefix)
+
+    def __getattr__(self, name: str) -> Any:
+        """What nn.Module does not find on the wrapper (num_classes, pretrained_cfg, get_classifier, ...) is
+        the wrapped model's: timm's tools and ours then take a FastMixer as they take the model."""
+        try:
+            return super().__getattr__(name)  # parameters, buffers and submodules, `model` among them
+        except AttributeError:
+            if name == "model":  # not set yet (while unpickling or deep-copying): no recursion
+                raise
+            return getattr(self.model, name)
+
+    # Where the model's API names parameters or submodules, the wrapper's names are "model." + the model's.
+
+    def group_matcher(self, coarse: bool = False) -> dict[str, Any]:
+        """The model's parameter groups (timm's layer-wise learning-rate decay), for the wrapper's names."""
+        def inside(pattern: str) -> str:
+            return r"^model\." + pattern.removeprefix("^")
+
+        return {group: inside(rule) if isinstance(rule, str) else [(inside(p), order) for p, order in rule]
+                for group, rule in self.model.group_matcher(coarse).items()}
 
     @property
-    def config(self) -> MixerConfig:
-        return self.model.config
+    def feature_info(self) -> list[dict[str, Any]]:
+        """The model's `feature_info`, its modules named as the wrapper's `named_modules()` names them."""
+        return [dict(info, module="model." + info["module"]) for info in self.model.feature_info]
+
+    def reset_classifier(self, num_classes: int, global_pool: Optional[str] = None) -> None:
+        """The model's `reset_classifier`; the CUDA graphs, captured with the old head, go with it (the
+        new head may reuse the old one's memory, which the graphs' parameter check would not notice)."""
+        self.model.reset_classifier(num_classes, global_pool)
+        self.reset_graphs()
 
     def _needs_plain(self) -> bool:
         cfg = self.model.config
@@ -323,5 +372,6 @@ class FastMixer(nn.Module):
 
 
 def optimize(model: MlpMixer, cuda_graphs: bool = True, gemm: str = "auto") -> FastMixer:
-    """Wrap `model` in the fast path; parameters are shared, so training either trains both."""
+    """Wrap `model` in the fast path; parameters are shared, so training either trains both. Not to be
+    compiled: under `torch.compile` the wrapper runs the plain path (see `FastMixer`)."""
     return FastMixer(model, cuda_graphs=cuda_graphs, gemm=gemm)

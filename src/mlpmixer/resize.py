@@ -17,6 +17,7 @@ import copy
 import torch
 import torch.nn.functional as F
 
+from .checkpoints import _unwrapped
 from .model import MlpMixer
 from .recipes import RESIZE_METHODS
 from .variants import MixerConfig, Size, as_pair, paper_variant_of
@@ -112,10 +113,13 @@ def resize_to(model: MlpMixer, img_size: Size, method: str = "blockdiag", mode: 
     tiles gives logits equal to the mean of the tiles' logits. `method="resample"` works for any
     multiple of the patch size, keeps D_S, and resamples the token-MLP weights over the patch grid with
     `mode` ("bicubic", "bilinear" or "nearest"); it is an approximation, not in the paper.
-    `model` itself is left unchanged.
+    `model` itself is left unchanged. A wrapped model (`fast.optimize(model)`, `torch.compile(model)`,
+    DistributedDataParallel) is resized as the MlpMixer inside it, and the result is a plain MlpMixer:
+    wrap it again if wanted.
     """
     if method not in RESIZE_METHODS:
         raise ValueError(f"Unknown resize method {method!r}; use one of {', '.join(RESIZE_METHODS)}.")
+    model = _unwrapped(model)  # the wrappers' own names (`_orig_mod.`, ...) are not the model's
     cfg = model.config
     new_size = as_pair(img_size)
     (ph, pw) = cfg.patch_size
