@@ -382,6 +382,14 @@ def payload(marker: Path) -> Payload:
     return p
 
 
+def timm_training_checkpoint(model: torch.nn.Module) -> dict[str, Any]:
+    """What timm's train.py (CheckpointSaver) saves as model_best.pth.tar: its arguments as an argparse.Namespace."""
+    optimizer = torch.optim.SGD(model.parameters(), lr=0.1, momentum=0.9)
+    return {"epoch": 3, "arch": "mixer_b16_224", "state_dict": model.state_dict(),
+            "optimizer": optimizer.state_dict(), "version": 2, "metric": 81.5,
+            "args": argparse.Namespace(model="mixer_b16_224", lr=0.1, epochs=300)}
+
+
 def bad_files(folder: Path) -> dict[str, Path]:
     files: dict[str, Path] = {}
     marker = folder / "EXECUTED"
@@ -417,6 +425,8 @@ def bad_files(folder: Path) -> dict[str, Path]:
     torch.save({"stem.proj.weight": payload(marker)}, files["torch-pickle.bin"])
     files["not-state.pth"] = folder / "not-state.pth"
     torch.save([torch.zeros(2)], files["not-state.pth"])
+    files["timm-training.pth.tar"] = folder / "model_best.pth.tar"  # as timm's train.py writes it
+    torch.save(timm_training_checkpoint(good), files["timm-training.pth.tar"])
     files["resnet.pth"] = folder / "resnet.pth"
     torch.save({"conv1.weight": torch.zeros(4, 3, 7, 7)}, files["resnet.pth"])
 
@@ -451,6 +461,8 @@ EXPECTED = {
     "vit.npz": "not in the official Mixer layout",
     "pickle.pth": "never unpickled",
     "torch-pickle.bin": "never unpickled",
+    "timm-training.pth.tar": "is a timm training checkpoint, whose arguments (an argparse.Namespace) are never "
+                             "unpickled; if you trust the file, keep only its weights, in Python: torch.save(",
     "not-state.pth": "not a state dict of tensors",
     "resnet.pth": "not an MLP-Mixer checkpoint",
     "bad-metadata.safetensors": "damaged or unknown mlpmixer configuration",
@@ -577,3 +589,38 @@ def test_a_model_loaded_into_keeps_its_gelu(tmp_path: Path) -> None:
     assert target.config.gelu == "tanh" and len(said) == 1
     assert said[0].startswith(f"{tmp_path / 'e.safetensors'} was saved from a model with exact GELU; the model it "
                               "is loaded into keeps its tanh GELU")
+
+
+def test_timm_training_checkpoints_say_how_to_keep_their_weights(tmp_path: Path,
+                                                                 monkeypatch: pytest.MonkeyPatch) -> None:
+    """model_best.pth.tar is refused (its argparse.Namespace would need unpickling); the one line it suggests,
+    run on a trusted file, gives a file that loads. Without the Namespace, such a file loads as it is."""
+    model = random_model(SQUARE.replace(gelu="exact"))
+    best = tmp_path / "model_best.pth.tar"
+    torch.save(timm_training_checkpoint(model), best)
+    with pytest.raises(CheckpointError) as err:
+        load_checkpoint(best)
+    suggested = str(err.value).partition("in Python: ")[2].partition(", and load that")[0]
+    monkeypatch.chdir(tmp_path)  # the suggestion writes model.pth in the current folder
+    exec(suggested, {"torch": torch})  # noqa: S102 - our own file, trusted
+    assert_same_state(model, load_checkpoint(tmp_path / "model.pth"))
+    plain = timm_training_checkpoint(model)
+    del plain["args"], plain["arch"]  # the Namespace and a string: what weights_only=True reads is left
+    torch.save(plain, tmp_path / "plain.pth.tar")
+    assert_same_state(model, load_checkpoint(tmp_path / "plain.pth.tar"))
+
+
+def test_bfloat16_weights_load_as_float32_unless_loaded_into_a_bfloat16_model(tmp_path: Path) -> None:
+    """Our .safetensors keeps the dtype it was given; load_checkpoint builds float32 models from every
+    format (safe to train; .npz cannot hold bfloat16 anyway), exactly, and fills a given model in its dtype."""
+    bf16 = random_model(SQUARE).to(torch.bfloat16)
+    path = save_checkpoint(bf16, tmp_path / "bf16.safetensors")
+    from safetensors import safe_open
+
+    with safe_open(str(path), framework="pt") as f:
+        assert f.get_tensor("stem.proj.weight").dtype == torch.bfloat16  # saved as it was
+    back = load_checkpoint(path)
+    assert all(t.dtype == torch.float32 for t in back.state_dict().values())
+    assert torch.equal(back.stem.proj.weight, bf16.stem.proj.weight.float())
+    into = load_checkpoint(path, model=create_model(SQUARE).to(torch.bfloat16))
+    assert_same_state(bf16, into)
