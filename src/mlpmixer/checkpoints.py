@@ -30,7 +30,7 @@ import warnings
 import zipfile
 import zlib
 from pathlib import Path
-from typing import Any, Iterator
+from typing import Any, Iterator, TypeVar, overload
 
 import numpy as np
 import torch
@@ -45,6 +45,7 @@ TIMM_TRAINING_SUFFIX = ".pth.tar"  # timm's train.py writes model_best.pth.tar, 
 FORMAT_TAG = "mlpmixer"
 
 StateDict = dict[str, torch.Tensor]
+_Model = TypeVar("_Model", bound=torch.nn.Module)  # load_checkpoint returns the model it is given
 
 
 class CheckpointError(ValueError):
@@ -471,7 +472,11 @@ def _compare(state: StateDict, expected: dict[str, torch.Tensor]) -> tuple[list[
     return missing, unexpected, misshaped
 
 
-def load_checkpoint(path: str | os.PathLike, model: MlpMixer | None = None, **overrides: Any) -> MlpMixer:
+@overload
+def load_checkpoint(path: str | os.PathLike, model: None = None, **overrides: Any) -> MlpMixer: ...
+@overload
+def load_checkpoint(path: str | os.PathLike, model: _Model, **overrides: Any) -> _Model: ...
+def load_checkpoint(path: str | os.PathLike, model: torch.nn.Module | None = None, **overrides: Any) -> Any:
     """Build a model from a checkpoint file or run directory, or load it into `model`.
 
     Without `model`, the configuration comes from the file (ours) or its shapes (.npz, timm), with
