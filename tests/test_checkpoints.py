@@ -2,11 +2,14 @@
 
 from __future__ import annotations
 
+import argparse
 import json
 import os
 import pickle
 import stat
+import warnings
 from pathlib import Path
+from typing import Any, Callable
 
 import numpy as np
 import pytest
@@ -36,6 +39,14 @@ def assert_same_state(a: torch.nn.Module, b: torch.nn.Module) -> None:
     assert sa.keys() == sb.keys()
     for k in sa:
         assert sa[k].dtype == sb[k].dtype and torch.equal(sa[k], sb[k]), k
+
+
+def caught(action: Callable[[], Any]) -> tuple[Any, list[str]]:
+    """What `action()` returns, and the messages of the warnings it gives."""
+    with warnings.catch_warnings(record=True) as seen:
+        warnings.simplefilter("always")
+        result = action()
+    return result, [str(w.message) for w in seen]
 
 
 def run_cli(args: list[str], capsys: pytest.CaptureFixture) -> tuple[int, str, str]:
@@ -239,16 +250,18 @@ def test_cli_convert(tmp_path: Path, capsys: pytest.CaptureFixture) -> None:
     code, out, _ = run_cli(["convert", tmp_path / "m.npz", tmp_path / "m.safetensors"], capsys)
     assert code == 0 and "Wrote Mixer(C=32, N=2, P=8) (5 classes)" in out and str(tmp_path / "m.safetensors") in out
     assert_same_state(model, load_checkpoint(tmp_path / "m.safetensors"))
-    code, out, _ = run_cli(["convert", tmp_path / "m.npz", tmp_path / "m.pth"], capsys)
-    assert code == 0 and "gelu='tanh'" in out  # timm files imply exact GELU: the user is told
+    # Said as warnings (`mixer: warning: ...` lines on the command line, test_cli checks that format).
+    (code, _, _), said = caught(lambda: run_cli(["convert", tmp_path / "m.npz", tmp_path / "m.pth"], capsys))
+    assert code == 0 and len(said) == 1 and "gelu='tanh'" in said[0]  # timm files imply exact GELU: the user is told
     # The other way round: an exact-GELU model with class names, written as .npz, loses both; both are said.
     exact = random_model(SQUARE.replace(gelu="exact"))
     exact.class_names = [f"c{i}" for i in range(exact.num_classes)]
     save_checkpoint(exact, tmp_path / "e.safetensors")
-    code, out, _ = run_cli(["convert", tmp_path / "e.safetensors", tmp_path / "e.npz"], capsys)
-    assert code == 0 and "load with tanh GELU" in out and "--gelu exact" in out and "no class names" in out
-    code, out, _ = run_cli(["convert", tmp_path / "e.npz", tmp_path / "e2.safetensors", "--gelu", "exact"], capsys)
-    assert code == 0 and "Note" not in out
+    (code, _, _), said = caught(lambda: run_cli(["convert", tmp_path / "e.safetensors", tmp_path / "e.npz"], capsys))
+    assert code == 0 and "load with tanh GELU" in said[0] and "--gelu exact" in said[0] and "no class names" in said[1]
+    (code, _, _), said = caught(lambda: run_cli(["convert", tmp_path / "e.npz", tmp_path / "e2.safetensors",
+                                                 "--gelu", "exact"], capsys))
+    assert code == 0 and said == []
     back = load_checkpoint(tmp_path / "e2.safetensors")
     assert back.config.gelu == "exact"
     assert_same_state(exact, back)
@@ -287,9 +300,68 @@ def test_checkpoint_of_another_variant_names_both(tmp_path: Path) -> None:
         shapes = create_model("S/32").state_dict()
         target = create_model("B/32")
     torch.save({k: torch.zeros(v.shape) for k, v in shapes.items()}, tmp_path / "s32.pth")
-    with pytest.raises(CheckpointError, match=r"holds a Mixer-S/32 .* does not fit the Mixer-B/32") as err:
+    with pytest.raises(CheckpointError) as err:
         load_checkpoint(tmp_path / "s32.pth", model=target)
-    assert "mis-shaped: " in str(err.value) and "missing keys: blocks.8." in str(err.value)
+    assert str(err.value) == (
+        f"{tmp_path / 's32.pth'} holds a Mixer-S/32 with 1000 classes at 224×224, which does not fit the "
+        "Mixer-B/32 with 1000 classes at 224×224 it is loaded into: the shapes of its weights fix "
+        "channels_mlp_dim=2048, hidden_dim=512, num_blocks=8, tokens_mlp_dim=256, and the model has "
+        "channels_mlp_dim=3072, hidden_dim=768, num_blocks=12, tokens_mlp_dim=384, so build the model from the "
+        "file instead (mlpmixer.load_checkpoint(path)), or pick a checkpoint of that model.")
+    # The shapes the file fixes win over an override, and the message says what the file holds.
+    with pytest.raises(CheckpointError) as err:
+        load_checkpoint(tmp_path / "s32.pth", patch_size=16)
+    assert str(err.value).startswith(f"{tmp_path / 's32.pth'} holds a Mixer-S/32 with 1000 classes at 224×224, "
+                                     "which cannot load as a Mixer-S/16 with 1000 classes at 224×224 "
+                                     "(patch_size=16): the shapes of its weights fix patch_size=(32, 32), so load "
+                                     "it without that override")
+
+
+def test_loading_into_a_model_of_another_size_says_what_to_do(tmp_path: Path) -> None:
+    """Into a model (plain or fast.optimize's) of another variant, size or head: one sentence with the fix."""
+    from mlpmixer.fast import optimize
+
+    model = random_model(SQUARE)
+    path = save_checkpoint(model, tmp_path / "m.safetensors")
+    fast = optimize(create_model(SQUARE))
+    assert load_checkpoint(path, model=fast) is fast
+    assert_same_state(model, fast.model)
+    for target, text in (
+        (optimize(create_model(SQUARE.replace(num_blocks=3))), "fix num_blocks=2, and the model has num_blocks=3"),
+        (create_model(SQUARE.replace(in_chans=1)), "fix in_chans=3, and the model has in_chans=1"),
+        (create_model(SQUARE.replace(img_size=64)), "fix 16 tokens, not 64, so load it at its own size and convert "
+                                                    "it with mlpmixer.resize_to(model, (64, 64))"),
+        (create_model(SQUARE.replace(num_classes=10)), "build it with mlpmixer.load_checkpoint(path, num_classes=10)"),
+    ):
+        with pytest.raises(CheckpointError) as err:
+            load_checkpoint(path, model=target)
+        message = str(err.value)
+        assert message.startswith(f"{path} holds a Mixer(C=32, N=2, P=8) with 5 classes at 32×32, which does not "
+                                  f"fit the {target.config.describe()} with {target.config.num_classes} classes at "
+                                  f"{target.config.img_size[0]}×{target.config.img_size[1]} it is loaded into: ")
+        assert text in message and "keys" not in message and message.endswith("."), message
+
+
+@pytest.mark.parametrize("name", ["m.safetensors", "m.npz", "m.pth"])
+def test_overrides_that_change_the_shapes_say_what_the_file_holds(tmp_path: Path, name: str) -> None:
+    path = tmp_path / name
+    caught(lambda: save_checkpoint(random_model(SQUARE), path))
+    held = f"{path} holds a Mixer(C=32, N=2, P=8) with 5 classes at 32×32, which cannot load as a "
+    for overrides, target, fix in (
+        ({"img_size": 64}, "Mixer(C=32, N=2, P=8) with 5 classes at 64×64 (img_size=64)",
+         "its token-mixing weights fix 16 tokens, not 64, so load it at its own size and convert it with "
+         "mlpmixer.resize_to(model, (64, 64)) (mixer resize on the command line)"),
+        ({"in_chans": 1}, "Mixer(C=32, N=2, P=8) with 5 classes at 32×32 (in_chans=1)",
+         "the shapes of its weights fix in_chans=3, so load it without that override"),
+        ({"hidden_dim": 12}, "Mixer(C=12, N=2, P=8) with 5 classes at 32×32 (hidden_dim=12)",
+         "the shapes of its weights fix hidden_dim=32, so load it without that override"),
+    ):
+        with pytest.raises(CheckpointError) as err:
+            load_checkpoint(path, **overrides)
+        assert str(err.value).startswith(held + target + ": " + fix), str(err.value)
+    # What the shapes allow still loads: a new head, or another image size of as many tokens.
+    assert load_checkpoint(path, num_classes=3).num_classes == 3
+    assert load_checkpoint(path, img_size=(16, 64)).config.img_size == (16, 64)
 
 
 # --- bad input: each a CheckpointError with one sentence, nothing unpickled ---------------------
@@ -308,6 +380,14 @@ def payload(marker: Path) -> Payload:
     p = Payload()
     p.marker = marker
     return p
+
+
+def timm_training_checkpoint(model: torch.nn.Module) -> dict[str, Any]:
+    """What timm's train.py (CheckpointSaver) saves as model_best.pth.tar: its arguments as an argparse.Namespace."""
+    optimizer = torch.optim.SGD(model.parameters(), lr=0.1, momentum=0.9)
+    return {"epoch": 3, "arch": "mixer_b16_224", "state_dict": model.state_dict(),
+            "optimizer": optimizer.state_dict(), "version": 2, "metric": 81.5,
+            "args": argparse.Namespace(model="mixer_b16_224", lr=0.1, epochs=300)}
 
 
 def bad_files(folder: Path) -> dict[str, Path]:
@@ -345,6 +425,8 @@ def bad_files(folder: Path) -> dict[str, Path]:
     torch.save({"stem.proj.weight": payload(marker)}, files["torch-pickle.bin"])
     files["not-state.pth"] = folder / "not-state.pth"
     torch.save([torch.zeros(2)], files["not-state.pth"])
+    files["timm-training.pth.tar"] = folder / "model_best.pth.tar"  # as timm's train.py writes it
+    torch.save(timm_training_checkpoint(good), files["timm-training.pth.tar"])
     files["resnet.pth"] = folder / "resnet.pth"
     torch.save({"conv1.weight": torch.zeros(4, 3, 7, 7)}, files["resnet.pth"])
 
@@ -379,6 +461,8 @@ EXPECTED = {
     "vit.npz": "not in the official Mixer layout",
     "pickle.pth": "never unpickled",
     "torch-pickle.bin": "never unpickled",
+    "timm-training.pth.tar": "is a timm training checkpoint, whose arguments (an argparse.Namespace) are never "
+                             "unpickled; if you trust the file, keep only its weights, in Python: torch.save(",
     "not-state.pth": "not a state dict of tensors",
     "resnet.pth": "not an MLP-Mixer checkpoint",
     "bad-metadata.safetensors": "damaged or unknown mlpmixer configuration",
@@ -462,3 +546,81 @@ def test_a_file_without_its_size_says_which_commands_take_it(tmp_path: Path, cap
     assert code == 2 and "6 tokens, which do not form a square patch grid" in err and "mixer info and convert" in err
     code, out, _ = run_cli(["info", path, "--img-size", "16", "24"], capsys)
     assert code == 0 and "16×24" in out
+
+
+# --- what the formats carry ---------------------------------------------------------------------
+
+
+def test_saving_to_a_format_that_changes_the_gelu_warns_once(tmp_path: Path) -> None:
+    """.pth files reload with exact GELU, .npz with tanh: saving a model of the other GELU says so, from
+    save_checkpoint and convert alike, and what it says does keep the GELU."""
+    tanh = random_model(SQUARE)  # the official GELU, our default
+    _, said = caught(lambda: save_checkpoint(tanh, tmp_path / "t.pth"))
+    assert said == [f"{tmp_path / 't.pth'} will load with exact GELU, as timm-format files carry no configuration, "
+                    "but this model uses tanh GELU: to keep it, save as .safetensors, or load the file with "
+                    "gelu='tanh' (mixer convert --gelu tanh)."]
+    assert load_checkpoint(tmp_path / "t.pth").config.gelu == "exact"  # what the warning warns of
+    assert load_checkpoint(tmp_path / "t.pth", gelu="tanh").config.gelu == "tanh"
+    for name in ("t.npz", "t.safetensors"):  # formats that reload it as tanh: nothing to say
+        assert caught(lambda: save_checkpoint(tanh, tmp_path / name))[1] == []
+        assert load_checkpoint(tmp_path / name).config.gelu == "tanh"
+    _, said = caught(lambda: convert(tmp_path / "t.safetensors", tmp_path / "c.bin"))
+    assert len(said) == 1 and "c.bin will load with exact GELU" in said[0]
+    exact = random_model(SQUARE.replace(gelu="exact"))
+    _, said = caught(lambda: save_checkpoint(exact, tmp_path / "e.npz"))
+    assert len(said) == 1 and "will load with tanh GELU" in said[0] and "gelu='exact'" in said[0]
+    assert caught(lambda: save_checkpoint(exact, tmp_path / "e.pth"))[1] == []
+
+
+def test_a_model_loaded_into_keeps_its_gelu(tmp_path: Path) -> None:
+    """A foreign file cannot say its GELU: the model it is loaded into keeps its own, and computes what
+    the saved model did."""
+    tanh = random_model(SQUARE)
+    caught(lambda: save_checkpoint(tanh, tmp_path / "t.pth"))
+    target = create_model(SQUARE)
+    assert caught(lambda: load_checkpoint(tmp_path / "t.pth", model=target))[1] == []
+    x = torch.randn(2, 3, 32, 32)
+    with torch.no_grad():
+        assert target.config.gelu == "tanh" and torch.equal(target.eval()(x), tanh(x))
+    # Our files do say it: a different one is kept too, and warned of.
+    exact = random_model(SQUARE.replace(gelu="exact"))
+    save_checkpoint(exact, tmp_path / "e.safetensors")
+    _, said = caught(lambda: load_checkpoint(tmp_path / "e.safetensors", model=target))
+    assert target.config.gelu == "tanh" and len(said) == 1
+    assert said[0].startswith(f"{tmp_path / 'e.safetensors'} was saved from a model with exact GELU; the model it "
+                              "is loaded into keeps its tanh GELU")
+
+
+def test_timm_training_checkpoints_say_how_to_keep_their_weights(tmp_path: Path,
+                                                                 monkeypatch: pytest.MonkeyPatch) -> None:
+    """model_best.pth.tar is refused (its argparse.Namespace would need unpickling); the one line it suggests,
+    run on a trusted file, gives a file that loads. Without the Namespace, such a file loads as it is."""
+    model = random_model(SQUARE.replace(gelu="exact"))
+    best = tmp_path / "model_best.pth.tar"
+    torch.save(timm_training_checkpoint(model), best)
+    with pytest.raises(CheckpointError) as err:
+        load_checkpoint(best)
+    suggested = str(err.value).partition("in Python: ")[2].partition(", and load that")[0]
+    monkeypatch.chdir(tmp_path)  # the suggestion writes model.pth in the current folder
+    exec(suggested, {"torch": torch})  # noqa: S102 - our own file, trusted
+    assert_same_state(model, load_checkpoint(tmp_path / "model.pth"))
+    plain = timm_training_checkpoint(model)
+    del plain["args"], plain["arch"]  # the Namespace and a string: what weights_only=True reads is left
+    torch.save(plain, tmp_path / "plain.pth.tar")
+    assert_same_state(model, load_checkpoint(tmp_path / "plain.pth.tar"))
+
+
+def test_bfloat16_weights_load_as_float32_unless_loaded_into_a_bfloat16_model(tmp_path: Path) -> None:
+    """Our .safetensors keeps the dtype it was given; load_checkpoint builds float32 models from every
+    format (safe to train; .npz cannot hold bfloat16 anyway), exactly, and fills a given model in its dtype."""
+    bf16 = random_model(SQUARE).to(torch.bfloat16)
+    path = save_checkpoint(bf16, tmp_path / "bf16.safetensors")
+    from safetensors import safe_open
+
+    with safe_open(str(path), framework="pt") as f:
+        assert f.get_tensor("stem.proj.weight").dtype == torch.bfloat16  # saved as it was
+    back = load_checkpoint(path)
+    assert all(t.dtype == torch.float32 for t in back.state_dict().values())
+    assert torch.equal(back.stem.proj.weight, bf16.stem.proj.weight.float())
+    into = load_checkpoint(path, model=create_model(SQUARE).to(torch.bfloat16))
+    assert_same_state(bf16, into)

@@ -1,5 +1,5 @@
 """The published-weights registry and the download cache (issue 2, item 6). No test leaves the machine:
-sources are file:// URLs and a tiny HTTP server on 127.0.0.1."""
+downloads come from a tiny HTTP server on 127.0.0.1; local files (file:// URLs, paths) are read in place."""
 
 from __future__ import annotations
 
@@ -111,77 +111,6 @@ def test_cache_location(monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> None
     assert cache_dir() == tmp_path / "home/.cache/mlpmixer"
 
 
-def test_download_once_then_from_the_cache(tmp_path: Path) -> None:
-    src = source_file(tmp_path)
-    data = src.read_bytes()
-    path = download(src.as_uri(), sha256=hashlib.sha256(data).hexdigest())
-    assert path == cache_path(src.as_uri()) and path.read_bytes() == data
-    assert not path.with_name(path.name + ".part").exists()
-    src.unlink()  # the second call must not need the source
-    assert download(src.as_uri()) == path and path.read_bytes() == data
-
-
-def test_offline_and_not_cached_names_url_and_cache_path(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
-    src = source_file(tmp_path)
-    monkeypatch.setenv("MLPMIXER_OFFLINE", "1")
-    with pytest.raises(DownloadError) as err:
-        download(src.as_uri())
-    assert src.as_uri() in str(err.value) and str(cache_path(src.as_uri())) in str(err.value)
-    for on in ("true", "YES"):  # the usual spellings of "on" forbid downloads too
-        monkeypatch.setenv("MLPMIXER_OFFLINE", on)
-        with pytest.raises(DownloadError):
-            download(src.as_uri())
-    monkeypatch.delenv("MLPMIXER_OFFLINE")
-    cached = download(src.as_uri())
-    monkeypatch.setenv("MLPMIXER_OFFLINE", "1")
-    assert download(src.as_uri()) == cached  # offline works from the cache
-    # A source that is gone (as a server would be when offline): the same kind of message, no retries.
-    gone = (tmp_path / "gone.npz").as_uri()
-    monkeypatch.delenv("MLPMIXER_OFFLINE")
-    with pytest.raises(DownloadError) as err:
-        download(gone)
-    assert gone in str(err.value) and str(cache_path(gone)) in str(err.value)
-    assert not cache_path(gone).exists()
-
-
-def test_unreachable_server(tmp_path: Path) -> None:
-    import socket
-
-    with socket.socket() as s:  # a port nothing listens on
-        s.bind(("127.0.0.1", 0))
-        port = s.getsockname()[1]
-    url = f"http://127.0.0.1:{port}/w.npz"
-    with pytest.raises(DownloadError) as err:
-        download(url, retries=1, backoff_s=0.01)
-    assert url in str(err.value) and str(cache_path(url)) in str(err.value) and "refused" in str(err.value)
-
-
-def test_resume_a_partial_file_download(tmp_path: Path) -> None:
-    src = source_file(tmp_path)
-    data = src.read_bytes()
-    part = cache_path(src.as_uri()).with_name(cache_path(src.as_uri()).name + ".part")
-    part.parent.mkdir(parents=True)
-    # The partial file's bytes differ from the source's: if the result keeps them, only the rest was read.
-    part.write_bytes(b"\0" * 100_000)
-    path = download(src.as_uri())
-    assert path.read_bytes() == b"\0" * 100_000 + data[100_000:]
-    # With the digest known, such a corrupt resume is caught and nothing stays in the cache.
-    src2 = source_file(tmp_path, seed=1)
-    part2 = cache_path(src2.as_uri()).with_name(src2.name + ".part")
-    part2.write_bytes(b"\0" * 1000)
-    with pytest.raises(DownloadError, match="SHA-256"):
-        download(src2.as_uri(), sha256=hashlib.sha256(src2.read_bytes()).hexdigest())
-    assert list(cache_path(src2.as_uri()).parent.iterdir()) == [path]
-
-
-def test_sha_mismatch_leaves_nothing(tmp_path: Path) -> None:
-    src = source_file(tmp_path)
-    with pytest.raises(DownloadError) as err:
-        download(src.as_uri(), sha256="0" * 64)
-    assert "SHA-256" in str(err.value) and src.as_uri() in str(err.value)
-    assert not any(p.is_file() for p in cache_dir().rglob("*"))
-
-
 # --- over HTTP ----------------------------------------------------------------------------------
 
 
@@ -264,6 +193,81 @@ def test_http_retries_server_errors_not_missing_files(server: Server) -> None:
     assert part.with_name(part.name + ".part").exists()  # kept for the next try to resume
 
 
+def test_download_once_then_from_the_cache(server: Server) -> None:
+    path = download(url_of(server), sha256=hashlib.sha256(server.data).hexdigest())
+    assert path == cache_path(url_of(server)) and path.read_bytes() == server.data
+    assert not path.with_name(path.name + ".part").exists()
+    server.plan = ["404"]  # the second call must not need the source
+    assert download(url_of(server)) == path and path.read_bytes() == server.data and len(server.ranges) == 1
+
+
+def test_offline_and_not_cached_names_url_and_cache_path(server: Server, monkeypatch: pytest.MonkeyPatch) -> None:
+    url = url_of(server)
+    monkeypatch.setenv("MLPMIXER_OFFLINE", "1")
+    with pytest.raises(DownloadError) as err:
+        download(url)
+    assert url in str(err.value) and str(cache_path(url)) in str(err.value)
+    for on in ("true", "YES"):  # the usual spellings of "on" forbid downloads too
+        monkeypatch.setenv("MLPMIXER_OFFLINE", on)
+        with pytest.raises(DownloadError):
+            download(url)
+    assert server.ranges == []  # nothing was asked of the server
+    monkeypatch.delenv("MLPMIXER_OFFLINE")
+    cached = download(url)
+    monkeypatch.setenv("MLPMIXER_OFFLINE", "1")
+    assert download(url) == cached  # offline works from the cache
+
+
+def test_resume_a_partial_download(server: Server) -> None:
+    part = cache_path(url_of(server)).with_name(cache_path(url_of(server)).name + ".part")
+    part.parent.mkdir(parents=True)
+    # The partial file's bytes differ from the source's: if the result keeps them, only the rest was read.
+    part.write_bytes(b"\0" * 100_000)
+    path = download(url_of(server))
+    assert path.read_bytes() == b"\0" * 100_000 + server.data[100_000:] and server.ranges == ["bytes=100000-"]
+    # With the digest known, such a corrupt resume is caught and nothing stays in the cache.
+    part2 = cache_path(url_of(server, "w2.npz")).with_name("w2.npz.part")
+    part2.write_bytes(b"\0" * 1000)
+    with pytest.raises(DownloadError, match="SHA-256"):
+        download(url_of(server, "w2.npz"), sha256=hashlib.sha256(server.data).hexdigest())
+    assert list(path.parent.iterdir()) == [path]
+
+
+def test_unreachable_server(tmp_path: Path) -> None:
+    import socket
+
+    with socket.socket() as s:  # a port nothing listens on
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    url = f"http://127.0.0.1:{port}/w.npz"
+    with pytest.raises(DownloadError) as err:
+        download(url, retries=1, backoff_s=0.01)
+    assert url in str(err.value) and str(cache_path(url)) in str(err.value) and "refused" in str(err.value)
+
+
+def test_sha_mismatch_leaves_nothing(server: Server) -> None:
+    with pytest.raises(DownloadError) as err:
+        download(url_of(server), sha256="0" * 64)
+    assert "SHA-256" in str(err.value) and url_of(server) in str(err.value)
+    assert not any(p.is_file() for p in cache_dir().rglob("*"))
+
+
+def test_local_files_are_used_in_place(tmp_path: Path) -> None:
+    """A file:// URL or a path is not copied into the cache (a second copy of a large file); a digest, when
+    given, is checked on every use, and a missing file is one sentence."""
+    src = source_file(tmp_path)
+    digest = hashlib.sha256(src.read_bytes()).hexdigest()
+    for url in (src.as_uri(), str(src)):
+        assert download(url, sha256=digest) == src
+        with pytest.raises(DownloadError, match=f"{src} has SHA-256 {digest}, not the expected 0000"):
+            download(url, sha256="0" * 64)
+    assert not any(cache_dir().rglob("*"))
+    assert src.read_bytes() and download(src.as_uri()) == src  # a wrong digest deletes nothing of the user's
+    gone = tmp_path / "gone.npz"
+    with pytest.raises(DownloadError, match=f"names a local file, and there is no file at {gone}; check the path"):
+        download(gone.as_uri())
+
+
 # --- pretrained models end to end ----------------------------------------------------------------
 
 
@@ -275,7 +279,7 @@ def test_create_model_with_pretrained_weights(tmp_path: Path) -> None:
     for k, v in original.state_dict().items():
         assert torch.equal(model.state_dict()[k], v), k
     assert model.class_names == imagenet_class_names()
-    path.unlink()  # from now on only the cache has it
+    assert not any(cache_dir().rglob("*"))  # the local file is read where it is
     again = load_pretrained("digits/4", "test")
     assert torch.equal(again.head.weight, original.head.weight)
     tuned = load_pretrained("digits/4", "test", num_classes=10)
@@ -310,10 +314,12 @@ def test_registry_entries_are_checked(tmp_path: Path) -> None:
         create_model("mixer_b16_448", pretrained="imagenet1k")  # refused before any download
 
 
-def test_loading_the_cached_file_directly(tmp_path: Path) -> None:
+def test_loading_the_cached_file_directly(tmp_path: Path, server: Server) -> None:
     path, original = digits_checkpoint(tmp_path, ext=".safetensors")
-    register_weights("digits/4", "ours", path.as_uri())
-    cached = download(path.as_uri())
+    server.data = path.read_bytes()
+    register_weights("digits/4", "ours", url_of(server, "model.safetensors"))
+    cached = download(url_of(server, "model.safetensors"))
+    assert cached != path and torch.equal(load_pretrained("digits/4", "ours").head.weight, original.head.weight)
     assert torch.equal(load_checkpoint(cached).head.weight, original.head.weight)
 
 

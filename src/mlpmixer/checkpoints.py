@@ -7,6 +7,7 @@ The format follows the file's extension (SPEC §6 gives both foreign layouts):
 |-----------------|---------------------------------------------------------|------------------|
 | .npz            | official Flax (`MixerBlock_0/token_mixing/...`)         | tanh             |
 | .pth .pt .bin   | timm state dict (`blocks.0.mlp_tokens.fc1.weight`)      | exact            |
+| .pth.tar        | timm's training checkpoint, read if it holds only tensors | exact            |
 | .safetensors    | ours (config in metadata), or timm's if it has none     | as saved / exact |
 | a run directory | the final `model.safetensors` that `mixer train` wrote  | as saved         |
 | step-N.pt       | a training state in RUN/checkpoints/ (timm's names)     | RUN/config.json  |
@@ -29,20 +30,22 @@ import warnings
 import zipfile
 import zlib
 from pathlib import Path
-from typing import Any, Iterator
+from typing import Any, Iterator, TypeVar, overload
 
 import numpy as np
 import torch
 
 from .model import MlpMixer
-from .variants import MixerConfig, as_pair
+from .variants import SHAPE_FIELDS, MixerConfig, as_pair
 
 RUN_MODEL_FILE = "model.safetensors"
 TORCH_EXTENSIONS = (".pth", ".pt", ".bin")
 EXTENSIONS = (".npz", ".safetensors", *TORCH_EXTENSIONS)
+TIMM_TRAINING_SUFFIX = ".pth.tar"  # timm's train.py writes model_best.pth.tar, a torch.save file
 FORMAT_TAG = "mlpmixer"
 
 StateDict = dict[str, torch.Tensor]
+_Model = TypeVar("_Model", bound=torch.nn.Module)  # load_checkpoint returns the model it is given
 
 
 class CheckpointError(ValueError):
@@ -131,9 +134,10 @@ def infer_config(
     state: StateDict, gelu: str, img_size: Any = None, img_size_hint: Any = None, source: str = "The checkpoint"
 ) -> MixerConfig:
     """Shapes -> MixerConfig: P, in_chans and C from the stem, S and D_S from token mixing, D_C from
-    channel mixing, N from the block count, classes from the head. The image size follows from S
-    when the patch grid is square; otherwise it must be given, or `img_size_hint` (the size of the
-    model being loaded into) is used when its patch grid has S tokens."""
+    channel mixing, N from the block count, classes from the head. The image size is `img_size` when its
+    patch grid has S tokens, else the square grid of S tokens, else `img_size_hint` (the size of the model
+    being loaded into) when its grid has S tokens. An `img_size` of another token count is not the file's:
+    the configuration keeps the file's own size, and the caller says what does not fit."""
     try:
         c, in_chans, ph, pw = state["stem.proj.weight"].shape
         d_s, s = state["blocks.0.mlp_tokens.fc1.weight"].shape
@@ -142,14 +146,25 @@ def infer_config(
         raise CheckpointError(
             f"{source} lacks the stem or first block of a Mixer ({e}); it is not an MLP-Mixer checkpoint."
         ) from None
+
+    def has_s_tokens(size: Any) -> bool:
+        h, w = as_pair(size)
+        return (h // ph) * (w // pw) == s
+
     side = math.isqrt(s)
-    if img_size is None and side * side == s:
+    if img_size is not None and has_s_tokens(img_size):
+        img_size = as_pair(img_size)
+    elif side * side == s:
         img_size = (side * ph, side * pw)
-    elif img_size is None and img_size_hint is not None:
-        hh, hw = as_pair(img_size_hint)
-        if (hh // ph) * (hw // pw) == s:
-            img_size = (hh, hw)
-    if img_size is None:
+    elif img_size_hint is not None and has_s_tokens(img_size_hint):
+        img_size = as_pair(img_size_hint)
+    elif img_size is not None:
+        h, w = as_pair(img_size)
+        raise CheckpointError(
+            f"{source} has {s} tokens of {ph}×{pw} patches, which {h}×{w} images do not give; pass the "
+            "img_size it was made for (then mlpmixer.resize_to(model, size) converts it to another)."
+        )
+    else:
         raise CheckpointError(
             f"{source} has {s} tokens, which do not form a square patch grid, so its image size is "
             "unknown; pass img_size=(height, width), or on the command line give --img-size H W (mixer info "
@@ -225,7 +240,7 @@ def _read_torch(path: Path) -> tuple[StateDict, bool]:
         with warnings.catch_warnings():  # e.g. "Detected pickle protocol 4": noise for a user
             warnings.simplefilter("ignore")
             obj = torch.load(path, map_location="cpu", weights_only=True)
-    except pickle.UnpicklingError:
+    except pickle.UnpicklingError as e:
         # torch's files are zip archives (or, in the legacy format, start with a pickle's 0x80
         # opcode); anything else refused by the unpickler is just not a checkpoint.
         with open(path, "rb") as f:
@@ -234,6 +249,12 @@ def _read_torch(path: Path) -> tuple[StateDict, bool]:
             raise CheckpointError(
                 f"{path} is not a readable PyTorch file (corrupt or another kind of file); "
                 "re-download or re-save it."
+            ) from None
+        if "argparse.Namespace" in str(e):  # torch names the class it refused: timm's training arguments
+            raise CheckpointError(
+                f"{path} is a timm training checkpoint, whose arguments (an argparse.Namespace) are never "
+                "unpickled; if you trust the file, keep only its weights, in Python: "
+                f"torch.save(torch.load('{path}', weights_only=False)['state_dict'], 'model.pth'), and load that."
             ) from None
         raise CheckpointError(
             f"{path} contains Python objects other than tensors and was not loaded (it is never unpickled); "
@@ -284,7 +305,7 @@ def resolve_path(path: str | os.PathLike) -> Path:
     if p.suffix.lower() in (".onnx", ".pt2"):
         raise CheckpointError(f"{p} is an exported model (`mixer export`), not a checkpoint; give the checkpoint "
                               "it was exported from.")
-    if p.suffix.lower() not in EXTENSIONS:
+    if p.suffix.lower() not in EXTENSIONS and not p.name.lower().endswith(TIMM_TRAINING_SUFFIX):
         raise CheckpointError(
             f"{p} has an unknown checkpoint extension {p.suffix!r}; use one of {', '.join(EXTENSIONS)}."
         )
@@ -330,7 +351,7 @@ def read_checkpoint(
         state = _read_npz(p)
         extra["layout"] = "official"
         config = infer_config(state, gelu="tanh", img_size=img_size, img_size_hint=img_size_hint, source=str(p))
-    elif suffix in TORCH_EXTENSIONS:
+    elif suffix in TORCH_EXTENSIONS or p.name.lower().endswith(TIMM_TRAINING_SUFFIX):
         state, training_state = _read_torch(p)
         run = run_config(p.parent.parent) if training_state else None
         extra["layout"] = "training state" if training_state else "timm"
@@ -353,13 +374,17 @@ def read_checkpoint(
             extra["layout"] = "timm"
             config = infer_config(state, gelu="exact", img_size=img_size, img_size_hint=img_size_hint, source=str(p))
     try:
-        config = config.replace(**overrides)
+        wanted = config.replace(**overrides)
     except (TypeError, ValueError) as e:
         raise CheckpointError(
             f"Cannot apply {overrides} to the configuration of {p} ({e}); pass only MixerConfig fields "
             "with valid values."
         ) from None
-    return state, config, extra
+    # Checked against the file's own configuration, so that the message can say what the file holds.
+    problem = _misfit(p, config, wanted, overrides)
+    if problem:
+        raise CheckpointError(problem)
+    return state, wanted, extra
 
 
 def _parse_metadata(path: Path, metadata: dict[str, str]) -> tuple[MixerConfig, list[str] | None]:
@@ -391,6 +416,46 @@ def _saved_config(path: Path, saved: Any, names: Any, fix: str) -> tuple[MixerCo
     return config, names
 
 
+# The fields the shapes of a model's weights fix (the token count, from the image size, apart).
+_FIXED_FIELDS = sorted(SHAPE_FIELDS | {"in_chans"})
+
+
+def _about(config: MixerConfig) -> str:
+    """A model as our messages name it: "Mixer-B/16 with 1000 classes at 224×224"."""
+    return f"{config.describe()} with {config.num_classes} classes at {config.img_size[0]}×{config.img_size[1]}"
+
+
+def _misfit(path: Any, have: MixerConfig, want: MixerConfig, overrides: dict[str, Any] | None = None) -> str | None:
+    """Why the weights in `path`, of a model configured as `have`, cannot make one configured as `want` (the
+    model they are loaded into, or, given `overrides`, `have` with those), as one sentence with the fix; None
+    when their shapes fit. With overrides a different head is fine: load_checkpoint gives a new one."""
+    fixed = [f for f in _FIXED_FIELDS if getattr(have, f) != getattr(want, f)]
+    # The values, as describe() leaves some out (in_chans, D_S, D_C).
+    fixed_in_file = ", ".join(f"{f}={getattr(have, f)!r}" for f in fixed)
+    if fixed and overrides is not None:
+        fix = (f"the shapes of its weights fix {fixed_in_file}, so load it without "
+               f"{'that override' if len(fixed) == 1 else 'those overrides'} (another architecture needs its "
+               "own checkpoint, or training from scratch)")
+    elif fixed:
+        fix = (f"the shapes of its weights fix {fixed_in_file}, and the model has "
+               f"{', '.join(f'{f}={getattr(want, f)!r}' for f in fixed)}, so build the model from the file "
+               "instead (mlpmixer.load_checkpoint(path)), or pick a checkpoint of that model")
+    elif have.num_tokens != want.num_tokens:
+        h, w = want.img_size
+        fix = (f"its token-mixing weights fix {have.num_tokens} tokens, not {want.num_tokens}, so load it at its "
+               f"own size and convert it with mlpmixer.resize_to(model, ({h}, {w})) (mixer resize on the command "
+               "line), the paper's way to a higher resolution")
+    elif have.num_classes != want.num_classes and overrides is None:
+        fix = (f"build it with mlpmixer.load_checkpoint(path, num_classes={want.num_classes}), which gives it a "
+               "new zero-initialised head of that size")
+    else:
+        return None
+    if overrides is None:
+        return f"{path} holds a {_about(have)}, which does not fit the {_about(want)} it is loaded into: {fix}."
+    asked = ", ".join(f"{k}={v!r}" for k, v in overrides.items())
+    return f"{path} holds a {_about(have)}, which cannot load as a {_about(want)} ({asked}): {fix}."
+
+
 def _natural(key: str) -> list[Any]:
     """Sort key putting blocks.2 before blocks.10."""
     return [int(part) if part.isdigit() else part for part in re.split(r"(\d+)", key)]
@@ -407,17 +472,29 @@ def _compare(state: StateDict, expected: dict[str, torch.Tensor]) -> tuple[list[
     return missing, unexpected, misshaped
 
 
-def load_checkpoint(path: str | os.PathLike, model: MlpMixer | None = None, **overrides: Any) -> MlpMixer:
+@overload
+def load_checkpoint(path: str | os.PathLike, model: None = None, **overrides: Any) -> MlpMixer: ...
+@overload
+def load_checkpoint(path: str | os.PathLike, model: _Model, **overrides: Any) -> _Model: ...
+def load_checkpoint(path: str | os.PathLike, model: torch.nn.Module | None = None, **overrides: Any) -> Any:
     """Build a model from a checkpoint file or run directory, or load it into `model`.
 
     Without `model`, the configuration comes from the file (ours) or its shapes (.npz, timm), with
-    `overrides` applied. A `num_classes` override that differs from the file's drops its head and
-    puts a new zero-initialised one (for fine-tuning). With `model`, the file must match it exactly.
+    `overrides` applied: those that keep the shapes of the weights (gelu, drop rates, an image size
+    with the same token count), and `num_classes`, which, when it differs from the file's, drops its
+    head and puts a new zero-initialised one (for fine-tuning). The model is float32 whatever dtype
+    the file holds (bfloat16 weights widen exactly): call `.to(torch.bfloat16)` for a bf16 model.
+
+    With `model` (an MlpMixer, or a wrapper of one such as fast.optimize's FastMixer), the file's
+    weights must have its shapes; only the tensors are copied, in the model's own dtype and device.
+    The model keeps its own configuration, GELU included: .npz and timm files cannot say theirs, and
+    a file of ours whose GELU differs gets a warning.
     """
     if model is not None and overrides:
         raise ValueError(f"load_checkpoint loads into the given model as it is; {', '.join(sorted(overrides))} "
                          "cannot change it (build the model with them, or load without a model).")
-    hint = model.config.img_size if model is not None else None
+    target = _unwrapped(model, "load_checkpoint") if model is not None else None
+    hint = target.config.img_size if target is not None else None
     state, config, extra = read_checkpoint(path, img_size_hint=hint, **overrides)
     names = extra.get("class_names")
     if model is None:
@@ -433,9 +510,17 @@ def load_checkpoint(path: str | os.PathLike, model: MlpMixer | None = None, **ov
         if new_head:
             model.reset_classifier(config.num_classes)  # a real, zero-initialised head
     else:
-        _load_state(model, state, path, config)
+        problem = _misfit(path, config, target.config)
+        if problem:
+            raise CheckpointError(problem)
+        if extra["layout"] == "mlpmixer" and config.gelu != target.config.gelu:
+            warnings.warn(f"{path} was saved from a model with {config.gelu} GELU; the model it is loaded into "
+                          f"keeps its {target.config.gelu} GELU, so its outputs differ slightly from the saved "
+                          "model's (load the file alone, mlpmixer.load_checkpoint(path), to keep the file's).",
+                          stacklevel=2)
+        _load_state(target, state, path, config)
     if names is not None:  # a given model keeps its own names when the file has none
-        model.class_names = names
+        (target or model).class_names = names
     return model
 
 
@@ -449,7 +534,8 @@ def _load_state(
     assign: bool = False,
 ) -> None:
     """Copy `state` into `model` (or, with `assign`, make its tensors the model's), after checking
-    that every key and shape fits."""
+    that every key and shape fits. Callers first refuse a file of another architecture (_misfit), so what
+    is left to find here are files whose tensors do not agree with each other."""
     expected = model.state_dict()
     missing, unexpected, misshaped = _compare(state, expected)
     if ignore_missing_head:
@@ -460,11 +546,8 @@ def _load_state(
                  f"mis-shaped: {_short(misshaped, 3)}" if misshaped else ""]
         detail = "; ".join(p for p in parts if p)
         raise CheckpointError(
-            f"{path} holds a {config.describe()} with {config.num_classes} classes at "
-            f"{config.img_size[0]}×{config.img_size[1]}, which does not fit the "
-            f"{model.config.describe()} with {model.config.num_classes} classes at "
-            f"{model.config.img_size[0]}×{model.config.img_size[1]} ({detail}); build the model from the "
-            "file instead (mlpmixer.load_checkpoint(path)) or pick the matching checkpoint."
+            f"{path} does not hold the tensors of the {_about(config)} its first layers describe ({detail}); it "
+            "is damaged or not a Mixer checkpoint: re-save it from its model, or pick another file."
         )
     device = None if assign else next(iter(expected.values())).device
     model.load_state_dict({k: v.to(device=device, dtype=expected[k].dtype) for k, v in state.items()},
@@ -522,17 +605,24 @@ def atomic_write(path: str | os.PathLike, write: Any) -> Path:
 def save_checkpoint(model: MlpMixer, path: str | os.PathLike, class_names: list[str] | None = None) -> Path:
     """Write `model` in the format its extension names (see the module docstring), atomically.
 
-    Our .safetensors keeps the configuration and class names; .npz is the official layout;
+    Our .safetensors keeps the configuration, class names and dtypes; .npz is the official layout;
     .pth/.pt/.bin a timm-compatible state dict (which timm and `load_checkpoint` read with exact GELU).
+    What those foreign formats lose of this model (a GELU other than the one their format implies, a
+    non-square grid's image size, class names) is a warning each (`format_notes`).
     """
     path = Path(path)
     suffix = path.suffix.lower()
+    if suffix not in EXTENSIONS:
+        raise CheckpointError(f"Cannot write {path}: unknown extension {path.suffix!r}; use one of "
+                              f"{', '.join(EXTENSIONS)}.")
     model = _unwrapped(model)
     state = {k: v.detach().cpu().contiguous() for k, v in model.state_dict().items()}
     names = class_names if class_names is not None else getattr(model, "class_names", None)
     if names is not None and len(names) != model.num_classes:
         raise CheckpointError(f"{len(names)} class names do not fit the {model.num_classes}-class head of the model "
                               f"to save to {path}; give one name per class.")
+    for note in format_notes(path, model):
+        warnings.warn(note, stacklevel=2)
     if suffix == ".safetensors":
         from safetensors.torch import save_file
 
@@ -543,12 +633,10 @@ def save_checkpoint(model: MlpMixer, path: str | os.PathLike, class_names: list[
     if suffix == ".npz":
         arrays = state_to_official(state)
         return atomic_write(path, lambda tmp: _savez(tmp, arrays))
-    if suffix in TORCH_EXTENSIONS:
-        return atomic_write(path, lambda tmp: torch.save(state, tmp))
-    raise CheckpointError(f"Cannot write {path}: unknown extension {path.suffix!r}; use one of {', '.join(EXTENSIONS)}.")
+    return atomic_write(path, lambda tmp: torch.save(state, tmp))  # TORCH_EXTENSIONS
 
 
-def _unwrapped(model: torch.nn.Module) -> MlpMixer:
+def _unwrapped(model: torch.nn.Module, caller: str = "save_checkpoint") -> MlpMixer:
     """The MlpMixer inside the wrappers training and inference put around it (torch.compile's
     `_orig_mod`, fast.optimize's `model`, CompiledOrEager's `eager`, DDP's `module`), whose state dict
     names are those of the model itself."""
@@ -556,7 +644,7 @@ def _unwrapped(model: torch.nn.Module) -> MlpMixer:
         inner = next((getattr(model, a) for a in ("_orig_mod", "model", "eager", "module")
                       if isinstance(getattr(model, a, None), torch.nn.Module)), None)
         if inner is None:
-            raise CheckpointError(f"save_checkpoint takes an MlpMixer (or a wrapper of one), not a "
+            raise CheckpointError(f"{caller} takes an MlpMixer (or a wrapper of one), not a "
                                   f"{type(model).__name__}.")
         model = inner
     return model
@@ -584,7 +672,7 @@ def check_not_the_source(src: str | os.PathLike, dst: str | os.PathLike) -> None
 
 def format_notes(path: str | os.PathLike, model: MlpMixer) -> list[str]:
     """What a file without our metadata (.npz, timm's formats) at `path` cannot carry of `model`, one
-    sentence each; none for our .safetensors, which keeps everything."""
+    sentence each, which save_checkpoint warns of; none for our .safetensors, which keeps everything."""
     suffix = Path(path).suffix.lower()
     if suffix == ".safetensors":
         return []
@@ -593,9 +681,9 @@ def format_notes(path: str | os.PathLike, model: MlpMixer) -> list[str]:
     c = model.config
     notes = []
     if c.gelu != implied:
-        notes.append(f"{layout} files carry no configuration and load with {implied} GELU; this model uses "
-                     f"{c.gelu} GELU, so load it with gelu='{c.gelu}' (mixer convert --gelu {c.gelu}) for "
-                     "identical outputs.")
+        notes.append(f"{path} will load with {implied} GELU, as {layout} files carry no configuration, but "
+                     f"this model uses {c.gelu} GELU: to keep it, save as .safetensors, or load the file with "
+                     f"gelu='{c.gelu}' (mixer convert --gelu {c.gelu}).")
     (h, w), (ph, pw) = c.img_size, c.patch_size
     if h // ph != w // pw:  # the size is read from the token count, as a square grid
         notes.append(f"{layout} files carry no image size, and a {h // ph}×{w // pw} patch grid is not square: "

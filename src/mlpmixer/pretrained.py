@@ -4,7 +4,8 @@ The registry is plain data: the authors' official checkpoints (SPEC §6, Flax `.
 timm's converted ones on the Hugging Face hub (`model.safetensors` in timm's layout, exact GELU).
 `load_pretrained("B/16", "imagenet1k")` downloads a file once into the cache — `~/.cache/mlpmixer`, or
 the folder in the environment variable MLPMIXER_CACHE — and builds the model from it; later calls,
-offline ones too, read the cached file. MLPMIXER_OFFLINE=1 forbids any download.
+offline ones too, read the cached file. MLPMIXER_OFFLINE=1 forbids any download. A local file (a
+file:// URL or a plain path) is read where it is, never copied into the cache.
 
 Not registered: `gsam/Mixer-S_8.npz`, since patch 8 is no Table 1 variant (`load_checkpoint` still
 reads the downloaded file, as a custom configuration). No built-in entry carries a SHA-256, as none is
@@ -76,7 +77,9 @@ def register_weights(
 ) -> Weights:
     """Add (or replace) the checkpoint `tag` of `variant` ('B/16', 'Mixer-B_16', ...) at `url`.
 
-    `sha256` and `num_classes`, when given, are checked when the file is downloaded and loaded. `mean`
+    `url` may name a local file (file:// or a plain path), which is then used in place. `sha256` and
+    `num_classes`, when given, are checked when the file is downloaded (a local file: each time it is
+    loaded) and loaded. `mean`
     and `std` are the normalisation the weights were trained with (default: the official [-1, 1]).
     """
     entry = Weights(canonical_name(variant), tag, url, sha256.lower() if sha256 else None, num_classes,
@@ -146,13 +149,18 @@ def cache_path(url: str) -> Path:
 
 
 def download(url: str, sha256: str | None = None, retries: int = 3, backoff_s: float = 1.0) -> Path:
-    """The cached copy of `url`, downloading it first if needed; returns its path.
+    """The cached copy of `url`, downloading it first if needed; returns its path. A local file (a
+    file:// URL or a plain path) is returned as it is, after checking `sha256` when given: copying it
+    would only duplicate it.
 
     The file grows as `<name>.part` next to its final place; a broken transfer is retried up to
     `retries` times (waiting `backoff_s`, then twice as long each time), resuming the `.part` with
     an HTTP Range request, as does a later call after a crash. The result must have the announced
     size and, when `sha256` is given, that digest; only then is it moved into place.
     """
+    local = _local_path(url)
+    if local is not None:
+        return _checked_local(local, url, sha256)
     target = cache_path(url)
     if target.is_file():
         return target
@@ -187,6 +195,27 @@ def download(url: str, sha256: str | None = None, retries: int = 3, backoff_s: f
     return target
 
 
+def _local_path(url: str) -> Path | None:
+    """The file that `url` names when it is a file:// URL or a plain path; None for other URLs."""
+    parts = urllib.parse.urlsplit(url)
+    if parts.scheme == "file":
+        return Path(urllib.request.url2pathname(parts.path))
+    if not parts.scheme or len(parts.scheme) == 1:  # a path; on Windows, "C:\\..." reads as scheme "c"
+        return Path(url).expanduser()
+    return None
+
+
+def _checked_local(path: Path, url: str, sha256: str | None) -> Path:
+    """`path`, after checking that it is a file with the digest `sha256` (when given)."""
+    if not path.is_file():
+        raise DownloadError(f"{url} names a local file, and there is no file at {path}; check the path given to "
+                            "register_weights.")
+    if sha256 is not None and (digest := _sha256(path)) != sha256.lower():
+        raise DownloadError(f"{path} has SHA-256 {digest}, not the expected {sha256.lower()}; check the file, or "
+                            "the digest given to register_weights.")
+    return path
+
+
 def _fetch(url: str, part: Path) -> None:
     """Append the rest of `url` to `part`; raise ConnectionError if it ends short."""
     start = part.stat().st_size if part.exists() else 0
@@ -208,14 +237,6 @@ def _fetch(url: str, part: Path) -> None:
 
 def _open(url: str, start: int) -> tuple[IO[bytes], int, int | None]:
     """Open `url` at byte `start` if the source allows it: (stream, actual start, total size)."""
-    parts = urllib.parse.urlsplit(url)
-    if parts.scheme == "file":
-        # urllib's file:// handler ignores Range headers, so seek in the file instead.
-        f = open(urllib.request.url2pathname(parts.path), "rb")
-        total = os.fstat(f.fileno()).st_size
-        start = start if start <= total else 0
-        f.seek(start)
-        return f, start, total
     headers = {"User-Agent": "mlpmixer"}
     if start:
         headers["Range"] = f"bytes={start}-"

@@ -21,7 +21,7 @@ def register(p: argparse.ArgumentParser) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
-    from ..checkpoints import convert, format_notes  # torch: only when the command runs
+    from ..checkpoints import convert  # torch: only when the command runs
 
     overrides = {}
     if args.gelu:
@@ -30,7 +30,5 @@ def run(args: argparse.Namespace) -> int:
         overrides["img_size"] = image_size(args.img_size)
     model = convert(args.src, args.dst, **overrides)
     print(f"Wrote {model.config.describe()} ({model.num_classes} classes) to {args.dst}.")
-    for note in format_notes(args.dst, model):
-        print("Note: " + note)
     return 0
 

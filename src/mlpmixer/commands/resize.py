@@ -29,7 +29,7 @@ def register(p: argparse.ArgumentParser) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
-    from ..checkpoints import check_not_the_source, format_notes, load_checkpoint, save_checkpoint  # torch
+    from ..checkpoints import check_not_the_source, load_checkpoint, save_checkpoint  # torch
     from ..resize import resize_to
 
     size = image_size(args.img_size)
@@ -41,6 +41,4 @@ def run(args: argparse.Namespace) -> int:
     c = new.config
     print(f"Wrote {c.describe()} at {c.img_size[0]}×{c.img_size[1]} ({c.num_tokens} tokens, token MLP "
           f"{old.tokens_mlp_dim} -> {c.tokens_mlp_dim} wide) to {args.out}.")
-    for note in format_notes(args.out, new):
-        print("Note: " + note)
     return 0
