@@ -493,7 +493,7 @@ def load_checkpoint(path: str | os.PathLike, model: torch.nn.Module | None = Non
     if model is not None and overrides:
         raise ValueError(f"load_checkpoint loads into the given model as it is; {', '.join(sorted(overrides))} "
                          "cannot change it (build the model with them, or load without a model).")
-    target = _unwrapped(model, "load_checkpoint") if model is not None else None
+    target = unwrap(model, "load_checkpoint") if model is not None else None
     hint = target.config.img_size if target is not None else None
     state, config, extra = read_checkpoint(path, img_size_hint=hint, **overrides)
     names = extra.get("class_names")
@@ -615,7 +615,7 @@ def save_checkpoint(model: MlpMixer, path: str | os.PathLike, class_names: list[
     if suffix not in EXTENSIONS:
         raise CheckpointError(f"Cannot write {path}: unknown extension {path.suffix!r}; use one of "
                               f"{', '.join(EXTENSIONS)}.")
-    model = _unwrapped(model)
+    model = unwrap(model)
     state = {k: v.detach().cpu().contiguous() for k, v in model.state_dict().items()}
     names = class_names if class_names is not None else getattr(model, "class_names", None)
     if names is not None and len(names) != model.num_classes:
@@ -636,7 +636,7 @@ def save_checkpoint(model: MlpMixer, path: str | os.PathLike, class_names: list[
     return atomic_write(path, lambda tmp: torch.save(state, tmp))  # TORCH_EXTENSIONS
 
 
-def _unwrapped(model: torch.nn.Module, caller: str = "save_checkpoint") -> MlpMixer:
+def unwrap(model: torch.nn.Module, caller: str = "save_checkpoint") -> MlpMixer:
     """The MlpMixer inside the wrappers training and inference put around it (torch.compile's
     `_orig_mod`, fast.optimize's `model`, CompiledOrEager's `eager`, DDP's `module`), whose state dict
     names are those of the model itself."""

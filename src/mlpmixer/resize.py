@@ -17,7 +17,7 @@ import copy
 import torch
 import torch.nn.functional as F
 
-from .checkpoints import _unwrapped
+from .checkpoints import unwrap
 from .model import MlpMixer
 from .recipes import RESIZE_METHODS
 from .variants import MixerConfig, Size, as_pair, paper_variant_of
@@ -119,7 +119,7 @@ def resize_to(model: MlpMixer, img_size: Size, method: str = "blockdiag", mode: 
     """
     if method not in RESIZE_METHODS:
         raise ValueError(f"Unknown resize method {method!r}; use one of {', '.join(RESIZE_METHODS)}.")
-    model = _unwrapped(model)  # the wrappers' own names (`_orig_mod.`, ...) are not the model's
+    model = unwrap(model, "resize_to")  # the wrappers' own names (`_orig_mod.`, ...) are not the model's
     cfg = model.config
     new_size = as_pair(img_size)
     (ph, pw) = cfg.patch_size
