@@ -204,6 +204,30 @@ def test_wrong_channels_or_rank(tiny_config: MixerConfig) -> None:
     assert model(torch.zeros(0, 3, 24, 32)).shape == (0, model.num_classes)  # an empty batch, as timm
 
 
+def test_input_of_another_float_dtype_or_type_is_one_sentence(tiny_config: MixerConfig) -> None:
+    import numpy as np
+
+    model = create_model(tiny_config).eval()
+    x = images(tiny_config)
+    for dtype, hint in ((torch.float64, r"x.to\(torch.float32\) or the model with model.to\(torch.float64\)"),
+                        (torch.float16, "got torch.float16 images for a torch.float32 model"),
+                        (torch.bfloat16, "got torch.bfloat16 images")):
+        with pytest.raises(ValueError, match=hint):
+            model(x.to(dtype))
+    with pytest.raises(ValueError, match=r"takes a torch tensor of images, got a ndarray; .*torch.from_numpy"):
+        model(x.numpy())
+    with pytest.raises(ValueError, match="got torch.float32 images for a torch.bfloat16 model"):
+        create_model(tiny_config).to(torch.bfloat16)(x)
+    # What works is left alone: autocast casts the images and the weights to its own dtype...
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        assert model(x).dtype == model(x.to(torch.float16)).dtype == torch.bfloat16
+        assert model.to(torch.bfloat16)(x).dtype == torch.bfloat16
+        # ...but never a float64 tensor, which it leaves as it is.
+        with pytest.raises(ValueError, match="got torch.float64 images for a torch.bfloat16 model"):
+            model(x.double())
+    assert model.double()(x.double()).dtype == torch.float64
+
+
 def test_timm_style_calls(tiny_config: MixerConfig) -> None:
     """What timm users write: pretrained=False, reset_classifier(n, 'avg'), mlpmixer.<submodule>."""
     import subprocess

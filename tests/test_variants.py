@@ -144,8 +144,9 @@ def test_custom_config_fields_and_validation() -> None:
     # Values that would fail later, deep in torch, with its own words.
     for field, value, said in (("hidden_dim", 512.5, "hidden_dim must be a whole number"),
                                ("num_classes", True, "num_classes must be 0"),
-                               ("drop_rate", 2.0, "drop_rate must be from 0 to 1"),
-                               ("drop_path_rate", -1.0, "drop_path_rate must be from 0 to 1")):
+                               ("drop_rate", 2.0, "drop_rate must be a number from 0 to 1"),
+                               ("drop_rate", "0.1", "drop_rate must be a number from 0 to 1, not '0.1'"),
+                               ("drop_path_rate", -1.0, "drop_path_rate must be a number from 0 to 1")):
         with pytest.raises(ValueError, match=said):
             MixerConfig(**{field: value})
     import numpy as np

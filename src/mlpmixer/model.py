@@ -174,9 +174,18 @@ class MlpMixer(nn.Module):
     @torch.jit.unused  # its messages need the config, which TorchScript cannot hold: a scripted model skips it
     def check_input(self, x: torch.Tensor) -> None:
         cfg = self.config
+        if not isinstance(x, torch.Tensor):
+            raise ValueError(f"{cfg.describe()} takes a torch tensor of images, got a {type(x).__name__}; "
+                             "convert it first, e.g. torch.from_numpy(x) for a NumPy array.")
         if not x.is_floating_point():
             raise ValueError(f"{cfg.describe()} takes float images (pixels scaled to [-1, 1]), got {x.dtype}; "
                              "convert them first, e.g. x.float() / 127.5 - 1 for 0-255 pixels.")
+        weights = self.stem.proj.weight.dtype
+        # Autocast casts every float tensor but a float64 one to its own dtype, so only that mix fails there.
+        autocast = torch.is_autocast_enabled(x.device.type) and torch.float64 not in (x.dtype, weights)
+        if x.dtype != weights and not autocast:
+            raise ValueError(f"{cfg.describe()} got {x.dtype} images for a {weights} model; convert the images "
+                             f"with x.to({weights}) or the model with model.to({x.dtype}).")
         if x.ndim != 4 or x.shape[1] != cfg.in_chans:
             raise ValueError(
                 f"{cfg.describe()} takes images shaped (batch, {cfg.in_chans}, height, width), "

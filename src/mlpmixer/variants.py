@@ -65,8 +65,9 @@ class MixerConfig:
         if not whole(self.num_classes) or self.num_classes < 0:
             raise ValueError(f"num_classes must be 0 (no head) or a larger whole number, not {self.num_classes!r}.")
         for rate in ("drop_rate", "drop_path_rate"):
-            if not 0 <= getattr(self, rate) <= 1:
-                raise ValueError(f"{rate} must be from 0 to 1, not {getattr(self, rate)!r}.")
+            value = getattr(self, rate)
+            if not isinstance(value, numbers.Real) or isinstance(value, bool) or not 0 <= value <= 1:
+                raise ValueError(f"{rate} must be a number from 0 to 1, not {value!r}.")
         (h, w), (ph, pw) = self.img_size, self.patch_size
         if ph < 1 or pw < 1:
             raise ValueError(f"patch_size must be at least 1×1, not {ph}×{pw}.")
