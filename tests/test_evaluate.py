@@ -48,6 +48,12 @@ def test_evaluate_matches_a_direct_computation(digits_model: Path) -> None:
     assert m["loss"] == pytest.approx(torch.nn.functional.cross_entropy(logits, data.labels).item(), rel=1e-5)
 
 
+def test_a_headless_model_is_one_sentence() -> None:
+    headless = create_model("digits/4", num_classes=0, img_size=28, in_chans=1)
+    with pytest.raises(ValueError, match=r"needs a classifier head.*num_classes=0.*reset_classifier\(N\).*fewshot"):
+        evaluate(headless, "mnist5k")
+
+
 def test_eval_json_on_idx_folder_and_embedded_set(digits_model: Path, capsys: pytest.CaptureFixture) -> None:
     assert main(["eval", str(digits_model), "--data", str(MNIST), "--json"]) == 0
     out = json.loads(capsys.readouterr().out)

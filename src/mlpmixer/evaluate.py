@@ -65,6 +65,10 @@ def evaluate(
     With `predictions`, the result also holds "preds" and "labels": the top-1 class and the true class
     of every image, in data order (int64 tensors on the CPU), for reports.per_class_accuracy and friends.
     """
+    if model.num_classes == 0:
+        raise ValueError(f"Evaluation needs a classifier head, and this {model.config.describe()} has none "
+                         "(num_classes=0): give it one with model.reset_classifier(N) and train it, or measure its "
+                         "features with mlpmixer.fewshot (`mixer fewshot`, `mixer linear-probe`).")
     if isinstance(data, (str, os.PathLike)):
         data = open_eval_data(str(data), model, workers=workers)
     was_training = model.training
