@@ -65,6 +65,16 @@ def test_timm_name_carries_its_resolution() -> None:
         assert create_model("mixer_s32_448", num_classes=0).config.num_tokens == 196
 
 
+def test_extra_variants_are_built_for_their_small_images() -> None:
+    """nano/4 is SPEC §3's CIFAR-10 model (32×32), the digits ones are for 28×28 MNIST; an img_size still
+    overrides it."""
+    for name, side, tokens in (("nano/4", 32, 64), ("digits/7", 28, 16), ("digits/4", 28, 49)):
+        cfg = variant_config(name)
+        assert cfg.img_size == (side, side) and cfg.num_tokens == tokens
+    assert create_model("nano/4", img_size=64, num_classes=0).config.num_tokens == 256
+    assert variant_config("mixer_nano4_64").img_size == (64, 64)
+
+
 @pytest.mark.parametrize("bad", ["B/8", "Q/16", "resnet50", "", "mixer_b"])
 def test_unknown_variant_lists_the_known_ones(bad: str) -> None:
     with pytest.raises(ValueError, match=r"Unknown Mixer variant.*S/32.*H/14"):
@@ -190,3 +200,10 @@ def test_info_command_prints_table_1(capsys: pytest.CaptureFixture) -> None:
     assert main(["info", "mixer_s16_224", "--json"]) == 0
     (row,) = json.loads(capsys.readouterr().out)
     assert row["variant"] == "Mixer-S/16" and row["params"] == EXACT_PARAMS["S/16"]
+    # An extra variant's row is at its own size, a timm name's at the size it carries.
+    assert main(["info", "nano/4"]) == 0
+    out = capsys.readouterr().out
+    assert f"{variant_config('nano/4').num_params():,}" in out and "at 32×32" in out
+    assert main(["info", "mixer_b16_448", "--json"]) == 0
+    (row,) = json.loads(capsys.readouterr().out)
+    assert (row["img_size"], row["S"]) == (448, 784)

@@ -165,6 +165,11 @@ EXTRA_VARIANTS: dict[str, tuple[int, int, int, int, int]] = {
     "digits/4": (4, 4, 128, 64, 256),
 }
 
+# The image side each variant is built for when none is given: the paper's 224, or the small images an
+# extra variant was made for (its token MLP's S depends on it: nano/4 at 224 would mix 3,136 tokens).
+DEFAULT_IMG_SIZE: dict[str, int] = {name: 224 for name in PAPER_VARIANTS}
+DEFAULT_IMG_SIZE.update({"nano/4": 32, "digits/7": 28, "digits/4": 28})
+
 _NAME = re.compile(r"^(?:mixer[-_ ]?)?([a-z]+)[/_-]?(\d+)(?:[_-](\d+))?$", re.IGNORECASE)
 
 
@@ -197,13 +202,10 @@ def variant_config(name: str, **overrides: Any) -> MixerConfig:
     """The configuration of a named variant, with any field overridden."""
     key = canonical_name(name)
     n, p, c, ds, dc = {**PAPER_VARIANTS, **EXTRA_VARIANTS}[key]
-    base: dict[str, Any] = dict(
-        num_blocks=n, patch_size=p, hidden_dim=c, tokens_mlp_dim=ds, channels_mlp_dim=dc, name=key
-    )
-    size = name_img_size(name)
-    if size is not None:
-        base["img_size"] = size
-    return MixerConfig(**base).replace(**overrides)
+    size = name_img_size(name) or DEFAULT_IMG_SIZE[key]
+    base = MixerConfig(num_blocks=n, patch_size=p, hidden_dim=c, tokens_mlp_dim=ds, channels_mlp_dim=dc,
+                       img_size=size, name=key)
+    return base.replace(**overrides)
 
 
 def paper_variant_of(config: MixerConfig) -> str | None:

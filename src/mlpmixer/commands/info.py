@@ -19,7 +19,7 @@ def register(p: argparse.ArgumentParser) -> None:
     p.add_argument("checkpoint", nargs="?", help="a checkpoint file (.npz, timm, .safetensors) or run directory, "
                    "or a variant name (B/16, nano/4, ...) for its row of the table")
     p.add_argument("--img-size", type=at_least(1), nargs="+", default=None, metavar="N",
-                   help="resolution of the table's S and GFLOPs (default 224); with a checkpoint whose patch grid is "
+                   help="resolution of the table's S and GFLOPs (default: each variant's own, 224 for the paper's); with a checkpoint whose patch grid is "
                    "not square and that does not say its size (.npz, timm), its H W")
     p.add_argument("--num-classes", type=at_least(0), default=None,
                    help="head size counted in the table's parameters (default 1000)")
@@ -27,12 +27,14 @@ def register(p: argparse.ArgumentParser) -> None:
     p.set_defaults(func=run)
 
 
-def rows(img_size: int = 224, num_classes: int = 1000, names: tuple[str, ...] = PAPER_VARIANTS) -> list[dict]:
+def rows(img_size: int | None = None, num_classes: int = 1000,
+         names: tuple[str, ...] = tuple(PAPER_VARIANTS)) -> list[dict]:
+    """One row per variant, at `img_size` or (None) at the size each variant is built for."""
     out = []
     for name in names:
-        c = variant_config(name, img_size=img_size, num_classes=num_classes)
+        c = variant_config(name, num_classes=num_classes, **({"img_size": img_size} if img_size else {}))
         out.append(dict(
-            variant=f"Mixer-{name}", layers=c.num_blocks, patch=c.patch_size[0], C=c.hidden_dim,
+            variant=c.describe(), img_size=c.img_size[0], layers=c.num_blocks, patch=c.patch_size[0], C=c.hidden_dim,
             S=c.num_tokens, D_S=c.tokens_mlp_dim, D_C=c.channels_mlp_dim, params=c.num_params(),
             gflops=2 * c.macs() / 1e9,
         ))
@@ -73,13 +75,14 @@ def _print_checkpoint(info: dict) -> None:
 
 
 def _variant_name(text: str | None) -> str | None:
-    """`text` as a variant name when it is one and no file or folder of that name exists."""
+    """`text` when it names a variant ('mixer_b16_448' keeps its size) and no file or folder of that name exists."""
     if not text or os.path.exists(text):
         return None
     try:
-        return canonical_name(text)
+        canonical_name(text)
     except ValueError:
         return None
+    return text
 
 
 def run(args: argparse.Namespace) -> int:
@@ -93,23 +96,23 @@ def run(args: argparse.Namespace) -> int:
         else:
             _print_checkpoint(info)
         return 0
-    img_size = image_size(args.img_size) if args.img_size else 224
-    if not isinstance(img_size, int):
+    img_size = image_size(args.img_size) if args.img_size else None
+    if img_size is not None and not isinstance(img_size, int):
         raise ValueError("The variants table is for square images; give one --img-size.")
     num_classes = 1000 if args.num_classes is None else args.num_classes
-    table = rows(img_size, num_classes, (variant,) if variant else PAPER_VARIANTS)
+    table = rows(img_size, num_classes, (variant,) if variant else tuple(PAPER_VARIANTS))
     if args.json:
         print(json.dumps(table, indent=1))
         return 0
-    print(f"{'variant':<12}{'layers':>7}{'patch':>6}{'C':>6}{'S':>6}{'D_S':>6}{'D_C':>6}"
+    print(f"{'variant':<15}{'layers':>7}{'patch':>6}{'C':>6}{'S':>6}{'D_S':>6}{'D_C':>6}"
           f"{'params':>14}{'GFLOPs':>9}")
     for r in table:
-        print(f"{r['variant']:<12}{r['layers']:>7}{r['patch']:>6}{r['C']:>6}{r['S']:>6}{r['D_S']:>6}"
-              f"{r['D_C']:>6}{r['params']:>14,}{r['gflops']:>9.1f}")
+        print(f"{r['variant']:<15}{r['layers']:>7}{r['patch']:>6}{r['C']:>6}{r['S']:>6}{r['D_S']:>6}"
+              f"{r['D_C']:>6}{r['params']:>14,}{r['gflops']:>9.3g}")
     head = f"a {num_classes}-class head" if num_classes else "no head"
-    print(f"Parameters with {head}; GFLOPs = 2 × multiply-accumulates of one "
-          f"forward pass at {img_size}×{img_size}.")
-    if img_size != 224:
+    side = table[0]["img_size"]  # every paper variant's is 224, unless --img-size gives another
+    print(f"Parameters with {head}; GFLOPs = 2 × multiply-accumulates of one forward pass at {side}×{side}.")
+    if img_size is not None and img_size != 224:
         print(f"Each variant as built at {img_size}×{img_size}, D_S unchanged; `mixer resize` of a 224 checkpoint "
               "(the paper's method, SPEC §5) widens D_S instead, K² times for K times the side.")
     return 0
