@@ -20,7 +20,8 @@ def register(p: argparse.ArgumentParser) -> None:
     )
     p.add_argument("--model", "--variant", dest="variant", default="B/16",
                    help="Mixer variant (default B/16), e.g. S/16, L/16, H/14")
-    p.add_argument("--img-size", type=at_least(1), default=None, help="resolution (default: the variant's, 224)")
+    p.add_argument("--img-size", type=at_least(1), default=None,
+                   help="resolution (default: the variant's own: 224, or 32 for nano/4 and 28 for digits/7, digits/4)")
     p.add_argument("--num-classes", type=at_least(0), default=1000)
     p.add_argument("--batch-size", type=at_least(1), default=None, help="default 128 on CUDA, 8 on the CPU")
     p.add_argument("--mode", choices=["infer", "train", "both"], default="both")
