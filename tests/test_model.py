@@ -234,6 +234,9 @@ def test_timm_style_calls(tiny_config: MixerConfig) -> None:
     import sys
 
     assert create_model(tiny_config, pretrained=False).num_classes == tiny_config.num_classes
+    assert create_model(tiny_config, False).num_classes == tiny_config.num_classes  # timm's second argument
+    with pytest.raises(ValueError, match=r"second argument is pretrained .* not 10; .* num_classes=10"):
+        create_model(tiny_config, 10)
     model = create_model(tiny_config)
     model.reset_classifier(4, "avg")
     assert model.num_classes == 4
@@ -245,19 +248,26 @@ def test_timm_style_calls(tiny_config: MixerConfig) -> None:
     assert done.stdout.split() == ["True", "True"], done.stderr
 
 
-def test_forward_intermediates_match_timms(tiny_config: MixerConfig) -> None:
+def same_weights_as_timm(cfg: MixerConfig) -> tuple[MlpMixer, nn.Module]:
+    """Our model of `cfg` (C 32, D_S 16, D_C 64, exact GELU) with random weights, and timm's with the same ones."""
     timm = pytest.importorskip("timm")
-    cfg = tiny_config.replace(num_blocks=3, gelu="exact")  # timm's GELU
     ours = create_model(cfg).eval()
     with torch.no_grad():
         for p in ours.parameters():
             p.normal_(0, 0.2)
-    theirs = timm.models.mlp_mixer.MlpMixer(num_classes=5, img_size=cfg.img_size, patch_size=8, num_blocks=3,
-                                            embed_dim=32, mlp_ratio=(0.5, 2.0)).eval()
+    theirs = timm.models.mlp_mixer.MlpMixer(num_classes=cfg.num_classes, img_size=cfg.img_size, patch_size=8,
+                                            num_blocks=cfg.num_blocks, embed_dim=32, mlp_ratio=(0.5, 2.0)).eval()
     theirs.load_state_dict(ours.state_dict())
+    return ours, theirs
+
+
+def test_forward_intermediates_match_timms(tiny_config: MixerConfig) -> None:
+    cfg = tiny_config.replace(num_blocks=3, gelu="exact")  # timm's GELU
+    ours, theirs = same_weights_as_timm(cfg)
     x = images(cfg)
     with torch.no_grad():
-        for kwargs in ({}, dict(indices=2, norm=True), dict(indices=[0, -1], output_fmt="NLC")):
+        for kwargs in ({}, dict(indices=2, norm=True), dict(indices=[0, -1], output_fmt="NLC"),
+                       dict(indices=[0], stop_early=True), dict(indices=[1], stop_early=True, norm=True)):
             final, taps = ours.forward_intermediates(x, **kwargs)
             want_final, want_taps = theirs.forward_intermediates(x, **kwargs)
             torch.testing.assert_close(final, want_final)
@@ -273,6 +283,52 @@ def test_forward_intermediates_match_timms(tiny_config: MixerConfig) -> None:
     for bad in (0, 4, [3], [-4]):
         with pytest.raises(ValueError, match="has 3 blocks"):
             ours.forward_intermediates(x, indices=bad)
+        with pytest.raises(ValueError, match="has 3 blocks"):
+            ours.prune_intermediate_layers(bad)
+
+
+def test_no_pooling_and_pruning_match_timms(tiny_config: MixerConfig) -> None:
+    """timm's global_pool '' (the head on every token), head_hidden_size and prune_intermediate_layers."""
+    cfg = tiny_config.replace(num_blocks=3, gelu="exact")
+    x = images(cfg)
+    ours, theirs = same_weights_as_timm(cfg)
+    assert ours.head_hidden_size == theirs.head_hidden_size == 32
+    with torch.no_grad():
+        ours.reset_classifier(7, "")
+        theirs.reset_classifier(7, "")
+        randomise_head(ours)
+        theirs.head.load_state_dict(ours.head.state_dict())
+        logits = ours(x)
+        assert logits.shape == (2, 12, 7)  # (B, S, classes)
+        torch.testing.assert_close(logits, theirs(x))
+        torch.testing.assert_close(ours.forward_head(ours.forward_features(x), pre_logits=True),
+                                   ours.forward_features(x))
+        ours.reset_classifier(7, "avg")  # back to the mean
+        assert ours(x).shape == (2, 7)
+    assert create_model(cfg, global_pool="")(x).shape == (2, 12, cfg.num_classes)
+    with pytest.raises(ValueError, match=r"by the mean \('avg'\) or not at all \(''\); global_pool='max'"):
+        create_model(cfg, global_pool="max")
+
+    for kwargs in (dict(indices=[0]), dict(indices=2, prune_norm=True), dict(indices=1, prune_head=False)):
+        ours, theirs = same_weights_as_timm(cfg)
+        assert ours.prune_intermediate_layers(**kwargs) == theirs.prune_intermediate_layers(**kwargs)
+        assert len(ours.blocks) == ours.config.num_blocks == len(theirs.blocks)
+        assert ours.num_classes == theirs.num_classes and ours.global_pool == theirs.global_pool
+        with torch.no_grad():
+            torch.testing.assert_close(ours(x), theirs(x))
+
+
+def test_pretrained_cfg_is_stored(tiny_config: MixerConfig) -> None:
+    """As timm's: an edit stays, and reaches timm.data; a new head updates its classes."""
+    timm = pytest.importorskip("timm")
+    import timm.data
+
+    model = create_model(tiny_config)
+    assert model.pretrained_cfg is model.default_cfg and model.pretrained_cfg["num_classes"] == 5
+    model.pretrained_cfg["mean"] = (0.4, 0.4, 0.4)
+    assert timm.data.resolve_data_config({}, model=model)["mean"] == (0.4, 0.4, 0.4)
+    model.reset_classifier(9)
+    assert model.pretrained_cfg["num_classes"] == 9 and model.pretrained_cfg["mean"] == (0.4, 0.4, 0.4)
 
 
 def test_timms_data_and_optimiser_tools_take_our_model(tiny_config: MixerConfig) -> None:

@@ -129,14 +129,23 @@ class PatchEmbed(nn.Module):
         return F.linear(patches, self.proj.weight.reshape(self.proj.out_channels, -1), self.proj.bias)
 
 
+def checked_pool(global_pool: str) -> str:
+    """timm's `global_pool` of a Mixer: "avg" (the paper's mean over tokens) or "" (none: the head sees every token)."""
+    if global_pool not in ("avg", ""):
+        raise ValueError(f"A Mixer pools its tokens by the mean ('avg') or not at all (''); global_pool="
+                         f"{global_pool!r} is not supported.")
+    return global_pool
+
+
 class MlpMixer(nn.Module):
     """An MLP-Mixer with timm's model API (`forward_features`, `forward_head`, `reset_classifier`)."""
 
-    def __init__(self, config: MixerConfig) -> None:
+    def __init__(self, config: MixerConfig, global_pool: str = "avg") -> None:
         super().__init__()
         self.config = config
         self.num_classes = config.num_classes
-        self.num_features = config.hidden_dim
+        self.num_features = self.head_hidden_size = config.hidden_dim
+        self.global_pool = checked_pool(global_pool)
         self.grad_checkpointing = False
         self.class_names: list[str] | None = None  # saved with our checkpoints, printed by `predict`
         self.stem = PatchEmbed(config)
@@ -148,6 +157,8 @@ class MlpMixer(nn.Module):
         self.head_drop = _dropout(config.drop_rate)
         self.head = self._new_head(config.num_classes)
         self.init_weights()
+        # Stored, as timm's, so that an edit (say of the mean) reaches timm.data.resolve_data_config.
+        self.pretrained_cfg = self._input_cfg()
 
     def _new_head(self, num_classes: int) -> nn.Module:
         if num_classes == 0:
@@ -222,8 +233,11 @@ class MlpMixer(nn.Module):
         return self.norm(x).transpose(0, 1).contiguous()
 
     def forward_head(self, x: torch.Tensor, pre_logits: bool = False) -> torch.Tensor:
-        """Token features (B, S, C) -> logits (B, classes), or pooled features if `pre_logits`."""
-        x = self.head_drop(x.mean(dim=1))
+        """Token features (B, S, C) -> logits (B, classes), or pooled features if `pre_logits`; with
+        global_pool "" the tokens are not pooled: logits (B, S, classes), features (B, S, C)."""
+        if self.global_pool == "avg":
+            x = x.mean(dim=1)
+        x = self.head_drop(x)
         return x if pre_logits else self.head(x)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
@@ -234,15 +248,16 @@ class MlpMixer(nn.Module):
 
     def reset_classifier(self, num_classes: int, global_pool: str | None = None) -> None:
         """Replace the head by a zero-initialised one for `num_classes` (0: no head). `global_pool` is
-        timm's argument: a Mixer pools by the mean, "avg" (None keeps it)."""
-        if global_pool not in (None, "avg"):
-            raise ValueError(f"A Mixer pools its tokens by the mean ('avg'); global_pool={global_pool!r} is not "
-                             "supported.")
+        timm's: "avg" pools the tokens by their mean, "" not at all (None keeps the model's)."""
+        if global_pool is not None:
+            self.global_pool = checked_pool(global_pool)
         self.config = self.config.replace(num_classes=num_classes)
         self.num_classes = num_classes
+        self.pretrained_cfg["num_classes"] = num_classes
         self.class_names = None  # the old names belong to the old head
-        ref = self.norm.weight
+        ref = self.stem.proj.weight  # not the norm's: prune_intermediate_layers may have removed it
         self.head = self._new_head(num_classes).to(device=ref.device, dtype=ref.dtype)
+        self.head.train(self.training)
 
     def set_grad_checkpointing(self, enable: bool = True) -> None:
         """Recompute each block in the backward pass instead of storing its activations."""
@@ -262,26 +277,15 @@ class MlpMixer(nn.Module):
         """The outputs of some blocks, as timm's: `indices` an int takes the last n blocks, a sequence
         those blocks (negative ones count from the end), None all. Each is (B, C, H', W') over the patch
         grid for "NCHW", or (B, S, C) tokens for "NLC", after the final LayerNorm if `norm`. Returns
-        (final features (B, S, C), intermediates), or only the intermediates; `stop_early` skips the
-        blocks after the last one taken when `intermediates_only`."""
+        (final features (B, S, C), intermediates), or only the intermediates. `stop_early` skips the
+        blocks after the last one taken: the final features are then the normalised output of that block."""
         if output_fmt not in ("NCHW", "NLC"):
             raise ValueError(f"output_fmt must be 'NCHW' or 'NLC', not {output_fmt!r}.")
-        n = len(self.blocks)
-        if indices is None:
-            indices = n
-        if isinstance(indices, int):
-            if not 0 < indices <= n:
-                raise ValueError(f"{self.config.describe()} has {n} blocks: indices={indices} must be in 1..{n}.")
-            take = list(range(n - indices, n))
-        else:
-            take = [i + n if i < 0 else i for i in indices]
-            if not all(0 <= i < n for i in take):
-                raise ValueError(f"{self.config.describe()} has {n} blocks: indices {list(indices)} must be in "
-                                 f"{-n}..{n - 1}.")
+        take = self._block_indices(indices)
         self.check_input(x)
         (h, w), (ph, pw) = self.config.img_size, self.config.patch_size
         x = self.stem(x)  # (S, B, C)
-        last = max(take) if stop_early and intermediates_only else n - 1
+        last = max(take) if stop_early else len(self.blocks) - 1
         intermediates = []
         for i, block in enumerate(self.blocks[: last + 1]):
             x = block(x)
@@ -294,14 +298,45 @@ class MlpMixer(nn.Module):
             return intermediates
         return self.norm(x).transpose(0, 1).contiguous(), intermediates
 
+    def _block_indices(self, indices: int | Sequence[int] | None) -> list[int]:
+        """timm's block selection, checked: an int the last n blocks, a sequence those (negative ones count
+        from the end), None all."""
+        n = len(self.blocks)
+        if indices is None:
+            indices = n
+        if isinstance(indices, int):
+            if not 0 < indices <= n:
+                raise ValueError(f"{self.config.describe()} has {n} blocks: indices={indices} must be in 1..{n}.")
+            return list(range(n - indices, n))
+        take = [i + n if i < 0 else i for i in indices]
+        if not all(0 <= i < n for i in take):
+            raise ValueError(f"{self.config.describe()} has {n} blocks: indices {list(indices)} must be in "
+                             f"{-n}..{n - 1}.")
+        return take
+
+    def prune_intermediate_layers(
+        self, indices: int | Sequence[int] = 1, prune_norm: bool = False, prune_head: bool = True
+    ) -> list[int]:
+        """As timm's: drop the blocks after the last of `indices` (chosen as in `forward_intermediates`),
+        the final LayerNorm if `prune_norm` (an identity then) and the head and pooling if `prune_head`.
+        Returns the block indices taken. The config follows the blocks; a model without its norm is for
+        feature extraction: a checkpoint of it has no norm weights to load back."""
+        take = self._block_indices(indices)
+        self.blocks = self.blocks[: max(take) + 1]
+        self.config = self.config.replace(num_blocks=len(self.blocks))
+        if prune_norm:
+            self.norm = nn.Identity()
+        if prune_head:
+            self.reset_classifier(0, "")
+        return take
+
     @property
     def feature_info(self) -> list[dict[str, Any]]:
         """timm's description of the taps of `forward_intermediates`: one per block, at the patch stride."""
         channels, stride = self.config.hidden_dim, self.config.patch_size[0]
         return [dict(num_chs=channels, reduction=stride, module=f"blocks.{i}") for i in range(len(self.blocks))]
 
-    @property
-    def pretrained_cfg(self) -> dict[str, Any]:
+    def _input_cfg(self) -> dict[str, Any]:
         """The input this model expects, in timm's keys, so that `timm.data.resolve_data_config(model=...)`
         builds its transforms: pixels to [-1, 1] (mean and std 0.5; MIIL weights are folded to take the
         same, see `pretrained.fold_input_normalisation`) and the official "resize" evaluation (SPEC §4)."""
@@ -310,9 +345,13 @@ class MlpMixer(nn.Module):
                     interpolation="bilinear", crop_pct=1.0, crop_mode="squash", first_conv="stem.proj",
                     classifier="head")
 
-    default_cfg = pretrained_cfg  # timm's older name
+    @property
+    def default_cfg(self) -> dict[str, Any]:
+        """timm's older name of `pretrained_cfg`: the same dict."""
+        return self.pretrained_cfg
+
     # Read from the config, which TorchScript cannot hold: torch.jit.script(model) leaves them out.
-    __jit_unused_properties__ = ["feature_info", "pretrained_cfg", "default_cfg"]
+    __jit_unused_properties__ = ["feature_info", "default_cfg"]
 
     def group_matcher(self, coarse: bool = False) -> dict[str, Any]:
         """Parameter groups for timm's layer-wise learning-rate decay: the stem, each block, then the norm."""
@@ -321,19 +360,27 @@ class MlpMixer(nn.Module):
 
 def create_model(
     name: str | MixerConfig = "B/16",
+    pretrained: str | bool | None = None,
+    *,
     num_classes: int | None = None,
     img_size: int | tuple[int, int] | None = None,
-    pretrained: str | bool | None = None,
+    global_pool: str = "avg",
     **overrides: Any,
 ) -> MlpMixer:
     """Build a Mixer by variant name ('B/16', 'Mixer-B_16', 'mixer_b16_224', ...) or config.
 
-    `num_classes` defaults to 1000, or to the checkpoint's classes with `pretrained`; any other
-    field of `MixerConfig` can be overridden (hidden_dim, num_blocks, patch_size, gelu, ...).
-    `pretrained` names a published checkpoint (see `mlpmixer.pretrained.available()`); a different
-    `num_classes` then gives a new zero-initialised head, ready for fine-tuning. As in timm, a name
-    may carry the tag ('mixer_b16_224.goog_in21k') that pretrained=True then loads; False is None.
+    The arguments are timm's: `pretrained` second, the rest by keyword. `num_classes` defaults to
+    1000, or to the checkpoint's classes with `pretrained`; any other field of `MixerConfig` can be
+    overridden (hidden_dim, num_blocks, patch_size, gelu, ...). `pretrained` names a published
+    checkpoint (see `mlpmixer.pretrained.available()`); a different `num_classes` then gives a new
+    zero-initialised head, ready for fine-tuning. As in timm, a name may carry the tag
+    ('mixer_b16_224.goog_in21k') that pretrained=True then loads; False is None. `global_pool` "" gives
+    the head every token (logits (B, S, classes)) instead of their mean.
     """
+    if not (pretrained is None or isinstance(pretrained, (str, bool))):
+        raise ValueError(f"create_model's second argument is pretrained (a tag, True or False), as in timm, not "
+                         f"{pretrained!r}; give the classes by keyword: num_classes={pretrained!r}.")
+    checked_pool(global_pool)
     if isinstance(name, str) and "." in name:  # timm's "model.tag"
         name, tag = name.split(".", 1)
         if pretrained is True:
@@ -353,6 +400,7 @@ def create_model(
             )
         if num_classes is not None and num_classes != model.num_classes:
             model.reset_classifier(num_classes)
+        model.global_pool = global_pool
         return model
     if img_size is not None:
         overrides["img_size"] = img_size
@@ -362,5 +410,5 @@ def create_model(
         config = name.replace(**overrides)
     else:
         config = variant_config(name, **overrides)
-    return MlpMixer(config)
+    return MlpMixer(config, global_pool)
 
