@@ -52,6 +52,28 @@ def test_eval_resize_scales_pixels_to_minus_one_one() -> None:
     assert out[0, 0, 0] == -1 and out[0, 0, 1] == 1
 
 
+def test_float_images_in_0_1_and_pil_images_are_the_same_pixels() -> None:
+    image = _image(3, 40, 48)
+    expected = eval_transform(32, 3)(image)
+    torch.testing.assert_close(eval_transform(32, 3)(image.float() / 255), expected)
+    torch.testing.assert_close(eval_transform(32, 3)(F.to_pil_image(image)), expected)
+    assert eval_transform(32, 1)(F.to_pil_image(image).convert("RGBA")).shape == (1, 32, 32)
+    torch.manual_seed(0)
+    assert train_transform(32, 3, randaugment_m=9)(image.float() / 255).shape == (3, 32, 32)
+
+
+@pytest.mark.parametrize("bad, said", [
+    (torch.full((3, 8, 8), 200.0), r"pixels in \[0, 1\] .* got values from 200 to 200; scale them first"),
+    (torch.zeros(3, 8, 8, dtype=torch.int32), "uint8 pixels or float ones in \\[0, 1\\], got torch.int32"),
+    (torch.zeros(8, 8, dtype=torch.uint8), r"1 or 3 channels: .* got a tensor of shape \(8, 8\)"),
+    (torch.zeros(3, 8, 8).numpy(), "or a PIL image; got a ndarray"),
+])
+def test_other_images_are_one_sentence(bad: object, said: str) -> None:
+    for transform in (eval_transform(8, 3), train_transform(8, 3)):
+        with pytest.raises(ValueError, match=said):
+            transform(bad)
+
+
 def test_eval_resize_is_direct_and_resmall_crop_keeps_the_ratio() -> None:
     image = _image(3, 40, 64)
     assert eval_transform(32, 3, "resize")(image).shape == (3, 32, 32)

@@ -2,15 +2,19 @@
 
 Every transform takes a uint8 (C, H, W) tensor, as `mlpmixer.sources` decodes it (C = 1 for greyscale
 images, 3 otherwise), and returns a float32 (in_chans, H, W) tensor with pixels in [-1, 1]
-((x - 127.5) / 127.5, the official scaling), at the model's own input size.
+((x - 127.5) / 127.5, the official scaling), at the model's own input size. A float tensor with pixels in
+[0, 1] (torchvision's convention for float images) and a PIL image are taken too, as the 8-bit pixels they
+hold; anything else is refused in one sentence.
 """
 
 from __future__ import annotations
 
-from typing import Callable, Optional
+from typing import Any, Callable, Optional
 
 import torch
+from PIL import Image
 from torchvision.transforms import v2
+from torchvision.transforms.v2 import functional as F
 
 from .recipes import EVAL_MODES
 from .variants import Size, as_pair
@@ -30,6 +34,27 @@ def to_channels(in_chans: int) -> v2.Transform:
     raise ValueError(
         f"Images have 1 (greyscale) or 3 (RGB) channels; a model with in_chans={in_chans} cannot take them."
     )
+
+
+def as_uint8_image(image: Any) -> torch.Tensor:
+    """A PIL image or a (C, H, W) tensor as the uint8 pixels the transforms work on (RandAugment and the
+    rounding of Resize are those of 8-bit images, as the decoded files give them)."""
+    if isinstance(image, Image.Image):
+        return F.pil_to_tensor(image if image.mode in ("L", "RGB") else image.convert("RGB"))
+    if not isinstance(image, torch.Tensor) or image.ndim < 3 or image.shape[-3] not in (1, 3):
+        what = (f"a tensor of shape {tuple(image.shape)}" if isinstance(image, torch.Tensor)
+                else f"a {type(image).__name__}")
+        raise ValueError(f"The transforms take a (C, H, W) image with 1 or 3 channels: a uint8 tensor, a float "
+                         f"tensor with pixels in [0, 1], or a PIL image; got {what}.")
+    if image.dtype == torch.uint8:
+        return image
+    if image.is_floating_point() and (image.numel() == 0 or 0 <= image.min() and image.max() <= 1):
+        return image.mul(255).round_().to(torch.uint8)  # [0, 1] -> 0..255, the nearest level
+    if image.is_floating_point():
+        raise ValueError(f"Float images are taken with pixels in [0, 1] (torchvision's convention), got values "
+                         f"from {image.min().item():g} to {image.max().item():g}; scale them first, or give "
+                         "uint8 pixels.")
+    raise ValueError(f"The transforms take uint8 pixels or float ones in [0, 1], got {image.dtype}.")
 
 
 def _to_model_range(in_chans: int) -> list[v2.Transform]:
@@ -71,7 +96,7 @@ def train_transform(
         crop: list[v2.Transform] = [v2.Resize(size, antialias=True), v2.RandomCrop(size, padding=pad_crop)]
     else:
         crop = [v2.RandomResizedCrop(size, scale=(low, high), antialias=True)]
-    steps: list[v2.Transform] = [to_channels(in_chans), *crop]
+    steps: list[Any] = [as_uint8_image, to_channels(in_chans), *crop]
     if flip:
         steps.append(v2.RandomHorizontalFlip())
     if randaugment_m is not None:
@@ -91,7 +116,7 @@ def eval_transform(img_size: Size, in_chans: int = 3, mode: str = "resize") -> T
         resize = [v2.Resize(shorter, antialias=True), v2.CenterCrop(size)]
     else:
         raise ValueError(f"Unknown evaluation preprocessing {mode!r}; choose one of {', '.join(EVAL_MODES)}.")
-    return v2.Compose([to_channels(in_chans), *resize, *_to_model_range(in_chans)])
+    return v2.Compose([as_uint8_image, to_channels(in_chans), *resize, *_to_model_range(in_chans)])
 
 
 def mixup_cutmix(num_classes: int, mixup: float = 0.0, cutmix: float = 0.0,
