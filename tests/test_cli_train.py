@@ -415,3 +415,13 @@ def test_bf16_training_on_a_cpu_without_bf16_says_it_is_slow(tmp_path: Path, cap
     monkeypatch.setattr(torch.ops.mkldnn, "_is_mkldnn_bf16_supported", lambda: native)
     assert main(["train", "--bf16", "--steps", "1", "--batch-size", "8", "--out", str(tmp_path / "run")]) == 0
     assert ("training without --bf16 will be faster here" in capsys.readouterr().out) != native
+
+
+def test_a_variant_trains_at_its_own_size_on_a_folder(tmp_path: Path) -> None:
+    """Without --img-size a folder is read at the variant's size: nano/4 is the 32×32 CIFAR Mixer, not a 224 one."""
+    from test_sources import make_folder
+
+    make_folder(tmp_path / "data", {"a": 8, "b": 8})
+    assert main(["train", "--data", str(tmp_path / "data"), "--model", "nano/4", "--holdout", "0", "--steps", "1",
+                 "--batch-size", "4", "--workers", "0", "--out", str(tmp_path / "run"), "--quiet"]) == 0
+    assert load_checkpoint(tmp_path / "run").config.img_size == (32, 32)

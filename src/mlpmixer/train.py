@@ -616,7 +616,7 @@ def _train(
         from .sources import check_same_classes, is_split_pair, open_folder_or_shards, read_into_memory
         from .transforms import eval_transform, mixup_cutmix, train_transform
 
-        img_size, in_chans = r.img_size or 224, 3
+        img_size, in_chans = r.img_size or variant_config(r.model).img_size, 3  # the variant's own: nano/4 32×32
         if init_from:  # fine-tuning keeps the checkpoint's channels (and size, unless r.img_size)
             img_size, in_chans = r.img_size or init_config.img_size, init_config.in_chans
         pair = is_split_pair(r.data)  # its val/ is the validation data
