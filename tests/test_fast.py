@@ -500,3 +500,12 @@ def test_triton_kernels_compile_for_gpus(arch):
         sig = _signature(kernel, pointers, scalars, constants)
         compiled = triton.compile(ASTSource(kernel, sig, constants), target=GPUTarget("cuda", arch, 32))
         assert compiled.asm.get("cubin"), f"{name}: no GPU code for sm_{arch}"
+
+
+def test_a_model_pruned_of_its_norm_runs_on_the_plain_path():
+    """The fast path fuses the final LayerNorm; prune_intermediate_layers(prune_norm=True) removes it."""
+    model = create_model("digits/4", num_classes=10).eval()
+    model.prune_intermediate_layers(2, prune_norm=True)
+    x = torch.randn(3, *model.config.img_size).unsqueeze(1).expand(3, model.config.in_chans, -1, -1).contiguous()
+    with torch.no_grad():
+        assert torch.equal(optimize(model)(x), model(x))

@@ -197,6 +197,8 @@ class FastMixer(nn.Module):
 
     def _needs_plain(self) -> bool:
         cfg = self.model.config
+        if not isinstance(self.model.norm, nn.LayerNorm):  # pruned away (prune_intermediate_layers): fused in here
+            return True
         regularised = cfg.drop_rate > 0 or cfg.drop_path_rate > 0
         if self.model.training and regularised:  # the model's mode: model.train() after wrapping counts
             if not self._warned_plain:
