@@ -31,6 +31,7 @@ def test_onnx_matches_pytorch_at_any_batch(tmp_path, img_size, patch, gelu):
     pytest.importorskip("onnxruntime")
     model = small(img_size, patch, gelu)
     run = load_exported(export_model(model, "onnx", tmp_path / "m.onnx"), "onnx")
+    assert [p.name for p in tmp_path.iterdir()] == ["m.onnx"]  # one file: no weights beside it
     for batch in (1, 5):  # traced with batch 2: the batch axis is dynamic
         x = torch.randn(batch, 3, img_size, img_size)
         with torch.no_grad():

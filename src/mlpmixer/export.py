@@ -73,7 +73,10 @@ def _onnx(model: MlpMixer, x: torch.Tensor, path: str, opset: int) -> None:
     # 2.4 has no other; in 2.5-2.8 the new one was still being built). Both give a symbolic batch size.
     dynamo = inspect.signature(torch.onnx.export).parameters.get("dynamo")
     if dynamo is not None and dynamo.default is True:
-        extra = {"dynamo": True, "verbose": False, "dynamic_shapes": {"x": {0: torch.export.Dim("batch", min=1)}}}
+        # external_data=False: one file (weights inside, as the older exporter writes them; H/14 fits in
+        # ONNX's 2 GB), not a second one named after the temporary file that atomic_write renames.
+        extra = {"dynamo": True, "verbose": False, "external_data": False,
+                 "dynamic_shapes": {"x": {0: torch.export.Dim("batch", min=1)}}}
     else:
         extra = {"dynamic_axes": {"images": {0: "batch"}, "logits": {0: "batch"}}}
         if dynamo is not None:
