@@ -132,6 +132,26 @@ def test_predict_reads_16_bit_greyscale_as_training_does(run_dir: Path, tmp_path
     assert rows[0]["top"] == rows[1]["top"] and "top 8 bits" in captured.err  # not a white image
 
 
+def test_predict_decodes_as_training_does(run_dir: Path, tmp_path: Path, capsys: pytest.CaptureFixture) -> None:
+    """Upright as the EXIF orientation says, and transparent pixels over white: the same pixels as a plain file."""
+    digit = load_mnist5k().images[0, 0].numpy()
+    plain = _png(tmp_path / "plain.png", digit)
+    exif = Image.Exif()
+    exif[0x0112] = 8  # shown turned 90° anticlockwise
+    Image.fromarray(np.rot90(digit, -1)).save(tmp_path / "turned.png", exif=exif.tobytes())
+    ink = Image.fromarray(np.zeros_like(digit)).convert("LA")  # black under every pixel, the digit in the alpha
+    ink.putalpha(Image.fromarray(digit))
+    ink.save(tmp_path / "ink.png")
+    images = [str(plain), str(tmp_path / "turned.png"), str(tmp_path / "ink.png")]
+    assert main(["predict", str(run_dir), *images, "--json", "--top", "10"]) == 0
+    captured = capsys.readouterr()
+    rows = [json.loads(line) for line in captured.out.splitlines()]
+    assert rows[0]["top"] == rows[1]["top"] and "turned upright" in captured.err
+    white_digit = _png(tmp_path / "white.png", 255 - digit)  # the ink picture's look: black on white
+    assert main(["predict", str(run_dir), str(white_digit), "--json", "--top", "10"]) == 0
+    assert json.loads(capsys.readouterr().out)["top"] == rows[2]["top"] and "over white" in captured.err
+
+
 def test_train_bad_input(tmp_path: Path, capsys: pytest.CaptureFixture) -> None:
     assert main(["train", "--data", str(tmp_path / "nothing"), "--steps", "1", "--out", str(tmp_path / "r")]) == 2
     err = capsys.readouterr().err

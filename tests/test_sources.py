@@ -10,6 +10,7 @@ import os
 import sys
 import warnings
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import pytest
@@ -593,9 +594,76 @@ def test_a_16_bit_png_keeps_its_top_8_bits(torchvision_decodes: bool, monkeypatc
     assert image.flatten().tolist() == [0, 0, 1, 156, 255]
 
 
-def encode_pil(image: Image.Image, fmt: str) -> bytes:
+@pytest.mark.parametrize("fmt", ["JPEG", "PNG", "WEBP"])
+@pytest.mark.parametrize("torchvision_decodes", [True, False])
+def test_decode_turns_images_upright_as_their_exif_orientation_says(fmt: str, torchvision_decodes: bool,
+                                                                     monkeypatch: pytest.MonkeyPatch) -> None:
+    if not torchvision_decodes:
+        monkeypatch.setattr(sources, "decode_image", None)
+    stored = Image.new("RGB", (6, 4), (255, 255, 255))
+    stored.paste((0, 0, 0), (0, 0, 3, 4))  # left half black
+    exif = Image.Exif()
+    exif[0x0112] = 6  # shown turned 90° clockwise: 4 wide, 6 high, the black half on top
     out = io.BytesIO()
-    image.save(out, fmt)
+    stored.save(out, fmt, exif=exif.tobytes(), quality=100)
+    image = decode_image_bytes(out.getvalue())
+    assert image.shape == (3, 6, 4)
+    assert image[:, :2].float().mean() < 40 and image[:, -2:].float().mean() > 215
+
+
+@pytest.mark.parametrize("mode", ["RGBA", "LA", "P"])
+@pytest.mark.parametrize("torchvision_decodes", [True, False])
+def test_decode_composites_transparent_pixels_over_white(mode: str, torchvision_decodes: bool,
+                                                         monkeypatch: pytest.MonkeyPatch) -> None:
+    """Black line art on a transparent background hides black under it: dropping the alpha made it all black."""
+    if not torchvision_decodes:
+        monkeypatch.setattr(sources, "decode_image", None)
+    alpha = np.zeros((4, 6), dtype=np.uint8)
+    alpha[:, :3] = 255  # the left half drawn (black), the right half transparent (black underneath)
+    if mode == "P":
+        pil = Image.fromarray((alpha == 0).astype(np.uint8), "P")  # index 0 black, 1 black and transparent
+        pil.putpalette([0, 0, 0, 0, 0, 0])
+        data = encode_pil(pil, "PNG", transparency=1)
+    else:
+        pil = Image.fromarray(np.zeros((4, 6), dtype=np.uint8)).convert(mode[:-1])
+        pil.putalpha(Image.fromarray(alpha))
+        data = encode_pil(pil, "PNG")
+    image = decode_image_bytes(data)
+    assert image.shape == (1 if mode == "LA" else 3, 4, 6)
+    assert image[:, :, :3].max() == 0 and image[:, :, 3:].min() == 255
+
+
+def test_an_opaque_palette_png_reads_as_its_colours() -> None:
+    pil = Image.fromarray(np.arange(24, dtype=np.uint8).reshape(4, 6), "P")
+    pil.putpalette([v for i in range(24) for v in (10 * i, 255 - 10 * i, 7)])
+    image = decode_image_bytes(encode_pil(pil, "PNG"))
+    assert torch.equal(image, torch.from_numpy(np.array(pil.convert("RGB"))).permute(2, 0, 1))
+
+
+@pytest.mark.parametrize("data, reason", [
+    (encode(1, "JPEG")[:300], "damaged or truncated image: "),
+    (encode(1, "PNG")[:60], "damaged or truncated image: "),
+    (b"\x89PNG\r\n\x1a\n", "not an image"),
+    (b"this is not an image\n", "not an image"),
+], ids=["truncated JPEG", "truncated PNG", "PNG signature alone", "text"])
+def test_an_unreadable_image_is_said_in_plain_words(data: bytes, reason: str) -> None:
+    """Not torchvision's C++ source line, nor PIL's name of an io.BytesIO object."""
+    with pytest.raises(ValueError, match=reason) as said:
+        decode_image_bytes(data)
+    assert ".cpp" not in str(said.value) and "BytesIO" not in str(said.value)
+
+
+def test_a_folder_reads_gif_images(tmp_path: Path) -> None:
+    for name in ("a", "b"):
+        (tmp_path / name).mkdir()
+        Image.new("P", (5, 5)).save(tmp_path / name / "frame.gif")
+    source = open_folder_or_shards(str(tmp_path), "train", 0.0, 0, None)
+    assert source.num_examples == 2 and source.dataset[0][0].shape == (3, 5, 5)
+
+
+def encode_pil(image: Image.Image, fmt: str, **options: Any) -> bytes:
+    out = io.BytesIO()
+    image.save(out, fmt, **options)
     return out.getvalue()
 
 

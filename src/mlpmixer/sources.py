@@ -35,6 +35,7 @@ import json
 import multiprocessing
 import os
 import random
+import re
 import tarfile
 import warnings
 import zlib
@@ -45,7 +46,7 @@ import numpy as np
 import torch
 import webdataset as wds
 from braceexpand import braceexpand
-from PIL import Image
+from PIL import Image, ImageOps, UnidentifiedImageError
 from torchvision.datasets.folder import IMG_EXTENSIONS, has_file_allowed_extension
 from torchvision.transforms.v2 import functional as F
 from tqdm import tqdm
@@ -62,6 +63,9 @@ T = TypeVar("T")
 
 SHARD_SUFFIXES = (".tar", ".tar.gz", ".tgz")
 IMAGE_MEMBERS = ("jpg", "jpeg", "png", "webp")  # the extensions of a shard sample's image
+# The image files of a folder: torchvision's ImageFolder list, and GIF, which it leaves out without a word
+# though `decode_image_bytes` (and `mixer predict`) read it.
+FOLDER_IMAGES = (*IMG_EXTENSIONS, ".gif")
 SPLITS = ("train", "val")
 MAX_BAD_FRACTION = 0.01
 # The bad fraction is judged once an epoch's worth of images, or this many, have been seen: early on
@@ -138,27 +142,49 @@ class BadSampleCounter:
 
 
 def decode_image_bytes(data: bytes) -> torch.Tensor:
-    """An encoded image -> uint8 (C, H, W), C = 1 for greyscale images and 3 otherwise (alpha dropped)."""
+    """An encoded image -> uint8 (C, H, W), C = 1 for greyscale images and 3 otherwise: upright (turned as its
+    EXIF orientation says, as photo viewers show it) and with transparent pixels composited over white (the
+    colour hidden under them is arbitrary: often black, which made black line art on a transparent
+    background a black square). ValueError, in a few words, when the data is no readable image."""
     if not data:  # said plainly: torch.frombuffer's complaint about a zero buffer length names no file problem
         raise ValueError("empty file")
+    try:
+        return _decode(data)
+    except UnidentifiedImageError:  # PIL's message names an io.BytesIO object, not the file
+        raise ValueError("not an image, or in a format PIL cannot read") from None
+    except (RuntimeError, OSError, SyntaxError, ValueError, EOFError, Image.DecompressionBombError) as e:
+        # torchvision's messages start with its C++ function and source line: "decode_jpeg, .../decode_jpeg.cpp:171, "
+        reason = re.sub(r"^.*?\.cpp:\d+, ", "", str(e).splitlines()[0] if str(e) else type(e).__name__)
+        raise ValueError(f"damaged or truncated image: {reason.rstrip('.')}") from None
+
+
+def _decode(data: bytes) -> torch.Tensor:
     buffer = torch.frombuffer(bytearray(data), dtype=torch.uint8)
-    # JPEG and 8-bit PNG go to torchvision's decoders, about 3x faster here than PIL plus conversion
+    # JPEG and 8-bit opaque PNG go to torchvision's decoders, about 3x faster here than PIL plus conversion
     # (torchvision 0.19 decodes no 16-bit PNG). The PNG bit depth and colour type (bytes 24 and 25 of the
-    # header; type 0 grey, 4 grey + alpha) are read by hand because asking PIL for the mode costs as much
-    # as decoding a 32x32 JPEG; UNCHANGED would give palette indices.
-    if decode_image is not None and data.startswith(_PNG_MAGIC) and data[24] <= 8:
-        image = decode_image(buffer, ImageReadMode.GRAY if data[25] in (0, 4) else ImageReadMode.RGB)
-    elif decode_image is not None and data.startswith(_JPEG_MAGIC):
-        image = decode_image(buffer, ImageReadMode.UNCHANGED)  # 1 or 3 channels, 4 for CMYK
+    # header; type 0 grey, 4 grey + alpha, 6 RGB + alpha) are read by hand because asking PIL for the mode
+    # costs as much as decoding a 32x32 JPEG; UNCHANGED would give palette indices. Transparency (an alpha
+    # channel, or a tRNS chunk, which comes before the image data) goes to PIL, to be composited: torchvision's
+    # RGB_ALPHA made a quarter of an opaque palette PNG's pixels transparent.
+    if (decode_image is not None and data.startswith(_PNG_MAGIC) and len(data) > 25 and data[24] <= 8 and data[25] not in (4, 6)
+            and b"tRNS" not in data[:data.find(b"IDAT")]):
+        return decode_image(buffer, ImageReadMode.GRAY if data[25] == 0 else ImageReadMode.RGB,
+                            apply_exif_orientation=True)
+    if decode_image is not None and data.startswith(_JPEG_MAGIC):
+        image = decode_image(buffer, ImageReadMode.UNCHANGED, apply_exif_orientation=True)  # 1, 3 or 4 (CMYK)
         if image.shape[0] == 4:
-            image = decode_image(buffer, ImageReadMode.RGB)
-    else:  # WebP, GIF, BMP, TIFF, PPM, ... (and every format without torchvision's decoders)
-        with Image.open(io.BytesIO(data)) as pil:
-            if is_16_bit(pil):
-                return torch.from_numpy(top_8_bits(pil))[None]
-            grey = pil.mode in ("1", "L", "LA", "F")
-            image = F.pil_to_tensor(pil.convert("L" if grey else "RGB"))
-    return image
+            image = decode_image(buffer, ImageReadMode.RGB, apply_exif_orientation=True)
+        return image
+    # WebP, GIF (its first frame), BMP, TIFF, ..., images with transparency, and every format without torchvision
+    with Image.open(io.BytesIO(data)) as pil:
+        upright = ImageOps.exif_transpose(pil)
+        if is_16_bit(upright):
+            return torch.from_numpy(top_8_bits(upright))[None]
+        grey = upright.mode in ("1", "L", "LA", "La", "F")
+        if upright.has_transparency_data:
+            white = Image.new("RGBA", upright.size, "white")
+            upright = Image.alpha_composite(white, upright.convert("RGBA"))
+        return F.pil_to_tensor(upright.convert("L" if grey else "RGB"))
 
 
 def is_16_bit(pil: Image.Image) -> bool:
@@ -632,7 +658,7 @@ def _image_folder(root: Path, split: str) -> tuple[list[str], list[tuple[str, in
         found = []
         for top, dirs, files in os.walk(root / name, followlinks=True, onerror=unreadable):
             dirs[:] = [d for d in dirs if followed(os.path.join(top, d))]
-            images = [f for f in files if not f.startswith(".") and has_file_allowed_extension(f, IMG_EXTENSIONS)]
+            images = [f for f in files if not f.startswith(".") and has_file_allowed_extension(f, FOLDER_IMAGES)]
             found += [(top, f) for f in images]
         if not found:
             message = f"The class folder {root / name} holds no images"

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import io
 import json
 import sys
 from pathlib import Path
@@ -29,10 +30,12 @@ def register(p: argparse.ArgumentParser) -> None:
 
 
 def load_image(path: str, in_chans: int) -> tuple[torch.Tensor, list[str]]:
-    """An image file as a uint8 (1, in_chans, H, W) tensor, and notes on any conversion made."""
-    from PIL import Image, UnidentifiedImageError
+    """An image file as a uint8 (1, C, H, W) tensor, C = 1 or 3, decoded as training and evaluation decode
+    it (`decode_image_bytes`: upright, transparency over white), and notes on the conversions made to
+    feed a model with `in_chans` channels."""
+    from PIL import ExifTags, Image
 
-    from ..sources import is_16_bit, top_8_bits  # as training and evaluation read such images
+    from ..sources import decode_image_bytes, is_16_bit
 
     p = Path(path)
     if p.is_dir():
@@ -42,27 +45,31 @@ def load_image(path: str, in_chans: int) -> tuple[torch.Tensor, list[str]]:
         raise FileNotFoundError(f"No image at {p}; " + ("leave the pattern unquoted for the shell to expand."
                                                           if pattern else "check the path."))
     try:
-        with Image.open(p) as im:
-            im.load()
-            image = im.copy()
-    except (UnidentifiedImageError, OSError, SyntaxError, ValueError, Image.DecompressionBombError) as e:
-        raise ValueError(f"{p} is not a readable image ({e}); give a PNG or JPEG file.") from None
+        data = p.read_bytes()
+    except OSError as e:  # said for this image; the others are still classified
+        raise ValueError(f"{p} cannot be read ({e.strerror}); check its permissions.") from None
+    try:
+        image = decode_image_bytes(data)
+    except ValueError as e:
+        raise ValueError(f"{p} is not a readable image ({e}); give a whole image file (JPEG, PNG, WebP, GIF, BMP "
+                         "or TIFF).") from None
+    with Image.open(io.BytesIO(data)) as header:  # the file's own mode and tags: only its header is read
+        mode, sixteen_bit, transparent = header.mode, is_16_bit(header), header.has_transparency_data
+        turned = header.getexif().get(ExifTags.Base.Orientation, 1) != 1
+    decoded_as = "greyscale" if image.shape[0] == 1 else "RGB"
+    wanted = "greyscale" if in_chans == 1 else "RGB"
     notes = []
-    if is_16_bit(image):  # convert("L") would clip every value above 255 to white
-        image = Image.fromarray(top_8_bits(image))
+    if sixteen_bit:  # rather than clipping every value above 255 to white
         notes.append("kept the top 8 bits of 16-bit greyscale")
-    want = "L" if in_chans == 1 else "RGB"
-    if image.mode != want:
-        was = {"L": "greyscale", "RGB": "RGB", "1": "black-and-white"}.get(image.mode, f"mode {image.mode}")
-        notes.append(f"converted {was} to {'greyscale' if want == 'L' else 'RGB'}")
-        image = image.convert(want)
-    import numpy as np
-    import torch
-
-    array = np.asarray(image)
-    t = torch.from_numpy(array.copy())
-    t = t[None, None] if t.ndim == 2 else t.permute(2, 0, 1)[None]
-    return t, notes
+    elif mode not in ("L", "RGB"):
+        notes.append(f"read {'black-and-white' if mode == '1' else f'mode {mode}'} as {decoded_as}")
+    if turned:
+        notes.append("turned upright as its EXIF orientation says")
+    if transparent:
+        notes.append("composited its transparent pixels over white")
+    if decoded_as != wanted:
+        notes.append(f"converted {decoded_as} to {wanted}")
+    return image[None], notes
 
 
 def run(args: argparse.Namespace) -> int:
