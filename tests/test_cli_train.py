@@ -19,6 +19,7 @@ from mlpmixer.cli import main
 from mlpmixer.commands.train import RECIPE_FLAGS, add_training_flags, recipe_from_args
 from mlpmixer.data import load_mnist5k
 from mlpmixer.recipes import get_recipe
+from mlpmixer.transforms import eval_transform
 
 
 @pytest.fixture(scope="module")
@@ -130,6 +131,29 @@ def test_predict_reads_16_bit_greyscale_as_training_does(run_dir: Path, tmp_path
     captured = capsys.readouterr()
     rows = [json.loads(line) for line in captured.out.splitlines()]
     assert rows[0]["top"] == rows[1]["top"] and "top 8 bits" in captured.err  # not a white image
+
+
+def test_predict_prepares_images_as_eval_does(tmp_path: Path, capsys: pytest.CaptureFixture) -> None:
+    """The run's evaluation preprocessing (here resmall-crop, the ImageNet recipes'), or --eval-mode's."""
+    model = create_model("digits/4", num_classes=3, img_size=28, in_chans=3, patch_size=7)
+    torch.nn.init.normal_(model.head.weight)
+    run = tmp_path / "run"
+    save_checkpoint(model, run / "model.safetensors")
+    (run / "config.json").write_text(json.dumps({"model": {}, "recipe": {"eval_mode": "resmall-crop"}}))
+    image = _png(tmp_path / "wide.png", np.random.default_rng(0).integers(0, 256, (30, 60, 3), dtype=np.uint8))
+    pixels = torch.from_numpy(np.array(Image.open(image))).permute(2, 0, 1)
+
+    def probs(mode: str) -> list[float]:
+        with torch.no_grad():
+            p = model.eval()(eval_transform(28, 3, mode)(pixels)[None]).softmax(-1)[0]
+        return sorted(p.tolist(), reverse=True)
+
+    assert probs("resize") != pytest.approx(probs("resmall-crop"), abs=1e-4)  # the two differ on this image
+    for flags, mode in (([], "resmall-crop"), (["--eval-mode", "resize"], "resize")):
+        assert main(["predict", str(run), str(image), "--json", *flags]) == 0
+        captured = capsys.readouterr()
+        assert [t["prob"] for t in json.loads(captured.out)["top"]] == pytest.approx(probs(mode), abs=1e-6)
+        assert ("cropped its centre" in captured.err) == (mode == "resmall-crop")
 
 
 def test_predict_decodes_as_training_does(run_dir: Path, tmp_path: Path, capsys: pytest.CaptureFixture) -> None:

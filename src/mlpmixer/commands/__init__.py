@@ -63,6 +63,12 @@ def run_recipe(checkpoint: str) -> dict[str, Any]:
     return saved["recipe"]
 
 
+def run_eval_mode(checkpoint: Optional[str], asked: Optional[str]) -> str:
+    """The evaluation preprocessing (SPEC §4) for a checkpoint's images: `asked`, else the one its run
+    validated with, else "resize" (published weights and files without a run: the paper's default)."""
+    return asked or (run_recipe(checkpoint).get("eval_mode") if checkpoint else None) or "resize"
+
+
 def run_permutation(checkpoint: str, config: MixerConfig, mode: Optional[str] = None,
                     seed: Optional[int] = None) -> Optional[FixedPermutation]:
     """The fixed pixel permutation (paper Figure 4) a run was trained with, or the one `mode` ("none":

@@ -11,7 +11,7 @@ from pathlib import Path
 from typing import Any, Optional
 
 from ..recipes import EVAL_MODES, MAX_WORKERS
-from . import add_permute_arguments, at_least, run_permutation, run_recipe
+from . import add_permute_arguments, at_least, run_eval_mode, run_permutation, run_recipe
 
 
 def register(p: argparse.ArgumentParser) -> None:
@@ -52,7 +52,7 @@ def run(args: argparse.Namespace) -> int:
     if model.num_classes == 0:
         raise ValueError(f"{args.checkpoint} has no classification head; evaluate a model with one.")
     recipe = run_recipe(args.checkpoint)
-    mode = args.mode or recipe.get("eval_mode") or "resize"
+    mode = run_eval_mode(args.checkpoint, args.mode)
     # Evaluated whole, such data hold the images the run trained on (a train/ + val/ pair is read at
     # val/; an IDX folder at its test files, which training used only when it had no others: not said).
     if recipe.get("data") == args.data and not is_split_pair(args.data) and not is_idx_folder(args.data):

@@ -9,7 +9,8 @@ import sys
 from pathlib import Path
 from typing import TYPE_CHECKING
 
-from . import add_permute_arguments, at_least, run_permutation
+from ..recipes import EVAL_MODES
+from . import add_permute_arguments, at_least, run_eval_mode, run_permutation
 
 if TYPE_CHECKING:  # torch is imported when the command runs: `mixer predict --help` needs none of it
     import torch
@@ -25,6 +26,9 @@ def register(p: argparse.ArgumentParser) -> None:
     p.add_argument("--pretrained", metavar="TAG", help="published weights, e.g. imagenet1k")
     p.add_argument("--top", type=at_least(1), default=5, help="classes to show per image (default 5)")
     p.add_argument("--json", action="store_true", help="print one JSON object per image")
+    p.add_argument("--eval-mode", "--mode", dest="mode", choices=EVAL_MODES,
+                   help="preprocessing, as mixer eval's (SPEC §4): resize to the model's size, or resize the "
+                   "shorter side and crop the centre (default: the one the run validated with, else resize)")
     add_permute_arguments(p)
     p.set_defaults(func=run)
 
@@ -75,7 +79,7 @@ def load_image(path: str, in_chans: int) -> tuple[torch.Tensor, list[str]]:
 def run(args: argparse.Namespace) -> int:
     import torch
 
-    from ..data import to_model_input
+    from ..transforms import eval_transform
 
     if args.pretrained or args.model:
         if not (args.pretrained and args.model):
@@ -84,6 +88,7 @@ def run(args: argparse.Namespace) -> int:
 
         model, images = load_pretrained(args.model, args.pretrained), args.inputs
         permute = None  # published weights saw their images as they are
+        mode = run_eval_mode(None, args.mode)
     else:
         if len(args.inputs) < 2:
             raise ValueError("Give a checkpoint and at least one image: mixer predict CHECKPOINT IMAGE...")
@@ -91,6 +96,7 @@ def run(args: argparse.Namespace) -> int:
 
         model, images = load_checkpoint(args.inputs[0]), args.inputs[1:]
         permute = run_permutation(args.inputs[0], model.config, args.permute, args.permute_seed)
+        mode = run_eval_mode(args.inputs[0], args.mode)
     if model.num_classes == 0:
         raise ValueError("The model has no classification head, so it cannot predict classes.")
     names = list(model.class_names or [])
@@ -102,6 +108,7 @@ def run(args: argparse.Namespace) -> int:
         names = [f"class {i}" for i in range(model.num_classes)]
     cfg = model.config
     h, w = cfg.img_size
+    prepare = eval_transform(cfg.img_size, cfg.in_chans, mode)  # as mixer eval prepares a dataset's images
     model.eval()
     k = min(args.top, model.num_classes)
     unreadable = 0
@@ -114,9 +121,11 @@ def run(args: argparse.Namespace) -> int:
             if args.json:
                 print(json.dumps({"image": path, "error": str(e)}))
             continue
-        if tuple(image.shape[-2:]) != (h, w):
+        if mode == "resmall-crop":
+            notes.append(f"resized {image.shape[-1]}×{image.shape[-2]} and cropped its centre to the model's {w}×{h}")
+        elif tuple(image.shape[-2:]) != (h, w):
             notes.append(f"resized {image.shape[-1]}×{image.shape[-2]} to the model's {w}×{h}")
-        x = to_model_input(image, cfg.img_size, cfg.in_chans)
+        x = prepare(image[0])[None]
         with torch.no_grad():
             probs = model(permute(x) if permute is not None else x).softmax(-1)[0]
         top = probs.topk(k)
