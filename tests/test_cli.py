@@ -98,3 +98,12 @@ def test_our_warnings_are_one_line(tmp_path: Path, child_env: dict) -> None:
     assert len(said) == 1 and f"mixer: warning: Skipping {tmp_path / 'data' / 'a' / '0007.png'}: " in said[0]
     assert "UserWarning" not in done.stderr
     assert "_load_counted" not in done.stderr  # no source line of the warnings.warn call
+
+
+def test_every_option_says_what_it_does() -> None:
+    """`mixer COMMAND --help` explains every option, its default included where it has one."""
+    parser = build_parser()
+    commands = next(a for a in parser._actions if a.dest == "command").choices
+    silent = [f"mixer {name} {action.option_strings[0]}" for name, sub in commands.items()
+              for action in sub._actions if action.option_strings and not action.help]
+    assert not silent

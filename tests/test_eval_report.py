@@ -81,6 +81,15 @@ def test_eval_without_report_has_no_per_class(digits_model: Path, capsys: pytest
     assert "per_class" not in json.loads(capsys.readouterr().out)
 
 
+def test_eval_help_names_every_key_of_its_json(digits_model: Path, capsys: pytest.CaptureFixture) -> None:
+    assert main(["eval", str(digits_model), "--data", "mnist5k", "--permute", "pixels", "--json"]) == 0
+    printed = json.loads(capsys.readouterr().out)
+    with pytest.raises(SystemExit):
+        main(["eval", "--help"])
+    helped = " ".join(capsys.readouterr().out.split())  # argparse wraps the help over several lines
+    assert "permute_seed" in printed and [key for key in printed if key not in helped] == []
+
+
 def test_eval_mode_chooses_the_preprocessing_of_image_folders(digits_model: Path, tmp_path: Path,
                                                               capsys: pytest.CaptureFixture) -> None:
     rng = np.random.default_rng(0)

@@ -209,8 +209,9 @@ def test_offline_and_not_cached_names_url_and_cache_path(server: Server, monkeyp
     assert url in str(err.value) and str(cache_path(url)) in str(err.value)
     for on in ("true", "YES"):  # the usual spellings of "on" forbid downloads too
         monkeypatch.setenv("MLPMIXER_OFFLINE", on)
-        with pytest.raises(DownloadError):
+        with pytest.raises(DownloadError) as err:
             download(url)
+        assert f"MLPMIXER_OFFLINE={on} forbids" in str(err.value)  # the setting to unset, as it was given
     assert server.ranges == []  # nothing was asked of the server
     monkeypatch.delenv("MLPMIXER_OFFLINE")
     cached = download(url)

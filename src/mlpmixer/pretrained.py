@@ -164,9 +164,10 @@ def download(url: str, sha256: str | None = None, retries: int = 3, backoff_s: f
     target = cache_path(url)
     if target.is_file():
         return target
-    if os.environ.get(OFFLINE_ENV, "").strip().lower() in ("1", "true", "yes", "on"):
-        raise DownloadError(
-            f"{url} is not in the cache ({target}) and {OFFLINE_ENV}=1 forbids downloading; "
+    offline = os.environ.get(OFFLINE_ENV, "")
+    if offline.strip().lower() in ("1", "true", "yes", "on"):
+        raise DownloadError(  # names the setting as the user spelled it, the one to unset
+            f"{url} is not in the cache ({target}) and {OFFLINE_ENV}={offline} forbids downloading; "
             "connect once without it, or copy the file to that path."
         )
     target.parent.mkdir(parents=True, exist_ok=True)

@@ -22,9 +22,11 @@ def register(p: argparse.ArgumentParser) -> None:
                    help="Mixer variant (default B/16), e.g. S/16, L/16, H/14")
     p.add_argument("--img-size", type=at_least(1), default=None,
                    help="resolution (default: the variant's own: 224, or 32 for nano/4 and 28 for digits/7, digits/4)")
-    p.add_argument("--num-classes", type=at_least(0), default=1000)
+    p.add_argument("--num-classes", type=at_least(0), default=1000,
+                   help="classes of the head (default 1000; 0: no head, --mode infer only)")
     p.add_argument("--batch-size", type=at_least(1), default=None, help="default 128 on CUDA, 8 on the CPU")
-    p.add_argument("--mode", choices=["infer", "train", "both"], default="both")
+    p.add_argument("--mode", choices=["infer", "train", "both"], default="both",
+                   help="time inference, training steps or both (default both)")
     p.add_argument("--dtype", choices=BENCH_DTYPES, default=None,
                    help="fp32, or bf16/fp16 autocast (default bf16 on CUDA, fp32 on the CPU)")
     p.add_argument("--device", default=None, help="cpu or cuda (default cuda when available)")

@@ -16,7 +16,7 @@ def register(p: argparse.ArgumentParser) -> None:
         "PyTorch on random images."
     )
     p.add_argument("checkpoint", help="checkpoint file or run directory")
-    p.add_argument("--format", choices=EXPORT_FORMATS, default="onnx")
+    p.add_argument("--format", choices=EXPORT_FORMATS, default="onnx", help="file format (default onnx)")
     p.add_argument("--out", default=None, help="output file (default: next to the checkpoint, or model.* inside a run directory, "
                    + ", ".join(f"{v} for {k}" for k, v in EXPORT_SUFFIXES.items()) + ")")
     p.add_argument("--opset", type=int, default=18, help="ONNX opset (default 18)")

@@ -9,6 +9,8 @@ from ..recipes import DEFAULT_RECIPE, RECIPES, Recipe, get_recipe
 
 
 def register(p: argparse.ArgumentParser) -> None:
+    p.description = ("List the named training presets with the fields each changes from the defaults; "
+                     "with NAME, print that recipe in full as JSON.")
     p.add_argument("name", nargs="?", help="print this recipe in full (all fields) as JSON")
     p.set_defaults(func=run)
 
