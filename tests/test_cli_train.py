@@ -107,6 +107,8 @@ def test_predict_bad_images(run_dir: Path, tmp_path: Path, capsys: pytest.Captur
     assert "No image at" in capsys.readouterr().err
     assert main(["predict", str(run_dir)]) == 2
     assert "at least one image" in capsys.readouterr().err
+    assert main(["predict", "--model", "B/16", "--pretrained", "imagenet1k"]) == 2  # said before any download
+    assert "Give at least one image" in capsys.readouterr().err
     assert main(["predict", str(run_dir), str(tmp_path)]) == 2
     assert "is a folder; give its image files" in capsys.readouterr().err
     assert main(["predict", str(run_dir), str(tmp_path / "*.png")]) == 2

@@ -21,7 +21,10 @@ def register(p: argparse.ArgumentParser) -> None:
         "Classify images with a checkpoint (or run directory), or with published "
         "weights via --model NAME --pretrained TAG (then every argument is an image)."
     )
-    p.add_argument("inputs", nargs="+", metavar="CHECKPOINT IMAGE", help="checkpoint (unless --pretrained), then images")
+    # One list whose first item is the checkpoint unless --pretrained: the usage says so, not a metavar repeated.
+    p.usage = ("%(prog)s [options] CHECKPOINT IMAGE [IMAGE ...]\n"
+               "       %(prog)s [options] --model NAME --pretrained TAG IMAGE [IMAGE ...]")
+    p.add_argument("inputs", nargs="*", metavar="INPUT", help="checkpoint (unless --pretrained), then images")
     p.add_argument("--model", help="variant of the published weights, e.g. B/16")
     p.add_argument("--pretrained", metavar="TAG", help="published weights, e.g. imagenet1k")
     p.add_argument("--top", type=at_least(1), default=5, help="classes to show per image (default 5)")
@@ -84,6 +87,8 @@ def run(args: argparse.Namespace) -> int:
     if args.pretrained or args.model:
         if not (args.pretrained and args.model):
             raise ValueError("Give both --model NAME and --pretrained TAG for published weights, or a checkpoint.")
+        if not args.inputs:  # checked before the weights are fetched
+            raise ValueError("Give at least one image: mixer predict --model NAME --pretrained TAG IMAGE...")
         from ..pretrained import load_pretrained
 
         model, images = load_pretrained(args.model, args.pretrained), args.inputs
