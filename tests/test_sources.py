@@ -621,7 +621,7 @@ def test_decode_composites_transparent_pixels_over_white(mode: str, torchvision_
     alpha = np.zeros((4, 6), dtype=np.uint8)
     alpha[:, :3] = 255  # the left half drawn (black), the right half transparent (black underneath)
     if mode == "P":
-        pil = Image.fromarray((alpha == 0).astype(np.uint8), "P")  # index 0 black, 1 black and transparent
+        pil = Image.frombytes("P", (6, 4), (alpha == 0).astype(np.uint8).tobytes())  # 0 black, 1 black and transparent
         pil.putpalette([0, 0, 0, 0, 0, 0])
         data = encode_pil(pil, "PNG", transparency=1)
     else:
@@ -634,7 +634,7 @@ def test_decode_composites_transparent_pixels_over_white(mode: str, torchvision_
 
 
 def test_an_opaque_palette_png_reads_as_its_colours() -> None:
-    pil = Image.fromarray(np.arange(24, dtype=np.uint8).reshape(4, 6), "P")
+    pil = Image.frombytes("P", (6, 4), bytes(range(24)))  # palette indices 0-23, row by row
     pil.putpalette([v for i in range(24) for v in (10 * i, 255 - 10 * i, 7)])
     image = decode_image_bytes(encode_pil(pil, "PNG"))
     assert torch.equal(image, torch.from_numpy(np.array(pil.convert("RGB"))).permute(2, 0, 1))
