@@ -269,3 +269,54 @@ def test_a_case_whose_compilation_fails_runs_eagerly_and_says_so(monkeypatch, ca
         (case,) = modes[mode]["cases"]
         assert case["name"].endswith("compiled (compile failed: eager)") and case["img_per_s"] > 0
         assert case["compile_failed"] == "RuntimeError: no C++ compiler here"
+
+
+def strict_json(text: str) -> dict:
+    """Parse as JSON proper: Python's json module would accept NaN and Infinity, which JSON has not."""
+    def refuse(constant: str) -> None:
+        raise ValueError(f"{constant} is not JSON")
+
+    return json.loads(text, parse_constant=refuse)
+
+
+def test_bench_json_records_settings_and_flops_per_image(capsys):
+    assert run_cli("--model", "digits/7", "--img-size", "28", "56", "--num-classes", "5", "--device", "cpu",
+                   "--batch-size", "2", "--mode", "infer", "--warmup", "1", "--repeats", "2", "--iters", "1",
+                   "--no-ceiling", "--json") == 0
+    out = strict_json(capsys.readouterr().out)
+    cfg = variant_config("digits/7", img_size=(28, 56), num_classes=5)
+    assert out["config"]["img_size"] == [28, 56] and out["config"]["num_classes"] == 5
+    assert (out["warmup"], out["repeats"], out["iters"], out["vs_timm"]) == (1, 2, 1, None)
+    (case,) = out["modes"]["infer"]["cases"]
+    assert case["gflops_per_image"] == pytest.approx(2 * cfg.macs() / 1e9)
+
+
+def test_bench_model_whose_flops_cannot_be_counted_gives_valid_json(monkeypatch, capsys):
+    pytest.importorskip("timm")
+    monkeypatch.setattr(B, "timm_flops_per_image", lambda model, img_size: None)
+    assert run_cli("--model", "digits/4", "--img-size", "32", "--device", "cpu", "--batch-size", "1",
+                   "--mode", "infer", "--vs-timm", "resnet18", "--warmup", "0", "--repeats", "1", "--iters", "1",
+                   "--json") == 0
+    ours, theirs = strict_json(capsys.readouterr().out)["modes"]["infer"]["cases"]
+    assert ours["pct_of_ceiling"] > 0
+    assert theirs["img_per_s"] > 0
+    assert theirs["gflops_per_image"] is theirs["tflops"] is theirs["pct_of_ceiling"] is None
+
+
+class NotOnMeta(torch.nn.Module):
+    """Self-attention of an image's 3 channels (heads) over its 5 rows (tokens) of 8 pixels, refusing the
+    meta device as some timm models do (pit_ti_224, cait_xxs24_224)."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.scale = torch.nn.Parameter(torch.ones(()))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if x.device.type == "meta":
+            raise NotImplementedError("no meta tensors here")
+        return torch.nn.functional.scaled_dot_product_attention(x, x, x * self.scale)
+
+
+def test_flops_of_a_model_that_fails_on_meta_are_counted_on_a_real_image():
+    # Q·Kᵀ and A·V, 3 heads × 5×5×8 multiply-accumulates each; the CPU's fused attention kernel counts none.
+    assert B.timm_flops_per_image(NotOnMeta(), (5, 8)) == 2 * 2 * 3 * 5 * 5 * 8

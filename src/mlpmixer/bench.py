@@ -106,7 +106,7 @@ class Case:
     name: str
     step: Callable[[], object]
     batch: int
-    flops_per_image: float  # per iteration of this mode (training: about 3× forward)
+    flops_per_image: Optional[float]  # per iteration of this mode (training: about 3× forward); None: uncounted
     device: torch.device
     times: list = field(default_factory=list)
     peak_memory: Optional[int] = None  # bytes, CUDA only
@@ -115,14 +115,16 @@ class Case:
     compiled: Optional[CompiledOrEager] = None  # a compiled case: says whether compiling failed
 
     def result(self) -> dict:
-        med = statistics.median(self.times) if self.times else float("nan")
+        med = statistics.median(self.times) if self.times else None
         failed = self.compiled.fallback if self.compiled is not None else None
+        counted = bool(self.times) and self.flops_per_image is not None
         return dict(
             # A case whose compilation failed ran eagerly: its name says so, not only the warning.
             name=self.name + (" (compile failed: eager)" if failed else ""), compile_failed=failed,
             batch=self.batch, seconds_per_step=med,
             img_per_s=self.batch / med if self.times else None,
-            tflops=self.flops_per_image * self.batch / med / 1e12 if self.times else None,
+            gflops_per_image=None if self.flops_per_image is None else self.flops_per_image / 1e9,
+            tflops=self.flops_per_image * self.batch / med / 1e12 if counted else None,
             peak_memory_gib=None if self.peak_memory is None else self.peak_memory / 2**30,
             warmup_s=self.warmup_s, repeats=len(self.times),
         )
@@ -268,19 +270,35 @@ def timm_model(name: str, config: MixerConfig, match_shapes: bool = False) -> nn
         return timm.create_model(name, **kwargs)
 
 
-def timm_flops_per_image(model: nn.Module, img_size: tuple[int, int]) -> float:
-    """Forward FLOPs (2 × MACs) of any model, counted by torch's FLOP counter on the meta device."""
+def timm_flops_per_image(model: nn.Module, img_size: tuple[int, int]) -> Optional[float]:
+    """Forward FLOPs (2 × MACs) of any model, counted by torch's FLOP counter; None where it cannot count.
+
+    Counted on the meta device (shapes only: no memory, no time); a model that does not run on meta
+    tensors is counted on one real image, with attention in its plain form (the fused CPU attention
+    kernel is not one the counter knows, so ViTs would lose their attention products).
+    """
+    from torch.nn.attention import SDPBackend, sdpa_kernel
+
+    try:
+        return count_forward_flops(copy.deepcopy(model).to("meta"), img_size, torch.device("meta"))
+    except Exception:
+        pass
+    device = next(model.parameters()).device
+    try:
+        with sdpa_kernel(SDPBackend.MATH):
+            return count_forward_flops(model, img_size, device)
+    except Exception:  # count nothing rather than guess
+        return None
+
+
+def count_forward_flops(model: nn.Module, img_size: tuple[int, int], device: torch.device) -> float:
+    """FLOPs of `model`'s forward pass on one image on `device` (the model is left in eval mode)."""
     from torch.utils.flop_counter import FlopCounterMode
 
     counter = FlopCounterMode(display=False)
-    x = torch.randn(1, 3, *img_size, device="meta")
-    try:
-        meta = copy.deepcopy(model).to("meta").eval()  # shapes only: no memory, no time
-        with counter, torch.no_grad():
-            meta(x)
-        return float(counter.get_total_flops())
-    except Exception:  # some models do not run on meta tensors: count nothing rather than guess
-        return float("nan")
+    with counter, torch.no_grad():
+        model.eval()(torch.randn(1, 3, *img_size, device=device))
+    return float(counter.get_total_flops())
 
 
 # ---------------------------------------------------------------------------------------------
@@ -488,7 +506,7 @@ def builder(
 
             run = optimize(model, **fast_options)
         make = inference_case if mode == "infer" else training_case
-        per_image = flops["fwd"] * (1 if mode == "infer" else 3)
+        per_image = None if flops["fwd"] is None else flops["fwd"] * (1 if mode == "infer" else 3)
         kwargs = {} if mode == "infer" else {"num_classes": config.num_classes}
         return make(label, run, batch, config.img_size, device, dtype, per_image, compile=compile, **kwargs)
 

@@ -9,7 +9,7 @@ import time
 
 from ..choices import BENCH_DTYPES
 from ..variants import variant_config
-from . import at_least
+from . import at_least, image_size
 
 
 def register(p: argparse.ArgumentParser) -> None:
@@ -20,8 +20,9 @@ def register(p: argparse.ArgumentParser) -> None:
     )
     p.add_argument("--model", "--variant", dest="variant", default="B/16",
                    help="Mixer variant (default B/16), e.g. S/16, L/16, H/14")
-    p.add_argument("--img-size", type=at_least(1), default=None,
-                   help="resolution (default: the variant's own: 224, or 32 for nano/4 and 28 for digits/7, digits/4)")
+    p.add_argument("--img-size", type=at_least(1), nargs="+", default=None, metavar="N",
+                   help="resolution, N or H W (default: the variant's own: 224, or 32 for nano/4 and 28 for "
+                   "digits/7, digits/4)")
     p.add_argument("--num-classes", type=at_least(0), default=1000,
                    help="classes of the head (default 1000; 0: no head, --mode infer only)")
     p.add_argument("--batch-size", type=at_least(1), default=None, help="default 128 on CUDA, 8 on the CPU")
@@ -64,7 +65,7 @@ def run(args: argparse.Namespace) -> int:
         raise B.BenchError("A training step needs a head to train: give --num-classes 1 or more, or --mode infer.")
     overrides = {"num_classes": args.num_classes}
     if args.img_size:
-        overrides["img_size"] = args.img_size
+        overrides["img_size"] = image_size(args.img_size)
     timm_name = None
     if args.vs_timm:
         auto = args.vs_timm == "auto"
@@ -80,7 +81,8 @@ def run(args: argparse.Namespace) -> int:
     log = (lambda msg: print(msg, file=sys.stderr)) if args.json else print
 
     result: dict = dict(environment=B.environment(device), variant=config.describe(), config=config.to_dict(),
-                        dtype=dtype_name, batch=batch, compile=args.compile, fast=args.fast, modes={})
+                        dtype=dtype_name, batch=batch, compile=args.compile, fast=args.fast, vs_timm=timm_name,
+                        warmup=args.warmup, repeats=args.repeats, iters=args.iters, modes={})
     if device.type == "cpu":
         result["freed_memory_kept"] = kept
     if not args.no_ceiling:
@@ -94,15 +96,17 @@ def run(args: argparse.Namespace) -> int:
         t0 = time.perf_counter()
         cases, _ = B.measure(builders, batch, device, args.warmup, args.repeats, args.iters, log=log)
         rows = [c.result() for c in cases]
+        ceiling = result.get("ceiling_tflops")
         for r in rows:
-            ceiling = result.get("ceiling_tflops")
-            r["pct_of_ceiling"] = 100 * r["tflops"] / ceiling if ceiling else None
+            r["pct_of_ceiling"] = 100 * r["tflops"] / ceiling if ceiling and r["tflops"] is not None else None
+            if r["gflops_per_image"] is None:
+                log(f"  {r['name']}: torch's FLOP counter could not count this model, so no FLOP/s or utilisation")
         if timm_name and len(rows) == 2:
             rows[0]["speedup_vs_timm"] = rows[0]["img_per_s"] / rows[1]["img_per_s"]
         result["modes"][mode] = dict(cases=rows, seconds=time.perf_counter() - t0)
 
     if args.json:
-        print(json.dumps(result, indent=1))
+        print(json.dumps(result, indent=1, allow_nan=False))  # a NaN would make the output invalid JSON
     else:
         print_table(result)
     return 0
@@ -117,12 +121,14 @@ def print_table(result: dict) -> None:
     unit, scale = ("TFLOP/s", 1.0) if env.get("gpu") else ("GFLOP/s", 1e3)
     if result.get("ceiling_tflops"):
         print(f"matrix-product ceiling: {result['ceiling_tflops'] * scale:.1f} {unit}")
-    print(f"{'mode':<7}{'model':<34}{'img/s':>10}{unit:>10}{'% ceil':>8}{'peak GiB':>10}{'vs timm':>9}")
+    print(f"{'mode':<7}{'model':<34}{'img/s':>10}{'GFLOP/img':>10}{unit:>10}{'% ceil':>8}{'peak GiB':>10}{'vs timm':>9}")
     for mode, m in result["modes"].items():
         for r in m["cases"]:
             pct = f"{r['pct_of_ceiling']:.0f}" if r.get("pct_of_ceiling") is not None else "-"
             mem = f"{r['peak_memory_gib']:.2f}" if r.get("peak_memory_gib") is not None else "-"
             vs = f"{r['speedup_vs_timm']:.2f}×" if r.get("speedup_vs_timm") else ""
-            print(f"{mode:<7}{r['name']:<34}{r['img_per_s']:>10.1f}{r['tflops'] * scale:>10.2f}{pct:>8}{mem:>10}{vs:>9}")
+            per_image = f"{r['gflops_per_image']:.3g}" if r["gflops_per_image"] is not None else "-"
+            rate = f"{r['tflops'] * scale:.2f}" if r["tflops"] is not None else "-"
+            print(f"{mode:<7}{r['name']:<34}{r['img_per_s']:>10.1f}{per_image:>10}{rate:>10}{pct:>8}{mem:>10}{vs:>9}")
     if not env.get("gpu"):
         print("Peak memory is measured on CUDA only (allocator statistics); the CPU has no equivalent here.")
