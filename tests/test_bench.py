@@ -320,3 +320,10 @@ class NotOnMeta(torch.nn.Module):
 def test_flops_of_a_model_that_fails_on_meta_are_counted_on_a_real_image():
     # Q·Kᵀ and A·V, 3 heads × 5×5×8 multiply-accumulates each; the CPU's fused attention kernel counts none.
     assert B.timm_flops_per_image(NotOnMeta(), (5, 8)) == 2 * 2 * 3 * 5 * 5 * 8
+
+
+def test_a_batch_too_large_for_the_cpus_memory_is_one_sentence():
+    # 10⁸ images of 3×224×224 floats: 60 TB, which no allocation gets; the error used to be a traceback.
+    with pytest.raises(B.BenchError, match="Batch 100000000 does not fit in this machine's memory"):
+        run_cli("--model", "S/32", "--device", "cpu", "--batch-size", "100000000", "--mode", "infer",
+                "--no-ceiling", "--warmup", "1", "--repeats", "1", "--iters", "1")

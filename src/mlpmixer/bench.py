@@ -416,22 +416,35 @@ def environment(device: torch.device) -> dict:
 Builder = Callable[[int], Case]  # batch size -> a ready case
 
 
+def out_of_memory(error: BaseException) -> bool:
+    """Whether `error` is an allocation that failed: CUDA's OutOfMemoryError or the CPU allocator's RuntimeError."""
+    return isinstance(error, torch.OutOfMemoryError) or "can't allocate memory" in str(error)
+
+
 def prepare(build: Builder, batch: int, device: torch.device, warmup: int) -> Case:
-    """Build a case and warm it up; a batch that does not fit in GPU memory is a BenchError
-    naming the largest batch that does (found by halving)."""
+    """Build a case and warm it up; a batch that does not fit in memory is a BenchError, on CUDA naming the
+    largest batch that does (found by halving).
+
+    The CPU gets no halving search: a batch the kernel lets us allocate but cannot back gets this process
+    (or another) killed by the out-of-memory killer instead of an error, so only a failed allocation is caught.
+    """
     try:
         case = build(batch)
         warm_up(case, warmup)
         return case
-    except torch.cuda.OutOfMemoryError:
-        pass
-    torch.cuda.empty_cache()
+    except RuntimeError as e:  # torch.OutOfMemoryError is one
+        if not out_of_memory(e):
+            raise
+    if device.type == "cpu":
+        raise BenchError(f"Batch {batch} does not fit in this machine's memory (an allocation failed); "
+                         "use a smaller --batch-size.")
 
     def try_batch(b: int) -> None:
         case = build(b)
         case.step()
         sync(device)
 
+    torch.cuda.empty_cache()
     fits = largest_fitting_batch(try_batch, batch)
     torch.cuda.empty_cache()
     free, total = torch.cuda.mem_get_info(device)
