@@ -327,3 +327,8 @@ def test_a_batch_too_large_for_the_cpus_memory_is_one_sentence():
     with pytest.raises(B.BenchError, match="Batch 100000000 does not fit in this machine's memory"):
         run_cli("--model", "S/32", "--device", "cpu", "--batch-size", "100000000", "--mode", "infer",
                 "--no-ceiling", "--warmup", "1", "--repeats", "1", "--iters", "1")
+
+
+def test_a_timm_name_with_a_pretrained_tag_is_a_model():
+    pytest.importorskip("timm")
+    B.check_timm("resnet18.a1_in1k")  # timm.list_models() lists no tags; create_model takes them

@@ -239,7 +239,7 @@ def check_timm(name: str) -> None:
         import timm
     except ImportError as e:
         raise BenchError("--vs-timm needs timm; install it with `pip install timm`.") from e
-    if name not in timm.list_models():
+    if not timm.is_model(name):  # takes pretrained tags too (resnet18.a1_in1k), as create_model does
         raise BenchError(f"timm has no model named {name!r}; see timm.list_models().")
 
 
