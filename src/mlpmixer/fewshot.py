@@ -62,6 +62,8 @@ def fit_least_squares(features: torch.Tensor, labels: torch.Tensor, num_classes:
                          f"{tuple(labels.shape)}.")
     if l2 <= 0:
         raise ValueError(f"The ℓ2 regularisation must be positive, not {l2}.")
+    if len(features) == 0:
+        raise ValueError("The least-squares fit needs at least one example; give it some features.")
     x = features.double()
     mean = x.mean(dim=0)
     std = x.std(dim=0, unbiased=False) + STD_EPS
@@ -142,6 +144,8 @@ def fewshot_evaluate(pool_features: torch.Tensor, pool_labels: torch.Tensor,
     support sets of that many examples per class from the pool, one least-squares fit each."""
     if draws < 1:
         raise ValueError(f"Few-shot evaluation needs at least one draw, not {draws}.")
+    if len(eval_labels) == 0:  # the accuracy of no images is NaN, which would pass for a result
+        raise ValueError("Few-shot evaluation needs at least one evaluation example; give it some.")
     if num_classes is None:
         num_classes = int(max(pool_labels.max(), eval_labels.max())) + 1
     results = {}
