@@ -22,7 +22,7 @@ from mlpmixer.fewshot import (
 def reference_weights(features: np.ndarray, labels: np.ndarray, classes: int, l2: float) -> np.ndarray:
     """Ridge regression as one plain least-squares problem: [A; √l2·I] W ≈ [Y; 0]."""
     mean, std = features.mean(0), features.std(0) + 1e-5
-    a = np.hstack([(features - mean) / std, np.ones((len(features), 1))])
+    a = np.hstack([(features - mean) / std, np.full((len(features), 1), 100.0)])
     y = 2.0 * np.eye(classes)[labels] - 1.0
     d = a.shape[1]
     big_a = np.vstack([a, np.sqrt(l2) * np.eye(d)])
@@ -40,7 +40,7 @@ def test_solver_matches_direct_least_squares(n, d, l2):
     np.testing.assert_allclose(probe.weight.numpy(), want, rtol=1e-6, atol=1e-9)
     # Standardised features with the bias column, as the reference builds them.
     a = design_matrix(torch.from_numpy(features), probe.mean, probe.std)
-    assert a.shape == (n, d + 1) and torch.all(a[:, -1] == 1)
+    assert a.shape == (n, d + 1) and torch.all(a[:, -1] == 100)
 
 
 def test_solver_classifies_separable_data():
@@ -52,6 +52,16 @@ def test_solver_classifies_separable_data():
     assert probe.accuracy(features, labels) > 0.95
     with pytest.raises(ValueError, match="positive"):
         fit_least_squares(features, labels, 5, l2=0)
+
+
+def test_bias_is_almost_unregularised():
+    """big_vision appends a bias feature of 100 so that ℓ2 all but spares the bias; with a bias feature of 1 and
+    ℓ2 = 1024, the learned class priors of 100 uninformative examples shrank to a tenth."""
+    labels = torch.tensor([0] * 90 + [1] * 10)
+    probe = fit_least_squares(torch.zeros(100, 4), labels, 2)
+    # Without information the best scores are the mean ±1 targets: 0.9 - 0.1 and 0.1 - 0.9.
+    torch.testing.assert_close(probe.scores(torch.zeros(1, 4))[0], torch.tensor([0.8, -0.8], dtype=torch.float64),
+                               rtol=2e-3, atol=0)
 
 
 def test_shot_result_statistics():
