@@ -22,7 +22,7 @@ from mlpmixer.fewshot import (
 def reference_weights(features: np.ndarray, labels: np.ndarray, classes: int, l2: float) -> np.ndarray:
     """Ridge regression as one plain least-squares problem: [A; √l2·I] W ≈ [Y; 0]."""
     mean, std = features.mean(0), features.std(0) + 1e-5
-    a = np.hstack([(features - mean) / std, np.ones((len(features), 1))])
+    a = np.hstack([(features - mean) / std, np.full((len(features), 1), 100.0)])
     y = 2.0 * np.eye(classes)[labels] - 1.0
     d = a.shape[1]
     big_a = np.vstack([a, np.sqrt(l2) * np.eye(d)])
@@ -40,7 +40,7 @@ def test_solver_matches_direct_least_squares(n, d, l2):
     np.testing.assert_allclose(probe.weight.numpy(), want, rtol=1e-6, atol=1e-9)
     # Standardised features with the bias column, as the reference builds them.
     a = design_matrix(torch.from_numpy(features), probe.mean, probe.std)
-    assert a.shape == (n, d + 1) and torch.all(a[:, -1] == 1)
+    assert a.shape == (n, d + 1) and torch.all(a[:, -1] == 100)
 
 
 def test_solver_classifies_separable_data():
@@ -52,6 +52,16 @@ def test_solver_classifies_separable_data():
     assert probe.accuracy(features, labels) > 0.95
     with pytest.raises(ValueError, match="positive"):
         fit_least_squares(features, labels, 5, l2=0)
+
+
+def test_bias_is_almost_unregularised():
+    """big_vision appends a bias feature of 100 so that ℓ2 all but spares the bias; with a bias feature of 1 and
+    ℓ2 = 1024, the learned class priors of 100 uninformative examples shrank to a tenth."""
+    labels = torch.tensor([0] * 90 + [1] * 10)
+    probe = fit_least_squares(torch.zeros(100, 4), labels, 2)
+    # Without information the best scores are the mean ±1 targets: 0.9 - 0.1 and 0.1 - 0.9.
+    torch.testing.assert_close(probe.scores(torch.zeros(1, 4))[0], torch.tensor([0.8, -0.8], dtype=torch.float64),
+                               rtol=2e-3, atol=0)
 
 
 def test_shot_result_statistics():
@@ -250,3 +260,44 @@ def test_feature_progress_counts_the_images_of_a_folder(tmp_path, capsys):
     assert main(["linear-probe", ckpt, "--data", str(tmp_path / "pair"), "--workers", "0", "--json"]) == 0
     result = json.loads(capsys.readouterr().out)
     assert result["train_images"] == 12 and result["eval_images"] == 4
+
+
+def test_empty_evaluation_or_support_set_is_one_sentence(tmp_path, capsys):
+    """Rounding each class's share could leave one side of the split empty: linear-probe printed "nan%",
+    fewshot ended in a traceback from statistics.stdev."""
+    from mlpmixer.cli import main
+
+    ckpt = str(tiny_checkpoint(tmp_path / "m.safetensors"))
+    data = write_idx_digits(tmp_path / "digits", per_class=3)
+    common = ["--data", data, "--workers", "0"]
+    for command, fraction, side in (("linear-probe", "0.1", "evaluation set"), ("fewshot", "0.1", "evaluation set"),
+                                    ("linear-probe", "0.9", "training (support) set")):
+        assert main([command, ckpt, *common, "--eval-fraction", fraction]) == 2
+        captured = capsys.readouterr()
+        assert f"leaves the {side} empty" in captured.err and "nan" not in captured.out
+    with pytest.raises(ValueError, match="at least one evaluation example"):
+        fewshot_evaluate(torch.randn(4, 3), torch.arange(4) % 2, torch.randn(0, 3), torch.zeros(0, dtype=torch.long),
+                         shots=(1,), num_classes=2)
+    with pytest.raises(ValueError, match="at least one example"):
+        fit_least_squares(torch.randn(0, 3), torch.zeros(0, dtype=torch.long), 2)
+
+
+def test_class_mismatch_between_support_and_evaluation_data_names_them(tmp_path, capsys):
+    """The message was `mixer eval`'s, about "the model's classes" and fine-tuning a new head, which few-shot
+    evaluation does not use."""
+    from PIL import Image
+
+    from mlpmixer.cli import main
+
+    ckpt = str(tiny_checkpoint(tmp_path / "m.safetensors"))
+    rng = np.random.default_rng(0)
+    for split, classes in (("train", "ab"), ("val", "ac")):
+        for name in classes:
+            (tmp_path / "pair" / split / name).mkdir(parents=True)
+            for i in range(2):
+                Image.fromarray(rng.integers(0, 255, (28, 28), dtype=np.uint8)).save(
+                    tmp_path / "pair" / split / name / f"{i}.png")
+    assert main(["fewshot", ckpt, "--data", str(tmp_path / "pair"), "--workers", "0", "--shots", "1"]) == 2
+    err = capsys.readouterr().err
+    assert "(the val/ part of" in err and "class 1 is 'c' instead of 'b'" in err
+    assert "model's classes" not in err and "head" not in err

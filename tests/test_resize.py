@@ -154,3 +154,18 @@ def test_cli_resize_roundtrip(tmp_path, capsys):
     before = out.read_bytes()
     assert main(["resize", str(out), "--img-size", "32", "72", "--out", str(out)]) == 2  # not over its source
     assert "is the checkpoint being read" in capsys.readouterr().err and out.read_bytes() == before
+
+
+def test_resizing_a_permuted_run_warns(tmp_path, capsys):
+    """A run trained on permuted images (paper Figure 4) gave a resized model with no word that its images need
+    a permutation that no command can apply at the new size."""
+    import json
+
+    from mlpmixer import save_checkpoint
+
+    run = tmp_path / "run"
+    run.mkdir()
+    save_checkpoint(random_mixer((8, 12)), run / "model.safetensors")
+    (run / "config.json").write_text(json.dumps({"recipe": {"permute": "patches", "permute_seed": 1}}))
+    with pytest.warns(UserWarning, match="fixed 'patches' permutation made for 8×12"):
+        assert main(["resize", str(run), "--img-size", "16", "24", "--out", str(tmp_path / "big.safetensors")]) == 0

@@ -131,3 +131,12 @@ def test_cli_show_weights(tmp_path, capsys):
     help_text = " ".join(capsys.readouterr().out.split())  # argparse wraps it
     assert "paired greedily (repeatedly the two unpaired units whose weights correlate most negatively)" in help_text
     assert "partner" not in help_text
+
+
+def test_stem_with_unit_options_is_refused(tmp_path, capsys):
+    """--block and --max-pairs were silently ignored with --stem, which draws every kernel."""
+    save_checkpoint(tiny(), tmp_path / "m.safetensors")
+    for extra in (["--block", "1"], ["--max-pairs", "2"]):
+        out = tmp_path / "s.png"
+        assert main(["show-weights", str(tmp_path / "m.safetensors"), "--out", str(out), "--stem", *extra]) == 2
+        assert "which --stem does not draw" in capsys.readouterr().err and not out.exists()

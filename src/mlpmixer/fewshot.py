@@ -22,6 +22,9 @@ from .model import MlpMixer
 
 # Added to each feature's standard deviation so a constant feature does not divide by zero.
 STD_EPS = 1e-5
+# The constant appended to every example as its bias feature. big_vision's value: large, so that the bias
+# weight it needs is tiny and ℓ2 all but leaves it alone (with 1, ℓ2 = 1024 shrank a probe's class priors).
+BIAS_FEATURE = 100.0
 
 
 @dataclass
@@ -43,9 +46,9 @@ class LinearProbe:
 
 
 def design_matrix(features: torch.Tensor, mean: torch.Tensor, std: torch.Tensor) -> torch.Tensor:
-    """Standardised features (float64) with a column of ones appended for the bias."""
+    """Standardised features (float64) with a constant column (BIAS_FEATURE) appended for the bias."""
     x = (features.to(mean) - mean) / std
-    return torch.cat([x, torch.ones_like(x[:, :1])], dim=1)
+    return torch.cat([x, torch.full_like(x[:, :1], BIAS_FEATURE)], dim=1)
 
 
 def fit_least_squares(features: torch.Tensor, labels: torch.Tensor, num_classes: int,
@@ -62,6 +65,8 @@ def fit_least_squares(features: torch.Tensor, labels: torch.Tensor, num_classes:
                          f"{tuple(labels.shape)}.")
     if l2 <= 0:
         raise ValueError(f"The ℓ2 regularisation must be positive, not {l2}.")
+    if len(features) == 0:
+        raise ValueError("The least-squares fit needs at least one example; give it some features.")
     x = features.double()
     mean = x.mean(dim=0)
     std = x.std(dim=0, unbiased=False) + STD_EPS
@@ -142,6 +147,8 @@ def fewshot_evaluate(pool_features: torch.Tensor, pool_labels: torch.Tensor,
     support sets of that many examples per class from the pool, one least-squares fit each."""
     if draws < 1:
         raise ValueError(f"Few-shot evaluation needs at least one draw, not {draws}.")
+    if len(eval_labels) == 0:  # the accuracy of no images is NaN, which would pass for a result
+        raise ValueError("Few-shot evaluation needs at least one evaluation example; give it some.")
     if num_classes is None:
         num_classes = int(max(pool_labels.max(), eval_labels.max())) + 1
     results = {}

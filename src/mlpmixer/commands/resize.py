@@ -3,9 +3,10 @@
 from __future__ import annotations
 
 import argparse
+import warnings
 
 from ..recipes import RESIZE_METHODS
-from . import at_least, image_size
+from . import at_least, image_size, run_recipe
 
 
 def register(p: argparse.ArgumentParser) -> None:
@@ -38,6 +39,12 @@ def run(args: argparse.Namespace) -> int:
     old = model.config
     new = resize_to(model, size, method=args.method, mode=args.mode)
     save_checkpoint(new, args.out)
+    permute = run_recipe(args.checkpoint).get("permute")
+    if permute:
+        # The commands would build a fresh permutation for the new size, which the model never saw.
+        warnings.warn(f"The run was trained on images with a fixed '{permute}' permutation made for "
+                      f"{old.img_size[0]}×{old.img_size[1]}; no command applies it to the resized model's images, "
+                      "so fine-tune it on unpermuted images, and keep it outside the run folder.")
     c = new.config
     print(f"Wrote {c.describe()} at {c.img_size[0]}×{c.img_size[1]} ({c.num_tokens} tokens, token MLP "
           f"{old.tokens_mlp_dim} -> {c.tokens_mlp_dim} wide) to {args.out}.")
