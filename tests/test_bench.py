@@ -269,6 +269,14 @@ def test_a_case_whose_compilation_fails_runs_eagerly_and_says_so(monkeypatch, ca
         (case,) = modes[mode]["cases"]
         assert case["name"].endswith("compiled (compile failed: eager)") and case["img_per_s"] > 0
         assert case["compile_failed"] == "RuntimeError: no C++ compiler here"
+    # The table's columns line up under the longer name.
+    assert run_cli("--model", "digits/4", "--img-size", "28", "--device", "cpu", "--batch-size", "2", "--mode", "infer",
+                   "--compile", "--no-ceiling", "--warmup", "1", "--repeats", "1", "--iters", "1") == 0
+    lines = capsys.readouterr().out.splitlines()
+    header = next(line for line in lines if line.startswith("mode"))
+    (row,) = [line for line in lines if line.startswith("infer")]
+    end = header.index("img/s") + len("img/s")  # the numbers are right-aligned under their headings
+    assert row[end - 1].isdigit() and row[end:end + 1] in ("", " ")
 
 
 def strict_json(text: str) -> dict:

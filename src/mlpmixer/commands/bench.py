@@ -121,7 +121,9 @@ def print_table(result: dict) -> None:
     unit, scale = ("TFLOP/s", 1.0) if env.get("gpu") else ("GFLOP/s", 1e3)
     if result.get("ceiling_tflops"):
         print(f"matrix-product ceiling: {result['ceiling_tflops'] * scale:.1f} {unit}")
-    print(f"{'mode':<7}{'model':<34}{'img/s':>10}{'GFLOP/img':>10}{unit:>10}{'% ceil':>8}{'peak GiB':>10}{'vs timm':>9}")
+    # As wide as the longest name ("... compiled (compile failed: eager)" included), so the columns line up.
+    width = max([34] + [len(r["name"]) + 2 for m in result["modes"].values() for r in m["cases"]])
+    print(f"{'mode':<7}{'model':<{width}}{'img/s':>10}{'GFLOP/img':>10}{unit:>10}{'% ceil':>8}{'peak GiB':>10}{'vs timm':>9}")
     for mode, m in result["modes"].items():
         for r in m["cases"]:
             pct = f"{r['pct_of_ceiling']:.0f}" if r.get("pct_of_ceiling") is not None else "-"
@@ -129,6 +131,7 @@ def print_table(result: dict) -> None:
             vs = f"{r['speedup_vs_timm']:.2f}×" if r.get("speedup_vs_timm") else ""
             per_image = f"{r['gflops_per_image']:.3g}" if r["gflops_per_image"] is not None else "-"
             rate = f"{r['tflops'] * scale:.2f}" if r["tflops"] is not None else "-"
-            print(f"{mode:<7}{r['name']:<34}{r['img_per_s']:>10.1f}{per_image:>10}{rate:>10}{pct:>8}{mem:>10}{vs:>9}")
+            print(f"{mode:<7}{r['name']:<{width}}{r['img_per_s']:>10.1f}{per_image:>10}{rate:>10}{pct:>8}{mem:>10}"
+                  f"{vs:>9}".rstrip())
     if not env.get("gpu"):
         print("Peak memory is measured on CUDA only (allocator statistics); the CPU has no equivalent here.")
