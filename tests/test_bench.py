@@ -71,6 +71,7 @@ def test_bench_against_timm_computes_timms_gelu(capsys):
         (["--device", "cpu", "--model", "H/14", "--vs-timm"], "timm has no Mixer matching Mixer-H/14"),
         (["--device", "cpu", "--fast", "--compile"], "alternatives"),
         (["--device", "cpu", "--num-classes", "0", "--mode", "both"], "A training step needs a head"),
+        (["--device", "cpu", "--vs-timm", "mixer_s32_224"], r"timm's mixer_s32_224 cannot take 28×28 images \(.*Kernel"),
     ],
 )
 def test_bench_bad_input_is_one_clear_sentence(argv, message):

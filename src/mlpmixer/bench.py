@@ -264,10 +264,21 @@ def timm_model(name: str, config: MixerConfig, match_shapes: bool = False) -> nn
     if config.img_size != (224, 224):
         kwargs["img_size"] = config.img_size
     try:
-        return timm.create_model(name, **kwargs)
+        model = timm.create_model(name, **kwargs)
     except TypeError:  # convolutional models take no img_size
         kwargs.pop("img_size", None)
-        return timm.create_model(name, **kwargs)
+        model = timm.create_model(name, **kwargs)
+    # One image first: a size the model cannot take is one sentence here, not a traceback in the warm-up.
+    try:
+        with torch.no_grad():
+            model.eval()(torch.zeros(1, 3, *config.img_size))
+    except Exception as e:
+        from .checkpoints import first_line
+
+        h, w = config.img_size
+        raise BenchError(f"timm's {name} cannot take {h}×{w} images ({first_line(e)}); compare at a size it "
+                         "takes (--img-size) or with another timm model.") from None
+    return model
 
 
 def timm_flops_per_image(model: nn.Module, img_size: tuple[int, int]) -> Optional[float]:
