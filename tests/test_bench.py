@@ -203,6 +203,19 @@ def test_matmul_ceiling_is_a_rate():
     assert 1e6 < flops < 1e15
 
 
+@pytest.mark.parametrize("probe_rate, sizes", [(1.3e9, [512]), (138e9, [512, 2048])])
+def test_matmul_ceiling_stops_at_the_probe_where_products_are_emulated(monkeypatch, probe_rate, sizes):
+    """An emulated bf16 product of 2048³ takes about 13 s on a CPU without bf16 units: the probe's rate is used."""
+    timed = []
+
+    def product_rate(device, dtype, n, seconds):
+        timed.append(n)
+        return probe_rate
+
+    monkeypatch.setattr(B, "product_rate", product_rate)
+    assert B.matmul_ceiling(torch.device("cpu"), torch.bfloat16) == probe_rate and timed == sizes
+
+
 KEEP_FREED_MEMORY = """
 import ctypes, ctypes.util, resource, torch
 from mlpmixer.bench import keep_freed_memory
