@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import json
+import os
 
 import pytest
 import torch
@@ -10,12 +12,13 @@ from mlpmixer.checkpoints import save_checkpoint
 from mlpmixer.cli import build_parser
 from mlpmixer.export import ExportError, export_model, load_exported
 from mlpmixer.model import create_model
+from mlpmixer.permute import FixedPermutation
 
 
-def small(img_size: int, patch: int, gelu: str = "tanh"):
+def small(img_size: int | tuple[int, int], patch: int, gelu: str = "tanh", in_chans: int = 3, num_classes: int = 11):
     torch.manual_seed(0)
-    m = create_model("S/16", img_size=img_size, patch_size=patch, num_classes=11, num_blocks=2, hidden_dim=32,
-                     tokens_mlp_dim=16, channels_mlp_dim=64, gelu=gelu)
+    m = create_model("S/16", img_size=img_size, patch_size=patch, num_classes=num_classes, num_blocks=2,
+                     hidden_dim=32, tokens_mlp_dim=16, channels_mlp_dim=64, gelu=gelu, in_chans=in_chans)
     with torch.no_grad():  # the zero head would make every logit 0: perturb all parameters
         for p in m.parameters():
             p.add_(torch.randn_like(p) * 0.05)
@@ -30,9 +33,9 @@ def rel(a: torch.Tensor, b: torch.Tensor) -> float:
 def test_onnx_matches_pytorch_at_any_batch(tmp_path, img_size, patch, gelu):
     pytest.importorskip("onnxruntime")
     model = small(img_size, patch, gelu)
-    run = load_exported(export_model(model, "onnx", tmp_path / "m.onnx"), "onnx")
+    run = load_exported(export_model(model, "onnx", tmp_path / "m.onnx").path, "onnx")
     assert [p.name for p in tmp_path.iterdir()] == ["m.onnx"]  # one file: no weights beside it
-    for batch in (1, 5):  # traced with batch 2: the batch axis is dynamic
+    for batch in (1, 3, 17):  # traced with batch 2: the batch axis is dynamic
         x = torch.randn(batch, 3, img_size, img_size)
         with torch.no_grad():
             ref = model(x)
@@ -42,13 +45,16 @@ def test_onnx_matches_pytorch_at_any_batch(tmp_path, img_size, patch, gelu):
 
 
 @pytest.mark.parametrize("fmt, name", [("torchscript", "m.pt"), ("exported-program", "m.pt2")])
-def test_torch_formats_match_at_any_batch(tmp_path, fmt, name):
-    model = small(48, 8)
-    run = load_exported(export_model(model, fmt, tmp_path / name), fmt)
-    for batch in (1, 3):
-        x = torch.randn(batch, 3, 48, 48)
+@pytest.mark.parametrize("img_size, in_chans, num_classes", [(48, 3, 11), ((32, 64), 1, 11), (32, 3, 0)])
+def test_torch_formats_match_at_any_batch(tmp_path, fmt, name, img_size, in_chans, num_classes):
+    model = small(img_size, 8, in_chans=in_chans, num_classes=num_classes)  # rectangular, 1-channel, headless
+    run = load_exported(export_model(model, fmt, tmp_path / name).path, fmt)
+    for batch in (1, 3, 17):
+        x = torch.randn(batch, in_chans, *model.config.img_size)
         with torch.no_grad():
-            assert rel(run(x), model(x)) <= 1e-5
+            ref = model(x)
+        assert run(x).shape == ref.shape == (batch, num_classes or 32)
+        assert rel(run(x), ref) <= 1e-5
 
 
 def test_export_leaves_the_model_usable(tmp_path):
@@ -118,3 +124,86 @@ def test_export_command_refuses_what_would_lose_or_mislabel_a_file(tmp_path, cap
     (tmp_path / "model.onnx").write_bytes(b"onnx")
     with pytest.raises(ValueError, match="is an exported model"):
         load_checkpoint(tmp_path / "model.onnx")
+
+
+def test_a_permuted_run_exports_with_its_permutation_built_in(tmp_path, capsys):
+    from mlpmixer.cli import main
+
+    model = small(48, 8)
+    save_checkpoint(model, tmp_path / "model.safetensors")
+    (tmp_path / "config.json").write_text(json.dumps({"recipe": {"permute": "pixels", "permute_seed": 3}}))
+    x = torch.randn(3, 3, 48, 48)
+    with torch.no_grad():
+        permuted, plain = model(FixedPermutation("pixels", 48, 8, seed=3)(x)), model(x)
+    assert rel(plain, permuted) > 0.01  # the permutation changes the logits, so the check below can fail
+    assert main(["export", str(tmp_path), "--format", "torchscript"]) == 0
+    assert "permutation (pixels, seed 3) is built in" in capsys.readouterr().out
+    assert rel(load_exported(tmp_path / "model.pt", "torchscript")(x), permuted) <= 1e-5  # takes images as they are
+    # --permute none: a file for images the caller permutes (or a run that should not have recorded one).
+    assert main(["export", str(tmp_path), "--format", "torchscript", "--permute", "none"]) == 0
+    assert rel(load_exported(tmp_path / "model.pt", "torchscript")(x), plain) <= 1e-5
+
+
+def test_a_file_that_fails_the_check_is_not_written_and_the_old_one_stays(tmp_path, monkeypatch):
+    import mlpmixer.export as export
+
+    def another_model(model, x, path, opset):  # a broken exporter: the file holds other weights
+        other = small(48, 8).eval()
+        with torch.no_grad():
+            other.head.bias.add_(1.0)
+        torch.jit.save(torch.jit.trace(other, (x,), check_trace=False), path)
+
+    monkeypatch.setattr(export, "_torchscript", another_model)
+    (tmp_path / "m.pt").write_bytes(b"the file a deployment uses")
+    with pytest.raises(ExportError, match="differ from PyTorch's by .* nothing was written"):
+        export_model(small(48, 8), "torchscript", tmp_path / "m.pt")
+    assert (tmp_path / "m.pt").read_bytes() == b"the file a deployment uses"
+    assert [p.name for p in tmp_path.iterdir()] == ["m.pt"]  # no temporary file left either
+
+
+@pytest.mark.parametrize("module", ["onnx", "onnxruntime", "onnxscript"])
+def test_a_missing_onnx_package_is_named_before_exporting(tmp_path, monkeypatch, module):
+    import importlib
+
+    import mlpmixer.export as export
+
+    if module == "onnxscript" and not export._uses_torch_export_exporter():
+        pytest.skip("torch's TorchScript-based ONNX exporter needs no onnxscript")
+    real_import = importlib.import_module
+
+    def without(name, *args, **kwargs):
+        if name == module:
+            raise ImportError(f"No module named {name!r}")
+        return real_import(name, *args, **kwargs)
+
+    monkeypatch.setattr(export.importlib, "import_module", without)
+    monkeypatch.setattr(export, "_onnx", lambda *a: pytest.fail("exported before saying what is missing"))
+    with pytest.raises(ExportError, match=f"need the {module} package; install it with pip install"):
+        export_model(small(48, 8), "onnx", tmp_path / "m.onnx")
+    assert list(tmp_path.iterdir()) == []
+
+
+def test_an_onnx_opset_the_exporter_does_not_write_is_refused(tmp_path):
+    pytest.importorskip("onnxruntime")
+    import mlpmixer.export as export
+
+    if not export._uses_torch_export_exporter():
+        pytest.skip("torch's TorchScript-based ONNX exporter writes opset 13 as asked")
+    (tmp_path / "m.onnx").write_bytes(b"old")
+    # It cannot convert a Mixer below its own opset 18 (ReduceMean's axes) and kept 18 without an error.
+    with pytest.raises(ExportError, match="wrote opset 18 instead of 13.* use the default, 18"):
+        export_model(small(32, 16), "onnx", tmp_path / "m.onnx", opset=13)
+    assert [p.name for p in tmp_path.iterdir()] == ["m.onnx"] and (tmp_path / "m.onnx").read_bytes() == b"old"
+
+
+def test_an_unwritable_folder_is_one_sentence(tmp_path, monkeypatch):
+    real_open = os.open
+
+    def refuse_new_files(path, flags, *args):  # as a folder without write permission does (tests may run as root)
+        if flags & os.O_CREAT:
+            raise PermissionError(13, "Permission denied", path)
+        return real_open(path, flags, *args)
+
+    monkeypatch.setattr(os, "open", refuse_new_files)
+    with pytest.raises(ExportError, match=f"Cannot write to {tmp_path}: permission denied; choose another output"):
+        export_model(small(48, 8), "torchscript", tmp_path / "m.pt")

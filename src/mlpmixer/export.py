@@ -3,6 +3,8 @@
 Every format takes a dynamic batch size; the resolution is the model's own (a Mixer's token MLP
 fixes it, SPEC §5: convert with `mixer resize` first for another one). The model's input check
 only looks at the channel and spatial sizes, which are static, so it traces and exports as is.
+Every file is reloaded and checked against PyTorch before it replaces `out`, so a file that fails
+the check never lands there and an older file of that name stays.
 """
 
 from __future__ import annotations
@@ -12,6 +14,7 @@ import importlib
 import inspect
 import os
 import warnings
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable
 
@@ -21,12 +24,37 @@ from .checkpoints import atomic_write
 from .choices import EXPORT_FORMATS as FORMATS
 from .choices import EXPORT_SUFFIXES as SUFFIXES
 from .model import MlpMixer
+from .permute import FixedPermutation
 
 ACCEPTED_SUFFIXES = {"onnx": (".onnx",), "torchscript": (".pt", ".pth", ".ts"), "exported-program": (".pt2",)}
+# The issue's bound on the reloaded file's outputs against PyTorch's (relative, over the batch).
+TOLERANCE = 1e-4
 
 
 class ExportError(ValueError):
     """An export that cannot be done as asked."""
+
+
+@dataclass(frozen=True)
+class ExportedFile:
+    """A written, checked export: where it is and how far its outputs are from PyTorch's (relative)."""
+
+    path: Path
+    relative_error: float
+
+
+class PermutedInput(torch.nn.Module):
+    """A run's fixed pixel permutation (paper Figure 4) in front of its model, so that the exported file
+    takes images as they are: without it, a deployed permuted-run model would get unpermuted images and
+    give wrong predictions without any error."""
+
+    def __init__(self, model: MlpMixer, permutation: FixedPermutation) -> None:
+        super().__init__()
+        self.model = model
+        self.register_buffer("index", permutation.index.clone())
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:  # named x, as MlpMixer.forward: dynamic_shapes name it
+        return self.model(x.flatten(-2)[..., self.index].view_as(x))
 
 
 def _require(module: str):
@@ -35,8 +63,14 @@ def _require(module: str):
         return importlib.import_module(module)
     except ImportError:
         raise ExportError(
-            f"ONNX export needs the {module} package; install it with pip install 'mlpmixer[export]'."
+            f"ONNX export and its check need the {module} package; install it with pip install 'mlpmixer[export]'."
         ) from None
+
+
+def _uses_torch_export_exporter() -> bool:
+    """Whether torch.onnx.export defaults to its torch.export-based exporter (torch >= 2.9), which needs onnxscript."""
+    dynamo = inspect.signature(torch.onnx.export).parameters.get("dynamo")
+    return dynamo is not None and dynamo.default is True
 
 
 def _example(model: MlpMixer, batch: int = 2) -> torch.Tensor:
@@ -44,42 +78,88 @@ def _example(model: MlpMixer, batch: int = 2) -> torch.Tensor:
     return torch.randn(batch, cfg.in_chans, *cfg.img_size)
 
 
-def export_model(model: MlpMixer, fmt: str, out: str | os.PathLike, opset: int = 18) -> Path:
-    """Write `model` (in eval mode, fp32, on the CPU) to `out` in format `fmt`; returns the path."""
+def export_model(model: MlpMixer, fmt: str, out: str | os.PathLike, opset: int = 18,
+                 permutation: FixedPermutation | None = None) -> ExportedFile:
+    """Write `model` (in eval mode, fp32, on the CPU) to `out` in format `fmt`, with `permutation` (the fixed
+    one its run was trained with, if any) built in, after checking the file against PyTorch."""
     if fmt not in FORMATS:
         raise ExportError(f"Unknown export format {fmt!r}; use one of {', '.join(FORMATS)}.")
     # torch.export.load needs .pt2, say (a folder is atomic_write's to refuse).
     if not Path(out).is_dir() and Path(out).suffix.lower() not in ACCEPTED_SUFFIXES[fmt]:
         raise ExportError(f"{'An' if fmt[0] in 'aeiou' else 'A'} {fmt} file is named {' or '.join(ACCEPTED_SUFFIXES[fmt])}: name it "
                           f"{Path(out).with_suffix(SUFFIXES[fmt]).name} instead of {Path(out).name}.")
+    if fmt == "onnx":
+        # Before the export (seconds to minutes), not after: each is needed to write or to check the file.
+        newest = _require("onnx").defs.onnx_opset_version()
+        _require("onnxruntime")
+        if _uses_torch_export_exporter():
+            _require("onnxscript")
+        if not 1 <= opset <= newest:  # the torch.export-based exporter would write a file no runtime loads
+            raise ExportError(f"ONNX opset {opset} is not one the installed onnx package knows (1 to {newest}); "
+                              "the default, 18, works.")
     model = copy.deepcopy(model).float().cpu().eval()  # the caller's model keeps its dtype, device and mode
+    program = model if permutation is None else PermutedInput(model, permutation).eval()
     x = _example(model)
     writer = {"onnx": _onnx, "torchscript": _torchscript, "exported-program": _exported_program}[fmt]
+    errors: list[float] = []
+
+    def write_and_check(tmp: str) -> None:
+        writer(program, x, tmp, opset)
+        errors.append(_check(program, tmp, fmt, opset, x.shape[1:]))
+
     with torch.no_grad(), warnings.catch_warnings():
         # Tracing warns about the shape checks becoming constants: they only read static sizes.
         warnings.simplefilter("ignore", torch.jit.TracerWarning)
         # Recent PyTorch marks torch.jit deprecated; TorchScript is still what its users load.
         warnings.filterwarnings("ignore", message=".*torch.jit.*deprecated", category=FutureWarning)
-        return atomic_write(out, lambda tmp: writer(model, x, tmp, opset))
+        try:
+            path = atomic_write(out, write_and_check)
+        except PermissionError:
+            raise ExportError(f"Cannot write to {Path(out).parent}: permission denied; choose another "
+                              "output file.") from None
+    return ExportedFile(path, errors[0])
 
 
-def _onnx(model: MlpMixer, x: torch.Tensor, path: str, opset: int) -> None:
-    newest = _require("onnx").defs.onnx_opset_version()
-    if not 1 <= opset <= newest:  # the torch.export-based exporter would write a file no runtime loads
-        raise ExportError(f"ONNX opset {opset} is not one the installed onnx package knows (1 to {newest}); "
-                          "the default, 18, works.")
+def _check(program: torch.nn.Module, path: str, fmt: str, opset: int, image_shape: torch.Size) -> float:
+    """The file's largest relative error against `program` at batch sizes 1 and 3 (it was traced with 2);
+    an ExportError where it does not load or run, or differs by more than TOLERANCE."""
+    if fmt == "onnx":
+        written = next(o.version for o in _require("onnx").load(path, load_external_data=False).opset_import
+                       if o.domain in ("", "ai.onnx"))
+        if written != opset:  # torch's exporter keeps its own opset where it cannot convert to the one asked for
+            raise ExportError(f"torch's ONNX exporter wrote opset {written} instead of {opset}, which it cannot "
+                              "convert this model to; use the default, 18, or another opset it writes.")
+    try:
+        run = load_exported(path, fmt)
+        pairs = [(run(x), program(x)) for x in (torch.randn(batch, *image_shape) for batch in (1, 3))]
+    except Exception as e:  # a file its runtime refuses (an ONNX opset without an operator it needs, say)
+        first = (str(e).strip().splitlines() or [type(e).__name__])[0]
+        raise ExportError(f"The exported file did not run ({first}); nothing was written."
+                          + (" The default --opset, 18, works." if fmt == "onnx" and opset != 18 else "")) from None
+    worst = max(((got - ref).norm() / ref.norm().clamp_min(1e-12)).item() if got.shape == ref.shape else float("inf")
+                for got, ref in pairs)
+    if not worst <= TOLERANCE:
+        raise ExportError(f"The exported file's outputs differ from PyTorch's by {worst:.1e} (relative, more than "
+                          f"{TOLERANCE:g}); nothing was written. Please report it with the checkpoint.")
+    ref = pairs[1][1]
+    if torch.equal(ref, ref[:1].expand_as(ref)):  # a zero head (new, untrained): the same logits for any image
+        warnings.warn("the model's logits do not depend on the image (its head is zero, as a new head is), so the "
+                      "check compared only the head's bias; export a trained model to check the rest.")
+    return worst
+
+
+def _onnx(model: torch.nn.Module, x: torch.Tensor, path: str, opset: int) -> None:
     # The exporter torch recommends for its version: torch.export-based where it is the default (torch >= 2.9;
     # a graph of fewer, fused nodes, though about 10x slower to write), TorchScript-based before that (torch
     # 2.4 has no other; in 2.5-2.8 the new one was still being built). Both give a symbolic batch size.
-    dynamo = inspect.signature(torch.onnx.export).parameters.get("dynamo")
-    if dynamo is not None and dynamo.default is True:
+    if _uses_torch_export_exporter():
         # external_data=False: one file (weights inside, as the older exporter writes them; H/14 fits in
         # ONNX's 2 GB), not a second one named after the temporary file that atomic_write renames.
         extra = {"dynamo": True, "verbose": False, "external_data": False,
                  "dynamic_shapes": {"x": {0: torch.export.Dim("batch", min=1)}}}
     else:
         extra = {"dynamic_axes": {"images": {0: "batch"}, "logits": {0: "batch"}}}
-        if dynamo is not None:
+        if "dynamo" in inspect.signature(torch.onnx.export).parameters:
             extra["dynamo"] = False
     try:
         torch.onnx.export(model, (x,), path, input_names=["images"], output_names=["logits"], opset_version=opset,
@@ -89,12 +169,12 @@ def _onnx(model: MlpMixer, x: torch.Tensor, path: str, opset: int) -> None:
         raise ExportError(f"ONNX export at opset {opset} failed ({first}); the default, 18, works.") from None
 
 
-def _torchscript(model: MlpMixer, x: torch.Tensor, path: str, opset: int) -> None:
+def _torchscript(model: torch.nn.Module, x: torch.Tensor, path: str, opset: int) -> None:
     traced = torch.jit.trace(model, (x,), check_trace=False)
     torch.jit.save(traced, path)
 
 
-def _exported_program(model: MlpMixer, x: torch.Tensor, path: str, opset: int) -> None:
+def _exported_program(model: torch.nn.Module, x: torch.Tensor, path: str, opset: int) -> None:
     batch = torch.export.Dim("batch", min=1)
     program = torch.export.export(model, (x,), dynamic_shapes={"x": {0: batch}})
     torch.export.save(program, path)

@@ -3,31 +3,31 @@
 from __future__ import annotations
 
 import argparse
-import warnings
 from pathlib import Path
 
 from ..choices import EXPORT_FORMATS, EXPORT_SUFFIXES
+from . import add_permute_arguments, run_permutation
 
 
 def register(p: argparse.ArgumentParser) -> None:
     p.description = (
         "Export a model for deployment at its own resolution (convert it with `mixer resize` "
-        "for another one), with a dynamic batch size; the written file is reloaded and checked against "
-        "PyTorch on random images."
+        "for another one), with a dynamic batch size; the file takes pixels scaled to [-1, 1], with the fixed "
+        "permutation of a run trained with --permute built in. It is reloaded and checked against PyTorch on "
+        "random images before it is moved into place: a file that fails the check is not written."
     )
     p.add_argument("checkpoint", help="checkpoint file or run directory")
     p.add_argument("--format", choices=EXPORT_FORMATS, default="onnx", help="file format (default onnx)")
     p.add_argument("--out", default=None, help="output file (default: next to the checkpoint, or model.* inside a run directory, "
                    + ", ".join(f"{v} for {k}" for k, v in EXPORT_SUFFIXES.items()) + ")")
     p.add_argument("--opset", type=int, default=18, help="ONNX opset (default 18)")
+    add_permute_arguments(p)
     p.set_defaults(func=run)
 
 
 def run(args: argparse.Namespace) -> int:
-    import torch
-
     from ..checkpoints import check_not_the_source, load_checkpoint
-    from ..export import export_model, load_exported
+    from ..export import export_model
 
     src = Path(args.checkpoint)
     suffix = EXPORT_SUFFIXES[args.format]
@@ -36,27 +36,13 @@ def run(args: argparse.Namespace) -> int:
     out = Path(args.out) if args.out else default
     check_not_the_source(src, out)
     model = load_checkpoint(args.checkpoint).eval()
-    path = export_model(model, args.format, out, opset=args.opset)
-    # Check the file, at a batch size other than the one it was traced with.
-    x = torch.randn(3, model.config.in_chans, *model.config.img_size)
-    try:
-        with torch.no_grad(), warnings.catch_warnings():
-            warnings.filterwarnings("ignore", message=".*torch.jit.*deprecated", category=FutureWarning)
-            ref = model(x)
-            got = load_exported(path, args.format)(x)
-    except Exception as e:  # a file its runtime refuses (an ONNX opset without an operator it needs, say)
-        path.unlink()
-        first = (str(e).strip().splitlines() or [type(e).__name__])[0]
-        raise ValueError(f"The exported file did not run ({first}); it was removed. With --format onnx, the "
-                         "default --opset 18 works.") from None
-    err = ((got - ref).norm() / ref.norm().clamp_min(1e-12)).item()
-    h, w = model.config.img_size
-    print(f"Wrote {model.config.describe()} as {args.format} to {path} (input: batch×{model.config.in_chans}×{h}×{w}, "
-          f"any batch); reloaded, relative error against PyTorch {err:.1e}.")
-    if err > 1e-4:
-        raise ValueError(f"The exported model's logits differ from PyTorch's by {err:.1e} (relative); "
-                         "do not deploy this file — please report it with the checkpoint.")
-    if torch.equal(ref, ref[:1].expand_as(ref)):  # a zero head (new, untrained): the same logits for any image
-        warnings.warn("the model's logits do not depend on the image (its head is zero, as a new head is), so the "
-                      "check above compared only the head's bias; export a trained model to check the rest.")
+    permutation = run_permutation(args.checkpoint, model.config, args.permute, args.permute_seed)
+    exported = export_model(model, args.format, out, opset=args.opset, permutation=permutation)
+    cfg = model.config
+    (h, w), outputs = cfg.img_size, (f"{cfg.num_classes} logits" if cfg.num_classes else f"{cfg.hidden_dim} features")
+    built_in = (f"; the run's fixed permutation ({permutation.mode}, seed {permutation.seed}) is built in: give it "
+                "images as they are" if permutation is not None else "")
+    print(f"Wrote {cfg.describe()} as {args.format} to {exported.path} (input: batch×{cfg.in_chans}×{h}×{w}, any batch, "
+          f"pixels in [-1, 1]; output: batch×{outputs}{built_in}); reloaded, relative error against PyTorch "
+          f"{exported.relative_error:.1e}.")
     return 0
