@@ -113,6 +113,9 @@ def test_export_command_refuses_what_would_lose_or_mislabel_a_file(tmp_path, cap
         (["--format", "onnx", "--out", str(tmp_path / "m.pt")], "An onnx file is named .onnx: name it m.onnx"),
         (["--format", "torchscript", "--out", str(tmp_path)], "is a folder; give the name of a file"),
         (["--format", "onnx", "--opset", "99"], "ONNX opset 99 is not one the installed onnx package knows"),
+        (["--format", "onnx", "--opset", "0"], "ONNX opset 0 is not one the installed onnx package knows"),
+        (["--format", "torchscript", "--opset", "17"], "--opset sets the ONNX opset; a torchscript file has none"),
+        (["--format", "torchscript", "--permute-seed", "3"], "--permute-seed needs --permute"),
     ):
         assert main(["export", str(ckpt), *argv]) == 2
         err = capsys.readouterr().err

@@ -80,6 +80,8 @@ def run_permutation(checkpoint: str, config: MixerConfig, mode: Optional[str] = 
     if recipe.get("permute") not in (None, *PERMUTE_MODES) or not isinstance(recipe.get("permute_seed") or 0, int):
         raise ValueError(f"The run configuration beside {checkpoint} records no valid permutation (permute "
                          f"{recipe.get('permute')!r}, seed {recipe.get('permute_seed')!r}); restore its config.json.")
+    if seed is not None and not (mode or recipe.get("permute")):  # a seed alone would be ignored without a word
+        raise ValueError(f"--permute-seed needs --permute: no permutation is recorded beside {checkpoint}.")
     mode = mode or recipe.get("permute")
     seed = (recipe.get("permute_seed") or 0) if seed is None else seed
     if not mode or mode == "none":

@@ -20,7 +20,7 @@ def register(p: argparse.ArgumentParser) -> None:
     p.add_argument("--format", choices=EXPORT_FORMATS, default="onnx", help="file format (default onnx)")
     p.add_argument("--out", default=None, help="output file (default: next to the checkpoint, or model.* inside a run directory, "
                    + ", ".join(f"{v} for {k}" for k, v in EXPORT_SUFFIXES.items()) + ")")
-    p.add_argument("--opset", type=int, default=18, help="ONNX opset (default 18)")
+    p.add_argument("--opset", type=int, default=None, help="ONNX opset (default 18; --format onnx only)")
     add_permute_arguments(p)
     p.set_defaults(func=run)
 
@@ -29,6 +29,8 @@ def run(args: argparse.Namespace) -> int:
     from ..checkpoints import check_not_the_source, load_checkpoint
     from ..export import export_model
 
+    if args.opset is not None and args.format != "onnx":
+        raise ValueError(f"--opset sets the ONNX opset; a {args.format} file has none (leave it out, or use --format onnx).")
     src = Path(args.checkpoint)
     suffix = EXPORT_SUFFIXES[args.format]
     # By default next to the checkpoint, or inside the run directory given: runs/b/model.onnx, not runs/b.onnx.
@@ -37,7 +39,7 @@ def run(args: argparse.Namespace) -> int:
     check_not_the_source(src, out)
     model = load_checkpoint(args.checkpoint).eval()
     permutation = run_permutation(args.checkpoint, model.config, args.permute, args.permute_seed)
-    exported = export_model(model, args.format, out, opset=args.opset, permutation=permutation)
+    exported = export_model(model, args.format, out, opset=18 if args.opset is None else args.opset, permutation=permutation)
     cfg = model.config
     (h, w), outputs = cfg.img_size, (f"{cfg.num_classes} logits" if cfg.num_classes else f"{cfg.hidden_dim} features")
     built_in = (f"; the run's fixed permutation ({permutation.mode}, seed {permutation.seed}) is built in: give it "

@@ -154,14 +154,15 @@ def run(args: argparse.Namespace) -> int:
     feats, labels, eval_feats, eval_labels, names = train_and_eval_features(args)
     # A shot count the smallest class cannot fill is skipped, said once; the others are still reported.
     smallest = int(labels.bincount(minlength=len(names)).min())
+    images = f"{smallest} image" + ("" if smallest == 1 else "s")
     if max(shots) > smallest:
         too_many = [k for k in shots if k > smallest]
         shots = [k for k in shots if k <= smallest]
         if not shots:
-            raise ValueError(f"The smallest class of the support pool has {smallest} images, fewer than any of the "
+            raise ValueError(f"The smallest class of the support pool has {images}, fewer than any of the "
                              f"shot counts {args.shots}; use fewer shots or more data.")
         warnings.warn(f"skipped {', '.join(map(str, too_many))}-shot: the smallest class of the support pool has "
-                      f"{smallest} images.")
+                      f"{images}.")
     results = fewshot_evaluate(feats, labels, eval_feats, eval_labels, shots=shots, num_classes=len(names),
                                l2=args.l2, draws=args.draws, seed=args.seed, class_names=names)
     if args.json:
