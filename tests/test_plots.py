@@ -99,3 +99,13 @@ def test_a_run_shorter_than_the_logging_interval(tmp_path: Path):
     # Ticks 0.0025 apart: each label is written out in full (2.2975, not a second "2.3").
     labels = loss_tick_labels(path)
     assert "2.2975" in labels and len(set(labels)) == len(labels)
+
+
+def test_many_evaluations_are_a_line_not_a_band_of_dots(tmp_path: Path):
+    rows = [{"step": s, "val_loss": 1 / s, "val_top1": 0.9} for s in range(100, 10_100, 100)]
+    path = tmp_path / "metrics.jsonl"
+    path.write_text("".join(json.dumps(m) + "\n" for m in rows))
+    assert {line.get_marker() for ax in curves_figure(path).axes for line in ax.get_lines()} == {"None"}
+    # The default five evaluations keep their dots.
+    path.write_text("".join(json.dumps(m) + "\n" for m in rows[:5]))
+    assert {line.get_marker() for ax in curves_figure(path).axes for line in ax.get_lines()} == {"o"}

@@ -82,8 +82,10 @@ def curves_figure(metrics: str | Path, train_label: str = "training (as optimise
         ax_acc.plot(steps, [100 * m["train_acc"] for m in train], marker=marker, label=train_label)
     if val:
         steps = [m["step"] for m in val]
-        ax_loss.plot(steps, [m["val_loss"] for m in val], "o-", label=val_label)
-        ax_acc.plot(steps, [100 * m["val_top1"] for m in val], "o-", label=val_label)
+        # A dot per evaluation while they are few; a hundred (--evals 100) made a band of dots over the training curve.
+        marker = "o" if len(val) <= 25 else None
+        ax_loss.plot(steps, [m["val_loss"] for m in val], marker=marker, label=val_label)
+        ax_acc.plot(steps, [100 * m["val_top1"] for m in val], marker=marker, label=val_label)
         ax_acc.set_title(f"accuracy (final validation {100 * val[-1]['val_top1']:.2f}%)")
     else:
         ax_acc.set_title("accuracy")
