@@ -64,3 +64,13 @@ def test_a_picture_format_matplotlib_lacks_is_one_sentence(tmp_path):
         save_figure(Figure(), tmp_path / "p.txt")
     assert not list(tmp_path.iterdir())
     assert save_figure(Figure(), tmp_path / "p.SVG").read_bytes().startswith(b"<?xml")
+
+
+def test_a_class_without_images_is_grey_not_zero():
+    # Class 2 has no images: its row has no rate, unlike a class never predicted right (class 1).
+    fig = confusion_figure([0, 0, 2], [0, 1, 1], ["a", "b", "c"])
+    ax = fig.axes[0]
+    rates = ax.images[0].get_array()
+    assert rates[1].tolist() == [0.5, 0.0, 0.5] and np.ma.getmaskarray(rates)[2].all()
+    assert ax.get_ylabel() == "true class; grey: no images"
+    assert confusion_figure([0, 1], [0, 1], ["a", "b"]).axes[0].get_ylabel() == "true class"

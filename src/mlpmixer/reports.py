@@ -6,6 +6,7 @@ import os
 from pathlib import Path
 from typing import Sequence, Union
 
+import matplotlib
 import numpy as np
 import torch
 from matplotlib.figure import Figure
@@ -66,14 +67,16 @@ def confusion_figure(preds: Labels, labels: Labels, class_names: Sequence[str], 
     n = len(class_names)
     cm = confusion_matrix(preds, labels, n)
     totals = cm.sum(axis=1, keepdims=True)
-    rates = cm / np.maximum(totals, 1)
+    # A class without images has no rate: drawn grey, not as the white of a class never predicted right.
+    rates = np.where(totals > 0, cm / np.maximum(totals, 1), np.nan)
     named = n <= 40  # beyond that the names overlap; the picture still shows the structure
     # Inches: room for the counts written in the cells (up to 20 classes), for the names (up to 40); for more,
     # cells of a few pixels and text that still reads at a paper's or a notebook's width.
     side = max(4.0, 0.45 * n + 2.0) if n <= 20 else 0.25 * n + 2.0 if named else 10.0
     fig = Figure(figsize=(side + 1.2, side))
     ax = fig.subplots()
-    im = ax.imshow(rates, cmap="Blues", vmin=0.0, vmax=1.0, interpolation="nearest")
+    cmap = matplotlib.colormaps["Blues"].with_extremes(bad="0.75")
+    im = ax.imshow(rates, cmap=cmap, vmin=0.0, vmax=1.0, interpolation="nearest")
     fig.colorbar(im, ax=ax, fraction=0.046, pad=0.04, label="fraction of the true class")
     if named:
         names = short_class_names(class_names)
@@ -88,7 +91,7 @@ def confusion_figure(preds: Labels, labels: Labels, class_names: Sequence[str], 
     # Without names the ticks are the classes' indices, in the order of the class list.
     unit = "" if named else " (index)"
     ax.set_xlabel("predicted class" + unit)
-    ax.set_ylabel("true class" + unit)
+    ax.set_ylabel("true class" + unit + ("; grey: no images" if (totals == 0).any() else ""))
     acc = np.trace(cm) / max(cm.sum(), 1)
     ax.set_title(title or f"Confusion matrix: {cm.sum()} images, accuracy {100 * acc:.2f}%")
     return fig
