@@ -74,3 +74,10 @@ def test_a_class_without_images_is_grey_not_zero():
     assert rates[1].tolist() == [0.5, 0.0, 0.5] and np.ma.getmaskarray(rates)[2].all()
     assert ax.get_ylabel() == "true class; grey: no images"
     assert confusion_figure([0, 1], [0, 1], ["a", "b"]).axes[0].get_ylabel() == "true class"
+
+
+def test_dollar_signs_in_names_and_title_are_plain_text(tmp_path):
+    # As mathtext, "x$^$y" was a parse error that stopped `mixer eval --report` after the evaluation.
+    path = confusion_matrix_png([0, 1], [0, 1], ["cost_$1$", "x$^$y"], tmp_path / "cm.png", title="on $data$")
+    with Image.open(path) as im:
+        assert im.format == "PNG"

@@ -80,8 +80,11 @@ def confusion_figure(preds: Labels, labels: Labels, class_names: Sequence[str], 
     fig.colorbar(im, ax=ax, fraction=0.046, pad=0.04, label="fraction of the true class")
     if named:
         names = short_class_names(class_names)
-        ax.set_xticks(range(n), names, rotation=90 if n > 10 or max(map(len, names)) > 6 else 0, fontsize=8)
-        ax.set_yticks(range(n), names, fontsize=8)
+        # parse_math=False: names (folder names) and the title (a data path) are plain text; "$" in them
+        # is not mathtext, where a stray "^" or "_" stopped the report with a parse error.
+        ax.set_xticks(range(n), names, rotation=90 if n > 10 or max(map(len, names)) > 6 else 0, fontsize=8,
+                      parse_math=False)
+        ax.set_yticks(range(n), names, fontsize=8, parse_math=False)
     if n <= 20:
         for i in range(n):
             for j in range(n):
@@ -93,7 +96,7 @@ def confusion_figure(preds: Labels, labels: Labels, class_names: Sequence[str], 
     ax.set_xlabel("predicted class" + unit)
     ax.set_ylabel("true class" + unit + ("; grey: no images" if (totals == 0).any() else ""))
     acc = np.trace(cm) / max(cm.sum(), 1)
-    ax.set_title(title or f"Confusion matrix: {cm.sum()} images, accuracy {100 * acc:.2f}%")
+    ax.set_title(title or f"Confusion matrix: {cm.sum()} images, accuracy {100 * acc:.2f}%", parse_math=False)
     return fig
 
 
