@@ -81,3 +81,31 @@ def test_one_legend_below_the_panels(metrics: Path, tmp_path: Path):
     # ... and still in the picture.
     with Image.open(plot_curves(metrics, tmp_path / "curves.png")) as im:
         assert im.format == "PNG" and im.height > 100 * 4 + 20
+
+
+def test_a_run_shorter_than_the_logging_interval(tmp_path: Path):
+    # `--steps 3 --evals 1`: one training line and one evaluation, both at step 3, losses 0.02 apart.
+    path = tmp_path / "metrics.jsonl"
+    path.write_text(json.dumps({"step": 3, "train_loss": 2.3158, "train_acc": 0.107}) + "\n"
+                    + json.dumps({"step": 3, "val_loss": 2.2962, "val_top1": 0.08}) + "\n")
+    fig = curves_figure(path)
+    FigureCanvasAgg(fig).draw()
+    # A line through a single point draws nothing: the lone training point needs a marker.
+    assert all(line.get_marker() not in ("None", "", None) for ax in fig.axes for line in ax.get_lines())
+    # Steps are whole: not 2.96, 3.04 around the one step there is.
+    for ax in fig.axes:
+        assert "3" in [t.get_text() for t in ax.get_xticklabels()]
+        assert all(t.get_text().isdigit() for t in ax.get_xticklabels())
+    # Ticks 0.0025 apart: each label is written out in full (2.2975, not a second "2.3").
+    labels = loss_tick_labels(path)
+    assert "2.2975" in labels and len(set(labels)) == len(labels)
+
+
+def test_many_evaluations_are_a_line_not_a_band_of_dots(tmp_path: Path):
+    rows = [{"step": s, "val_loss": 1 / s, "val_top1": 0.9} for s in range(100, 10_100, 100)]
+    path = tmp_path / "metrics.jsonl"
+    path.write_text("".join(json.dumps(m) + "\n" for m in rows))
+    assert {line.get_marker() for ax in curves_figure(path).axes for line in ax.get_lines()} == {"None"}
+    # The default five evaluations keep their dots.
+    path.write_text("".join(json.dumps(m) + "\n" for m in rows[:5]))
+    assert {line.get_marker() for ax in curves_figure(path).axes for line in ax.get_lines()} == {"o"}

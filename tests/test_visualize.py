@@ -140,3 +140,45 @@ def test_stem_with_unit_options_is_refused(tmp_path, capsys):
         out = tmp_path / "s.png"
         assert main(["show-weights", str(tmp_path / "m.safetensors"), "--out", str(out), "--stem", *extra]) == 2
         assert "which --stem does not draw" in capsys.readouterr().err and not out.exists()
+
+
+def drawn_figure(monkeypatch, plot, *args, **kwargs):
+    """The figure `plot` saves, drawn, and its renderer."""
+    import mlpmixer.visualize as visualize
+    from matplotlib.backends.backend_agg import FigureCanvasAgg
+
+    figures = []
+    monkeypatch.setattr(visualize, "save_figure", lambda fig, path: figures.append(fig) or path)
+    plot(*args, **kwargs)
+    renderer = FigureCanvasAgg(figures[0]).get_renderer()
+    figures[0].draw(renderer)
+    return figures[0], renderer
+
+
+def test_rows_of_pairs_are_even(tmp_path, monkeypatch):
+    # 12 pairs: two rows of 6, not 8 and 4 with half a row of gap colour that reads as missing units.
+    torch.manual_seed(0)
+    model = create_model("digits/4", img_size=(16, 16), hidden_dim=12, num_blocks=1, tokens_mlp_dim=24,
+                         channels_mlp_dim=8, num_classes=2)
+    fig, _ = drawn_figure(monkeypatch, plot_token_mixing, model, tmp_path / "units.png")
+    mosaic = fig.axes[0].images[0].get_array()
+    tile = 4  # the 4×4 patch grid
+    rows = (mosaic.shape[0] + 1) // (tile + 1)
+    pairs_a_row = (mosaic.shape[1] + 3) // (2 * tile + 1 + 3)  # a pair is two tiles and a gap, pairs 3 apart
+    assert (rows, pairs_a_row) == (2, 6)
+
+
+def test_one_channel_stem_has_a_centred_colour_bar_and_no_blank_band(tmp_path, monkeypatch):
+    fig, renderer = drawn_figure(monkeypatch, plot_stem, tiny(in_chans=1), tmp_path / "stem.png")
+    image = fig.axes[0].images[0]
+    assert image.colorbar is not None and image.colorbar.ax.get_yticks().tolist() == [-1, 0, 1]
+    assert image.norm.vmin == -image.norm.vmax  # zero (white, in a diverging map) in the middle
+    # The title sits just above the mosaic: at most a quarter inch between them.
+    gap = fig._suptitle.get_window_extent(renderer).y0 - image.axes.get_window_extent(renderer).y1
+    assert gap <= 0.25 * fig.dpi
+
+
+def test_stem_rows_are_even(tmp_path, monkeypatch):
+    # 12 kernels of 4×4: two rows of 6, not 8 and 4.
+    fig, _ = drawn_figure(monkeypatch, plot_stem, tiny(in_chans=1), tmp_path / "stem.png")
+    assert fig.axes[0].images[0].get_array().shape == (2 * 5 - 1, 6 * 5 - 1)

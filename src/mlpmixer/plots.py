@@ -44,11 +44,26 @@ class PlainLogFormatter(LogFormatter):
     """matplotlib's choice of which log-scale ticks to label (minor ones only where few decades show),
     written as plain decimals: 0.2, 1, 2 rather than 2×10⁻¹, 10⁰, 2×10⁰."""
 
+    significant_digits = 3
+
+    def format_ticks(self, values: list[float]) -> list[str]:
+        self.set_locs(values)
+        labelled = super().__call__  # outside the comprehension, whose own scope a bare super() cannot see
+        shown = [x for i, x in enumerate(values) if labelled(x, i)]
+        # Three significant digits write the linear minor ticks of a range within one decade (0.41, 0.42); a very
+        # short run's loss can span less (2.2975, 2.3, 2.3025): as many as it takes to write each tick exactly.
+        exact = (d for d in range(3, 8) if all(np.isclose(float(_plain(x, d)), x, rtol=1e-9, atol=0) for x in shown))
+        self.significant_digits = next(exact, 8)
+        return [self(x, i) for i, x in enumerate(values)]
+
     def __call__(self, x: float, pos: int | None = None) -> str:
         if not super().__call__(x, pos):
             return ""
-        # Three significant digits: enough for the linear minor ticks of a range within one decade (0.41, 0.42).
-        return np.format_float_positional(x, precision=3, fractional=False, trim="-")
+        return _plain(x, self.significant_digits)
+
+
+def _plain(x: float, significant_digits: int) -> str:
+    return np.format_float_positional(x, precision=significant_digits, fractional=False, trim="-")
 
 
 def curves_figure(metrics: str | Path, train_label: str = "training (as optimised)",
@@ -61,12 +76,16 @@ def curves_figure(metrics: str | Path, train_label: str = "training (as optimise
     ax_loss, ax_acc = fig.subplots(1, 2)
     if train:
         steps = [m["step"] for m in train]
-        ax_loss.plot(steps, [m["train_loss"] for m in train], label=train_label)
-        ax_acc.plot(steps, [100 * m["train_acc"] for m in train], label=train_label)
+        # A line through one point draws nothing: a run shorter than the logging interval has one.
+        marker = "o" if len(train) == 1 else None
+        ax_loss.plot(steps, [m["train_loss"] for m in train], marker=marker, label=train_label)
+        ax_acc.plot(steps, [100 * m["train_acc"] for m in train], marker=marker, label=train_label)
     if val:
         steps = [m["step"] for m in val]
-        ax_loss.plot(steps, [m["val_loss"] for m in val], "o-", label=val_label)
-        ax_acc.plot(steps, [100 * m["val_top1"] for m in val], "o-", label=val_label)
+        # A dot per evaluation while they are few; a hundred (--evals 100) made a band of dots over the training curve.
+        marker = "o" if len(val) <= 25 else None
+        ax_loss.plot(steps, [m["val_loss"] for m in val], marker=marker, label=val_label)
+        ax_acc.plot(steps, [100 * m["val_top1"] for m in val], marker=marker, label=val_label)
         ax_acc.set_title(f"accuracy (final validation {100 * val[-1]['val_top1']:.2f}%)")
     else:
         ax_acc.set_title("accuracy")
@@ -77,7 +96,9 @@ def curves_figure(metrics: str | Path, train_label: str = "training (as optimise
     ax_loss.yaxis.set_minor_formatter(PlainLogFormatter(labelOnlyBase=False, minor_thresholds=(2, 0.5)))
     for ax, label in ((ax_loss, "loss"), (ax_acc, "top-1 accuracy (%)")):
         ax.set_xlabel("step")
-        ax.xaxis.set_major_locator(MaxNLocator(nbins=5, integer=True))  # 5-digit step labels must not overlap
+        # nbins: 5-digit step labels must not overlap. min_n_ticks: whole steps even where the points span
+        # less than two (one evaluation), which MaxNLocator would otherwise divide as 2.96, 3.04.
+        ax.xaxis.set_major_locator(MaxNLocator(nbins=5, integer=True, min_n_ticks=1))
         ax.set_ylabel(label)
         ax.grid(alpha=0.3)
     if train or val:

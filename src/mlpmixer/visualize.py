@@ -90,6 +90,13 @@ def _mosaic(tiles: list[np.ndarray], columns: int, gap: int, group: int = 1, gro
     return out
 
 
+def _even_columns(count: int, most: int) -> int:
+    """Columns for `count` tiles in the fewest rows of at most `most`, the rows as even as they can be:
+    12 tiles as 8 + 4 left half the second row a slab of gap colour, which reads as missing tiles; 6 + 6 fill it."""
+    rows = math.ceil(count / most)
+    return math.ceil(count / rows)
+
+
 def _cmap():
     import matplotlib
 
@@ -114,8 +121,8 @@ def plot_token_mixing(model: MlpMixer, path: str | os.PathLike, blocks: Sequence
             members = [units[u] for u in pair if u is not None]
             scale = max(np.abs(m).max() for m in members) or 1.0
             tiles += [m / scale for m in members] + [np.full_like(units[0], np.nan)] * (2 - len(members))
-        # At most 8 pairs a row; fewer units, fewer columns (not a row padded with gaps).
-        panels.append((b, len(units), _mosaic(tiles, columns=min(16, len(tiles)), gap=1, group=2, group_gap=2)))
+        columns = 2 * _even_columns(len(pairs), 8)
+        panels.append((b, len(units), _mosaic(tiles, columns=columns, gap=1, group=2, group_gap=2)))
     gh, gw = model.config.grid
     height, width = panels[0][2].shape
     # About 0.025 inch per weight (4 pixels at 150 dpi), so that 14×14 units stay legible.
@@ -156,7 +163,7 @@ def plot_stem(model: MlpMixer, path: str | os.PathLike, max_kernels: int | None 
         raise ValueError(f"Stem kernels are drawn for 1 or 3 input channels, not {cin}.")
     scale = np.abs(weight).max(axis=(1, 2, 3), keepdims=True)
     normed = weight / np.where(scale > 0, scale, 1.0)
-    columns = max(8, math.ceil(math.sqrt(len(weight))))
+    columns = _even_columns(len(weight), max(8, math.ceil(math.sqrt(len(weight)))))
     if cin == 3:
         tiles = [0.5 + 0.5 * k.transpose(1, 2, 0) for k in normed]
         mosaic = _mosaic(tiles, columns=columns, gap=1)
@@ -166,10 +173,17 @@ def plot_stem(model: MlpMixer, path: str | os.PathLike, max_kernels: int | None 
         mosaic = _mosaic([k[0] for k in normed], columns=columns, gap=1)
         cmap, limits = _cmap(), {"vmin": -1.0, "vmax": 1.0}
     height, width = mosaic.shape[:2]
-    fig = Figure(figsize=(8.0, 8.0 * height / width + 1.0), layout="constrained")
+    # As tall as the mosaic is at the width it gets (less a colour bar's), plus the two-line title:
+    # more left a blank band between the title and the mosaic.
+    mosaic_w = 7.0 if cin == 1 else 8.0
+    fig = Figure(figsize=(8.0, mosaic_w * height / width + 0.7), layout="constrained")
     ax = fig.subplots()
-    ax.imshow(mosaic, cmap=cmap, interpolation="nearest", **limits)
+    im = ax.imshow(mosaic, cmap=cmap, interpolation="nearest", **limits)
     ax.set_axis_off()
+    if cin == 1:  # signed heat maps need their scale; RGB tiles have none to show
+        # As tall as the mosaic, and unlabelled as in plot_token_mixing: a label longer than the bar beside a
+        # mosaic of one or two rows made the layout shrink the mosaic. The title says what the scale is.
+        fig.colorbar(im, cax=ax.inset_axes([1.03, 0.0, 0.03, 1.0]), ticks=[-1, 0, 1])
     (ph, pw) = model.config.patch_size
     zero = "mid-grey" if cin == 3 else "white"
     fig.suptitle(f"{model.config.describe()}: {len(weight)} patch-embedding (stem) kernels, {ph}×{pw}"
