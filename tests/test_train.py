@@ -457,6 +457,7 @@ def test_nan_loss_stops_and_names_the_step(tmp_path: Path, monkeypatch: pytest.M
                                                r".*step-00000001.pt\."):
         train(tiny(steps=6, evals=0), tmp_path / "nan", save_every=1, keep=0, progress=False, log=lambda *_: None)
     assert not (tmp_path / "nan" / "model.safetensors").exists()
+    assert (tmp_path / "nan" / "curves.png").stat().st_size > 0  # the curves up to the divergence, to look at
     states = tmp_path / "nan" / "checkpoints"
     assert sorted(p.name for p in states.iterdir()) == ["diverged-step-00000002.pt", "step-00000001.pt"]
     assert train_mod.latest_state(tmp_path / "nan").name == "step-00000001.pt"  # what --resume goes on from

@@ -29,7 +29,7 @@ import warnings
 from dataclasses import dataclass
 from datetime import datetime
 from pathlib import Path
-from typing import TYPE_CHECKING, Any, Iterable, Iterator, Optional
+from typing import TYPE_CHECKING, Any, Callable, Iterable, Iterator, Optional
 
 import torch
 import torch.distributed as dist
@@ -765,6 +765,12 @@ def _train(
     run = run or new_run_dir()
     files = RunFiles(run, run / "model.safetensors", run / "config.json", run / "metrics.jsonl",
                      run / "curves.png")
+
+    def draw_curves() -> None:  # at the end, and when the loss diverges: the curves up to it
+        from .plots import curve_labels, plot_curves
+
+        plot_curves(files.metrics, files.curves, *curve_labels(r, in_memory=tensors is not None))
+
     if main:
         run.mkdir(parents=True, exist_ok=True)
         for folder in (run, run / STATE_DIR):  # what a kill in the middle of a save left: never renamed into place
@@ -853,7 +859,7 @@ def _train(
                 (loss / len(micro)).backward()
             unchecked.append((step, loss.detach()))
             if check_every_step:
-                _check_finite(unchecked, run, bar, main)
+                _check_finite(unchecked, run, bar, main, draw_curves)
             loss_sum += loss.detach() * len(y)
             correct += (logits.argmax(1) == y).sum()
             count += len(y)
@@ -873,7 +879,7 @@ def _train(
         seen += r.batch_size
         done = step + 1
         if done % 10 == 0 or done == total or done in eval_at or (save_every and done % save_every == 0):
-            _check_finite(unchecked, run, bar, main)
+            _check_finite(unchecked, run, bar, main, draw_curves)
 
         # --- logging, evaluation, saving.
         if main and (done % 10 == 0 or done == total):
@@ -928,9 +934,7 @@ def _train(
                     + "; ".join(f"{shape}: {chunks}" for shape, chunks in splits.items()))
         with _swap_in(plain, ema), _saving(files.model, run):
             save_checkpoint(plain, files.model, class_names=list(class_names))
-        from .plots import curve_labels, plot_curves
-
-        plot_curves(files.metrics, files.curves, *curve_labels(r, in_memory=tensors is not None))
+        draw_curves()
         log(f"Done in {time.time() - t_start:.1f} s. Model: {files.model}; configuration: {files.config}; "
             f"metrics: {files.metrics}; curves: {files.curves}")
     return files
@@ -1006,8 +1010,10 @@ def _defer_checks(device: torch.device) -> bool:
     return device.type == "cuda"
 
 
-def _check_finite(unchecked: list[tuple[int, torch.Tensor]], run: Path, bar: tqdm, main: bool) -> None:
-    """Raise TrainingDiverged naming the first step whose loss is NaN or infinite; empties `unchecked`.
+def _check_finite(unchecked: list[tuple[int, torch.Tensor]], run: Path, bar: tqdm, main: bool,
+                  draw_curves: Callable[[], None]) -> None:
+    """Raise TrainingDiverged naming the first step whose loss is NaN or infinite, after `draw_curves` (on the
+    main process); empties `unchecked`.
 
     The state saved after k steps holds weights that no forward pass has met yet: when the loss of the
     next step (step k + 1, as the progress bar counts) is not finite, that state is the one that gives it,
@@ -1033,6 +1039,8 @@ def _check_finite(unchecked: list[tuple[int, torch.Tensor]], run: Path, bar: tqd
         last = latest_state(run)
         kept = (f"the last good checkpoint is {last}" if last else "no earlier state is kept (see --keep)" if moved
                 else "no checkpoint was saved (use --save-every)")
+        if main:
+            draw_curves()
         raise TrainingDiverged(f"The loss became {losses[i].item()} in step {steps[i] + 1} (counted as the progress "
                                f"bar counts); {moved}{kept}. Lower the learning rate, add warm-up or clipping "
                                "(--clip 1), and resume.")
