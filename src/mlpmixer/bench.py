@@ -79,21 +79,20 @@ def autocast(device: torch.device, dtype: torch.dtype) -> torch.autocast:
 # ---------------------------------------------------------------------------------------------
 
 
-PROBE_SIZE = 512  # matmul_ceiling's first, small product on the CPU
+EMULATED_SIZE = 512  # matmul_ceiling's product where bf16 is emulated
 
 
 def matmul_ceiling(device: torch.device, dtype: torch.dtype, n: Optional[int] = None, seconds: float = 1.0) -> float:
     """FLOP/s of a big square product in `dtype`: the ceiling the models are measured against.
 
-    On the CPU a 512³ product is timed first: where the n³ one would take over a second (bf16 on a CPU
-    without bf16 units, which PyTorch emulates at about 1 GFLOP/s: a 2048³ product takes 13 s and the
-    measurement several), that rate is the answer, the emulation running at the same rate at any size.
+    Where PyTorch emulates bf16 products (a CPU without bf16 units, `slow_bf16`: about 1 GFLOP/s, so a 2048³
+    product takes 13 s and the measurement several), a 512³ product is timed instead: the emulation runs
+    at the same rate at any size. Only there: a small product timed on a busy machine reads low, and a low
+    ceiling would put the models above 100% of it.
     """
     n = n or (8192 if device.type == "cuda" else 2048)
-    if device.type == "cpu" and n > PROBE_SIZE:
-        probe = product_rate(device, dtype, PROBE_SIZE, seconds=0.2)
-        if 2 * n**3 / probe > 1.0:
-            return probe
+    if dtype == torch.bfloat16 and slow_bf16(device):
+        n = min(n, EMULATED_SIZE)
     return product_rate(device, dtype, n, seconds)
 
 
