@@ -89,6 +89,18 @@ def test_a_folders_holdout_count_is_exact_and_a_val_folder_needs_none(tmp_path: 
     assert scored(r.replace(data=str(tmp_path / "pair")), "pair") == 5  # val/ is the validation data, whole
 
 
+def test_a_folder_run_is_validated_on_digits_held_in_memory(tmp_path: Path) -> None:
+    """--eval-data takes every kind of --data: mnist5k or an IDX folder beside image-folder training data."""
+    from test_sources import SHARED_DATA, make_folder
+
+    make_folder(tmp_path / "f", {str(digit): 2 for digit in range(10)})
+    r = tiny(data=str(tmp_path / "f"), img_size=28, workers=0, batch_size=8, steps=1, evals=1,
+             eval_data=str(SHARED_DATA / "mnist"))
+    files = train(r, tmp_path / "run", progress=False, log=lambda *_: None)
+    rows = [json.loads(line) for line in files.metrics.read_text().splitlines()]
+    assert rows[-1]["val_n"] == 10_000  # the MNIST test set, whole
+
+
 def test_rebatch_gives_exact_batches_in_order() -> None:
     sizes = [5, 5, 2, 5, 1]  # what workers hand over: full batches and each one's short last batch
     starts = [sum(sizes[:i]) for i in range(len(sizes))]
@@ -468,7 +480,7 @@ def test_deferred_nan_checks_name_the_first_bad_step_and_save_nothing_after_it(
     """On GPUs the losses are checked only before logging, evaluating or saving (here forced on the CPU)."""
     calls = poison_third_loss(monkeypatch, float("inf"))
     monkeypatch.setattr(train_mod, "_defer_checks", lambda device: True)
-    with pytest.raises(TrainingDiverged, match=r"became (inf|nan) in step 3 \(.*\); no checkpoint was saved"):
+    with pytest.raises(TrainingDiverged, match=r"became (inf|nan) in step 3 \(.*\); no checkpoint had been saved yet \(--save-every N"):
         train(tiny(steps=12, evals=0), tmp_path / "nan", save_every=5, progress=False, log=lambda *_: None)
     assert len(calls) == 5  # it ran on to the first save point, then stopped before saving
     assert not (tmp_path / "nan" / "checkpoints").exists() or not any((tmp_path / "nan" / "checkpoints").iterdir())

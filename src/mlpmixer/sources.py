@@ -241,8 +241,8 @@ def check_same_classes(train_names: list[str], eval_names: list[str]) -> None:
     hint = (" (shards without a dataset.json name their classes by number: put one with the class names "
             "next to them)" if numbered else "")
     raise ValueError(
-        f"The evaluation data does not have the model's classes ({detail}); evaluate on data with the "
-        f"same classes in the same order{hint}, or fine-tune a new head first."
+        f"The evaluation data does not have the training data's classes ({detail}); give evaluation data "
+        f"with the same classes in the same order{hint}."
     )
 
 

@@ -595,6 +595,9 @@ def _train(
     # (the model is then converted with resize_to); the data are converted to them.
     init_config = read_checkpoint(init_from)[1] if init_from else None
     tensors = load_tensors(r.data, split="train")
+    # Evaluation digits held in memory (mnist5k, an IDX folder) are opened as `mixer eval` opens them, once the
+    # model is built, whatever the training data.
+    eval_in_memory = r.eval_data is not None and (r.eval_data == MNIST5K or is_idx_folder(r.eval_data))
     if tensors is not None and r.augment_on == "device" and main:
         log(f"--augment-on device is for image folders and shards; {r.data} is in memory already and "
             "augmented batch by batch (digits_aug).")
@@ -638,7 +641,7 @@ def _train(
             source = open_folder_or_shards(r.data, "train", holdout, r.seed, t_train, replace_bad=True)
             train_data, class_names, num_train = source.dataset, source.class_names, source.num_examples
         val_data = None
-        if holdout or r.eval_data or pair:
+        if (holdout or r.eval_data or pair) and not eval_in_memory:
             t_eval = eval_transform(img_size, in_chans, r.eval_mode)
             if r.augment_on == "device":
                 # Decoded once too: through the workers, each evaluation read every shard again (the H200
@@ -669,7 +672,7 @@ def _train(
                              drop_path_rate=r.drop_path, drop_rate=r.dropout, **r.model_args)
         verb, origin = "Training", ""
     model.class_names = list(class_names)
-    if r.eval_data and tensors is not None:  # in-memory training data, evaluated on any source as `mixer eval` does
+    if r.eval_data and (tensors is not None or eval_in_memory):  # evaluated as `mixer eval` opens the data
         from .sources import check_same_classes
 
         val_data = open_eval_data(r.eval_data, model, r.eval_mode)
@@ -1038,7 +1041,7 @@ def _check_finite(unchecked: list[tuple[int, torch.Tensor]], run: Path, bar: tqd
             moved = f"the state saved after step {steps[i]}, whose weights gave it, was moved aside to {aside}; "
         last = latest_state(run)
         kept = (f"the last good checkpoint is {last}" if last else "no earlier state is kept (see --keep)" if moved
-                else "no checkpoint was saved (use --save-every)")
+                else "no checkpoint had been saved yet (--save-every N saves one every N steps)")
         if main:
             draw_curves()
         raise TrainingDiverged(f"The loss became {losses[i].item()} in step {steps[i] + 1} (counted as the progress "
