@@ -228,8 +228,10 @@ def is_split_pair(path: str) -> bool:
     return (Path(path) / "train").is_dir() and (Path(path) / "val").is_dir()
 
 
-def check_same_classes(train_names: list[str], eval_names: list[str]) -> None:
-    """Raise ValueError when evaluation data names other classes (or another order) than training data."""
+def check_same_classes(train_names: list[str], eval_names: list[str], evaluated: str = "the evaluation data",
+                       reference: str = "the training data") -> None:
+    """Raise ValueError when evaluation data names other classes (or another order) than training data;
+    `evaluated` and `reference` name the two in the message."""
     if list(train_names) == list(eval_names):
         return
     if len(train_names) != len(eval_names):
@@ -241,8 +243,8 @@ def check_same_classes(train_names: list[str], eval_names: list[str]) -> None:
     hint = (" (shards without a dataset.json name their classes by number: put one with the class names "
             "next to them)" if numbered else "")
     raise ValueError(
-        f"The evaluation data does not have the training data's classes ({detail}); give evaluation data "
-        f"with the same classes in the same order{hint}."
+        f"The classes of {evaluated} differ from those of {reference} ({detail}); give both the same classes "
+        f"in the same order{hint}."
     )
 
 

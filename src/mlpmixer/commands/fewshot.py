@@ -97,20 +97,6 @@ def _features(model: MlpMixer, spec: str, split: str, args: argparse.Namespace,
     return feats, labels, data.class_names
 
 
-def check_same_classes_as_support(names: list[str], eval_names: list[str], what: str) -> None:
-    """Refuse evaluation data whose labels mean other classes than the support data's. The model's head
-    plays no part here, so the message must not send the user to fine-tune one (as `mixer eval`'s does)."""
-    if list(names) == list(eval_names):
-        return
-    if len(names) != len(eval_names):
-        detail = f"{len(eval_names)} classes instead of {len(names)}"
-    else:
-        i = next(i for i, (a, b) in enumerate(zip(names, eval_names)) if a != b)
-        detail = f"class {i} is {eval_names[i]!r} instead of {names[i]!r}"
-    raise ValueError(f"The evaluation images ({what}) do not have the classes of the --data images ({detail}); "
-                     "give both the same classes in the same order.")
-
-
 def train_and_eval_features(args: argparse.Namespace) -> tuple[torch.Tensor, ...]:
     """(train features, train labels, eval features, eval labels, class names) of the command's data,
     from --eval-data or from a stratified hold-out of --data."""
@@ -128,7 +114,7 @@ def train_and_eval_features(args: argparse.Namespace) -> tuple[torch.Tensor, ...
     device = resolve_device(args.device or ("cuda" if torch.cuda.is_available() else "cpu"))
     set_threads(free_cores())  # as train does: on a busy machine, threads that lose their core stall the others
     model = load_checkpoint(args.checkpoint).to(device).eval()
-    from ..sources import is_split_pair
+    from ..sources import check_same_classes, is_split_pair
 
     feats, labels, names = _features(model, args.data, "train", args, "features of --data")
     # A folder with train/ and val/ brings its own evaluation split, as in training.
@@ -136,7 +122,7 @@ def train_and_eval_features(args: argparse.Namespace) -> tuple[torch.Tensor, ...
     if eval_spec:
         eval_feats, eval_labels, eval_names = _features(model, eval_spec, "val", args, f"features of {eval_spec}")
         what = f"the val/ part of {eval_spec}" if eval_spec == args.data else f"--eval-data {eval_spec}"
-        check_same_classes_as_support(names, eval_names, what)
+        check_same_classes(names, eval_names, f"the evaluation images ({what})", "the --data images")
         return feats, labels, eval_feats, eval_labels, names
     pool, held = split_pool(labels, args.eval_fraction, args.seed)
     # Rounding each class's share can leave one side empty: its accuracy would be NaN, or a fit on nothing.
