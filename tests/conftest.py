@@ -3,7 +3,9 @@
 from __future__ import annotations
 
 import os
+import tempfile
 from pathlib import Path
+from typing import Iterator
 
 import pytest
 
@@ -15,6 +17,21 @@ def _private_cache(tmp_path_factory: pytest.TempPathFactory, monkeypatch: pytest
     """No test reads or fills the user's real download cache (~/.cache/mlpmixer)."""
     monkeypatch.setenv("MLPMIXER_CACHE", str(tmp_path_factory.mktemp("mlpmixer-cache")))
     monkeypatch.delenv("MLPMIXER_OFFLINE", raising=False)
+
+
+@pytest.fixture(autouse=True, scope="session")
+def _temporary_files_in_pytests_folder(tmp_path_factory: pytest.TempPathFactory) -> Iterator[None]:
+    """Temporary files of the test process and of what it forks go under pytest's folder (pruned by pytest),
+    not /tmp: DataLoader workers exit without cleaning up, and each left a pymp-* folder there."""
+    folder = str(tmp_path_factory.mktemp("tmp"))
+    saved = os.environ.get("TMPDIR"), tempfile.tempdir
+    os.environ["TMPDIR"], tempfile.tempdir = folder, folder
+    yield
+    if saved[0] is None:
+        os.environ.pop("TMPDIR", None)
+    else:
+        os.environ["TMPDIR"] = saved[0]
+    tempfile.tempdir = saved[1]
 
 
 @pytest.fixture
