@@ -689,15 +689,34 @@ def test_a_malformed_metrics_line_on_resume_stops_every_rank_with_one_sentence(t
     assert (tmp_path / "r" / "config.json").read_bytes() == config
 
 
-def test_every_option_trains(tmp_path: Path) -> None:
+def test_every_option_trains(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     """bf16 autocast, gradient checkpointing, clipping, accumulation, EMA, sigmoid loss, linear decay, Adam,
-    stochastic depth: a short run with all of them writes a finite model."""
+    stochastic depth: a short run with all of them writes a finite model, and its training blocks ran under
+    bf16 autocast, each through a checkpoint."""
+    import mlpmixer.model as model_mod
+
+    seen, checkpointed = [], []
+    block_forward, checkpoint = model_mod.MixerBlock.forward, model_mod.checkpoint
+
+    def recording_forward(block, x):
+        if block.training:
+            seen.append((torch.is_autocast_enabled("cpu"), torch.get_autocast_dtype("cpu")))
+        return block_forward(block, x)
+
+    def recording_checkpoint(fn, *args, **kwargs):
+        checkpointed.append(fn)
+        return checkpoint(fn, *args, **kwargs)
+
+    monkeypatch.setattr(model_mod.MixerBlock, "forward", recording_forward)
+    monkeypatch.setattr(model_mod, "checkpoint", recording_checkpoint)
     r = tiny(steps=3, bf16=True, grad_checkpointing=True, clip=1.0, accum=2, ema=0.9, loss="sigmoid",
              schedule="linear", warmup=1, optimizer="adam", drop_path=0.1, evals=1)
     files = train(r, tmp_path / "all", progress=False, log=lambda *_: None)
     model = load_checkpoint(files.model)
     assert all(torch.isfinite(v).all() for v in model.state_dict().values())
     assert model.config.drop_path_rate == 0.1
+    blocks = model.config.num_blocks * 3 * 2  # blocks × steps × micro-batches
+    assert len(checkpointed) == blocks and set(seen) == {(True, torch.bfloat16)} and len(seen) >= blocks
 
 
 def test_ema_weights_follow_the_live_ones_and_are_what_is_saved(tmp_path: Path) -> None:
