@@ -160,16 +160,19 @@ def test_commands_that_run_a_model_take_only_the_free_cores(command, monkeypatch
     assert torch.get_num_threads() == 1
 
 
-def test_largest_fitting_batch_halves_until_it_fits():
+def test_largest_fitting_batch_halves_until_it_fits_then_bisects():
     tried = []
 
     def step(batch: int) -> None:
         tried.append(batch)
-        if batch > 20:
+        if batch > 27:
             raise torch.cuda.OutOfMemoryError("CUDA out of memory")
 
-    assert B.largest_fitting_batch(step, 160) == 20
-    assert tried == [80, 40, 20]
+    assert B.largest_fitting_batch(step, 160) == 27  # halving alone said 20
+    assert tried == [80, 40, 20, 30, 25, 27, 28]
+    big = []  # within 1/32 for large batches, where each try builds a model: here 1035 fits, 1036 does not
+    assert 1035 - 1035 // 32 <= B.largest_fitting_batch(lambda b: big.append(b) or step(b // 37), 4096) <= 1035
+    assert len(big) < 12
 
     def never(batch: int) -> None:
         raise torch.cuda.OutOfMemoryError("CUDA out of memory")

@@ -332,15 +332,31 @@ def count_forward_flops(model: nn.Module, img_size: tuple[int, int], device: tor
 
 
 def largest_fitting_batch(build_and_step: Callable[[int], None], batch: int) -> int:
-    """Halve the batch until one step fits in GPU memory; 0 when even batch 1 does not."""
-    while batch > 1:
-        batch //= 2
+    """The largest batch below `batch` (which does not fit) whose step fits in GPU memory, to within 1/32
+    of it: halved until one fits, then bisected between that and the last that did not; 0 when even
+    batch 1 does not fit."""
+
+    def fits(b: int) -> bool:
         try:
-            build_and_step(batch)
-            return batch
+            build_and_step(b)
+            return True
         except torch.cuda.OutOfMemoryError:
             torch.cuda.empty_cache()
-    return 0
+            return False
+
+    low, high = batch, batch  # low fits (once found), high does not
+    while low > 1:
+        low //= 2
+        if fits(low):
+            break
+        high = low
+    else:
+        return 0
+    # Each try builds a model and runs a step: stop within 1/32 rather than try every last batch size.
+    while high - low > max(1, low // 32):
+        middle = (low + high) // 2
+        low, high = (middle, high) if fits(middle) else (low, middle)
+    return low
 
 
 def set_threads(threads: Optional[int]) -> int:
@@ -450,9 +466,9 @@ def out_of_memory(error: BaseException) -> bool:
 
 def prepare(build: Builder, batch: int, device: torch.device, warmup: int) -> Case:
     """Build a case and warm it up; a batch that does not fit in memory is a BenchError, on CUDA naming the
-    largest batch that does (found by halving).
+    largest batch that does (`largest_fitting_batch`).
 
-    The CPU gets no halving search: a batch the kernel lets us allocate but cannot back gets this process
+    The CPU gets no such search: a batch the kernel lets us allocate but cannot back gets this process
     (or another) killed by the out-of-memory killer instead of an error, so only a failed allocation is caught.
     """
     try:
@@ -475,7 +491,7 @@ def prepare(build: Builder, batch: int, device: torch.device, warmup: int) -> Ca
     fits = largest_fitting_batch(try_batch, batch)
     torch.cuda.empty_cache()
     free, total = torch.cuda.mem_get_info(device)
-    advice = f"the largest that fits is batch {fits} (halving search)" if fits else "not even batch 1 fits"
+    advice = f"the largest that fits is about batch {fits}" if fits else "not even batch 1 fits"
     raise BenchError(
         f"Batch {batch} does not fit in the GPU's memory ({total / 2**30:.0f} GiB); {advice}: "
         f"use --batch-size {fits or 1}{'' if fits else ' with a smaller model'}."
