@@ -568,16 +568,21 @@ def test_check_same_classes() -> None:
         check_same_classes(["cat", "dog"], ["0", "1"])  # shards without a dataset.json
 
 
+@pytest.fixture(params=["torchvision", "PIL"])
+def decoder(request: pytest.FixtureRequest, monkeypatch: pytest.MonkeyPatch) -> str:
+    """Each decoding test runs twice: with torchvision's decoders, and with PIL alone, as with a torchvision
+    whose deprecated decoders are gone."""
+    if request.param == "PIL":
+        monkeypatch.setattr(sources, "decode_image", None)
+    return request.param
+
+
 @pytest.mark.parametrize(
     "fmt, mode, channels",
     [("PNG", "L", 1), ("PNG", "RGB", 3), ("PNG", "RGBA", 3), ("PNG", "P", 3), ("JPEG", "L", 1), ("JPEG", "RGB", 3),
      ("BMP", "RGB", 3), ("WEBP", "RGB", 3)],
 )
-@pytest.mark.parametrize("torchvision_decodes", [True, False])
-def test_decode_gives_greyscale_or_rgb(fmt: str, mode: str, channels: int, torchvision_decodes: bool,
-                                       monkeypatch: pytest.MonkeyPatch) -> None:
-    if not torchvision_decodes:  # as with a torchvision whose deprecated decoders are gone: PIL decodes
-        monkeypatch.setattr(sources, "decode_image", None)
+def test_decode_gives_greyscale_or_rgb(fmt: str, mode: str, channels: int, decoder: str) -> None:
     pil = Image.new("RGB", (6, 4), (200, 30, 60)).convert(mode)
     image = decode_image_bytes(encode_pil(pil, fmt))
     assert image.dtype == torch.uint8 and image.shape == (channels, 4, 6)
@@ -585,10 +590,7 @@ def test_decode_gives_greyscale_or_rgb(fmt: str, mode: str, channels: int, torch
     assert (image[:, 0, 0].int() - expected).abs().max() <= 3  # lossy formats round a little
 
 
-@pytest.mark.parametrize("torchvision_decodes", [True, False])
-def test_a_16_bit_png_keeps_its_top_8_bits(torchvision_decodes: bool, monkeypatch: pytest.MonkeyPatch) -> None:
-    if not torchvision_decodes:
-        monkeypatch.setattr(sources, "decode_image", None)
+def test_a_16_bit_png_keeps_its_top_8_bits(decoder: str) -> None:
     values = np.array([[0, 255, 256, 40000, 65535]], dtype=np.uint16)
     image = decode_image_bytes(encode_pil(Image.fromarray(values), "PNG"))
     assert image.dtype == torch.uint8 and image.shape == (1, 1, 5)
@@ -596,11 +598,7 @@ def test_a_16_bit_png_keeps_its_top_8_bits(torchvision_decodes: bool, monkeypatc
 
 
 @pytest.mark.parametrize("fmt", ["JPEG", "PNG", "WEBP"])
-@pytest.mark.parametrize("torchvision_decodes", [True, False])
-def test_decode_turns_images_upright_as_their_exif_orientation_says(fmt: str, torchvision_decodes: bool,
-                                                                     monkeypatch: pytest.MonkeyPatch) -> None:
-    if not torchvision_decodes:
-        monkeypatch.setattr(sources, "decode_image", None)
+def test_decode_turns_images_upright_as_their_exif_orientation_says(fmt: str, decoder: str) -> None:
     stored = Image.new("RGB", (6, 4), (255, 255, 255))
     stored.paste((0, 0, 0), (0, 0, 3, 4))  # left half black
     exif = Image.Exif()
@@ -613,12 +611,8 @@ def test_decode_turns_images_upright_as_their_exif_orientation_says(fmt: str, to
 
 
 @pytest.mark.parametrize("mode", ["RGBA", "LA", "P"])
-@pytest.mark.parametrize("torchvision_decodes", [True, False])
-def test_decode_composites_transparent_pixels_over_white(mode: str, torchvision_decodes: bool,
-                                                         monkeypatch: pytest.MonkeyPatch) -> None:
+def test_decode_composites_transparent_pixels_over_white(mode: str, decoder: str) -> None:
     """Black line art on a transparent background hides black under it: dropping the alpha made it all black."""
-    if not torchvision_decodes:
-        monkeypatch.setattr(sources, "decode_image", None)
     alpha = np.zeros((4, 6), dtype=np.uint8)
     alpha[:, :3] = 255  # the left half drawn (black), the right half transparent (black underneath)
     if mode == "P":
