@@ -127,6 +127,24 @@ def test_shard_epochs_are_whole_with_several_workers(tmp_path: Path) -> None:
     assert epochs[0] != epochs[1]  # the second epoch is a new shuffle, not a repeat
 
 
+@pytest.mark.filterwarnings("ignore:The image decoding:DeprecationWarning")  # torchvision 0.29
+def test_folder_ranks_take_their_slice_of_the_one_process_augmented_batch(tmp_path: Path) -> None:
+    from test_sources import make_folder
+    from mlpmixer.transforms import train_transform
+
+    make_folder(tmp_path / "data", {"a": 10, "b": 10})
+    augment = train_transform(8, randaugment_m=15)
+    source = open_folder_or_shards(str(tmp_path / "data"), "train", 0.0, 0, augment, replace_bad=True)
+    r = tiny(workers=2)
+    one = loader_batches(source.dataset, r, 8, 1, 3, 2, 0, 1)  # from step 3: in the second epoch
+    ranks = [loader_batches(source.dataset, r.replace(workers=0), 8, 1, 3, 2, rank, 2) for rank in (0, 1)]
+    for _ in range(2):
+        (x, y), = next(one)
+        for rank, batches in enumerate(ranks):
+            (x_rank, y_rank), = next(batches)
+            assert torch.equal(x_rank, x[rank::2]) and torch.equal(y_rank, y[rank::2])
+
+
 def shard_steps(dataset, start: int, steps: int, per_epoch: int, batch: int = 15) -> list[list[int]]:
     """The sample numbers of each step's batch from `start`, as training draws them."""
     from test_sources import sample_id
@@ -163,7 +181,6 @@ def test_shard_epochs_go_on_when_a_pass_holds_fewer_images_than_counted(tmp_path
     assert steps[13:] == steps[:13]
 
 
-@pytest.mark.filterwarnings("ignore:The image decoding:DeprecationWarning")  # torchvision 0.29
 @pytest.mark.filterwarnings("ignore:The image decoding:DeprecationWarning")  # torchvision 0.29
 def test_shards_with_a_bad_image_train_their_epochs_and_resume(tmp_path: Path) -> None:
     """The audit's run: 150 samples, one of them cut short, batches of 15, 3 epochs; killed and resumed."""
@@ -439,6 +456,35 @@ def test_resume_is_bit_exact(tmp_path: Path) -> None:
     assert all(torch.equal(a[k], b[k]) for k in a)
     state = torch.load(states[1], weights_only=True)
     assert state["step"] == 6 and set(state) == {"model", "optimizer", "step", "ema"}
+
+
+@pytest.mark.filterwarnings("ignore:The image decoding:DeprecationWarning")  # torchvision 0.29
+@pytest.mark.parametrize("layout", ["folder", "shards"])
+def test_resume_with_augmentation_in_the_workers_is_bit_exact(tmp_path: Path, layout: str) -> None:
+    """Crops, flips and RandAugment drawn in two DataLoader workers, mixup and stochastic depth in the
+    training process: a run resumed mid-epoch ends with the uninterrupted run's weights, bit for bit."""
+    from test_sources import make_folder, make_shards
+
+    data = tmp_path / "data"
+    if layout == "folder":
+        make_folder(data, {"a": 14, "b": 13, "c": 13})
+    else:
+        make_shards(data, shards=2, per_shard=20)
+    r = get_recipe("imagenette-s16", data=str(data), model="nano/4", img_size=8, holdout=0, batch_size=8, steps=8,
+                   evals=1, workers=2, ema=0.9, threads=1)  # 5 steps an epoch; fixed threads: the same sums
+    quiet = dict(progress=False, log=lambda *_: None)
+    full = train(r, tmp_path / "full", save_every=3, **quiet)
+    cut = tmp_path / "cut"
+    (cut / "checkpoints").mkdir(parents=True)
+    state = full.out / "checkpoints" / "step-00000003.pt"  # in the middle of the first epoch
+    (cut / "checkpoints" / state.name).write_bytes(state.read_bytes())
+    train(r, cut, resume=True, save_every=3, **quiet)
+    a, b = load_checkpoint(full.model).state_dict(), load_checkpoint(cut / "model.safetensors").state_dict()
+    assert all(torch.equal(a[k], b[k]) for k in a)
+    if layout == "folder":  # an image's draws follow from its place in the epoch, not from the worker reading it
+        alone = train(r.replace(workers=0), tmp_path / "alone", **quiet)
+        c = load_checkpoint(alone.model).state_dict()
+        assert all(torch.equal(a[k], c[k]) for k in a)
 
 
 def test_keep_last_n_states(tmp_path: Path) -> None:

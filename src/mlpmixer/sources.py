@@ -57,6 +57,7 @@ except ImportError:
     decode_image = None
 
 from .data import Source, TensorData, worker_deaths
+from .seeds import derive_seed
 
 Transform = Optional[Callable[[torch.Tensor], Any]]
 T = TypeVar("T")
@@ -411,10 +412,12 @@ class ShardDataset(torch.utils.data.IterableDataset):
         if self.shuffle:
             rng = random.Random(f"{self.seed}/{self.epoch}/{rank}/{worker}")
             stages.append(wds.shuffle(self.shuffle_buffer, rng=rng))
-        for sample in wds.DataPipeline(*stages):
+        for n, sample in enumerate(wds.DataPipeline(*stages)):
             where = f"{sample.get('__url__')}:{sample['__key__']}"
             if where in self._found_bad:
                 continue
+            if self.shuffle:  # training: the n-th sample's augmentation draws follow from where it is read
+                torch.default_generator.manual_seed(derive_seed(self.seed, 3, self.epoch, rank, worker, n))
             item = _load_counted(where, self.bad_samples, lambda: self._decode(sample))
             if item is None:
                 self._found_bad.add(where)

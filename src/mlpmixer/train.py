@@ -1,14 +1,14 @@
 """The training loop, in plain sight (one function, `train`).
 
-Every random choice is a function of (seed, step): the batch order of each epoch comes from a generator
-seeded by (seed, epoch), the augmentation and dropout of each step from a seed of (seed, step). So a run
-resumed from a checkpoint of step k (model, optimiser, EMA and step saved; schedule and data position
-follow from the step) ends with bit-for-bit the weights of an uninterrupted run on the CPU, for in-memory
-data (also folders and shards decoded into memory with augment_on="device"); for image folders and shards
-augmented in the DataLoader workers the data order of the interrupted epoch is replayed, the workers'
-augmentation draws are not. The same construction makes N processes (torchrun, or `launch`'s forked
-CPU processes) see exactly the images, augmented the same way, that one process sees with the same
-global batch: each rank takes its slice of the global batch.
+Every random choice is a function of where it is made, not of how many draws came before it: the batch
+order of each epoch comes from a generator seeded by (seed, epoch), dropout and mixup from a seed of
+(seed, step), and augmentation from a seed of (seed, step) for in-memory data, of (seed, epoch, place)
+for each image of a folder, of (seed, epoch, reader, n) for each sample of shards. So a run resumed from
+a checkpoint of step k (model, optimiser, EMA and step saved; schedule and data position follow from
+the step) ends with bit-for-bit the weights of an uninterrupted run on the CPU, whatever its data. The
+same construction makes N processes (torchrun, or `launch`'s forked CPU processes) see exactly the images,
+augmented the same way, that one process sees with the same global batch (each rank takes its slice of
+it), for all data but shards, which are dealt out to the ranks by shard.
 """
 
 from __future__ import annotations
@@ -49,6 +49,7 @@ from .permute import FixedPermutation
 from .profiling import StepProfiler
 from .recipes import MAX_STEPS, Recipe
 from .resize import resize_to
+from .seeds import derive_seed, reseed
 from .shared_grads import SharedGradients
 from .variants import SHAPE_FIELDS, MixerConfig, as_pair, paper_variant_of, variant_config
 
@@ -127,23 +128,6 @@ def loss_fn(logits: torch.Tensor, target: torch.Tensor, r: Recipe) -> torch.Tens
     return F.binary_cross_entropy_with_logits(logits, probs, reduction="sum") / len(logits)
 
 
-def _seed(seed: int, *parts: int) -> int:
-    """A distinct 63-bit seed for each (seed, epoch) or (seed, step)."""
-    h = seed
-    for p in parts:
-        h = (h * 6364136223846793005 + p + 1442695040888963407) % (1 << 63)
-    return h
-
-
-def reseed(seed: int) -> None:
-    """torch.manual_seed, without its cost where CUDA is built in but absent: there each call also
-    queues a deferred CUDA, XPU and MTIA seeding with a captured stack trace (2 ms, 6% of a step of
-    the default job, and a queue that grows every step)."""
-    torch.default_generator.manual_seed(seed)
-    if torch.cuda.is_available():
-        torch.cuda.manual_seed_all(seed)
-
-
 # With augment_on="device", the draws of this many images' steps are applied in one call: each
 # operation runs once per call, so on a GPU larger calls mean fewer kernel launches per image (8,192
 # images of 32×32 take about 100 MB as floats). On the CPU, where the work is the arithmetic, calls of
@@ -178,14 +162,14 @@ def tensor_batches(data: TensorData, r: Recipe, img_size: Any, in_chans: int, ba
         epoch, i = divmod(step, per_epoch)
         if epoch not in orders:
             orders.clear()
-            orders[epoch] = torch.randperm(len(data), generator=torch.Generator().manual_seed(_seed(r.seed, 1, epoch)))
+            orders[epoch] = torch.randperm(len(data), generator=torch.Generator().manual_seed(derive_seed(r.seed, 1, epoch)))
         return orders[epoch][i * batch:(i + 1) * batch]
 
     def micro_batches(x: torch.Tensor, y: torch.Tensor) -> list[tuple[torch.Tensor, torch.Tensor]]:
         return [(x[j:j + share], y[j:j + share]) for j in range(0, len(mine), share)]
 
     def augmentation(step: int) -> torch.Generator:
-        return torch.Generator().manual_seed(_seed(r.seed, 2, step))
+        return torch.Generator().manual_seed(derive_seed(r.seed, 2, step))
 
     step = start
     if augment is None:  # one step at a time
@@ -251,10 +235,29 @@ def _passes(loader: Iterable[tuple[torch.Tensor, torch.Tensor]], size: int,
                           "start again.")
 
 
+class SeededItems(torch.utils.data.Dataset):
+    """A map-style dataset read by (index, seed) keys: torch's generator is seeded before each item, so
+    an image's augmentation draws follow from its key, whichever worker reads it and whenever the loader
+    started (a resumed run starts it mid-epoch, and the workers then take other images)."""
+
+    def __init__(self, dataset: torch.utils.data.Dataset) -> None:
+        self.dataset = dataset
+
+    def __len__(self) -> int:
+        return len(self.dataset)
+
+    def __getitem__(self, key: tuple[int, int]) -> Any:
+        index, seed = key
+        torch.default_generator.manual_seed(seed)
+        return self.dataset[index]
+
+
 def loader_batches(dataset: Any, r: Recipe, batch: int, accum: int, start: int, per_epoch: int,
                    rank: int, world: int) -> Iterator[list[tuple[torch.Tensor, torch.Tensor]]]:
     """The same for image folders (map-style: a seeded order per epoch, resumed mid-epoch) and shards
-    (iterable: they shuffle and split themselves by rank and worker; set_epoch each epoch)."""
+    (iterable: they shuffle and split themselves by rank and worker; set_epoch each epoch, and a resumed
+    run replays its epoch up to the step). Either way an image's augmentation draws are seeded by its
+    place in the epoch (for shards, in its reader's stream), so a resumed run draws them again."""
     local = batch // accum // world
     step = start
     while True:
@@ -262,12 +265,14 @@ def loader_batches(dataset: Any, r: Recipe, batch: int, accum: int, start: int, 
         if isinstance(dataset, torch.utils.data.IterableDataset):
             if hasattr(dataset, "set_epoch"):
                 dataset.set_epoch(epoch)
-            sampler, skip = None, i * accum
+            read, sampler, skip = dataset, None, i * accum
         else:
-            order = torch.randperm(len(dataset), generator=torch.Generator().manual_seed(_seed(r.seed, 1, epoch)))
-            sampler, skip = order[i * batch:per_epoch * batch].view(-1, world)[:, rank].tolist(), 0
-        reseed(_seed(r.seed, 3, step))  # seeds the workers' augmentation draws
-        loader = torch.utils.data.DataLoader(dataset, batch_size=local, sampler=sampler,
+            order = torch.randperm(len(dataset), generator=torch.Generator().manual_seed(derive_seed(r.seed, 1, epoch)))
+            # This rank's places in the epoch (every world-th of each global batch), from the step on.
+            places = torch.arange(i * batch, per_epoch * batch).view(-1, world)[:, rank].tolist()
+            read, skip = SeededItems(dataset), 0
+            sampler = [(int(order[p]), derive_seed(r.seed, 3, epoch, p)) for p in places]
+        loader = torch.utils.data.DataLoader(read, batch_size=local, sampler=sampler,
                                              drop_last=sampler is not None, num_workers=r.workers,
                                              persistent_workers=False)
         micro: list[tuple[torch.Tensor, torch.Tensor]] = []
@@ -844,8 +849,10 @@ def _train(
         lr = lr_at(step, total, r)
         for group in opt.param_groups:
             group["lr"] = lr
-        reseed(_seed(r.seed, 4, step))  # dropout / stochastic depth / mixup of this step
         micro = next(batches)
+        # After the batch: reading it can draw from torch's generator (images augmented in this process,
+        # a DataLoader started), and more so in a resumed run, which starts its loader mid-epoch.
+        reseed(derive_seed(r.seed, 4, step))  # dropout / stochastic depth / mixup of this step
         for j, (x, y) in enumerate(micro):
             x, y = x.to(device, non_blocking=True), y.to(device, non_blocking=True)
             if permute is not None:  # after the augmentation, before mixing images
