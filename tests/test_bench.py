@@ -356,3 +356,57 @@ def test_a_batch_too_large_for_the_cpus_memory_is_one_sentence():
 def test_a_timm_name_with_a_pretrained_tag_is_a_model():
     pytest.importorskip("timm")
     B.check_timm("resnet18.a1_in1k")  # timm.list_models() lists no tags; create_model takes them
+
+
+def allocating_case(megabytes_per_image: int, fixed_megabytes: int = 0) -> B.Builder:
+    """Cases whose step holds `fixed_megabytes` MiB, frees them, then holds `megabytes_per_image` MiB per
+    image, and whose build fails from batch 5000."""
+    def build(batch: int) -> B.Case:
+        if batch >= 5000:
+            raise RuntimeError("DefaultCPUAllocator: can't allocate memory: you tried to allocate 1 TB")
+
+        def step() -> None:
+            torch.empty(fixed_megabytes << 20, dtype=torch.uint8)
+            torch.empty(batch * megabytes_per_image << 20, dtype=torch.uint8)
+
+        return B.Case("allocating", step, batch, None, torch.device("cpu"), held_bytes=lambda: 5 << 20)
+    return build
+
+
+def test_cpu_peak_memory_counts_the_most_held_at_once():
+    def step() -> None:
+        a = torch.ones(2**20)  # 4 MiB
+        b = a * 2  # 8 MiB at once
+        del a, b
+        torch.ones(3 * 2**20)  # 12 MiB, the peak
+
+    assert B.cpu_peak_allocated(step) == 12 << 20
+    case = allocating_case(3)(4)
+    B.warm_up(case, 1)
+    assert case.peak_memory == (3 * 4 + 5) << 20  # the step's peak and what the case holds between steps
+
+
+def test_bench_reports_peak_memory_on_the_cpu(capsys):
+    run_cli("--model", "digits/4", "--img-size", "28", "--device", "cpu", "--batch-size", "4", "--warmup", "1",
+            "--repeats", "1", "--iters", "1", "--no-ceiling", "--json")
+    modes = json.loads(capsys.readouterr().out)["modes"]
+    params = variant_config("digits/4", img_size=28).num_params() * 4
+    infer, train = (modes[m]["cases"][0]["peak_memory_gib"] * 2**30 for m in ("infer", "train"))
+    # Training holds the weights, their gradients and AdamW's two moments, and the activations for backward.
+    assert params < infer < train and train > 4 * params
+
+
+def test_a_batch_too_large_for_the_cpus_memory_names_one_that_fits(monkeypatch):
+    monkeypatch.setattr(B, "memory_available", lambda: 100 << 20)  # 5 MiB held, 1 MiB an image: 95 fit
+    with pytest.raises(B.BenchError, match=r"Batch 5000 does not fit in this machine's memory \(an allocation "
+                                           r"failed\); about batch 95 fits in the 0.1 GiB available now \(from the "
+                                           r"peak memory of smaller batches\): use --batch-size 95\.$"):
+        B.prepare(allocating_case(1), 5000, torch.device("cpu"), 1)
+    with pytest.raises(B.BenchError, match=r"not even batch 1 fits in the 0.0 GiB available now: use a smaller"):
+        monkeypatch.setattr(B, "memory_available", lambda: 4 << 20)
+        B.prepare(allocating_case(1), 5000, torch.device("cpu"), 1)
+    # Below batch 64 the peak is the fixed 64 MiB: the batches double until the per-image growth shows.
+    assert B.cpu_fitting_batch(allocating_case(1, fixed_megabytes=64), 5000, 1000 << 20) == 995
+    monkeypatch.setattr(B, "memory_available", lambda: None)  # not Linux
+    with pytest.raises(B.BenchError, match=r"allocation failed\); use a smaller --batch-size\.$"):
+        B.prepare(allocating_case(1), 5000, torch.device("cpu"), 1)

@@ -9,9 +9,11 @@ repeat 2, ...) so that a machine that speeds up or slows down during the run aff
 from __future__ import annotations
 
 import copy
+import json
 import math
 import os
 import statistics
+import tempfile
 import time
 import warnings
 from dataclasses import dataclass, field
@@ -22,6 +24,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from .checkpoints import first_line
 from .choices import BENCH_DTYPES
 from .compiled import CompiledOrEager
 from .variants import MixerConfig, paper_variant_of
@@ -125,8 +128,10 @@ class Case:
     flops_per_image: Optional[float]  # per iteration of this mode (training: about 3× forward); None: uncounted
     device: torch.device
     times: list = field(default_factory=list)
-    peak_memory: Optional[int] = None  # bytes, CUDA only
-    static_bytes: int = 0  # parameters, allocated before the warm-up: added to its peak
+    peak_memory: Optional[int] = None  # bytes
+    # What the case holds between iterations (parameters, the optimiser's state once made): allocated
+    # before the memory is counted from, so added to the peak.
+    held_bytes: Callable[[], int] = lambda: 0
     warmup_s: float = 0.0
     compiled: Optional[CompiledOrEager] = None  # a compiled case: says whether compiling failed
 
@@ -147,20 +152,48 @@ class Case:
 
 
 def warm_up(case: Case, iters: int) -> None:
-    """Run the warm-up iterations, measuring the case's own peak memory on CUDA."""
+    """Run the warm-up iterations, then the case's peak memory: on CUDA the most allocated during the
+    warm-up, on the CPU during one more iteration (`cpu_peak_allocated`)."""
     dev = case.device
     t0 = time.perf_counter()
     if dev.type == "cuda":
         sync(dev)
-        base = torch.cuda.memory_allocated(dev)
+        base, held = torch.cuda.memory_allocated(dev), case.held_bytes()  # the parameters: no optimiser state yet
         torch.cuda.reset_peak_memory_stats(dev)
     for _ in range(iters):
         case.step()
     sync(dev)
-    if dev.type == "cuda":
-        # Parameters and optimizer state were created before `base`; add them back.
-        case.peak_memory = torch.cuda.max_memory_allocated(dev) - base + case.static_bytes
     case.warmup_s = time.perf_counter() - t0
+    if dev.type == "cuda":
+        case.peak_memory = torch.cuda.max_memory_allocated(dev) - base + held
+    elif dev.type == "cpu":
+        peak = cpu_peak_allocated(case.step)
+        case.peak_memory = None if peak is None else case.held_bytes() + peak
+
+
+def cpu_peak_allocated(step: Callable[[], object]) -> Optional[int]:
+    """The most bytes PyTorch's CPU allocator holds at once during a call of `step` beyond what it held
+    before: the "Total Allocated" of the profiler's memory events, which counts what was allocated since
+    profiling began and is not yet freed. (The CPU allocator keeps no peak of its own, and the process's
+    peak resident memory includes what earlier cases freed; memory that oneDNN or MKL allocate themselves
+    is not seen.) None, with a warning, where the profiler fails."""
+    from torch.profiler import ProfilerActivity, profile
+
+    from .profiling import quiet_cpu_profiler
+
+    quiet_cpu_profiler()
+    try:
+        with profile(activities=[ProfilerActivity.CPU], profile_memory=True) as prof:
+            step()
+        with tempfile.TemporaryDirectory() as folder:  # the events' running totals are only in the trace
+            trace = Path(folder) / "trace.json"
+            prof.export_chrome_trace(str(trace))
+            events = json.loads(trace.read_text())["traceEvents"]
+    except (RuntimeError, OSError, ValueError, KeyError) as e:
+        warnings.warn(f"The CPU peak memory was not measured: the profiler failed ({first_line(e)}).", stacklevel=2)
+        return None
+    return max((e["args"]["Total Allocated"] for e in events
+                if e.get("name") == "[memory]" and e.get("args", {}).get("Device Type") == 0), default=0)
 
 
 def time_interleaved(cases: list[Case], repeats: int, iters: int) -> None:
@@ -193,7 +226,7 @@ def inference_case(
         with autocast(device, dtype):
             return run(x)
 
-    return Case(name, step, batch, flops_per_image, device, static_bytes=param_bytes(model),
+    return Case(name, step, batch, flops_per_image, device, held_bytes=lambda: param_bytes(model),
                 compiled=run if compile else None)
 
 
@@ -230,8 +263,11 @@ def training_case(
             opt.step()
         opt.zero_grad(set_to_none=True)
 
-    return Case(name, step, batch, flops_per_image, device, static_bytes=param_bytes(model),
-                compiled=run if compile else None)
+    def held_bytes() -> int:
+        state = [t for s in opt.state.values() for t in s.values() if torch.is_tensor(t)]
+        return param_bytes(model) + sum(t.numel() * t.element_size() for t in state)
+
+    return Case(name, step, batch, flops_per_image, device, held_bytes=held_bytes, compiled=run if compile else None)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -289,8 +325,6 @@ def timm_model(name: str, config: MixerConfig, match_shapes: bool = False) -> nn
         with torch.no_grad():
             model.eval()(torch.zeros(1, 3, *config.img_size))
     except Exception as e:
-        from .checkpoints import first_line
-
         h, w = config.img_size
         raise BenchError(f"timm's {name} cannot take {h}×{w} images ({first_line(e)}); compare at a size it "
                          "takes (--img-size) or with another timm model.") from None
@@ -479,8 +513,16 @@ def prepare(build: Builder, batch: int, device: torch.device, warmup: int) -> Ca
         if not out_of_memory(e):
             raise
     if device.type == "cpu":
-        raise BenchError(f"Batch {batch} does not fit in this machine's memory (an allocation failed); "
-                         "use a smaller --batch-size.")
+        available = memory_available()
+        fits = None if available is None else cpu_fitting_batch(build, batch, available)
+        if fits is None or available is None:
+            advice = "use a smaller --batch-size"
+        elif fits == 0:
+            advice = f"not even batch 1 fits in the {available / 2**30:.1f} GiB available now: use a smaller model"
+        else:
+            advice = (f"about batch {fits} fits in the {available / 2**30:.1f} GiB available now (from the peak "
+                      f"memory of smaller batches): use --batch-size {fits}")
+        raise BenchError(f"Batch {batch} does not fit in this machine's memory (an allocation failed); {advice}.")
 
     def try_batch(b: int) -> None:
         case = build(b)
@@ -496,6 +538,57 @@ def prepare(build: Builder, batch: int, device: torch.device, warmup: int) -> Ca
         f"Batch {batch} does not fit in the GPU's memory ({total / 2**30:.0f} GiB); {advice}: "
         f"use --batch-size {fits or 1}{'' if fits else ' with a smaller model'}."
     )
+
+
+def memory_available() -> Optional[int]:
+    """Bytes the kernel could give without swapping (Linux's MemAvailable); None elsewhere."""
+    try:
+        lines = Path("/proc/meminfo").read_text().splitlines()
+        return next(int(line.split()[1]) * 1024 for line in lines if line.startswith("MemAvailable:"))
+    except (OSError, StopIteration, ValueError, IndexError):
+        return None
+
+
+def cpu_fitting_batch(build: Builder, batch: int, available: int) -> Optional[int]:
+    """About the largest batch below `batch` whose step fits in `available` bytes of CPU memory.
+
+    Not found by trying: a batch the kernel lets the process allocate but cannot back ends in the
+    out-of-memory killer, not in an error. A step's peak (`cpu_peak_allocated`, after one step that makes
+    the optimiser's state) grows with the batch, linearly once the activations outweigh what does not grow
+    (the optimiser's temporaries: Mixer-B/16's training peak grew 8 MB from batch 1 to 2, then 111 MB an
+    image). So it is measured at batches 1, 2, 4, ... until two doublings add the same per image (within
+    10%) or the memory is used up, and extended in a line from there. 0 when batch 1 does not fit; None
+    when a peak is unknown or does not grow."""
+    sizes: list[int] = []
+    peaks: list[int] = []
+    slopes: list[float] = []
+    b = 1
+    while b < batch:
+        try:
+            case = build(b)
+            case.step()
+        except RuntimeError as e:
+            if not out_of_memory(e):
+                raise
+            break
+        peak = cpu_peak_allocated(case.step)
+        if peak is None:
+            return None
+        peak += case.held_bytes()
+        del case
+        if peaks:
+            slopes.append((peak - peaks[-1]) / (b - sizes[-1]))
+        sizes.append(b)
+        peaks.append(peak)
+        steady = len(slopes) > 1 and 0 < slopes[-1] and abs(slopes[-1] - slopes[-2]) <= 0.1 * slopes[-1]
+        if peak > available or steady:
+            break
+        b *= 2
+    if not peaks or peaks[0] > available:
+        return 0
+    if not slopes or slopes[-1] <= 0:
+        return None
+    return max(0, min(batch - 1, sizes[-1] + math.floor((available - peaks[-1]) / slopes[-1])))
 
 
 def measure(

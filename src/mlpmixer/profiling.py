@@ -21,6 +21,13 @@ SKIP = 10  # steps run before profiling starts
 WARMUP = 2  # steps the profiler runs without recording, as its schedule asks
 
 
+def quiet_cpu_profiler() -> None:
+    """Keep the profiler's own log lines off the CPU user's terminal: a CUDA build of torch without a GPU
+    logs "ERROR: gpuGetDeviceCount failed", and torch 2.14 "USDT: profiler_start" and "profiler_stop"
+    on every use (levels 4 and 5 of Kineto's; read when the profiler is first used)."""
+    os.environ.setdefault("KINETO_LOG_LEVEL", "6")
+
+
 def _self_device_us(event: Any) -> float:
     """An operation's own device time in µs (torch >= 2.4 names it device, older releases cuda)."""
     value = getattr(event, "self_device_time_total", None)
@@ -38,8 +45,8 @@ class StepProfiler:
         self.steps, self.run, self.device, self.batch_size, self.log = steps, run, device, batch_size, log
         self.cuda = device.type == "cuda"
         activities = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if self.cuda else [])
-        if not self.cuda:  # a CUDA build of torch without a GPU would log "ERROR: gpuGetDeviceCount failed"
-            os.environ.setdefault("KINETO_LOG_LEVEL", "5")
+        if not self.cuda:
+            quiet_cpu_profiler()
         self.seen = 0
         self.t_record, self.wall = 0.0, 0.0  # when recording began; seconds per recorded step
         self.done = False

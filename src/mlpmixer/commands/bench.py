@@ -133,5 +133,3 @@ def print_table(result: dict) -> None:
             rate = f"{r['tflops'] * scale:.2f}" if r["tflops"] is not None else "-"
             print(f"{mode:<7}{r['name']:<{width}}{r['img_per_s']:>10.1f}{per_image:>10}{rate:>10}{pct:>8}{mem:>10}"
                   f"{vs:>9}".rstrip())
-    if not env.get("gpu"):
-        print("Peak memory is measured on CUDA only (allocator statistics); the CPU has no equivalent here.")
