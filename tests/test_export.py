@@ -186,7 +186,7 @@ def test_a_missing_onnx_package_is_named_before_exporting(tmp_path, monkeypatch,
     assert list(tmp_path.iterdir()) == []
 
 
-def test_an_onnx_opset_the_exporter_does_not_write_is_refused(tmp_path):
+def test_an_onnx_opset_the_exporter_does_not_write_is_refused(tmp_path, capfd):
     pytest.importorskip("onnxruntime")
     import mlpmixer.export as export
 
@@ -197,6 +197,17 @@ def test_an_onnx_opset_the_exporter_does_not_write_is_refused(tmp_path):
     with pytest.raises(ExportError, match="wrote opset 18 instead of 13.* use the default, 18"):
         export_model(small(32, 16), "onnx", tmp_path / "m.onnx", opset=13)
     assert [p.name for p in tmp_path.iterdir()] == ["m.onnx"] and (tmp_path / "m.onnx").read_bytes() == b"old"
+    said = capfd.readouterr().err  # the error says it all: not the exporter's and converter's warnings and traceback
+    assert "Traceback" not in said and "opset" not in said
+
+
+def test_an_export_removes_what_a_killed_export_of_its_file_left(tmp_path):
+    stale = tmp_path / ".m.pt.0123456789ab.tmp.pt"  # atomic_write's temporary, never renamed
+    others = [tmp_path / ".n.pt.0123456789ab.tmp.pt", tmp_path / ".m.pt.notes.tmp.pt"]  # another file's, not one
+    for p in (stale, *others):
+        p.write_bytes(b"half written")
+    export_model(small(32, 16), "torchscript", tmp_path / "m.pt")
+    assert not stale.exists() and all(p.exists() for p in others) and (tmp_path / "m.pt").is_file()
 
 
 def test_an_unwritable_folder_is_one_sentence(tmp_path, monkeypatch):

@@ -30,7 +30,7 @@ import warnings
 import zipfile
 import zlib
 from pathlib import Path
-from typing import Any, Iterator, TypeVar, overload
+from typing import Any, Iterator, Optional, TypeVar, overload
 
 import numpy as np
 import torch
@@ -562,10 +562,12 @@ def _load_state(
 _TEMPORARY = re.compile(r"\..+\.[0-9a-f]{12}\.tmp(\.[^.]+)?")
 
 
-def remove_temporaries(folder: str | os.PathLike) -> list[Path]:
+def remove_temporaries(folder: str | os.PathLike, of: Optional[str] = None) -> list[Path]:
     """Delete the temporary files that atomic_write left in `folder` when it was killed before its rename
-    (only names of its own pattern); returns them. Call it where no other write is under way."""
-    stale = [p for p in Path(folder).glob(".*.tmp*") if _TEMPORARY.fullmatch(p.name) and p.is_file()]
+    (only names of its own pattern; with `of`, only those of the file of that name); returns them. Call it
+    where no other write (of that file) is under way."""
+    pattern = _TEMPORARY if of is None else re.compile(re.escape(f".{of}.") + r"[0-9a-f]{12}\.tmp" + re.escape(Path(of).suffix))
+    stale = [p for p in Path(folder).glob(".*.tmp*") if pattern.fullmatch(p.name) and p.is_file()]
     for p in stale:
         p.unlink()
     return stale

@@ -9,18 +9,20 @@ the check never lands there and an older file of that name stays.
 
 from __future__ import annotations
 
+import contextlib
 import copy
 import importlib
 import inspect
+import logging
 import os
 import warnings
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Callable
+from typing import Callable, Iterator
 
 import torch
 
-from .checkpoints import atomic_write
+from .checkpoints import atomic_write, remove_temporaries
 from .choices import EXPORT_FORMATS as FORMATS
 from .choices import EXPORT_SUFFIXES as SUFFIXES
 from .model import MlpMixer
@@ -113,6 +115,8 @@ def export_model(model: MlpMixer, fmt: str, out: str | os.PathLike, opset: int =
         # Recent PyTorch marks torch.jit deprecated; TorchScript is still what its users load.
         warnings.filterwarnings("ignore", message=".*torch.jit.*deprecated", category=FutureWarning)
         try:
+            if Path(out).parent.is_dir():  # what an export of this name that was killed left
+                remove_temporaries(Path(out).parent, of=Path(out).name)
             path = atomic_write(out, write_and_check)
         except PermissionError:
             raise ExportError(f"Cannot write to {Path(out).parent}: permission denied; choose another "
@@ -162,11 +166,27 @@ def _onnx(model: torch.nn.Module, x: torch.Tensor, path: str, opset: int) -> Non
         if "dynamo" in inspect.signature(torch.onnx.export).parameters:
             extra["dynamo"] = False
     try:
-        torch.onnx.export(model, (x,), path, input_names=["images"], output_names=["logits"], opset_version=opset,
-                          **extra)
+        with _quiet("torch.onnx", "onnxscript"):
+            torch.onnx.export(model, (x,), path, input_names=["images"], output_names=["logits"],
+                              opset_version=opset, **extra)
     except Exception as e:  # the exporter's own errors, e.g. "Unsupported onnx_opset_version: 99"
         first = (str(e).strip().splitlines() or [type(e).__name__])[0]
         raise ExportError(f"ONNX export at opset {opset} failed ({first}); the default, 18, works.") from None
+
+
+@contextlib.contextmanager
+def _quiet(*loggers: str) -> Iterator[None]:
+    """Hold back the warnings of these loggers: below opset 18 torch's exporter and onnxscript's version
+    converter log a warning each and a converter's traceback, where the opset check after the export says
+    in one sentence what went wrong."""
+    levels = {name: logging.getLogger(name).level for name in loggers}
+    for name in loggers:
+        logging.getLogger(name).setLevel(logging.ERROR)
+    try:
+        yield
+    finally:
+        for name, level in levels.items():
+            logging.getLogger(name).setLevel(level)
 
 
 def _torchscript(model: torch.nn.Module, x: torch.Tensor, path: str, opset: int) -> None:
