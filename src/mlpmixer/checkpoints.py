@@ -566,7 +566,9 @@ def remove_temporaries(folder: str | os.PathLike, of: Optional[str] = None) -> l
     """Delete the temporary files that atomic_write left in `folder` when it was killed before its rename
     (only names of its own pattern; with `of`, only those of the file of that name); returns them. Call it
     where no other write (of that file) is under way."""
-    pattern = _TEMPORARY if of is None else re.compile(re.escape(f".{of}.") + r"[0-9a-f]{12}\.tmp" + re.escape(Path(of).suffix))
+    pattern = _TEMPORARY
+    if of is not None:
+        pattern = re.compile(re.escape(f".{of}.") + r"[0-9a-f]{12}\.tmp" + re.escape(Path(of).suffix))
     stale = [p for p in Path(folder).glob(".*.tmp*") if pattern.fullmatch(p.name) and p.is_file()]
     for p in stale:
         p.unlink()
