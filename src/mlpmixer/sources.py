@@ -363,9 +363,13 @@ class ShardDataset(torch.utils.data.IterableDataset):
         self.bad_samples = BadSampleCounter(num_examples)
         # As in FolderDataset, each bad sample is warned about and counted once, then passed over: counted on
         # every pass, one bad image among 150 (0.7%) read as 2 of 151 (1.3%) where it came first in the second
-        # pass, which stopped the run. Room for the 1% of the samples that may be bad (more stops the run
-        # within the first pass); beyond it, a bad sample is counted again on each pass.
-        self._found_bad = SharedNames(int(MAX_BAD_FRACTION * (num_examples or BAD_WINDOW)) + 1)
+        # pass, which stopped the run. Room for the 1% of the samples that may be bad, and for every sample of
+        # the window the bad fraction is first judged on: an epoch of whole batches ends a little before its
+        # pass does, so the window fills early in the next pass, where a bad sample left out of a smaller set
+        # was counted again (3 bad of 172 stopped a run as "4 of 172"). Beyond the room (only where more than
+        # 1% of the samples are bad, which stops the run), a bad sample is counted again on each pass.
+        room = max(int(MAX_BAD_FRACTION * (num_examples or BAD_WINDOW)) + 1, self.bad_samples.window)
+        self._found_bad = SharedNames(room)
         # The count ends training's epochs, so samples beyond it would be left out of each without a word. Not
         # counted at the start, which would read every shard: each reader, as it reads, records the most samples
         # read from each shard by any reader of this process (`_held`, totalled in `_held_total`).
