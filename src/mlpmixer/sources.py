@@ -716,8 +716,8 @@ def open_folder_or_shards(path: str, split: str, holdout: float, seed: int, tran
         return _open_shards(shards, split, holdout, seed, transform, whole)
     root = Path(path)
     if not root.exists():
-        what = "shards" if any(c in path for c in "*?[{") else "file or folder"
-        raise FileNotFoundError(f"No {what} matches {path}; check the path.")
+        what = "shards match" if any(c in path for c in "*?[{") else "file or folder matches"
+        raise FileNotFoundError(f"No {what} {path}; check the path.")
     if not root.is_dir():
         raise ValueError(f"{path} is neither a folder nor a .tar/.tar.gz shard; give an image folder or shards.")
     if is_split_pair(path):
