@@ -481,7 +481,9 @@ def test_too_many_bad_labels_are_named_as_labels(tmp_path: Path) -> None:
             sink.write({"__key__": f"beyond{i}", "png": encode(i), "cls": b"5"})
     dataset = open_folder_or_shards(str(tmp_path), "val", 0.0, 0, None).dataset
     with warnings.catch_warnings(), pytest.raises(BadDataError, match=r"\d of 2\d samples \(\d.\d%\) have a missing "
-                                                                      "label or one that is not a class of the data"):
+                                                                      "label or one that is not a class of the data, "
+                                                                      r".*; fix the .cls labels or name every class "
+                                                                      "they use in dataset.json"):
         warnings.simplefilter("ignore")
         ids_and_labels(dataset)
     make_shards(tmp_path / "both", shards=1, per_shard=20, bad=(3,))

@@ -138,8 +138,11 @@ class BadSampleCounter:
                 what = "have a missing label or one that is not a class of the data"
             else:
                 what = f"are bad ({labels} for their label, {bad - labels} for an image that could not be decoded)"
-            raise BadDataError(f"{share} {what}, more than the {100 * MAX_BAD_FRACTION:g}% allowed; check or "
-                               "rebuild the data (the warnings name the bad files).")
+            # Where they are fixed is said too: a dataset.json naming too few classes makes bad labels of the rest.
+            fix = ("fix the .cls labels or name every class they use in dataset.json, or rebuild the data" if labels
+                   else "check or rebuild the data")
+            raise BadDataError(f"{share} {what}, more than the {100 * MAX_BAD_FRACTION:g}% allowed; {fix} (the "
+                               "warnings name the bad files).")
 
 
 def decode_image_bytes(data: bytes) -> torch.Tensor:
