@@ -8,6 +8,7 @@ import io
 import itertools
 import json
 import os
+import re
 import sys
 import warnings
 from pathlib import Path
@@ -235,6 +236,20 @@ def test_folder_with_too_many_bad_images_stops(tmp_path: Path) -> None:
         ids_and_labels(dataset)
 
 
+def test_too_many_bad_images_are_said_of_the_data_that_holds_them(tmp_path: Path) -> None:
+    # Training and evaluation data (or a hold-out's two sides) warn on one terminal: "4 of 14" was neither's.
+    make_folder(tmp_path / "folder", {"a": 10, "b": 10}, bad=tuple(range(20)))
+    make_shards(tmp_path / "shards", shards=1, per_shard=10, bad=tuple(range(10)))
+    cases = [(tmp_path / "folder", "train", 0.0, f"of {tmp_path / 'folder'} could"),
+             (tmp_path / "folder", "train", 0.5, f"of the training part of {tmp_path / 'folder'} could"),
+             (tmp_path / "shards", "val", 0.5, f"of the hold-out of {tmp_path / 'shards'} could")]
+    for path, split, holdout, words in cases:
+        dataset = open_folder_or_shards(str(path), split, holdout, 0, None).dataset
+        with warnings.catch_warnings(), pytest.raises(BadDataError, match=r"\(100\.0%\) " + re.escape(words)):
+            warnings.simplefilter("ignore")
+            ids_and_labels(dataset)
+
+
 # --- WebDataset shards ---------------------------------------------------------------------------------
 
 
@@ -404,7 +419,7 @@ def test_shard_bad_images_are_counted_once_when_an_epoch_ends_before_its_pass(tm
         warnings.simplefilter("ignore")
         assert len(list(itertools.islice(dataset, 90))) == 90  # the epoch ends here, its pass abandoned
         dataset.set_epoch(1)
-        with pytest.raises(BadDataError, match=r"^3 of 100 images \(3\.0%\) could not be decoded"):
+        with pytest.raises(BadDataError, match=r"^3 of 100 images \(3\.0%\) of .* could not be decoded"):
             list(dataset)
     assert dataset.bad_samples.bad == 3
 
@@ -480,7 +495,7 @@ def test_too_many_bad_labels_are_named_as_labels(tmp_path: Path) -> None:
         for i in range(3):
             sink.write({"__key__": f"beyond{i}", "png": encode(i), "cls": b"5"})
     dataset = open_folder_or_shards(str(tmp_path), "val", 0.0, 0, None).dataset
-    with warnings.catch_warnings(), pytest.raises(BadDataError, match=r"\d of 2\d samples \(\d.\d%\) have a missing "
+    with warnings.catch_warnings(), pytest.raises(BadDataError, match=r"\d of 2\d samples \(\d.\d%\) of .* have a missing "
                                                                       "label or one that is not a class of the data, "
                                                                       r".*; fix the .cls labels or name every class "
                                                                       "they use in dataset.json"):

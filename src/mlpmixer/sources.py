@@ -107,6 +107,9 @@ class BadSampleCounter:
 
     def __init__(self, window: Optional[int]) -> None:
         self.window = min(window or BAD_WINDOW, BAD_WINDOW)
+        # The data counted, for the sentence that stops the run (`open_folder_or_shards` names it): training and
+        # evaluation data (or a hold-out's two sides) warn on the same terminal, and a bare "4 of 14" was neither's.
+        self.data = ""  # " of PATH"
         self._seen = multiprocessing.Value("q", 0)
         self._bad = multiprocessing.Value("q", 0)
         self._bad_labels = multiprocessing.Value("q", 0)
@@ -130,7 +133,7 @@ class BadSampleCounter:
                 self._bad_labels.value += 1
         seen, bad, labels = self.seen, self.bad, self._bad_labels.value
         if seen >= self.window and bad > MAX_BAD_FRACTION * seen:
-            share = f"{bad} of {seen} {'samples' if labels else 'images'} ({100 * bad / seen:.1f}%)"
+            share = f"{bad} of {seen} {'samples' if labels else 'images'} ({100 * bad / seen:.1f}%){self.data}"
             # Bad labels are named as such: they are fixed in the .cls members or dataset.json, not the images.
             if not labels:
                 what = "could not be decoded"
@@ -714,6 +717,16 @@ def open_folder_or_shards(path: str, split: str, holdout: float, seed: int, tran
         raise ValueError(f"The split must be 'train' or 'val', not {split!r}.")
     if not 0 <= holdout < 1:
         raise ValueError(f"The hold-out fraction must be at least 0 and below 1, not {holdout}.")
+    source = _open_folder_or_shards(path, split, holdout, seed, transform, whole, replace_bad)
+    counter = getattr(source.dataset, "bad_samples", None)
+    if counter is not None and not counter.data:  # (a train/ + val/ pair has named its folder)
+        side = "" if holdout == 0 else "the hold-out of " if split == "val" else "the training part of "
+        counter.data = f" of {side}{path}"
+    return source
+
+
+def _open_folder_or_shards(path: str, split: str, holdout: float, seed: int, transform: Transform, whole: bool,
+                           replace_bad: bool) -> Source:
     shards = _list_shards(path)
     if shards:
         return _open_shards(shards, split, holdout, seed, transform, whole)
