@@ -507,6 +507,9 @@ def _read_dataset_json(folder: Path) -> Optional[dict[str, Any]]:
         # A string would pass for a list of one-letter classes, and a count in quotes fail later.
         if not isinstance(info.get("classes", []), list):
             raise ValueError(f'"classes" must be a list of names, not {info["classes"]!r}')
+        # An empty list made every sample's label bad, and the shards read as having no .cls labels at all.
+        if info.get("classes") == []:
+            raise ValueError('"classes" is empty: name the classes, or leave "classes" out to number them')
         splits = info.get("splits", {})
         if not isinstance(splits, dict) or not all(type(n) is int and n >= 0 for n in splits.values()):
             raise ValueError(f'"splits" must map each split to a whole number of images, not {splits!r}')
