@@ -111,6 +111,19 @@ def test_eval_mode_chooses_the_preprocessing_of_image_folders(digits_model: Path
     assert losses[0] != pytest.approx(losses[1])
 
 
+def test_eval_on_other_classes_lists_them_without_a_false_ellipsis(tmp_path: Path,
+                                                                  capsys: pytest.CaptureFixture) -> None:
+    from test_sources import make_folder
+
+    model = create_model("digits/4", num_classes=2, img_size=8, in_chans=3, patch_size=4)
+    model.class_names = ["a", "b"]
+    save_checkpoint(model, tmp_path / "m.safetensors")
+    make_folder(tmp_path / "data", {"a": 2, "c": 2})
+    assert main(["eval", str(tmp_path / "m.safetensors"), "--data", str(tmp_path / "data"), "--workers", "0"]) == 2
+    err = capsys.readouterr().err
+    assert "(a, c) differ from the model's (a, b);" in err and "..." not in err  # was "(a, c, ...)": more classes?
+
+
 def test_train_with_permuted_patches_validates_and_evaluates_permuted(tmp_path: Path,
                                                                      capsys: pytest.CaptureFixture) -> None:
     out = tmp_path / "permuted"

@@ -5,8 +5,10 @@ from __future__ import annotations
 
 import gc
 import io
+import itertools
 import json
 import os
+import re
 import sys
 import warnings
 from pathlib import Path
@@ -234,6 +236,20 @@ def test_folder_with_too_many_bad_images_stops(tmp_path: Path) -> None:
         ids_and_labels(dataset)
 
 
+def test_too_many_bad_images_are_said_of_the_data_that_holds_them(tmp_path: Path) -> None:
+    # Training and evaluation data (or a hold-out's two sides) warn on one terminal: "4 of 14" was neither's.
+    make_folder(tmp_path / "folder", {"a": 10, "b": 10}, bad=tuple(range(20)))
+    make_shards(tmp_path / "shards", shards=1, per_shard=10, bad=tuple(range(10)))
+    cases = [(tmp_path / "folder", "train", 0.0, f"of {tmp_path / 'folder'} could"),
+             (tmp_path / "folder", "train", 0.5, f"of the training part of {tmp_path / 'folder'} could"),
+             (tmp_path / "shards", "val", 0.5, f"of the hold-out of {tmp_path / 'shards'} could")]
+    for path, split, holdout, words in cases:
+        dataset = open_folder_or_shards(str(path), split, holdout, 0, None).dataset
+        with warnings.catch_warnings(), pytest.raises(BadDataError, match=r"\(100\.0%\) " + re.escape(words)):
+            warnings.simplefilter("ignore")
+            ids_and_labels(dataset)
+
+
 # --- WebDataset shards ---------------------------------------------------------------------------------
 
 
@@ -363,6 +379,7 @@ def test_shards_holding_more_than_dataset_json_counts_are_said_so_once(
 
 @pytest.mark.parametrize("info, complaint", [
     ({"classes": "abc", "splits": {"train": 6}}, "\"classes\" must be a list of names, not 'abc'"),
+    ({"classes": [], "splits": {"train": 6}}, "\"classes\" is empty: name the classes"),
     ({"classes": ["a", "b", "c"], "splits": {"train": "6"}}, "\"splits\" must map each split to a whole number"),
     ({"classes": ["a", "b", "c"], "splits": [6]}, "\"splits\" must map each split to a whole number"),
 ])
@@ -392,6 +409,20 @@ def test_shard_bad_image_is_skipped_and_counted(tmp_path: Path) -> None:
         dataset.set_epoch(epoch)
         assert len(ids_and_labels(dataset, workers=2)) == 149
     assert (dataset.bad_samples.bad, dataset.bad_samples.seen) == (1, 150 + 4 * 149)
+
+
+def test_shard_bad_images_are_counted_once_when_an_epoch_ends_before_its_pass(tmp_path: Path) -> None:
+    # An epoch of whole batches reads a little less than its pass, so the bad fraction is first judged early in
+    # the next pass: a bad image not remembered from the first was counted twice (3 bad of 100 as "4 of 100").
+    make_shards(tmp_path, shards=1, per_shard=100, bad=(0, 1, 2))
+    dataset = open_folder_or_shards(str(tmp_path), "val", 0.0, 0, None).dataset  # "val": read in shard order
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        assert len(list(itertools.islice(dataset, 90))) == 90  # the epoch ends here, its pass abandoned
+        dataset.set_epoch(1)
+        with pytest.raises(BadDataError, match=r"^3 of 100 images \(3\.0%\) of .* could not be decoded"):
+            list(dataset)
+    assert dataset.bad_samples.bad == 3
 
 
 def write_odd_samples(shard: Path) -> None:
@@ -465,8 +496,10 @@ def test_too_many_bad_labels_are_named_as_labels(tmp_path: Path) -> None:
         for i in range(3):
             sink.write({"__key__": f"beyond{i}", "png": encode(i), "cls": b"5"})
     dataset = open_folder_or_shards(str(tmp_path), "val", 0.0, 0, None).dataset
-    with warnings.catch_warnings(), pytest.raises(BadDataError, match=r"\d of 2\d samples \(\d.\d%\) have a missing "
-                                                                      "label or one that is not a class of the data"):
+    with warnings.catch_warnings(), pytest.raises(BadDataError, match=r"\d of 2\d samples \(\d.\d%\) of .* have a missing "
+                                                                      "label or one that is not a class of the data, "
+                                                                      r".*; fix the .cls labels or name every class "
+                                                                      "they use in dataset.json"):
         warnings.simplefilter("ignore")
         ids_and_labels(dataset)
     make_shards(tmp_path / "both", shards=1, per_shard=20, bad=(3,))
@@ -544,7 +577,7 @@ def test_missing_and_empty_paths_are_one_sentence(tmp_path: Path) -> None:
         (tmp_path / "missing", FileNotFoundError, "No file or folder matches"),
         (tmp_path / "empty", FileNotFoundError, "neither class sub-folders nor"),
         (tmp_path / "no_images", FileNotFoundError, "no images"),
-        (tmp_path / "shards" / "*.tgz", FileNotFoundError, "No shards match"),
+        (tmp_path / "shards" / "*.tgz", FileNotFoundError, "No shards match /"),  # not "No shards matches"
         (tmp_path / "shards" / "part-{000..002}.tar", FileNotFoundError, "part-002.tar does not exist"),
     ]
     for path, error, words in cases:

@@ -715,7 +715,7 @@ def test_an_error_of_rank_0_alone_stops_the_other_ranks_without_a_word(tmp_path:
     args = ["train", "--quiet", "--steps", "4", "--evals", "2", "--batch-size", "32", "--workers", "0",
             "--eval-data", str(tmp_path / "bad"), "--out", str(tmp_path / "r")]
     err = _on_two_ranks(args, 29546, tmp_path, child_env)
-    assert err.count("mixer train: error: ") == 1 and "10 of 10 images (100.0%) could not be decoded" in err, \
+    assert err.count("mixer train: error: ") == 1 and f"10 of 10 images (100.0%) of {tmp_path / 'bad'} could not be decoded" in err, \
         err[-3000:]
 
 

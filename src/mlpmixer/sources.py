@@ -107,6 +107,9 @@ class BadSampleCounter:
 
     def __init__(self, window: Optional[int]) -> None:
         self.window = min(window or BAD_WINDOW, BAD_WINDOW)
+        # The data counted, for the sentence that stops the run (`open_folder_or_shards` names it): training and
+        # evaluation data (or a hold-out's two sides) warn on the same terminal, and a bare "4 of 14" was neither's.
+        self.data = ""  # " of PATH"
         self._seen = multiprocessing.Value("q", 0)
         self._bad = multiprocessing.Value("q", 0)
         self._bad_labels = multiprocessing.Value("q", 0)
@@ -130,7 +133,7 @@ class BadSampleCounter:
                 self._bad_labels.value += 1
         seen, bad, labels = self.seen, self.bad, self._bad_labels.value
         if seen >= self.window and bad > MAX_BAD_FRACTION * seen:
-            share = f"{bad} of {seen} {'samples' if labels else 'images'} ({100 * bad / seen:.1f}%)"
+            share = f"{bad} of {seen} {'samples' if labels else 'images'} ({100 * bad / seen:.1f}%){self.data}"
             # Bad labels are named as such: they are fixed in the .cls members or dataset.json, not the images.
             if not labels:
                 what = "could not be decoded"
@@ -138,8 +141,11 @@ class BadSampleCounter:
                 what = "have a missing label or one that is not a class of the data"
             else:
                 what = f"are bad ({labels} for their label, {bad - labels} for an image that could not be decoded)"
-            raise BadDataError(f"{share} {what}, more than the {100 * MAX_BAD_FRACTION:g}% allowed; check or "
-                               "rebuild the data (the warnings name the bad files).")
+            # Where they are fixed is said too: a dataset.json naming too few classes makes bad labels of the rest.
+            fix = ("fix the .cls labels or name every class they use in dataset.json, or rebuild the data" if labels
+                   else "check or rebuild the data")
+            raise BadDataError(f"{share} {what}, more than the {100 * MAX_BAD_FRACTION:g}% allowed; {fix} (the "
+                               "warnings name the bad files).")
 
 
 def decode_image_bytes(data: bytes) -> torch.Tensor:
@@ -363,9 +369,13 @@ class ShardDataset(torch.utils.data.IterableDataset):
         self.bad_samples = BadSampleCounter(num_examples)
         # As in FolderDataset, each bad sample is warned about and counted once, then passed over: counted on
         # every pass, one bad image among 150 (0.7%) read as 2 of 151 (1.3%) where it came first in the second
-        # pass, which stopped the run. Room for the 1% of the samples that may be bad (more stops the run
-        # within the first pass); beyond it, a bad sample is counted again on each pass.
-        self._found_bad = SharedNames(int(MAX_BAD_FRACTION * (num_examples or BAD_WINDOW)) + 1)
+        # pass, which stopped the run. Room for the 1% of the samples that may be bad, and for every sample of
+        # the window the bad fraction is first judged on: an epoch of whole batches ends a little before its
+        # pass does, so the window fills early in the next pass, where a bad sample left out of a smaller set
+        # was counted again (3 bad of 172 stopped a run as "4 of 172"). Beyond the room (only where more than
+        # 1% of the samples are bad, which stops the run), a bad sample is counted again on each pass.
+        room = max(int(MAX_BAD_FRACTION * (num_examples or BAD_WINDOW)) + 1, self.bad_samples.window)
+        self._found_bad = SharedNames(room)
         # The count ends training's epochs, so samples beyond it would be left out of each without a word. Not
         # counted at the start, which would read every shard: each reader, as it reads, records the most samples
         # read from each shard by any reader of this process (`_held`, totalled in `_held_total`).
@@ -497,6 +507,9 @@ def _read_dataset_json(folder: Path) -> Optional[dict[str, Any]]:
         # A string would pass for a list of one-letter classes, and a count in quotes fail later.
         if not isinstance(info.get("classes", []), list):
             raise ValueError(f'"classes" must be a list of names, not {info["classes"]!r}')
+        # An empty list made every sample's label bad, and the shards read as having no .cls labels at all.
+        if info.get("classes") == []:
+            raise ValueError('"classes" is empty: name the classes, or leave "classes" out to number them')
         splits = info.get("splits", {})
         if not isinstance(splits, dict) or not all(type(n) is int and n >= 0 for n in splits.values()):
             raise ValueError(f'"splits" must map each split to a whole number of images, not {splits!r}')
@@ -707,13 +720,23 @@ def open_folder_or_shards(path: str, split: str, holdout: float, seed: int, tran
         raise ValueError(f"The split must be 'train' or 'val', not {split!r}.")
     if not 0 <= holdout < 1:
         raise ValueError(f"The hold-out fraction must be at least 0 and below 1, not {holdout}.")
+    source = _open_folder_or_shards(path, split, holdout, seed, transform, whole, replace_bad)
+    counter = getattr(source.dataset, "bad_samples", None)
+    if counter is not None and not counter.data:  # (a train/ + val/ pair has named its folder)
+        side = "" if holdout == 0 else "the hold-out of " if split == "val" else "the training part of "
+        counter.data = f" of {side}{path}"
+    return source
+
+
+def _open_folder_or_shards(path: str, split: str, holdout: float, seed: int, transform: Transform, whole: bool,
+                           replace_bad: bool) -> Source:
     shards = _list_shards(path)
     if shards:
         return _open_shards(shards, split, holdout, seed, transform, whole)
     root = Path(path)
     if not root.exists():
-        what = "shards" if any(c in path for c in "*?[{") else "file or folder"
-        raise FileNotFoundError(f"No {what} matches {path}; check the path.")
+        what = "shards match" if any(c in path for c in "*?[{") else "file or folder matches"
+        raise FileNotFoundError(f"No {what} {path}; check the path.")
     if not root.is_dir():
         raise ValueError(f"{path} is neither a folder nor a .tar/.tar.gz shard; give an image folder or shards.")
     if is_split_pair(path):

@@ -65,8 +65,8 @@ def run(args: argparse.Namespace) -> int:
         raise ValueError(f"{args.data} has {len(names)} classes but the model predicts {model.num_classes}; "
                          "evaluate on data with the model's classes.")
     if model.class_names and list(model.class_names) != list(names):
-        raise ValueError(f"The classes of {args.data} ({', '.join(names[:5])}, ...) differ from the model's "
-                         f"({', '.join(model.class_names[:5])}, ...); evaluate on data with the model's classes.")
+        raise ValueError(f"The classes of {args.data} ({_first_five(names)}) differ from the model's "
+                         f"({_first_five(model.class_names)}); evaluate on data with the model's classes.")
 
     cfg = model.config
     permute = run_permutation(args.checkpoint, cfg, args.permute, args.permute_seed)
@@ -101,3 +101,8 @@ def run(args: argparse.Namespace) -> int:
         print("Lowest per-class accuracy: " + ", ".join(f"{name} {a:.2%}" for a, name in worst)
               + f". Report: {out / 'per_class.json'}, {out / 'confusion.png'}")
     return 0
+
+
+def _first_five(names: list[str]) -> str:
+    """The first five class names, and "..." only where there are more (two classes read as "a, b, ...")."""
+    return ", ".join(names[:5]) + (", ..." if len(names) > 5 else "")
