@@ -493,6 +493,25 @@ def test_every_bad_file_gets_one_clear_sentence(bad: dict[str, Path]) -> None:
     assert not (next(iter(bad.values())).parent / "EXECUTED").exists()
 
 
+def test_unreadable_pytorch_files_are_one_sentence_without_the_readers_noise(bad: dict[str, Path],
+                                                                            tmp_path: Path) -> None:
+    """torch's zip reader explains a file cut short before its central directory in several sentences, and
+    its legacy reader meets a text file with a KeyError whose message is one of its bytes ("101"): neither
+    belongs in our sentence."""
+    torch.save(random_model(SQUARE).state_dict(), tmp_path / "good.pth")
+    cut = tmp_path / "cut.pth"
+    cut.write_bytes((tmp_path / "good.pth").read_bytes()[:1000])
+    messages = {}
+    for name, path in (("cut.pth", cut), *((n, bad[n]) for n in ("text-hello.pth", "text-abc.pth"))):
+        with pytest.raises(CheckpointError) as err:
+            load_checkpoint(path)
+        messages[name] = str(err.value)
+    assert "central directory" in messages["cut.pth"], messages
+    assert ". " not in messages["cut.pth"] and "miniz" not in messages["cut.pth"], messages
+    for name in ("text-hello.pth", "text-abc.pth"):
+        assert "(corrupt or another kind of file)" in messages[name], messages
+
+
 def test_payload_would_run_if_unpickled(tmp_path: Path) -> None:
     """The proof above means something: unpickling the same payload does create the marker."""
     marker = tmp_path / "EXECUTED"

@@ -261,9 +261,19 @@ def _read_torch(path: Path) -> tuple[StateDict, bool]:
             "save a plain state dict of tensors, or use .safetensors."
         ) from None
     except Exception as e:  # noqa: BLE001 - the legacy reader meets garbage with KeyError, IndexError, ...
+        with open(path, "rb") as f:
+            head = f.read(2)
+        if head[:1] != b"\x80" and head != b"PK":  # neither a legacy pickle nor a zip archive, cut short or not:
+            # the legacy reader's error ("101", a KeyError on a byte of the file) would say nothing.
+            raise CheckpointError(
+                f"{path} is not a readable PyTorch file (corrupt or another kind of file); "
+                "re-download or re-save it."
+            ) from None
+        # torch's zip reader explains itself over several sentences ("... This is an internal miniz
+        # error. If you are seeing this error, ..."): its first one names the problem.
+        reason = first_line(e).split(". ")[0].rstrip(".")
         raise CheckpointError(
-            f"{path} is not a readable PyTorch file (truncated or corrupt: {first_line(e)}); "
-            "re-download or re-save it."
+            f"{path} is not a readable PyTorch file (truncated or corrupt: {reason}); re-download or re-save it."
         ) from None
     training_state = isinstance(obj, dict) and {"model", "optimizer", "step", "ema"} <= obj.keys()
     # Training checkpoints often nest the weights.
