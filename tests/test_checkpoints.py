@@ -218,6 +218,16 @@ def test_save_is_atomic_and_readable(tmp_path: Path) -> None:
         save_checkpoint(model, tmp_path / "m.h5")
 
 
+def test_a_path_under_a_file_is_one_sentence(tmp_path: Path, capsys: pytest.CaptureFixture) -> None:
+    """mkdir's "[Errno 17] File exists: 'x'" (or "[Errno 20] Not a directory") would not say which part is wrong."""
+    save_checkpoint(random_model(SQUARE), tmp_path / "model.safetensors")
+    (tmp_path / "afile").write_text("not a folder")
+    for dst in (tmp_path / "afile" / "out.pth", tmp_path / "afile" / "sub" / "out.npz"):
+        code, _, err = run_cli(["convert", tmp_path / "model.safetensors", dst], capsys)
+        assert code == 2 and err == (f"mixer convert: error: Cannot write {dst}: it lies under {tmp_path / 'afile'}, "
+                                     "which is a file; give a path in a folder.\n"), err
+
+
 def test_cli_info_describes_a_checkpoint(tmp_path: Path, capsys: pytest.CaptureFixture) -> None:
     model = random_model(SQUARE.replace(gelu="exact", in_chans=1))
     model.class_names = [f"class {i}" for i in range(5)]

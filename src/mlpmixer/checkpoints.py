@@ -591,6 +591,12 @@ def atomic_write(path: str | os.PathLike, write: Any) -> Path:
     path = Path(path)
     if path.is_dir():
         raise IsADirectoryError(f"{path} is a folder; give the name of a file to write.")
+    folder = path.parent
+    while not folder.exists() and folder != folder.parent:  # the nearest existing folder: mkdir makes the rest
+        folder = folder.parent
+    if not folder.is_dir():  # mkdir would say "[Errno 17] File exists: 'x'", which names no fix
+        raise NotADirectoryError(f"Cannot write {path}: it lies under {folder}, which is a file; give a path in a "
+                                 "folder.")
     path.parent.mkdir(parents=True, exist_ok=True)
     # Created as an ordinary file (mode 0666 less the umask), and that mode restored after `write`:
     # tempfile.mkstemp, and some writers (safetensors, torch.save), leave private 0600 files.
