@@ -410,6 +410,11 @@ def bad_files(folder: Path) -> dict[str, Path]:
         data = (folder / f"good{ext}").read_bytes()
         files[f"truncated{ext}"] = folder / f"truncated{ext}"
         files[f"truncated{ext}"].write_bytes(data[: len(data) // 2])
+        if ext != ".safetensors":  # which has no checksums: a changed byte of a weight cannot be noticed
+            flipped = bytearray(data)  # a weight's bytes changed, the archive intact
+            flipped[len(data) // 2: len(data) // 2 + 16] = bytes(b ^ 0xFF for b in data[len(data) // 2:][:16])
+            files[f"flipped{ext}"] = folder / f"flipped{ext}"
+            files[f"flipped{ext}"].write_bytes(bytes(flipped))
         files[f"random{ext}"] = folder / f"random{ext}"
         files[f"random{ext}"].write_bytes(np.random.default_rng(0).bytes(4096))
         files[f"empty{ext}"] = folder / f"empty{ext}"
@@ -461,6 +466,7 @@ def bad_files(folder: Path) -> dict[str, Path]:
 EXPECTED = {
     "truncated": "truncated",
     "text-": "not a readable PyTorch file",
+    "flipped": "(truncated or corrupt: Bad CRC-32 for",
     "random": "corrupt",
     "empty": "corrupt",
     "object-array.npz": "never unpickled",
