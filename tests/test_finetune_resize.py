@@ -75,6 +75,20 @@ def test_finetune_without_img_size_keeps_the_checkpoint_size(tiny: Path, tmp_pat
     assert "unrecognized arguments: --model" in capsys.readouterr().err and not (tmp_path / "s16").exists()
 
 
+def test_finetune_with_another_preset_keeps_the_checkpoint_size(tiny: Path, tmp_path: Path) -> None:
+    """cifar10-nano trains new models at 32×32; as a fine-tuning recipe its size is not a request to convert the
+    28×28 checkpoint (which 32 is no multiple of): only --img-size, or an img_size in --config, asks for one."""
+    out = tmp_path / "nano-recipe"
+    assert main(["finetune", "--from", str(tiny), "--recipe", "cifar10-nano", "--out", str(out), *FINETUNE]) == 0
+    assert load_checkpoint(out).config.img_size == (28, 28)
+    config = tmp_path / "size.json"
+    config.write_text(json.dumps({"img_size": 56}))
+    out = tmp_path / "config-size"
+    assert main(["finetune", "--from", str(tiny), "--recipe", "cifar10-nano", "--config", str(config),
+                 "--out", str(out), *FINETUNE]) == 0
+    assert load_checkpoint(out).config.img_size == (56, 56)
+
+
 def test_finetune_resample_takes_any_multiple_of_the_patch(tiny: Path, tmp_path: Path) -> None:
     out = tmp_path / "ft42"
     assert main(["finetune", "--from", str(tiny), "--img-size", "42", "--resize-method", "resample",

@@ -236,6 +236,16 @@ def _read_torch(path: Path) -> tuple[StateDict, bool]:
             if any(name.endswith("/constants.pkl") for name in archive.namelist()):
                 raise CheckpointError(f"{path} is a TorchScript program (as `mixer export` writes), not a "
                                       "checkpoint; give the checkpoint it was exported from.")
+            # torch.load does not check the CRC-32 each member carries (np.load does for an .npz): damaged
+            # bytes would load as damaged weights. Reading them costs about 1 s per GB.
+            try:
+                damaged = archive.testzip()  # the first member whose bytes do not match their CRC-32
+                reason = damaged and f"Bad CRC-32 for file '{damaged}'"  # zipfile's words, as for an .npz
+            except (zipfile.BadZipFile, zlib.error, EOFError, OSError) as e:
+                reason = first_line(e)
+        if reason:
+            raise CheckpointError(f"{path} is not a readable PyTorch file (truncated or corrupt: {reason}); "
+                                  "re-download or re-save it.")
     try:
         with warnings.catch_warnings():  # e.g. "Detected pickle protocol 4": noise for a user
             warnings.simplefilter("ignore")
@@ -261,9 +271,19 @@ def _read_torch(path: Path) -> tuple[StateDict, bool]:
             "save a plain state dict of tensors, or use .safetensors."
         ) from None
     except Exception as e:  # noqa: BLE001 - the legacy reader meets garbage with KeyError, IndexError, ...
+        with open(path, "rb") as f:
+            head = f.read(2)
+        if head[:1] != b"\x80" and head != b"PK":  # neither a legacy pickle nor a zip archive, cut short or not:
+            # the legacy reader's error ("101", a KeyError on a byte of the file) would say nothing.
+            raise CheckpointError(
+                f"{path} is not a readable PyTorch file (corrupt or another kind of file); "
+                "re-download or re-save it."
+            ) from None
+        # torch's zip reader explains itself over several sentences ("... This is an internal miniz
+        # error. If you are seeing this error, ..."): its first one names the problem.
+        reason = first_line(e).split(". ")[0].rstrip(".")
         raise CheckpointError(
-            f"{path} is not a readable PyTorch file (truncated or corrupt: {first_line(e)}); "
-            "re-download or re-save it."
+            f"{path} is not a readable PyTorch file (truncated or corrupt: {reason}); re-download or re-save it."
         ) from None
     training_state = isinstance(obj, dict) and {"model", "optimizer", "step", "ema"} <= obj.keys()
     # Training checkpoints often nest the weights.
@@ -583,6 +603,12 @@ def atomic_write(path: str | os.PathLike, write: Any) -> Path:
     path = Path(path)
     if path.is_dir():
         raise IsADirectoryError(f"{path} is a folder; give the name of a file to write.")
+    folder = path.parent
+    while not folder.exists() and folder != folder.parent:  # the nearest existing folder: mkdir makes the rest
+        folder = folder.parent
+    if not folder.is_dir():  # mkdir would say "[Errno 17] File exists: 'x'", which names no fix
+        raise NotADirectoryError(f"Cannot write {path}: it lies under {folder}, which is a file; give a path in a "
+                                 "folder.")
     path.parent.mkdir(parents=True, exist_ok=True)
     # Created as an ordinary file (mode 0666 less the umask), and that mode restored after `write`:
     # tempfile.mkstemp, and some writers (safetensors, torch.save), leave private 0600 files.

@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import argparse
 
-from ..recipes import RESIZE_METHODS
+from ..recipes import RESIZE_METHODS, load_config_file
 from .train import add_training_flags, recipe_from_args
 
 
@@ -30,6 +30,10 @@ def run(args: argparse.Namespace) -> int:
     from ..train import launch
 
     recipe = recipe_from_args(args)
+    if args.img_size is None and "img_size" not in (load_config_file(args.config) if args.config else {}):
+        # A preset's size (the paper recipes' 224) is the size it trains a new model at, not a request to
+        # convert the checkpoint: without --img-size (or one in --config) it keeps its own size.
+        recipe = recipe.replace(img_size=None)
     if args.resize_method:
         recipe = recipe.replace(resize_method=args.resize_method)
     if not recipe.data:
