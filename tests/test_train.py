@@ -292,7 +292,9 @@ def test_a_damaged_state_or_one_of_other_shapes_is_one_sentence(tmp_path: Path) 
     train(r, run, save_every=2, progress=False, log=lambda *_: None)
     last = run / "checkpoints" / "step-00000004.pt"
     good = last.read_bytes()
-    for damaged in (good[:1000], b"", b"not a checkpoint at all", pickle.dumps(Exception("crafted"))):
+    middle = len(good) // 2  # in the weights: bytes changed there, the archive whole, would load as other weights
+    flipped = good[:middle] + bytes(b ^ 0xFF for b in good[middle:middle + 16]) + good[middle + 16:]
+    for damaged in (good[:1000], b"", b"not a checkpoint at all", pickle.dumps(Exception("crafted")), flipped):
         last.write_bytes(damaged)
         with pytest.raises(ValueError, match=r"step-00000004.pt is not a readable training state \(truncated, "
                                              r"damaged, or not written by mixer train\); move it out of .* or delete "

@@ -229,6 +229,18 @@ def _read_npz(path: Path) -> StateDict:
     return official_to_state(arrays, str(path))
 
 
+def zip_damage(path: str | os.PathLike) -> Optional[str]:
+    """What is wrong with a zip archive (torch.save's format) whose bytes do not match the CRC-32 each
+    member carries, or None: torch.load does not check them (np.load does for an .npz), so damaged bytes
+    would load as damaged weights. Reading them costs about 1 s per GB."""
+    try:
+        with zipfile.ZipFile(path) as archive:
+            damaged = archive.testzip()  # the first member whose bytes do not match their CRC-32
+        return damaged and f"Bad CRC-32 for file '{damaged}'"  # zipfile's words, as for an .npz
+    except (zipfile.BadZipFile, zlib.error, EOFError, OSError) as e:
+        return first_line(e)
+
+
 def _read_torch(path: Path) -> tuple[StateDict, bool]:
     """The weights of a PyTorch file, and whether it is a training state of `mixer train` (train.save_state)."""
     if zipfile.is_zipfile(path):
@@ -236,13 +248,7 @@ def _read_torch(path: Path) -> tuple[StateDict, bool]:
             if any(name.endswith("/constants.pkl") for name in archive.namelist()):
                 raise CheckpointError(f"{path} is a TorchScript program (as `mixer export` writes), not a "
                                       "checkpoint; give the checkpoint it was exported from.")
-            # torch.load does not check the CRC-32 each member carries (np.load does for an .npz): damaged
-            # bytes would load as damaged weights. Reading them costs about 1 s per GB.
-            try:
-                damaged = archive.testzip()  # the first member whose bytes do not match their CRC-32
-                reason = damaged and f"Bad CRC-32 for file '{damaged}'"  # zipfile's words, as for an .npz
-            except (zipfile.BadZipFile, zlib.error, EOFError, OSError) as e:
-                reason = first_line(e)
+        reason = zip_damage(path)
         if reason:
             raise CheckpointError(f"{path} is not a readable PyTorch file (truncated or corrupt: {reason}); "
                                   "re-download or re-save it.")

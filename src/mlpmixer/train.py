@@ -39,7 +39,7 @@ from tqdm import tqdm
 
 from .bench import free_cores, slow_bf16
 from .checkpoints import (atomic_write, first_line, load_checkpoint, read_checkpoint, remove_temporaries,
-                          run_config, save_checkpoint)
+                          run_config, save_checkpoint, zip_damage)
 from .compiled import CompiledOrEager
 from .data import (MNIST5K, Source, TensorData, TensorDataset, augment_digits, holdout_split, is_idx_folder,
                    load_tensors, to_model_input, worker_deaths)
@@ -483,7 +483,8 @@ def _read_state(path: Path, device: str | torch.device) -> dict[str, Any]:
     try:
         with warnings.catch_warnings():  # e.g. "Detected pickle protocol 4" of a file torch did not write
             warnings.simplefilter("ignore")
-            state = torch.load(path, map_location=device, weights_only=True)
+            # A changed byte in a weight (a bad disk or copy) would load: the archive's checksums tell.
+            state = None if zip_damage(path) else torch.load(path, map_location=device, weights_only=True)
     except Exception:  # noqa: BLE001 - torch meets damage with RuntimeError, UnpicklingError, EOFError, ...
         state = None
     if not isinstance(state, dict) or not {"model", "optimizer", "step", "ema"} <= state.keys() \
