@@ -302,6 +302,21 @@ def test_fewer_shards_than_readers_split_samples(
     assert all(ids for ids in per_rank)  # no rank is left without samples
 
 
+@pytest.mark.parametrize("shards", [1, 4])
+def test_validation_shards_are_read_whole_by_any_rank(tmp_path: Path, monkeypatch: pytest.MonkeyPatch,
+                                                      shards: int) -> None:
+    """Only rank 0 evaluates: in 2 processes it scored half of a hold-out of 4 shards, and none of one shard's
+    ("The evaluation data holds no images")."""
+    make_shards(tmp_path, shards=shards, per_shard=40 // shards)
+    val = open_folder_or_shards(str(tmp_path), "val", 0.2, 3, None)
+    alone = sorted(ids_and_labels(val.dataset))
+    assert len(alone) == val.num_examples > 0
+    monkeypatch.setenv("WORLD_SIZE", "2")
+    for rank in (0, 1):
+        monkeypatch.setenv("RANK", str(rank))
+        assert sorted(ids_and_labels(val.dataset)) == alone
+
+
 def test_shard_holdout_is_disjoint_complete_and_deterministic(tmp_path: Path) -> None:
     make_shards(tmp_path, shards=2, per_shard=40, suffix=".tar.gz")
 

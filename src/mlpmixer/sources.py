@@ -327,7 +327,8 @@ class ShardDataset(torch.utils.data.IterableDataset):
     side of a `holdout` (all samples when 0).
 
     Each epoch (see `set_epoch`) the shards are shuffled with (seed, epoch), identically in every
-    process, then dealt out to the DDP ranks (torch.distributed, or RANK/WORLD_SIZE) and within a rank
+    process, then dealt out to the DDP ranks (torch.distributed, or RANK/WORLD_SIZE; not the "val" split, which
+    rank 0 evaluates whole) and within a rank
     to the DataLoader workers, so each sample is read once per epoch. With fewer shards than readers
     (ranks × workers), every reader reads every shard and keeps every (ranks × workers)-th sample
     instead. Training data is also shuffled through a buffer. Ranks get different numbers of samples
@@ -391,7 +392,9 @@ class ShardDataset(torch.utils.data.IterableDataset):
         """The shards this reader (rank and worker) reads, and the share of their samples it keeps:
         every `stride`-th one from `offset`."""
         rank, world_size, worker, num_workers = wds.utils.pytorch_worker_info()
-        if self.whole:
+        # Validation data are read whole by every process that reads them: only rank 0 evaluates, and dealt
+        # out to the ranks it scored its share alone (half of a hold-out in 2 processes; none of one shard's).
+        if self.whole or self.split == "val":
             rank, world_size = 0, 1
         shards = list(self.shards)
         if self.shuffle:
