@@ -98,3 +98,18 @@ def test_fsdp_refuses_a_gloo_that_does_not_average(tmp_path: Path, capsys: pytes
     assert main([*COMMON, "--fsdp", "--processes", "2", "--out", str(tmp_path / "run")]) != 0
     assert "does not average where FSDP asks it to (pytorch/pytorch#162338), so --fsdp would train with 2× the " \
            "gradients" in capsys.readouterr().err
+
+
+def test_the_gloo_probe_gives_no_warning(tmp_path: Path) -> None:
+    """torch's FutureWarning that reduce_scatter_tensor is deprecated was printed by every rank of an --fsdp run."""
+    import warnings
+
+    import torch.distributed as dist
+
+    dist.init_process_group("gloo", init_method=f"file://{tmp_path / 'store'}", rank=0, world_size=1)
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("error")
+            assert train_module._gloo_averages()
+    finally:
+        dist.destroy_process_group()

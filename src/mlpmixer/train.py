@@ -438,8 +438,10 @@ def _gloo_averages() -> bool:
     world = dist.get_world_size()
     mine = torch.full((3 * world,), float(dist.get_rank() + 1))
     out = torch.empty(3)
+    # FSDP's own call where torch has it: reduce_scatter_tensor warns, on every rank, that it is deprecated.
+    reduce_scatter = getattr(dist, "reduce_scatter_single", None) or dist.reduce_scatter_tensor
     try:
-        dist.reduce_scatter_tensor(out, mine, op=dist.ReduceOp.AVG)
+        reduce_scatter(out, mine, op=dist.ReduceOp.AVG)
     except RuntimeError:  # an older gloo without AVG at all
         return False
     return bool(torch.allclose(out, torch.full((3,), (world + 1) / 2)))
