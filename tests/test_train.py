@@ -811,3 +811,11 @@ def test_a_warmup_as_long_as_the_run_is_named(tmp_path: Path) -> None:
     said: list[str] = []
     train(get_recipe("mnist5k", steps=2, batch_size=8, warmup=10), tmp_path / "run", progress=False, log=said.append)
     assert any("the warm-up of 10 steps covers the whole run of 2" in line for line in said)
+
+
+def test_a_nan_loss_of_every_rank_is_said_once_as_rank_0_says_it(tmp_path: Path, child_env: dict) -> None:
+    """Rank 1 said its own sentence too, naming as the last good checkpoint the state that rank 0 moved aside."""
+    args = ["train", "--quiet", "--steps", "4", "--batch-size", "32", "--evals", "0", "--optimizer", "sgd",
+            "--lr", "1e30", "--warmup", "0", "--save-every", "1", "--out", str(tmp_path / "r")]
+    err = _on_two_ranks(args, 29548, tmp_path, child_env)
+    assert err.count("mixer train: error: ") == 1 and "was moved aside to" in err, err[-3000:]

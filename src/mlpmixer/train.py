@@ -27,7 +27,7 @@ import time
 import traceback
 import warnings
 from dataclasses import dataclass
-from datetime import datetime
+from datetime import datetime, timedelta
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Callable, Iterable, Iterator, Optional
 
@@ -60,6 +60,7 @@ STATE_DIR = "checkpoints"  # training states for --resume, inside the run direct
 STATE_PATTERN = "step-{:08d}.pt"
 # What to do when a DataLoader worker dies in training or its evaluations (data.worker_deaths).
 RESUME_ADVICE = "the saved training states are kept: add --resume to go on"
+DIVERGED_WAIT_S = 30  # how long the other ranks wait for rank 0's account of a NaN loss (_as_rank_0_says)
 
 
 class TrainingDiverged(ValueError):
@@ -568,6 +569,8 @@ def _train(
     r = r.replace(threads=r.threads or free_cores())
     torch.set_num_threads(r.threads)
     fsdp = r.fsdp and distributed
+    # As in `train`: torchrun's ranks say their own errors, those that `launch` forks leave them to rank 0.
+    saying = distributed and shared_grads is None
     if fsdp:  # FSDP reduces the gradients of its shards itself
         shared_grads = None
     if r.fsdp and not distributed and main:
@@ -872,7 +875,7 @@ def _train(
                 (loss / len(micro)).backward()
             unchecked.append((step, loss.detach()))
             if check_every_step:
-                _check_finite(unchecked, run, bar, main, draw_curves)
+                _check_finite(unchecked, run, bar, main, draw_curves, saying)
             loss_sum += loss.detach() * len(y)
             correct += (logits.argmax(1) == y).sum()
             count += len(y)
@@ -892,7 +895,7 @@ def _train(
         seen += r.batch_size
         done = step + 1
         if done % 10 == 0 or done == total or done in eval_at or (save_every and done % save_every == 0):
-            _check_finite(unchecked, run, bar, main, draw_curves)
+            _check_finite(unchecked, run, bar, main, draw_curves, saying)
 
         # --- logging, evaluation, saving.
         if main and (done % 10 == 0 or done == total):
@@ -1024,9 +1027,9 @@ def _defer_checks(device: torch.device) -> bool:
 
 
 def _check_finite(unchecked: list[tuple[int, torch.Tensor]], run: Path, bar: tqdm, main: bool,
-                  draw_curves: Callable[[], None]) -> None:
+                  draw_curves: Callable[[], None], saying: bool = False) -> None:
     """Raise TrainingDiverged naming the first step whose loss is NaN or infinite, after `draw_curves` (on the
-    main process); empties `unchecked`.
+    main process); empties `unchecked`. `saying`: this is one of several ranks that each say their own errors.
 
     The state saved after k steps holds weights that no forward pass has met yet: when the loss of the
     next step (step k + 1, as the progress bar counts) is not finite, that state is the one that gives it,
@@ -1054,9 +1057,27 @@ def _check_finite(unchecked: list[tuple[int, torch.Tensor]], run: Path, bar: tqd
                 else "no checkpoint had been saved yet (--save-every N saves one every N steps)")
         if main:
             draw_curves()
-        raise TrainingDiverged(f"The loss became {losses[i].item()} in step {steps[i] + 1} (counted as the progress "
-                               f"bar counts); {moved}{kept}. Lower the learning rate, add warm-up or clipping "
-                               "(--clip 1), and resume.")
+        said = (f"The loss became {losses[i].item()} in step {steps[i] + 1} (counted as the progress bar counts); "
+                f"{moved}{kept}. Lower the learning rate, add warm-up or clipping (--clip 1), and resume.")
+        raise TrainingDiverged(_as_rank_0_says(f"mixer/diverged/{steps[i]}", said, main) if saying else said)
+
+
+def _as_rank_0_says(key: str, text: str, main: bool) -> str:
+    """A NaN loss of several processes, as rank 0 says it. The ranks hold the same weights, so they usually meet it
+    in the same step, but only rank 0 keeps the checkpoints and moves the bad one aside: the others' `text` names
+    them as they saw them, racing that move (or, on another machine, not at all), and as a different sentence it
+    was printed too (`_first_to_say`). So rank 0 posts its `text` in the store under `key`, and the others take it,
+    waiting DIVERGED_WAIT_S for it (after the curves that rank 0 draws first); a rank whose own batch alone gave
+    the NaN says its own after that."""
+    try:
+        store = dist.distributed_c10d._get_default_store()
+        if main:
+            store.set(key, text)
+            return text
+        store.wait([key], timedelta(seconds=DIVERGED_WAIT_S))
+        return store.get(key).decode()
+    except RuntimeError:  # not posted in time, or the store is gone
+        return text
 
 
 @contextlib.contextmanager
