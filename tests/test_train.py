@@ -819,3 +819,24 @@ def test_a_nan_loss_of_every_rank_is_said_once_as_rank_0_says_it(tmp_path: Path,
             "--lr", "1e30", "--warmup", "0", "--save-every", "1", "--out", str(tmp_path / "r")]
     err = _on_two_ranks(args, 29548, tmp_path, child_env)
     assert err.count("mixer train: error: ") == 1 and "was moved aside to" in err, err[-3000:]
+
+
+def test_a_killed_rank_stops_the_others_with_one_sentence(tmp_path: Path, child_env: dict) -> None:
+    """Rank 0 printed gloo's "Connection closed by peer" traceback when rank 1 was killed (SIGKILL)."""
+    (tmp_path / "inject").mkdir()
+    (tmp_path / "inject" / "sitecustomize.py").write_text(  # rank 1 kills itself in its third step
+        "import os\n"
+        "if os.environ.get('RANK') == '1':\n"
+        "    import signal\n"
+        "    import mlpmixer.train as t\n"
+        "    real, calls = t.reseed, []\n"
+        "    def reseed(seed):\n"
+        "        calls.append(seed)\n"
+        "        if len(calls) == 3:\n"
+        "            os.kill(os.getpid(), signal.SIGKILL)\n"
+        "        real(seed)\n"
+        "    t.reseed = reseed\n")
+    env = {**child_env, "PYTHONPATH": f"{tmp_path / 'inject'}{os.pathsep}{child_env['PYTHONPATH']}"}
+    args = ["train", "--quiet", "--steps", "6", "--batch-size", "32", "--evals", "0", "--out", str(tmp_path / "r")]
+    err = _on_two_ranks(args, 29549, tmp_path, env)
+    assert err.count("mixer train: error: Another process of the run is gone (killed") == 1, err[-3000:]

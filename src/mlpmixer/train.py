@@ -407,6 +407,13 @@ def _error_said() -> bool:
         return False
 
 
+def _peer_lost(error: RuntimeError) -> bool:
+    """Whether a collective failed because another process of the run is gone, as gloo says it (the one killed:
+    "Connection closed by peer" or "Connection reset by peer"; "Broken pipe" when this one was sending)."""
+    return any(words in str(error) for words in ("Connection closed by peer", "Connection reset by peer",
+                                                   "Broken pipe"))
+
+
 def _said_here() -> str:
     """The store key that counts the errors said on this machine (torchrun's GROUP_RANK numbers the machines)."""
     return f"mixer/said/{os.environ.get('GROUP_RANK', '')}"
@@ -531,6 +538,12 @@ def train(r: Recipe, out: Optional[str | Path] = None, **options: Any) -> RunFil
     except RuntimeError as e:
         if saying and _error_said():  # a collective broken by a process that stopped on an error, said already
             raise StoppedElsewhere(f"Another process of the run stopped on an error ({first_line(e)}).") from e
+        if saying and _peer_lost(e):  # one that stopped without a word (killed): said once, not as a traceback
+            lost = ChildProcessError(f"Another process of the run is gone (killed, or stopped on an error that its "
+                                     f"machine shows), so this one stops too; {RESUME_ADVICE}.")
+            if not _first_to_say(lost):
+                raise StoppedElsewhere(str(lost)) from e
+            raise lost from e
         raise
     finally:  # also after an error, so that a caller in the same process can train again
         if distributed:
