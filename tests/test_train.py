@@ -688,9 +688,10 @@ def test_two_machines_meet_through_torchruns_rendezvous(tmp_path: Path, child_en
         assert str(Path("mlpmixer") / "train.py") not in err, err[-3000:]  # no traceback through our code
 
 
-def _on_two_ranks(args: list[str], port: int, tmp_path: Path, env: dict) -> str:
-    """The output of `mixer ARGS` under torchrun in 2 processes, which must fail."""
-    proc = _torchrun(ROOT, ["--nproc_per_node", "2", "--master_port", str(port)], args, tmp_path / f"{port}.log", env)
+def _on_two_ranks(args: list[str], port: int, tmp_path: Path, env: dict, launcher: tuple[str, ...] = ()) -> str:
+    """The output of `mixer ARGS` under torchrun (with `launcher` flags) in 2 processes, which must fail."""
+    proc = _torchrun(ROOT, ["--nproc_per_node", "2", "--master_port", str(port), *launcher], args,
+                     tmp_path / f"{port}.log", env)
     code, err = proc.wait(timeout=600), (tmp_path / f"{port}.log").read_text()
     assert code != 0, err[-3000:]
     assert str(Path("mlpmixer") / "train.py") not in err, err[-3000:]  # no traceback through our code, on any rank
@@ -838,5 +839,7 @@ def test_a_killed_rank_stops_the_others_with_one_sentence(tmp_path: Path, child_
         "    t.reseed = reseed\n")
     env = {**child_env, "PYTHONPATH": f"{tmp_path / 'inject'}{os.pathsep}{child_env['PYTHONPATH']}"}
     args = ["train", "--quiet", "--steps", "6", "--batch-size", "32", "--evals", "0", "--out", str(tmp_path / "r")]
-    err = _on_two_ranks(args, 29549, tmp_path, env)
+    # torchrun stops the other workers once its monitor sees one dead (every 0.1 s by default): given 10 s, rank 0
+    # meets the broken all-reduce first, and says so.
+    err = _on_two_ranks(args, 29549, tmp_path, env, launcher=("--monitor-interval", "10"))
     assert err.count("mixer train: error: Another process of the run is gone (killed") == 1, err[-3000:]
