@@ -26,6 +26,7 @@ from mlpmixer.sources import (
     BadDataError,
     check_same_classes,
     decode_image_bytes,
+    in_holdout,
     open_folder_or_shards,
 )
 
@@ -315,6 +316,14 @@ def test_validation_shards_are_read_whole_by_any_rank(tmp_path: Path, monkeypatc
     for rank in (0, 1):
         monkeypatch.setenv("RANK", str(rank))
         assert sorted(ids_and_labels(val.dataset)) == alone
+
+
+def test_a_holdout_of_numbered_names_does_not_follow_their_digits() -> None:
+    held = [i for i in range(2000) if in_holdout(f"sample{i:05d}", 0.1, 0)]
+    # About 200, about 20 for each last digit (CRC-32 held out none ending in 0, 4 or 8, and 3 odd for 1 even).
+    assert 170 < len(held) < 230
+    assert all(8 < sum(i % 10 == d for i in held) < 35 for d in range(10))
+    assert 0.4 < sum(i % 2 for i in held) / len(held) < 0.6
 
 
 def test_shard_holdout_is_disjoint_complete_and_deterministic(tmp_path: Path) -> None:
