@@ -489,6 +489,20 @@ def test_resume_with_augmentation_in_the_workers_is_bit_exact(tmp_path: Path, la
         assert all(torch.equal(a[k], c[k]) for k in a)
 
 
+def test_resuming_with_fewer_steps_than_done_is_refused(tmp_path: Path) -> None:
+    """It used to say "resuming at step 4" of a run of 2, train nothing and write the model as if finished."""
+    run = tmp_path / "run"
+    files = train(tiny(steps=4, evals=0), run, save_every=2, progress=False, log=lambda *_: None)
+    before = {p: p.read_bytes() for p in run.rglob("*") if p.is_file()}
+    with pytest.raises(ValueError, match=r"step-00000004.pt was saved after step 4, beyond the 2 steps of this "
+                                         r"command's run; give --steps 4 or more"):
+        train(tiny(steps=2, evals=0), run, resume=True, progress=False, log=lambda *_: None)
+    assert {p: p.read_bytes() for p in run.rglob("*") if p.is_file()} == before
+    files.model.unlink()  # killed after its last state, before the model: resuming with its own steps writes it
+    train(tiny(steps=4, evals=0), run, resume=True, progress=False, log=lambda *_: None)
+    assert files.model.is_file()
+
+
 def test_keep_last_n_states(tmp_path: Path) -> None:
     train(tiny(steps=5, evals=0), tmp_path / "k", save_every=1, keep=2, progress=False, log=lambda *_: None)
     assert [p.name for p in sorted((tmp_path / "k" / "checkpoints").glob("*.pt"))] == ["step-00000004.pt", "step-00000005.pt"]

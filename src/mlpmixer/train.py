@@ -781,6 +781,10 @@ def _train(
                              f"({type(e).__name__}: {e}); resume with the run's own settings.") from None
         ema = state["ema"] or ema
         start = int(state["step"])
+        if start > total:  # (start == total: a run killed before its model was written; resuming writes it)
+            raise ValueError(f"{state_path} was saved after step {start}, beyond the {total} steps of this command's "
+                             f"run; give --steps {start} or more (or as many --epochs) to go on from it; nothing "
+                             "was changed.")
     if profile and total - start < StepProfiler.steps_needed(profile):
         raise ValueError(f"--profile {profile} needs {StepProfiler.steps_needed(profile)} steps (the first ones are "
                          f"not profiled) and this run has {total - start} left; lower it or raise --steps.")
