@@ -363,6 +363,22 @@ def test_config_file_whole_numbers_written_as_floats_are_taken_as_ints(tmp_path:
     assert all(type(v) is int for v in (r.seed, r.accum, r.threads, r.batch_size, r.steps))
 
 
+def test_weight_decay_help_says_what_sgd_does() -> None:
+    """--weight-decay is decoupled for adam/adamw, but torch's SGD adds it to the gradient, through the momentum:
+    the help said "decoupled" for all three."""
+    from mlpmixer.train import make_optimizer
+
+    assert "an L2 term in the gradient for sgd" in RECIPE_FLAGS["--weight-decay"][2]
+    model = torch.nn.Linear(1, 1, bias=False)
+    model.weight.data.fill_(1.0)
+    opt = make_optimizer(model, get_recipe("finetune", weight_decay=0.1, lr=0.5))
+    for _ in range(2):
+        model.weight.grad = torch.zeros_like(model.weight)
+        opt.step()
+    # L2 through momentum 0.9: 1 - 0.5·0.1 = 0.95; buffer 0.9·0.1 + 0.1·0.95 = 0.185: 0.95 - 0.5·0.185 (decoupled: 0.9025)
+    assert model.weight.item() == pytest.approx(0.8575)
+
+
 def test_every_checked_setting_has_a_flag() -> None:
     """The range errors name flags: each field they check must have one, and the pairs take two values."""
     fields = {field for field, _, _ in RECIPE_FLAGS.values()}

@@ -52,7 +52,7 @@ class Recipe:
     # Optimiser and schedule.
     optimizer: str = "adamw"  # adamw | adam | sgd
     lr: float = 1e-3
-    weight_decay: float = 0.0  # decoupled (AdamW-style, scaled by lr) on weight matrices only
+    weight_decay: float = 0.0  # on weight matrices only: decoupled (AdamW-style, scaled by lr); sgd: L2 in the gradient
     betas: tuple[float, float] = (0.9, 0.999)
     momentum: float = 0.9  # SGD
     schedule: str = "cosine"  # cosine | linear (both after linear warm-up)
