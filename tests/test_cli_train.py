@@ -15,7 +15,7 @@ import torch
 from PIL import Image
 
 from mlpmixer import create_model, load_checkpoint, save_checkpoint
-from mlpmixer.cli import main
+from mlpmixer.cli import build_parser, main
 from mlpmixer.commands.train import RECIPE_FLAGS, add_training_flags, recipe_from_args
 from mlpmixer.data import load_mnist5k
 from mlpmixer.recipes import get_recipe
@@ -330,6 +330,18 @@ def test_settings_out_of_range_are_one_sentence(tmp_path: Path, capsys: pytest.C
     ({"seed": "abc"}, "--seed must be a whole number, not 'abc'."),
     ({"model_args": {"hiden_dim": 3}}, "model_args must be MixerConfig fields ("),
     ({"digits_aug": {"rotat": 3}}, "digits_aug has unknown settings ['rotat']; augment_digits takes rotate,"),
+    # Each of these was a traceback (IndexError, AttributeError, TypeError) or ran with a setting it could not use.
+    ({"betas": [0.9]}, "--betas must be two decays, each at least 0 and below 1, not (0.9,)."),
+    ({"betas": [0.9, 0.99, 0.9]}, "--betas must be two decays"),
+    ({"crop_area": [0.1]}, "--crop-area must be two area fractions, 0 < low <= high <= 1, not (0.1,)."),
+    ({"model": 5}, "--model must be a variant's name, such as S/16 (`mixer info` lists them), not 5."),
+    ({"data": 5}, "--data must be a path or mnist5k, as a string, not 5."),
+    ({"eval_data": 3}, "--eval-data must be a path or mnist5k, as a string, not 3."),
+    ({"lr": None}, "--lr must be zero or more, and finite, not None."),
+    ({"batch_size": None}, "--batch-size must be a whole number of at least 1, not None."),
+    ({"evals": 2.5}, "--evals must be a whole number, zero or more, not 2.5."),
+    ({"seed": "1"}, "--seed must be a whole number, not '1'."),
+    ({"digits_aug": {"rotate": "x"}}, "digits_aug must be an object of augment_digits arguments, each a number"),
 ])
 def test_config_file_values_of_the_wrong_type_are_one_sentence(tmp_path: Path, capsys: pytest.CaptureFixture,
                                                                 fields: dict, message: str) -> None:
@@ -339,6 +351,32 @@ def test_config_file_values_of_the_wrong_type_are_one_sentence(tmp_path: Path, c
     err = capsys.readouterr().err
     assert message in err and err.count("\n") == 1
     assert not (tmp_path / "run").exists()  # refused before anything was written
+
+
+def test_config_file_whole_numbers_written_as_floats_are_taken_as_ints(tmp_path: Path) -> None:
+    """JSON may write 16 as 16.0: torch takes no float as a thread count, accumulation count or seed."""
+    config = tmp_path / "c.json"
+    config.write_text(json.dumps({"seed": 1.0, "accum": 2.0, "threads": 1.0, "batch_size": 16.0, "steps": 2.0}))
+    args = build_parser(["train"]).parse_args(["train", "--config", str(config)])
+    r = recipe_from_args(args)
+    assert (r.seed, r.accum, r.threads, r.batch_size, r.steps) == (1, 2, 1, 16, 2)
+    assert all(type(v) is int for v in (r.seed, r.accum, r.threads, r.batch_size, r.steps))
+
+
+def test_weight_decay_help_says_what_sgd_does() -> None:
+    """--weight-decay is decoupled for adam/adamw, but torch's SGD adds it to the gradient, through the momentum:
+    the help said "decoupled" for all three."""
+    from mlpmixer.train import make_optimizer
+
+    assert "an L2 term in the gradient for sgd" in RECIPE_FLAGS["--weight-decay"][2]
+    model = torch.nn.Linear(1, 1, bias=False)
+    model.weight.data.fill_(1.0)
+    opt = make_optimizer(model, get_recipe("finetune", weight_decay=0.1, lr=0.5))
+    for _ in range(2):
+        model.weight.grad = torch.zeros_like(model.weight)
+        opt.step()
+    # L2 through momentum 0.9: 1 - 0.5·0.1 = 0.95; buffer 0.9·0.1 + 0.1·0.95 = 0.185: 0.95 - 0.5·0.185 (decoupled: 0.9025)
+    assert model.weight.item() == pytest.approx(0.8575)
 
 
 def test_every_checked_setting_has_a_flag() -> None:

@@ -52,7 +52,7 @@ class Recipe:
     # Optimiser and schedule.
     optimizer: str = "adamw"  # adamw | adam | sgd
     lr: float = 1e-3
-    weight_decay: float = 0.0  # decoupled (AdamW-style, scaled by lr) on weight matrices only
+    weight_decay: float = 0.0  # on weight matrices only: decoupled (AdamW-style, scaled by lr); sgd: L2 in the gradient
     betas: tuple[float, float] = (0.9, 0.999)
     momentum: float = 0.9  # SGD
     schedule: str = "cosine"  # cosine | linear (both after linear warm-up)
@@ -99,42 +99,57 @@ class Recipe:
     def __post_init__(self) -> None:
         """A setting out of range is one sentence naming its flag, before anything runs (else some surface
         deep in a run as a ZeroDivisionError, and others, such as --mix-prob 3, not at all)."""
+        fields = dataclasses.fields(self)
+        for f in fields:  # JSON may write a whole number as 16.0: taken as the int its flag gives
+            value = getattr(self, f.name)
+            if f.type in ("int", "Optional[int]") and isinstance(value, float) and value.is_integer():
+                setattr(self, f.name, int(value))
+        optional = {f.name for f in fields if f.type.startswith("Optional[")}
+
         def check(name: str, ok: Any, what: str) -> None:
             value = getattr(self, name)
-            try:
-                fine = value is None or bool(ok(value))
-            except (TypeError, ValueError):  # a string from a config file, say
+            try:  # a config file's null is a value only where the field takes None
+                fine = (value is None and name in optional) or (value is not None and bool(ok(value)))
+            except (TypeError, ValueError, LookupError):  # a string from a config file, say, or a short list
                 fine = False
             if not fine:  # named as the flag, or as the config file's field where there is no flag
                 label = name if name in ("model_args", "digits_aug") else "--" + name.replace("_", "-")
                 raise ValueError(f"{label} must be {what}, not {value!r}.")
 
+        def whole(v: Any) -> bool:  # not a float (torch takes no 2.0 as a count or a seed), nor a bool
+            return isinstance(v, int) and not isinstance(v, bool)
+
         for name in ("img_size", "batch_size", "accum", "threads", "processes"):  # None: chosen for you
-            check(name, lambda v: v >= 1 and float(v).is_integer(), "a whole number of at least 1")
-        check("steps", lambda v: 1 <= v <= MAX_STEPS and float(v).is_integer(),
-              f"a whole number from 1 to {MAX_STEPS:,}")
+            check(name, lambda v: whole(v) and v >= 1, "a whole number of at least 1")
+        check("steps", lambda v: whole(v) and 1 <= v <= MAX_STEPS, f"a whole number from 1 to {MAX_STEPS:,}")
         # Infinity passes a comparison with 0 and then fails deep in the run (OverflowError), or never ends.
         check("epochs", lambda v: 0 < v < math.inf, "positive and finite")
-        for name in ("lr", "min_lr", "weight_decay", "warmup", "clip", "mixup", "cutmix", "pad_crop", "evals"):
+        for name in ("lr", "min_lr", "weight_decay", "warmup", "clip", "mixup", "cutmix"):
             check(name, lambda v: 0 <= v < math.inf, "zero or more, and finite")
-        check("workers", lambda v: 0 <= v <= MAX_WORKERS and float(v).is_integer(),
-              f"a whole number from 0 to {MAX_WORKERS}")
+        for name in ("pad_crop", "evals"):
+            check(name, lambda v: whole(v) and v >= 0, "a whole number, zero or more")
+        check("workers", lambda v: whole(v) and 0 <= v <= MAX_WORKERS, f"a whole number from 0 to {MAX_WORKERS}")
         for name in ("label_smoothing", "drop_path", "dropout", "ema", "momentum"):
             check(name, lambda v: 0 <= v < 1, "at least 0 and below 1")
         check("mix_prob", lambda v: 0 <= v <= 1, "from 0 to 1")
         check("holdout", lambda v: v >= 0 and (v < 1 or float(v).is_integer()), "a fraction below 1 or a whole count")
-        check("randaugment", lambda v: 0 <= v <= 30 and float(v).is_integer(), "a whole magnitude from 0 to 30")
-        check("crop_area", lambda v: 0 < v[0] <= v[1] <= 1, "two area fractions, 0 < low <= high <= 1")
-        check("betas", lambda v: all(0 <= b < 1 for b in v), "two decays, each at least 0 and below 1")
-        for f in dataclasses.fields(self):  # a config file's "bf16": "no" is not True
+        check("randaugment", lambda v: whole(v) and 0 <= v <= 30, "a whole magnitude from 0 to 30")
+        check("crop_area", lambda v: len(v) == 2 and 0 < v[0] <= v[1] <= 1, "two area fractions, 0 < low <= high <= 1")
+        check("betas", lambda v: len(v) == 2 and all(0 <= b < 1 for b in v), "two decays, each at least 0 and below 1")
+        for f in fields:  # a config file's "bf16": "no" is not True
             if f.type == "bool":
                 check(f.name, lambda v: isinstance(v, bool), "true or false")
         for name in ("seed", "permute_seed"):
-            check(name, lambda v: not isinstance(v, bool) and float(v).is_integer(), "a whole number")
+            check(name, whole, "a whole number")
+        check("model", lambda v: isinstance(v, str), "a variant's name, such as S/16 (`mixer info` lists them)")
+        for name in ("data", "eval_data"):
+            check(name, lambda v: isinstance(v, str), "a path or mnist5k, as a string")
         known = {f.name for f in dataclasses.fields(MixerConfig)}
         check("model_args", lambda v: isinstance(v, dict) and set(v) <= known,
               f"MixerConfig fields ({', '.join(sorted(known))})")
-        check("digits_aug", lambda v: isinstance(v, dict), "an object of augment_digits arguments")
+        check("digits_aug", lambda v: isinstance(v, dict) and all(isinstance(x, (int, float)) and not isinstance(x, bool)
+                                                                  for x in v.values()),
+              "an object of augment_digits arguments, each a number")
         for name, allowed in (("optimizer", OPTIMIZERS), ("schedule", SCHEDULES), ("loss", LOSSES),
                               ("eval_mode", EVAL_MODES), ("augment_on", AUGMENT_ON), ("permute", PERMUTE_MODES),
                               ("resize_method", RESIZE_METHODS)):
@@ -237,7 +252,7 @@ def get_recipe(name: str = DEFAULT_RECIPE, **overrides: Any) -> Recipe:
     if name not in RECIPES:
         raise ValueError(f"Unknown recipe {name!r}; known recipes are {', '.join(RECIPES)}.")
     preset = RECIPES[name]
-    if "model" in overrides and "model_args" not in overrides and \
+    if isinstance(overrides.get("model"), str) and "model_args" not in overrides and \
             canonical_name(overrides["model"]) != canonical_name(preset.get("model", Recipe.model)):
         overrides = {**overrides, "model_args": {}}
     return Recipe().replace(**preset).replace(**overrides)

@@ -25,7 +25,8 @@ RECIPE_FLAGS: dict[str, tuple[str, Any, str]] = {
     "--min-lr": ("min_lr", float, "learning rate at the end of the decay"),
     "--betas": ("betas", (float, 2), "Adam/AdamW decays of the gradient's moments (two values)"),
     "--momentum": ("momentum", float, "SGD momentum"),
-    "--weight-decay": ("weight_decay", float, "decoupled weight decay"),
+    "--weight-decay": ("weight_decay", float, "weight decay of the weight matrices: decoupled (AdamW's, scaled by "
+                       "the learning rate) for adam and adamw, an L2 term in the gradient for sgd"),
     "--schedule": ("schedule", str, "cosine or linear decay after warm-up"),
     "--warmup": ("warmup", float, "warm-up steps (>= 1) or fraction of the run"),
     "--clip": ("clip", float, "clip gradients to this global norm"),
