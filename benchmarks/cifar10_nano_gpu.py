@@ -56,7 +56,11 @@ sys.path.insert(0, str(ROOT / "src"))  # this checkout's mlpmixer, installed or 
 START = time.perf_counter()
 PROFILED_STEPS = 20  # of the probe, with `mixer train --profile`: where a step's time goes
 PART_BYTES = 15 * 2**20  # a device run brings back files of at most 16 MiB
-RESUME_FILE = "resume.json"  # in the run: its `mixer train` flags and the sessions so far
+RESUME_FILE = "resume.json"  # in the run: its `mixer train` flags, the sessions so far and the first's probes
+# What the first session measured before training (the probes and the path they chose): carried in
+# RESUME_FILE, so that the JSON of the session that finishes the run still holds them.
+FIRST_SESSION_KEYS = ("probes", "path", "epochs_fitting", "probe_plain_profile", "probe_fast_profile",
+                      "probe_plain_error", "probe_fast_error")
 
 
 def log(msg: str) -> None:
@@ -131,6 +135,11 @@ def unpack_run(parts_dir: Path, run: Path) -> dict:
     with tarfile.open(fileobj=io.BytesIO(b"".join(p.read_bytes() for p in parts))) as tar:
         tar.extractall(run, filter="data")  # our own files; the filter refuses paths outside `run` anyway
     return json.loads((run / RESUME_FILE).read_text())
+
+
+def resume_record(flags: list[str], sessions: list[dict], result: dict) -> dict:
+    """The RESUME_FILE of a stopped run: how to continue it, and what its first session measured."""
+    return {"flags": flags, "sessions": sessions, "first": {k: result[k] for k in FIRST_SESSION_KEYS if k in result}}
 
 
 def steady_speed(rows: list[dict]) -> float:
@@ -227,6 +236,7 @@ def main() -> None:
     if args.resume_from:
         saved = unpack_run(Path(args.resume_from), run)
         flags, sessions = saved["flags"], saved["sessions"]
+        result.update(saved.get("first", {}))
         log(f"continuing the run of {len(sessions)} earlier session(s) from its state of step "
             f"{sessions[-1]['saved_step']}: {' '.join(flags)}")
     elif args.steps:
@@ -303,7 +313,7 @@ def main() -> None:
         if state is None:
             result["continue"] = "stopped before the first saved state: nothing to continue from"
         else:
-            (run / RESUME_FILE).write_text(json.dumps({"flags": flags, "sessions": sessions}, indent=1) + "\n")
+            (run / RESUME_FILE).write_text(json.dumps(resume_record(flags, sessions, result), indent=1) + "\n")
             parts = pack_run(run, out)
             shutil.rmtree(work)  # all in the parts; a device run brings back 8 files at most
             result["continue"] = (f"stopped at the time limit; its state of step {saved_step} of {total} is in "

@@ -88,7 +88,9 @@ def test_resume_from_continues_a_stopped_run_bit_for_bit(tmp_path: Path) -> None
     shutil.copytree(tmp_path / "whole" / "runs" / "run", stopped)
     (stopped / "checkpoints" / "step-00000008.pt").unlink()
     sessions = [{**whole["sessions"][0], "saved_step": 4, "stopped": True}]
-    (stopped / nano.RESUME_FILE).write_text(json.dumps({"flags": whole["run_flags"], "sessions": sessions}))
+    probes = {"probes": {"fast": {"img_per_s": 1.0}}, "path": "fast", "epochs_fitting": 3}
+    (stopped / nano.RESUME_FILE).write_text(json.dumps(nano.resume_record(whole["run_flags"], sessions,
+                                                                          {**whole, **probes})))
     nano.pack_run(stopped, tmp_path)
 
     printed = script("--data", str(data), "--out", str(tmp_path / "continued"), "--workers", "1",
@@ -97,6 +99,7 @@ def test_resume_from_continues_a_stopped_run_bit_for_bit(tmp_path: Path) -> None
     continued = json.loads((tmp_path / "continued" / "cifar10_nano_gpu.json").read_text())
     assert [(s["first_step"], s["saved_step"]) for s in continued["sessions"]] == [(0, 4), (4, 8)]
     assert continued["holdout_curve"] == whole["holdout_curve"]
+    assert {k: continued[k] for k in probes} == probes  # the first session's probes, kept to the end
     a = load_file(tmp_path / "whole" / "cifar10_nano.safetensors")
     b = load_file(tmp_path / "continued" / "cifar10_nano.safetensors")
     assert a.keys() == b.keys() and all((a[k] == b[k]).all() for k in a)

@@ -5,10 +5,12 @@ from __future__ import annotations
 import json
 import re
 from pathlib import Path
+from types import SimpleNamespace
 
 import pytest
+from torch.autograd import DeviceType
 
-from mlpmixer.profiling import StepProfiler
+from mlpmixer.profiling import StepProfiler, device_work
 from mlpmixer.recipes import get_recipe
 from mlpmixer.train import train
 
@@ -28,9 +30,21 @@ def test_profile_writes_the_step_times_and_a_timeline(tmp_path: Path, capsys: py
     between = float(re.search(r"([\d.]+) ms between them", summary).group(1))
     # Host times are the training thread's own, so together they fit in the wall time.
     assert 0 < inside and 0 < between and inside + between <= per_step * 1.05
+    assert "Busiest on the host:" in text and "Busiest on the GPU" not in text
     assert "aten::addmm" in text and "aten::mm" in text  # the table lists the matrix products
     trace = json.loads((tmp_path / "run" / "profile.json").read_text())
     assert "Optimizer.step#AdamW.step" in {e.get("name") for e in trace["traceEvents"]}
+
+
+def test_device_work_counts_each_kernel_once() -> None:
+    # As an H200's profile of 20 steps reads: the step annotation spans 802 ms on the device and a
+    # LayerNorm backward holds its kernels' time, but the device ran only the kernels and the copies.
+    def event(device: DeviceType, us: float, count: int) -> SimpleNamespace:
+        return SimpleNamespace(device_type=device, self_device_time_total=us, count=count)
+
+    events = [event(DeviceType.CPU, 802_723, 20), event(DeviceType.CPU, 42_246, 340),
+              event(DeviceType.CUDA, 30_351, 320), event(DeviceType.CUDA, 8_911, 320), event(DeviceType.CUDA, 754, 173)]
+    assert device_work(events) == (30_351 + 8_911 + 754, 320 + 320 + 173)
 
 
 def test_a_profile_longer_than_the_run_is_refused_before_training(tmp_path: Path) -> None:
