@@ -83,9 +83,9 @@ def run_until(cmd: list[str], env: dict[str, str], seconds: Optional[float]) -> 
 
 
 def train(data: str, run: Path, workers: int, bf16: bool, flags: list[str], resume: bool = False,
-          seconds: Optional[float] = None) -> tuple[list[dict], float, list[str], bool]:
+          seconds: Optional[float] = None) -> tuple[list[dict], float, bool]:
     """`mixer train --recipe cifar10-nano` in a subprocess (this checkout's code), for at most `seconds`:
-    its metrics, wall time, printed lines and whether it was stopped at the time limit."""
+    its metrics, wall time and whether it was stopped at the time limit."""
     if not resume:
         shutil.rmtree(run, ignore_errors=True)
     env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(ROOT / "src"), os.environ.get("PYTHONPATH", "")])}
@@ -100,7 +100,7 @@ def train(data: str, run: Path, workers: int, bf16: bool, flags: list[str], resu
         raise RuntimeError(f"mixer train failed (exit {code}); its output is above.")
     rows = [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines() if line] \
         if (run / "metrics.jsonl").exists() else []
-    return rows, time.perf_counter() - t, printed.splitlines(), stopped
+    return rows, time.perf_counter() - t, stopped
 
 
 def pack_run(run: Path, out: Path, part_bytes: int = PART_BYTES) -> list[Path]:
@@ -249,7 +249,7 @@ def main() -> None:
         probes = {}
         for name, path_flags in (("plain", []), ("fast", ["--fast"])):
             try:
-                rows, seconds, printed, stopped = train(
+                rows, seconds, stopped = train(
                     args.data, work / f"probe-{name}", args.workers, bf16,
                     [*train_flags, *path_flags, "--steps", str(args.probe_steps), "--config", str(config), *profile],
                     seconds=args.budget / 4)
@@ -267,8 +267,7 @@ def main() -> None:
             last = [r for r in rows if "img_per_s" in r][-1]
             probes[name] = {"img_per_s": speed, "flags": path_flags,
                             "overhead_s": round(seconds - args.probe_steps * batch / speed, 1),  # start-up, saving
-                            "epoch_images": last["step"] / last["epoch"] * batch,
-                            "printed": [line for line in printed if line.startswith("Weight-gradient")]}
+                            "epoch_images": last["step"] / last["epoch"] * batch}
             log(f"probe {name}: {speed:,.0f} img/s, {probes[name]['overhead_s']:.0f} s of start-up")
             shutil.rmtree(work / f"probe-{name}")
         if not probes:
@@ -286,7 +285,7 @@ def main() -> None:
 
     first_step = sessions[-1]["saved_step"] if sessions else 0
     # Left for packing the state once the run is stopped: a few seconds; 15 for a slow disk.
-    rows, seconds, _, stopped = train(args.data, run, args.workers, bf16, flags, resume=bool(sessions),
+    rows, seconds, stopped = train(args.data, run, args.workers, bf16, flags, resume=bool(sessions),
                                       seconds=args.budget - (time.perf_counter() - START) - 15)
     state = latest_state(run)
     saved_step = int(state.stem.split("-")[1]) if state else 0

@@ -7,8 +7,7 @@ and no internet:
 
 Mixer-B/16 at 224 in bf16 autocast: inference at batch 256, training steps (forward, backward,
 fused AdamW) at batch 128 and 256, against timm's mixer_b16_224 eager and compiled; then
-Mixer-L/16 and H/14 (ours only), the peak training memory, a bf16 matrix-product ceiling, and the
-weight-gradient products of the fast backward as one product and split over the batch.
+Mixer-L/16 and H/14 (ours only), the peak training memory and a bf16 matrix-product ceiling.
 Everything is timed in this one process; cases of one item are interleaved. A time guard skips
 what would not finish within --budget seconds (default 430: the whole run must stay under
 8 minutes) and says so. The results JSON is rewritten after every item, so a run cut short still
@@ -58,35 +57,6 @@ def perturbed(config, device) -> torch.nn.Module:
         for p in m.parameters():
             p.add_(torch.randn_like(p) * 0.02)
     return m
-
-
-def weight_grad_products(device: torch.device, smoke: bool) -> dict:
-    """The fast backward's weight-gradient products (bf16, its layout: the second factor a transposed
-    view), timed as one product and split over the batch (kernels.split_k_mm): whether cuBLAS runs
-    products with a long reduction and a small result well, which the cifar10-nano steps suggest not."""
-    batch = 4 if smoke else 1
-    shapes = {  # name: (m, k, n) of (m, k) @ (k, n); k counts the batch's columns or tokens
-        "nano token (batch 512)": (64, 512 * 128 // batch, 64),
-        "nano channel fc1 (batch 512)": (512, 512 * 64 // batch, 128),
-        "B/16 token fc1 (batch 128)": (384, 128 * 768 // batch, 196),
-        "B/16 channel fc1 (batch 128)": (3072, 128 * 196 // batch, 768),
-    }
-    dtype = torch.bfloat16 if device.type == "cuda" else torch.float32
-    cuda = device.type == "cuda"
-    out = {}
-    for name, (m, k, n) in shapes.items():
-        a = torch.randn(m, k, device=device, dtype=dtype)
-        b = torch.randn(n, k, device=device, dtype=dtype).t()
-        times = {1: K.median_seconds(lambda: torch.mm(a, b), cuda)}
-        for j in K._splits_for(k)[1:]:
-            times[j] = K.median_seconds(lambda j=j: K.split_k_mm(a, b, j), cuda)
-        best = min(times, key=times.get)
-        out[name] = {"m_k_n": [m, k, n], "ms": {str(j): round(t * 1e3, 4) for j, t in times.items()},
-                     "one_product_tflops": 2 * m * k * n / times[1] / 1e12, "fastest_chunks": best,
-                     "speedup": times[1] / times[best]}
-        log(f"    {name:<30} one product {times[1] * 1e3:8.3f} ms ({out[name]['one_product_tflops']:6.1f} TFLOP/s); "
-            f"fastest split: {best} chunks, {out[name]['speedup']:.2f}×")
-    return out
 
 
 def correctness(config, device, batch: int) -> dict:
@@ -199,7 +169,6 @@ def main() -> int:
     def save() -> None:
         results["elapsed_s"] = time.perf_counter() - START
         results["table"] = rows
-        results["weight_grad_splits"] = K.weight_grad_splits()  # what the fast path's training chose
         json_path.write_text(json.dumps(results, indent=1, default=str))
 
     def item(name: str, estimate: float, fn) -> None:
@@ -246,7 +215,6 @@ def main() -> int:
         return {"bf16_tflops": ceiling["bf16"] / 1e12}
 
     item("matmul ceiling", 10, measure_ceiling)
-    item("weight-gradient products", 10, lambda: weight_grad_products(device, args.smoke))
 
     ours = [dict(), dict(fast=True)]
     timm_eager = [dict(timm_name=timm_ref, timm_shapes=args.smoke)]

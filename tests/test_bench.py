@@ -260,8 +260,6 @@ def test_gpu_bench_smoke_runs_end_to_end(tmp_path):
     result = json.loads((tmp_path / "gpu_bench.json").read_text())
     assert result["errors"] == {} and result["skipped"] == []
     assert result["items"]["correctness"]["passed"]
-    products = result["items"]["weight-gradient products"]
-    assert len(products) == 4 and all(float(t) > 0 for p in products.values() for t in p["ms"].values())
     names = {r["name"] for r in result["table"]}
     assert {"timm mixer_s32_224", "Mixer(C=64, N=2, P=32) fast"} <= names
     assert all(r["img_per_s"] > 0 for r in result["table"])

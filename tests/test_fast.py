@@ -132,63 +132,6 @@ def test_triton_leaves_float64_to_pytorch(monkeypatch):
     assert K._state["disabled_reason"] is None
 
 
-@pytest.mark.parametrize("layout", ["a@b", "a@bT", "aT@b"])
-@pytest.mark.parametrize("dtype", [torch.float64, torch.float32, torch.bfloat16])
-def test_split_k_product_matches_one_product(layout, dtype):
-    """The weight-gradient layouts of the fast backward: chunks of k are strided views, not copies."""
-    m, k, n = 5, 4096, 7
-    a = torch.randn(m, k) if layout != "aT@b" else torch.randn(k, m).t()
-    b = torch.randn(k, n) if layout != "a@bT" else torch.randn(n, k).t()
-    a, b = a.to(dtype), b.to(dtype)
-    ref = torch.mm(a.double(), b.double())
-    for chunks in (1, 4, 64):
-        out = K.split_k_mm(a, b, chunks)
-        assert out.dtype == dtype and out.shape == (m, n)
-        err = ((out.double() - ref).norm() / ref.norm()).item()
-        assert err <= {torch.float64: 1e-12, torch.float32: 1e-5, torch.bfloat16: 1e-2}[dtype]  # k = 4096 terms
-    with pytest.raises(ValueError, match="equal chunks"):
-        K.split_k_mm(a, b, 3)
-
-
-def test_pick_split_takes_the_fastest_split_that_agrees():
-    a, b = torch.randn(8, 64 * K.MIN_CHUNK), torch.randn(64 * K.MIN_CHUNK, 8)
-    assert K._splits_for(a.shape[1]) == [1, 4, 16, 64]
-    assert K._splits_for(3 * K.MIN_CHUNK) == [1]  # 4 does not divide it; chunks would be too short
-    times = iter([5.0, 4.0, 1.0, 3.0])  # the plain product, then 4, 16 and 64 chunks, in that order
-    assert K.pick_split(a, b, timer=lambda fn: next(times)) == 16
-    times = iter([1.0, 4.0, 2.0, 3.0])
-    assert K.pick_split(a, b, timer=lambda fn: next(times)) == 1
-    assert torch.equal(K.weight_grad(a, b), torch.mm(a, b))  # on the CPU: one product, no timing
-
-
-def test_pick_split_keeps_the_plain_product_when_splitting_fails(monkeypatch):
-    def broken(a, b, chunks):
-        raise RuntimeError("no such kernel")
-
-    monkeypatch.setattr(K, "split_k_mm", broken)
-    a, b = torch.randn(8, 16 * K.MIN_CHUNK), torch.randn(16 * K.MIN_CHUNK, 8)
-    with pytest.warns(UserWarning, match="Split weight-gradient products are off: RuntimeError"):
-        assert K.pick_split(a, b, timer=lambda fn: 1.0) == 1
-
-
-def test_fast_training_with_split_weight_gradients_matches_plain(monkeypatch):
-    """The backward's four weight-gradient products, each split in 4, give the plain gradients."""
-    calls = []
-
-    def split(a, b):
-        calls.append((tuple(a.shape), tuple(b.shape)))
-        return K.split_k_mm(a, b, 4)
-
-    monkeypatch.setattr(K, "weight_grad", split)
-    model = tiny().train()
-    x = torch.randn(4, 3, 32, 32)
-    model(x).square().sum().backward()
-    ref = grads(model)
-    optimize(model)(x).square().sum().backward()
-    assert len(calls) == 4 * len(model.blocks)
-    assert grad_error(grads(model), ref) <= 1e-4
-
-
 def test_fast_bf16_autocast_close_to_plain():
     model = tiny().eval()
     fast = optimize(model)

@@ -18,8 +18,6 @@ Training
     statistics and the GELU's input; in the backward it recomputes the LayerNorm output and the
     GELU output (cheap, memory-bound) instead of storing them, which halves the activation memory.
     The GELU's recomputation and derivative are one fused pass (`kernels.gelu_fwd_bwd`).
-  - The weight gradients, products whose reduction runs over the whole batch into a small result,
-    are split over that reduction on CUDA where this measures faster (`kernels.weight_grad`).
 
 Under autocast the products run in the autocast dtype with fp32 accumulation, as in the plain path;
 LayerNorm statistics are fp32 (float64 for a float64 model, which runs in float64 throughout). Dropout and stochastic depth in training are not fused: with either
@@ -75,11 +73,11 @@ class _TokenBranch(torch.autograd.Function):
         s, b, c = x.shape
         go = grad.contiguous().view(s, b * c)
         h, dpre = K.gelu_fwd_bwd(pre, torch.mm(w2.t(), go), ctx.act)
-        dw2 = K.weight_grad(go, h.t())
+        dw2 = torch.mm(go, h.t())
         db2 = go.sum(1)
         db1 = dpre.sum(1)
         y = torch.native_layer_norm(x, (c,), g, beta, EPS)[0]  # recomputed, not stored
-        dw1 = K.weight_grad(dpre, y.view(s, b * c).t())
+        dw1 = torch.mm(dpre, y.view(s, b * c).t())
         dy = torch.mm(w1.t(), dpre).view(s, b, c)
         dx, dg, dbeta = torch.ops.aten.native_layer_norm_backward(dy, x, (c,), mean, rstd, g, beta, [True] * 3)
         dx += grad
@@ -111,11 +109,11 @@ class _ChannelBranch(torch.autograd.Function):
         x2 = x.view(-1, c)
         go = grad.contiguous().view(-1, c)
         h, dpre = K.gelu_fwd_bwd(pre, torch.mm(go, w4), ctx.act)
-        dw4 = K.weight_grad(go.t(), h)
+        dw4 = torch.mm(go.t(), h)
         db4 = go.sum(0)
         db3 = dpre.sum(0)
         y = torch.native_layer_norm(x2, (c,), g, beta, EPS)[0]
-        dw3 = K.weight_grad(dpre.t(), y)
+        dw3 = torch.mm(dpre.t(), y)
         dy = torch.mm(dpre, w3)
         dx, dg, dbeta = torch.ops.aten.native_layer_norm_backward(dy, x2, (c,), mean, rstd, g, beta, [True] * 3)
         dx += go

@@ -958,13 +958,6 @@ def _train(
         _gather(model, plain)
 
     if main:
-        if r.fast:  # what the fast path measured (kernels.weight_grad), for benchmarks and the curious
-            from .kernels import weight_grad_splits
-
-            splits = weight_grad_splits()
-            if splits:
-                log("Weight-gradient products, by the chunks of the batch each runs in (1: one product): "
-                    + "; ".join(f"{shape}: {chunks}" for shape, chunks in splits.items()))
         with _swap_in(plain, ema), _saving(files.model, run):
             save_checkpoint(plain, files.model, class_names=list(class_names))
         draw_curves()

@@ -21,9 +21,8 @@ from __future__ import annotations
 
 import math
 import os
-import time
 import warnings
-from typing import Callable, Optional
+from typing import Optional
 
 import torch
 import torch.nn.functional as F
@@ -290,97 +289,6 @@ def gelu_fwd_bwd(pre: torch.Tensor, grad: torch.Tensor, act: str) -> tuple[torch
         "the Triton GELU backward", key,
         lambda: _triton.gelu_fwd_bwd(pre, grad, act), lambda: gelu_fwd_bwd_ref(pre, grad, act),
     )
-
-
-# ---------------------------------------------------------------------------------------------
-# Weight gradients: (m, k) @ (k, n) where k runs over every token or column of the batch and the
-# result, a weight's gradient, is small.
-#
-# A GEMM spreads its work over tiles of the result, so cuBLAS may run such a product on a handful of
-# thread blocks (Mixer-nano's 64×64 token-mixing weights are one 64×64 tile, summed over 32,768
-# columns at batch 256) unless its heuristics choose to split k, which they do not always do for bf16
-# (pytorch/pytorch#146817). Split into chunks of k as a batched product whose partial results are
-# summed in fp32, it occupies the whole GPU. Which is faster is measured on CUDA the first time each
-# shape comes, and kept; elsewhere (MKL splits such products over its threads itself) one product runs.
-
-SPLITS = (1, 4, 16, 64)  # numbers of chunks tried; 1 is the plain product
-MIN_CHUNK = 1024  # a chunk shorter than this reduces too little to pay for its partial result
-_split_choice: dict[tuple, int] = {}
-
-
-def split_k_mm(a: torch.Tensor, b: torch.Tensor, chunks: int) -> torch.Tensor:
-    """a @ b computed as `chunks` products over consecutive slices of k, summed in fp32 (float64 for float64);
-    the result in a's dtype. `a` and `b` may be transposed views (their chunks are then strided views, no copy)."""
-    m, k = a.shape
-    if k % chunks:
-        raise ValueError(f"A reduction of {k} does not split into {chunks} equal chunks.")
-    a3 = a.unflatten(1, (chunks, k // chunks)).transpose(0, 1)  # (chunks, m, k / chunks)
-    b3 = b.unflatten(0, (chunks, k // chunks))  # (chunks, k / chunks, n)
-    if a.is_cuda and a.dtype != torch.float32 and hasattr(torch.ops.aten.bmm, "dtype"):
-        parts = torch.bmm(a3, b3, out_dtype=torch.float32)  # torch >= 2.8: fp32 partials from bf16
-    else:
-        parts = torch.bmm(a3, b3)
-    return parts.sum(0, dtype=accumulation_dtype(a.dtype)).to(a.dtype)
-
-
-def _splits_for(k: int) -> list[int]:
-    return [j for j in SPLITS if j == 1 or (k % j == 0 and k // j >= MIN_CHUNK)]
-
-
-def median_seconds(fn: Callable[[], object], cuda: bool, reps: int = 5) -> float:
-    """Median seconds of `fn()` after one untimed call: CUDA events on the current stream, or the
-    wall clock."""
-    fn()
-    times = []
-    for _ in range(reps):
-        if cuda:
-            start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-            start.record()
-            fn()
-            end.record()
-            end.synchronize()
-            times.append(start.elapsed_time(end) / 1e3)
-        else:
-            t = time.perf_counter()
-            fn()
-            times.append(time.perf_counter() - t)
-    return sorted(times)[len(times) // 2]
-
-
-def pick_split(a: torch.Tensor, b: torch.Tensor,
-               timer: Callable[[Callable[[], object]], float] = lambda fn: median_seconds(fn, cuda=True)) -> int:
-    """The number of chunks that computes a @ b fastest by `timer`, among those that agree with the
-    plain product to the dtype's tolerance."""
-    ref = torch.mm(a, b)
-    best, best_time = 1, timer(lambda: torch.mm(a, b))
-    for j in _splits_for(a.shape[1])[1:]:
-        try:
-            if not _close(split_k_mm(a, b, j), ref):
-                continue
-            t = timer(lambda: split_k_mm(a, b, j))
-        except Exception as e:  # a torch without the batched product this needs: the plain one stays
-            warnings.warn(f"Split weight-gradient products are off: {type(e).__name__}: {e}", stacklevel=2)
-            break
-        if t < best_time:
-            best, best_time = j, t
-    return best
-
-
-def weight_grad(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
-    """a @ b for a weight gradient (see above): split over k on CUDA where that measured faster."""
-    if not a.is_cuda or len(_splits_for(a.shape[1])) == 1:
-        return torch.mm(a, b)
-    key = (tuple(a.shape), tuple(b.shape), a.stride(), b.stride(), a.dtype)
-    if key not in _split_choice:
-        _split_choice[key] = pick_split(a, b)
-    chunks = _split_choice[key]
-    return torch.mm(a, b) if chunks == 1 else split_k_mm(a, b, chunks)
-
-
-def weight_grad_splits() -> dict[str, int]:
-    """The choices made so far, "m×k @ k×n dtype" -> chunks (1: the plain product), for logs and benchmarks."""
-    return {f"{a[0]}×{a[1]} @ {b[0]}×{b[1]} {str(dtype).removeprefix('torch.')}": j
-            for (a, b, _, _, dtype), j in _split_choice.items()}
 
 
 def next_power_of_2(n: int) -> int:
