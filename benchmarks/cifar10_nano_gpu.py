@@ -7,10 +7,11 @@ the time. The target (>= 91% top-1) is on the CIFAR-10 test set, which is not in
 trained model is written next to the results, to be checked there (`mixer eval MODEL --data
 CIFAR10_TEST`).
 
-Two short probes (--probe-steps each, default 150) measure the steady images/s first, of the plain
-training path and of the fast path (`--fast`: fused kernels, weight gradients split over the batch
-where that measures faster), and profile 20 of their steps (`mixer train --profile`; the tables are
-written to probe_plain_profile.txt and probe_fast_profile.txt). The run then takes the faster path and
+Three short probes (--probe-steps each, default 150) measure the steady images/s first, of the plain
+training path, of the fast path (`--fast`: fused kernels) and of the fast path with each step replayed
+as one CUDA graph (`--fast --cuda-graphs`), and profile 20 of their steps (`mixer train --profile`; the
+tables are written to probe_NAME_profile.txt). `--probes-only` stops there (cifar10_nano_probes.json).
+The run then takes the fastest path and
 the recipe's whole schedule, saving a training state every --save-every steps. If the schedule does not
 fit in --budget seconds (the whole script), the run is stopped there and its last state is written to
 --out as resume.tar.00, resume.tar.01, ... (a device run brings back files of at most 16 MiB); a later
@@ -59,8 +60,8 @@ PART_BYTES = 15 * 2**20  # a device run brings back files of at most 16 MiB
 RESUME_FILE = "resume.json"  # in the run: its `mixer train` flags, the sessions so far and the first's probes
 # What the first session measured before training (the probes and the path they chose): carried in
 # RESUME_FILE, so that the JSON of the session that finishes the run still holds them.
-FIRST_SESSION_KEYS = ("probes", "path", "epochs_fitting", "probe_plain_profile", "probe_fast_profile",
-                      "probe_plain_error", "probe_fast_error")
+FIRST_SESSION_KEYS = ("probes", "path", "epochs_fitting")  # and every probe_NAME_profile, probe_NAME_error
+PROBES = {"plain": [], "fast": ["--fast"], "fast-graphs": ["--fast", "--cuda-graphs"]}  # name: `mixer train` flags
 
 
 def log(msg: str) -> None:
@@ -139,7 +140,8 @@ def unpack_run(parts_dir: Path, run: Path) -> dict:
 
 def resume_record(flags: list[str], sessions: list[dict], result: dict) -> dict:
     """The RESUME_FILE of a stopped run: how to continue it, and what its first session measured."""
-    return {"flags": flags, "sessions": sessions, "first": {k: result[k] for k in FIRST_SESSION_KEYS if k in result}}
+    first = {k: v for k, v in result.items() if k in FIRST_SESSION_KEYS or k.startswith("probe_")}
+    return {"flags": flags, "sessions": sessions, "first": first}
 
 
 def steady_speed(rows: list[dict]) -> float:
@@ -191,6 +193,7 @@ def main() -> None:
     p.add_argument("--workers", type=int, default=min(16, os.cpu_count() or 1), help="decoding workers")
     p.add_argument("--probe-steps", type=int, default=150, help="steps of the speed probe")
     p.add_argument("--steps", type=int, help="train only this many steps, no probe (a check, not a measurement)")
+    p.add_argument("--probes-only", action="store_true", help="run the probes, write cifar10_nano_probes.json and stop")
     p.add_argument("--fit-budget", action="store_true",
                    help="cut the recipe's epochs to what fits in --budget (a finished model in one session) instead "
                         "of training its whole schedule, continued over sessions")
@@ -201,9 +204,11 @@ def main() -> None:
     p.add_argument("train_flags", nargs=argparse.REMAINDER, help="after --: flags for `mixer train`")
     args = p.parse_args()
     train_flags = args.train_flags[1:] if args.train_flags[:1] == ["--"] else args.train_flags
-    if args.resume_from and (train_flags or args.steps or args.fit_budget):
-        raise SystemExit("--resume-from continues with the earlier session's flags; give no --steps, --fit-budget "
-                         "or flags after --.")
+    if args.probes_only and args.steps:
+        raise SystemExit("--steps trains without probes; give --probes-only or --steps, not both.")
+    if args.resume_from and (train_flags or args.steps or args.fit_budget or args.probes_only):
+        raise SystemExit("--resume-from continues with the earlier session's flags; give no --steps, --fit-budget, "
+                         "--probes-only or flags after --.")
 
     import torch
 
@@ -247,7 +252,7 @@ def main() -> None:
         config.write_text(json.dumps({"evals": 0}))
         profile = ["--profile", str(PROFILED_STEPS)] if args.probe_steps >= 3 * PROFILED_STEPS else []
         probes = {}
-        for name, path_flags in (("plain", []), ("fast", ["--fast"])):
+        for name, path_flags in PROBES.items():
             try:
                 rows, seconds, stopped = train(
                     args.data, work / f"probe-{name}", args.workers, bf16,
@@ -271,13 +276,18 @@ def main() -> None:
             log(f"probe {name}: {speed:,.0f} img/s, {probes[name]['overhead_s']:.0f} s of start-up")
             shutil.rmtree(work / f"probe-{name}")
         if not probes:
-            raise SystemExit("Both probes failed; their output is above.")
+            raise SystemExit("Every probe failed; their output is above.")
         best = max(probes, key=lambda name: probes[name]["img_per_s"])
         speed, overhead = probes[best]["img_per_s"], probes[best]["overhead_s"]
         left = args.budget - (time.perf_counter() - START) - overhead - 30  # 30 s: ten validations, margin
         fit = max(1, int(left * speed / probes[best]["epoch_images"]))
         epochs = min(recipe_epochs, fit) if args.fit_budget else recipe_epochs
-        log(f"the {best} path is faster; about {min(fit, recipe_epochs)} of the recipe's {recipe_epochs} epochs fit "
+        if args.probes_only:
+            result.update(probes=probes, path=best)
+            (out / "cifar10_nano_probes.json").write_text(json.dumps(result, indent=1) + "\n")
+            log(f"the {best} path is the fastest; probes only: no run")
+            return
+        log(f"the {best} path is the fastest; about {min(fit, recipe_epochs)} of the recipe's {recipe_epochs} epochs fit "
             f"in the budget; training {epochs}" + ("" if epochs <= fit else ", to be continued (--resume-from)"))
         result.update(probes=probes, path=best, epochs_fitting=fit)
         (out / "cifar10_nano_gpu.json").write_text(json.dumps(result, indent=1) + "\n")  # in case the run is cut

@@ -109,3 +109,16 @@ def test_resume_from_takes_no_other_plan(tmp_path: Path) -> None:
     proc = subprocess.run([sys.executable, str(SCRIPT), "--out", str(tmp_path), "--resume-from", str(tmp_path),
                            "--steps", "3"], capture_output=True, text=True, cwd=ROOT)
     assert proc.returncode != 0 and "--resume-from continues with the earlier session's flags" in proc.stderr
+
+
+def test_probes_only_measures_each_path_and_trains_no_run(tmp_path: Path) -> None:
+    make_shards(tmp_path / "shards", shards=1, per_shard=60, classes=3)
+    printed = script("--data", str(tmp_path / "shards"), "--out", str(tmp_path / "out"), "--workers", "1",
+                     "--probes-only", "--probe-steps", "3", "--", "--batch-size", "16", "--threads", "1",
+                     "--holdout", "0.1")
+    result = json.loads((tmp_path / "out" / "cifar10_nano_probes.json").read_text())
+    assert set(result["probes"]) == set(nano.PROBES) and all(p["img_per_s"] > 0 for p in result["probes"].values())
+    assert result["probes"]["fast-graphs"]["flags"] == ["--fast", "--cuda-graphs"]
+    assert "--cuda-graphs needs a CUDA GPU" in printed  # on the CPU the graphed steps run unrecorded
+    assert result["path"] in nano.PROBES and "probes only: no run" in printed
+    assert not (tmp_path / "out" / "cifar10_nano_gpu.json").exists() and not (tmp_path / "out" / "runs" / "run").exists()

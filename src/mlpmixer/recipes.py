@@ -87,6 +87,7 @@ class Recipe:
     bf16: bool = False
     compile: bool = False
     fast: bool = False  # train through the fast path (fast.py): fused kernels, recomputing backward; an alternative to compile
+    cuda_graphs: bool = False  # record the training step once as a CUDA graph and replay it (graphed.py)
     grad_checkpointing: bool = False
     fsdp: bool = False  # under torchrun: shard parameters, gradients and optimiser state (FSDP2)
     tensorboard: bool = False  # also log the metrics to RUN/tensorboard (needs mlpmixer[tensorboard])

@@ -609,6 +609,16 @@ def _train(
                          f"augment_digits takes {', '.join(settings)}.")
     if r.fast and (r.compile or fsdp):
         raise ValueError(f"--fast is an alternative to {'--compile' if r.compile else '--fsdp'}; choose one.")
+    if r.cuda_graphs:  # what one recorded step cannot hold
+        refused = {"several processes": world > 1 or shared_grads is not None,
+                   "gradient accumulation (--accum)": r.accum > 1, "--compile": r.compile,
+                   "SGD (its step reads the learning rate as a number)": r.optimizer == "sgd"}
+        for what, found in refused.items():
+            if found:
+                raise ValueError(f"--cuda-graphs records a step of one process without {what}; train without "
+                                 "one or the other.")
+        if device.type != "cuda" and main:
+            log("Note: --cuda-graphs needs a CUDA GPU; here the steps run as they would be recorded, without graphs.")
     if r.batch_size % (r.accum * world):
         raise ValueError(f"The batch size {r.batch_size} must divide into {r.accum} accumulation "
                          f"step{'s' * (r.accum > 1)} × {world} process{'es' * (world > 1)}; choose a multiple of "
@@ -842,7 +852,8 @@ def _train(
     eval_at = {round(total * (i + 1) / r.evals) for i in range(r.evals)} if r.evals else {total}
     # Validation images held in memory are transformed in this process: worker processes would cost more.
     eval_workers = 0 if isinstance(getattr(val_data, "dataset", None), TensorDataset) else r.workers
-    autocast = torch.autocast(device.type, dtype=torch.bfloat16, enabled=r.bf16)
+    # A CUDA graph must not read autocast's cache of the weights' bf16 copies: it is emptied after each step.
+    autocast = torch.autocast(device.type, dtype=torch.bfloat16, enabled=r.bf16, cache_enabled=not r.cuda_graphs)
 
     if main:
         what = f"{model.config.describe()} ({model.config.num_params():,} parameters)"
@@ -866,12 +877,53 @@ def _train(
     unchecked: list[tuple[int, torch.Tensor]] = []  # (step, loss) not yet checked to be finite
     params = list(model.parameters())  # once: walking the modules every step costs host time
     profiler = StepProfiler(profile, run, device, r.batch_size, bar.write) if profile and main else None
-    seen, t_log, loss_sum, correct, count = 0, time.time(), torch.zeros((), device=device), 0, 0
+    # Summed on the device (in place: a CUDA graph adds to these very tensors) and read at each log line.
+    loss_sum, correct = torch.zeros((), device=device), torch.zeros((), dtype=torch.long, device=device)
+    seen, t_log, count = 0, time.time(), 0
+
+    def forward_backward(x: torch.Tensor, target: torch.Tensor, y: torch.Tensor, parts: int) -> torch.Tensor:
+        """One micro-batch of `parts`: its gradients added to the parameters', its loss returned."""
+        with autocast:
+            logits = net(x)
+        loss = loss_fn(logits, target, r)
+        (loss / parts).backward()
+        loss_sum.add_(loss.detach() * len(y))
+        correct.add_((logits.argmax(1) == y).sum())
+        return loss.detach()
+
+    def update(ema_weight: float | list[torch.Tensor]) -> None:
+        """The optimiser's step from the gradients, then the EMA weights' (`ema_weight`: how far they move)."""
+        if r.clip:
+            torch.nn.utils.clip_grad_norm_(params, r.clip)
+        opt.step()
+        if ema is not None:
+            with torch.no_grad():
+                # One multi-tensor kernel, not one per tensor (on a GPU, launches are most of a small step).
+                torch._foreach_lerp_(ema_floats, live_floats, ema_weight)
+                for saved, current in ema_others:
+                    saved.copy_(current)
+
+    graphed = None
+    if r.cuda_graphs:  # the whole step, one micro-batch, recorded once and replayed (graphed.py)
+        from .graphed import GraphedStep
+
+        step_loss = torch.zeros((), device=device)
+        ema_weight = torch.zeros((), device=device)  # a tensor, so that a replay reads each step's
+
+        def graphed_step(x: torch.Tensor, target: torch.Tensor, y: torch.Tensor) -> None:
+            step_loss.copy_(forward_backward(x, target, y, 1))
+            update([ema_weight] * len(ema_floats) if ema is not None else 0.0)
+
+        graphed = GraphedStep(graphed_step, opt, capture=device.type == "cuda")
     for step in range(start, total):
         # --- one optimiser step: accumulate gradients over the micro-batches.
         lr = lr_at(step, total, r)
-        for group in opt.param_groups:
-            group["lr"] = lr
+        if graphed is not None:
+            graphed.set_lr(lr)
+        else:
+            for group in opt.param_groups:
+                group["lr"] = lr
+        decay = min(r.ema, (1 + step) / (10 + step))  # EMA: short warm-up, early weights fade fast
         micro = next(batches)
         # After the batch: reading it can draw from torch's generator (images augmented in this process,
         # a DataLoader started), and more so in a resumed run, which starts its loader mid-epoch.
@@ -883,32 +935,25 @@ def _train(
             target = y
             if batch_fn is not None:
                 x, target = batch_fn(x, y)
-            # FSDP reduces every micro-batch's gradients (correct, with more communication than DDP's no_sync).
-            sync = net.no_sync() if ddp and j < len(micro) - 1 else contextlib.nullcontext()
-            with sync:
-                with autocast:
-                    logits = net(x)
-                loss = loss_fn(logits, target, r)
-                (loss / len(micro)).backward()
-            unchecked.append((step, loss.detach()))
+            if graphed is not None:
+                if batch_fn is not None and target.ndim == 1:  # unmixed: a graph's inputs keep their shape
+                    target = F.one_hot(target, num_classes).float()
+                ema_weight.fill_(1 - decay)
+                graphed(x, target, y)
+                loss = step_loss.clone()
+            else:
+                # FSDP reduces every micro-batch's gradients (correct, with more communication than DDP's no_sync).
+                with net.no_sync() if ddp and j < len(micro) - 1 else contextlib.nullcontext():
+                    loss = forward_backward(x, target, y, len(micro))
+            unchecked.append((step, loss))
             if check_every_step:
                 _check_finite(unchecked, run, bar, main, draw_curves, saying)
-            loss_sum += loss.detach() * len(y)
-            correct += (logits.argmax(1) == y).sum()
             count += len(y)
-        if shared_grads is not None:
-            shared_grads.average()
-        if r.clip:
-            torch.nn.utils.clip_grad_norm_(params, r.clip)
-        opt.step()
-        opt.zero_grad(set_to_none=True)
-        if ema is not None:
-            decay = min(r.ema, (1 + step) / (10 + step))  # short warm-up: early weights fade fast
-            with torch.no_grad():
-                # One multi-tensor kernel, not one per tensor (on a GPU, launches are most of a small step).
-                torch._foreach_lerp_(ema_floats, live_floats, 1 - decay)
-                for saved, current in ema_others:
-                    saved.copy_(current)
+        if graphed is None:
+            if shared_grads is not None:
+                shared_grads.average()
+            update(1 - decay)
+            opt.zero_grad(set_to_none=True)
         seen += r.batch_size
         done = step + 1
         if done % 10 == 0 or done == total or done in eval_at or (save_every and done % save_every == 0):
@@ -929,7 +974,9 @@ def _train(
                         board.add_scalar("train/" + key.removeprefix("train_"), entry[key], done)
             bar.set_postfix(loss=f"{entry['train_loss']:.3f}", acc=f"{entry['train_acc']:.3f}", lr=f"{lr:.2e}",
                             img_s=f"{entry['img_per_s']:.0f}", refresh=False)
-            seen, t_log, loss_sum, correct, count = 0, now, torch.zeros((), device=device), 0, 0
+            seen, t_log, count = 0, now, 0
+            loss_sum.zero_()
+            correct.zero_()
         bar.update(1)
         if fsdp and val_data is not None and done in eval_at:
             _gather(model, plain)
@@ -1160,7 +1207,7 @@ def _latest_run(root: str | Path = "runs") -> Path:
 
 def launch(r: Recipe, out: Optional[str | Path] = None, **options: Any) -> RunFiles:
     """`train`, in several local CPU processes when that is faster (`r.processes`; None: one per free
-    core for in-memory data on a machine without CUDA).
+    core for in-memory data on a machine without CUDA, unless --cuda-graphs asks for one process).
 
     Small models spend their steps in many small operations that intra-op threads hardly speed up,
     while processes of one thread each, splitting every global batch and averaging gradients in
@@ -1177,7 +1224,7 @@ def launch(r: Recipe, out: Optional[str | Path] = None, **options: Any) -> RunFi
         out = Path(out) if out else _latest_run()
         saved = _saved_layout(out)
         r = r.replace(processes=r.processes or saved[0], threads=r.threads or saved[1])
-    n = r.processes or (free_cores() if in_memory and not torch.cuda.is_available() else 1)
+    n = r.processes or (free_cores() if in_memory and not torch.cuda.is_available() and not r.cuda_graphs else 1)
     if n <= 1 or "WORLD_SIZE" in os.environ:
         return train(r, out, **options)
     if out is None:  # every process must write to the same run
