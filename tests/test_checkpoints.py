@@ -410,11 +410,10 @@ def bad_files(folder: Path) -> dict[str, Path]:
         data = (folder / f"good{ext}").read_bytes()
         files[f"truncated{ext}"] = folder / f"truncated{ext}"
         files[f"truncated{ext}"].write_bytes(data[: len(data) // 2])
-        if ext != ".safetensors":  # which has no checksums: a changed byte of a weight cannot be noticed
-            flipped = bytearray(data)  # a weight's bytes changed, the archive intact
-            flipped[len(data) // 2: len(data) // 2 + 16] = bytes(b ^ 0xFF for b in data[len(data) // 2:][:16])
-            files[f"flipped{ext}"] = folder / f"flipped{ext}"
-            files[f"flipped{ext}"].write_bytes(bytes(flipped))
+        flipped = bytearray(data)  # a weight's bytes changed, the file's structure intact
+        flipped[len(data) // 2: len(data) // 2 + 16] = bytes(b ^ 0xFF for b in data[len(data) // 2:][:16])
+        files[f"flipped{ext}"] = folder / f"flipped{ext}"
+        files[f"flipped{ext}"].write_bytes(bytes(flipped))
         files[f"random{ext}"] = folder / f"random{ext}"
         files[f"random{ext}"].write_bytes(np.random.default_rng(0).bytes(4096))
         files[f"empty{ext}"] = folder / f"empty{ext}"
@@ -466,6 +465,7 @@ def bad_files(folder: Path) -> dict[str, Path]:
 EXPECTED = {
     "truncated": "truncated",
     "text-": "not a readable PyTorch file",
+    "flipped.safetensors": "is corrupt: its weights do not match the CRC-32 saved with them; re-download or re-save it.",
     "flipped": "(truncated or corrupt: Bad CRC-32 for",
     "random": "corrupt",
     "empty": "corrupt",

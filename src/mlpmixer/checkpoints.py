@@ -8,7 +8,7 @@ The format follows the file's extension (SPEC §6 gives both foreign layouts):
 | .npz            | official Flax (`MixerBlock_0/token_mixing/...`)         | tanh             |
 | .pth .pt .bin   | timm state dict (`blocks.0.mlp_tokens.fc1.weight`)      | exact            |
 | .pth.tar        | timm's training checkpoint, read if it holds only tensors | exact            |
-| .safetensors    | ours (config in metadata), or timm's if it has none     | as saved / exact |
+| .safetensors    | ours (config, CRC-32 in metadata), or timm's without    | as saved / exact |
 | a run directory | the final `model.safetensors` that `mixer train` wrote  | as saved         |
 | step-N.pt       | a training state in RUN/checkpoints/ (timm's names)     | RUN/config.json  |
 
@@ -301,6 +301,16 @@ def _read_torch(path: Path) -> tuple[StateDict, bool]:
     return {k.removeprefix("module.").removeprefix("_orig_mod."): v for k, v in obj.items()}, training_state
 
 
+def weights_crc32(state: StateDict) -> str:
+    """A CRC-32 of the tensors' bytes, in name order, as 8 hex digits: what our .safetensors files carry
+    in their metadata, as zip members (torch.save) and .npz arrays carry theirs, since the format itself
+    checks only its header, so a changed byte in a weight would load as a changed weight. About 1 s per GB."""
+    crc = 0
+    for name in sorted(state):
+        crc = zlib.crc32(state[name].contiguous().reshape(-1).view(torch.uint8).numpy(), crc)
+    return f"{crc:08x}"
+
+
 def _read_safetensors(path: Path) -> tuple[StateDict, dict[str, str]]:
     from safetensors import SafetensorError
     from safetensors.torch import safe_open
@@ -313,6 +323,10 @@ def _read_safetensors(path: Path) -> tuple[StateDict, dict[str, str]]:
         raise CheckpointError(
             f"{path} is not a readable .safetensors file (truncated or corrupt: {e}); re-download or re-save it."
         ) from None
+    # Files of other programs, and ours from before 2026-11-28, carry no checksum.
+    if "crc32" in metadata and weights_crc32(state) != metadata["crc32"]:
+        raise CheckpointError(f"{path} is corrupt: its weights do not match the CRC-32 saved with them; re-download "
+                              "or re-save it.")
     return state, metadata
 
 
@@ -662,7 +676,7 @@ def save_checkpoint(model: MlpMixer, path: str | os.PathLike, class_names: list[
     if suffix == ".safetensors":
         from safetensors.torch import save_file
 
-        metadata = {"format": FORMAT_TAG, "config": model.config.to_json()}
+        metadata = {"format": FORMAT_TAG, "config": model.config.to_json(), "crc32": weights_crc32(state)}
         if names:
             metadata["class_names"] = json.dumps(list(names))
         return atomic_write(path, lambda tmp: save_file(state, tmp, metadata=metadata))
