@@ -145,6 +145,9 @@ def test_a_permuted_run_exports_with_its_permutation_built_in(tmp_path, capsys):
     # --permute none: a file for images the caller permutes (or a run that should not have recorded one).
     assert main(["export", str(tmp_path), "--format", "torchscript", "--permute", "none"]) == 0
     assert rel(load_exported(tmp_path / "model.pt", "torchscript")(x), plain) <= 1e-5
+    # At another size the permutation would be another one, which the model never saw.
+    assert main(["export", str(tmp_path), "--format", "torchscript", "--img-size", "96"]) == 2
+    assert "permutation made for 48×48; export it at that size" in capsys.readouterr().err
 
 
 def test_a_file_that_fails_the_check_is_not_written_and_the_old_one_stays(tmp_path, monkeypatch):
@@ -221,3 +224,24 @@ def test_an_unwritable_folder_is_one_sentence(tmp_path, monkeypatch):
     monkeypatch.setattr(os, "open", refuse_new_files)
     with pytest.raises(ExportError, match=f"Cannot write to {tmp_path}: permission denied; choose another output"):
         export_model(small(48, 8), "torchscript", tmp_path / "m.pt")
+
+
+def test_export_at_another_size_converts_the_model_as_resize_does(tmp_path, capsys):
+    from mlpmixer.cli import main
+    from mlpmixer.resize import resize_to
+
+    model = small(48, 8)
+    ckpt = save_checkpoint(model, tmp_path / "model.safetensors")
+    assert main(["export", str(ckpt), "--format", "torchscript", "--img-size", "96"]) == 0
+    assert "input: batch×3×96×96" in capsys.readouterr().out
+    x = torch.randn(2, 3, 96, 96)
+    with torch.no_grad():
+        assert rel(load_exported(tmp_path / "model.pt", "torchscript")(x), resize_to(model, 96).eval()(x)) < 1e-5
+    for argv, said in ((["--method", "resample"], "--method says how --img-size converts the model"),
+                       (["--img-size", "72"], "resample")):  # 72/48 is no whole factor for the paper's method
+        assert main(["export", str(ckpt), "--format", "torchscript", "--out", str(tmp_path / "x.pt"), *argv]) == 2
+        err = capsys.readouterr().err
+        assert said in err and err.count("\n") == 1, err
+    assert not (tmp_path / "x.pt").exists()
+    assert main(["export", str(ckpt), "--format", "torchscript", "--out", str(tmp_path / "x.pt"), "--img-size", "72",
+                 "--method", "resample"]) == 0
