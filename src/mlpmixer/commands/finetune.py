@@ -5,8 +5,8 @@ from __future__ import annotations
 
 import argparse
 
-from ..recipes import RESIZE_METHODS, load_config_file
-from .train import add_training_flags, recipe_from_args
+from ..recipes import RESIZE_METHODS, get_recipe
+from .train import add_training_flags, recipe_overrides
 
 
 def register(p: argparse.ArgumentParser) -> None:
@@ -29,13 +29,13 @@ def register(p: argparse.ArgumentParser) -> None:
 def run(args: argparse.Namespace) -> int:
     from ..train import launch
 
-    recipe = recipe_from_args(args)
-    if args.img_size is None and "img_size" not in (load_config_file(args.config) if args.config else {}):
-        # A preset's size (the paper recipes' 224) is the size it trains a new model at, not a request to
-        # convert the checkpoint: without --img-size (or one in --config) it keeps its own size.
-        recipe = recipe.replace(img_size=None)
+    overrides = recipe_overrides(args)
+    # A preset's size (the paper recipes' 224) is the size it trains a new model at, not a request to
+    # convert the checkpoint: without --img-size (or one in --config) it keeps its own size.
+    overrides.setdefault("img_size", None)
     if args.resize_method:
-        recipe = recipe.replace(resize_method=args.resize_method)
+        overrides["resize_method"] = args.resize_method
+    recipe = get_recipe(args.recipe, **overrides)
     if not recipe.data:
         raise ValueError("Give the data to fine-tune on with --data (an image folder, shards, an IDX folder or mnist5k).")
     launch(recipe, args.out, resume=args.resume, save_every=args.save_every, keep=args.keep,

@@ -95,11 +95,16 @@ def add_training_flags(p: argparse.ArgumentParser, default_recipe: str, without:
                         "step on the host and the device, the busiest operations) and RUN/profile.json (timeline)")
 
 
-def recipe_from_args(args: argparse.Namespace) -> Any:
+def recipe_overrides(args: argparse.Namespace) -> dict[str, Any]:
+    """The recipe fields the command line sets: its --config file's, then its flags'."""
     overrides: dict[str, Any] = load_config_file(args.config) if args.config else {}
     overrides.update({field: getattr(args, field) for field, _, _ in RECIPE_FLAGS.values()
                       if getattr(args, field, None) is not None})
-    return get_recipe(args.recipe, **overrides)
+    return overrides
+
+
+def recipe_from_args(args: argparse.Namespace) -> Any:
+    return get_recipe(args.recipe, **recipe_overrides(args))
 
 
 def register(p: argparse.ArgumentParser) -> None:
