@@ -354,3 +354,21 @@ def test_timms_data_and_optimiser_tools_take_our_model(tiny_config: MixerConfig)
     optimizer = timm.optim.create_optimizer_v2(model, "adamw", lr=1.0, layer_decay=0.5)
     scales = {round(g["lr_scale"], 6) for g in optimizer.param_groups}
     assert scales == {0.125, 0.25, 0.5, 1.0}
+
+
+@pytest.mark.parametrize("prune_norm", [False, True])
+def test_a_pruned_model_saves_only_what_loads_back(tiny_config: MixerConfig, tmp_path, prune_norm: bool) -> None:
+    from mlpmixer.checkpoints import CheckpointError, load_checkpoint, save_checkpoint
+
+    model = create_model(tiny_config.replace(num_blocks=3))
+    model.prune_intermediate_layers(1, prune_norm=prune_norm)
+    path = tmp_path / "pruned.safetensors"
+    if prune_norm:  # a file of its config would need the norm's weights
+        with pytest.raises(CheckpointError, match="final LayerNorm was pruned .* save it before pruning"):
+            save_checkpoint(model, path)
+        assert not path.exists()
+    else:  # fewer blocks, no head: a model of its own (the pooling, as in timm, is the caller's choice)
+        save_checkpoint(model, path)
+        x = images(model.config)
+        with torch.no_grad():
+            torch.testing.assert_close(load_checkpoint(path).forward_features(x), model.forward_features(x))

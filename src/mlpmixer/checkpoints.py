@@ -666,6 +666,10 @@ def save_checkpoint(model: MlpMixer, path: str | os.PathLike, class_names: list[
         raise CheckpointError(f"Cannot write {path}: unknown extension {path.suffix!r}; use one of "
                               f"{', '.join(EXTENSIONS)}.")
     model = unwrap(model)
+    if not isinstance(model.norm, torch.nn.LayerNorm):  # what a file of this config would need to load back
+        raise CheckpointError(f"Cannot write {path}: the model's final LayerNorm was pruned (prune_intermediate_layers "
+                              "with prune_norm=True), and a checkpoint rebuilds the whole model; save it before "
+                              "pruning, or prune after loading.")
     state = {k: v.detach().cpu().contiguous() for k, v in model.state_dict().items()}
     names = class_names if class_names is not None else getattr(model, "class_names", None)
     if names is not None and len(names) != model.num_classes:

@@ -320,7 +320,7 @@ class MlpMixer(nn.Module):
         """As timm's: drop the blocks after the last of `indices` (chosen as in `forward_intermediates`),
         the final LayerNorm if `prune_norm` (an identity then) and the head and pooling if `prune_head`.
         Returns the block indices taken. The config follows the blocks; a model without its norm is for
-        feature extraction: a checkpoint of it has no norm weights to load back."""
+        feature extraction, and `save_checkpoint` refuses it (a file of it would not load back)."""
         take = self._block_indices(indices)
         self.blocks = self.blocks[: max(take) + 1]
         self.config = self.config.replace(num_blocks=len(self.blocks))
