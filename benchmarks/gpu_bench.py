@@ -7,7 +7,8 @@ and no internet:
 
 Mixer-B/16 at 224 in bf16 autocast: inference at batch 256, training steps (forward, backward,
 fused AdamW) at batch 128 and 256, against timm's mixer_b16_224 eager and compiled; then
-Mixer-L/16 and H/14 (ours only), the peak training memory and a bf16 matrix-product ceiling.
+Mixer-L/16 and H/14 (ours only), the peak training memory and a bf16 matrix-product ceiling; 5 of the
+fast path's B/16 training steps run under PyTorch's profiler (b16_fast_train_profile.txt).
 Everything is timed in this one process; cases of one item are interleaved. A time guard skips
 what would not finish within --budget seconds (default 430: the whole run must stay under
 8 minutes) and says so. The results JSON is rewritten after every item, so a run cut short still
@@ -57,6 +58,38 @@ def perturbed(config, device) -> torch.nn.Module:
         for p in m.parameters():
             p.add_(torch.randn_like(p) * 0.02)
     return m
+
+
+def profile_steps(name: str, build, batch: int, device: torch.device, out_dir: Path, steps: int = 5) -> dict:
+    """Where a training step's time goes: `steps` steps under PyTorch's profiler after 3 unprofiled ones;
+    the kernels' time against the wall time, and the busiest operations in `out_dir`/NAME_profile.txt."""
+    from torch.profiler import ProfilerActivity, profile
+
+    from mlpmixer.profiling import device_work
+
+    case = build(batch)
+    cuda = device.type == "cuda"
+    for _ in range(3):
+        case.step()
+    sync = torch.cuda.synchronize if cuda else (lambda: None)
+    sync()
+    activities = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if cuda else [])
+    with profile(activities=activities) as prof:
+        t = time.perf_counter()
+        for _ in range(steps):
+            case.step()
+        sync()
+        wall = (time.perf_counter() - t) / steps
+    events = prof.key_averages()
+    busy, kernels = device_work(events)
+    sort = "self_device_time_total" if cuda else "self_cpu_time_total"
+    path = out_dir / f"{name}_profile.txt"
+    summary = dict(wall_ms=wall * 1e3, kernel_ms=busy / steps / 1e3, kernels_per_step=kernels / steps,
+                   busy_share=busy / steps / 1e6 / wall, table=path.name)
+    path.write_text(json.dumps(summary) + "\n\n" + events.table(sort_by=sort, row_limit=40, max_name_column_width=60))
+    log(f"    {name}: {summary['wall_ms']:.1f} ms per step under the profiler, the kernels "
+        f"{summary['kernel_ms']:.1f} ms ({summary['busy_share']:.0%}) in {summary['kernels_per_step']:.0f} launches")
+    return summary
 
 
 def correctness(config, device, batch: int) -> dict:
@@ -225,6 +258,9 @@ def main() -> int:
     item("B/16 training", est["eager"] * 3, lambda: timed(b16, "train", sizes["train"], ours + timm_eager))
     item("B/16 training, big batch", est["eager"] * 3,
          lambda: timed(b16, "train", sizes["train_big"], ours + timm_eager))
+    # Where the fast path's training step spends its time (issue 5's 6,000 img/s needs 60% of the ceiling).
+    item("B/16 training, profiled", est["eager"], lambda: profile_steps(
+        "b16_fast_train", B.builder(b16, "train", device, bf16, fast=True)[1], sizes["train"], device, out_dir))
     for cfg in (l16, h14):
         item(f"{cfg.describe()} inference", est["big"], lambda cfg=cfg: timed(cfg, "infer", sizes["big_infer"], ours))
         item(f"{cfg.describe()} training", est["big"], lambda cfg=cfg: timed(cfg, "train", sizes["big_train"], ours))

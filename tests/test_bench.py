@@ -260,6 +260,8 @@ def test_gpu_bench_smoke_runs_end_to_end(tmp_path):
     result = json.loads((tmp_path / "gpu_bench.json").read_text())
     assert result["errors"] == {} and result["skipped"] == []
     assert result["items"]["correctness"]["passed"]
+    profiled = result["items"]["B/16 training, profiled"]
+    assert profiled["wall_ms"] > 0 and (tmp_path / profiled["table"]).read_text().count("aten::") > 5
     names = {r["name"] for r in result["table"]}
     assert {"timm mixer_s32_224", "Mixer(C=64, N=2, P=32) fast"} <= names
     assert all(r["img_per_s"] > 0 for r in result["table"])
