@@ -124,6 +124,16 @@ def test_eval_on_other_classes_lists_them_without_a_false_ellipsis(tmp_path: Pat
     assert "(a, c) differ from the model's (a, b);" in err and "..." not in err  # was "(a, c, ...)": more classes?
 
 
+def test_eval_report_at_a_file_is_refused_before_evaluating(digits_model: Path, tmp_path: Path,
+                                                            capsys: pytest.CaptureFixture) -> None:
+    before = digits_model.read_bytes()
+    assert main(["eval", str(digits_model), "--data", "mnist5k", "--report", str(digits_model)]) == 2
+    captured = capsys.readouterr()
+    assert captured.err.strip() == f"mixer eval: error: --report {digits_model} is a file; give the path of a folder."
+    assert "evaluating" not in captured.err and captured.out == ""  # said before the work, not after
+    assert digits_model.read_bytes() == before
+
+
 def test_train_with_permuted_patches_validates_and_evaluates_permuted(tmp_path: Path,
                                                                      capsys: pytest.CaptureFixture) -> None:
     out = tmp_path / "permuted"

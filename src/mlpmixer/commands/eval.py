@@ -42,12 +42,14 @@ def _nan_to_none(x: float) -> Optional[float]:
 
 def run(args: argparse.Namespace) -> int:
     from ..bench import free_cores, set_threads
-    from ..checkpoints import atomic_write, load_checkpoint
+    from ..checkpoints import atomic_write, check_writable_folder, load_checkpoint
     from ..data import is_idx_folder, worker_deaths
     from ..evaluate import evaluate, open_eval_data
     from ..reports import confusion_matrix_png, per_class_accuracy
     from ..sources import is_split_pair
 
+    if args.report:  # checked before the evaluation, which can take hours
+        check_writable_folder(args.report, "--report")
     set_threads(free_cores())  # as train does: on a busy machine, threads that lose their core stall the others
     model = load_checkpoint(args.checkpoint)
     if model.num_classes == 0:
