@@ -425,6 +425,10 @@ def test_predict_with_published_weights_calls_the_registry(tmp_path: Path, capsy
     assert all(t["class"] in names for t in json.loads(capsys.readouterr().out)["top"])
     assert main(["predict", "--pretrained", "imagenet1k", str(image)]) == 2
     assert "--model NAME" in capsys.readouterr().err
+    for flags in (["--permute", "pixels"], ["--permute-seed", "3"]):  # were ignored without a word
+        assert main(["predict", "--model", "B/16", "--pretrained", "imagenet1k", *flags, str(image)]) == 2
+        assert "leave them out with --pretrained." in capsys.readouterr().err
+    assert asked == [("B/16", "imagenet1k")]  # refused before the weights are fetched
 
 
 def test_train_on_an_image_folder(tmp_path: Path) -> None:

@@ -89,6 +89,9 @@ def run(args: argparse.Namespace) -> int:
             raise ValueError("Give both --model NAME and --pretrained TAG for published weights, or a checkpoint.")
         if not args.inputs:  # checked before the weights are fetched
             raise ValueError("Give at least one image: mixer predict --model NAME --pretrained TAG IMAGE...")
+        if args.permute or args.permute_seed is not None:  # would be ignored without a word
+            raise ValueError("--permute and --permute-seed apply a run's permutation, and published weights saw their "
+                             "images unpermuted; leave them out with --pretrained.")
         from ..pretrained import load_pretrained
 
         model, images = load_pretrained(args.model, args.pretrained), args.inputs
