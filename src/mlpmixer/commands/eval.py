@@ -53,7 +53,8 @@ def run(args: argparse.Namespace) -> int:
     set_threads(free_cores())  # as train does: on a busy machine, threads that lose their core stall the others
     model = load_checkpoint(args.checkpoint)
     if model.num_classes == 0:
-        raise ValueError(f"{args.checkpoint} has no classification head; evaluate a model with one.")
+        raise ValueError(f"{args.checkpoint} has no classification head; give it one with mixer finetune --from "
+                         f"{args.checkpoint} --data DATA, or measure its features with mixer fewshot or linear-probe.")
     recipe = run_recipe(args.checkpoint)
     mode = run_eval_mode(args.checkpoint, args.mode)
     # Evaluated whole, such data hold the images the run trained on (a train/ + val/ pair is read at

@@ -106,7 +106,8 @@ def run(args: argparse.Namespace) -> int:
         permute = run_permutation(args.inputs[0], model.config, args.permute, args.permute_seed)
         mode = run_eval_mode(args.inputs[0], args.mode)
     if model.num_classes == 0:
-        raise ValueError("The model has no classification head, so it cannot predict classes.")
+        raise ValueError("The model has no classification head, so it cannot predict classes; give it one with "
+                         "mixer finetune --from CHECKPOINT --data DATA, or measure its features with mixer fewshot.")
     names = list(model.class_names or [])
     if len(names) != model.num_classes and model.num_classes == 1000:
         from ..pretrained import imagenet_class_names
