@@ -123,6 +123,17 @@ def test_predict_bad_images(run_dir: Path, tmp_path: Path, capsys: pytest.Captur
     assert captured.err.count("\n") == 1 and "broken.png is not a readable image" in captured.err
 
 
+def test_a_model_without_a_head_says_how_to_get_one(tmp_path: Path, capsys: pytest.CaptureFixture) -> None:
+    headless = save_checkpoint(create_model("digits/4", num_classes=0, img_size=28, in_chans=1, patch_size=7),
+                               tmp_path / "headless.safetensors")
+    image = _png(tmp_path / "digit.png", load_mnist5k().images[0, 0].numpy())
+    for argv in (["predict", str(headless), str(image)], ["eval", str(headless), "--data", "mnist5k"]):
+        assert main(argv) == 2
+        err = capsys.readouterr().err
+        assert "no classification head" in err and "mixer finetune --from" in err and "mixer fewshot" in err
+        assert err.count("\n") == 1
+
+
 def test_predict_reads_16_bit_greyscale_as_training_does(run_dir: Path, tmp_path: Path,
                                                          capsys: pytest.CaptureFixture) -> None:
     digit = load_mnist5k().images[0, 0].numpy()
@@ -425,6 +436,10 @@ def test_predict_with_published_weights_calls_the_registry(tmp_path: Path, capsy
     assert all(t["class"] in names for t in json.loads(capsys.readouterr().out)["top"])
     assert main(["predict", "--pretrained", "imagenet1k", str(image)]) == 2
     assert "--model NAME" in capsys.readouterr().err
+    for flags in (["--permute", "pixels"], ["--permute-seed", "3"]):  # were ignored without a word
+        assert main(["predict", "--model", "B/16", "--pretrained", "imagenet1k", *flags, str(image)]) == 2
+        assert "leave them out with --pretrained." in capsys.readouterr().err
+    assert asked == [("B/16", "imagenet1k")]  # refused before the weights are fetched
 
 
 def test_train_on_an_image_folder(tmp_path: Path) -> None:

@@ -111,17 +111,26 @@ def test_eval_mode_chooses_the_preprocessing_of_image_folders(digits_model: Path
     assert losses[0] != pytest.approx(losses[1])
 
 
-def test_eval_on_other_classes_lists_them_without_a_false_ellipsis(tmp_path: Path,
-                                                                  capsys: pytest.CaptureFixture) -> None:
+def test_eval_on_other_classes_names_the_first_that_differs(tmp_path: Path, capsys: pytest.CaptureFixture) -> None:
     from test_sources import make_folder
 
-    model = create_model("digits/4", num_classes=2, img_size=8, in_chans=3, patch_size=4)
-    model.class_names = ["a", "b"]
+    model = create_model("digits/4", num_classes=7, img_size=8, in_chans=3, patch_size=4)
+    model.class_names = list("abcdefg")
     save_checkpoint(model, tmp_path / "m.safetensors")
-    make_folder(tmp_path / "data", {"a": 2, "c": 2})
+    make_folder(tmp_path / "data", dict.fromkeys("abcdefh", 1))  # the same first five: the lists read alike
     assert main(["eval", str(tmp_path / "m.safetensors"), "--data", str(tmp_path / "data"), "--workers", "0"]) == 2
     err = capsys.readouterr().err
-    assert "(a, c) differ from the model's (a, b);" in err and "..." not in err  # was "(a, c, ...)": more classes?
+    assert "differ from those of the model (class 6 is 'h' instead of 'g')" in err and "Traceback" not in err
+
+
+def test_eval_report_at_a_file_is_refused_before_evaluating(digits_model: Path, tmp_path: Path,
+                                                            capsys: pytest.CaptureFixture) -> None:
+    before = digits_model.read_bytes()
+    assert main(["eval", str(digits_model), "--data", "mnist5k", "--report", str(digits_model)]) == 2
+    captured = capsys.readouterr()
+    assert captured.err.strip() == f"mixer eval: error: --report {digits_model} is a file; give the path of a folder."
+    assert "evaluating" not in captured.err and captured.out == ""  # said before the work, not after
+    assert digits_model.read_bytes() == before
 
 
 def test_train_with_permuted_patches_validates_and_evaluates_permuted(tmp_path: Path,

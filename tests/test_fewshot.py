@@ -301,3 +301,4 @@ def test_class_mismatch_between_support_and_evaluation_data_names_them(tmp_path,
     err = capsys.readouterr().err
     assert "(the val/ part of" in err and "class 1 is 'c' instead of 'b'" in err
     assert "model's classes" not in err and "head" not in err
+    assert "features of" not in err  # said before any features are extracted, which can take hours

@@ -652,6 +652,22 @@ def atomic_write(path: str | os.PathLike, write: Any) -> Path:
     return path
 
 
+def check_writable_folder(folder: str | os.PathLike, option: str) -> None:
+    """A folder `option` names (--out, --report) that is a file, lies under a file or in a folder this user
+    cannot write to: one sentence before anything runs, not mkdir's "[Errno 17] File exists" once the work
+    is done."""
+    run = Path(folder)
+    folder = run
+    while not folder.exists() and folder != folder.parent:  # the nearest existing folder: mkdir makes the rest
+        folder = folder.parent
+    if not folder.is_dir():
+        where = "is a file" if folder == run else f"lies under {folder}, which is a file"
+        raise NotADirectoryError(f"{option} {run} {where}; give the path of a folder.")
+    if not os.access(folder, os.W_OK | os.X_OK):
+        raise PermissionError(f"{option} {run}: {folder} is not writable for this user; give another {option}, or "
+                              "change its permissions.")
+
+
 def save_checkpoint(model: MlpMixer, path: str | os.PathLike, class_names: list[str] | None = None) -> Path:
     """Write `model` in the format its extension names (see the module docstring), atomically.
 

@@ -38,8 +38,8 @@ from safetensors import SafetensorError
 from tqdm import tqdm
 
 from .bench import free_cores, slow_bf16
-from .checkpoints import (atomic_write, first_line, load_checkpoint, read_checkpoint, remove_temporaries,
-                          run_config, save_checkpoint, zip_damage)
+from .checkpoints import (atomic_write, check_writable_folder, first_line, load_checkpoint, read_checkpoint,
+                          remove_temporaries, run_config, save_checkpoint, zip_damage)
 from .compiled import CompiledOrEager
 from .data import (MNIST5K, Source, TensorData, TensorDataset, augment_digits, holdout_split, is_idx_folder,
                    load_tensors, to_model_input, worker_deaths)
@@ -799,7 +799,7 @@ def _train(
         raise ValueError(f"--profile {profile} needs {StepProfiler.steps_needed(profile)} steps (the first ones are "
                          f"not profiled) and this run has {total - start} left; lower it or raise --steps.")
     if main:
-        _check_writable(run or Path("runs"))
+        check_writable_folder(run or Path("runs"), "--out")
     # Read before the start line, so that a malformed metrics.jsonl stops every rank there; written back below.
     metrics = _kept_metrics(run / "metrics.jsonl", start) if main and run is not None else None
     start_line.cross()  # every rank is set up: from here on files are written
@@ -1022,20 +1022,6 @@ def _recipe_model(config: MixerConfig, base: str) -> dict[str, Any]:
     args = {k: v for k, v in config.to_dict().items() if k in SHAPE_FIELDS | {"gelu"} and v != defined[k]}
     h, w = config.img_size
     return {"model": name, "model_args": args, "img_size": h if h == w else None}
-
-
-def _check_writable(run: Path) -> None:
-    """An --out that is a file, lies under a file or in a folder this user cannot write to: one sentence
-    before anything runs, not mkdir's "[Errno 20] Not a directory" once the set-up is done."""
-    folder = run
-    while not folder.exists() and folder != folder.parent:  # the nearest existing folder: mkdir makes the rest
-        folder = folder.parent
-    if not folder.is_dir():
-        where = "is a file" if folder == run else f"lies under {folder}, which is a file"
-        raise NotADirectoryError(f"--out {run} {where}; give the path of a folder.")
-    if not os.access(folder, os.W_OK | os.X_OK):
-        raise PermissionError(f"--out {run}: {folder} is not writable for this user; give another --out, or change "
-                              "its permissions.")
 
 
 def _check_resumable(run: Path, config: MixerConfig, r: Recipe, init_from: Optional[str], world: int,

@@ -42,16 +42,19 @@ def _nan_to_none(x: float) -> Optional[float]:
 
 def run(args: argparse.Namespace) -> int:
     from ..bench import free_cores, set_threads
-    from ..checkpoints import atomic_write, load_checkpoint
+    from ..checkpoints import atomic_write, check_writable_folder, load_checkpoint
     from ..data import is_idx_folder, worker_deaths
     from ..evaluate import evaluate, open_eval_data
     from ..reports import confusion_matrix_png, per_class_accuracy
-    from ..sources import is_split_pair
+    from ..sources import check_same_classes, is_split_pair
 
+    if args.report:  # checked before the evaluation, which can take hours
+        check_writable_folder(args.report, "--report")
     set_threads(free_cores())  # as train does: on a busy machine, threads that lose their core stall the others
     model = load_checkpoint(args.checkpoint)
     if model.num_classes == 0:
-        raise ValueError(f"{args.checkpoint} has no classification head; evaluate a model with one.")
+        raise ValueError(f"{args.checkpoint} has no classification head; give it one with mixer finetune --from "
+                         f"{args.checkpoint} --data DATA, or measure its features with mixer fewshot or linear-probe.")
     recipe = run_recipe(args.checkpoint)
     mode = run_eval_mode(args.checkpoint, args.mode)
     # Evaluated whole, such data hold the images the run trained on (a train/ + val/ pair is read at
@@ -64,9 +67,8 @@ def run(args: argparse.Namespace) -> int:
     if len(names) != model.num_classes:
         raise ValueError(f"{args.data} has {len(names)} classes but the model predicts {model.num_classes}; "
                          "evaluate on data with the model's classes.")
-    if model.class_names and list(model.class_names) != list(names):
-        raise ValueError(f"The classes of {args.data} ({_first_five(names)}) differ from the model's "
-                         f"({_first_five(model.class_names)}); evaluate on data with the model's classes.")
+    if model.class_names:  # names the first class that differs: lists of the first few read alike past them
+        check_same_classes(model.class_names, names, args.data, "the model")
 
     cfg = model.config
     permute = run_permutation(args.checkpoint, cfg, args.permute, args.permute_seed)
@@ -102,7 +104,3 @@ def run(args: argparse.Namespace) -> int:
               + f". Report: {out / 'per_class.json'}, {out / 'confusion.png'}")
     return 0
 
-
-def _first_five(names: list[str]) -> str:
-    """The first five class names, and "..." only where there are more (two classes read as "a, b, ...")."""
-    return ", ".join(names[:5]) + (", ..." if len(names) > 5 else "")

@@ -5,7 +5,7 @@ from __future__ import annotations
 import argparse
 import json
 import warnings
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any, Optional
 
 from ..choices import FEWSHOT_L2, FEWSHOT_SHOTS
 from ..recipes import EVAL_MODES, MAX_WORKERS
@@ -64,37 +64,42 @@ def parse_shots(text: str) -> list[int]:
     return shots
 
 
-def _features(model: MlpMixer, spec: str, split: str, args: argparse.Namespace,
-              desc: str) -> tuple[torch.Tensor, torch.Tensor, list[str]]:
-    from ..data import load_tensors, open_source, worker_deaths
-    from ..evaluate import batches_of
-    from ..fewshot import extract_features
+def _open(model: MlpMixer, spec: str, split: str, args: argparse.Namespace) -> tuple[Any, Optional[int]]:
+    """The data `spec` as the model's features are extracted from it, and its number of images (None where
+    shards do not say)."""
+    from ..data import load_tensors, open_source
 
     cfg = model.config
     # No hold-out here: without --eval-data, the support pool and the evaluation set are split on
     # the features, class by class (`split_pool`). `split` picks train/ or val/ of a folder pair and
     # the train- or t10k- files of an IDX folder; in-memory digits are batched as `mixer eval` does.
     data = load_tensors(spec, split="train" if split == "train" else "test")
-    if data is None:
-        from ..sources import ShardDataset  # torchvision: imported only when needed
-        from ..transforms import eval_transform
+    if data is not None:
+        return data, len(data)
+    from ..sources import ShardDataset  # torchvision: imported only when needed
+    from ..transforms import eval_transform
 
-        transform = eval_transform(cfg.img_size, cfg.in_chans, args.eval_mode)
-        data = open_source(spec, split=split, holdout=0.0, seed=args.seed, transform=transform)
-        total = data.num_examples  # None where shards do not say how many images they hold
-        if isinstance(data.dataset, ShardDataset):
-            # The pool split and the support draws pick by position, and shards come in the order their
-            # DataLoader workers interleave them, which --workers changes: the features go in name order.
-            data.dataset.keyed = True
-    else:
-        total = len(data)
+    transform = eval_transform(cfg.img_size, cfg.in_chans, args.eval_mode)
+    data = open_source(spec, split=split, holdout=0.0, seed=args.seed, transform=transform)
+    if isinstance(data.dataset, ShardDataset):
+        # The pool split and the support draws pick by position, and shards come in the order their
+        # DataLoader workers interleave them, which --workers changes: the features go in name order.
+        data.dataset.keyed = True
+    return data, data.num_examples
+
+
+def _features(model: MlpMixer, data: Any, total: Optional[int], args: argparse.Namespace,
+              desc: str) -> tuple[torch.Tensor, torch.Tensor]:
+    from ..data import worker_deaths
+    from ..evaluate import batches_of
+    from ..fewshot import extract_features
+
     batches = batches_of(data, model, args.batch_size, args.workers)
-    permute = run_permutation(args.checkpoint, cfg, args.permute, args.permute_seed)
+    permute = run_permutation(args.checkpoint, model.config, args.permute, args.permute_seed)
     if permute is not None:
         batches = ((permute(images), *rest) for images, *rest in batches)
     with worker_deaths("rerun the command"):
-        feats, labels = extract_features(model, batches, desc=desc, total=total)
-    return feats, labels, data.class_names
+        return extract_features(model, batches, desc=desc, total=total)
 
 
 def train_and_eval_features(args: argparse.Namespace) -> tuple[torch.Tensor, ...]:
@@ -116,13 +121,18 @@ def train_and_eval_features(args: argparse.Namespace) -> tuple[torch.Tensor, ...
     model = load_checkpoint(args.checkpoint).to(device).eval()
     from ..sources import check_same_classes, is_split_pair
 
-    feats, labels, names = _features(model, args.data, "train", args, "features of --data")
-    # A folder with train/ and val/ brings its own evaluation split, as in training.
+    data, total = _open(model, args.data, "train", args)
+    names = data.class_names
+    # A folder with train/ and val/ brings its own evaluation split, as in training. Its classes are checked
+    # before the features of either part are extracted.
     eval_spec = args.eval_data or (args.data if is_split_pair(args.data) else None)
     if eval_spec:
-        eval_feats, eval_labels, eval_names = _features(model, eval_spec, "val", args, f"features of {eval_spec}")
+        eval_data, eval_total = _open(model, eval_spec, "val", args)
         what = f"the val/ part of {eval_spec}" if eval_spec == args.data else f"--eval-data {eval_spec}"
-        check_same_classes(names, eval_names, f"the evaluation images ({what})", "the --data images")
+        check_same_classes(names, eval_data.class_names, f"the evaluation images ({what})", "the --data images")
+    feats, labels = _features(model, data, total, args, "features of --data")
+    if eval_spec:
+        eval_feats, eval_labels = _features(model, eval_data, eval_total, args, f"features of {eval_spec}")
         return feats, labels, eval_feats, eval_labels, names
     pool, held = split_pool(labels, args.eval_fraction, args.seed)
     # Rounding each class's share can leave one side empty: its accuracy would be NaN, or a fit on nothing.

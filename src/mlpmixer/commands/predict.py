@@ -89,6 +89,9 @@ def run(args: argparse.Namespace) -> int:
             raise ValueError("Give both --model NAME and --pretrained TAG for published weights, or a checkpoint.")
         if not args.inputs:  # checked before the weights are fetched
             raise ValueError("Give at least one image: mixer predict --model NAME --pretrained TAG IMAGE...")
+        if args.permute or args.permute_seed is not None:  # would be ignored without a word
+            raise ValueError("--permute and --permute-seed apply a run's permutation, and published weights saw their "
+                             "images unpermuted; leave them out with --pretrained.")
         from ..pretrained import load_pretrained
 
         model, images = load_pretrained(args.model, args.pretrained), args.inputs
@@ -103,7 +106,8 @@ def run(args: argparse.Namespace) -> int:
         permute = run_permutation(args.inputs[0], model.config, args.permute, args.permute_seed)
         mode = run_eval_mode(args.inputs[0], args.mode)
     if model.num_classes == 0:
-        raise ValueError("The model has no classification head, so it cannot predict classes.")
+        raise ValueError("The model has no classification head, so it cannot predict classes; give it one with "
+                         "mixer finetune --from CHECKPOINT --data DATA, or measure its features with mixer fewshot.")
     names = list(model.class_names or [])
     if len(names) != model.num_classes and model.num_classes == 1000:
         from ..pretrained import imagenet_class_names
