@@ -11,8 +11,10 @@ from . import at_least
 # flag -> (recipe field, type, help); None type = store_true, a (type, n) pair = n values
 RECIPE_FLAGS: dict[str, tuple[str, Any, str]] = {
     "--data": ("data", str, "training data: mnist5k, an MNIST IDX folder, an image folder or WebDataset shards"),
-    "--eval-data": ("eval_data", str, "validation data (default: a hold-out of --data)"),
-    "--holdout": ("holdout", float, "images held out of --data for validation: a count or a fraction"),
+    "--eval-data": ("eval_data", str, "validation data (default: the val/ part of a --data folder with train/ and "
+                    "val/, else a hold-out of --data)"),
+    "--holdout": ("holdout", float, "images held out of --data for validation: a count or a fraction (not used with "
+                  "--eval-data or a train/ + val/ folder)"),
     "--model": ("model", str, "Mixer variant: B/16, S/32, ... (`mixer info` lists the paper's), nano/4, digits/7, "
                 "digits/4"),
     "--img-size": ("img_size", int, "input resolution"),
