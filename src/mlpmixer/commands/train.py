@@ -43,9 +43,9 @@ RECIPE_FLAGS: dict[str, tuple[str, Any, str]] = {
     "--mix-prob": ("mix_prob", float, "share of the batches that MixUp or CutMix mixes (default 1)"),
     "--pad-crop": ("pad_crop", int, "image data: zero-pad by N pixels and crop back at random, instead of the "
                    "Inception crop (0, the default: Inception crop)"),
-    "--augment-on": ("augment_on", str, "image folders and shards: augment each image in the DataLoader workers, "
-                     "or decode the data into memory once and augment whole batches on the training device "
-                     "(device: for small images such as CIFAR's, where a GPU outruns the workers)"),
+    "--augment-on": ("augment_on", str, "image folders and shards: workers (augment each image in the DataLoader "
+                     "workers; the default) or device (decode the data into memory once and augment whole batches on "
+                     "the training device: for small images such as CIFAR's, where a GPU outruns the workers)"),
     "--eval-mode": ("eval_mode", str, "image data: validation preprocessing, resize (to the model's size) or "
                     "resmall-crop (shorter side to 256/224 of it, then the central crop; SPEC §4)"),
     "--permute": ("permute", str, "paper Figure 4: one fixed permutation of every training and validation image, "
