@@ -35,7 +35,7 @@ def mixer() -> list[str]:
 
 
 def main() -> None:
-    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--steps", type=int, default=100, help="optimiser steps of the recipe's batch")
     p.add_argument("--out", default=str(ROOT / "runs" / "bench-cifar10-nano"), help="run directory")
     p.add_argument("--machine", default="2-core CPU, shared with other jobs", help="recorded with the result")

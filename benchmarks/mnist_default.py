@@ -35,7 +35,7 @@ def mixer() -> list[str]:
 
 
 def main() -> None:
-    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2])
     p.add_argument("--out", default=str(ROOT / "runs" / "bench-mnist"), help="folder for the runs")
     p.add_argument("--no-write", action="store_true", help="do not update the results file")

@@ -29,7 +29,7 @@ def register(p: argparse.ArgumentParser) -> None:
     p.add_argument("--report", metavar="DIR", help="write DIR/per_class.json and DIR/confusion.png")
     add_permute_arguments(p)
     p.add_argument("--batch-size", type=at_least(1), default=500, help="images per forward pass (default 500)")
-    p.add_argument("--workers", type=at_least(0, MAX_WORKERS), default=2, help="DataLoader workers (image folders and shards)")
+    p.add_argument("--workers", type=at_least(0, MAX_WORKERS), default=2, help="DataLoader workers (image folders and shards; default 2)")
     p.add_argument("--json", action="store_true", help="print one JSON object: top1, top5 (fractions), n, loss, "
                    "checkpoint, data, eval_mode (and permute, permute_seed for a permuted run; per_class, a class "
                    "name -> accuracy object, with --report)")

@@ -11,8 +11,10 @@ from . import at_least
 # flag -> (recipe field, type, help); None type = store_true, a (type, n) pair = n values
 RECIPE_FLAGS: dict[str, tuple[str, Any, str]] = {
     "--data": ("data", str, "training data: mnist5k, an MNIST IDX folder, an image folder or WebDataset shards"),
-    "--eval-data": ("eval_data", str, "validation data (default: a hold-out of --data)"),
-    "--holdout": ("holdout", float, "images held out of --data for validation: a count or a fraction"),
+    "--eval-data": ("eval_data", str, "validation data (default: the val/ part of a --data folder with train/ and "
+                    "val/, else a hold-out of --data)"),
+    "--holdout": ("holdout", float, "images held out of --data for validation: a count or a fraction (not used with "
+                  "--eval-data or a train/ + val/ folder)"),
     "--model": ("model", str, "Mixer variant: B/16, S/32, ... (`mixer info` lists the paper's), nano/4, digits/7, "
                 "digits/4"),
     "--img-size": ("img_size", int, "input resolution"),
@@ -41,9 +43,9 @@ RECIPE_FLAGS: dict[str, tuple[str, Any, str]] = {
     "--mix-prob": ("mix_prob", float, "share of the batches that MixUp or CutMix mixes (default 1)"),
     "--pad-crop": ("pad_crop", int, "image data: zero-pad by N pixels and crop back at random, instead of the "
                    "Inception crop (0, the default: Inception crop)"),
-    "--augment-on": ("augment_on", str, "image folders and shards: augment each image in the DataLoader workers, "
-                     "or decode the data into memory once and augment whole batches on the training device "
-                     "(device: for small images such as CIFAR's, where a GPU outruns the workers)"),
+    "--augment-on": ("augment_on", str, "image folders and shards: workers (augment each image in the DataLoader "
+                     "workers; the default) or device (decode the data into memory once and augment whole batches on "
+                     "the training device: for small images such as CIFAR's, where a GPU outruns the workers)"),
     "--eval-mode": ("eval_mode", str, "image data: validation preprocessing, resize (to the model's size) or "
                     "resmall-crop (shorter side to 256/224 of it, then the central crop; SPEC §4)"),
     "--permute": ("permute", str, "paper Figure 4: one fixed permutation of every training and validation image, "
