@@ -101,3 +101,50 @@ def test_a_failed_recording_warns_once_and_the_steps_go_on_unrecorded(monkeypatc
         fallen_back = run(capture=True)
     assert len(warned) == 1
     assert torch.equal(fallen_back, unrecorded)
+
+
+def test_a_recording_that_fails_after_the_backward_leaves_no_gradients_behind(monkeypatch: pytest.MonkeyPatch) -> None:
+    """A recording can fail after its backward made the gradients (an operation refused in the clipping, the
+    optimiser's step or the EMA, or an invalidated capture that capture_end reports): those gradients are
+    memory that no kernel wrote, since a recording runs nothing. The eager step that follows must not add
+    its gradients to them."""
+    recording = [False]
+
+    class Recording:  # stands in for torch.cuda.graph: the step's code runs, as it does while recording
+        def __init__(self, graph) -> None:
+            pass
+
+        def __enter__(self) -> None:
+            recording[0] = True
+
+        def __exit__(self, *exc) -> None:
+            recording[0] = False
+
+    monkeypatch.setattr(torch.cuda, "graph", Recording)
+    monkeypatch.setattr(torch.cuda, "CUDAGraph", lambda: None)
+    monkeypatch.setattr(torch.cuda, "synchronize", lambda *a: None)
+    monkeypatch.setattr(GraphedStep, "_side_stream", lambda self: contextlib.nullcontext())
+
+    def run(capture: bool) -> torch.Tensor:
+        torch.manual_seed(0)
+        layer = torch.nn.Linear(4, 2)
+        opt = torch.optim.AdamW(layer.parameters(), fused=True)
+
+        def step(x: torch.Tensor) -> None:
+            layer(x).square().sum().backward()
+            if recording[0]:  # what the recorded backward left: gradients no kernel wrote, then a refusal
+                for p in layer.parameters():
+                    p.grad.fill_(float("nan"))
+                raise RuntimeError("operation not permitted when stream is capturing")
+            opt.step()
+
+        stepper = GraphedStep(step, opt, capture=capture, warmup=2)
+        for i in range(5):
+            stepper.set_lr(0.1 / (i + 1))
+            stepper(torch.full((3, 4), float(i)))
+        return layer.weight.detach().clone()
+
+    unrecorded = run(capture=False)
+    with pytest.warns(UserWarning, match="Capturing the training step as a CUDA graph failed"):
+        fallen_back = run(capture=True)
+    assert torch.equal(fallen_back, unrecorded)

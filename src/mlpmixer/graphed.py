@@ -92,6 +92,9 @@ class GraphedStep:
             warnings.warn(f"Capturing the training step as a CUDA graph failed ({type(e).__name__}: {e}); training "
                           "goes on without CUDA graphs.", stacklevel=3)
             self.capture = False
+            # A recording that failed after its backward left gradients that no kernel wrote (recording runs
+            # nothing): the eager step would add to them. Dropped, they also free the failed graph's memory.
+            self.optimizer.zero_grad(set_to_none=True)
             self._eager()  # the recording ran nothing: this step is still to do
             return
         self.graph = graph
