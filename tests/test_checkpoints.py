@@ -581,6 +581,10 @@ def test_a_file_without_its_size_says_which_commands_take_it(tmp_path: Path, cap
     assert code == 2 and "6 tokens, which do not form a square patch grid" in err and "mixer info and convert" in err
     code, out, _ = run_cli(["info", path, "--img-size", "16", "24"], capsys)
     assert code == 0 and "16×24" in out
+    code, _, err = run_cli(["info", path, "--img-size", "20", "20"], capsys)  # 25 tokens, not 6
+    assert code == 2 and "6 tokens of 8×8 patches, which form no square grid and which 20×20 images do not give" in err
+    with pytest.raises(CheckpointError, match="which 16×16 images do not give.*load_checkpoint.path, img_size="):
+        load_checkpoint(path, create_model(SQUARE.replace(img_size=(16, 16))))  # a model takes no img_size
 
 
 # --- what the formats carry ---------------------------------------------------------------------
