@@ -441,6 +441,13 @@ def bad_files(folder: Path) -> dict[str, Path]:
     torch.save([torch.zeros(2)], files["not-state.pth"])
     files["timm-training.pth.tar"] = folder / "model_best.pth.tar"  # as timm's train.py writes it
     torch.save(timm_training_checkpoint(good), files["timm-training.pth.tar"])
+    for ext in (".pth", ".safetensors"):  # integer weights would load cast to float, as wrong weights
+        ints = {k: v.to(torch.int32) if k == "blocks.0.norm1.weight" else v for k, v in good.state_dict().items()}
+        files[f"ints{ext}"] = folder / f"ints{ext}"
+        if ext == ".pth":
+            torch.save(ints, files[f"ints{ext}"])
+        else:
+            save_file(ints, files[f"ints{ext}"])
     files["resnet.pth"] = folder / "resnet.pth"
     torch.save({"conv1.weight": torch.zeros(4, 3, 7, 7)}, files["resnet.pth"])
 
@@ -472,7 +479,7 @@ EXPECTED = {
     "object-array.npz": "never unpickled",
     "pickle.npz": "is not an .npz archive",
     "npy-as.npz": "is not an .npz archive",
-    "ints.npz": "non-float",
+    "ints": "non-float",
     "flat-stem.npz": "not (P, P, in, C)",
     "vit.npz": "not in the official Mixer layout",
     "pickle.pth": "never unpickled",

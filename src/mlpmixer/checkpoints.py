@@ -420,6 +420,9 @@ def read_checkpoint(
         else:
             extra["layout"] = "timm"
             config = infer_config(state, gelu="exact", img_size=img_size, img_size_hint=img_size_hint, source=str(p))
+    bad = [k for k, v in state.items() if not v.is_floating_point()]  # the .npz reader refuses them too
+    if bad:
+        raise CheckpointError(f"{p} has non-float tensors ({_short(bad)}); it is not a Mixer checkpoint.")
     try:
         wanted = config.replace(**overrides)
     except (TypeError, ValueError) as e:
