@@ -441,6 +441,13 @@ def bad_files(folder: Path) -> dict[str, Path]:
     torch.save([torch.zeros(2)], files["not-state.pth"])
     files["timm-training.pth.tar"] = folder / "model_best.pth.tar"  # as timm's train.py writes it
     torch.save(timm_training_checkpoint(good), files["timm-training.pth.tar"])
+    for ext in (".pth", ".safetensors"):  # integer weights would load cast to float, as wrong weights
+        ints = {k: v.to(torch.int32) if k == "blocks.0.norm1.weight" else v for k, v in good.state_dict().items()}
+        files[f"ints{ext}"] = folder / f"ints{ext}"
+        if ext == ".pth":
+            torch.save(ints, files[f"ints{ext}"])
+        else:
+            save_file(ints, files[f"ints{ext}"])
     files["resnet.pth"] = folder / "resnet.pth"
     torch.save({"conv1.weight": torch.zeros(4, 3, 7, 7)}, files["resnet.pth"])
 
@@ -472,7 +479,7 @@ EXPECTED = {
     "object-array.npz": "never unpickled",
     "pickle.npz": "is not an .npz archive",
     "npy-as.npz": "is not an .npz archive",
-    "ints.npz": "non-float",
+    "ints": "non-float",
     "flat-stem.npz": "not (P, P, in, C)",
     "vit.npz": "not in the official Mixer layout",
     "pickle.pth": "never unpickled",
@@ -581,6 +588,10 @@ def test_a_file_without_its_size_says_which_commands_take_it(tmp_path: Path, cap
     assert code == 2 and "6 tokens, which do not form a square patch grid" in err and "mixer info and convert" in err
     code, out, _ = run_cli(["info", path, "--img-size", "16", "24"], capsys)
     assert code == 0 and "16×24" in out
+    code, _, err = run_cli(["info", path, "--img-size", "20", "20"], capsys)  # 25 tokens, not 6
+    assert code == 2 and "6 tokens of 8×8 patches, which form no square grid and which 20×20 images do not give" in err
+    with pytest.raises(CheckpointError, match="which 16×16 images do not give.*load_checkpoint.path, img_size="):
+        load_checkpoint(path, create_model(SQUARE.replace(img_size=(16, 16))))  # a model takes no img_size
 
 
 # --- what the formats carry ---------------------------------------------------------------------

@@ -285,6 +285,9 @@ def test_create_model_with_pretrained_weights(tmp_path: Path) -> None:
     assert torch.equal(again.head.weight, original.head.weight)
     tuned = load_pretrained("digits/4", "test", num_classes=10)
     assert tuned.num_classes == 10 and torch.count_nonzero(tuned.head.weight) == 0 and tuned.class_names is None
+    ten = register_weights("digits/4", "ten", digits_checkpoint(tmp_path / "ten", num_classes=10)[0].as_uri())
+    fresh = load_pretrained("digits/4", ten.tag, num_classes=1000)  # a new head: no ImageNet names for it
+    assert fresh.num_classes == 1000 and torch.count_nonzero(fresh.head.weight) == 0 and fresh.class_names is None
     tagged = create_model("digits/4.test", pretrained=True)  # timm's "model.tag"
     assert torch.equal(tagged.head.weight, original.head.weight)
     with pytest.raises(ValueError, match="pretrained=True needs the weights named"):

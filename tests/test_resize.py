@@ -81,6 +81,15 @@ def test_wrapped_model_resizes_as_the_model_inside(wrap):
     assert all(torch.equal(a, b) for a, b in zip(new.state_dict().values(), resize_to(model, 16).state_dict().values()))
 
 
+@pytest.mark.parametrize("method", ["blockdiag", "resample"])
+def test_resized_model_keeps_its_pooling(method):
+    small = random_mixer((8, 8))
+    small.reset_classifier(5, global_pool="")  # the head sees every token: logits (B, S, classes)
+    big = resize_to(small, 16, method=method)
+    assert big.global_pool == ""
+    assert big(torch.randn(2, 3, 16, 16)).shape == (2, 16, 5)
+
+
 def test_part_major_index_is_permutation_grouping_parts():
     index = part_major_index((2, 3), (2, 2))  # enlarged grid 4×6
     assert sorted(index.tolist()) == list(range(24))

@@ -207,3 +207,6 @@ def test_info_command_prints_table_1(capsys: pytest.CaptureFixture) -> None:
     assert main(["info", "mixer_b16_448", "--json"]) == 0
     (row,) = json.loads(capsys.readouterr().out)
     assert (row["img_size"], row["S"]) == (448, 784)
+    # A misspelt name is not taken for a missing file.
+    assert main(["info", "X/9"]) == 2
+    assert "X/9 is neither a checkpoint nor a Mixer variant" in capsys.readouterr().err

@@ -158,6 +158,13 @@ def infer_config(
         img_size = (side * ph, side * pw)
     elif img_size_hint is not None and has_s_tokens(img_size_hint):
         img_size = as_pair(img_size_hint)
+    elif img_size_hint is not None:  # the size of the model loaded into, or mixer info's --img-size
+        h, w = as_pair(img_size_hint)
+        raise CheckpointError(
+            f"{source} has {s} tokens of {ph}×{pw} patches, which form no square grid and which {h}×{w} images "
+            "do not give, so its image size is unknown; give the size it was made for (load_checkpoint(path, "
+            "img_size=(height, width)) without a model, --img-size H W for mixer info and convert)."
+        )
     elif img_size is not None:
         h, w = as_pair(img_size)
         raise CheckpointError(
@@ -413,6 +420,9 @@ def read_checkpoint(
         else:
             extra["layout"] = "timm"
             config = infer_config(state, gelu="exact", img_size=img_size, img_size_hint=img_size_hint, source=str(p))
+    bad = [k for k, v in state.items() if not v.is_floating_point()]  # the .npz reader refuses them too
+    if bad:
+        raise CheckpointError(f"{p} has non-float tensors ({_short(bad)}); it is not a Mixer checkpoint.")
     try:
         wanted = config.replace(**overrides)
     except (TypeError, ValueError) as e:

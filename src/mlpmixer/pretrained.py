@@ -313,6 +313,8 @@ def load_pretrained(name: str, tag: str, **overrides: Any) -> MlpMixer:
             "load them at 224, then convert with mlpmixer.resize_to(model, size)."
         )
     path = download(entry.url, entry.sha256)
+    # The head is the file's until the checks and class names below; a new one, if asked for, comes last.
+    num_classes = overrides.pop("num_classes", None)
     model = load_checkpoint(path, **overrides)
     found = paper_variant_of(model.config)
     if found != entry.variant:
@@ -320,7 +322,7 @@ def load_pretrained(name: str, tag: str, **overrides: Any) -> MlpMixer:
             f"{entry.url} (cached at {path}) holds a {model.config.describe()}, not the registered "
             f"Mixer-{entry.variant}; fix the registry entry (register_weights) or delete the cached file."
         )
-    if "num_classes" not in overrides and entry.num_classes not in (None, model.num_classes):
+    if entry.num_classes not in (None, model.num_classes):
         raise ValueError(
             f"{entry.url} (cached at {path}) has {model.num_classes} classes, not the registered "
             f"{entry.num_classes}; fix the registry entry (register_weights) or delete the cached file."
@@ -329,6 +331,8 @@ def load_pretrained(name: str, tag: str, **overrides: Any) -> MlpMixer:
         model.class_names = imagenet_class_names()
     if (entry.mean, entry.std) != GOOGLE_NORM:
         fold_input_normalisation(model, entry.mean, entry.std)
+    if num_classes is not None and num_classes != model.num_classes:
+        model.reset_classifier(num_classes)  # a new zero-initialised head, whose classes have no names yet
     return model
 
 

@@ -146,7 +146,7 @@ def resize_to(model: MlpMixer, img_size: Size, method: str = "blockdiag", mode: 
     # Built on the meta device: every weight comes from `state`, so initialising them would be wasted
     # work (seconds for B/16). The clones give the new model its own weights on the old one's device.
     with torch.device("meta"):
-        new = MlpMixer(new_cfg)
+        new = MlpMixer(new_cfg, model.global_pool)
     state = {k: v.clone() for k, v in model.state_dict().items()}
     for i, block in enumerate(model.blocks):
         fc1, fc2 = block.mlp_tokens.fc1, block.mlp_tokens.fc2

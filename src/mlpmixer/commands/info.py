@@ -7,7 +7,7 @@ import argparse
 import json
 import os
 
-from ..variants import PAPER_VARIANTS, MixerConfig, canonical_name, variant_config
+from ..variants import EXTRA_VARIANTS, PAPER_VARIANTS, MixerConfig, canonical_name, variant_config
 from . import at_least, image_size
 
 
@@ -87,6 +87,11 @@ def _variant_name(text: str | None) -> str | None:
 
 def run(args: argparse.Namespace) -> int:
     variant = _variant_name(args.checkpoint)
+    if args.checkpoint and not variant and not os.path.exists(args.checkpoint) and "." not in args.checkpoint:
+        # No file, and no extension to say one was meant: more likely a misspelt variant than a wrong path.
+        known = ", ".join([*PAPER_VARIANTS, *EXTRA_VARIANTS])
+        raise ValueError(f"{args.checkpoint} is neither a checkpoint nor a Mixer variant; give the path of a file or "
+                         f"run directory, or one of {known}.")
     if args.checkpoint and not variant:
         if args.num_classes is not None:
             raise ValueError("--num-classes shapes the variants table; a checkpoint has its own head.")
