@@ -48,7 +48,7 @@ def test_graphed_steps_train_as_the_plain_loop(tmp_path: Path) -> None:
 
 @pytest.mark.parametrize("change, refused", [
     (dict(accum=2), "gradient accumulation"), (dict(optimizer="sgd"), "SGD"), (dict(compile=True), "--compile"),
-    (dict(processes=2), "several processes"),
+    (dict(processes=2), "several processes"), (dict(grad_checkpointing=True), "--grad-checkpointing"),
 ])
 def test_what_one_recorded_step_cannot_hold_is_refused(tmp_path: Path, change: dict, refused: str) -> None:
     r = get_recipe("mnist5k", steps=2, batch_size=32, evals=0, cuda_graphs=True, **change)
@@ -71,9 +71,12 @@ def test_a_failed_recording_warns_once_and_the_steps_go_on_unrecorded(monkeypatc
         def __exit__(self, *exc) -> None:
             return None
 
+    streams: list = []
     monkeypatch.setattr(torch.cuda, "graph", Recording)
     monkeypatch.setattr(torch.cuda, "CUDAGraph", lambda: None)
     monkeypatch.setattr(torch.cuda, "synchronize", lambda *a: None)
+    monkeypatch.setattr(torch.cuda, "current_stream", lambda *a: "the stream before")
+    monkeypatch.setattr(torch.cuda, "set_stream", streams.append)
     monkeypatch.setattr(GraphedStep, "_side_stream", lambda self: contextlib.nullcontext())
 
     def run(capture: bool) -> torch.Tensor:
@@ -101,6 +104,14 @@ def test_a_failed_recording_warns_once_and_the_steps_go_on_unrecorded(monkeypatc
         fallen_back = run(capture=True)
     assert len(warned) == 1
     assert torch.equal(fallen_back, unrecorded)
+    assert streams == ["the stream before"]  # the stream the recording left is not the one the run goes on in
+
+    # A learning rate recorded as a float would hold for the whole run: recording needs set_lr first.
+    layer = torch.nn.Linear(4, 2)
+    stepper = GraphedStep(lambda x: layer(x).sum().backward(), torch.optim.AdamW(layer.parameters()), capture=True,
+                          warmup=0)
+    with pytest.raises(RuntimeError, match="set_lr must come before the step is recorded"):
+        stepper(torch.ones(3, 4))
 
 
 def test_a_recording_that_fails_after_the_backward_leaves_no_gradients_behind(monkeypatch: pytest.MonkeyPatch) -> None:
@@ -120,9 +131,12 @@ def test_a_recording_that_fails_after_the_backward_leaves_no_gradients_behind(mo
         def __exit__(self, *exc) -> None:
             recording[0] = False
 
+    streams: list = []
     monkeypatch.setattr(torch.cuda, "graph", Recording)
     monkeypatch.setattr(torch.cuda, "CUDAGraph", lambda: None)
     monkeypatch.setattr(torch.cuda, "synchronize", lambda *a: None)
+    monkeypatch.setattr(torch.cuda, "current_stream", lambda *a: "the stream before")
+    monkeypatch.setattr(torch.cuda, "set_stream", streams.append)
     monkeypatch.setattr(GraphedStep, "_side_stream", lambda self: contextlib.nullcontext())
 
     def run(capture: bool) -> torch.Tensor:

@@ -81,14 +81,19 @@ class GraphedStep:
     def _capture_and_replay(self) -> None:
         # Gradients set to None before the capture are made by the recorded backward, in the graph's own
         # memory, and overwritten (not added to) by every replay.
+        if any(group["lr"] is not self.lr for group in self.optimizer.param_groups):
+            raise RuntimeError("GraphedStep.set_lr must come before the step is recorded: a recorded float would "
+                               "fix the learning rate for the whole run.")
         self.optimizer.zero_grad(set_to_none=True)
         graph = torch.cuda.CUDAGraph()
+        stream = torch.cuda.current_stream()
         try:
             with self._capturable():
                 with torch.cuda.graph(graph):
                     self.step(*self.inputs)
         except Exception as e:  # noqa: BLE001 - any failure to record leaves the eager step, never wrong numbers
             torch.cuda.synchronize()
+            torch.cuda.set_stream(stream)  # torch.cuda.graph restores it only where the recording ended well
             warnings.warn(f"Capturing the training step as a CUDA graph failed ({type(e).__name__}: {e}); training "
                           "goes on without CUDA graphs.", stacklevel=3)
             self.capture = False

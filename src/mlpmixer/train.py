@@ -612,6 +612,8 @@ def _train(
     if r.cuda_graphs:  # what one recorded step cannot hold
         refused = {"several processes": world > 1 or shared_grads is not None,
                    "gradient accumulation (--accum)": r.accum > 1, "--compile": r.compile,
+                   # Checkpointing reads the GPU's random state while recording, which torch before 2.10 refuses.
+                   "--grad-checkpointing": r.grad_checkpointing,
                    "SGD (its step reads the learning rate as a number)": r.optimizer == "sgd"}
         for what, found in refused.items():
             if found:

@@ -63,8 +63,8 @@ RECIPE_FLAGS: dict[str, tuple[str, Any, str]] = {
     "--fast": ("fast", None, "train through the fast path (fused kernels, recomputing backward; "
                "docs/performance.md): for GPUs, without dropout or stochastic depth"),
     "--cuda-graphs": ("cuda_graphs", None, "record the training step once as a CUDA graph and replay it: for small "
-                      "models, whose steps wait on the host launching kernels; one process, AdamW, no --accum or "
-                      "--compile (docs/training.md)"),
+                      "models, whose steps wait on the host launching kernels; one process, AdamW, no --accum, "
+                      "--compile or --grad-checkpointing (docs/training.md)"),
     "--grad-checkpointing": ("grad_checkpointing", None, "recompute blocks in the backward pass to save memory"),
     "--fsdp": ("fsdp", None, "with several processes (torchrun): shard the model with FSDP instead of "
                "replicating it with DDP, for the largest variants"),
