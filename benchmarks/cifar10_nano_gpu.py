@@ -10,7 +10,8 @@ CIFAR10_TEST`).
 Three short probes (--probe-steps each, default 150) measure the steady images/s first, of the plain
 training path, of the fast path (`--fast`: fused kernels) and of the fast path with each step replayed
 as one CUDA graph (`--fast --cuda-graphs`), and profile 20 of their steps (`mixer train --profile`; the
-tables are written to probe_NAME_profile.txt). `--probes-only` stops there (cifar10_nano_probes.json).
+tables are written to probe_NAME_profile.txt), and record their training losses, which should agree (one seed,
+one data) and a failed CUDA-graph recording's warning. `--probes-only` stops there (cifar10_nano_probes.json).
 The run then takes the fastest path and
 the recipe's whole schedule, saving a training state every --save-every steps. If the schedule does not
 fit in --budget seconds (the whole script), the run is stopped there and its last state is written to
@@ -84,9 +85,9 @@ def run_until(cmd: list[str], env: dict[str, str], seconds: Optional[float]) -> 
 
 
 def train(data: str, run: Path, workers: int, bf16: bool, flags: list[str], resume: bool = False,
-          seconds: Optional[float] = None) -> tuple[list[dict], float, bool]:
+          seconds: Optional[float] = None) -> tuple[list[dict], float, list[str], bool]:
     """`mixer train --recipe cifar10-nano` in a subprocess (this checkout's code), for at most `seconds`:
-    its metrics, wall time and whether it was stopped at the time limit."""
+    its metrics, wall time, printed lines and whether it was stopped at the time limit."""
     if not resume:
         shutil.rmtree(run, ignore_errors=True)
     env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(ROOT / "src"), os.environ.get("PYTHONPATH", "")])}
@@ -101,7 +102,7 @@ def train(data: str, run: Path, workers: int, bf16: bool, flags: list[str], resu
         raise RuntimeError(f"mixer train failed (exit {code}); its output is above.")
     rows = [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines() if line] \
         if (run / "metrics.jsonl").exists() else []
-    return rows, time.perf_counter() - t, stopped
+    return rows, time.perf_counter() - t, printed.splitlines(), stopped
 
 
 def pack_run(run: Path, out: Path, part_bytes: int = PART_BYTES) -> list[Path]:
@@ -254,7 +255,7 @@ def main() -> None:
         probes = {}
         for name, path_flags in PROBES.items():
             try:
-                rows, seconds, stopped = train(
+                rows, seconds, printed, stopped = train(
                     args.data, work / f"probe-{name}", args.workers, bf16,
                     [*train_flags, *path_flags, "--steps", str(args.probe_steps), "--config", str(config), *profile],
                     seconds=args.budget / 4)
@@ -272,8 +273,14 @@ def main() -> None:
             last = [r for r in rows if "img_per_s" in r][-1]
             probes[name] = {"img_per_s": speed, "flags": path_flags,
                             "overhead_s": round(seconds - args.probe_steps * batch / speed, 1),  # start-up, saving
-                            "epoch_images": last["step"] / last["epoch"] * batch}
-            log(f"probe {name}: {speed:,.0f} img/s, {probes[name]['overhead_s']:.0f} s of start-up")
+                            "epoch_images": last["step"] / last["epoch"] * batch,
+                            # The same seed and data for every probe: their losses differ only by the paths'
+                            # rounding (and a GPU's nondeterministic kernels), a check that the paths agree.
+                            "train_loss": last["train_loss"],
+                            "val_top1": [r for r in rows if "val_top1" in r][-1]["val_top1"],
+                            "warnings": [line for line in printed if "Capturing the training step" in line]}
+            log(f"probe {name}: {speed:,.0f} img/s, {probes[name]['overhead_s']:.0f} s of start-up, training loss "
+                f"{last['train_loss']:.4f} at step {last['step']}" + "".join(f"; {w}" for w in probes[name]["warnings"]))
             shutil.rmtree(work / f"probe-{name}")
         if not probes:
             raise SystemExit("Every probe failed; their output is above.")
@@ -295,7 +302,7 @@ def main() -> None:
 
     first_step = sessions[-1]["saved_step"] if sessions else 0
     # Left for packing the state once the run is stopped: a few seconds; 15 for a slow disk.
-    rows, seconds, stopped = train(args.data, run, args.workers, bf16, flags, resume=bool(sessions),
+    rows, seconds, _, stopped = train(args.data, run, args.workers, bf16, flags, resume=bool(sessions),
                                       seconds=args.budget - (time.perf_counter() - START) - 15)
     state = latest_state(run)
     saved_step = int(state.stem.split("-")[1]) if state else 0

@@ -119,6 +119,8 @@ def test_probes_only_measures_each_path_and_trains_no_run(tmp_path: Path) -> Non
     result = json.loads((tmp_path / "out" / "cifar10_nano_probes.json").read_text())
     assert set(result["probes"]) == set(nano.PROBES) and all(p["img_per_s"] > 0 for p in result["probes"].values())
     assert result["probes"]["fast-graphs"]["flags"] == ["--fast", "--cuda-graphs"]
+    losses = [p["train_loss"] for p in result["probes"].values()]  # one seed, one data: the paths agree
+    assert max(losses) - min(losses) < 1e-3 * max(losses) and not result["probes"]["fast-graphs"]["warnings"]
     assert "--cuda-graphs needs a CUDA GPU" in printed  # on the CPU the graphed steps run unrecorded
     assert result["path"] in nano.PROBES and "probes only: no run" in printed
     assert not (tmp_path / "out" / "cifar10_nano_gpu.json").exists() and not (tmp_path / "out" / "runs" / "run").exists()
