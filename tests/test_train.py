@@ -503,6 +503,23 @@ def test_resuming_with_fewer_steps_than_done_is_refused(tmp_path: Path) -> None:
     assert files.model.is_file()
 
 
+def test_images_per_second_leave_out_validation_time(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """A validation of 2 s after step 10 must not count in the images/s of steps 11-20 (320 images)."""
+    import time
+
+    real = train_mod.evaluate
+
+    def slow_evaluate(*args, **kwargs):
+        time.sleep(2)
+        return real(*args, **kwargs)
+
+    monkeypatch.setattr(train_mod, "evaluate", slow_evaluate)
+    files = train(tiny(steps=20, evals=2), tmp_path / "run", progress=False, log=lambda *_: None)
+    rows = [json.loads(line) for line in files.metrics.read_text().splitlines()]
+    speed = next(r["img_per_s"] for r in rows if r["step"] == 20 and "img_per_s" in r)
+    assert speed > 320 / 2  # counting the validation, 320 images would take more than 2 s
+
+
 def test_keep_last_n_states(tmp_path: Path) -> None:
     train(tiny(steps=5, evals=0), tmp_path / "k", save_every=1, keep=2, progress=False, log=lambda *_: None)
     assert [p.name for p in sorted((tmp_path / "k" / "checkpoints").glob("*.pt"))] == ["step-00000004.pt", "step-00000005.pt"]

@@ -983,6 +983,7 @@ def _train(
         if fsdp and val_data is not None and done in eval_at:
             _gather(model, plain)
         if main and val_data is not None and done in eval_at:
+            t_eval = time.time()
             scored = _swap_in(model, ema)
             with scored, worker_deaths(RESUME_ADVICE):
                 m = evaluate(plain, val_data, batch_size=500, workers=eval_workers, device=device,
@@ -993,6 +994,7 @@ def _train(
                 for key in ("val_loss", "val_top1", "val_top5"):
                     board.add_scalar(key.replace("_", "/", 1), m[key[4:]], done)
             bar.write(f"step {done}/{total}: validation top-1 {m['top1']:.2%} (n={m['n']})")
+            t_log += time.time() - t_eval  # images/s counts training time: validation is left out
         if save_every and (main or fsdp) and (done % save_every == 0 or done == total):
             with _saving(run / STATE_DIR / STATE_PATTERN.format(done), run):
                 save_state(run / STATE_DIR, model, opt, ema, done, keep, sharded=fsdp)
