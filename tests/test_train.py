@@ -274,6 +274,9 @@ def test_resume_checks_the_model_and_notes_other_settings(tmp_path: Path) -> Non
         train(r, run, progress=False, log=lambda *_: None)
     assert (run / "metrics.jsonl").read_text() == metrics  # nothing written
     said: list[str] = []
+    with pytest.raises(ValueError, match="beyond the 3 steps of this command's run"):  # no note of going on
+        train(r.replace(steps=3), run, resume=True, progress=False, log=said.append)
+    assert said == []
     train(r.replace(steps=6), run, resume=True, progress=False, log=said.append)
     assert said[0].startswith("Resuming with settings other than the run's (steps 4 -> 6):")
     said.clear()

@@ -747,6 +747,7 @@ def _train(
     # --- run directory, or the run to resume.
     run = Path(out) if out else None
     start = 0
+    note: Optional[str] = None  # resuming with other settings than the run's
     if run is not None and (run / "config.json").exists() and not latest_state(run) \
             and not (run / "model.safetensors").exists():
         # A run stopped before its first saved state (killed, or an error such as a batch larger than the
@@ -769,7 +770,7 @@ def _train(
                       "they share, or" if world > int(os.environ.get("LOCAL_WORLD_SIZE", world)) else "")
             raise FileNotFoundError(f"{run} has no saved training state ({STATE_DIR}/step-*.pt) to resume "
                                     f"from;{shared} train with --save-every N first.")
-        _check_resumable(run, model.config, r, init_from, world, log if main else (lambda *_: None))
+        note = _check_resumable(run, model.config, r, init_from, world)
         # FSDP: each rank keeps only its shards of the full state, so read it to the CPU, not the device.
         state = _read_state(state_path, "cpu" if fsdp else device)
         if fsdp:  # the state holds full tensors (keyed by name): each rank keeps its shards
@@ -805,6 +806,8 @@ def _train(
     # Read before the start line, so that a malformed metrics.jsonl stops every rank there; written back below.
     metrics = _kept_metrics(run / "metrics.jsonl", start) if main and run is not None else None
     start_line.cross()  # every rank is set up: from here on files are written
+    if note and main:  # after every check: a run that one of them stops does not go on with other settings
+        log(note)
     run = run or new_run_dir()
     files = RunFiles(run, run / "model.safetensors", run / "config.json", run / "metrics.jsonl",
                      run / "curves.png")
@@ -1028,15 +1031,15 @@ def _recipe_model(config: MixerConfig, base: str) -> dict[str, Any]:
     return {"model": name, "model_args": args, "img_size": h if h == w else None}
 
 
-def _check_resumable(run: Path, config: MixerConfig, r: Recipe, init_from: Optional[str], world: int,
-                     log: Any) -> None:
+def _check_resumable(run: Path, config: MixerConfig, r: Recipe, init_from: Optional[str],
+                     world: int) -> Optional[str]:
     """Resuming builds the model and optimiser from the command's settings: a model of other shapes,
     another optimiser or a fine-tuning run resumed without its --from is one sentence here (not
-    load_state_dict's list of mismatches or KeyError), other recipe settings a note, as the run then
-    goes on differently from the one it resumes."""
+    load_state_dict's list of mismatches or KeyError); other recipe settings give the note returned, as the
+    run then goes on differently from the one it resumes."""
     saved = run_config(run)
     if saved is None:  # a state without its configuration: the state itself decides
-        return
+        return None
     def shapes(d: dict) -> dict:  # what the weights' shapes depend on
         return {k: v for k, v in d.items() if k not in ("name", "gelu", "drop_rate", "drop_path_rate")}
 
@@ -1063,8 +1066,9 @@ def _check_resumable(run: Path, config: MixerConfig, r: Recipe, init_from: Optio
                if k not in ignored and saved["recipe"].get(k) != v]
     if saved.get("world_size", world) != world:  # the order of the gradient sums: no longer bit for bit
         changed.append(f"processes {saved['world_size']} -> {world}")
-    if changed:
-        log(f"Resuming with settings other than the run's ({', '.join(changed)}): the run goes on with these, "
+    if not changed:
+        return None
+    return (f"Resuming with settings other than the run's ({', '.join(changed)}): the run goes on with these, "
             "so it will not end as the run it resumes would have.")
 
 
