@@ -386,6 +386,23 @@ def test_cpu_peak_memory_counts_the_most_held_at_once():
     assert case.peak_memory == (3 * 4 + 5) << 20  # the step's peak and what the case holds between steps
 
 
+def test_cuda_peak_memory_with_no_warmup_still_counts_a_step(monkeypatch):
+    # The CUDA peak is read over the warm-up: with --warmup 0 it was the parameters alone.
+    allocated = {"now": 100, "peak": 100}
+
+    def step() -> None:
+        allocated["peak"] = max(allocated["peak"], allocated["now"] + 50)
+
+    for name, fn in [("synchronize", lambda device=None: None),
+                     ("memory_allocated", lambda device=None: allocated["now"]),
+                     ("reset_peak_memory_stats", lambda device=None: allocated.update(peak=allocated["now"])),
+                     ("max_memory_allocated", lambda device=None: allocated["peak"])]:
+        monkeypatch.setattr(torch.cuda, name, fn)
+    case = B.Case("c", step, 1, None, torch.device("cuda"), held_bytes=lambda: 7)
+    B.warm_up(case, 0)
+    assert case.peak_memory == 50 + 7
+
+
 def test_bench_reports_peak_memory_on_the_cpu(capsys):
     run_cli("--model", "digits/4", "--img-size", "28", "--device", "cpu", "--batch-size", "4", "--warmup", "1",
             "--repeats", "1", "--iters", "1", "--no-ceiling", "--json")

@@ -153,14 +153,15 @@ class Case:
 
 def warm_up(case: Case, iters: int) -> None:
     """Run the warm-up iterations, then the case's peak memory: on CUDA the most allocated during the
-    warm-up, on the CPU during one more iteration (`cpu_peak_allocated`)."""
+    warm-up (at least one iteration, so --warmup 0 still measures a step, not only the parameters), on the
+    CPU during one more iteration (`cpu_peak_allocated`)."""
     dev = case.device
     t0 = time.perf_counter()
     if dev.type == "cuda":
         sync(dev)
         base, held = torch.cuda.memory_allocated(dev), case.held_bytes()  # the parameters: no optimiser state yet
         torch.cuda.reset_peak_memory_stats(dev)
-    for _ in range(iters):
+    for _ in range(max(iters, 1) if dev.type == "cuda" else iters):
         case.step()
     sync(dev)
     case.warmup_s = time.perf_counter() - t0
