@@ -153,14 +153,15 @@ class Case:
 
 def warm_up(case: Case, iters: int) -> None:
     """Run the warm-up iterations, then the case's peak memory: on CUDA the most allocated during the
-    warm-up, on the CPU during one more iteration (`cpu_peak_allocated`)."""
+    warm-up (at least one iteration, so --warmup 0 still measures a step, not only the parameters), on the
+    CPU during one more iteration (`cpu_peak_allocated`)."""
     dev = case.device
     t0 = time.perf_counter()
     if dev.type == "cuda":
         sync(dev)
         base, held = torch.cuda.memory_allocated(dev), case.held_bytes()  # the parameters: no optimiser state yet
         torch.cuda.reset_peak_memory_stats(dev)
-    for _ in range(iters):
+    for _ in range(max(iters, 1) if dev.type == "cuda" else iters):
         case.step()
     sync(dev)
     case.warmup_s = time.perf_counter() - t0
@@ -214,12 +215,12 @@ def param_bytes(model: nn.Module) -> int:
 
 def inference_case(
     name: str, model: nn.Module, batch: int, img_size: tuple[int, int], device: torch.device,
-    dtype: torch.dtype, flops_per_image: float, compile: bool = False,
+    dtype: torch.dtype, flops_per_image: float, compile: bool = False, in_chans: int = 3,
 ) -> Case:
     """Forward passes without gradients on one fixed random batch."""
     model = model.to(device).eval()
     run = CompiledOrEager(model) if compile else model
-    x = torch.randn(batch, 3, *img_size, device=device)
+    x = torch.randn(batch, in_chans, *img_size, device=device)
 
     @torch.no_grad()
     def step() -> torch.Tensor:
@@ -241,14 +242,14 @@ def make_optimizer(params: Iterable[torch.nn.Parameter]) -> torch.optim.Optimize
 
 def training_case(
     name: str, model: nn.Module, batch: int, img_size: tuple[int, int], device: torch.device,
-    dtype: torch.dtype, flops_per_image: float, compile: bool = False, num_classes: int = 1000,
+    dtype: torch.dtype, flops_per_image: float, compile: bool = False, num_classes: int = 1000, in_chans: int = 3,
 ) -> Case:
     """Forward, cross-entropy, backward and an AdamW step on one fixed random batch."""
     model = model.to(device).train()
     run = CompiledOrEager(model) if compile else model
     opt = make_optimizer(model.parameters())
     scaler = torch.amp.GradScaler(device.type) if dtype == torch.float16 else None
-    x = torch.randn(batch, 3, *img_size, device=device)
+    x = torch.randn(batch, in_chans, *img_size, device=device)
     y = torch.randint(0, num_classes, (batch,), device=device)
 
     def step() -> None:
@@ -308,11 +309,12 @@ def timm_model(name: str, config: MixerConfig, match_shapes: bool = False) -> nn
 
         c = config.hidden_dim
         return TimmMixer(
-            num_classes=config.num_classes, img_size=config.img_size, patch_size=config.patch_size[0],
+            num_classes=config.num_classes, img_size=config.img_size, in_chans=config.in_chans,
+            patch_size=config.patch_size[0],
             num_blocks=config.num_blocks, embed_dim=c,
             mlp_ratio=(config.tokens_mlp_dim / c, config.channels_mlp_dim / c),
         )
-    kwargs = dict(pretrained=False, num_classes=config.num_classes)
+    kwargs = dict(pretrained=False, num_classes=config.num_classes, in_chans=config.in_chans)
     if config.img_size != (224, 224):
         kwargs["img_size"] = config.img_size
     try:
@@ -323,7 +325,7 @@ def timm_model(name: str, config: MixerConfig, match_shapes: bool = False) -> nn
     # One image first: a size the model cannot take is one sentence here, not a traceback in the warm-up.
     try:
         with torch.no_grad():
-            model.eval()(torch.zeros(1, 3, *config.img_size))
+            model.eval()(torch.zeros(1, config.in_chans, *config.img_size))
     except Exception as e:
         h, w = config.img_size
         raise BenchError(f"timm's {name} cannot take {h}×{w} images ({first_line(e)}); compare at a size it "
@@ -331,7 +333,7 @@ def timm_model(name: str, config: MixerConfig, match_shapes: bool = False) -> nn
     return model
 
 
-def timm_flops_per_image(model: nn.Module, img_size: tuple[int, int]) -> Optional[float]:
+def timm_flops_per_image(model: nn.Module, img_size: tuple[int, int], in_chans: int = 3) -> Optional[float]:
     """Forward FLOPs (2 × MACs) of any model, counted by torch's FLOP counter; None where it cannot count.
 
     Counted on the meta device (shapes only: no memory, no time); a model that does not run on meta
@@ -341,24 +343,24 @@ def timm_flops_per_image(model: nn.Module, img_size: tuple[int, int]) -> Optiona
     from torch.nn.attention import SDPBackend, sdpa_kernel
 
     try:
-        return count_forward_flops(copy.deepcopy(model).to("meta"), img_size, torch.device("meta"))
+        return count_forward_flops(copy.deepcopy(model).to("meta"), img_size, torch.device("meta"), in_chans)
     except Exception:
         pass
     device = next(model.parameters()).device
     try:
         with sdpa_kernel(SDPBackend.MATH):
-            return count_forward_flops(model, img_size, device)
+            return count_forward_flops(model, img_size, device, in_chans)
     except Exception:  # count nothing rather than guess
         return None
 
 
-def count_forward_flops(model: nn.Module, img_size: tuple[int, int], device: torch.device) -> float:
+def count_forward_flops(model: nn.Module, img_size: tuple[int, int], device: torch.device, in_chans: int = 3) -> float:
     """FLOPs of `model`'s forward pass on one image on `device` (the model is left in eval mode)."""
     from torch.utils.flop_counter import FlopCounterMode
 
     counter = FlopCounterMode(display=False)
     with counter, torch.no_grad():
-        model.eval()(torch.randn(1, 3, *img_size, device=device))
+        model.eval()(torch.randn(1, in_chans, *img_size, device=device))
     return float(counter.get_total_flops())
 
 
@@ -648,7 +650,8 @@ def builder(
                 same_shapes = timm_name is None or timm_shapes or timm_name == timm_name_for(config)
             except BenchError:
                 same_shapes = False
-            flops["fwd"] = 2.0 * config.macs() if same_shapes else timm_flops_per_image(model, config.img_size)
+            flops["fwd"] = (2.0 * config.macs() if same_shapes
+                            else timm_flops_per_image(model, config.img_size, config.in_chans))
         run: nn.Module = model
         if fast:
             from .fast import optimize
@@ -656,7 +659,7 @@ def builder(
             run = optimize(model, **fast_options)
         make = inference_case if mode == "infer" else training_case
         per_image = None if flops["fwd"] is None else flops["fwd"] * (1 if mode == "infer" else 3)
-        kwargs = {} if mode == "infer" else {"num_classes": config.num_classes}
+        kwargs = {"in_chans": config.in_chans} | ({} if mode == "infer" else {"num_classes": config.num_classes})
         return make(label, run, batch, config.img_size, device, dtype, per_image, compile=compile, **kwargs)
 
     return label, build
