@@ -57,6 +57,19 @@ def test_what_one_recorded_step_cannot_hold_is_refused(tmp_path: Path, change: d
     assert not (tmp_path / "run" / "model.safetensors").exists()
 
 
+def without_cuda(monkeypatch: pytest.MonkeyPatch, recording: type) -> list:
+    """torch.cuda as a recording sees it, on the CPU: `recording` stands in for torch.cuda.graph; returns
+    the list of streams set_stream is given."""
+    streams: list = []
+    monkeypatch.setattr(torch.cuda, "graph", recording)
+    monkeypatch.setattr(torch.cuda, "CUDAGraph", lambda: None)
+    monkeypatch.setattr(torch.cuda, "synchronize", lambda *a: None)
+    monkeypatch.setattr(torch.cuda, "current_stream", lambda *a: "the stream before")
+    monkeypatch.setattr(torch.cuda, "set_stream", streams.append)
+    monkeypatch.setattr(GraphedStep, "_side_stream", lambda self: contextlib.nullcontext())
+    return streams
+
+
 def test_a_failed_recording_warns_once_and_the_steps_go_on_unrecorded(monkeypatch: pytest.MonkeyPatch) -> None:
     """As on a GPU where capture fails: warm-up steps, the failed recording, then eager steps that compute
     what steps never recorded compute."""
@@ -71,13 +84,7 @@ def test_a_failed_recording_warns_once_and_the_steps_go_on_unrecorded(monkeypatc
         def __exit__(self, *exc) -> None:
             return None
 
-    streams: list = []
-    monkeypatch.setattr(torch.cuda, "graph", Recording)
-    monkeypatch.setattr(torch.cuda, "CUDAGraph", lambda: None)
-    monkeypatch.setattr(torch.cuda, "synchronize", lambda *a: None)
-    monkeypatch.setattr(torch.cuda, "current_stream", lambda *a: "the stream before")
-    monkeypatch.setattr(torch.cuda, "set_stream", streams.append)
-    monkeypatch.setattr(GraphedStep, "_side_stream", lambda self: contextlib.nullcontext())
+    streams = without_cuda(monkeypatch, Recording)
 
     def run(capture: bool) -> torch.Tensor:
         torch.manual_seed(0)
@@ -131,13 +138,7 @@ def test_a_recording_that_fails_after_the_backward_leaves_no_gradients_behind(mo
         def __exit__(self, *exc) -> None:
             recording[0] = False
 
-    streams: list = []
-    monkeypatch.setattr(torch.cuda, "graph", Recording)
-    monkeypatch.setattr(torch.cuda, "CUDAGraph", lambda: None)
-    monkeypatch.setattr(torch.cuda, "synchronize", lambda *a: None)
-    monkeypatch.setattr(torch.cuda, "current_stream", lambda *a: "the stream before")
-    monkeypatch.setattr(torch.cuda, "set_stream", streams.append)
-    monkeypatch.setattr(GraphedStep, "_side_stream", lambda self: contextlib.nullcontext())
+    streams = without_cuda(monkeypatch, Recording)
 
     def run(capture: bool) -> torch.Tensor:
         torch.manual_seed(0)
