@@ -335,6 +335,25 @@ for act in ("exact", "tanh"):
     h, d = T.gelu_fwd_bwd(pre, g, act)
     hr, dr = K.gelu_fwd_bwd_ref(pre, g, act)
     res[f"gelu_h_{act}"], res[f"gelu_d_{act}"] = rel(h, hr), rel(d, dr)
+# Training's LayerNorm and its backward, in fp32 and on a stream of bf16 (odd widths: masked columns;
+# 37 rows: a last block of rows part-filled), against PyTorch's kernels.
+for dtype in ("float32", "bfloat16"):
+    dt = getattr(torch, dtype)
+    for shape in ((5, 3, 20), (37, 130)):
+        c = shape[-1]
+        x, w, b = (torch.randn(*shape) * 2 + 0.5).to(dt), torch.randn(c).to(dt), torch.randn(c).to(dt)
+        dy, resid = torch.randn(*shape).to(dt), torch.randn(*shape).to(dt)
+        y, mean, rstd = T.layer_norm_train(x, w, b, 1e-6, None, None, K._stats_dtype(x))
+        y_again = T.layer_norm_train(x, w, b, 1e-6, mean, rstd, K._stats_dtype(x))[0]
+        ref = torch.native_layer_norm(x, (c,), w, b, 1e-6)
+        got_bwd = T.layer_norm_backward(dy, x, mean, rstd, w, resid)
+        ref_bwd = K.layer_norm_backward_ref(dy, x, ref[1], ref[2], w, b, resid)
+        res[f"ln_train_{dtype}_{c}"] = max(rel(y, ref[0]), rel(mean, ref[1]), rel(rstd, ref[2]), rel(y_again, ref[0]))
+        res[f"ln_backward_{dtype}_{c}"] = max(rel(g, r) for g, r in zip(got_bwd, ref_bwd))
+for shape in ((37, 20), (70, 300)):  # one block of columns and two, part-filled
+    t = torch.randn(*shape)
+    res[f"column_sums_{shape[1]}"] = rel(T.column_sums(t), t.sum(0))
+    res[f"column_sums_{shape[1]}_bf16"] = rel(T.column_sums(t.bfloat16()), t.sum(0))
 # The whole fast path with the Triton kernels (CPU tensors are allowed under the interpreter).
 for gelu in ("tanh", "exact"):
     torch.manual_seed(1)
@@ -372,7 +391,8 @@ def interpreter_results() -> dict:
 
 def test_interpreter_ran_every_kernel_without_fallback(interpreter_results):
     assert interpreter_results["disabled"] is None
-    assert set(interpreter_results["verified"]) == {"layer_norm", "linear_act", "gelu_fwd_bwd"}
+    assert set(interpreter_results["verified"]) == {"layer_norm", "linear_act", "gelu_fwd_bwd", "layer_norm_train",
+                                                    "layer_norm_backward", "column_sums"}
 
 
 @pytest.mark.parametrize("name", ["ln", "ln_row", "ln_none"])
@@ -382,6 +402,20 @@ def test_triton_layer_norm(interpreter_results, name):
 
 def test_triton_layer_norm_bf16_output(interpreter_results):
     assert interpreter_results["ln_bf16_out"] <= 1e-2
+
+
+@pytest.mark.parametrize("c", [20, 130])
+@pytest.mark.parametrize("part", ["train", "backward"])
+def test_triton_layer_norm_in_training(interpreter_results, part, c):
+    assert interpreter_results[f"ln_{part}_float32_{c}"] <= 1e-6
+    # bf16 rounding of the outputs (and on the CPU, PyTorch's bf16 statistics) on both sides
+    assert interpreter_results[f"ln_{part}_bfloat16_{c}"] <= 1e-2
+
+
+@pytest.mark.parametrize("c", [20, 300])
+def test_triton_column_sums(interpreter_results, c):
+    assert interpreter_results[f"column_sums_{c}"] <= 1e-6
+    assert interpreter_results[f"column_sums_{c}_bf16"] <= 1e-2  # the bf16 input and result
 
 
 @pytest.mark.parametrize("layout", ["cols", "rows", "transposed"])
@@ -419,6 +453,16 @@ def _kernel_builds() -> list:
                                      "stride_cm", "stride_cn")}
     builds = [("layer_norm", T._layer_norm_kernel, ln_ptrs, dict(C="i32", B="i32", eps="fp32"),
                dict(HAS_ROW=True, HAS_COL=True, BLOCK_C=1024))]
+    for given in (False, True):
+        builds.append((f"layer_norm_train stats_given={given}", T._layer_norm_train_kernel,
+                       dict(X="*bf16", W="*bf16", BIAS="*bf16", Y="*bf16", MEAN="*fp32", RSTD="*fp32"),
+                       dict(rows="i32", C="i32", eps="fp32"), dict(STATS_GIVEN=given, BLOCK_R=32, BLOCK_C=128)))
+    builds.append(("layer_norm_backward", T._layer_norm_backward_kernel,
+                   dict(DY="*bf16", X="*bf16", MEAN="*fp32", RSTD="*fp32", W="*bf16", RES="*bf16", DX="*bf16",
+                        DW_PART="*fp32", DB_PART="*fp32"),
+                   dict(rows="i32", C="i32", rows_per_program="i32"), dict(BLOCK_R=32, BLOCK_C=128)))
+    builds.append(("column_sums", T._column_sums_kernel, dict(T="*bf16", PART="*fp32"),
+                   dict(rows="i32", C="i32", rows_per_program="i32"), dict(BLOCK_R=16, BLOCK_C=256)))
     for act in (1, 2):  # exact, tanh GELU
         builds.append((f"gelu_fwd_bwd act={act}", T._gelu_fwd_bwd_kernel,
                        dict(PRE="*bf16", GRAD="*bf16", H="*bf16", DPRE="*bf16"), dict(n="i32"),

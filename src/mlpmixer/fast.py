@@ -58,7 +58,7 @@ class _TokenBranch(torch.autograd.Function):
     @staticmethod
     def forward(ctx, x, g, beta, w1, b1, w2, b2, act):  # type: ignore[override]
         s, b, c = x.shape
-        y, mean, rstd = torch.native_layer_norm(x, (c,), g, beta, EPS)
+        y, mean, rstd = K.layer_norm_train(x, g, beta, EPS)
         pre = torch.addmm(b1[:, None], w1, y.view(s, b * c))  # (D_S, B·C)
         h = K.gelu(pre, act)
         out = torch.addmm(x.view(s, b * c), w2, h)  # residual add in the GEMM epilogue
@@ -76,11 +76,10 @@ class _TokenBranch(torch.autograd.Function):
         dw2 = torch.mm(go, h.t())
         db2 = go.sum(1)
         db1 = dpre.sum(1)
-        y = torch.native_layer_norm(x, (c,), g, beta, EPS)[0]  # recomputed, not stored
+        y = K.layer_norm_train(x, g, beta, EPS, mean, rstd)[0]  # recomputed, not stored
         dw1 = torch.mm(dpre, y.view(s, b * c).t())
         dy = torch.mm(w1.t(), dpre).view(s, b, c)
-        dx, dg, dbeta = torch.ops.aten.native_layer_norm_backward(dy, x, (c,), mean, rstd, g, beta, [True] * 3)
-        dx += grad
+        dx, dg, dbeta = K.layer_norm_backward(dy, x, mean, rstd, g, beta, go.view(s, b, c))
         return dx, dg, dbeta, dw1, db1, dw2, db2, None
 
 
@@ -91,7 +90,7 @@ class _ChannelBranch(torch.autograd.Function):
     def forward(ctx, x, g, beta, w3, b3, w4, b4, act):  # type: ignore[override]
         c = x.shape[-1]
         x2 = x.view(-1, c)
-        y, mean, rstd = torch.native_layer_norm(x2, (c,), g, beta, EPS)
+        y, mean, rstd = K.layer_norm_train(x2, g, beta, EPS)
         pre = torch.addmm(b3, y, w3.t())  # (S·B, D_C)
         h = K.gelu(pre, act)
         # The bias in the GEMM's epilogue (cuBLASLt), then the residual: one pass fewer than
@@ -110,13 +109,12 @@ class _ChannelBranch(torch.autograd.Function):
         go = grad.contiguous().view(-1, c)
         h, dpre = K.gelu_fwd_bwd(pre, torch.mm(go, w4), ctx.act)
         dw4 = torch.mm(go.t(), h)
-        db4 = go.sum(0)
-        db3 = dpre.sum(0)
-        y = torch.native_layer_norm(x2, (c,), g, beta, EPS)[0]
+        db4 = K.column_sums(go)
+        db3 = K.column_sums(dpre)
+        y = K.layer_norm_train(x2, g, beta, EPS, mean, rstd)[0]
         dw3 = torch.mm(dpre.t(), y)
         dy = torch.mm(dpre, w3)
-        dx, dg, dbeta = torch.ops.aten.native_layer_norm_backward(dy, x2, (c,), mean, rstd, g, beta, [True] * 3)
-        dx += go
+        dx, dg, dbeta = K.layer_norm_backward(dy, x2, mean, rstd, g, beta, go)
         return dx.view(x.shape), dg, dbeta, dw3, db3, dw4, db4, None
 
 

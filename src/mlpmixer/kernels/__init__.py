@@ -1,6 +1,6 @@
 """The fast path's fused operations, each with a plain-PyTorch twin that defines its numerics.
 
-Two operations are fused, with Triton on CUDA (and on the CPU under `TRITON_INTERPRET=1`, which
+These operations are fused, with Triton on CUDA (and on the CPU under `TRITON_INTERPRET=1`, which
 the tests use):
 
 - `layer_norm`: LayerNorm of a residual stream whose biases are still *pending*. The fast path
@@ -10,6 +10,9 @@ the tests use):
   LayerNorm reads the stream anyway. So the residual adds and the output biases cost no memory pass
   of their own.
 - `linear_act`: a matrix product with the bias and the GELU in its epilogue.
+- in training, `layer_norm_train` and `layer_norm_backward`: LayerNorm and its backward on blocks of
+  rows, the backward adding the residual's gradient to dx; `gelu_fwd_bwd`, the GELU recomputed
+  and differentiated in one pass; `column_sums`, the channel MLP's bias gradients.
 
 Any failure of a Triton kernel (import, compilation, launch) or a mismatch with the plain twin
 on its first use for a shape turns Triton off for the process with one warning; the plain
@@ -179,6 +182,80 @@ def layer_norm(
         "the Triton LayerNorm", key,
         lambda: _triton.layer_norm(r, row_bias, col_bias, weight, bias, eps, out_dtype), ref,
     )
+
+
+# LayerNorm over the last axis in training: the forward with its statistics, the output again from
+# saved statistics (the backward recomputes it rather than storing it), and the backward with the
+# residual's gradient added to dx.
+
+
+def _stats_dtype(x: torch.Tensor) -> torch.dtype:
+    # PyTorch's own LayerNorm keeps fp32 statistics on CUDA and the input's dtype on the CPU; its
+    # backward, the plain twin below, insists on the same.
+    return x.dtype if x.device.type == "cpu" else accumulation_dtype(x.dtype)
+
+
+def layer_norm_train(
+    x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor, eps: float,
+    mean: Optional[torch.Tensor] = None, rstd: Optional[torch.Tensor] = None,
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """(LayerNorm(x), mean, rstd) as `torch.native_layer_norm`; given `mean` and `rstd`, only the output."""
+    c = x.shape[-1]
+
+    def ref() -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        y, m, r = torch.native_layer_norm(x, (c,), weight, bias, eps)
+        return (y, m, r) if mean is None else (y, mean, rstd)
+
+    if not (x.is_contiguous() and triton_usable(x)):
+        return ref()
+    from . import _triton
+
+    key = ("layer_norm_train", tuple(x.shape), x.dtype, mean is None)
+    return _run_checked(
+        "the Triton LayerNorm", key,
+        lambda: _triton.layer_norm_train(x, weight, bias, eps, mean, rstd, _stats_dtype(x)), ref,
+    )
+
+
+def layer_norm_backward_ref(
+    dy: torch.Tensor, x: torch.Tensor, mean: torch.Tensor, rstd: torch.Tensor, weight: torch.Tensor,
+    bias: torch.Tensor, residual: torch.Tensor,
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    dx, dw, db = torch.ops.aten.native_layer_norm_backward(
+        dy, x, x.shape[-1:], mean, rstd, weight, bias, [True] * 3
+    )
+    return dx.add_(residual), dw, db
+
+
+def layer_norm_backward(
+    dy: torch.Tensor, x: torch.Tensor, mean: torch.Tensor, rstd: torch.Tensor, weight: torch.Tensor,
+    bias: torch.Tensor, residual: torch.Tensor,
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """(dx + residual, dweight, dbias) of LayerNorm(x) for the output's gradient `dy`, in one pass on CUDA."""
+    def ref() -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        return layer_norm_backward_ref(dy, x, mean, rstd, weight, bias, residual)
+
+    tensors = (dy, x, mean, rstd, residual)
+    if not (all(t.is_contiguous() for t in tensors) and triton_usable(x)):
+        return ref()
+    from . import _triton
+
+    key = ("layer_norm_backward", tuple(x.shape), x.dtype)
+    return _run_checked(
+        "the Triton LayerNorm backward", key,
+        lambda: _triton.layer_norm_backward(dy, x, mean, rstd, weight, residual), ref,
+    )
+
+
+def column_sums(t: torch.Tensor) -> torch.Tensor:
+    """`t.sum(0)` of a (rows, C) matrix: PyTorch's reduction over the long axis of a tall one is slow
+    on CUDA (about 40 µs for Mixer-nano's bias gradients, 32,768 × 128 and × 512, on an H200)."""
+    if not (t.dim() == 2 and t.is_contiguous() and triton_usable(t)):
+        return t.sum(0)
+    from . import _triton
+
+    key = ("column_sums", tuple(t.shape), t.dtype)
+    return _run_checked("the Triton column sums", key, lambda: _triton.column_sums(t), lambda: t.sum(0))
 
 
 # ---------------------------------------------------------------------------------------------
