@@ -159,6 +159,12 @@ def _row_block(c: int) -> tuple[int, int]:
     return max(1, 4096 // block_c), block_c
 
 
+def _warps(block_c: int) -> int:
+    # Blocks of 4,096 elements: 32 per thread per tensor with 4 warps. Rows of 1,024 and more (B/16 and
+    # up) fit fewer rows a block, so the row sums are longer: 8 warps share them.
+    return 8 if block_c >= 1024 else 4
+
+
 def layer_norm_train(
     x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor, eps: float,
     mean: Optional[torch.Tensor], rstd: Optional[torch.Tensor], stats_dtype: torch.dtype,
@@ -173,7 +179,7 @@ def layer_norm_train(
     block_r, block_c = _row_block(c)
     _layer_norm_train_kernel[(triton.cdiv(rows, block_r),)](
         x, weight.contiguous(), bias.contiguous(), y, mean, rstd, rows, c, eps,
-        STATS_GIVEN=given, BLOCK_R=block_r, BLOCK_C=block_c, num_warps=4,
+        STATS_GIVEN=given, BLOCK_R=block_r, BLOCK_C=block_c, num_warps=_warps(block_c),
     )
     return y, mean, rstd
 
@@ -200,7 +206,7 @@ def layer_norm_backward(
     parts = torch.empty((2, programs, c), dtype=torch.float32, device=x.device)
     _layer_norm_backward_kernel[(programs,)](
         dy, x, mean, rstd, weight.contiguous(), residual, dx, parts[0], parts[1], rows, c, per_program,
-        BLOCK_R=block_r, BLOCK_C=block_c, num_warps=4,
+        BLOCK_R=block_r, BLOCK_C=block_c, num_warps=_warps(block_c),
     )
     dw, db = parts.sum(1).to(weight.dtype)
     return dx, dw, db
