@@ -506,6 +506,18 @@ def test_resuming_with_fewer_steps_than_done_is_refused(tmp_path: Path) -> None:
     assert files.model.is_file()
 
 
+def test_resuming_a_finished_run_changes_none_of_its_files(tmp_path: Path) -> None:
+    """It used to rewrite config.json with the command's settings (here another lr) for steps it never ran."""
+    run = tmp_path / "run"
+    train(tiny(steps=4, evals=0), run, save_every=2, progress=False, log=lambda *_: None)
+    before = {p: (p.read_bytes(), p.stat().st_ino, p.stat().st_mtime_ns) for p in run.rglob("*") if p.is_file()}
+    said = []
+    train(tiny(steps=4, evals=0, lr=0.5), run, resume=True, progress=False, log=said.append)
+    assert {p: (p.read_bytes(), p.stat().st_ino, p.stat().st_mtime_ns) for p in run.rglob("*") if p.is_file()} == before
+    assert said == [f"{run} finished its 4 steps already; nothing was changed (give more --steps or --epochs to train "
+                    "it further)."]
+
+
 def test_images_per_second_leave_out_validation_time(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     """A validation of 2 s after step 10 must not count in the images/s of steps 11-20 (320 images)."""
     import time

@@ -798,6 +798,14 @@ def _train(
             raise ValueError(f"{state_path} was saved after step {start}, beyond the {total} steps of this command's "
                              f"run; give --steps {start} or more (or as many --epochs) to go on from it; nothing "
                              "was changed.")
+        if start == total and (run / "model.safetensors").exists():
+            # Finished: nothing is left to train, so its files (config.json, the model, metrics) stay as the
+            # run wrote them; settings this command changes would otherwise be recorded for steps never run.
+            if main:
+                log(f"{run} finished its {total} steps already; nothing was changed (give more --steps or --epochs "
+                    "to train it further).")
+            return RunFiles(run, run / "model.safetensors", run / "config.json", run / "metrics.jsonl",
+                            run / "curves.png")
     if profile and total - start < StepProfiler.steps_needed(profile):
         raise ValueError(f"--profile {profile} needs {StepProfiler.steps_needed(profile)} steps (the first ones are "
                          f"not profiled) and this run has {total - start} left; lower it or raise --steps.")
