@@ -243,6 +243,7 @@ def test_schedules() -> None:
     r = Recipe(lr=1.0, warmup=10, min_lr=0.1)
     assert lr_at(0, 100, r) == pytest.approx(0.1) and lr_at(9, 100, r) == pytest.approx(1.0)
     assert lr_at(100, 100, r) == pytest.approx(0.1)
+    assert lr_at(99, 100, r) > 0.1  # the last step run: one short of min_lr, as lr_at says
     assert lr_at(55, 100, r) == pytest.approx(0.55)  # cosine half-way
     lin = r.replace(schedule="linear")
     assert lr_at(55, 100, lin) == pytest.approx(0.55) and lr_at(32, 100, lin) == pytest.approx(0.1 + 0.9 * 68 / 90)

@@ -90,7 +90,8 @@ def new_run_dir(root: str | Path = "runs") -> Path:
 
 
 def lr_at(step: int, total: int, r: Recipe) -> float:
-    """Linear warm-up to r.lr, then cosine or linear decay to r.min_lr at the last step."""
+    """Linear warm-up to r.lr, then cosine or linear decay towards r.min_lr, which step `total` would have: the
+    last step run (total - 1) is one short of it, a little above min_lr (kept so: trained weights depend on it)."""
     warmup = int(r.warmup) if r.warmup >= 1 else round(r.warmup * total)
     if step < warmup:
         return r.lr * (step + 1) / warmup
