@@ -204,6 +204,20 @@ def test_shards_with_a_bad_image_train_their_epochs_and_resume(tmp_path: Path) -
     assert (cut / "model.safetensors").is_file()
 
 
+@pytest.mark.filterwarnings("ignore:The image decoding:DeprecationWarning")  # torchvision 0.29
+def test_the_epoch_of_shards_without_a_count_is_null(tmp_path: Path) -> None:
+    """It was the fraction of the run (done / steps): 1.0 at the end of 20 steps over 60 images, 5 passes."""
+    from test_sources import make_shards
+
+    make_shards(tmp_path / "shards", shards=1, per_shard=60, classes=10, describe=False)
+    (tmp_path / "shards" / "dataset.json").write_text(json.dumps({"classes": [f"c{i}" for i in range(10)]}))
+    r = get_recipe("cifar10-nano", data=str(tmp_path / "shards"), img_size=8, augment_on="workers", workers=0,
+                   batch_size=15, steps=20, holdout=0, evals=0)
+    files = train(r, tmp_path / "run", progress=False, log=lambda *_: None)
+    rows = [json.loads(line) for line in files.metrics.read_text().splitlines()]
+    assert [row["step"] for row in rows] == [10, 20] and all(row["epoch"] is None for row in rows)
+
+
 def test_too_few_images_for_one_batch_per_pass_stop_the_run(tmp_path: Path) -> None:
     from test_sources import make_shards
 

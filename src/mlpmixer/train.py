@@ -740,6 +740,9 @@ def _train(
                              "steps a run can have; lower --epochs.")
     else:
         raise ValueError(f"{r.data} does not say how many images it holds; give --steps.")
+    # Without a count (shards whose dataset.json gives none) an epoch is unknown: metrics say null, not the
+    # fraction of the run that done / total would give.
+    counted = per_epoch > 0
     per_epoch = per_epoch or total
     if main and r.warmup >= total:
         log(f"Note: the warm-up of {int(r.warmup)} steps covers the whole run of {total}: the learning rate never "
@@ -970,13 +973,14 @@ def _train(
             opt.zero_grad(set_to_none=True)
         seen += r.batch_size
         done = step + 1
+        epoch = round(done / per_epoch, 3) if counted else None
         if done % 10 == 0 or done == total or done in eval_at or (save_every and done % save_every == 0):
             _check_finite(unchecked, run, bar, main, draw_curves, saying)
 
         # --- logging, evaluation, saving.
         if main and (done % 10 == 0 or done == total):
             now = time.time()
-            entry = {"step": done, "epoch": round(done / per_epoch, 3), "lr": lr, "train_loss": loss_sum.item() / count,
+            entry = {"step": done, "epoch": epoch, "lr": lr, "train_loss": loss_sum.item() / count,
                      "train_acc": int(correct) / count, "img_per_s": round(seen / (now - t_log), 1)}
             counter = getattr(train_data, "bad_samples", None)  # images the sources could not decode
             if counter is not None:
@@ -1000,7 +1004,7 @@ def _train(
             with scored, worker_deaths(RESUME_ADVICE):
                 m = evaluate(plain, val_data, batch_size=500, workers=eval_workers, device=device,
                              transform=permute)
-            _append(files.metrics, {"step": done, "epoch": round(done / per_epoch, 3), "val_loss": m["loss"],
+            _append(files.metrics, {"step": done, "epoch": epoch, "val_loss": m["loss"],
                                     "val_top1": m["top1"], "val_top5": m["top5"], "val_n": m["n"]})
             if board is not None:
                 for key in ("val_loss", "val_top1", "val_top5"):
