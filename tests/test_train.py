@@ -218,6 +218,21 @@ def test_the_epoch_of_shards_without_a_count_is_null(tmp_path: Path) -> None:
     assert [row["step"] for row in rows] == [10, 20] and all(row["epoch"] is None for row in rows)
 
 
+@pytest.mark.filterwarnings("ignore::UserWarning", "ignore:The image decoding:DeprecationWarning")
+def test_metrics_end_with_the_bad_image_count_of_the_error_that_stops_the_run(tmp_path: Path) -> None:
+    """4 bad images of 300 stop the run once 300 are seen (step 20's batch); the last line, of step 10, lagged."""
+    from mlpmixer.sources import BadDataError
+    from test_sources import make_shards
+
+    make_shards(tmp_path / "shards", shards=1, per_shard=300, bad=(200, 210, 220, 230), classes=10)
+    r = get_recipe("cifar10-nano", data=str(tmp_path / "shards"), img_size=8, augment_on="workers", workers=0,
+                   batch_size=15, steps=40, holdout=0, evals=0)
+    with pytest.raises(BadDataError, match=r"^4 of 300 images") as stop:
+        train(r, tmp_path / "run", progress=False, log=lambda *_: None)
+    rows = [json.loads(line) for line in (tmp_path / "run" / "metrics.jsonl").read_text().splitlines()]
+    assert stop.value.bad == 4 and rows[-1] == {"step": 19, "epoch": 0.95, "bad_samples": 4}  # 19 steps done
+
+
 def test_too_few_images_for_one_batch_per_pass_stop_the_run(tmp_path: Path) -> None:
     from test_sources import make_shards
 

@@ -941,7 +941,15 @@ def _train(
             for group in opt.param_groups:
                 group["lr"] = lr
         decay = min(r.ema, (1 + step) / (10 + step))  # EMA: short warm-up, early weights fade fast
-        micro = next(batches)
+        try:
+            micro = next(batches)
+        except ValueError as e:
+            # Too many bad images (sources.BadDataError, not imported here: it would import torchvision): metrics.jsonl
+            # ends with the count the error says, which the last line, written up to 9 steps before, lags.
+            if main and getattr(e, "bad", None) is not None:
+                _append(files.metrics, {"step": step, "epoch": round(step / per_epoch, 3) if counted else None,
+                                        "bad_samples": e.bad})
+            raise
         # After the batch: reading it can draw from torch's generator (images augmented in this process,
         # a DataLoader started), and more so in a resumed run, which starts its loader mid-epoch.
         reseed(derive_seed(r.seed, 4, step))  # dropout / stochastic depth / mixup of this step
