@@ -204,6 +204,35 @@ def test_shards_with_a_bad_image_train_their_epochs_and_resume(tmp_path: Path) -
     assert (cut / "model.safetensors").is_file()
 
 
+@pytest.mark.filterwarnings("ignore:The image decoding:DeprecationWarning")  # torchvision 0.29
+def test_the_epoch_of_shards_without_a_count_is_null(tmp_path: Path) -> None:
+    """It was the fraction of the run (done / steps): 1.0 at the end of 20 steps over 60 images, 5 passes."""
+    from test_sources import make_shards
+
+    make_shards(tmp_path / "shards", shards=1, per_shard=60, classes=10, describe=False)
+    (tmp_path / "shards" / "dataset.json").write_text(json.dumps({"classes": [f"c{i}" for i in range(10)]}))
+    r = get_recipe("cifar10-nano", data=str(tmp_path / "shards"), img_size=8, augment_on="workers", workers=0,
+                   batch_size=15, steps=20, holdout=0, evals=0)
+    files = train(r, tmp_path / "run", progress=False, log=lambda *_: None)
+    rows = [json.loads(line) for line in files.metrics.read_text().splitlines()]
+    assert [row["step"] for row in rows] == [10, 20] and all(row["epoch"] is None for row in rows)
+
+
+@pytest.mark.filterwarnings("ignore::UserWarning", "ignore:The image decoding:DeprecationWarning")
+def test_metrics_end_with_the_bad_image_count_of_the_error_that_stops_the_run(tmp_path: Path) -> None:
+    """4 bad images of 300 stop the run once 300 are seen (step 20's batch); the last line, of step 10, lagged."""
+    from mlpmixer.sources import BadDataError
+    from test_sources import make_shards
+
+    make_shards(tmp_path / "shards", shards=1, per_shard=300, bad=(200, 210, 220, 230), classes=10)
+    r = get_recipe("cifar10-nano", data=str(tmp_path / "shards"), img_size=8, augment_on="workers", workers=0,
+                   batch_size=15, steps=40, holdout=0, evals=0)
+    with pytest.raises(BadDataError, match=r"^4 of 300 images") as stop:
+        train(r, tmp_path / "run", progress=False, log=lambda *_: None)
+    rows = [json.loads(line) for line in (tmp_path / "run" / "metrics.jsonl").read_text().splitlines()]
+    assert stop.value.bad == 4 and rows[-1] == {"step": 19, "epoch": 0.95, "bad_samples": 4}  # 19 steps done
+
+
 def test_too_few_images_for_one_batch_per_pass_stop_the_run(tmp_path: Path) -> None:
     from test_sources import make_shards
 
@@ -243,6 +272,7 @@ def test_schedules() -> None:
     r = Recipe(lr=1.0, warmup=10, min_lr=0.1)
     assert lr_at(0, 100, r) == pytest.approx(0.1) and lr_at(9, 100, r) == pytest.approx(1.0)
     assert lr_at(100, 100, r) == pytest.approx(0.1)
+    assert lr_at(99, 100, r) > 0.1  # the last step run: one short of min_lr, as lr_at says
     assert lr_at(55, 100, r) == pytest.approx(0.55)  # cosine half-way
     lin = r.replace(schedule="linear")
     assert lr_at(55, 100, lin) == pytest.approx(0.55) and lr_at(32, 100, lin) == pytest.approx(0.1 + 0.9 * 68 / 90)
@@ -504,6 +534,18 @@ def test_resuming_with_fewer_steps_than_done_is_refused(tmp_path: Path) -> None:
     files.model.unlink()  # killed after its last state, before the model: resuming with its own steps writes it
     train(tiny(steps=4, evals=0), run, resume=True, progress=False, log=lambda *_: None)
     assert files.model.is_file()
+
+
+def test_resuming_a_finished_run_changes_none_of_its_files(tmp_path: Path) -> None:
+    """It used to rewrite config.json with the command's settings (here another lr) for steps it never ran."""
+    run = tmp_path / "run"
+    train(tiny(steps=4, evals=0), run, save_every=2, progress=False, log=lambda *_: None)
+    before = {p: (p.read_bytes(), p.stat().st_ino, p.stat().st_mtime_ns) for p in run.rglob("*") if p.is_file()}
+    said = []
+    train(tiny(steps=4, evals=0, lr=0.5), run, resume=True, progress=False, log=said.append)
+    assert {p: (p.read_bytes(), p.stat().st_ino, p.stat().st_mtime_ns) for p in run.rglob("*") if p.is_file()} == before
+    assert said == [f"{run} finished its 4 steps already; nothing was changed (give more --steps or --epochs to train "
+                    "it further)."]
 
 
 def test_images_per_second_leave_out_validation_time(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:

@@ -89,6 +89,10 @@ class BadDataError(ValueError):
         # A DataLoader re-raises a worker's exception as type(exc)(text with the worker's traceback);
         # keep only the sentence after the exception's name so the CLI still prints one sentence.
         super().__init__(message.rsplit(f"{type(self).__name__}: ", 1)[-1].strip())
+        # The bad images it counts ("4 of 300 images ..."), for training's last metrics line: the text is all that
+        # crosses from a worker, and the shared counter may have moved on since (other workers decode on).
+        counted = re.match(r"(\d+) of \d+ ", str(self))
+        self.bad = int(counted[1]) if counted else None
 
 
 class BadLabel(ValueError):

@@ -90,7 +90,8 @@ def new_run_dir(root: str | Path = "runs") -> Path:
 
 
 def lr_at(step: int, total: int, r: Recipe) -> float:
-    """Linear warm-up to r.lr, then cosine or linear decay to r.min_lr at the last step."""
+    """Linear warm-up to r.lr, then cosine or linear decay towards r.min_lr, which step `total` would have: the
+    last step run (total - 1) is one short of it, a little above min_lr (kept so: trained weights depend on it)."""
     warmup = int(r.warmup) if r.warmup >= 1 else round(r.warmup * total)
     if step < warmup:
         return r.lr * (step + 1) / warmup
@@ -739,6 +740,9 @@ def _train(
                              "steps a run can have; lower --epochs.")
     else:
         raise ValueError(f"{r.data} does not say how many images it holds; give --steps.")
+    # Without a count (shards whose dataset.json gives none) an epoch is unknown: metrics say null, not the
+    # fraction of the run that done / total would give.
+    counted = per_epoch > 0
     per_epoch = per_epoch or total
     if main and r.warmup >= total:
         log(f"Note: the warm-up of {int(r.warmup)} steps covers the whole run of {total}: the learning rate never "
@@ -798,6 +802,14 @@ def _train(
             raise ValueError(f"{state_path} was saved after step {start}, beyond the {total} steps of this command's "
                              f"run; give --steps {start} or more (or as many --epochs) to go on from it; nothing "
                              "was changed.")
+        if start == total and (run / "model.safetensors").exists():
+            # Finished: nothing is left to train, so its files (config.json, the model, metrics) stay as the
+            # run wrote them; settings this command changes would otherwise be recorded for steps never run.
+            if main:
+                log(f"{run} finished its {total} steps already; nothing was changed (give more --steps or --epochs "
+                    "to train it further).")
+            return RunFiles(run, run / "model.safetensors", run / "config.json", run / "metrics.jsonl",
+                            run / "curves.png")
     if profile and total - start < StepProfiler.steps_needed(profile):
         raise ValueError(f"--profile {profile} needs {StepProfiler.steps_needed(profile)} steps (the first ones are "
                          f"not profiled) and this run has {total - start} left; lower it or raise --steps.")
@@ -929,7 +941,15 @@ def _train(
             for group in opt.param_groups:
                 group["lr"] = lr
         decay = min(r.ema, (1 + step) / (10 + step))  # EMA: short warm-up, early weights fade fast
-        micro = next(batches)
+        try:
+            micro = next(batches)
+        except ValueError as e:
+            # Too many bad images (sources.BadDataError, not imported here: it would import torchvision): metrics.jsonl
+            # ends with the count the error says, which the last line, written up to 9 steps before, lags.
+            if main and getattr(e, "bad", None) is not None:
+                _append(files.metrics, {"step": step, "epoch": round(step / per_epoch, 3) if counted else None,
+                                        "bad_samples": e.bad})
+            raise
         # After the batch: reading it can draw from torch's generator (images augmented in this process,
         # a DataLoader started), and more so in a resumed run, which starts its loader mid-epoch.
         reseed(derive_seed(r.seed, 4, step))  # dropout / stochastic depth / mixup of this step
@@ -961,13 +981,14 @@ def _train(
             opt.zero_grad(set_to_none=True)
         seen += r.batch_size
         done = step + 1
+        epoch = round(done / per_epoch, 3) if counted else None
         if done % 10 == 0 or done == total or done in eval_at or (save_every and done % save_every == 0):
             _check_finite(unchecked, run, bar, main, draw_curves, saying)
 
         # --- logging, evaluation, saving.
         if main and (done % 10 == 0 or done == total):
             now = time.time()
-            entry = {"step": done, "epoch": round(done / per_epoch, 3), "lr": lr, "train_loss": loss_sum.item() / count,
+            entry = {"step": done, "epoch": epoch, "lr": lr, "train_loss": loss_sum.item() / count,
                      "train_acc": int(correct) / count, "img_per_s": round(seen / (now - t_log), 1)}
             counter = getattr(train_data, "bad_samples", None)  # images the sources could not decode
             if counter is not None:
@@ -991,7 +1012,7 @@ def _train(
             with scored, worker_deaths(RESUME_ADVICE):
                 m = evaluate(plain, val_data, batch_size=500, workers=eval_workers, device=device,
                              transform=permute)
-            _append(files.metrics, {"step": done, "epoch": round(done / per_epoch, 3), "val_loss": m["loss"],
+            _append(files.metrics, {"step": done, "epoch": epoch, "val_loss": m["loss"],
                                     "val_top1": m["top1"], "val_top5": m["top5"], "val_n": m["n"]})
             if board is not None:
                 for key in ("val_loss", "val_top1", "val_top5"):
