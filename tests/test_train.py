@@ -383,8 +383,9 @@ def test_resume_drops_a_damaged_last_metrics_line_and_names_malformed_files(
             train_mod.launch(r, run, resume=True, save_every=2, progress=False, log=lambda *_: None)
     config.write_text(good)
     metrics.write_bytes(b'{"step": 2}\n[1, 2]\n{"step": 4}\n')
+    # More steps: resuming the finished run as it is would change nothing and read nothing.
     with pytest.raises(ValueError, match=r"metrics.jsonl line 2 is not a metrics entry .*; delete that line and rerun"):
-        train(r, run, resume=True, save_every=2, progress=False, log=lambda *_: None)
+        train(r.replace(steps=6), run, resume=True, save_every=2, progress=False, log=lambda *_: None)
     metrics.write_bytes(b'{"step": 2}\n{"step": 4, "train_lo\xff')  # a power cut in the middle of an append
     with pytest.warns(UserWarning, match=r"metrics.jsonl: its last line is damaged \(cut short\?\) and was dropped"):
         train(r.replace(steps=6), run, resume=True, save_every=2, progress=False, log=lambda *_: None)
@@ -807,7 +808,8 @@ def test_a_malformed_metrics_line_on_resume_stops_every_rank_with_one_sentence(t
     assert main([*args, "--processes", "1"]) == 0
     (tmp_path / "r" / "metrics.jsonl").write_bytes(b'{"step": 1}\n[1, 2]\n{"step": 2}\n')
     config = (tmp_path / "r" / "config.json").read_bytes()
-    err = _on_two_ranks([*args, "--resume"], 29547, tmp_path, child_env)
+    # Two steps more: a resume of the finished run as it is would change nothing and read nothing.
+    err = _on_two_ranks([*args, "--resume", "--steps", "4"], 29547, tmp_path, child_env)
     assert err.count("mixer train: error: ") == 1 and "metrics.jsonl line 2 is not a metrics entry" in err, \
         err[-3000:]
     # Found in the set-up, before the ranks meet: nothing was written (a resumed run rewrites its config.json after).

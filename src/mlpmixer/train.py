@@ -802,14 +802,6 @@ def _train(
             raise ValueError(f"{state_path} was saved after step {start}, beyond the {total} steps of this command's "
                              f"run; give --steps {start} or more (or as many --epochs) to go on from it; nothing "
                              "was changed.")
-        if start == total and (run / "model.safetensors").exists():
-            # Finished: nothing is left to train, so its files (config.json, the model, metrics) stay as the
-            # run wrote them; settings this command changes would otherwise be recorded for steps never run.
-            if main:
-                log(f"{run} finished its {total} steps already; nothing was changed (give more --steps or --epochs "
-                    "to train it further).")
-            return RunFiles(run, run / "model.safetensors", run / "config.json", run / "metrics.jsonl",
-                            run / "curves.png")
     if profile and total - start < StepProfiler.steps_needed(profile):
         raise ValueError(f"--profile {profile} needs {StepProfiler.steps_needed(profile)} steps (the first ones are "
                          f"not profiled) and this run has {total - start} left; lower it or raise --steps.")
@@ -818,6 +810,14 @@ def _train(
     # Read before the start line, so that a malformed metrics.jsonl stops every rank there; written back below.
     metrics = _kept_metrics(run / "metrics.jsonl", start) if main and run is not None else None
     start_line.cross()  # every rank is set up: from here on files are written
+    if resume and start == total and (run / "model.safetensors").exists():
+        # Finished: nothing is left to train, so its files (config.json, the model, metrics) stay as the run
+        # wrote them; settings this command changes would otherwise be recorded for steps never run. After the
+        # start line: a rank that cannot resume (no state on its machine) still stops every rank.
+        if main:
+            log(f"{run} finished its {total} steps already; nothing was changed (give more --steps or --epochs "
+                "to train it further).")
+        return RunFiles(run, run / "model.safetensors", run / "config.json", run / "metrics.jsonl", run / "curves.png")
     if note and main:  # after every check: a run that one of them stops does not go on with other settings
         log(note)
     run = run or new_run_dir()
