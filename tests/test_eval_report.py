@@ -90,6 +90,19 @@ def test_eval_help_names_every_key_of_its_json(digits_model: Path, capsys: pytes
     assert "permute_seed" in printed and [key for key in printed if key not in helped] == []
 
 
+def test_predict_notes_the_permutation_it_applies(digits_model: Path, tmp_path: Path,
+                                                 capsys: pytest.CaptureFixture) -> None:
+    """As `mixer eval` says "permuted (pixels, seed 0)": the probabilities are those of the permuted image."""
+    digit = tmp_path / "digit.png"
+    Image.fromarray(load_mnist5k().images[0, 0].numpy()).save(digit)
+    assert main(["predict", str(digits_model), str(digit), "--permute", "pixels", "--permute-seed", "2", "--json"]) == 0
+    captured = capsys.readouterr()
+    assert json.loads(captured.out)["notes"] == ["permuted (pixels, seed 2) as the model was trained"]
+    assert f"{digit}: note: permuted (pixels, seed 2) as the model was trained." in captured.err
+    assert main(["predict", str(digits_model), str(digit), "--json"]) == 0  # no permutation, no note
+    assert json.loads(capsys.readouterr().out)["notes"] == []
+
+
 def test_eval_mode_chooses_the_preprocessing_of_image_folders(digits_model: Path, tmp_path: Path,
                                                               capsys: pytest.CaptureFixture) -> None:
     rng = np.random.default_rng(0)

@@ -116,3 +116,31 @@ def test_an_undecodable_image_is_left_out_of_the_score(digits_model: Path, tmp_p
     assert damaged["n"] == 298 and clean["n"] == 300
     kept = [i for i in range(300) if i not in (4, 5)]  # the same pictures as the clean folder's
     assert torch.equal(damaged["preds"], clean["preds"][kept]) and torch.equal(damaged["labels"], clean["labels"][kept])
+
+
+def test_top5_is_not_reported_for_5_classes_or_fewer(tmp_path: Path, capsys: pytest.CaptureFixture) -> None:
+    """Every class is among the top 5 then: a top-5 accuracy would be a meaningless 100%."""
+    import numpy as np
+    from PIL import Image
+
+    data = load_mnist5k().subset(torch.arange(0, 5000, 50))
+    for classes, want_top5 in ((3, False), (5, False), (6, True)):
+        torch.manual_seed(0)
+        model = create_model("digits/4", num_classes=classes, img_size=28, in_chans=1, patch_size=7, hidden_dim=32,
+                             tokens_mlp_dim=16, channels_mlp_dim=64)
+        kept = data.subset(torch.nonzero(data.labels < classes).flatten())
+        m = evaluate(model, kept)
+        assert (m["top5"] is not None) == want_top5 and 0 <= m["top1"] <= 1, classes
+        if classes == 3:
+            save_checkpoint(model, tmp_path / "three.safetensors")
+    rng = np.random.default_rng(0)
+    for name in "abc":  # a 3-class folder, through `mixer eval`: text, --json and --report
+        (tmp_path / "folder" / name).mkdir(parents=True)
+        Image.fromarray(rng.integers(0, 256, (28, 28), dtype=np.uint8)).save(tmp_path / "folder" / name / "0.png")
+    argv = ["eval", str(tmp_path / "three.safetensors"), "--data", str(tmp_path / "folder"), "--workers", "0"]
+    assert main(argv) == 0
+    out = capsys.readouterr().out
+    assert "no top-5 with 3 classes" in out and "top-5 100" not in out
+    assert main([*argv, "--json", "--report", str(tmp_path / "report")]) == 0
+    assert json.loads(capsys.readouterr().out)["top5"] is None
+    assert json.loads((tmp_path / "report" / "per_class.json").read_text())["top5"] is None

@@ -226,6 +226,22 @@ def test_an_unwritable_folder_is_one_sentence(tmp_path, monkeypatch):
         export_model(small(48, 8), "torchscript", tmp_path / "m.pt")
 
 
+@pytest.mark.skipif(not os.path.isdir("/proc"), reason="needs Linux's /proc, where no file can be created")
+def test_an_out_where_no_file_can_be_created_is_one_sentence(tmp_path, capsys):
+    """Root passes os.access there; the export's temporary file then failed with a raw errno."""
+    from mlpmixer.cli import main
+
+    ckpt = save_checkpoint(small(48, 8), tmp_path / "model.safetensors")
+    for out in ("/proc/x.pt", "/proc/no/such/x.pt"):
+        assert main(["export", str(ckpt), "--format", "torchscript", "--out", out]) == 2
+        err = capsys.readouterr().err
+        assert err.startswith(f"mixer export: error: --out {out}: ") and err.count("\n") == 1, err
+        assert err.rstrip().endswith("give another --out.") and "Errno" not in err
+    (tmp_path / "f").write_text("")  # a file where --out needs a folder: the fix named is another --out
+    assert main(["export", str(ckpt), "--format", "torchscript", "--out", str(tmp_path / "f" / "x.pt")]) == 2
+    assert capsys.readouterr().err.strip().endswith(f"lies under {tmp_path / 'f'}, which is a file; give another --out.")
+
+
 def test_export_at_another_size_converts_the_model_as_resize_does(tmp_path, capsys):
     from mlpmixer.cli import main
     from mlpmixer.resize import resize_to

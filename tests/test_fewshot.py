@@ -302,3 +302,17 @@ def test_class_mismatch_between_support_and_evaluation_data_names_them(tmp_path,
     assert "(the val/ part of" in err and "class 1 is 'c' instead of 'b'" in err
     assert "model's classes" not in err and "head" not in err
     assert "features of" not in err  # said before any features are extracted, which can take hours
+
+
+def test_linear_probe_seed_help_names_only_the_split(capsys):
+    """linear-probe fits on every training image: its --seed draws no support sets, only the hold-out split."""
+    from mlpmixer.cli import main
+
+    helps = {}
+    for command in ("linear-probe", "fewshot"):
+        with pytest.raises(SystemExit):
+            main([command, "--help"])
+        helped = " ".join(capsys.readouterr().out.split())  # argparse wraps the help over several lines
+        helps[command] = helped.split("--seed SEED ")[1].split(" --permute ")[0]
+    assert "support" not in helps["linear-probe"] and "split of --data" in helps["linear-probe"]
+    assert "support draws" in helps["fewshot"]

@@ -26,6 +26,7 @@ import pickle
 import re
 import secrets
 import stat
+import tempfile
 import warnings
 import zipfile
 import zlib
@@ -664,19 +665,26 @@ def atomic_write(path: str | os.PathLike, write: Any) -> Path:
 
 
 def check_writable_folder(folder: str | os.PathLike, option: str) -> None:
-    """A folder `option` names (--out, --report) that is a file, lies under a file or in a folder this user
-    cannot write to: one sentence before anything runs, not mkdir's "[Errno 17] File exists" once the work
-    is done."""
+    """A folder `option` names (--out, --report), or the file to write in it (export's --out), that is a file,
+    lies under a file or in a folder this user cannot write to: one sentence before anything runs, not
+    mkdir's "[Errno 17] File exists" once the work is done."""
     run = Path(folder)
     folder = run
     while not folder.exists() and folder != folder.parent:  # the nearest existing folder: mkdir makes the rest
         folder = folder.parent
     if not folder.is_dir():
-        where = "is a file" if folder == run else f"lies under {folder}, which is a file"
-        raise NotADirectoryError(f"{option} {run} {where}; give the path of a folder.")
+        if folder == run:
+            raise NotADirectoryError(f"{option} {run} is a file; give the path of a folder.")
+        # "give the path of a folder" would misdirect export, whose --out is a file in one.
+        raise NotADirectoryError(f"{option} {run} lies under {folder}, which is a file; give another {option}.")
     if not os.access(folder, os.W_OK | os.X_OK):
         raise PermissionError(f"{option} {run}: {folder} is not writable for this user; give another {option}, or "
                               "change its permissions.")
+    try:  # os.access lets root write anywhere, /proc too, where creating a file fails all the same
+        tempfile.TemporaryFile(dir=folder).close()
+    except OSError as e:
+        raise PermissionError(f"{option} {run}: no file can be created in {folder} ({e.strerror}); give another "
+                              f"{option}.") from None
 
 
 def save_checkpoint(model: MlpMixer, path: str | os.PathLike, class_names: list[str] | None = None) -> Path:

@@ -58,7 +58,8 @@ def evaluate(
     transform: Optional[Callable[[torch.Tensor], torch.Tensor]] = None,
     predictions: bool = False,
 ) -> dict[str, Any]:
-    """{"top1", "top5" (fractions), "loss" (mean softmax cross-entropy), "n"} of `model` on `data`
+    """{"top1", "top5" (fractions; top5 None for 5 classes or fewer), "loss" (mean softmax cross-entropy), "n"}
+    of `model` on `data`
     (opened data, or a `--data` spec such as a path, opened with `open_eval_data`'s "resize" default).
 
     `transform` is applied to every model-ready batch (e.g. the fixed permutation of permute.py).
@@ -99,7 +100,9 @@ def evaluate(
     model.train(was_training)
     if n == 0:
         raise ValueError("The evaluation data holds no images; check the path.")
-    result = {"top1": correct1 / n, "top5": correct5 / n, "loss": loss_sum / n, "n": n}
+    # With 5 classes or fewer every class is among the top 5: its accuracy would be 100% and say nothing.
+    top5 = correct5 / n if model.num_classes > 5 else None
+    result = {"top1": correct1 / n, "top5": top5, "loss": loss_sum / n, "n": n}
     if predictions:
         result.update(preds=torch.cat(preds), labels=torch.cat(labels))
     return result

@@ -1016,7 +1016,8 @@ def _train(
                                     "val_top1": m["top1"], "val_top5": m["top5"], "val_n": m["n"]})
             if board is not None:
                 for key in ("val_loss", "val_top1", "val_top5"):
-                    board.add_scalar(key.replace("_", "/", 1), m[key[4:]], done)
+                    if m[key[4:]] is not None:  # top5 of 5 classes or fewer: not measured
+                        board.add_scalar(key.replace("_", "/", 1), m[key[4:]], done)
             bar.write(f"step {done}/{total}: validation top-1 {m['top1']:.2%} (n={m['n']})")
             t_log += time.time() - t_eval  # images/s counts training time: validation is left out
         if save_every and (main or fsdp) and (done % save_every == 0 or done == total):

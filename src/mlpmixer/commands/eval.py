@@ -30,7 +30,8 @@ def register(p: argparse.ArgumentParser) -> None:
     add_permute_arguments(p)
     p.add_argument("--batch-size", type=at_least(1), default=500, help="images per forward pass (default 500)")
     p.add_argument("--workers", type=at_least(0, MAX_WORKERS), default=2, help="DataLoader workers (image folders and shards; default 2)")
-    p.add_argument("--json", action="store_true", help="print one JSON object: top1, top5 (fractions), n, loss, "
+    p.add_argument("--json", action="store_true", help="print one JSON object: top1, top5 (fractions; top5 null for 5 "
+                   "classes or fewer, which it would hold all of), n, loss, "
                    "checkpoint, data, eval_mode (and permute, permute_seed for a permuted run; per_class, a class "
                    "name -> accuracy object, with --report)")
     p.set_defaults(func=run)
@@ -96,8 +97,9 @@ def run(args: argparse.Namespace) -> int:
         print(json.dumps(result))
         return 0
     extra = f", permuted ({permute.mode}, seed {permute.seed})" if permute is not None else ""
-    print(f"{cfg.describe()} on {args.data} ({m['n']} images{extra}): top-1 {m['top1']:.2%}, "
-          f"top-5 {m['top5']:.2%}, loss {m['loss']:.4f}")
+    top5 = f"top-5 {m['top5']:.2%}" if m["top5"] is not None else f"no top-5 with {len(names)} classes"
+    print(f"{cfg.describe()} on {args.data} ({m['n']} images{extra}): top-1 {m['top1']:.2%}, {top5}, "
+          f"loss {m['loss']:.4f}")
     if args.report:
         worst = sorted((a, name) for name, a in result["per_class"].items() if a is not None)[:3]
         print("Lowest per-class accuracy: " + ", ".join(f"{name} {a:.2%}" for a, name in worst)

@@ -32,7 +32,7 @@ def register(p: argparse.ArgumentParser) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
-    from ..checkpoints import check_not_the_source, load_checkpoint
+    from ..checkpoints import check_not_the_source, check_writable_folder, load_checkpoint
     from ..export import export_model
 
     if args.opset is not None and args.format != "onnx":
@@ -45,6 +45,8 @@ def run(args: argparse.Namespace) -> int:
     default = src / f"model{suffix}" if src.is_dir() else src.with_name(src.stem + suffix)
     out = Path(args.out) if args.out else default
     check_not_the_source(src, out)
+    # An unwritable place (/proc, a read-only folder) is one sentence, not an errno; an existing --out is replaced.
+    check_writable_folder(out.parent if out.is_file() else out, "--out")
     model = load_checkpoint(args.checkpoint).eval()
     permutation = run_permutation(args.checkpoint, model.config, args.permute, args.permute_seed)
     if args.img_size is not None:

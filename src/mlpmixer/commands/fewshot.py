@@ -17,8 +17,9 @@ if TYPE_CHECKING:  # torch is imported when the command runs: `mixer fewshot --h
     from ..model import MlpMixer
 
 
-def add_common_arguments(p: argparse.ArgumentParser, eval_fraction: float) -> None:
-    """The arguments `fewshot` and `linear-probe` share: model, data, preprocessing, solver."""
+def add_common_arguments(p: argparse.ArgumentParser, eval_fraction: float, seed_help: str) -> None:
+    """The arguments `fewshot` and `linear-probe` share: model, data, preprocessing, solver; `seed_help`
+    says what --seed draws in the command (only fewshot draws support sets)."""
     p.add_argument("checkpoint", help="checkpoint file or run directory (its head is not used)")
     p.add_argument("--data", required=True,
                    help="data source: 'mnist5k', an MNIST IDX folder, an image folder or shards "
@@ -36,7 +37,7 @@ def add_common_arguments(p: argparse.ArgumentParser, eval_fraction: float) -> No
     p.add_argument("--batch-size", type=at_least(1), default=128, help="images per forward pass (default 128)")
     p.add_argument("--workers", type=at_least(0, MAX_WORKERS), default=2, help="DataLoader worker processes (default 2)")
     p.add_argument("--device", help="cpu, cuda, cuda:1, ... (default: cuda when available)")
-    p.add_argument("--seed", type=int, default=0, help="seed of the hold-out split and support draws")
+    p.add_argument("--seed", type=int, default=0, help=seed_help)
     add_permute_arguments(p)
     p.add_argument("--json", action="store_true", help="print one JSON object instead of text")
 
@@ -47,7 +48,8 @@ def register(p: argparse.ArgumentParser) -> None:
         "images per class and report its accuracy on the evaluation images: mean ± standard deviation over "
         "several random draws of the support set, for each shot count (SPEC §4, as big_vision does it)."
     )
-    add_common_arguments(p, eval_fraction=0.5)
+    add_common_arguments(p, eval_fraction=0.5, seed_help="seed of the support draws, and of the class-by-class "
+                         "split of --data into support pool and evaluation images where there is one (default 0)")
     p.add_argument("--shots", default=",".join(map(str, FEWSHOT_SHOTS)),
                    help="comma-separated images per class (default 1,5,10,25)")
     p.add_argument("--draws", type=at_least(1), default=3, help="random support sets per shot count (default 3)")

@@ -13,7 +13,10 @@ def register(p: argparse.ArgumentParser) -> None:
         "Fit the few-shot evaluation's ℓ2-regularised least-squares classifier (SPEC §4) on the "
         "frozen pre-logit features of every training image and report its accuracy on the evaluation images."
     )
-    add_common_arguments(p, eval_fraction=0.2)
+    # Fitted on every training image: the seed draws no support sets, only the hold-out split (see split_pool).
+    add_common_arguments(p, eval_fraction=0.2, seed_help="seed of the class-by-class split of --data into "
+                         "training and evaluation images (default 0); unused with --eval-data or a folder with "
+                         "train/ and val/, which are not split")
     p.set_defaults(func=run)
 
 

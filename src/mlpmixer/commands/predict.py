@@ -134,6 +134,8 @@ def run(args: argparse.Namespace) -> int:
             notes.append(f"resized {image.shape[-1]}×{image.shape[-2]} and cropped its centre to the model's {w}×{h}")
         elif tuple(image.shape[-2:]) != (h, w):
             notes.append(f"resized {image.shape[-1]}×{image.shape[-2]} to the model's {w}×{h}")
+        if permute is not None:  # said, as mixer eval says it: the probabilities are of the permuted image
+            notes.append(f"permuted ({permute.mode}, seed {permute.seed}) as the model was trained")
         x = prepare(image[0])[None]
         with torch.no_grad():
             probs = model(permute(x) if permute is not None else x).softmax(-1)[0]
