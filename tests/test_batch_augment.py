@@ -20,8 +20,6 @@ from mlpmixer.sources import read_into_memory
 from mlpmixer.train import train
 from test_sources import encode, make_folder, make_shards, sample_id
 
-pytestmark = pytest.mark.filterwarnings("ignore:The image decoding:DeprecationWarning")
-
 
 def images(n: int = 8, size: int = 16, seed: int = 0) -> torch.Tensor:
     return torch.randint(0, 256, (n, 3, size, size), dtype=torch.uint8, generator=torch.Generator().manual_seed(seed))

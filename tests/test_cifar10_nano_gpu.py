@@ -22,8 +22,6 @@ spec = importlib.util.spec_from_file_location("cifar10_nano_gpu", SCRIPT)
 nano = importlib.util.module_from_spec(spec)
 spec.loader.exec_module(nano)
 
-pytestmark = pytest.mark.filterwarnings("ignore:The image decoding:DeprecationWarning")
-
 
 def gone(pid: int) -> bool:
     try:

@@ -7,6 +7,7 @@ import json
 import os
 import subprocess
 import sys
+import threading
 from pathlib import Path
 
 import numpy as np
@@ -506,6 +507,10 @@ def test_an_error_of_a_forked_process_alone_is_told(tmp_path: Path, capfd: pytes
                   "--quiet"])
         err = capfd.readouterr().err
         assert "Training process 1:\nTraceback" in err and "KeyError: 'bug'" in err
+    # The watch on the other process is over (Python names a thread after its target: "Thread-3 (_watch)"): left
+    # running, it could free the model while pytest exited, which aborted it ("terminate called without an
+    # active exception").
+    assert not [t.name for t in threading.enumerate() if "watch" in t.name]
 
 
 @pytest.mark.parametrize("native", [True, False])

@@ -77,6 +77,7 @@ def test_a_failed_process_releases_the_others() -> None:
     other.join(timeout=60)
     with pytest.raises(RuntimeError, match="Another training process stopped"):
         shared.attach(0, _params(0))  # would wait for the other process for ever otherwise
+    shared.close()
 
 
 def _killed_after_attach(shared: SharedGradients, rank: int) -> None:
@@ -118,3 +119,4 @@ def test_a_killed_process_releases_the_others_at_once() -> None:
     with pytest.raises(ChildProcessError, match="Training process 1 of 2 died"):
         shared.average()
     child.join()
+    shared.close()

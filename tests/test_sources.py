@@ -30,9 +30,6 @@ from mlpmixer.sources import (
     open_folder_or_shards,
 )
 
-# torchvision 0.29 deprecates its image decoders (for TorchCodec); they stay the fast path here.
-pytestmark = pytest.mark.filterwarnings("ignore:The image decoding:DeprecationWarning")
-
 SHARED_DATA = Path(__file__).resolve().parents[1].parent / "shared" / "data"
 
 

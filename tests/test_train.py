@@ -127,7 +127,6 @@ def test_shard_epochs_are_whole_with_several_workers(tmp_path: Path) -> None:
     assert epochs[0] != epochs[1]  # the second epoch is a new shuffle, not a repeat
 
 
-@pytest.mark.filterwarnings("ignore:The image decoding:DeprecationWarning")  # torchvision 0.29
 def test_folder_ranks_take_their_slice_of_the_one_process_augmented_batch(tmp_path: Path) -> None:
     from test_sources import make_folder
     from mlpmixer.transforms import train_transform
@@ -153,7 +152,6 @@ def shard_steps(dataset, start: int, steps: int, per_epoch: int, batch: int = 15
     return [[sample_id(image) for image in next(batches)[0][0]] for _ in range(steps)]
 
 
-@pytest.mark.filterwarnings("ignore:The image decoding:DeprecationWarning")  # torchvision 0.29
 def test_shard_epochs_go_on_when_a_pass_holds_fewer_images_than_counted(tmp_path: Path) -> None:
     """One bad image among 150, batches of 15: a pass made 9 batches where the epoch counts 10, and the run
     stopped ('fewer images than one batch ... per pass'), at the end of epoch 1 and again on --resume."""
@@ -181,7 +179,6 @@ def test_shard_epochs_go_on_when_a_pass_holds_fewer_images_than_counted(tmp_path
     assert steps[13:] == steps[:13]
 
 
-@pytest.mark.filterwarnings("ignore:The image decoding:DeprecationWarning")  # torchvision 0.29
 def test_shards_with_a_bad_image_train_their_epochs_and_resume(tmp_path: Path) -> None:
     """The audit's run: 150 samples, one of them cut short, batches of 15, 3 epochs; killed and resumed."""
     from test_sources import make_shards
@@ -494,7 +491,6 @@ def test_resume_is_bit_exact(tmp_path: Path) -> None:
     assert state["step"] == 6 and set(state) == {"model", "optimizer", "step", "ema"}
 
 
-@pytest.mark.filterwarnings("ignore:The image decoding:DeprecationWarning")  # torchvision 0.29
 @pytest.mark.parametrize("layout", ["folder", "shards"])
 def test_resume_with_augmentation_in_the_workers_is_bit_exact(tmp_path: Path, layout: str) -> None:
     """Crops, flips and RandAugment drawn in two DataLoader workers, mixup and stochastic depth in the

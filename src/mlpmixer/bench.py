@@ -174,10 +174,12 @@ def warm_up(case: Case, iters: int) -> None:
 
 def cpu_peak_allocated(step: Callable[[], object]) -> Optional[int]:
     """The most bytes PyTorch's CPU allocator holds at once during a call of `step` beyond what it held
-    before: the "Total Allocated" of the profiler's memory events, which counts what was allocated since
-    profiling began and is not yet freed. (The CPU allocator keeps no peak of its own, and the process's
-    peak resident memory includes what earlier cases freed; memory that oneDNN or MKL allocate themselves
-    is not seen.) None, with a warning, where the profiler fails."""
+    before: the running sum of the profiler's memory events (bytes allocated, minus bytes freed). Not their
+    "Total Allocated": that total is kept across profiling sessions, and memory allocated while profiling
+    but freed after it (an earlier case's optimiser state) stays in it for good, so it grew with what ran
+    before. (The CPU allocator keeps no peak of its own, and the process's peak resident memory includes
+    what earlier cases freed; memory that oneDNN or MKL allocate themselves is not seen.) None, with a
+    warning, where the profiler fails."""
     from torch.profiler import ProfilerActivity, profile
 
     from .profiling import quiet_cpu_profiler
@@ -193,8 +195,12 @@ def cpu_peak_allocated(step: Callable[[], object]) -> Optional[int]:
     except (RuntimeError, OSError, ValueError, KeyError) as e:
         warnings.warn(f"The CPU peak memory was not measured: the profiler failed ({first_line(e)}).", stacklevel=2)
         return None
-    return max((e["args"]["Total Allocated"] for e in events
-                if e.get("name") == "[memory]" and e.get("args", {}).get("Device Type") == 0), default=0)
+    held = peak = 0
+    for e in events:
+        if e.get("name") == "[memory]" and e.get("args", {}).get("Device Type") == 0:
+            held += e["args"]["Bytes"]
+            peak = max(peak, held)
+    return peak
 
 
 def time_interleaved(cases: list[Case], repeats: int, iters: int) -> None:

@@ -17,7 +17,6 @@ from __future__ import annotations
 
 import os
 import threading
-import time
 from typing import Iterable, Optional
 
 import torch
@@ -45,7 +44,7 @@ def _alive(pid: int) -> bool:
 
 class SharedGradients:
     """Create in the parent before forking `world` processes; each calls `attach`, then `average`
-    after every backward pass (before clipping and the optimiser step)."""
+    after every backward pass (before clipping and the optimiser step), and `close` when done."""
 
     def __init__(self, world: int) -> None:
         ctx = torch.multiprocessing.get_context("fork")
@@ -60,13 +59,16 @@ class SharedGradients:
         self._params: list[torch.nn.Parameter] = []
         self._turn = 0
         self.rank = 0
+        self._watcher: Optional[threading.Thread] = None
 
     def attach(self, rank: int, params: Iterable[torch.nn.Parameter]) -> None:
         """Share a buffer sized for `params`, and start every process from rank 0's values (as
         DistributedDataParallel does)."""
         self.rank = rank
         self._pids[rank] = os.getpid()
-        threading.Thread(target=self._watch, daemon=True).start()
+        self._closing = threading.Event()
+        self._watcher = threading.Thread(target=self._watch, name="shared_grads watch", daemon=True)
+        self._watcher.start()
         self._params = [p for p in params if p.requires_grad]
         size = sum(p.numel() for p in self._params)
         if rank == 0:
@@ -99,6 +101,16 @@ class SharedGradients:
             self._error.value = error.encode()[:len(self._error) - 1]
         self.barrier.abort()
 
+    def close(self) -> None:
+        """Stop this process's watch on the others, and wait for it. Left running, the thread held the last
+        reference to this object once training ended, so it could free the parameters itself while the
+        interpreter exited: Python then ends the thread inside torch's tensor deallocation, which aborts
+        the process ("terminate called without an active exception", seen at the end of pytest runs)."""
+        if self._watcher is not None:
+            self._closing.set()
+            self._watcher.join()
+            self._watcher = None
+
     def _scatter(self, flat: torch.Tensor, into_grads: bool) -> None:
         offset = 0
         for p in self._params:
@@ -114,8 +126,7 @@ class SharedGradients:
     def _watch(self) -> None:
         """Release this process from the barrier when another one dies without a word: killed (SIGKILL,
         the kernel's out-of-memory killer), it never calls `abort`, and the others would wait WAIT_S."""
-        while self._lost is None:
-            time.sleep(WATCH_S)
+        while self._lost is None and not self._closing.wait(WATCH_S):
             for rank, pid in enumerate(self._pids):
                 if rank != self.rank and pid and not _alive(pid):
                     self._lost = rank

@@ -51,7 +51,9 @@ from torchvision.datasets.folder import IMG_EXTENSIONS, has_file_allowed_extensi
 from torchvision.transforms.v2 import functional as F
 from tqdm import tqdm
 
-try:  # torchvision 0.29 deprecates its decoders in favour of TorchCodec: where they are gone, PIL decodes all
+# torchvision 0.29 deprecates its decoders in favour of TorchCodec (no dependency here); they are kept while they
+# exist, 1.7x (500 px JPEG) to 4x (32 px) faster than PIL here. Python hides the warning outside __main__.
+try:  # where they are gone, PIL decodes all
     from torchvision.io import ImageReadMode, decode_image
 except ImportError:
     decode_image = None

@@ -1268,6 +1268,7 @@ def launch(r: Recipe, out: Optional[str | Path] = None, **options: Any) -> RunFi
             if failed:  # the others may wait for rank 0 in a collective that never comes
                 child.kill()
             child.join()
+        options["shared_grads"].close()
 
 
 def _saved_layout(run: Path) -> tuple[Optional[int], Optional[int]]:
