@@ -192,6 +192,13 @@ def _programs(device: torch.device) -> int:
     return 4 * torch.cuda.get_device_properties(device).multi_processor_count
 
 
+def _split_rows(rows: int, block_r: int, device: torch.device) -> tuple[int, int]:
+    """(programs, rows each takes, a multiple of block_r) for a reduction over `rows` rows."""
+    programs = min(_programs(device), triton.cdiv(rows, block_r))
+    per_program = triton.cdiv(triton.cdiv(rows, programs), block_r) * block_r
+    return triton.cdiv(rows, per_program), per_program
+
+
 def layer_norm_backward(
     dy: torch.Tensor, x: torch.Tensor, mean: torch.Tensor, rstd: torch.Tensor, weight: torch.Tensor,
     residual: torch.Tensor,
@@ -199,9 +206,7 @@ def layer_norm_backward(
     c = x.shape[-1]
     rows = x.numel() // c
     block_r, block_c = _row_block(c)
-    programs = min(_programs(x.device), triton.cdiv(rows, block_r))
-    per_program = triton.cdiv(triton.cdiv(rows, programs), block_r) * block_r
-    programs = triton.cdiv(rows, per_program)
+    programs, per_program = _split_rows(rows, block_r, x.device)
     dx = torch.empty_like(x)
     parts = torch.empty((2, programs, c), dtype=torch.float32, device=x.device)
     _layer_norm_backward_kernel[(programs,)](
@@ -233,9 +238,7 @@ def column_sums(t: torch.Tensor) -> torch.Tensor:
     rows, c = t.shape
     block_r, block_c = _row_block(min(c, 256))
     block_c = min(block_c, next_power_of_2(c))
-    programs = min(_programs(t.device), triton.cdiv(rows, block_r))
-    per_program = triton.cdiv(triton.cdiv(rows, programs), block_r) * block_r
-    programs = triton.cdiv(rows, per_program)
+    programs, per_program = _split_rows(rows, block_r, t.device)
     parts = torch.empty((programs, c), dtype=torch.float32, device=t.device)
     _column_sums_kernel[(programs, triton.cdiv(c, block_c))](
         t, parts, rows, c, per_program, BLOCK_R=block_r, BLOCK_C=block_c, num_warps=4,
