@@ -255,11 +255,13 @@ class SeededItems(torch.utils.data.Dataset):
 
 
 def loader_batches(dataset: Any, r: Recipe, batch: int, accum: int, start: int, per_epoch: int,
-                   rank: int, world: int) -> Iterator[list[tuple[torch.Tensor, torch.Tensor]]]:
+                   rank: int, world: int, counted: bool = True) -> Iterator[list[tuple[torch.Tensor, torch.Tensor]]]:
     """The same for image folders (map-style: a seeded order per epoch, resumed mid-epoch) and shards
     (iterable: they shuffle and split themselves by rank and worker; set_epoch each epoch, and a resumed
     run replays its epoch up to the step). Either way an image's augmentation draws are seeded by its
-    place in the epoch (for shards, in its reader's stream), so a resumed run draws them again."""
+    place in the epoch (for shards, in its reader's stream), so a resumed run draws them again.
+    `counted` False: shards without a count, whose one epoch (`per_epoch`: the run's steps) holds as many
+    passes as it takes."""
     local = batch // accum // world
     step = start
     while True:
@@ -279,8 +281,10 @@ def loader_batches(dataset: Any, r: Recipe, batch: int, accum: int, start: int, 
                                              persistent_workers=False)
         micro: list[tuple[torch.Tensor, torch.Tensor]] = []
         before = step
-        # Shards: pass after pass while the epoch lasts, in batches of `local`; a short pass is said in the first epoch.
-        batches = loader if sampler is not None else rebatch(_passes(loader, local, warn=step == start), local)
+        # Shards: pass after pass while the epoch lasts, in batches of `local`; a short pass is said in the first
+        # epoch (only where there is a count that a pass can fall short of).
+        batches = loader if sampler is not None else rebatch(_passes(loader, local, warn=counted and step == start),
+                                                             local)
         with worker_deaths(RESUME_ADVICE):
             for n, (x, y) in enumerate(batches):
                 if n < skip:
@@ -865,7 +869,7 @@ def _train(
         batches = tensor_batches(train_data, r, img_size, in_chans, r.batch_size, r.accum, start, rank, world,
                                  augment=augment, device=device)
     else:
-        batches = loader_batches(train_data, r, r.batch_size, r.accum, start, per_epoch, rank, world)
+        batches = loader_batches(train_data, r, r.batch_size, r.accum, start, per_epoch, rank, world, counted)
     eval_at = {round(total * (i + 1) / r.evals) for i in range(r.evals)} if r.evals else {total}
     # Validation images held in memory are transformed in this process: worker processes would cost more.
     eval_workers = 0 if isinstance(getattr(val_data, "dataset", None), TensorDataset) else r.workers
