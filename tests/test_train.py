@@ -239,6 +239,38 @@ def test_the_epoch_of_shards_without_a_count_is_null(tmp_path: Path) -> None:
     assert not [w for w in said if "fewer images than counted" in str(w.message)]
 
 
+@pytest.mark.filterwarnings("ignore:The image decoding:DeprecationWarning")  # torchvision 0.29
+def test_the_speed_after_resuming_shards_leaves_out_the_replay_of_the_epoch(tmp_path: Path, monkeypatch) -> None:
+    """A clock that ticks once per image read: img_per_s is 1.0 where it counts the images trained on. Resumed
+    at step 5, the run reads the epoch's first 5 steps again, and step 10's entry said 0.5."""
+    from types import SimpleNamespace
+    from mlpmixer.sources import ShardDataset
+    from test_sources import make_shards
+
+    clock = [0.0]
+    decode = ShardDataset._decode
+
+    def read(self, sample):
+        clock[0] += 1
+        return decode(self, sample)
+
+    monkeypatch.setattr(ShardDataset, "_decode", read)
+    monkeypatch.setattr(train_mod, "time", SimpleNamespace(time=lambda: clock[0]))
+    make_shards(tmp_path / "shards", shards=1, per_shard=150, classes=10)  # 10 steps of 15 an epoch
+    r = get_recipe("cifar10-nano", data=str(tmp_path / "shards"), img_size=8, augment_on="workers", workers=0,
+                   batch_size=15, steps=10, holdout=0, evals=0)
+    quiet = dict(progress=False, log=lambda *_: None)
+    full = train(r, tmp_path / "full", save_every=5, **quiet)
+    cut = tmp_path / "cut"
+    (cut / "checkpoints").mkdir(parents=True)
+    state = full.out / "checkpoints" / "step-00000005.pt"
+    (cut / "checkpoints" / state.name).write_bytes(state.read_bytes())
+    train(r, cut, resume=True, **quiet)
+    for run in (full.out, cut):
+        rows = [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()]
+        assert [row["img_per_s"] for row in rows if "img_per_s" in row] == [1.0]
+
+
 @pytest.mark.filterwarnings("ignore::UserWarning", "ignore:The image decoding:DeprecationWarning")
 def test_metrics_end_with_the_bad_image_count_of_the_error_that_stops_the_run(tmp_path: Path) -> None:
     """4 bad images of 300 stop the run once 300 are seen (step 20's batch); the last line, of step 10, lagged."""

@@ -261,13 +261,15 @@ class SeededItems(torch.utils.data.Dataset):
 
 
 def loader_batches(dataset: Any, r: Recipe, batch: int, accum: int, start: int, per_epoch: int,
-                   rank: int, world: int, counted: bool = True) -> Iterator[list[tuple[torch.Tensor, torch.Tensor]]]:
+                   rank: int, world: int, counted: bool = True,
+                   skipped: Optional[Callable[[], None]] = None) -> Iterator[list[tuple[torch.Tensor, torch.Tensor]]]:
     """The same for image folders (map-style: a seeded order per epoch, resumed mid-epoch) and shards
     (iterable: they shuffle and split themselves by rank and worker; set_epoch each epoch, and a resumed
     run replays its epoch up to the step). Either way an image's augmentation draws are seeded by its
     place in the epoch (for shards, in its reader's stream), so a resumed run draws them again.
     `counted` False: shards without a count, whose one epoch (`per_epoch`: the run's steps) holds as many
-    passes as it takes, each with an epoch number of its own."""
+    passes as it takes, each with an epoch number of its own. `skipped()`: called once a resumed run has
+    replayed its shard streams up to the step, before the step's own batches are read."""
     local = batch // accum // world
     step = start
     while True:
@@ -295,6 +297,8 @@ def loader_batches(dataset: Any, r: Recipe, batch: int, accum: int, start: int, 
         with worker_deaths(RESUME_ADVICE):
             for n, (x, y) in enumerate(batches):
                 if n < skip:
+                    if n == skip - 1 and skipped is not None:
+                        skipped()
                     continue
                 micro.append((x, y))
                 if len(micro) == accum:
@@ -876,7 +880,13 @@ def _train(
         batches = tensor_batches(train_data, r, img_size, in_chans, r.batch_size, r.accum, start, rank, world,
                                  augment=augment, device=device)
     else:
-        batches = loader_batches(train_data, r, r.batch_size, r.accum, start, per_epoch, rank, world, counted)
+        def restart_clock() -> None:
+            """The first img_per_s after resuming shards: the replay of the epoch up to the step is not training."""
+            nonlocal t_log
+            t_log = time.time()
+
+        batches = loader_batches(train_data, r, r.batch_size, r.accum, start, per_epoch, rank, world, counted,
+                                 skipped=restart_clock)
     eval_at = {round(total * (i + 1) / r.evals) for i in range(r.evals)} if r.evals else {total}
     # Validation images held in memory are transformed in this process: worker processes would cost more.
     eval_workers = 0 if isinstance(getattr(val_data, "dataset", None), TensorDataset) else r.workers
