@@ -201,6 +201,26 @@ def test_shards_with_a_bad_image_train_their_epochs_and_resume(tmp_path: Path) -
     assert (cut / "model.safetensors").is_file()
 
 
+def test_passes_over_shards_without_a_count_are_new_shuffles_and_resume_alike(tmp_path: Path) -> None:
+    """Their run is one epoch of many passes, and every pass repeated the first one's order and draws."""
+    from test_sources import make_shards, sample_id
+
+    make_shards(tmp_path / "shards", shards=1, per_shard=60, describe=False)
+    (tmp_path / "shards" / "dataset.json").write_text(json.dumps({"classes": ["a", "b", "c"]}))
+    dataset = open_folder_or_shards(str(tmp_path / "shards"), "train", 0.0, 0, None).dataset
+    assert dataset.num_examples is None
+
+    def steps(start: int, n: int) -> list[list[int]]:  # 4 steps a pass; the run's one epoch is its 12 steps
+        batches = loader_batches(dataset, tiny(workers=0), 15, 1, start, 12, 0, 1, counted=False)
+        return [[sample_id(image) for image in next(batches)[0][0]] for _ in range(n)]
+
+    run = steps(0, 12)
+    passes = [sum(run[i:i + 4], []) for i in (0, 4, 8)]
+    assert all(sorted(p) == list(range(60)) for p in passes)  # each pass is whole
+    assert passes[0] != passes[1] != passes[2] != passes[0]  # and shuffled anew
+    assert steps(6, 6) == run[6:]  # a run resumed in its second pass draws what the whole run drew
+
+
 @pytest.mark.filterwarnings("ignore:The image decoding:DeprecationWarning")  # torchvision 0.29
 def test_the_epoch_of_shards_without_a_count_is_null(tmp_path: Path) -> None:
     """It was the fraction of the run (done / steps): 1.0 at the end of 20 steps over 60 images, 5 passes."""
@@ -210,9 +230,45 @@ def test_the_epoch_of_shards_without_a_count_is_null(tmp_path: Path) -> None:
     (tmp_path / "shards" / "dataset.json").write_text(json.dumps({"classes": [f"c{i}" for i in range(10)]}))
     r = get_recipe("cifar10-nano", data=str(tmp_path / "shards"), img_size=8, augment_on="workers", workers=0,
                    batch_size=15, steps=20, holdout=0, evals=0)
-    files = train(r, tmp_path / "run", progress=False, log=lambda *_: None)
+    with warnings.catch_warnings(record=True) as said:
+        warnings.simplefilter("always")
+        files = train(r, tmp_path / "run", progress=False, log=lambda *_: None)
     rows = [json.loads(line) for line in files.metrics.read_text().splitlines()]
     assert [row["step"] for row in rows] == [10, 20] and all(row["epoch"] is None for row in rows)
+    # There is no count for a pass to fall short of: each one ended with "fewer images than counted".
+    assert not [w for w in said if "fewer images than counted" in str(w.message)]
+
+
+@pytest.mark.filterwarnings("ignore:The image decoding:DeprecationWarning")  # torchvision 0.29
+def test_the_speed_after_resuming_shards_leaves_out_the_replay_of_the_epoch(tmp_path: Path, monkeypatch) -> None:
+    """A clock that ticks once per image read: img_per_s is 1.0 where it counts the images trained on. Resumed
+    at step 5, the run reads the epoch's first 5 steps again, and step 10's entry said 0.5."""
+    from types import SimpleNamespace
+    from mlpmixer.sources import ShardDataset
+    from test_sources import make_shards
+
+    clock = [0.0]
+    decode = ShardDataset._decode
+
+    def read(self, sample):
+        clock[0] += 1
+        return decode(self, sample)
+
+    monkeypatch.setattr(ShardDataset, "_decode", read)
+    monkeypatch.setattr(train_mod, "time", SimpleNamespace(time=lambda: clock[0]))
+    make_shards(tmp_path / "shards", shards=1, per_shard=150, classes=10)  # 10 steps of 15 an epoch
+    r = get_recipe("cifar10-nano", data=str(tmp_path / "shards"), img_size=8, augment_on="workers", workers=0,
+                   batch_size=15, steps=10, holdout=0, evals=0)
+    quiet = dict(progress=False, log=lambda *_: None)
+    full = train(r, tmp_path / "full", save_every=5, **quiet)
+    cut = tmp_path / "cut"
+    (cut / "checkpoints").mkdir(parents=True)
+    state = full.out / "checkpoints" / "step-00000005.pt"
+    (cut / "checkpoints" / state.name).write_bytes(state.read_bytes())
+    train(r, cut, resume=True, **quiet)
+    for run in (full.out, cut):
+        rows = [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()]
+        assert [row["img_per_s"] for row in rows if "img_per_s" in row] == [1.0]
 
 
 @pytest.mark.filterwarnings("ignore::UserWarning", "ignore:The image decoding:DeprecationWarning")
@@ -491,7 +547,7 @@ def test_resume_is_bit_exact(tmp_path: Path) -> None:
     assert state["step"] == 6 and set(state) == {"model", "optimizer", "step", "ema"}
 
 
-@pytest.mark.parametrize("layout", ["folder", "shards"])
+@pytest.mark.parametrize("layout", ["folder", "shards", "shards without a count"])
 def test_resume_with_augmentation_in_the_workers_is_bit_exact(tmp_path: Path, layout: str) -> None:
     """Crops, flips and RandAugment drawn in two DataLoader workers, mixup and stochastic depth in the
     training process: a run resumed mid-epoch ends with the uninterrupted run's weights, bit for bit."""
@@ -501,14 +557,17 @@ def test_resume_with_augmentation_in_the_workers_is_bit_exact(tmp_path: Path, la
     if layout == "folder":
         make_folder(data, {"a": 14, "b": 13, "c": 13})
     else:
-        make_shards(data, shards=2, per_shard=20)
+        make_shards(data, shards=2, per_shard=20, describe=layout == "shards")
+        if layout == "shards without a count":
+            (data / "dataset.json").write_text(json.dumps({"classes": ["a", "b", "c"]}))
     r = get_recipe("imagenette-s16", data=str(data), model="nano/4", img_size=8, holdout=0, batch_size=8, steps=8,
                    evals=1, workers=2, ema=0.9, threads=1)  # 5 steps an epoch; fixed threads: the same sums
     quiet = dict(progress=False, log=lambda *_: None)
     full = train(r, tmp_path / "full", save_every=3, **quiet)
     cut = tmp_path / "cut"
     (cut / "checkpoints").mkdir(parents=True)
-    state = full.out / "checkpoints" / "step-00000003.pt"  # in the middle of the first epoch
+    # In the middle of the first epoch; without a count, of the second pass over the data (a new shuffle).
+    state = full.out / "checkpoints" / ("step-00000006.pt" if layout == "shards without a count" else "step-00000003.pt")
     (cut / "checkpoints" / state.name).write_bytes(state.read_bytes())
     train(r, cut, resume=True, save_every=3, **quiet)
     a, b = load_checkpoint(full.model).state_dict(), load_checkpoint(cut / "model.safetensors").state_dict()

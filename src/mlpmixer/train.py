@@ -215,14 +215,17 @@ def rebatch(batches: Iterable[tuple[torch.Tensor, torch.Tensor]], size: int) -> 
         xs, ys = ([x], [y]) if len(x) else ([], [])
 
 
-def _passes(loader: Iterable[tuple[torch.Tensor, torch.Tensor]], size: int,
-            warn: bool) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
+def _passes(loader: Iterable[tuple[torch.Tensor, torch.Tensor]], size: int, warn: bool,
+            new_pass: Optional[Callable[[int], None]] = None) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
     """An iterable dataset's batches, pass after pass, for as long as an epoch takes them: a pass can hold
     fewer images than the epoch's steps (bad images skipped, a dataset.json that counts more images than
     the shards hold, a rank with fewer shards than another), and its last steps then take images from the
     start of the same pass again, in the order (seed, epoch) gives it, so a resumed run finds them too.
     Ends after a pass of fewer images than one batch of `size`, where no batch could be made. `warn`: say
-    so when a pass runs short (once a run is enough: every epoch runs short alike)."""
+    so when a pass runs short (once a run is enough: every epoch runs short alike). `new_pass(n)`: called
+    before each pass n ≥ 1 (shards without a count, whose whole run is one epoch: it sets the data's epoch
+    to n, so that each pass is shuffled and augmented anew, and the same passes again on --resume)."""
+    passes = 0
     while True:
         images = 0
         for x, y in loader:
@@ -230,6 +233,9 @@ def _passes(loader: Iterable[tuple[torch.Tensor, torch.Tensor]], size: int,
             yield x, y
         if images < size:
             return
+        if new_pass is not None:
+            passes += 1
+            new_pass(passes)
         if warn:
             warn = False
             warnings.warn("The training data held fewer images than counted (bad images skipped, or a dataset.json "
@@ -255,11 +261,15 @@ class SeededItems(torch.utils.data.Dataset):
 
 
 def loader_batches(dataset: Any, r: Recipe, batch: int, accum: int, start: int, per_epoch: int,
-                   rank: int, world: int) -> Iterator[list[tuple[torch.Tensor, torch.Tensor]]]:
+                   rank: int, world: int, counted: bool = True,
+                   skipped: Optional[Callable[[], None]] = None) -> Iterator[list[tuple[torch.Tensor, torch.Tensor]]]:
     """The same for image folders (map-style: a seeded order per epoch, resumed mid-epoch) and shards
     (iterable: they shuffle and split themselves by rank and worker; set_epoch each epoch, and a resumed
     run replays its epoch up to the step). Either way an image's augmentation draws are seeded by its
-    place in the epoch (for shards, in its reader's stream), so a resumed run draws them again."""
+    place in the epoch (for shards, in its reader's stream), so a resumed run draws them again.
+    `counted` False: shards without a count, whose one epoch (`per_epoch`: the run's steps) holds as many
+    passes as it takes, each with an epoch number of its own. `skipped()`: called once a resumed run has
+    replayed its shard streams up to the step, before the step's own batches are read."""
     local = batch // accum // world
     step = start
     while True:
@@ -279,11 +289,16 @@ def loader_batches(dataset: Any, r: Recipe, batch: int, accum: int, start: int, 
                                              persistent_workers=False)
         micro: list[tuple[torch.Tensor, torch.Tensor]] = []
         before = step
-        # Shards: pass after pass while the epoch lasts, in batches of `local`; a short pass is said in the first epoch.
-        batches = loader if sampler is not None else rebatch(_passes(loader, local, warn=step == start), local)
+        # Shards: pass after pass while the epoch lasts, in batches of `local`; a short pass is said in the first
+        # epoch (only where there is a count that a pass can fall short of).
+        new_pass = None if counted else getattr(dataset, "set_epoch", None)
+        batches = loader if sampler is not None else rebatch(
+            _passes(loader, local, warn=counted and step == start, new_pass=new_pass), local)
         with worker_deaths(RESUME_ADVICE):
             for n, (x, y) in enumerate(batches):
                 if n < skip:
+                    if n == skip - 1 and skipped is not None:
+                        skipped()
                     continue
                 micro.append((x, y))
                 if len(micro) == accum:
@@ -865,7 +880,13 @@ def _train(
         batches = tensor_batches(train_data, r, img_size, in_chans, r.batch_size, r.accum, start, rank, world,
                                  augment=augment, device=device)
     else:
-        batches = loader_batches(train_data, r, r.batch_size, r.accum, start, per_epoch, rank, world)
+        def restart_clock() -> None:
+            """The first img_per_s after resuming shards: the replay of the epoch up to the step is not training."""
+            nonlocal t_log
+            t_log = time.time()
+
+        batches = loader_batches(train_data, r, r.batch_size, r.accum, start, per_epoch, rank, world, counted,
+                                 skipped=restart_clock)
     eval_at = {round(total * (i + 1) / r.evals) for i in range(r.evals)} if r.evals else {total}
     # Validation images held in memory are transformed in this process: worker processes would cost more.
     eval_workers = 0 if isinstance(getattr(val_data, "dataset", None), TensorDataset) else r.workers
