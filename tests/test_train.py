@@ -295,6 +295,22 @@ def test_too_few_images_for_one_batch_per_pass_stop_the_run(tmp_path: Path) -> N
         shard_steps(dataset, 0, 1, 1)
 
 
+@pytest.mark.parametrize("steps", [None, 2])
+def test_a_folder_of_fewer_images_than_one_batch_is_one_sentence(tmp_path: Path, steps) -> None:
+    """It was an IndexError of loader_batches with --steps, and 'does not say how many images it holds'
+    without (the reported run: 60 images, --holdout 6, the default batch of 128)."""
+    from test_sources import make_folder
+
+    make_folder(tmp_path / "data", {"a": 4, "b": 4, "c": 4})
+    r = get_recipe("cifar10-nano", data=str(tmp_path / "data"), img_size=8, augment_on="workers", workers=0,
+                   batch_size=16, steps=steps, epochs=1, holdout=2, evals=0)
+    with pytest.raises(ValueError, match=r"^The batch size 16 is larger than the 10 training images; "
+                                         r"lower --batch-size\.$"):
+        train(r, tmp_path / "run", progress=False, log=lambda *_: None)
+    files = train(r.replace(batch_size=5), tmp_path / "run", progress=False, log=lambda *_: None)  # starts over
+    assert files.model.is_file()
+
+
 def test_cifar_style_augmentation_in_the_workers_trains(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     """--pad-crop and --mix-prob reach the workers' transform and the batch mixing."""
     import mlpmixer.transforms as transforms

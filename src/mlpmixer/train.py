@@ -137,6 +137,11 @@ def loss_fn(logits: torch.Tensor, target: torch.Tensor, r: Recipe) -> torch.Tens
 AUGMENT_CHUNK = {"cuda": 8192, "cpu": 2048}
 
 
+def too_few_images(batch: int, images: int) -> str:
+    """The error of a batch larger than the training data, whatever holds them (memory, a folder)."""
+    return f"The batch size {batch} is larger than the {images} training images; lower --batch-size."
+
+
 def tensor_batches(data: TensorData, r: Recipe, img_size: Any, in_chans: int, batch: int, accum: int,
                    start: int, rank: int, world: int, augment: Optional[BatchAugment] = None,
                    device: Optional[torch.device] = None) -> Iterator[list[tuple[torch.Tensor, torch.Tensor]]]:
@@ -152,7 +157,7 @@ def tensor_batches(data: TensorData, r: Recipe, img_size: Any, in_chans: int, ba
         x_all = to_model_input(data.images, img_size, in_chans)  # once: the whole set fits in memory
     per_epoch = len(data) // batch
     if per_epoch == 0:
-        raise ValueError(f"The batch size {batch} is larger than the {len(data)} training images; lower it.")
+        raise ValueError(too_few_images(batch, len(data)))
     # This rank's share of each micro-batch, in batch positions: every world-th image of it.
     micro = batch // accum
     mine = torch.arange(batch).view(accum, micro)[:, rank::world].reshape(-1)
@@ -271,6 +276,9 @@ def loader_batches(dataset: Any, r: Recipe, batch: int, accum: int, start: int, 
     passes as it takes, each with an epoch number of its own. `skipped()`: called once a resumed run has
     replayed its shard streams up to the step, before the step's own batches are read."""
     local = batch // accum // world
+    if not isinstance(dataset, torch.utils.data.IterableDataset) and len(dataset) < batch:
+        # An epoch of no full batch: its places would run past the images (shards say so after a pass, below).
+        raise ValueError(too_few_images(batch, len(dataset)))
     step = start
     while True:
         epoch, i = divmod(step, per_epoch)
@@ -753,6 +761,8 @@ def _train(
         if total > MAX_STEPS:
             raise ValueError(f"--epochs {r.epochs:g} of {per_epoch:,} steps each make more than the {MAX_STEPS:,} "
                              "steps a run can have; lower --epochs.")
+    elif num_train:  # counted, but not one batch: before anything is written, as no epoch can be counted
+        raise ValueError(too_few_images(r.batch_size, num_train))
     else:
         raise ValueError(f"{r.data} does not say how many images it holds; give --steps.")
     # Without a count (shards whose dataset.json gives none) an epoch is unknown: metrics say null, not the
