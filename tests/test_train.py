@@ -311,6 +311,18 @@ def test_a_folder_of_fewer_images_than_one_batch_is_one_sentence(tmp_path: Path,
     assert files.model.is_file()
 
 
+def test_a_folder_of_one_class_is_refused(tmp_path: Path) -> None:
+    """It trained, with a softmax loss of 0 from the first step (and curves that could not be drawn)."""
+    from test_sources import make_folder
+
+    make_folder(tmp_path / "data", {"cats": 12})
+    r = get_recipe("cifar10-nano", data=str(tmp_path / "data"), img_size=8, augment_on="workers", workers=0,
+                   batch_size=4, steps=2, holdout=2, evals=0)
+    with pytest.raises(ValueError, match=r"holds one class \(cats\); a classifier needs images of two or more\.$"):
+        train(r, tmp_path / "run", progress=False, log=lambda *_: None)
+    assert not (tmp_path / "run").exists()
+
+
 def test_cifar_style_augmentation_in_the_workers_trains(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     """--pad-crop and --mix-prob reach the workers' transform and the batch mixing."""
     import mlpmixer.transforms as transforms

@@ -713,6 +713,8 @@ def _train(
                 val_data = open_folder_or_shards(r.eval_data or r.data, "val", holdout, r.seed, t_eval)
             check_same_classes(class_names, val_data.class_names)
     num_classes = len(class_names)
+    if num_classes < 2:  # the softmax of one class is 1 whatever the image: nothing to learn, a loss of 0
+        raise ValueError(f"{r.data} holds one class ({class_names[0]}); a classifier needs images of two or more.")
 
     # --- model.
     torch.manual_seed(r.seed)
