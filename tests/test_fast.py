@@ -282,6 +282,48 @@ def test_broken_kernel_falls_back_with_one_warning(monkeypatch):
     assert len([w for w in caught if "Triton kernels disabled" in str(w.message)]) == 1
 
 
+def _backward_calls(zero: bool) -> dict:
+    """Arguments of the three backward kernels' wrappers; `zero`: the gradients are exact zeros."""
+    g = (lambda *shape: torch.zeros(*shape)) if zero else (lambda *shape: torch.randn(*shape))
+    x, w, b = torch.randn(6, 8), torch.randn(8), torch.randn(8)
+    _, mean, rstd = torch.native_layer_norm(x, (8,), w, b, 1e-6)
+    return {
+        "layer_norm_backward": (g(6, 8), x, mean, rstd, w, b, g(6, 8)),
+        "column_sums": (g(6, 8),),
+        "gelu_fwd_bwd": (torch.randn(6, 8), g(6, 8), "tanh"),
+    }
+
+
+@pytest.mark.parametrize("name", ["layer_norm_backward", "column_sums", "gelu_fwd_bwd"])
+def test_a_backward_check_on_zero_gradients_does_not_count(monkeypatch, name):
+    """A fresh model's head is zero, so its first training step sends exact zeros through every backward
+    kernel: a kernel right only on zeros (here: twice the right gradient) must still be caught on the next use."""
+    T = pytest.importorskip("mlpmixer.kernels._triton")
+    monkeypatch.setitem(K._state, "disabled_reason", None)
+    monkeypatch.setattr(K, "_verified", set())
+    monkeypatch.setattr(K, "triton_usable", lambda t: True)
+    plain = {"layer_norm_backward": K.layer_norm_backward_ref, "column_sums": lambda t: t.sum(0),
+             "gelu_fwd_bwd": K.gelu_fwd_bwd_ref}[name]
+
+    def twice(*args):
+        out = plain(*[a[0] if isinstance(a, tuple) else a for a in args])
+        return (*out[:-1], out[-1] * 2) if isinstance(out, tuple) else out * 2  # the last gradient wrong
+
+    if name == "layer_norm_backward":  # the Triton launcher takes no bias
+        monkeypatch.setattr(T, name, lambda dy, x, mean, rstd, w, res: twice(dy, x, mean, rstd, w, w, res))
+    else:
+        monkeypatch.setattr(T, name, twice)
+    fused = getattr(K, name)
+    fused(*_backward_calls(zero=True)[name])  # the first step of a fresh model: zeros on both sides
+    assert K._state["disabled_reason"] is None
+    args = _backward_calls(zero=False)[name]
+    with pytest.warns(UserWarning, match="disagreed"):
+        out = fused(*args)
+    ref = plain(*args)
+    for o, r in zip(out if isinstance(out, tuple) else (out,), ref if isinstance(ref, tuple) else (ref,)):
+        assert torch.equal(o, r)
+
+
 @pytest.mark.parametrize("triton_version, numpy_version, message", [
     ("3.0.0", "2.0.2", "Triton 3.0.0 loses its stores under NumPy 2.0.2; install numpy<2.0 or Triton >= 3.2"),
     ("3.2.0", "2.4.6", "Triton 3.2.0 fails on loops under NumPy 2.4.6; install numpy<2.4 or Triton >= 3.7"),
