@@ -498,13 +498,14 @@ def _kernel_builds() -> list:
     for given in (False, True):
         builds.append((f"layer_norm_train stats_given={given}", T._layer_norm_train_kernel,
                        dict(X="*bf16", W="*bf16", BIAS="*bf16", Y="*bf16", MEAN="*fp32", RSTD="*fp32"),
-                       dict(rows="i32", C="i32", eps="fp32"), dict(STATS_GIVEN=given, BLOCK_R=32, BLOCK_C=128)))
-    builds.append(("layer_norm_backward", T._layer_norm_backward_kernel,
-                   dict(DY="*bf16", X="*bf16", MEAN="*fp32", RSTD="*fp32", W="*bf16", RES="*bf16", DX="*bf16",
-                        DW_PART="*fp32", DB_PART="*fp32"),
-                   dict(rows="i32", C="i32", rows_per_program="i32"), dict(BLOCK_R=32, BLOCK_C=128)))
+                       dict(rows="i32", C="i32", eps="fp32"), dict(STATS_GIVEN=given, BLOCK_R=16, BLOCK_C=128)))
+    for block_r, block_c in ((16, 128), (1, 2048)):  # Mixer-nano's rows, H/14's (1,280 channels)
+        builds.append((f"layer_norm_backward {block_r}x{block_c}", T._layer_norm_backward_kernel,
+                       dict(DY="*bf16", X="*bf16", MEAN="*fp32", RSTD="*fp32", W="*bf16", RES="*bf16", DX="*bf16",
+                            DW_PART="*fp32", DB_PART="*fp32"),
+                       dict(rows="i32", C="i32", rows_per_program="i32"), dict(BLOCK_R=block_r, BLOCK_C=block_c)))
     builds.append(("column_sums", T._column_sums_kernel, dict(T="*bf16", PART="*fp32"),
-                   dict(rows="i32", C="i32", rows_per_program="i32"), dict(BLOCK_R=16, BLOCK_C=256)))
+                   dict(rows="i32", C="i32", rows_per_program="i32"), dict(BLOCK_R=8, BLOCK_C=256)))
     for act in (1, 2):  # exact, tanh GELU
         builds.append((f"gelu_fwd_bwd act={act}", T._gelu_fwd_bwd_kernel,
                        dict(PRE="*bf16", GRAD="*bf16", H="*bf16", DPRE="*bf16"), dict(n="i32"),
