@@ -185,6 +185,8 @@ def test_images_of_several_sizes_cannot_be_held_as_one(tmp_path: Path) -> None:
 
 
 def test_training_with_device_augmentation_resumes_bit_exact(tmp_path: Path) -> None:
+    from test_train import state_copied
+
     make_shards(tmp_path / "shards", shards=2, per_shard=40, classes=4)
     # Fixed threads: left to the machine's load, the two runs could sum in different orders.
     r = get_recipe("cifar10-nano", data=str(tmp_path / "shards"), img_size=8, model="nano/4", holdout=0.1,
@@ -192,10 +194,7 @@ def test_training_with_device_augmentation_resumes_bit_exact(tmp_path: Path) -> 
     assert r.augment_on == "device"
     quiet = dict(progress=False, log=lambda *_: None)
     full = train(r, tmp_path / "full", save_every=2, **quiet)
-    cut = tmp_path / "cut"
-    (cut / "checkpoints").mkdir(parents=True)
-    state = full.out / "checkpoints" / "step-00000002.pt"
-    (cut / "checkpoints" / state.name).write_bytes(state.read_bytes())
+    cut = state_copied(full.out, 2, tmp_path / "cut")
     train(r, cut, resume=True, save_every=2, **quiet)
     a, b = load_checkpoint(full.model).state_dict(), load_checkpoint(cut / "model.safetensors").state_dict()
     assert all(torch.equal(a[k], b[k]) for k in a)

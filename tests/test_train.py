@@ -26,6 +26,14 @@ def tiny(**changes) -> Recipe:
     return get_recipe("mnist5k", **{"steps": 4, "batch_size": 32, "evals": 2, **changes})
 
 
+def state_copied(run: Path, step: int, into: Path) -> Path:
+    """A new run folder `into` holding only `run`'s training state of `step`: resumed, it goes on from there."""
+    (into / "checkpoints").mkdir(parents=True)
+    state = run / "checkpoints" / f"step-{step:08d}.pt"
+    (into / "checkpoints" / state.name).write_bytes(state.read_bytes())
+    return into
+
+
 def test_a_short_run_writes_every_file(tmp_path: Path) -> None:
     files = train(tiny(), tmp_path / "run", progress=False, log=lambda *_: None)
     for f in (files.model, files.config, files.metrics, files.curves):
@@ -261,10 +269,7 @@ def test_the_speed_after_resuming_shards_leaves_out_the_replay_of_the_epoch(tmp_
                    batch_size=15, steps=10, holdout=0, evals=0)
     quiet = dict(progress=False, log=lambda *_: None)
     full = train(r, tmp_path / "full", save_every=5, **quiet)
-    cut = tmp_path / "cut"
-    (cut / "checkpoints").mkdir(parents=True)
-    state = full.out / "checkpoints" / "step-00000005.pt"
-    (cut / "checkpoints" / state.name).write_bytes(state.read_bytes())
+    cut = state_copied(full.out, 5, tmp_path / "cut")
     train(r, cut, resume=True, **quiet)
     for run in (full.out, cut):
         rows = [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()]
@@ -592,11 +597,8 @@ def test_resume_with_augmentation_in_the_workers_is_bit_exact(tmp_path: Path, la
                    evals=1, workers=2, ema=0.9, threads=1)  # 5 steps an epoch; fixed threads: the same sums
     quiet = dict(progress=False, log=lambda *_: None)
     full = train(r, tmp_path / "full", save_every=3, **quiet)
-    cut = tmp_path / "cut"
-    (cut / "checkpoints").mkdir(parents=True)
     # In the middle of the first epoch; without a count, of the second pass over the data (a new shuffle).
-    state = full.out / "checkpoints" / ("step-00000006.pt" if layout == "shards without a count" else "step-00000003.pt")
-    (cut / "checkpoints" / state.name).write_bytes(state.read_bytes())
+    cut = state_copied(full.out, 6 if layout == "shards without a count" else 3, tmp_path / "cut")
     train(r, cut, resume=True, save_every=3, **quiet)
     a, b = load_checkpoint(full.model).state_dict(), load_checkpoint(cut / "model.safetensors").state_dict()
     assert all(torch.equal(a[k], b[k]) for k in a)
