@@ -197,7 +197,6 @@ def test_cli_fewshot_and_linear_probe(tmp_path, capsys):
 
 
 
-@pytest.mark.filterwarnings("ignore:The image decoding:DeprecationWarning")  # torchvision 0.29's, as in test_sources
 def test_results_on_shards_do_not_depend_on_the_workers(tmp_path, capsys):
     """DataLoader workers interleave the shards they read, in an order their number decides; the pool split and
     the support draws pick by position, so --workers changed the accuracies."""

@@ -229,7 +229,6 @@ def test_passes_over_shards_without_a_count_are_new_shuffles_and_resume_alike(tm
     assert steps(6, 6) == run[6:]  # a run resumed in its second pass draws what the whole run drew
 
 
-@pytest.mark.filterwarnings("ignore:The image decoding:DeprecationWarning")  # torchvision 0.29
 def test_the_epoch_of_shards_without_a_count_is_null(tmp_path: Path) -> None:
     """It was the fraction of the run (done / steps): 1.0 at the end of 20 steps over 60 images, 5 passes."""
     from test_sources import make_shards
@@ -247,7 +246,6 @@ def test_the_epoch_of_shards_without_a_count_is_null(tmp_path: Path) -> None:
     assert not [w for w in said if "fewer images than counted" in str(w.message)]
 
 
-@pytest.mark.filterwarnings("ignore:The image decoding:DeprecationWarning")  # torchvision 0.29
 def test_the_speed_after_resuming_shards_leaves_out_the_replay_of_the_epoch(tmp_path: Path, monkeypatch) -> None:
     """A clock that ticks once per image read: img_per_s is 1.0 where it counts the images trained on. Resumed
     at step 5, the run reads the epoch's first 5 steps again, and step 10's entry said 0.5."""
@@ -276,7 +274,7 @@ def test_the_speed_after_resuming_shards_leaves_out_the_replay_of_the_epoch(tmp_
         assert [row["img_per_s"] for row in rows if "img_per_s" in row] == [1.0]
 
 
-@pytest.mark.filterwarnings("ignore::UserWarning", "ignore:The image decoding:DeprecationWarning")
+@pytest.mark.filterwarnings("ignore::UserWarning")
 def test_metrics_end_with_the_bad_image_count_of_the_error_that_stops_the_run(tmp_path: Path) -> None:
     """4 bad images of 300 stop the run once 300 are seen (step 20's batch); the last line, of step 10, lagged."""
     from mlpmixer.sources import BadDataError

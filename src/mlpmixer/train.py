@@ -771,6 +771,11 @@ def _train(
     # fraction of the run that done / total would give.
     counted = per_epoch > 0
     per_epoch = per_epoch or total
+
+    def epoch_at(steps_done: int) -> Optional[float]:
+        """The epochs that `steps_done` steps make, for metrics.jsonl (None without a count)."""
+        return round(steps_done / per_epoch, 3) if counted else None
+
     if main and r.warmup >= total:
         log(f"Note: the warm-up of {int(r.warmup)} steps covers the whole run of {total}: the learning rate never "
             "decays; give --warmup as a fraction of the run (e.g. 0.05) or more steps.")
@@ -980,8 +985,7 @@ def _train(
             # Too many bad images (sources.BadDataError, not imported here: it would import torchvision): metrics.jsonl
             # ends with the count the error says, which the last line, written up to 9 steps before, lags.
             if main and getattr(e, "bad", None) is not None:
-                _append(files.metrics, {"step": step, "epoch": round(step / per_epoch, 3) if counted else None,
-                                        "bad_samples": e.bad})
+                _append(files.metrics, {"step": step, "epoch": epoch_at(step), "bad_samples": e.bad})
             raise
         # After the batch: reading it can draw from torch's generator (images augmented in this process,
         # a DataLoader started), and more so in a resumed run, which starts its loader mid-epoch.
@@ -1014,7 +1018,7 @@ def _train(
             opt.zero_grad(set_to_none=True)
         seen += r.batch_size
         done = step + 1
-        epoch = round(done / per_epoch, 3) if counted else None
+        epoch = epoch_at(done)
         if done % 10 == 0 or done == total or done in eval_at or (save_every and done % save_every == 0):
             _check_finite(unchecked, run, bar, main, draw_curves, saying)
 
