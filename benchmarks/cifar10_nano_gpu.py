@@ -164,7 +164,7 @@ def check_augmentation(device: str) -> dict:
     from mlpmixer.train import AUGMENT_CHUNK
 
     r = get_recipe("cifar10-nano")
-    aug = BatchAugment(r.img_size, tuple(r.crop_area), r.flip, r.randaugment, r.pad_crop)
+    aug = BatchAugment(r.img_size, tuple(r.crop_area), r.flip, r.randaugment, r.pad_crop, r.autoaugment)
     out = {}
     sync = torch.cuda.synchronize if device == "cuda" else (lambda: None)
     for n_images in (2048, AUGMENT_CHUNK["cuda"]):

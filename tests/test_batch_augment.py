@@ -13,7 +13,7 @@ from torchvision.transforms import v2
 from torchvision.transforms.v2 import functional as F
 
 from mlpmixer import load_checkpoint
-from mlpmixer.batch_augment import RANDAUGMENT_SPACE, BatchAugment, crop_boxes
+from mlpmixer.batch_augment import OPERATIONS, RANDAUGMENT_SPACE, BatchAugment, crop_boxes
 from mlpmixer.data import Source
 from mlpmixer.recipes import get_recipe
 from mlpmixer.sources import read_into_memory
@@ -25,18 +25,23 @@ def images(n: int = 8, size: int = 16, seed: int = 0) -> torch.Tensor:
     return torch.randint(0, 256, (n, 3, size, size), dtype=torch.uint8, generator=torch.Generator().manual_seed(seed))
 
 
-@pytest.mark.parametrize("name", list(RANDAUGMENT_SPACE))
+def randaugment(aug: BatchAugment, x: torch.Tensor, ops: torch.Tensor, negative: torch.Tensor) -> torch.Tensor:
+    """RandAugment's operations `ops` (indices into its space) at the level aug.m."""
+    return aug.operations(x, ops, torch.full_like(ops, aug.m), negative)
+
+
+@pytest.mark.parametrize("name", RANDAUGMENT_SPACE)
 @pytest.mark.parametrize("negative", [False, True])
 @pytest.mark.parametrize("m", [5, 15])
 def test_each_randaugment_operation_is_torchvisions(name: str, negative: bool, m: int) -> None:
     """Every row that drew an operation gets exactly what torchvision's RandAugment does with it (its
     per-operation method is private; this test is where a change of it would show)."""
-    op_id = list(RANDAUGMENT_SPACE).index(name)
-    _, levels, signed = RANDAUGMENT_SPACE[name]
+    op_id = RANDAUGMENT_SPACE.index(name)
+    _, levels, signed = OPERATIONS[name]
     x = images(6, size=20)
     ops = torch.full((6, 1), op_id)
-    ours = BatchAugment(20, randaugment_m=m).randaugment(x, ops, torch.full((6, 1), negative))
-    table = levels(20, 20)
+    ours = randaugment(BatchAugment(20, randaugment_m=m), x, ops, torch.full((6, 1), negative))
+    table = levels(31, 20, 20)
     value = float(table[m]) if table is not None else 0.0
     value = -value if negative and signed else value
     reference = v2.RandAugment(num_ops=1, magnitude=m)
@@ -45,12 +50,64 @@ def test_each_randaugment_operation_is_torchvisions(name: str, negative: bool, m
     assert torch.equal(ours, expected)
 
 
+def test_randaugment_space_is_torchvisions() -> None:
+    assert RANDAUGMENT_SPACE == list(v2.RandAugment._AUGMENTATION_SPACE)
+
+
 def test_rows_get_their_own_operations() -> None:
     x = images(4)
-    ops = torch.tensor([[0, 0], [list(RANDAUGMENT_SPACE).index("Solarize"), 0], [0, 0], [0, 0]])
-    out = BatchAugment(16, randaugment_m=30).randaugment(x, ops, torch.zeros(4, 2, dtype=torch.bool))
+    ops = torch.tensor([[0, 0], [RANDAUGMENT_SPACE.index("Solarize"), 0], [0, 0], [0, 0]])
+    out = randaugment(BatchAugment(16, randaugment_m=30), x, ops, torch.zeros(4, 2, dtype=torch.bool))
     assert torch.equal(out[[0, 2, 3]], x[[0, 2, 3]])  # Identity twice
     assert torch.equal(out[1], F.solarize(x[1], threshold=0.0))
+
+
+@pytest.mark.parametrize("policy", ["imagenet", "cifar10", "svhn"])
+def test_autoaugment_is_torchvisions(policy: str) -> None:
+    """Each image gets what v2.AutoAugment gives it: torchvision's own random choices for the image,
+    replayed from the same seed in its order (sub-policy, then for each step whether it runs and its
+    sign), are carried out by ours. This also checks the policy tables taken from torchvision."""
+    x = images(60, size=20)
+    aug = BatchAugment(20, autoaugment=policy)
+    reference = v2.AutoAugment(v2.AutoAugmentPolicy(policy))
+    expected, ops, levels, negative = [], [], [], []
+    for i, image in enumerate(x):
+        torch.manual_seed(i)
+        expected.append(reference(image))
+        torch.manual_seed(i)
+        pair = reference._policies[int(torch.randint(len(reference._policies), ()))]
+        row = []
+        for name, chance, level in pair:
+            taken = bool(torch.rand(()) <= chance)
+            sign = taken and OPERATIONS[name][2] and bool(torch.rand(()) <= 0.5)
+            row.append((list(OPERATIONS).index(name) if taken else -1, level or 0, sign))
+        ops.append([r[0] for r in row]), levels.append([r[1] for r in row]), negative.append([r[2] for r in row])
+    ours = aug.operations(x, torch.tensor(ops), torch.tensor(levels), torch.tensor(negative))
+    assert torch.equal(ours, torch.stack(expected))
+    assert (torch.tensor(ops) >= 0).sum() > 40  # most steps of these sub-policies ran
+
+
+def test_autoaugment_draws_sub_policies_and_steps_at_their_rates() -> None:
+    aug = BatchAugment(16, autoaugment="cifar10")
+    op_ids, chance, level = aug.policy
+    draws = aug.draw(50_000, 16, 16, torch.Generator().manual_seed(0))
+    # Each image's steps that ran are those of one sub-policy, at its levels.
+    same = (op_ids == draws.ops.unsqueeze(1)) & (level == draws.levels.unsqueeze(1))  # (images, 25, 2)
+    assert (same | (draws.ops < 0).unsqueeze(1)).all(2).any(1).all()
+    # Each sub-policy is drawn 1/25 of the time and each step taken with its probability: only
+    # sub-policy 0 starts with Invert (at 0.1), and TranslateY at level 9 starts 21 (0.9) and 24 (0.7).
+    ops = list(OPERATIONS)
+    assert (draws.ops[:, 0] == ops.index("Invert")).float().mean() == pytest.approx(0.1 / 25, abs=0.001)
+    assert ((draws.ops[:, 0] == ops.index("TranslateY")) & (draws.levels[:, 0] == 9)).float().mean() \
+        == pytest.approx(1.6 / 25, abs=0.004)
+
+
+def test_autoaugment_in_the_workers_is_torchvisions() -> None:
+    from mlpmixer.transforms import train_transform
+
+    t = train_transform(16, crop_area=(1.0, 1.0), flip=False, autoaugment="svhn")
+    assert any(isinstance(step, v2.AutoAugment) and step.policy == v2.AutoAugmentPolicy.SVHN for step in t.transforms)
+    assert t(images(1)[0]).shape == (3, 16, 16)
 
 
 def test_crop_boxes_follow_random_resized_crop() -> None:
@@ -126,6 +183,10 @@ def test_bad_settings_are_one_sentence() -> None:
         BatchAugment(16, randaugment_m=31)
     with pytest.raises(ValueError, match="padding"):
         BatchAugment(16, pad=-1)
+    with pytest.raises(ValueError, match="alternatives"):
+        BatchAugment(16, randaugment_m=9, autoaugment="cifar10")
+    with pytest.raises(ValueError, match="Unknown AutoAugment policy 'cifar100'; choose one of imagenet, cifar10, svhn"):
+        BatchAugment(16, autoaugment="cifar100")
 
 
 def test_read_into_memory_reads_every_image_in_every_process(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
@@ -184,13 +245,14 @@ def test_images_of_several_sizes_cannot_be_held_as_one(tmp_path: Path) -> None:
         read_into_memory(str(tmp_path / "data"), "train", 0.0, 0, in_chans=3, workers=0, progress=False)
 
 
-def test_training_with_device_augmentation_resumes_bit_exact(tmp_path: Path) -> None:
+@pytest.mark.parametrize("augmentation", [{}, {"autoaugment": "cifar10"}])
+def test_training_with_device_augmentation_resumes_bit_exact(tmp_path: Path, augmentation: dict) -> None:
     from test_train import state_copied
 
     make_shards(tmp_path / "shards", shards=2, per_shard=40, classes=4)
     # Fixed threads: left to the machine's load, the two runs could sum in different orders.
     r = get_recipe("cifar10-nano", data=str(tmp_path / "shards"), img_size=8, model="nano/4", holdout=0.1,
-                   batch_size=16, steps=4, evals=1, workers=0, ema=0.9, threads=1)
+                   batch_size=16, steps=4, evals=1, workers=0, ema=0.9, threads=1, **augmentation)
     assert r.augment_on == "device"
     quiet = dict(progress=False, log=lambda *_: None)
     full = train(r, tmp_path / "full", save_every=2, **quiet)
@@ -200,6 +262,17 @@ def test_training_with_device_augmentation_resumes_bit_exact(tmp_path: Path) -> 
     assert all(torch.equal(a[k], b[k]) for k in a)
     assert load_checkpoint(full.model).class_names == ["class0", "class1", "class2", "class3"]
     assert math.isfinite(a["head.weight"].abs().sum().item())
+
+
+def test_autoaugment_runs_in_the_workers_when_asked(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    policies: list[v2.AutoAugmentPolicy] = []
+    real = v2.AutoAugment.forward
+    monkeypatch.setattr(v2.AutoAugment, "forward", lambda self, *a: policies.append(self.policy) or real(self, *a))
+    make_shards(tmp_path / "shards", shards=1, per_shard=16, classes=2)
+    r = get_recipe("cifar10-nano", data=str(tmp_path / "shards"), img_size=8, model="nano/4", holdout=0.0,
+                   batch_size=8, steps=1, evals=0, workers=0, augment_on="workers", autoaugment="svhn")
+    train(r, tmp_path / "run", progress=False, log=lambda *_: None)
+    assert policies and set(policies) == {v2.AutoAugmentPolicy.SVHN}
 
 
 def test_device_runs_validate_on_the_holdout_held_in_memory(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:

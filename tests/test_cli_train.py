@@ -326,6 +326,8 @@ def test_command_counts_out_of_range_are_one_line(run_dir: Path, capsys: pytest.
     (["--optimizer", "lamb"], "--optimizer must be one of adamw, adam, sgd, not 'lamb'."),
     (["--augment-on", "gpu"], "--augment-on must be one of workers, device, not 'gpu'."),
     (["--eval-mode", "crop"], "--eval-mode must be one of resize, resmall-crop, not 'crop'."),
+    (["--autoaugment", "cifar100"], "--autoaugment must be one of imagenet, cifar10, svhn, not 'cifar100'."),
+    (["--autoaugment", "svhn", "--randaugment", "3"], "--randaugment and --autoaugment are alternatives; give one of them."),
 ])
 def test_settings_out_of_range_are_one_sentence(tmp_path: Path, capsys: pytest.CaptureFixture, flags: list[str],
                                                 message: str) -> None:

@@ -28,6 +28,8 @@ def test_labels_name_what_the_recipe_applied():
     assert train == ("training (as optimised: padded crops, flips, RandAugment, CutMix on 50% of batches, "
                      "label-smoothed loss)")
     assert val == "validation (EMA weights)"
+    assert curve_labels(get_recipe("cifar10-nano", autoaugment="cifar10"), in_memory=False)[0] == \
+        "training (as optimised: padded crops, flips, AutoAugment, CutMix on 50% of batches, label-smoothed loss)"
     train, _ = curve_labels(get_recipe("imagenette-s16", dropout=0.1), in_memory=False)
     assert train == ("training (as optimised: Inception crops, flips, RandAugment, MixUp, dropout, stochastic depth, "
                      "label-smoothed loss)")

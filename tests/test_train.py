@@ -747,6 +747,21 @@ def test_another_model_is_built_as_its_variant_defines_it() -> None:
         get_recipe("mnist5k", model="Q/3")
 
 
+def test_autoaugment_and_randaugment_replace_each_other() -> None:
+    """`--autoaugment cifar10` on a recipe with RandAugment trains with AutoAugment alone, and the other way
+    round; both given at once are refused."""
+    assert get_recipe("cifar10-nano").randaugment == 9
+    r = get_recipe("cifar10-nano", autoaugment="cifar10")
+    assert (r.autoaugment, r.randaugment) == ("cifar10", None)
+    r = get_recipe("cifar10-nano", autoaugment="cifar10").to_dict()
+    assert (get_recipe("cifar10-nano", **r).autoaugment, get_recipe("cifar10-nano", **r).randaugment) == ("cifar10", None)
+    assert get_recipe("cifar10-nano", **{**r, "randaugment": 5, "autoaugment": None}).randaugment == 5
+    with pytest.raises(ValueError, match="--randaugment and --autoaugment are alternatives"):
+        get_recipe("cifar10-nano", randaugment=5, autoaugment="svhn")
+    with pytest.raises(ValueError, match="--autoaugment must be one of imagenet, cifar10, svhn, not 'cifar100'."):
+        get_recipe("cifar10-nano", autoaugment="cifar100")
+
+
 ROOT = Path(__file__).resolve().parents[1]
 
 

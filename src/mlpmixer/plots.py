@@ -22,7 +22,7 @@ def curve_labels(r: Recipe, in_memory: bool) -> tuple[str, str]:
     """Legend entries for the training and validation curves: what the run did to the batches, the network
     and the loss it optimised that the validation pass does not do, and whether validation scored the EMA
     weights. As train.py applies the recipe: in-memory data (the digits, IDX folders) are warped by
-    digits_aug alone; image files get the crops, flips, RandAugment and MixUp/CutMix."""
+    digits_aug alone; image files get the crops, flips, RandAugment or AutoAugment and MixUp/CutMix."""
     if in_memory:
         aug = r.digits_aug
         applied = [("rotations", aug.get("rotate")), ("zooms", aug.get("scale")), ("shifts", aug.get("shift")),
@@ -33,6 +33,7 @@ def curve_labels(r: Recipe, in_memory: bool) -> tuple[str, str]:
                    # A crop area of (1, 1) leaves nothing to choose: the whole image, resized.
                    ("Inception crops", not r.pad_crop and r.crop_area[0] < 1),
                    ("flips", r.flip), ("RandAugment", r.randaugment is not None),
+                   ("AutoAugment", r.autoaugment is not None),
                    (mixes + (f" on {r.mix_prob:.0%} of batches" if r.mix_prob < 1 else ""), mixes and r.mix_prob > 0)]
     applied += [("dropout", r.dropout), ("stochastic depth", r.drop_path), ("label-smoothed loss", r.label_smoothing)]
     done = [name for name, on in applied if on]

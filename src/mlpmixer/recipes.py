@@ -24,6 +24,7 @@ SCHEDULES = ("cosine", "linear")
 LOSSES = ("softmax", "sigmoid")
 EVAL_MODES = ("resize", "resmall-crop")
 AUGMENT_ON = ("workers", "device")
+AUTOAUGMENT_POLICIES = ("imagenet", "cifar10", "svhn")  # torchvision's v2.AutoAugmentPolicy values
 PERMUTE_MODES = ("patches", "pixels")  # permute.py
 RESIZE_METHODS = ("blockdiag", "resample")  # resize.resize_to
 # Training states are named by their step in 8 digits (train.STATE_PATTERN), and --resume takes the last
@@ -70,6 +71,7 @@ class Recipe:
     pad_crop: int = 0  # > 0: instead of the Inception crop, zero-pad by this many pixels and crop back (CIFAR-style)
     flip: bool = True
     randaugment: Optional[int] = None  # RandAugment(2, m), m on torchvision's scale (0-30; 30 = each op's strongest)
+    autoaugment: Optional[str] = None  # instead of RandAugment: AutoAugment, torchvision's policy imagenet | cifar10 | svhn
     mixup: float = 0.0
     cutmix: float = 0.0
     mix_prob: float = 1.0  # share of the batches that MixUp or CutMix mixes
@@ -135,6 +137,9 @@ class Recipe:
         check("mix_prob", lambda v: 0 <= v <= 1, "from 0 to 1")
         check("holdout", lambda v: v >= 0 and (v < 1 or float(v).is_integer()), "a fraction below 1 or a whole count")
         check("randaugment", lambda v: whole(v) and 0 <= v <= 30, "a whole magnitude from 0 to 30")
+        check("autoaugment", lambda v: v in AUTOAUGMENT_POLICIES, "one of " + ", ".join(AUTOAUGMENT_POLICIES))
+        if self.randaugment is not None and self.autoaugment is not None:
+            raise ValueError("--randaugment and --autoaugment are alternatives; give one of them.")
         check("crop_area", lambda v: len(v) == 2 and 0 < v[0] <= v[1] <= 1, "two area fractions, 0 < low <= high <= 1")
         check("betas", lambda v: len(v) == 2 and all(0 <= b < 1 for b in v), "two decays, each at least 0 and below 1")
         for f in fields:  # a config file's "bf16": "no" is not True
@@ -249,13 +254,18 @@ DEFAULT_RECIPE = "mnist5k"
 
 def get_recipe(name: str = DEFAULT_RECIPE, **overrides: Any) -> Recipe:
     """The named preset with any fields overridden. A preset's `model_args` belong to its model: another
-    `model` without `model_args` of its own is built as its variant defines it."""
+    `model` without `model_args` of its own is built as its variant defines it. Likewise `autoaugment`
+    replaces the preset's `randaugment`, and `randaugment` its `autoaugment`, unless both are given."""
     if name not in RECIPES:
         raise ValueError(f"Unknown recipe {name!r}; known recipes are {', '.join(RECIPES)}.")
     preset = RECIPES[name]
     if isinstance(overrides.get("model"), str) and "model_args" not in overrides and \
             canonical_name(overrides["model"]) != canonical_name(preset.get("model", Recipe.model)):
         overrides = {**overrides, "model_args": {}}
+    # RandAugment and AutoAugment are alternatives: asking for one replaces the preset's other.
+    for asked, other in (("autoaugment", "randaugment"), ("randaugment", "autoaugment")):
+        if overrides.get(asked) is not None and other not in overrides:
+            overrides = {**overrides, other: None}
     return Recipe().replace(**preset).replace(**overrides)
 
 

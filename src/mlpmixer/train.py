@@ -661,7 +661,8 @@ def _train(
     if tensors is not None and r.augment_on == "device" and main:
         log(f"--augment-on device is for image folders and shards; {r.data} is in memory already and "
             "augmented batch by batch (digits_aug).")
-    unused = [name for name, off in (("randaugment", None), ("pad_crop", 0), ("mixup", 0), ("cutmix", 0))
+    unused = [name for name, off in (("randaugment", None), ("autoaugment", None), ("pad_crop", 0), ("mixup", 0),
+                                     ("cutmix", 0))
               if getattr(r, name) != off]
     if tensors is not None and unused and main:  # config.json records them: say they did nothing
         they = "they are" if len(unused) > 1 else "it is"
@@ -697,7 +698,8 @@ def _train(
             class_names, num_train = train_data.class_names, len(train_data)
         else:
             t_train = train_transform(img_size, in_chans, crop_area=tuple(r.crop_area),
-                                      randaugment_m=r.randaugment, flip=r.flip, pad_crop=r.pad_crop)
+                                      randaugment_m=r.randaugment, flip=r.flip, pad_crop=r.pad_crop,
+                                      autoaugment=r.autoaugment)
             source = open_folder_or_shards(r.data, "train", holdout, r.seed, t_train, replace_bad=True)
             train_data, class_names, num_train = source.dataset, source.class_names, source.num_examples
         val_data = None
@@ -893,7 +895,7 @@ def _train(
     elif isinstance(train_data, TensorData):  # augment_on="device"
         from .batch_augment import BatchAugment
 
-        augment = BatchAugment(img_size, tuple(r.crop_area), r.flip, r.randaugment, r.pad_crop)
+        augment = BatchAugment(img_size, tuple(r.crop_area), r.flip, r.randaugment, r.pad_crop, r.autoaugment)
         batches = tensor_batches(train_data, r, img_size, in_chans, r.batch_size, r.accum, start, rank, world,
                                  augment=augment, device=device)
     else:

@@ -76,6 +76,20 @@ def checked_pad(pad: int) -> int:
     return pad
 
 
+def checked_autoaugment(autoaugment: Optional[str], randaugment_m: Optional[int]) -> Optional[v2.AutoAugmentPolicy]:
+    """torchvision's AutoAugment policy named `autoaugment` (imagenet, cifar10 or svhn; None: none), which
+    replaces RandAugment: asking for both, or for another policy, is one sentence."""
+    if autoaugment is None:
+        return None
+    if randaugment_m is not None:
+        raise ValueError("RandAugment and AutoAugment are alternatives; give one of them.")
+    try:
+        return v2.AutoAugmentPolicy(autoaugment)
+    except ValueError:
+        choices = ", ".join(p.value for p in v2.AutoAugmentPolicy)
+        raise ValueError(f"Unknown AutoAugment policy {autoaugment!r}; choose one of {choices}.") from None
+
+
 def train_transform(
     img_size: Size,
     in_chans: int = 3,
@@ -84,14 +98,17 @@ def train_transform(
     randaugment_m: Optional[int] = None,
     flip: bool = True,
     pad_crop: int = 0,
+    autoaugment: Optional[str] = None,
 ) -> Transform:
     """Training augmentation: Inception-style random resized crop covering `crop_area` of the image
-    (official 0.05-1), random horizontal flip, RandAugment(2, m) when `randaugment_m` is given.
+    (official 0.05-1), random horizontal flip, RandAugment(2, m) when `randaugment_m` is given, or
+    AutoAugment with torchvision's learned policy `autoaugment` (imagenet, cifar10 or svhn).
 
     `pad_crop` > 0 replaces the Inception crop by the small-image one (CIFAR's usual): resize to
     img_size, pad with zeros by `pad_crop` pixels on each side, crop img_size back at a random place."""
     low, high = checked_crop_area(crop_area)
     size = as_pair(img_size)
+    policy = checked_autoaugment(autoaugment, randaugment_m)
     if checked_pad(pad_crop):
         crop: list[v2.Transform] = [v2.Resize(size, antialias=True), v2.RandomCrop(size, padding=pad_crop)]
     else:
@@ -102,6 +119,8 @@ def train_transform(
     if randaugment_m is not None:
         # After the crop, as big_vision does, so the augmentations work on the small image.
         steps.append(v2.RandAugment(num_ops=2, magnitude=randaugment_m))
+    if policy is not None:
+        steps.append(v2.AutoAugment(policy))
     return v2.Compose(steps + _to_model_range(in_chans))
 
 

@@ -38,6 +38,8 @@ RECIPE_FLAGS: dict[str, tuple[str, Any, str]] = {
     "--dropout": ("dropout", float, "dropout rate inside every MLP (after each of its two layers)"),
     "--crop-area": ("crop_area", (float, 2), "image data: the Inception crop's area range, LOW HIGH (official 0.05 1)"),
     "--randaugment": ("randaugment", int, "RandAugment(2, m) magnitude on torchvision's 0-30 scale (image data)"),
+    "--autoaugment": ("autoaugment", str, "image data: AutoAugment with torchvision's learned policy imagenet, cifar10 "
+                      "or svhn, in place of the recipe's RandAugment"),
     "--mixup": ("mixup", float, "MixUp alpha (image data)"),
     "--cutmix": ("cutmix", float, "CutMix alpha (image data)"),
     "--mix-prob": ("mix_prob", float, "share of the batches that MixUp or CutMix mixes (default 1)"),
