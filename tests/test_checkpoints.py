@@ -250,6 +250,12 @@ def test_cli_info_describes_a_checkpoint(tmp_path: Path, capsys: pytest.CaptureF
     assert code == 2 and "--img-size H W" in err
     code, out, _ = run_cli(["info", tmp_path / "r.npz", "--img-size", "32", "16"], capsys)
     assert code == 0 and "32×16" in out
+    # A file that gives its size (ours; a square grid) was described at that size, --img-size silently ignored.
+    for file, size in ((tmp_path / "m.safetensors", "32×32"), (tmp_path / "m.npz", "32×32")):
+        code, out, err = run_cli(["info", file, "--img-size", "64"], capsys)
+        assert code == 2 and out == "" and err.count("\n") == 1 and f"is made for {size} images" in err, err
+        code, out, _ = run_cli(["info", file, "--img-size", "32"], capsys)
+        assert code == 0 and "32×32" in out
     code, _, err = run_cli(["info", tmp_path / "none.npz"], capsys)
     assert code == 2 and "No checkpoint at" in err
 

@@ -50,8 +50,9 @@ def test_solver_classifies_separable_data():
     features = centres[labels] + torch.randn(200, 32)
     probe = fit_least_squares(features, labels, 5)
     assert probe.accuracy(features, labels) > 0.95
-    with pytest.raises(ValueError, match="positive"):
-        fit_least_squares(features, labels, 5, l2=0)
+    for l2 in (0, float("inf"), float("nan")):  # inf: zero weights, a chance-level classifier without a word
+        with pytest.raises(ValueError, match="positive finite"):
+            fit_least_squares(features, labels, 5, l2=l2)
 
 
 def test_bias_is_almost_unregularised():
@@ -187,7 +188,10 @@ def test_cli_fewshot_and_linear_probe(tmp_path, capsys):
     assert main(["fewshot", ckpt, *common, "--shots", "21"]) == 2
     assert "has 20 images, fewer than any of the shot counts 21" in capsys.readouterr().err
     # Options the solver would refuse are refused before any feature is extracted (no progress bar).
-    for bad, said in ((["--l2", "0"], "--l2 must be positive, not 0.0"),
+    for bad, said in ((["--l2", "0"], "--l2 must be a positive finite number, not 0.0"),
+                      # inf fitted zero weights: chance accuracy, printed as a result ("l2": Infinity in the JSON).
+                      (["--l2", "inf"], "--l2 must be a positive finite number, not inf"),
+                      (["--l2", "nan"], "--l2 must be a positive finite number, not nan"),
                       (["--eval-fraction", "1"], "--eval-fraction must lie strictly between 0 and 1")):
         assert main(["linear-probe", ckpt, *common, *bad]) == 2
         err = capsys.readouterr().err

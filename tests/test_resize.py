@@ -178,3 +178,38 @@ def test_resizing_a_permuted_run_warns(tmp_path, capsys):
     (run / "config.json").write_text(json.dumps({"recipe": {"permute": "patches", "permute_seed": 1}}))
     with pytest.warns(UserWarning, match="fixed 'patches' permutation made for 8×12"):
         assert main(["resize", str(run), "--img-size", "16", "24", "--out", str(tmp_path / "big.safetensors")]) == 0
+
+
+def test_mode_without_resample_is_refused(tmp_path, capsys):
+    """--mode is the interpolation of --method resample; with the default blockdiag it was silently ignored."""
+    from mlpmixer import save_checkpoint
+
+    save_checkpoint(random_mixer((8, 12)), tmp_path / "small.safetensors")
+    out = tmp_path / "big.safetensors"
+    args = ["resize", str(tmp_path / "small.safetensors"), "--img-size", "16", "24", "--out", str(out)]
+    assert main([*args, "--mode", "nearest"]) == 2
+    err = capsys.readouterr().err
+    assert "--mode is the interpolation of --method resample" in err and err.count("\n") == 1 and not out.exists()
+    assert main([*args, "--method", "resample", "--mode", "nearest"]) == 0
+    assert torch.equal(load_checkpoint(out).blocks[0].mlp_tokens.fc1.weight,
+                       resize_to(random_mixer((8, 12)), (16, 24), "resample", "nearest").blocks[0].mlp_tokens.fc1.weight)
+
+
+def test_an_out_that_cannot_be_written_is_one_sentence_before_the_work(tmp_path, capsys, monkeypatch):
+    """A folder as --out said "unknown extension ''"; a place where no file can be created named the temporary
+    file with an errno, after the conversion."""
+    import os
+
+    from mlpmixer import save_checkpoint
+
+    save_checkpoint(random_mixer((8, 12)), tmp_path / "small.safetensors")
+    (tmp_path / "f").write_text("")
+    for out, said in ((tmp_path, f"--out {tmp_path} is a folder; give the name of a file to write."),
+                      (tmp_path / "f" / "b.safetensors", f"lies under {tmp_path / 'f'}, which is a file; give another --out."),
+                      ("/proc/b.safetensors", "--out /proc/b.safetensors: no file can be created in /proc")):
+        if str(out).startswith("/proc") and not os.path.isdir("/proc"):  # Linux's, where no file can be created
+            continue
+        monkeypatch.setattr("mlpmixer.resize.resize_to", lambda *a, **k: pytest.fail("resized before the check"))
+        assert main(["resize", str(tmp_path / "small.safetensors"), "--img-size", "16", "24", "--out", str(out)]) == 2
+        err = capsys.readouterr().err
+        assert said in err and err.count("\n") == 1 and "Errno" not in err and ".tmp" not in err, err

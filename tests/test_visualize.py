@@ -182,3 +182,23 @@ def test_stem_rows_are_even(tmp_path, monkeypatch):
     # 12 kernels of 4×4: two rows of 6, not 8 and 4.
     fig, _ = drawn_figure(monkeypatch, plot_stem, tiny(in_chans=1), tmp_path / "stem.png")
     assert fig.axes[0].images[0].get_array().shape == (2 * 5 - 1, 6 * 5 - 1)
+
+
+def test_an_out_that_cannot_be_written_is_one_sentence_before_drawing(tmp_path, capsys, monkeypatch):
+    """A place where no file can be created (/proc; a read-only folder) named the temporary file with an errno,
+    after the drawing; a folder as --out was found only then."""
+    import os
+
+    import mlpmixer.visualize as visualize
+
+    save_checkpoint(tiny(), tmp_path / "m.safetensors")
+    monkeypatch.setattr(visualize, "plot_token_mixing", lambda *a, **k: pytest.fail("drawn before the check"))
+    (tmp_path / "f").write_text("")
+    cases = [(tmp_path, f"--out {tmp_path} is a folder; give the name of a file to write."),
+             (tmp_path / "f" / "w.png", f"lies under {tmp_path / 'f'}, which is a file; give another --out.")]
+    if os.path.isdir("/proc"):  # Linux's, where no file can be created (root passes os.access there)
+        cases.append(("/proc/w.png", "--out /proc/w.png: no file can be created in /proc"))
+    for out, said in cases:
+        assert main(["show-weights", str(tmp_path / "m.safetensors"), "--out", str(out)]) == 2
+        err = capsys.readouterr().err
+        assert said in err and err.count("\n") == 1 and "Errno" not in err and ".tmp" not in err, err

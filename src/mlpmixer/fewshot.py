@@ -63,8 +63,8 @@ def fit_least_squares(features: torch.Tensor, labels: torch.Tensor, num_classes:
     if features.ndim != 2 or labels.shape != features.shape[:1]:
         raise ValueError(f"Expected features (N, D) and labels (N,), got {tuple(features.shape)} and "
                          f"{tuple(labels.shape)}.")
-    if l2 <= 0:
-        raise ValueError(f"The ℓ2 regularisation must be positive, not {l2}.")
+    if not 0 < l2 < math.inf:  # NaN too; inf gives zero weights, a classifier of chance accuracy
+        raise ValueError(f"The ℓ2 regularisation must be a positive finite number, not {l2}.")
     if len(features) == 0:
         raise ValueError("The least-squares fit needs at least one example; give it some features.")
     x = features.double()

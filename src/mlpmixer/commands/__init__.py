@@ -38,6 +38,17 @@ def image_size(values: list[int]) -> int | tuple[int, int]:
     return (values[0], values[1]) if len(values) == 2 else values[0]
 
 
+def check_out_file(out: str, option: str = "--out") -> None:
+    """A file `option` names must be writable: a folder there, a path under a file, or a folder where no file can be
+    created (read-only, /proc) is one sentence before the work, not an errno naming a temporary file after it."""
+    from ..checkpoints import check_writable_folder  # torch: only when a command runs
+
+    path = Path(out)
+    if path.is_dir():
+        raise IsADirectoryError(f"{option} {path} is a folder; give the name of a file to write.")
+    check_writable_folder(path.parent if path.exists() else path, option)
+
+
 def run_recipe(checkpoint: str) -> dict[str, Any]:
     """The recipe a `mixer train` run recorded in the config.json beside `checkpoint` (a run directory,
     a checkpoint file in one, or a training state in its checkpoints/ folder); {} where there is none. An

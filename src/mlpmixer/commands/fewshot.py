@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import math
 import warnings
 from typing import TYPE_CHECKING, Any, Optional
 
@@ -114,8 +115,8 @@ def train_and_eval_features(args: argparse.Namespace) -> tuple[torch.Tensor, ...
     from ..fewshot import split_pool
 
     # Checked before the features are extracted, which can take hours; the solver would refuse only after.
-    if not args.l2 > 0:
-        raise ValueError(f"--l2 must be positive, not {args.l2}.")
+    if not 0 < args.l2 < math.inf:  # inf fitted zero weights: chance accuracy, and "Infinity" in the JSON
+        raise ValueError(f"--l2 must be a positive finite number, not {args.l2}.")
     if args.eval_data is None and not 0 < args.eval_fraction < 1:
         raise ValueError(f"--eval-fraction must lie strictly between 0 and 1, not {args.eval_fraction}.")
     device = resolve_device(args.device or ("cuda" if torch.cuda.is_available() else "cpu"))

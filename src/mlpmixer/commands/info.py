@@ -95,7 +95,14 @@ def run(args: argparse.Namespace) -> int:
     if args.checkpoint and not variant:
         if args.num_classes is not None:
             raise ValueError("--num-classes shapes the variants table; a checkpoint has its own head.")
-        info = describe_checkpoint(args.checkpoint, image_size(args.img_size) if args.img_size else None)
+        asked = image_size(args.img_size) if args.img_size else None
+        info = describe_checkpoint(args.checkpoint, asked)
+        size = tuple(info["config"]["img_size"])
+        if asked is not None and size != (asked if isinstance(asked, tuple) else (asked, asked)):
+            # The file's size (its own, or its square patch grid's) wins: the table would describe another model.
+            raise ValueError(f"{args.checkpoint} is made for {size[0]}×{size[1]} images; --img-size only names the size "
+                             "of a file that does not say it and whose patch grid is not square (leave it out, or "
+                             "convert the model with mixer resize).")
         if args.json:
             print(json.dumps(info, indent=1))
         else:

@@ -6,7 +6,7 @@ import argparse
 import warnings
 
 from ..recipes import RESIZE_METHODS
-from . import at_least, image_size, run_recipe
+from . import at_least, check_out_file, image_size, run_recipe
 
 
 def register(p: argparse.ArgumentParser) -> None:
@@ -24,8 +24,8 @@ def register(p: argparse.ArgumentParser) -> None:
     p.add_argument("--method", choices=RESIZE_METHODS, default="blockdiag",
                    help="blockdiag (paper, integer factors only; default) or resample (any multiple of the patch, "
                    "approximate)")
-    p.add_argument("--mode", choices=["bicubic", "bilinear", "nearest"], default="bicubic",
-                   help="interpolation for --method resample (default bicubic)")
+    p.add_argument("--mode", choices=["bicubic", "bilinear", "nearest"],
+                   help="interpolation for --method resample (default bicubic); the paper's method has none")
     p.set_defaults(func=run)
 
 
@@ -33,11 +33,15 @@ def run(args: argparse.Namespace) -> int:
     from ..checkpoints import check_not_the_source, load_checkpoint, save_checkpoint  # torch
     from ..resize import resize_to
 
+    if args.mode is not None and args.method != "resample":  # the block-diagonal copies interpolate nothing
+        raise ValueError(f"--mode is the interpolation of --method resample; the {args.method} method has none "
+                         "(leave --mode out, or add --method resample).")
     size = image_size(args.img_size)
     check_not_the_source(args.checkpoint, args.out)
+    check_out_file(args.out)
     model = load_checkpoint(args.checkpoint)
     old = model.config
-    new = resize_to(model, size, method=args.method, mode=args.mode)
+    new = resize_to(model, size, method=args.method, mode=args.mode or "bicubic")
     save_checkpoint(new, args.out)
     permute = run_recipe(args.checkpoint).get("permute")
     if permute:

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import argparse
 
-from . import at_least
+from . import at_least, check_out_file
 
 
 def register(p: argparse.ArgumentParser) -> None:
@@ -30,6 +30,7 @@ def run(args: argparse.Namespace) -> int:
     if args.stem and (args.block is not None or args.max_pairs is not None):
         raise ValueError("--block and --max-pairs choose token-mixing units, which --stem does not draw; "
                          "leave them out with --stem, or drop --stem.")
+    check_out_file(args.out)
     model = load_checkpoint(args.checkpoint)
     if args.stem:
         path = plot_stem(model, args.out)
