@@ -38,7 +38,7 @@ def image_size(values: list[int]) -> int | tuple[int, int]:
     return (values[0], values[1]) if len(values) == 2 else values[0]
 
 
-def check_out_file(out: str, option: str = "--out") -> None:
+def check_out_file(out: str | Path, option: str = "--out") -> None:
     """A file `option` names must be writable: a folder there, a path under a file, or a folder where no file can be
     created (read-only, /proc) is one sentence before the work, not an errno naming a temporary file after it."""
     from ..checkpoints import check_writable_folder  # torch: only when a command runs

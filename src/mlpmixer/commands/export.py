@@ -7,7 +7,7 @@ from pathlib import Path
 
 from ..choices import EXPORT_FORMATS, EXPORT_SUFFIXES
 from ..recipes import RESIZE_METHODS
-from . import add_permute_arguments, at_least, image_size, run_permutation
+from . import add_permute_arguments, at_least, check_out_file, image_size, run_permutation
 
 
 def register(p: argparse.ArgumentParser) -> None:
@@ -32,7 +32,7 @@ def register(p: argparse.ArgumentParser) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
-    from ..checkpoints import check_not_the_source, check_writable_folder, load_checkpoint
+    from ..checkpoints import check_not_the_source, load_checkpoint
     from ..export import export_model
 
     if args.opset is not None and args.format != "onnx":
@@ -46,7 +46,7 @@ def run(args: argparse.Namespace) -> int:
     out = Path(args.out) if args.out else default
     check_not_the_source(src, out)
     # An unwritable place (/proc, a read-only folder) is one sentence, not an errno; an existing --out is replaced.
-    check_writable_folder(out.parent if out.is_file() else out, "--out")
+    check_out_file(out)
     model = load_checkpoint(args.checkpoint).eval()
     permutation = run_permutation(args.checkpoint, model.config, args.permute, args.permute_seed)
     if args.img_size is not None:
