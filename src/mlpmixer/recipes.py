@@ -206,7 +206,8 @@ RECIPES: dict[str, dict[str, Any]] = {
     # SPEC §3's Mixer-nano (patch 4 at 32×32) on CIFAR-10 shards, after the recipe that SPEC §3 reports
     # 90.83% for (300 epochs, Adam, cosine, CutMix, label smoothing 0.1; its code: pad-4 crops and flips,
     # CutMix on half the batches, betas (0.9, 0.99), no stochastic depth), with RandAugment(2, 9) in place
-    # of AutoAugment, a batch of 512 (fewer steps for a GPU's fixed cost per step) at 2× its lr, and EMA
+    # of AutoAugment (m on torchvision's 0-30 scale: 30% of each operation's strongest, where timm's
+    # "rand-m9" on a 0-10 scale is 90%, m = 27 here; --autoaugment cifar10 gives the report's), a batch of 512 (fewer steps for a GPU's fixed cost per step) at 2× its lr, and EMA
     # weights averaged over about 1,000 of the 29,000 steps (a longer window lags the cosine's end).
     # The recipe before this one (Inception crops down to 35%, MixUp or CutMix on every batch, stochastic
     # depth 0.1) stalled at 79.4% on the hold-out after 107 epochs on an H200 (benchmarks/results/).
