@@ -19,8 +19,9 @@ does not depend on the device), and each distinct choice is applied once, to the
 - RandAugment(2, m) with torchvision's operations and magnitudes (31 bins, nearest interpolation,
   fill 0), or AutoAugment with one of torchvision's learned policies (each image draws one of its 25
   sub-policies, whose two operations run with their own probabilities at their own levels of 10), through
-  torchvision's functional ops: each distinct (operation, level, sign) of a round is one call, at most
-  2 × 23 for RandAugment however many images `apply` gets (training hands it several steps' batches at once).
+  torchvision's functional ops: each distinct (operation, level, sign) of a round is one call, for
+  RandAugment at most 2 × 22 (Identity is none) however many images `apply` gets (training hands it
+  several steps' batches at once).
 
 The draws reach the device with non-blocking copies: a blocking one makes PyTorch wait for the device
 to finish everything queued (the training steps before), and from pageable memory CUDA takes the data
