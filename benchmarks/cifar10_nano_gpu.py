@@ -1,7 +1,8 @@
 """The `cifar10-nano` recipe on one GPU, over one or more device sessions: issue 3's accuracy target.
 
 Trains SPEC §3's Mixer-nano (patch 4 at 32×32) on the 50,000 CIFAR-10 training images with the
-recipe's augmentation on the GPU (`augment_on="device"`) and bf16 autocast (fp32 on a CPU without fast
+recipe's augmentation on the GPU (`augment_on="device"`; first checked against the CPU's, as the run's
+flags set it) and bf16 autocast (fp32 on a CPU without fast
 bf16 products), holding out 2% for validation, and records the hold-out accuracy, the throughput and
 the time. The target (>= 91% top-1) is on the CIFAR-10 test set, which is not in this repository: the
 trained model is written next to the results, to be checked there (`mixer eval MODEL --data
@@ -51,7 +52,10 @@ import tempfile
 import time
 from datetime import datetime, timezone
 from pathlib import Path
-from typing import Optional
+from typing import TYPE_CHECKING, Optional
+
+if TYPE_CHECKING:
+    from mlpmixer.recipes import Recipe
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT / "src"))  # this checkout's mlpmixer, installed or not
@@ -151,8 +155,17 @@ def steady_speed(rows: list[dict]) -> float:
     return statistics.median(speeds[3:] if len(speeds) > 5 else speeds)
 
 
-def check_augmentation(device: str) -> dict:
-    """The recipe's batch augmentation on `device` against the CPU with the same draws (2,048 images), and
+def recipe_of(flags: list[str]) -> Recipe:
+    """The recipe `mixer train --recipe cifar10-nano FLAGS` trains with."""
+    from mlpmixer.commands.train import add_training_flags, recipe_from_args
+
+    parser = argparse.ArgumentParser()
+    add_training_flags(parser, "cifar10-nano")
+    return recipe_from_args(parser.parse_known_args(flags)[0])
+
+
+def check_augmentation(device: str, r: Recipe) -> dict:
+    """The run's batch augmentation on `device` against the CPU with the same draws (2,048 images), and
     its speed there in calls of 2,048 images and of `train.AUGMENT_CHUNK["cuda"]` (what training applies
     at once on a GPU). The draws are made on the CPU, so only float rounding may differ: a grey level in
     the crop's resampling, which a threshold (solarize, posterize, equalize) or a nearest-pixel choice may
@@ -160,10 +173,8 @@ def check_augmentation(device: str) -> dict:
     import torch
 
     from mlpmixer.batch_augment import BatchAugment
-    from mlpmixer.recipes import get_recipe
     from mlpmixer.train import AUGMENT_CHUNK
 
-    r = get_recipe("cifar10-nano")
     aug = BatchAugment(r.img_size, tuple(r.crop_area), r.flip, r.randaugment, r.pad_crop, r.autoaugment)
     out = {}
     sync = torch.cuda.synchronize if device == "cuda" else (lambda: None)
@@ -225,8 +236,11 @@ def main() -> None:
     result: dict = {"date": datetime.now(timezone.utc).isoformat(timespec="seconds"), "device": device,
                     "torch": torch.__version__, "recipe": "cifar10-nano", "train_flags": train_flags, "bf16": bf16,
                     "augment_on": "device"}
+    work = out / "runs"  # under --out, so that a run cut short still leaves its metrics.jsonl
+    run = work / "run"
+    saved = unpack_run(Path(args.resume_from), run) if args.resume_from else None
     if torch.cuda.is_available():
-        check = check_augmentation("cuda")
+        check = check_augmentation("cuda", recipe_of(saved["flags"] if saved else train_flags))
         speeds = ", ".join(f"{v:,} img/s in calls of {k.rsplit('_', 1)[1]}" for k, v in check.items()
                            if k.startswith("augment_img_per_s"))
         log(f"augmentation on the GPU vs the CPU: {check['pixels_differing']:.4%} of the pixels differ, by at "
@@ -234,13 +248,10 @@ def main() -> None:
         result["augmentation_check"] = check
         if check["pixels_differing"] > 0.01:
             log("WARNING: more than 1% of the pixels differ: more than rounding; look into it before trusting the run")
-    work = out / "runs"  # under --out, so that a run cut short still leaves its metrics.jsonl
-    run = work / "run"
     recipe_epochs = get_recipe("cifar10-nano").epochs
     saves = ["--save-every", str(args.save_every), "--keep", "1"]  # before the flags after --, which may change them
     sessions: list[dict] = []
-    if args.resume_from:
-        saved = unpack_run(Path(args.resume_from), run)
+    if saved:
         flags, sessions = saved["flags"], saved["sessions"]
         result.update(saved.get("first", {}))
         log(f"continuing the run of {len(sessions)} earlier session(s) from its state of step "

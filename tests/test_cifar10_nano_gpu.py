@@ -122,3 +122,15 @@ def test_probes_only_measures_each_path_and_trains_no_run(tmp_path: Path) -> Non
     assert "--cuda-graphs needs a CUDA GPU" in printed  # on the CPU the graphed steps run unrecorded
     assert result["path"] in nano.PROBES and "probes only: no run" in printed
     assert not (tmp_path / "out" / "cifar10_nano_gpu.json").exists() and not (tmp_path / "out" / "runs" / "run").exists()
+
+
+def test_the_augmentation_check_takes_the_runs_own_flags() -> None:
+    """The GPU session checks the augmentation the run trains with: --autoaugment among the flags after --
+    (or a resumed run's) replaces the recipe's RandAugment there too. On the CPU the check compares the CPU
+    with itself: no pixel may differ."""
+    r = nano.recipe_of(["--save-every", "1000", "--keep", "1", "--batch-size", "128", "--autoaugment", "cifar10"])
+    assert (r.autoaugment, r.randaugment, r.batch_size) == ("cifar10", None, 128)
+    assert nano.recipe_of([]).randaugment == 9
+    check = nano.check_augmentation("cpu", r)
+    assert check["pixels_differing"] == 0 and check["max_grey_levels_vs_cpu"] == 0
+    assert all(v > 0 for k, v in check.items() if k.startswith("augment_img_per_s"))
