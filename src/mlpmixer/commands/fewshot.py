@@ -122,6 +122,7 @@ def train_and_eval_features(args: argparse.Namespace) -> tuple[torch.Tensor, ...
     device = resolve_device(args.device or ("cuda" if torch.cuda.is_available() else "cpu"))
     set_threads(free_cores())  # as train does: on a busy machine, threads that lose their core stall the others
     model = load_checkpoint(args.checkpoint).to(device).eval()
+    from ..data import warn_if_same_images
     from ..sources import check_same_classes, is_split_pair
 
     data, total = _open(model, args.data, "train", args)
@@ -133,6 +134,8 @@ def train_and_eval_features(args: argparse.Namespace) -> tuple[torch.Tensor, ...
         eval_data, eval_total = _open(model, eval_spec, "val", args)
         what = f"the val/ part of {eval_spec}" if eval_spec == args.data else f"--eval-data {eval_spec}"
         check_same_classes(names, eval_data.class_names, f"the evaluation images ({what})", "the --data images")
+        warn_if_same_images(args.data, eval_spec, f"--eval-data {eval_spec} holds the --data images the "
+                            "classifier is fitted on")
     feats, labels = _features(model, data, total, args, "features of --data")
     if eval_spec:
         eval_feats, eval_labels = _features(model, eval_data, eval_total, args, f"features of {eval_spec}")
