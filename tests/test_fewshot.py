@@ -379,3 +379,23 @@ def test_evaluation_on_the_support_images_is_said(tmp_path, capsys, command):
     assert warned(folder, str(tmp_path / "link"))
     assert warned(str(tmp_path / "pair"), folder)  # the train/ part of a pair is that folder
     assert warned(str(tmp_path / "pair"), str(tmp_path / "pair")) is None  # train/ and val/
+
+
+@pytest.mark.parametrize("command", ["fewshot", "linear-probe"])
+def test_an_evaluation_class_without_images_is_said(tmp_path, capsys, command):
+    """`mixer eval` (and these commands) say so of an image folder's empty class folder; an IDX --eval-data without
+    a digit, or a class whose hold-out rounds to no image, left its class out of the accuracy without a word."""
+    ckpt = str(tiny_checkpoint(tmp_path / "m.safetensors"))
+    options = ["--workers", "0", "--json"] + (["--shots", "1", "--draws", "1"] if command == "fewshot" else [])
+    said = "holds no images: its class has nothing to evaluate"
+    data = write_idx_digits(tmp_path / "digits", per_class=4)
+    no_sevens = write_idx_digits(tmp_path / "no_sevens", per_class=4, fewer={7: 0})
+    messages = [w for w in _warnings_of([command, ckpt, "--data", data, "--eval-data", no_sevens, *options])
+                if said in w]
+    assert messages == [f"The evaluation part of class 7 (--eval-data {no_sevens}) {said}."]
+    # A class of 1 image (fewshot's 0.5) or 2 (linear-probe's 0.2) holds none out: round(0.5) and round(0.4) are 0.
+    few = write_idx_digits(tmp_path / "few", per_class=10, fewer={3: 1 if command == "fewshot" else 2})
+    messages = [w for w in _warnings_of([command, ckpt, "--data", few, *options]) if said in w]
+    assert messages == [f"The evaluation part of class 3 (held out from --data {few}) {said}."]
+    assert not [w for w in _warnings_of([command, ckpt, "--data", data, *options]) if said in w]
+    capsys.readouterr()
