@@ -220,3 +220,37 @@ def test_eval_uses_the_evaluation_mode_a_run_validated_with(digits_model: Path, 
         out = json.loads(capsys.readouterr().out)
         said[out["eval_mode"]] = said.get(out["eval_mode"], []) + [out["loss"]]
     assert said["resmall-crop"][0] == said["resmall-crop"][1] != said["resize"][0]
+
+
+def test_eval_on_the_images_a_run_trained_on_is_said(digits_model: Path, tmp_path: Path,
+                                                     capsys: pytest.CaptureFixture) -> None:
+    """An IDX folder of t10k- files only, which training reads for want of train- files, and an image folder
+    named another way (`data/` for `data`) were evaluated on the images trained on without a word."""
+    import os
+    import warnings
+
+    from test_fewshot import write_idx_digits
+
+    said = "so this accuracy includes the images it trained on; give held-out data for a fair measure."
+
+    def warned(trained_on: str, data: str) -> list[str]:
+        run = tmp_path / "run"
+        run.mkdir(exist_ok=True)
+        save_checkpoint(load_checkpoint(digits_model), run / "model.safetensors")
+        (run / "config.json").write_text(json.dumps({"recipe": {"data": trained_on}}))
+        with warnings.catch_warnings(record=True) as caught:
+            warnings.simplefilter("always")
+            assert main(["eval", str(run), "--data", data, "--workers", "0", "--json"]) == 0
+        capsys.readouterr()
+        return [str(w.message) for w in caught if said in str(w.message)]
+
+    digits = write_idx_digits(tmp_path / "digits", per_class=2)
+    assert warned(digits, digits) == [f"the run trained on {digits}, {said}"]
+    write_idx_digits(tmp_path / "digits", per_class=2, prefix="train")  # trained on train-, evaluated on t10k-
+    assert warned(digits, digits) == []
+    folder = tmp_path / "images"
+    for i, image in enumerate(load_mnist5k().images[:10, 0].numpy()):
+        (folder / str(i)).mkdir(parents=True)
+        Image.fromarray(image).save(folder / str(i) / "0.png")
+    assert warned(str(folder), str(folder) + os.sep) == [f"the run trained on {folder}{os.sep}, {said}"]
+    assert warned("mnist5k", str(folder)) == []

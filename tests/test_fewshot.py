@@ -146,18 +146,20 @@ def tiny_checkpoint(path):
     return path
 
 
-def write_idx_digits(folder, per_class):
-    """A small MNIST IDX folder: the first `per_class` embedded digits of each class."""
+def write_idx_digits(folder, per_class, prefix="t10k", fewer=None):
+    """A small MNIST IDX folder: the first `per_class` embedded digits of each class (`fewer`: {class: count}
+    for classes given fewer), as its `prefix` (t10k or train) files."""
     from mlpmixer.data import load_mnist5k
 
     data = load_mnist5k()
-    index = torch.cat([torch.nonzero(data.labels == c).flatten()[:per_class] for c in range(10)])
+    counts = {c: per_class for c in range(10)} | (fewer or {})
+    index = torch.cat([torch.nonzero(data.labels == c).flatten()[:counts[c]] for c in range(10)])
     images, labels = data.images[index, 0].numpy(), data.labels[index].numpy().astype(np.uint8)
-    folder.mkdir()
+    folder.mkdir(exist_ok=True)
     n = len(labels)
-    (folder / "t10k-images-idx3-ubyte").write_bytes(
+    (folder / f"{prefix}-images-idx3-ubyte").write_bytes(
         bytes([0, 0, 8, 3]) + np.array([n, 28, 28], ">i4").tobytes() + images.tobytes())
-    (folder / "t10k-labels-idx1-ubyte").write_bytes(
+    (folder / f"{prefix}-labels-idx1-ubyte").write_bytes(
         bytes([0, 0, 8, 1]) + np.array([n], ">i4").tobytes() + labels.tobytes())
     return str(folder)
 
@@ -175,7 +177,8 @@ def test_cli_fewshot_and_linear_probe(tmp_path, capsys):
     assert sorted(result) == ["1", "10"]
     assert len(result["10"]["accuracies"]) == 2
     assert result["10"]["mean"] > 0.3  # chance is 0.1
-    assert main(["fewshot", ckpt, *common, "--shots", "5", "--eval-data", data]) == 0
+    with pytest.warns(UserWarning, match="holds the --data images the classifier is fitted on"):  # t10k- twice
+        assert main(["fewshot", ckpt, *common, "--shots", "5", "--eval-data", data]) == 0
     assert "5-shot" in capsys.readouterr().out
     assert main(["linear-probe", ckpt, *common, "--json"]) == 0
     probe = json.loads(capsys.readouterr().out)
@@ -319,3 +322,80 @@ def test_linear_probe_seed_help_names_only_the_split(capsys):
         helps[command] = helped.split("--seed SEED ")[1].split(" --permute ")[0]
     assert "support" not in helps["linear-probe"] and "split of --data" in helps["linear-probe"]
     assert "support draws" in helps["fewshot"]
+
+
+def _warnings_of(argv):
+    """The warnings `mixer argv` gives (it must succeed), as their messages."""
+    import warnings
+
+    from mlpmixer.cli import main
+
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        assert main(argv) == 0
+    return [str(w.message) for w in caught]
+
+
+@pytest.mark.parametrize("command", ["fewshot", "linear-probe"])
+def test_evaluation_on_the_support_images_is_said(tmp_path, capsys, command):
+    """--eval-data that reads the images --data gives (the same path, mnist5k twice, an image folder twice, an
+    IDX folder with only t10k- files) measured the classifier on the images it was fitted on, without a word,
+    where `mixer eval` says so of a run evaluated on the data it trained on."""
+    import os
+
+    from PIL import Image
+
+    ckpt = str(tiny_checkpoint(tmp_path / "m.safetensors"))
+    options = ["--workers", "0", "--json"] + (["--shots", "1", "--draws", "1"] if command == "fewshot" else [])
+    said = "holds the --data images the classifier is fitted on, so this accuracy includes the images it trained on"
+
+    def warned(data, eval_data):
+        found = [w for w in _warnings_of([command, ckpt, "--data", data, "--eval-data", eval_data, *options])
+                 if said in w]
+        capsys.readouterr()
+        assert len(found) <= 1
+        return found[0] if found else None
+
+    digits = write_idx_digits(tmp_path / "digits", per_class=4)  # t10k- files only: read for both
+    assert warned(digits, digits) == f"--eval-data {digits} {said}; give held-out data for a fair measure."
+    assert warned(digits, digits + os.sep)  # another spelling of the same folder
+    if command == "fewshot":  # 5,000 images twice: once is enough
+        assert warned("mnist5k", "mnist5k")
+    other = write_idx_digits(tmp_path / "other", per_class=4)
+    assert warned(digits, other) is None
+    write_idx_digits(tmp_path / "digits", per_class=3, prefix="train")  # now train- for --data, t10k- to evaluate
+    assert warned(digits, digits) is None
+
+    rng = np.random.default_rng(0)
+    for split in ("train", "val"):
+        for name in "ab":
+            (tmp_path / "pair" / split / name).mkdir(parents=True)
+            for i in range(3):
+                Image.fromarray(rng.integers(0, 255, (28, 28), dtype=np.uint8)).save(
+                    tmp_path / "pair" / split / name / f"{i}.png")
+    folder = str(tmp_path / "pair" / "train")
+    assert warned(folder, folder)  # a plain image folder is read whole both times
+    os.symlink(folder, tmp_path / "link")
+    assert warned(folder, str(tmp_path / "link"))
+    assert warned(str(tmp_path / "pair"), folder)  # the train/ part of a pair is that folder
+    assert warned(str(tmp_path / "pair"), str(tmp_path / "pair")) is None  # train/ and val/
+
+
+@pytest.mark.parametrize("command", ["fewshot", "linear-probe"])
+def test_an_evaluation_class_without_images_is_said(tmp_path, capsys, command):
+    """`mixer eval` (and these commands) say so of an image folder's empty class folder; an IDX --eval-data without
+    a digit, or a class whose hold-out rounds to no image, left its class out of the accuracy without a word."""
+    ckpt = str(tiny_checkpoint(tmp_path / "m.safetensors"))
+    options = ["--workers", "0", "--json"] + (["--shots", "1", "--draws", "1"] if command == "fewshot" else [])
+    said = "holds no images: its class has nothing to evaluate"
+    data = write_idx_digits(tmp_path / "digits", per_class=4)
+    no_sevens = write_idx_digits(tmp_path / "no_sevens", per_class=4, fewer={7: 0})
+    messages = [w for w in _warnings_of([command, ckpt, "--data", data, "--eval-data", no_sevens, *options])
+                if said in w]
+    assert messages == [f"The evaluation part of class 7 (--eval-data {no_sevens}) {said}."]
+    # A class of 1 image (fewshot's 0.5) or 2 (linear-probe's 0.2) holds none out: round(0.5) and round(0.4) are 0.
+    few = write_idx_digits(tmp_path / "few", per_class=10, fewer={3: 1 if command == "fewshot" else 2})
+    messages = [w for w in _warnings_of([command, ckpt, "--data", few, *options]) if said in w]
+    assert messages == [f"The evaluation part of class 3 (held out from --data {few}) {said}."]
+    assert not [w for w in _warnings_of([command, ckpt, "--data", data, *options]) if said in w]
+    capsys.readouterr()

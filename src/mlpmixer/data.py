@@ -18,6 +18,8 @@ import contextlib
 import gzip
 import importlib.util
 import math
+import os
+import warnings
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Callable, Iterator, Optional
@@ -135,12 +137,18 @@ def is_idx_folder(path: str | Path) -> bool:
     return p.is_dir() and any(f.is_file() for f in p.glob("*idx[13]*"))
 
 
+def _idx_pair(folder: Path, split: str) -> tuple[Path, Path] | None:
+    """The (images, labels) IDX files read for `split`: the `train-` pair for "train", `t10k-` for any
+    other split, falling back to whichever pair the folder has."""
+    order = ("train", "t10k") if split == "train" else ("t10k", "train")
+    return next((found for prefix in order if (found := _idx_files(folder, prefix))), None)
+
+
 def load_idx_folder(path: str | Path, split: str = "test") -> TensorData:
     """MNIST IDX images and labels from a folder: the `t10k-` pair for split "test", `train-` for
     "train", falling back to whichever pair the folder has."""
     folder = Path(path)
-    order = ("train", "t10k") if split == "train" else ("t10k", "train")
-    pair = next((found for prefix in order if (found := _idx_files(folder, prefix))), None)
+    pair = _idx_pair(folder, split)
     if pair is None:
         raise FileNotFoundError(
             f"{folder} has no complete pair of MNIST IDX files (t10k-images-idx3-ubyte[.gz] and "
@@ -174,6 +182,34 @@ def load_tensors(spec: str, split: str = "test") -> Optional[TensorData]:
     if is_idx_folder(spec):
         return load_idx_folder(spec, split)
     return None
+
+
+def images_read(spec: str, split: str) -> str:
+    """Which images reading `spec` whole as `split` data ("train", else evaluation) reads, as a key that is
+    equal for two specs reading the same ones: mnist5k; an IDX folder's images file (its `train-` or
+    `t10k-` one, or the only pair it has); the `train/` or `val/` part of a folder with both; else the
+    folder or shards themselves (by real path: `data/`, `./data` and a link to it read the same)."""
+    if spec == MNIST5K:
+        return MNIST5K
+    if is_idx_folder(spec):
+        pair = _idx_pair(Path(spec), split)
+        return os.path.realpath(pair[0] if pair else spec)
+    from .sources import is_split_pair  # webdataset and torchvision: imported only when needed
+
+    if is_split_pair(spec):
+        return os.path.realpath(Path(spec) / ("train" if split == "train" else "val"))
+    return os.path.realpath(spec)
+
+
+def warn_if_same_images(train_spec: Optional[str], eval_spec: str, trained: str) -> bool:
+    """Warn, in one sentence that begins with `trained` (what was trained on what), when `eval_spec` read
+    whole as evaluation data holds the images `train_spec` gives as training data (see `images_read`), so
+    that the accuracy measured on it includes them. Returns whether it warned."""
+    if train_spec is None or images_read(train_spec, "train") != images_read(eval_spec, "val"):
+        return False
+    warnings.warn(f"{trained}, so this accuracy includes the images it trained on; give held-out data for a "
+                  "fair measure.", stacklevel=2)
+    return True
 
 
 def holdout_split(n: int, holdout: float, seed: int) -> tuple[torch.Tensor, torch.Tensor]:

@@ -264,6 +264,12 @@ def check_same_classes(train_names: list[str], eval_names: list[str], evaluated:
     )
 
 
+def warn_nothing_to_evaluate(holder: str, stacklevel: int = 2) -> None:
+    """The warning for an evaluation class without images: `holder` (what should have held them) "holds no
+    images: its class has nothing to evaluate." Its accuracy would be NaN (`reports.per_class_accuracy`)."""
+    warnings.warn(f"{holder} holds no images: its class has nothing to evaluate.", stacklevel=stacklevel + 1)
+
+
 class SharedNames:
     """A set of sample names that DataLoader workers share, as the counts of BadSampleCounter are: 64-bit
     hashes in shared memory, `room` of them at most (more are not kept)."""
@@ -691,11 +697,11 @@ def _image_folder(root: Path, split: str) -> tuple[list[str], list[tuple[str, in
             images = [f for f in files if not f.startswith(".") and has_file_allowed_extension(f, FOLDER_IMAGES)]
             found += [(top, f) for f in images]
         if not found:
-            message = f"The class folder {root / name} holds no images"
+            folder = f"The class folder {root / name}"
             if split == "train":
-                raise FileNotFoundError(f"{message}; put its images in it or remove it (a class that no image shows "
-                                        "cannot be learnt).")
-            warnings.warn(f"{message}: its class has nothing to evaluate.", stacklevel=3)
+                raise FileNotFoundError(f"{folder} holds no images; put its images in it or remove it (a class that no "
+                                        "image shows cannot be learnt).")
+            warn_nothing_to_evaluate(folder, stacklevel=3)
         samples += [(os.path.join(top, f), label) for top, f in sorted(found)]
     return classes, samples
 

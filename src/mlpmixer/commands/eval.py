@@ -6,7 +6,6 @@ from __future__ import annotations
 import argparse
 import json
 import math
-import warnings
 from pathlib import Path
 from typing import Any, Optional
 
@@ -44,10 +43,10 @@ def _nan_to_none(x: float) -> Optional[float]:
 def run(args: argparse.Namespace) -> int:
     from ..bench import free_cores, set_threads
     from ..checkpoints import atomic_write, check_writable_folder, load_checkpoint
-    from ..data import is_idx_folder, worker_deaths
+    from ..data import warn_if_same_images, worker_deaths
     from ..evaluate import evaluate, open_eval_data
     from ..reports import confusion_matrix_png, per_class_accuracy
-    from ..sources import check_same_classes, is_split_pair
+    from ..sources import check_same_classes
 
     if args.report:  # checked before the evaluation, which can take hours
         check_writable_folder(args.report, "--report")
@@ -58,11 +57,9 @@ def run(args: argparse.Namespace) -> int:
                          f"{args.checkpoint} --data DATA, or measure its features with mixer fewshot or linear-probe.")
     recipe = run_recipe(args.checkpoint)
     mode = run_eval_mode(args.checkpoint, args.mode)
-    # Evaluated whole, such data hold the images the run trained on (a train/ + val/ pair is read at
-    # val/; an IDX folder at its test files, which training used only when it had no others: not said).
-    if recipe.get("data") == args.data and not is_split_pair(args.data) and not is_idx_folder(args.data):
-        warnings.warn(f"the run trained on {args.data}, so this accuracy includes the images it trained on; give "
-                      "held-out data for a fair measure.")
+    # Evaluated whole, the data the run trained on hold the images it trained on, unless they are a train/ + val/
+    # pair (read at val/) or an IDX folder with both train- and t10k- files (read at t10k-).
+    warn_if_same_images(recipe.get("data"), args.data, f"the run trained on {args.data}")
     data = open_eval_data(args.data, model, mode, args.workers)
     names = data.class_names
     if len(names) != model.num_classes:

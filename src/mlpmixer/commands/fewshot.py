@@ -105,6 +105,16 @@ def _features(model: MlpMixer, data: Any, total: Optional[int], args: argparse.N
         return extract_features(model, batches, desc=desc, total=total)
 
 
+def _warn_empty_classes(eval_labels: torch.Tensor, names: list[str], where: str) -> None:
+    """Warn, as `mixer eval` does of an image folder's empty class folder, of each class that the evaluation
+    images (`where`: their source) hold none of."""
+    from ..fewshot import _class_name
+    from ..sources import warn_nothing_to_evaluate
+
+    for c in (eval_labels.bincount(minlength=len(names)) == 0).nonzero().flatten().tolist():
+        warn_nothing_to_evaluate(f"The evaluation part of {_class_name(c, names)} ({where})")
+
+
 def train_and_eval_features(args: argparse.Namespace) -> tuple[torch.Tensor, ...]:
     """(train features, train labels, eval features, eval labels, class names) of the command's data,
     from --eval-data or from a stratified hold-out of --data."""
@@ -122,7 +132,8 @@ def train_and_eval_features(args: argparse.Namespace) -> tuple[torch.Tensor, ...
     device = resolve_device(args.device or ("cuda" if torch.cuda.is_available() else "cpu"))
     set_threads(free_cores())  # as train does: on a busy machine, threads that lose their core stall the others
     model = load_checkpoint(args.checkpoint).to(device).eval()
-    from ..sources import check_same_classes, is_split_pair
+    from ..data import warn_if_same_images
+    from ..sources import FolderDataset, check_same_classes, is_split_pair
 
     data, total = _open(model, args.data, "train", args)
     names = data.class_names
@@ -133,9 +144,13 @@ def train_and_eval_features(args: argparse.Namespace) -> tuple[torch.Tensor, ...
         eval_data, eval_total = _open(model, eval_spec, "val", args)
         what = f"the val/ part of {eval_spec}" if eval_spec == args.data else f"--eval-data {eval_spec}"
         check_same_classes(names, eval_data.class_names, f"the evaluation images ({what})", "the --data images")
+        warn_if_same_images(args.data, eval_spec, f"--eval-data {eval_spec} holds the --data images the "
+                            "classifier is fitted on")
     feats, labels = _features(model, data, total, args, "features of --data")
     if eval_spec:
         eval_feats, eval_labels = _features(model, eval_data, eval_total, args, f"features of {eval_spec}")
+        if not isinstance(getattr(eval_data, "dataset", None), FolderDataset):  # a folder said so of its empty ones
+            _warn_empty_classes(eval_labels, names, what)
         return feats, labels, eval_feats, eval_labels, names
     pool, held = split_pool(labels, args.eval_fraction, args.seed)
     # Rounding each class's share can leave one side empty: its accuracy would be NaN, or a fit on nothing.
@@ -143,6 +158,8 @@ def train_and_eval_features(args: argparse.Namespace) -> tuple[torch.Tensor, ...
         if len(part) == 0:
             raise ValueError(f"Holding out {args.eval_fraction:g} of each class of {len(labels)} images leaves the "
                              f"{side} empty; choose another --eval-fraction, more data, or --eval-data.")
+    # ... or one class's: a class of one image keeps it in the pool at 0.5 (round(0.5) is 0).
+    _warn_empty_classes(labels[held], names, f"held out from --data {args.data}")
     return feats[pool], labels[pool], feats[held], labels[held], names
 
 
