@@ -467,6 +467,12 @@ def bad_files(folder: Path) -> dict[str, Path]:
         files[f"text-{text.strip()}.pth"] = folder / f"text-{text.strip()}.pth"
         files[f"text-{text.strip()}.pth"].write_text(text)
 
+    for ext, others in ((".npz", (".pth", ".safetensors")), (".pth", (".npz", ".safetensors")),
+                        (".safetensors", (".npz", ".bin", ".pth.tar"))):  # good files under another format's name
+        for other in others:
+            files[f"renamed{ext}{other}"] = folder / f"renamed-{ext[1:]}{other}"
+            files[f"renamed{ext}{other}"].write_bytes((folder / f"good{ext}").read_bytes())
+
     files["missing.npz"] = folder / "does-not-exist.npz"
     files["unknown-extension"] = folder / "weights.h5"
     files["unknown-extension"].write_bytes(b"\x89HDF")
@@ -496,6 +502,7 @@ EXPECTED = {
     "resnet.pth": "not an MLP-Mixer checkpoint",
     "bad-metadata.safetensors": "damaged or unknown mlpmixer configuration",
     "bad-names.safetensors": "class names that do not match",
+    "renamed": "as its extension",
     "missing.npz": "No checkpoint at",
     "unknown-extension": "unknown checkpoint extension '.h5'",
     "directory": "directory without model.safetensors",
@@ -539,6 +546,27 @@ def test_unreadable_pytorch_files_are_one_sentence_without_the_readers_noise(bad
     assert ". " not in messages["cut.pth"] and "miniz" not in messages["cut.pth"], messages
     for name in ("text-hello.pth", "text-abc.pth"):
         assert "(corrupt or another kind of file)" in messages[name], messages
+
+
+def test_a_file_named_as_another_format_says_which_it_is(bad: dict[str, Path]) -> None:
+    """An .npz, a PyTorch file or a .safetensors file under another format's extension is named for what it is,
+    with the extension to give it, not called truncated or corrupt (re-downloading would not help)."""
+    kinds = {".npz": ("an official .npz archive", ".npz"), ".pth": ("a PyTorch file", ".pth"),
+             ".safetensors": ("a .safetensors file", ".safetensors")}
+    named = {".npz": "an official .npz archive", ".pth": "a PyTorch file", ".safetensors": "a .safetensors file",
+             ".bin": "a PyTorch file", ".pth.tar": "a PyTorch file"}
+    renamed = [name for name in bad if name.startswith("renamed")]
+    assert len(renamed) == 7
+    for name in renamed:
+        ext, other = next((e, name[len("renamed") + len(e):]) for e in kinds if name[len("renamed"):].startswith(e))
+        with pytest.raises(CheckpointError) as err:
+            load_checkpoint(bad[name])
+        what, fix = kinds[ext]
+        assert str(err.value) == (f"{bad[name]} is {what}, not {named[other]} as its extension {other!r} says; "
+                                  f"rename it to end in {fix}."), name
+    for name in ("truncated.npz", "truncated.pth", "truncated.safetensors", "pickle.npz"):  # the readers' words
+        with pytest.raises(CheckpointError, match="truncated|corrupt|not an .npz archive"):
+            load_checkpoint(bad[name])
 
 
 def test_payload_would_run_if_unpickled(tmp_path: Path) -> None:

@@ -124,6 +124,25 @@ def test_predict_bad_images(run_dir: Path, tmp_path: Path, capsys: pytest.Captur
     assert captured.err.count("\n") == 1 and "broken.png is not a readable image" in captured.err
 
 
+def test_predict_huge_images(run_dir: Path, tmp_path: Path, capsys: pytest.CaptureFixture,
+                             monkeypatch: pytest.MonkeyPatch) -> None:
+    """An image past PIL's decompression-bomb limit (here lowered to 100 pixels) that torchvision decodes (an
+    opaque PNG) is classified, not a traceback from the second look at its header; one that PIL would have to
+    decode (with transparency) is one sentence saying it is too large, not "damaged or truncated"."""
+    monkeypatch.setattr(Image, "MAX_IMAGE_PIXELS", 100)
+    digit = load_mnist5k().images[0, 0].numpy()  # 784 pixels, past twice the limit
+    opaque = _png(tmp_path / "opaque.png", digit)
+    transparent = tmp_path / "transparent.png"
+    Image.fromarray(digit).convert("RGBA").save(transparent)
+    assert main(["predict", str(run_dir), str(opaque), "--json"]) == 0
+    assert len(json.loads(capsys.readouterr().out)["top"]) == 5
+    assert main(["predict", str(run_dir), str(transparent)]) == 2
+    err = capsys.readouterr().err
+    assert "transparent.png is too large: 784 pixels, more than PIL decodes" in err and "damaged" not in err
+    assert "Traceback" not in err and err.count("\n") == 1
+    assert Image.MAX_IMAGE_PIXELS == 100  # restored after the header's look
+
+
 def test_a_model_without_a_head_says_how_to_get_one(tmp_path: Path, capsys: pytest.CaptureFixture) -> None:
     headless = save_checkpoint(create_model("digits/4", num_classes=0, img_size=28, in_chans=1, patch_size=7),
                                tmp_path / "headless.safetensors")

@@ -339,6 +339,43 @@ def _read_safetensors(path: Path) -> tuple[StateDict, dict[str, str]]:
     return state, metadata
 
 
+# What each kind of file is called, and the extension that reads it.
+_KINDS = {"npz": ("an official .npz archive", ".npz"), "torch": ("a PyTorch file", ".pth"),
+          "safetensors": ("a .safetensors file", ".safetensors")}
+
+
+def _file_kind(path: Path) -> Optional[str]:
+    """Which of the formats the bytes of `path` unmistakably are ("npz", "torch" or "safetensors"), or None
+    (truncated, corrupt, a bare pickle, anything else): for a file named with another format's extension."""
+    try:
+        with open(path, "rb") as f:
+            head = f.read(10)
+        if head[:2] == b"PK" and zipfile.is_zipfile(path):
+            with zipfile.ZipFile(path) as archive:
+                names = archive.namelist()
+            if any(n == "data.pkl" or n.endswith("/data.pkl") for n in names):  # torch.save's zip format
+                return "torch"
+            if names and all(n.endswith(".npy") for n in names):
+                return "npz"
+            return None
+        length = int.from_bytes(head[:8], "little")  # safetensors: the header's length, then its JSON
+        if len(head) == 10 and head[8:10] == b'{"' and length <= path.stat().st_size - 8:
+            return "safetensors"
+    except (OSError, zipfile.BadZipFile, zlib.error, EOFError, ValueError):
+        pass
+    return None
+
+
+def _check_kind(path: Path, expected: str) -> None:
+    """Refuse a file whose bytes are another format than its extension names, saying so (the reader of the
+    extension's format would call it truncated or corrupt)."""
+    kind = _file_kind(path)
+    if kind is not None and kind != expected:
+        suffix = TIMM_TRAINING_SUFFIX if path.name.lower().endswith(TIMM_TRAINING_SUFFIX) else path.suffix
+        raise CheckpointError(f"{path} is {_KINDS[kind][0]}, not {_KINDS[expected][0]} as its extension "
+                              f"{suffix!r} says; rename it to end in {_KINDS[kind][1]}.")
+
+
 def resolve_path(path: str | os.PathLike) -> Path:
     """A checkpoint file, or the final model inside a run directory."""
     p = Path(path).expanduser()
@@ -396,6 +433,7 @@ def read_checkpoint(
     suffix = p.suffix.lower()
     extra: dict[str, Any] = {}
     img_size = overrides.get("img_size")
+    _check_kind(p, "npz" if suffix == ".npz" else "safetensors" if suffix == ".safetensors" else "torch")
     if suffix == ".npz":
         state = _read_npz(p)
         extra["layout"] = "official"

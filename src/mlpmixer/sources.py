@@ -165,7 +165,12 @@ def decode_image_bytes(data: bytes) -> torch.Tensor:
         return _decode(data)
     except UnidentifiedImageError:  # PIL's message names an io.BytesIO object, not the file
         raise ValueError("not an image, or in a format PIL cannot read") from None
-    except (RuntimeError, OSError, SyntaxError, ValueError, EOFError, Image.DecompressionBombError) as e:
+    except Image.DecompressionBombError as e:  # whole, but larger than PIL decodes: not "damaged or truncated"
+        pixels = re.search(r"\((\d+) pixels\)", str(e))
+        size = f"{int(pixels.group(1)):,} pixels" if pixels else "its size"
+        raise ValueError(f"too large: {size}, more than PIL decodes (twice PIL.Image.MAX_IMAGE_PIXELS, its guard "
+                         "against decompression bombs)") from None
+    except (RuntimeError, OSError, SyntaxError, ValueError, EOFError) as e:
         # torchvision's messages start with its C++ function and source line: "decode_jpeg, .../decode_jpeg.cpp:171, "
         reason = re.sub(r"^.*?\.cpp:\d+, ", "", str(e).splitlines()[0] if str(e) else type(e).__name__)
         raise ValueError(f"damaged or truncated image: {reason.rstrip('.')}") from None

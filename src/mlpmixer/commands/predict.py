@@ -58,11 +58,20 @@ def load_image(path: str, in_chans: int) -> tuple[torch.Tensor, list[str]]:
     try:
         image = decode_image_bytes(data)
     except ValueError as e:
+        if str(e).startswith("too large"):  # whole, but beyond PIL's limit
+            raise ValueError(f"{p} is {e}; give a smaller copy of it.") from None
         raise ValueError(f"{p} is not a readable image ({e}); give a whole image file (JPEG, PNG, WebP, GIF, BMP "
                          "or TIFF).") from None
-    with Image.open(io.BytesIO(data)) as header:  # the file's own mode and tags: only its header is read
-        mode, sixteen_bit, transparent = header.mode, is_16_bit(header), header.has_transparency_data
-        turned = header.getexif().get(ExifTags.Base.Orientation, 1) != 1
+    # The file's own mode and tags: only its header is read, so PIL's guard against decompression bombs, which
+    # decoding has already passed where it applies (torchvision's decoders have none), would only stop (or,
+    # past half its limit, interrupt with a warning) an image that decoded.
+    limit, Image.MAX_IMAGE_PIXELS = Image.MAX_IMAGE_PIXELS, None
+    try:
+        with Image.open(io.BytesIO(data)) as header:
+            mode, sixteen_bit, transparent = header.mode, is_16_bit(header), header.has_transparency_data
+            turned = header.getexif().get(ExifTags.Base.Orientation, 1) != 1
+    finally:
+        Image.MAX_IMAGE_PIXELS = limit
     decoded_as = "greyscale" if image.shape[0] == 1 else "RGB"
     wanted = "greyscale" if in_chans == 1 else "RGB"
     notes = []
