@@ -101,6 +101,9 @@ def test_initialisation_follows_flax_defaults() -> None:
         assert abs(w.std().item() / expected - 1) < 0.03, name
         assert abs(w.mean().item()) < 0.02 * expected, name
         assert w.abs().max().item() <= 2 * expected / 0.8796 + 1e-6, name
+        # Shaped as a normal cut at ±2σ: 68.27% / 95.45% = 71.52% of the values lie within σ of 0.
+        within = (w.abs() < expected / 0.87962566).float().mean().item()
+        assert abs(within - 0.7152) < 0.01, name
 
 
 def test_gelu_choice() -> None:
