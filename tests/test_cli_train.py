@@ -396,6 +396,22 @@ def test_config_file_whole_numbers_written_as_floats_are_taken_as_ints(tmp_path:
     assert all(type(v) is int for v in (r.seed, r.accum, r.threads, r.batch_size, r.steps))
 
 
+def test_an_augmentation_flag_replaces_the_config_files_other(tmp_path: Path) -> None:
+    """A run's config.json with RandAugment, given as --config, plus --autoaugment trains with AutoAugment alone
+    (flags override the file), and the other way round; both in one file are refused."""
+    config = tmp_path / "c.json"
+    parse = build_parser(["train"]).parse_args
+    config.write_text(json.dumps(get_recipe("cifar10-nano").to_dict()))
+    r = recipe_from_args(parse(["train", "--recipe", "cifar10-nano", "--config", str(config), "--autoaugment", "svhn"]))
+    assert (r.autoaugment, r.randaugment) == ("svhn", None)
+    config.write_text(json.dumps(get_recipe("cifar10-nano", autoaugment="cifar10").to_dict()))
+    r = recipe_from_args(parse(["train", "--recipe", "cifar10-nano", "--config", str(config), "--randaugment", "4"]))
+    assert (r.autoaugment, r.randaugment) == (None, 4)
+    config.write_text(json.dumps({"autoaugment": "cifar10", "randaugment": 4}))
+    with pytest.raises(ValueError, match="alternatives"):
+        recipe_from_args(parse(["train", "--config", str(config)]))
+
+
 def test_weight_decay_help_says_what_sgd_does() -> None:
     """--weight-decay is decoupled for adam/adamw, but torch's SGD adds it to the gradient, through the momentum:
     the help said "decoupled" for all three."""

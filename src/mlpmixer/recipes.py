@@ -207,8 +207,9 @@ RECIPES: dict[str, dict[str, Any]] = {
     # 90.83% for (300 epochs, Adam, cosine, CutMix, label smoothing 0.1; its code: pad-4 crops and flips,
     # CutMix on half the batches, betas (0.9, 0.99), no stochastic depth), with RandAugment(2, 9) in place
     # of AutoAugment (m on torchvision's 0-30 scale: 30% of each operation's strongest, where timm's
-    # "rand-m9" on a 0-10 scale is 90%, m = 27 here; --autoaugment cifar10 gives the report's), a batch of 512 (fewer steps for a GPU's fixed cost per step) at 2× its lr, and EMA
-    # weights averaged over about 1,000 of the 29,000 steps (a longer window lags the cosine's end).
+    # "rand-m9" on a 0-10 scale is 90%, m = 27 here; --autoaugment cifar10 gives the report's), a batch
+    # of 512 (fewer steps for a GPU's fixed cost per step) at 2× its lr, and EMA weights averaged over
+    # about 1,000 of the 29,000 steps (a longer window lags the cosine's end).
     # The recipe before this one (Inception crops down to 35%, MixUp or CutMix on every batch, stochastic
     # depth 0.1) stalled at 79.4% on the hold-out after 107 epochs on an H200 (benchmarks/results/).
     "cifar10-nano": dict(
@@ -263,11 +264,16 @@ def get_recipe(name: str = DEFAULT_RECIPE, **overrides: Any) -> Recipe:
     if isinstance(overrides.get("model"), str) and "model_args" not in overrides and \
             canonical_name(overrides["model"]) != canonical_name(preset.get("model", Recipe.model)):
         overrides = {**overrides, "model_args": {}}
-    # RandAugment and AutoAugment are alternatives: asking for one replaces the preset's other.
+    return Recipe().replace(**preset).replace(**replacing_alternatives(overrides))
+
+
+def replacing_alternatives(changes: dict[str, Any]) -> dict[str, Any]:
+    """`changes` with what they imply for the settings beneath them (a preset, a config file): RandAugment and
+    AutoAugment are alternatives, so asking for one (and not the other) turns the other off."""
     for asked, other in (("autoaugment", "randaugment"), ("randaugment", "autoaugment")):
-        if overrides.get(asked) is not None and other not in overrides:
-            overrides = {**overrides, other: None}
-    return Recipe().replace(**preset).replace(**overrides)
+        if changes.get(asked) is not None and other not in changes:
+            changes = {**changes, other: None}
+    return changes
 
 
 def load_config_file(path: str | Path) -> dict[str, Any]:

@@ -5,7 +5,7 @@ from __future__ import annotations
 import argparse
 from typing import Any
 
-from ..recipes import DEFAULT_RECIPE, RECIPES, get_recipe, load_config_file
+from ..recipes import DEFAULT_RECIPE, RECIPES, get_recipe, load_config_file, replacing_alternatives
 from . import at_least
 
 # flag -> (recipe field, type, help); None type = store_true, a (type, n) pair = n values
@@ -102,9 +102,8 @@ def add_training_flags(p: argparse.ArgumentParser, default_recipe: str, without:
 def recipe_overrides(args: argparse.Namespace) -> dict[str, Any]:
     """The recipe fields the command line sets: its --config file's, then its flags'."""
     overrides: dict[str, Any] = load_config_file(args.config) if args.config else {}
-    overrides.update({field: getattr(args, field) for field, _, _ in RECIPE_FLAGS.values()
-                      if getattr(args, field, None) is not None})
-    return overrides
+    flags = {field: getattr(args, field) for field, _, _ in RECIPE_FLAGS.values() if getattr(args, field, None) is not None}
+    return {**overrides, **replacing_alternatives(flags)}  # --autoaugment over a config file's RandAugment, ...
 
 
 def recipe_from_args(args: argparse.Namespace) -> Any:
