@@ -209,6 +209,23 @@ def test_predict_decodes_as_training_does(run_dir: Path, tmp_path: Path, capsys:
     assert json.loads(capsys.readouterr().out)["top"] == rows[2]["top"] and "over white" in captured.err
 
 
+def test_predict_says_it_composited_only_where_a_pixel_is_transparent(tmp_path: Path) -> None:
+    """An RGBA image opaque everywhere (as screenshots and many exports are), or a palette image whose
+    transparent index no pixel uses, was said to have had its transparent pixels composited over white."""
+    from mlpmixer.commands.predict import load_image
+
+    pixels = np.random.default_rng(0).integers(0, 256, (8, 8, 3), dtype=np.uint8)
+    opaque = Image.fromarray(pixels).convert("RGBA")  # alpha 255 everywhere
+    opaque.save(tmp_path / "opaque.png")
+    opaque.putpixel((0, 0), (0, 0, 0, 0))
+    opaque.save(tmp_path / "transparent.png")
+    Image.fromarray(pixels[..., 0] % 4).convert("P").save(tmp_path / "palette.png", transparency=200)  # index unused
+    for name, composited in (("opaque.png", False), ("transparent.png", True), ("palette.png", False)):
+        _, notes = load_image(str(tmp_path / name), 3)
+        assert ("composited its transparent pixels over white" in notes) == composited, (name, notes)
+    assert "read mode RGBA as RGB" in load_image(str(tmp_path / "opaque.png"), 3)[1]  # what did happen is said
+
+
 def test_train_bad_input(tmp_path: Path, capsys: pytest.CaptureFixture) -> None:
     assert main(["train", "--data", str(tmp_path / "nothing"), "--steps", "1", "--out", str(tmp_path / "r")]) == 2
     err = capsys.readouterr().err

@@ -68,7 +68,11 @@ def load_image(path: str, in_chans: int) -> tuple[torch.Tensor, list[str]]:
     limit, Image.MAX_IMAGE_PIXELS = Image.MAX_IMAGE_PIXELS, None
     try:
         with Image.open(io.BytesIO(data)) as header:
-            mode, sixteen_bit, transparent = header.mode, is_16_bit(header), header.has_transparency_data
+            mode, sixteen_bit = header.mode, is_16_bit(header)
+            # An alpha channel (or tRNS chunk) that is opaque everywhere leaves nothing to composite; 16-bit
+            # greyscale is decoded without its transparency.
+            transparent = (header.has_transparency_data and not sixteen_bit
+                           and header.convert("RGBA").getextrema()[3][0] < 255)
             turned = header.getexif().get(ExifTags.Base.Orientation, 1) != 1
     finally:
         Image.MAX_IMAGE_PIXELS = limit
