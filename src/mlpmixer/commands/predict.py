@@ -62,9 +62,10 @@ def load_image(path: str, in_chans: int) -> tuple[torch.Tensor, list[str]]:
             raise ValueError(f"{p} is {e}; give a smaller copy of it.") from None
         raise ValueError(f"{p} is not a readable image ({e}); give a whole image file (JPEG, PNG, WebP, GIF, BMP "
                          "or TIFF).") from None
-    # The file's own mode and tags: only its header is read, so PIL's guard against decompression bombs, which
-    # decoding has already passed where it applies (torchvision's decoders have none), would only stop (or,
-    # past half its limit, interrupt with a warning) an image that decoded.
+    # The file's own mode and tags (and the alpha of an image with transparency data, which decoding composited
+    # through PIL): PIL's guard against decompression bombs, which decoding has already passed where it applies
+    # (torchvision's decoders have none), would only stop (or, past half its limit, interrupt with a warning)
+    # an image that decoded.
     limit, Image.MAX_IMAGE_PIXELS = Image.MAX_IMAGE_PIXELS, None
     try:
         with Image.open(io.BytesIO(data)) as header:
