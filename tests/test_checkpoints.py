@@ -228,6 +228,22 @@ def test_a_path_under_a_file_is_one_sentence(tmp_path: Path, capsys: pytest.Capt
                                      "which is a file; give a path in a folder.\n"), err
 
 
+def test_convert_warns_of_nothing_when_the_file_cannot_be_written(tmp_path: Path, capsys: pytest.CaptureFixture) -> None:
+    """What a .npz file loses (GELU, class names) was warned of before the write failed, for a file never written."""
+    exact = random_model(SQUARE.replace(gelu="exact"))
+    exact.class_names = [f"c{i}" for i in range(exact.num_classes)]
+    save_checkpoint(exact, tmp_path / "e.safetensors")
+    (tmp_path / "afile").write_text("not a folder")
+    cases = [(tmp_path / "afile" / "e.npz", "which is a file; give a path in a folder.")]
+    if os.path.isdir("/proc"):  # Linux's, where no file can be created (root passes os.access there)
+        cases.append((Path("/proc/e.npz"), "/proc/"))
+    for dst, error in cases:
+        (code, _, err), said = caught(lambda: run_cli(["convert", tmp_path / "e.safetensors", dst], capsys))
+        assert code == 2 and said == [] and error in err and err.count("\n") == 1, (said, err)
+    (code, _, _), said = caught(lambda: run_cli(["convert", tmp_path / "e.safetensors", tmp_path / "e.npz"], capsys))
+    assert code == 0 and len(said) == 2  # written: both losses are said
+
+
 def test_cli_info_describes_a_checkpoint(tmp_path: Path, capsys: pytest.CaptureFixture) -> None:
     model = random_model(SQUARE.replace(gelu="exact", in_chans=1))
     model.class_names = [f"class {i}" for i in range(5)]

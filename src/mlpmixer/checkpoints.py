@@ -748,19 +748,23 @@ def save_checkpoint(model: MlpMixer, path: str | os.PathLike, class_names: list[
     if names is not None and len(names) != model.num_classes:
         raise CheckpointError(f"{len(names)} class names do not fit the {model.num_classes}-class head of the model "
                               f"to save to {path}; give one name per class.")
-    for note in format_notes(path, model):
-        warnings.warn(note, stacklevel=2)
     if suffix == ".safetensors":
         from safetensors.torch import save_file
 
         metadata = {"format": FORMAT_TAG, "config": model.config.to_json(), "crc32": weights_crc32(state)}
         if names:
             metadata["class_names"] = json.dumps(list(names))
-        return atomic_write(path, lambda tmp: save_file(state, tmp, metadata=metadata))
-    if suffix == ".npz":
+        written = atomic_write(path, lambda tmp: save_file(state, tmp, metadata=metadata))
+    elif suffix == ".npz":
         arrays = state_to_official(state)
-        return atomic_write(path, lambda tmp: _savez(tmp, arrays))
-    return atomic_write(path, lambda tmp: torch.save(state, tmp))  # TORCH_EXTENSIONS
+        written = atomic_write(path, lambda tmp: _savez(tmp, arrays))
+    else:  # TORCH_EXTENSIONS
+        written = atomic_write(path, lambda tmp: torch.save(state, tmp))
+    # Said once the file is written: a path that cannot be written is an error with no warning about a file
+    # that does not exist.
+    for note in format_notes(path, model):
+        warnings.warn(note, stacklevel=2)
+    return written
 
 
 def unwrap(model: torch.nn.Module, caller: str = "save_checkpoint") -> MlpMixer:
