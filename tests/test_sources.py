@@ -682,6 +682,21 @@ def test_decode_composites_transparent_pixels_over_white(mode: str, decoder: str
     assert image[:, :, :3].max() == 0 and image[:, :, 3:].min() == 255
 
 
+@pytest.mark.parametrize("fmt", ["PNG", "WEBP", "BMP"])
+def test_an_image_past_pils_pixel_limit_decodes_without_its_warning(fmt: str, decoder: str,
+                                                                     monkeypatch: pytest.MonkeyPatch) -> None:
+    """PIL's DecompressionBombWarning, past half the size it refuses, named no file and came from every DataLoader
+    worker, for an image decoded all the same; past the limit the image is "too large", a bad sample."""
+    monkeypatch.setattr(Image, "MAX_IMAGE_PIXELS", 30)  # PIL warns past 30 pixels and refuses past 60
+    big = Image.new("RGBA", (8, 6), (200, 30, 60, 255))  # 48 pixels; PNGs with an alpha channel go to PIL
+    with warnings.catch_warnings(record=True) as seen:
+        warnings.simplefilter("always")
+        image = decode_image_bytes(encode_pil(big if fmt == "PNG" else big.convert("RGB"), fmt))
+    assert image.shape == (3, 6, 8) and [str(w.message) for w in seen] == []
+    with pytest.raises(ValueError, match="too large: 64 pixels"):
+        decode_image_bytes(encode_pil(Image.new("RGBA", (8, 8)), "PNG"))
+
+
 def test_an_opaque_palette_png_reads_as_its_colours() -> None:
     pil = Image.frombytes("P", (6, 4), bytes(range(24)))  # palette indices 0-23, row by row
     pil.putpalette([v for i in range(24) for v in (10 * i, 255 - 10 * i, 7)])

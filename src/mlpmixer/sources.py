@@ -194,15 +194,20 @@ def _decode(data: bytes) -> torch.Tensor:
             image = decode_image(buffer, ImageReadMode.RGB, apply_exif_orientation=True)
         return image
     # WebP, GIF (its first frame), BMP, TIFF, ..., images with transparency, and every format without torchvision
-    with Image.open(io.BytesIO(data)) as pil:
-        upright = ImageOps.exif_transpose(pil)
-        if is_16_bit(upright):
-            return torch.from_numpy(top_8_bits(upright))[None]
-        grey = upright.mode in ("1", "L", "LA", "La", "F")
-        if upright.has_transparency_data:
-            white = Image.new("RGBA", upright.size, "white")
-            upright = Image.alpha_composite(white, upright.convert("RGBA"))
-        return F.pil_to_tensor(upright.convert("L" if grey else "RGB"))
+    with warnings.catch_warnings():
+        # PIL warns of an image past its MAX_IMAGE_PIXELS and decodes it all the same, as torchvision decodes a JPEG
+        # or PNG of any size without a word: a line naming no file, from each DataLoader worker. Past twice the
+        # limit PIL refuses it, and the image is a bad sample, named ("too large").
+        warnings.simplefilter("ignore", Image.DecompressionBombWarning)
+        with Image.open(io.BytesIO(data)) as pil:
+            upright = ImageOps.exif_transpose(pil)
+            if is_16_bit(upright):
+                return torch.from_numpy(top_8_bits(upright))[None]
+            grey = upright.mode in ("1", "L", "LA", "La", "F")
+            if upright.has_transparency_data:
+                white = Image.new("RGBA", upright.size, "white")
+                upright = Image.alpha_composite(white, upright.convert("RGBA"))
+            return F.pil_to_tensor(upright.convert("L" if grey else "RGB"))
 
 
 def is_16_bit(pil: Image.Image) -> bool:
