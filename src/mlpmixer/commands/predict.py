@@ -27,7 +27,7 @@ def register(p: argparse.ArgumentParser) -> None:
     p.add_argument("inputs", nargs="*", metavar="INPUT", help="checkpoint (unless --pretrained), then images")
     p.add_argument("--model", help="variant of the published weights, e.g. B/16")
     p.add_argument("--pretrained", metavar="TAG", help="published weights, e.g. imagenet1k")
-    p.add_argument("--top", type=at_least(1), default=5, help="classes to show per image (default 5)")
+    p.add_argument("--top", type=at_least(1), default=5, metavar="N", help="classes to show per image (default 5)")
     p.add_argument("--json", action="store_true", help="print one JSON object per image")
     p.add_argument("--eval-mode", "--mode", dest="mode", choices=EVAL_MODES,
                    help="preprocessing, as mixer eval's (SPEC §4): resize to the model's size, or resize the "
