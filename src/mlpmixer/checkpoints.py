@@ -216,20 +216,23 @@ def _read_npz(path: Path) -> StateDict:
             f"{path} is not an .npz archive (truncated, corrupt, or another kind of file); "
             "re-download or re-save it."
         )
+    name: Optional[str] = None  # the array being read: the errors of zlib and of NumPy's .npy reader do not name it
+    arrays: dict[str, Any] = {}
     try:
         with np.load(path, allow_pickle=False) as npz:
-            arrays = {k: npz[k] for k in npz.files}
-    except ValueError as e:
-        if "allow_pickle" in str(e):
+            for name in npz.files:
+                arrays[name] = npz[name]
+    except (ValueError, zipfile.BadZipFile, zlib.error, EOFError, OSError, KeyError) as e:
+        if isinstance(e, ValueError) and "allow_pickle" in str(e):
             raise CheckpointError(
-                f"{path} holds Python objects (object arrays), which are never unpickled; "
-                "save the weights as plain numeric arrays."
+                f"{path} holds Python objects (object arrays{f', {name}' if name else ''}), which are never "
+                "unpickled; save the weights as plain numeric arrays."
             ) from None
-        raise CheckpointError(f"{path} is not a readable .npz file ({e}); re-download or re-save it.") from None
-    except (zipfile.BadZipFile, zlib.error, EOFError, OSError, KeyError) as e:
-        raise CheckpointError(
-            f"{path} is not a readable .npz file (truncated or corrupt: {e}); re-download or re-save it."
-        ) from None
+        if name is not None and f"'{name}.npy'" not in str(e):  # zipfile's "Bad CRC-32 for file 'X.npy'" names it
+            what = f"array {name} truncated or corrupt: "
+        else:  # NumPy's own ValueErrors say what is wrong
+            what = "" if isinstance(e, ValueError) else "truncated or corrupt: "
+        raise CheckpointError(f"{path} is not a readable .npz file ({what}{e}); re-download or re-save it.") from None
     # Members that are not .npy files come back as raw bytes.
     bad = [k for k, v in arrays.items() if not (isinstance(v, np.ndarray) and np.issubdtype(v.dtype, np.floating))]
     if bad:
