@@ -649,6 +649,20 @@ def test_a_wide_grid_with_a_square_token_count_loads_at_the_models_size(tmp_path
     assert load_checkpoint(path, img_size=(16, 64)).config.img_size == (16, 64)
 
 
+def test_info_takes_the_size_of_a_wide_grid_with_a_square_token_count(tmp_path: Path,
+                                                                     capsys: pytest.CaptureFixture) -> None:
+    """mixer info --img-size 16 64 for a 2×8 grid's 16 tokens was refused ("made for 32×32 images"): the square
+    guess came before the size given, which the user had no other way to state."""
+    path = save_checkpoint(random_model(SQUARE.replace(img_size=(16, 64))), tmp_path / "wide.npz")
+    code, out, err = run_cli(["info", path, "--img-size", "16", "64"], capsys)
+    assert code == 0 and "input       16×64, 3 channels; patch 8×8, 16 tokens" in out, err
+    assert read_checkpoint(path, img_size_hint=(16, 64))[1].img_size == (16, 64)
+    code, out, _ = run_cli(["info", path], capsys)  # alone, the file can only be read as the square grid
+    assert code == 0 and "32×32" in out
+    code, _, err = run_cli(["info", path, "--img-size", "16", "24"], capsys)  # 6 tokens, not the file's 16
+    assert code == 2 and "is made for 32×32 images" in err and "as many patches as the file has tokens" in err
+
+
 def test_a_file_without_its_size_says_which_commands_take_it(tmp_path: Path, capsys: pytest.CaptureFixture) -> None:
     path = save_checkpoint(random_model(SQUARE.replace(img_size=(16, 24))), tmp_path / "wide.npz")  # a 2×3 grid
     code, _, err = run_cli(["info", path], capsys)
