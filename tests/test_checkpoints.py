@@ -8,6 +8,7 @@ import os
 import pickle
 import stat
 import warnings
+import zipfile
 from pathlib import Path
 from typing import Any, Callable
 
@@ -585,6 +586,38 @@ def test_a_file_named_as_another_format_says_which_it_is(bad: dict[str, Path]) -
             load_checkpoint(bad[name])
 
 
+def test_a_damaged_npz_array_is_named(tmp_path: Path) -> None:
+    """zlib's and NumPy's errors about one member of an .npz ("Error -3 while decompressing data", "EOF: reading
+    array data") do not say which array it is; the message does, so the user knows which array is broken."""
+    good = save_checkpoint(random_model(SQUARE), tmp_path / "good.npz")
+    broken = "MixerBlock_1/token_mixing/Dense_0/kernel"
+    with zipfile.ZipFile(good) as archive:
+        members = {info.filename: archive.read(info) for info in archive.infolist()}
+
+    def damaged(name: str, compression: int, change: Callable[[bytes], bytes]) -> Path:
+        path = tmp_path / name
+        with zipfile.ZipFile(path, "w", compression) as archive:  # each member's CRC-32 fits its (changed) bytes
+            for member, data in members.items():
+                archive.writestr(member, change(data) if member == f"{broken}.npy" else data)
+        return path
+
+    cut = damaged("cut.npz", zipfile.ZIP_STORED, lambda data: data[:-100])
+    with pytest.raises(CheckpointError) as err:
+        load_checkpoint(cut)
+    assert str(err.value) == (f"{cut} is not a readable .npz file (array {broken} truncated or corrupt: EOF: reading "
+                              "array data, expected 1024 bytes got 924); re-download or re-save it.")
+    # Compressed, as np.savez_compressed writes: the deflate stream of that member broken.
+    deflated = damaged("deflated.npz", zipfile.ZIP_DEFLATED, lambda data: data)
+    raw = bytearray(deflated.read_bytes())
+    with zipfile.ZipFile(deflated) as archive:
+        info = archive.getinfo(f"{broken}.npy")
+    start = info.header_offset + 30 + len(info.filename) + len(info.extra)  # the member's compressed bytes
+    raw[start] = 0xFF  # a deflate block of the reserved type 3, which zlib refuses before any CRC check
+    deflated.write_bytes(bytes(raw))
+    with pytest.raises(CheckpointError, match=f"array {broken} truncated or corrupt: Error -3 while decompressing"):
+        load_checkpoint(deflated)
+
+
 def test_payload_would_run_if_unpickled(tmp_path: Path) -> None:
     """The proof above means something: unpickling the same payload does create the marker."""
     marker = tmp_path / "EXECUTED"
@@ -630,6 +663,20 @@ def test_a_wide_grid_with_a_square_token_count_loads_at_the_models_size(tmp_path
     assert_same_state(into, wide)
     assert load_checkpoint(path).config.img_size == (32, 32)
     assert load_checkpoint(path, img_size=(16, 64)).config.img_size == (16, 64)
+
+
+def test_info_takes_the_size_of_a_wide_grid_with_a_square_token_count(tmp_path: Path,
+                                                                     capsys: pytest.CaptureFixture) -> None:
+    """mixer info --img-size 16 64 for a 2×8 grid's 16 tokens was refused ("made for 32×32 images"): the square
+    guess came before the size given, which the user had no other way to state."""
+    path = save_checkpoint(random_model(SQUARE.replace(img_size=(16, 64))), tmp_path / "wide.npz")
+    code, out, err = run_cli(["info", path, "--img-size", "16", "64"], capsys)
+    assert code == 0 and "input       16×64, 3 channels; patch 8×8, 16 tokens" in out, err
+    assert read_checkpoint(path, img_size_hint=(16, 64))[1].img_size == (16, 64)
+    code, out, _ = run_cli(["info", path], capsys)  # alone, the file can only be read as the square grid
+    assert code == 0 and "32×32" in out
+    code, _, err = run_cli(["info", path, "--img-size", "16", "24"], capsys)  # 6 tokens, not the file's 16
+    assert code == 2 and "is made for 32×32 images" in err and "as many patches as the file has tokens" in err
 
 
 def test_a_file_without_its_size_says_which_commands_take_it(tmp_path: Path, capsys: pytest.CaptureFixture) -> None:

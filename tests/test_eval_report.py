@@ -254,3 +254,39 @@ def test_eval_on_the_images_a_run_trained_on_is_said(digits_model: Path, tmp_pat
         Image.fromarray(image).save(folder / str(i) / "0.png")
     assert warned(str(folder), str(folder) + os.sep) == [f"the run trained on {folder}{os.sep}, {said}"]
     assert warned("mnist5k", str(folder)) == []
+
+
+def test_eval_says_which_classes_have_no_images_for_every_kind_of_data(tmp_path: Path,
+                                                                       capsys: pytest.CaptureFixture) -> None:
+    """An image folder's empty class folder was said, but an IDX folder without a digit or shards without a class
+    that their dataset.json names left it out of the accuracy without a word; now each is said once."""
+    import json as json_module
+    import warnings
+
+    from test_fewshot import tiny_checkpoint, write_idx_digits
+    from test_sources import make_folder, make_shards
+
+    said = "holds no images: its class has nothing to evaluate"
+
+    def warnings_of(checkpoint: Path, data: str) -> list[str]:
+        with warnings.catch_warnings(record=True) as caught:
+            warnings.simplefilter("always")
+            assert main(["eval", str(checkpoint), "--data", data, "--workers", "0", "--json"]) == 0
+        capsys.readouterr()
+        return [str(w.message) for w in caught if said in str(w.message)]
+
+    digits = tiny_checkpoint(tmp_path / "digits.safetensors")
+    no_sevens = write_idx_digits(tmp_path / "no_sevens", per_class=2, fewer={7: 0})
+    assert warnings_of(digits, no_sevens) == [f"The evaluation part of class 7 (--data {no_sevens}) {said}."]
+    assert warnings_of(digits, write_idx_digits(tmp_path / "all", per_class=2)) == []
+
+    model = create_model("digits/4", num_classes=4, img_size=8, in_chans=3, patch_size=4)
+    model.class_names = [f"class{c}" for c in range(4)]
+    small = save_checkpoint(model, tmp_path / "small.safetensors")
+    make_shards(tmp_path / "shards", shards=1, per_shard=6, classes=3)  # labels 0-2
+    info = json_module.loads((tmp_path / "shards" / "dataset.json").read_text())
+    (tmp_path / "shards" / "dataset.json").write_text(json_module.dumps({**info, "classes": model.class_names}))
+    shards = str(tmp_path / "shards")
+    assert warnings_of(small, shards) == [f"The evaluation part of class 3 (class3) (--data {shards}) {said}."]
+    make_folder(tmp_path / "folder", {"class0": 1, "class1": 1, "class2": 1, "class3": 0})
+    assert warnings_of(small, str(tmp_path / "folder")) == [f"The class folder {tmp_path / 'folder' / 'class3'} {said}."]

@@ -136,9 +136,9 @@ def infer_config(
 ) -> MixerConfig:
     """Shapes -> MixerConfig: P, in_chans and C from the stem, S and D_S from token mixing, D_C from
     channel mixing, N from the block count, classes from the head. The image size is `img_size` when its
-    patch grid has S tokens, else the square grid of S tokens, else `img_size_hint` (the size of the model
-    being loaded into) when its grid has S tokens. An `img_size` of another token count is not the file's:
-    the configuration keeps the file's own size, and the caller says what does not fit."""
+    patch grid has S tokens, else `img_size_hint` (the size of the model being loaded into, or mixer info's
+    --img-size) when its grid has S tokens, else the square grid of S tokens. An `img_size` of another token
+    count is not the file's: the configuration keeps the file's own size, and the caller says what does not fit."""
     try:
         c, in_chans, ph, pw = state["stem.proj.weight"].shape
         d_s, s = state["blocks.0.mlp_tokens.fc1.weight"].shape
@@ -155,10 +155,11 @@ def infer_config(
     side = math.isqrt(s)
     if img_size is not None and has_s_tokens(img_size):
         img_size = as_pair(img_size)
+    elif img_size_hint is not None and has_s_tokens(img_size_hint):
+        # Before the square guess: a 2×8 grid has 16 tokens too, and a size that gives them is the caller's word.
+        img_size = as_pair(img_size_hint)
     elif side * side == s:
         img_size = (side * ph, side * pw)
-    elif img_size_hint is not None and has_s_tokens(img_size_hint):
-        img_size = as_pair(img_size_hint)
     elif img_size_hint is not None:  # the size of the model loaded into, or mixer info's --img-size
         h, w = as_pair(img_size_hint)
         raise CheckpointError(
@@ -216,20 +217,23 @@ def _read_npz(path: Path) -> StateDict:
             f"{path} is not an .npz archive (truncated, corrupt, or another kind of file); "
             "re-download or re-save it."
         )
+    name: Optional[str] = None  # the array being read: the errors of zlib and of NumPy's .npy reader do not name it
+    arrays: dict[str, Any] = {}
     try:
         with np.load(path, allow_pickle=False) as npz:
-            arrays = {k: npz[k] for k in npz.files}
-    except ValueError as e:
-        if "allow_pickle" in str(e):
+            for name in npz.files:
+                arrays[name] = npz[name]
+    except (ValueError, zipfile.BadZipFile, zlib.error, EOFError, OSError, KeyError) as e:
+        if isinstance(e, ValueError) and "allow_pickle" in str(e):
             raise CheckpointError(
-                f"{path} holds Python objects (object arrays), which are never unpickled; "
-                "save the weights as plain numeric arrays."
+                f"{path} holds Python objects (object arrays{f', {name}' if name else ''}), which are never "
+                "unpickled; save the weights as plain numeric arrays."
             ) from None
-        raise CheckpointError(f"{path} is not a readable .npz file ({e}); re-download or re-save it.") from None
-    except (zipfile.BadZipFile, zlib.error, EOFError, OSError, KeyError) as e:
-        raise CheckpointError(
-            f"{path} is not a readable .npz file (truncated or corrupt: {e}); re-download or re-save it."
-        ) from None
+        if name is not None and f"'{name}.npy'" not in str(e):  # zipfile's "Bad CRC-32 for file 'X.npy'" names it
+            what = f"array {name} truncated or corrupt: "
+        else:  # NumPy's own ValueErrors say what is wrong
+            what = "" if isinstance(e, ValueError) else "truncated or corrupt: "
+        raise CheckpointError(f"{path} is not a readable .npz file ({what}{e}); re-download or re-save it.") from None
     # Members that are not .npy files come back as raw bytes.
     bad = [k for k, v in arrays.items() if not (isinstance(v, np.ndarray) and np.issubdtype(v.dtype, np.floating))]
     if bad:
@@ -423,7 +427,8 @@ def read_checkpoint(
     """Read a checkpoint into (state dict in our names, its configuration, extra metadata).
 
     `overrides` change configuration fields (gelu, img_size, drop_path_rate, ...) before building.
-    `img_size_hint` is the image size to assume for a foreign file whose patch grid is not square.
+    `img_size_hint` is the image size to assume for a foreign file when its patch grid has the file's token
+    count (a 2×8 grid, which the 16 tokens alone would make 4×4), or when no square grid does.
     Extra metadata holds `layout` ("mlpmixer": the configuration was in the file; "official" or "timm":
     it was inferred from the shapes; "training state": a `mixer train` state, RUN/checkpoints/step-N.pt,
     configured by RUN/config.json, then named in `run_config`, else inferred from its shapes) and

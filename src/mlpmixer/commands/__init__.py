@@ -10,6 +10,8 @@ from typing import TYPE_CHECKING, Any, Callable, Optional
 from ..recipes import PERMUTE_MODES
 
 if TYPE_CHECKING:
+    import torch
+
     from ..permute import FixedPermutation
     from ..variants import MixerConfig
 
@@ -106,3 +108,13 @@ def add_permute_arguments(p: argparse.ArgumentParser) -> None:
                    help="apply the fixed permutation a run was trained with (paper Figure 4); default: the "
                    "one recorded in the run directory's config.json, if any")
     p.add_argument("--permute-seed", type=int, help="seed of that permutation (default: the run's, or 0)")
+
+
+def warn_empty_classes(eval_labels: torch.Tensor, names: list[str], where: str) -> None:
+    """Warn, as opening an image folder does of an empty class folder, of each class that the evaluation
+    images (`where`: their source) hold none of: its accuracy would be NaN, and the totals leave it out."""
+    from ..fewshot import _class_name
+    from ..sources import warn_nothing_to_evaluate
+
+    for c in (eval_labels.bincount(minlength=len(names)) == 0).nonzero().flatten().tolist():
+        warn_nothing_to_evaluate(f"The evaluation part of {_class_name(c, names)} ({where})")

@@ -10,7 +10,7 @@ from pathlib import Path
 from typing import Any, Optional
 
 from ..recipes import EVAL_MODES, MAX_WORKERS
-from . import add_permute_arguments, at_least, run_eval_mode, run_permutation, run_recipe
+from . import add_permute_arguments, at_least, run_eval_mode, run_permutation, run_recipe, warn_empty_classes
 
 
 def register(p: argparse.ArgumentParser) -> None:
@@ -46,7 +46,7 @@ def run(args: argparse.Namespace) -> int:
     from ..data import warn_if_same_images, worker_deaths
     from ..evaluate import evaluate, open_eval_data
     from ..reports import confusion_matrix_png, per_class_accuracy
-    from ..sources import check_same_classes
+    from ..sources import FolderDataset, check_same_classes
 
     if args.report:  # checked before the evaluation, which can take hours
         check_writable_folder(args.report, "--report")
@@ -71,9 +71,12 @@ def run(args: argparse.Namespace) -> int:
     cfg = model.config
     permute = run_permutation(args.checkpoint, cfg, args.permute, args.permute_seed)
 
-    with worker_deaths("rerun the command"):
+    with worker_deaths("rerun the command"):  # the labels (8 bytes an image) say which classes had no images
         m = evaluate(model, data, batch_size=args.batch_size, workers=args.workers, progress=not args.json,
-                     transform=permute, predictions=bool(args.report))
+                     transform=permute, predictions=True)
+    # Opening an image folder said so of its empty class folders; IDX files and shards show theirs only now.
+    if not isinstance(getattr(data, "dataset", None), FolderDataset):
+        warn_empty_classes(m["labels"], names, f"--data {args.data}")
     result: dict[str, Any] = {"top1": m["top1"], "top5": m["top5"], "n": m["n"], "loss": m["loss"],
                               "checkpoint": str(args.checkpoint), "data": args.data, "eval_mode": mode}
     if permute is not None:

@@ -10,7 +10,7 @@ from typing import TYPE_CHECKING, Any, Optional
 
 from ..choices import FEWSHOT_L2, FEWSHOT_SHOTS
 from ..recipes import EVAL_MODES, MAX_WORKERS
-from . import add_permute_arguments, at_least, run_permutation
+from . import add_permute_arguments, at_least, run_permutation, warn_empty_classes
 
 if TYPE_CHECKING:  # torch is imported when the command runs: `mixer fewshot --help` needs none of it
     import torch
@@ -105,16 +105,6 @@ def _features(model: MlpMixer, data: Any, total: Optional[int], args: argparse.N
         return extract_features(model, batches, desc=desc, total=total)
 
 
-def _warn_empty_classes(eval_labels: torch.Tensor, names: list[str], where: str) -> None:
-    """Warn, as `mixer eval` does of an image folder's empty class folder, of each class that the evaluation
-    images (`where`: their source) hold none of."""
-    from ..fewshot import _class_name
-    from ..sources import warn_nothing_to_evaluate
-
-    for c in (eval_labels.bincount(minlength=len(names)) == 0).nonzero().flatten().tolist():
-        warn_nothing_to_evaluate(f"The evaluation part of {_class_name(c, names)} ({where})")
-
-
 def train_and_eval_features(args: argparse.Namespace) -> tuple[torch.Tensor, ...]:
     """(train features, train labels, eval features, eval labels, class names) of the command's data,
     from --eval-data or from a stratified hold-out of --data."""
@@ -150,7 +140,7 @@ def train_and_eval_features(args: argparse.Namespace) -> tuple[torch.Tensor, ...
     if eval_spec:
         eval_feats, eval_labels = _features(model, eval_data, eval_total, args, f"features of {eval_spec}")
         if not isinstance(getattr(eval_data, "dataset", None), FolderDataset):  # a folder said so of its empty ones
-            _warn_empty_classes(eval_labels, names, what)
+            warn_empty_classes(eval_labels, names, what)
         return feats, labels, eval_feats, eval_labels, names
     pool, held = split_pool(labels, args.eval_fraction, args.seed)
     # Rounding each class's share can leave one side empty: its accuracy would be NaN, or a fit on nothing.
@@ -159,7 +149,7 @@ def train_and_eval_features(args: argparse.Namespace) -> tuple[torch.Tensor, ...
             raise ValueError(f"Holding out {args.eval_fraction:g} of each class of {len(labels)} images leaves the "
                              f"{side} empty; choose another --eval-fraction, more data, or --eval-data.")
     # ... or one class's: a class of one image keeps it in the pool at 0.5 (round(0.5) is 0).
-    _warn_empty_classes(labels[held], names, f"held out from --data {args.data}")
+    warn_empty_classes(labels[held], names, f"held out from --data {args.data}")
     return feats[pool], labels[pool], feats[held], labels[held], names
 
 

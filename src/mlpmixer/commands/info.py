@@ -19,8 +19,9 @@ def register(p: argparse.ArgumentParser) -> None:
     p.add_argument("checkpoint", nargs="?", help="a checkpoint file (.npz, timm, .safetensors) or run directory, "
                    "or a variant name (B/16, nano/4, ...) for its row of the table")
     p.add_argument("--img-size", type=at_least(1), nargs="+", default=None, metavar="N",
-                   help="resolution of the table's S and GFLOPs (default: each variant's own, 224 for the paper's); with a checkpoint whose patch grid is "
-                   "not square and that does not say its size (.npz, timm), its H W")
+                   help="resolution of the table's S and GFLOPs (default: each variant's own, 224 for the paper's); with a checkpoint that "
+                   "does not say its size (.npz, timm), its H W, which a non-square patch grid needs (2×8 patches would "
+                   "read as the square 4×4 of their 16 tokens)")
     p.add_argument("--num-classes", type=at_least(0), default=None,
                    help="head size counted in the table's parameters (default 1000)")
     p.add_argument("--json", action="store_true", help="print JSON instead of a table")
@@ -43,7 +44,7 @@ def rows(img_size: int | None = None, num_classes: int = 1000,
 
 def describe_checkpoint(path: str, img_size_hint: int | tuple[int, int] | None = None) -> dict:
     """The configuration, size and class names of the checkpoint at `path` (the model is not built);
-    `img_size_hint` is the image size of a foreign file whose patch grid is not square."""
+    `img_size_hint` is the image size of a foreign file (.npz, timm), which says none."""
     from ..checkpoints import read_checkpoint, resolve_path  # torch: only when a checkpoint is read
 
     file = resolve_path(path)
@@ -101,8 +102,8 @@ def run(args: argparse.Namespace) -> int:
         if asked is not None and size != (asked if isinstance(asked, tuple) else (asked, asked)):
             # The file's size (its own, or its square patch grid's) wins: the table would describe another model.
             raise ValueError(f"{args.checkpoint} is made for {size[0]}×{size[1]} images; --img-size only names the size "
-                             "of a file that does not say it and whose patch grid is not square (leave it out, or "
-                             "convert the model with mixer resize).")
+                             "of a file that does not say it, and gives as many patches as the file has tokens (leave "
+                             "it out, or convert the model with mixer resize).")
         if args.json:
             print(json.dumps(info, indent=1))
         else:
