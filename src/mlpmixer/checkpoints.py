@@ -688,7 +688,12 @@ def atomic_write(path: str | os.PathLike, write: Any) -> Path:
     # Created as an ordinary file (mode 0666 less the umask), and that mode restored after `write`:
     # tempfile.mkstemp, and some writers (safetensors, torch.save), leave private 0600 files.
     tmp = str(path.parent / f".{path.name}.{secrets.token_hex(6)}.tmp{path.suffix}")
-    os.close(os.open(tmp, os.O_CREAT | os.O_EXCL | os.O_WRONLY, 0o666))
+    try:
+        os.close(os.open(tmp, os.O_CREAT | os.O_EXCL | os.O_WRONLY, 0o666))
+    except OSError as e:  # read-only, /proc, ...: errno's line would name our temporary file, not the user's path
+        # The same class (callers catch PermissionError), and one sentence.
+        raise type(e)(f"Cannot write {path}: no file can be created in {path.parent} ({e.strerror}); give a path "
+                      "in another folder.") from None
     mode = stat.S_IMODE(os.stat(tmp).st_mode)
     try:
         write(tmp)
