@@ -78,6 +78,67 @@ def test_fast_inference_matches_plain_fp32(gelu):
         assert torch.equal(fast.forward_head(feats, pre_logits=True), feats.mean(dim=1))
 
 
+needs_onednn = pytest.mark.skipif(not (torch.backends.mkldnn.is_available() and hasattr(torch.ops.mkldnn, "_linear_pointwise")),
+                                  reason="this PyTorch is built without oneDNN")
+
+
+def use_onednn(monkeypatch: pytest.MonkeyPatch, on: bool) -> None:
+    """oneDNN's products on or off, whatever this CPU's instruction set, checked afresh."""
+    monkeypatch.setitem(K._state, "onednn_off", None if on else "off for this test")
+    monkeypatch.setattr(K, "_verified", set())
+    if on:
+        monkeypatch.setattr(torch.backends.cpu, "get_cpu_capability", lambda: "AVX512")
+
+
+@needs_onednn
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("act", ["none", "exact", "tanh"])
+def test_onednn_products_match_their_plain_twins(monkeypatch, dtype, act):
+    use_onednn(monkeypatch, True)
+    x, w, b, r = (torch.randn(*shape).to(dtype) for shape in [(37, 24), (40, 24), (40,), (37, 40)])
+    plain_h = K.gelu_(torch.addmm(b, x, w.t()), act)
+    plain_out = r + torch.addmm(b, x, w.t())
+    out = K.cpu_linear_add_(r.clone(), x, w, b)
+    assert rel(K.cpu_linear_act(x, w, b, act), plain_h) <= (1e-2 if dtype == torch.bfloat16 else 1e-6)
+    assert rel(out, plain_out) <= (1e-2 if dtype == torch.bfloat16 else 1e-6)
+    assert {k[0] for k in K._verified} == {"onednn linear", "onednn linear add"} and K._state["onednn_off"] is None
+
+
+@needs_onednn
+def test_onednn_is_used_on_avx512_only(monkeypatch):
+    """Where it was measured faster than MKL (AVX-512); not with AVX2, where it was not."""
+    monkeypatch.setitem(K._state, "onednn_off", None)
+    x = torch.randn(4, 8)
+    for capability, used in [("AVX512", True), ("AVX512_BF16", True), ("AVX2", False), ("DEFAULT", False)]:
+        monkeypatch.setattr(torch.backends.cpu, "get_cpu_capability", lambda: capability)
+        assert K.onednn_usable(x) is used and not K.onednn_usable(x.double())
+
+
+@needs_onednn
+def test_a_failing_onednn_product_falls_back_with_one_warning(monkeypatch):
+    use_onednn(monkeypatch, True)
+    monkeypatch.setattr(K, "_gelu_attr", lambda act: ("no-such-post-op", [], ""))  # oneDNN refuses it
+    x, w, b = torch.randn(5, 8), torch.randn(6, 8), torch.randn(6)
+    with pytest.warns(UserWarning, match="oneDNN linear disabled") as said:
+        out = K.cpu_linear_act(x, w, b, "exact")
+    assert len(said) == 1 and K._state["onednn_off"] and not K.onednn_usable(x)
+    assert torch.equal(out, torch.nn.functional.gelu(torch.addmm(b, x, w.t())))
+
+
+@needs_onednn
+@pytest.mark.parametrize("onednn", [True, False])
+@pytest.mark.parametrize("gelu", ["tanh", "exact"])
+def test_cpu_inference_with_and_without_onednn_matches_plain(monkeypatch, onednn, gelu):
+    use_onednn(monkeypatch, onednn)
+    model = tiny(gelu).eval()
+    x = torch.randn(3, 3, 32, 32)
+    with torch.no_grad():
+        assert rel(optimize(model)(x), model(x)) <= 1e-5
+        with torch.autocast("cpu", dtype=torch.bfloat16):
+            assert rel(optimize(model)(x), model(x)) <= 2e-2
+    assert any(k[0] == "onednn linear add" for k in K._verified) is onednn
+
+
 @pytest.mark.parametrize("gelu", ["tanh", "exact"])
 def test_tokens_first_inference_with_plain_twins_matches_plain(gelu, monkeypatch):
     """The (S, B, C) inference path that CUDA runs, here with the plain twins Triton falls back to."""
@@ -91,8 +152,10 @@ def test_tokens_first_inference_with_plain_twins_matches_plain(gelu, monkeypatch
         assert feats.is_contiguous() and rel(feats, model.forward_features(x)) <= 1e-5
 
 
+@pytest.mark.parametrize("onednn", [True, False] if torch.backends.mkldnn.is_available() else [False])
 @pytest.mark.parametrize("gelu", ["tanh", "exact"])
-def test_fast_training_matches_plain_fp32(gelu):
+def test_fast_training_matches_plain_fp32(gelu, onednn, monkeypatch):
+    use_onednn(monkeypatch, onednn)  # the channel MLP's products through oneDNN (AVX-512 CPUs) or PyTorch's
     model = tiny(gelu).train()
     fast = optimize(model)
     x = torch.randn(3, 3, 32, 32)
@@ -105,6 +168,7 @@ def test_fast_training_matches_plain_fp32(gelu):
     assert grad_error(grads(model), ref) <= 1e-4
     feats = fast.forward_features(x)
     assert feats.requires_grad and feats.is_contiguous() and rel(feats, model.forward_features(x)) <= 1e-5
+    assert any(k[0] == "onednn linear" for k in K._verified) is onednn
 
 
 @pytest.mark.parametrize("path", ["cpu", "tokens-first", "training"])

@@ -12,6 +12,8 @@ Inference (no gradients)
   - On CUDA, one CUDA graph per input shape replays the whole forward (no launch overhead).
   - On the CPU the stream is image-major, (B, S, C), and token mixing a batched product per
     image, which MKL runs faster than one product over all B·C columns (`_features_infer_cpu`).
+    With AVX-512 the channel MLP's products go through oneDNN, whose epilogues take the GELU and
+    the residual add (`kernels.cpu_linear_act`, `kernels.cpu_linear_add_`).
 
 Training
   - Each residual branch is one autograd.Function that saves only its input, the LayerNorm's
@@ -91,11 +93,12 @@ class _ChannelBranch(torch.autograd.Function):
         c = x.shape[-1]
         x2 = x.view(-1, c)
         y, mean, rstd = K.layer_norm_train(x2, g, beta, EPS)
-        pre = torch.addmm(b3, y, w3.t())  # (S·B, D_C)
+        # The products through oneDNN on CPUs with AVX-512 (kernels.onednn_usable), else torch.addmm / mm.
+        pre = K.cpu_linear_act(y, w3, b3, "none")  # (S·B, D_C)
         h = K.gelu(pre, act)
         # The bias in the GEMM's epilogue (cuBLASLt), then the residual: one pass fewer than
         # addmm(x2, ...), which first copies x2 into the output.
-        out = torch.addmm(b4, h, w4.t())
+        out = K.cpu_linear_act(h, w4, b4, "none")
         out += x2
         ctx.save_for_backward(x, mean, rstd, g, beta, w3, w4, pre)
         ctx.act = act
@@ -107,13 +110,13 @@ class _ChannelBranch(torch.autograd.Function):
         c = x.shape[-1]
         x2 = x.view(-1, c)
         go = grad.contiguous().view(-1, c)
-        h, dpre = K.gelu_fwd_bwd(pre, torch.mm(go, w4), ctx.act)
-        dw4 = torch.mm(go.t(), h)
+        h, dpre = K.gelu_fwd_bwd(pre, K.cpu_linear_act(go, w4.t(), None, "none"), ctx.act)
+        dw4 = torch.mm(go.t(), h)  # oneDNN was no faster than MKL for the weights' gradients
         db4 = K.column_sums(go)
         db3 = K.column_sums(dpre)
         y = K.layer_norm_train(x2, g, beta, EPS, mean, rstd)[0]
         dw3 = torch.mm(dpre.t(), y)
-        dy = torch.mm(dpre, w3)
+        dy = K.cpu_linear_act(dpre, w3.t(), None, "none")
         dx, dg, dbeta = K.layer_norm_backward(dy, x2, mean, rstd, g, beta, go)
         return dx.view(x.shape), dg, dbeta, dw3, db3, dw4, db4, None
 
@@ -278,7 +281,9 @@ class FastMixer(nn.Module):
         instead of one product with all B·C columns: on this project's AVX2 machine MKL ran these
         shapes about 15% faster (B/16, batch 8), and the Mixer's CPU inference as a whole about 5%.
         The residual adds stay in the products' β=1 epilogues; the output biases are added in
-        place (there is no fused LayerNorm on the CPU to take them).
+        place (there is no fused LayerNorm on the CPU to take them). On CPUs with AVX-512 the channel
+        MLP's products go through oneDNN, the GELU and the residual add in their epilogues
+        (`kernels.onednn_usable` says why).
         """
         model, act = self.model, self.model.config.gelu
         with _autocast("cpu", dtype, autocast):
@@ -287,7 +292,7 @@ class FastMixer(nn.Module):
         cfg = model.config
         # The hidden activations of every block reuse two buffers: fresh ones each time cost page faults.
         h_tok = r.new_empty(b, cfg.tokens_mlp_dim, c)
-        h_chan = r.new_empty(b * s, cfg.channels_mlp_dim)
+        h_chan = None if K.onednn_usable(r) else r.new_empty(b * s, cfg.channels_mlp_dim)  # oneDNN makes its own
         with torch.autocast("cpu", enabled=False):
             for blk in model.blocks:
                 tok, chan = blk.mlp_tokens, blk.mlp_channels
@@ -298,10 +303,8 @@ class FastMixer(nn.Module):
                 r += tok.fc2.bias.to(dtype)[:, None]
 
                 y = K.layer_norm(r, None, None, blk.norm2.weight, blk.norm2.bias, EPS, r.dtype)
-                w3 = chan.fc1.weight.to(dtype).t()
-                K.gelu_(torch.addmm(chan.fc1.bias.to(dtype), y.view(b * s, c), w3, out=h_chan), act)
-                r.view(b * s, c).addmm_(h_chan, chan.fc2.weight.to(dtype).t())
-                r += chan.fc2.bias.to(dtype)
+                h = K.cpu_linear_act(y.view(b * s, c), chan.fc1.weight.to(dtype), chan.fc1.bias.to(dtype), act, h_chan)
+                r = K.cpu_linear_add_(r.view(b * s, c), h, chan.fc2.weight.to(dtype), chan.fc2.bias.to(dtype)).view(b, s, c)
             norm = model.norm
             return K.layer_norm(r, None, None, norm.weight, norm.bias, EPS, torch.float32 if autocast else dtype)
 

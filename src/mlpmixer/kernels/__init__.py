@@ -10,6 +10,8 @@ the tests use):
   LayerNorm reads the stream anyway. So the residual adds and the output biases cost no memory pass
   of their own.
 - `linear_act`: a matrix product with the bias and the GELU in its epilogue.
+- on the CPU with AVX-512, `cpu_linear_act` and `cpu_linear_add_`: the channel MLP's products through
+  oneDNN, in inference with the GELU and the residual add in their epilogues.
 - in training, `layer_norm_train` and `layer_norm_backward`: LayerNorm and its backward on blocks of
   rows, the backward adding the residual's gradient to dx; `gelu_fwd_bwd`, the GELU recomputed
   and differentiated in one pass; `column_sums`, the channel MLP's bias gradients.
@@ -17,7 +19,7 @@ the tests use):
 Any failure of a Triton kernel (import, compilation, launch) or a mismatch with the plain twin
 on its first use for a shape turns Triton off for the process with one warning; the plain
 twin then runs, so a broken kernel costs speed, never correctness. cuBLASLt's GELU epilogue
-(`torch._addmm_activation`) is checked and switched off the same way.
+(`torch._addmm_activation`) and oneDNN's products are checked and switched off the same way.
 """
 
 from __future__ import annotations
@@ -32,7 +34,7 @@ import torch.nn.functional as F
 
 ACTIVATIONS = ("none", "exact", "tanh")  # "exact"/"tanh": the two GELUs of MixerConfig.gelu
 
-_state = {"disabled_reason": None, "cublaslt_off": None}
+_state = {"disabled_reason": None, "cublaslt_off": None, "onednn_off": None}
 _verified: set = set()
 
 
@@ -53,6 +55,13 @@ def disable_cublaslt(reason: str) -> None:
     if _state["cublaslt_off"] is None:
         _state["cublaslt_off"] = reason
         warnings.warn(f"cuBLASLt GELU epilogue disabled, using GEMM then GELU instead: {reason}", stacklevel=3)
+
+
+def disable_onednn(reason: str) -> None:
+    """Stop using oneDNN's linear for the CPU's channel mixing in this process, warning once."""
+    if _state["onednn_off"] is None:
+        _state["onednn_off"] = reason
+        warnings.warn(f"oneDNN linear disabled, using PyTorch's addmm instead: {reason}", stacklevel=3)
 
 
 def accumulation_dtype(dtype: torch.dtype) -> torch.dtype:
@@ -358,6 +367,61 @@ def linear_act(
     return _run_checked(
         "the Triton GEMM", key, lambda: _triton.linear_act(a, b, bias, bias_on_rows, act), ref
     )
+
+
+# ---------------------------------------------------------------------------------------------
+# The channel MLP's products on the CPU through oneDNN; in inference the GELU and the residual add in their epilogues.
+
+
+def onednn_usable(x: torch.Tensor) -> bool:
+    """Whether CPU products of `x` go through oneDNN's linear (`torch.ops.mkldnn._linear_pointwise`, which
+    inductor uses): in fp32 and bf16, on CPUs with AVX-512. There, on this project's 2-core AMD EPYC (2026-11-29,
+    the channel-mixing shapes of S/16 and B/16 in fp32), its products ran 5-20% faster than MKL's, which
+    PyTorch's addmm uses, and the GELU in its epilogue was free. With oneDNN and MKL both held to AVX2
+    (ONEDNN_MAX_CPU_ISA, MKL_ENABLE_INSTRUCTIONS) it was no faster and the fused GELU cost time, as on the AVX2
+    machine of 2026-11-27 (docs/performance.md). Not under `TRITON_INTERPRET=1`, where the CPU stands in for a GPU."""
+    return (x.device.type == "cpu" and x.dtype in (torch.float32, torch.bfloat16) and _state["onednn_off"] is None
+            and not interpreting()
+            and torch.backends.mkldnn.is_available() and hasattr(torch.ops.mkldnn, "_linear_pointwise")
+            and torch.backends.cpu.get_cpu_capability().startswith("AVX512"))
+
+
+def _gelu_attr(act: str) -> tuple[str, list, str]:
+    """oneDNN linear's (post-op, scalars, algorithm) for `act`."""
+    return ("none", [], "") if act == "none" else ("gelu", [], "none" if act == "exact" else "tanh")
+
+
+def cpu_linear_act(x: torch.Tensor, w: torch.Tensor, b: Optional[torch.Tensor], act: str,
+                   out: Optional[torch.Tensor] = None) -> torch.Tensor:
+    """act(x @ wᵀ + b) for x (M, K), w (N, K) (a transposed view too), `b` None for no bias: oneDNN, with the
+    GELU in its epilogue, where `onednn_usable` (a new tensor); else PyTorch's product (into `out` if given),
+    then the GELU in place."""
+
+    def ref() -> torch.Tensor:
+        h = torch.mm(x, w.t(), out=out) if b is None else torch.addmm(b, x, w.t(), out=out)
+        return gelu_(h, act)
+
+    if not onednn_usable(x):
+        return ref()
+    key = ("onednn linear", tuple(x.shape), tuple(w.shape), x.dtype, act, b is None)
+    # A fresh model's first backward multiplies zeros: a check on those proves nothing.
+    return _run_checked("oneDNN's linear", key, lambda: torch.ops.mkldnn._linear_pointwise(x, w, b, *_gelu_attr(act)),
+                        ref, disable=disable_onednn, zeros_prove=False)
+
+
+def cpu_linear_add_(r: torch.Tensor, x: torch.Tensor, w: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
+    """r + x @ wᵀ + b for r (M, N), x (M, K), w (N, K): oneDNN with the add in its epilogue (a new tensor) where
+    `onednn_usable`, else into `r` in place. Use the result: `r` itself may or may not hold it."""
+
+    def ref() -> torch.Tensor:
+        return r.addmm_(x, w.t()).add_(b)
+
+    if not onednn_usable(x):
+        return ref()
+    key = ("onednn linear add", tuple(x.shape), tuple(w.shape), x.dtype)
+    # The fused result is made first: the check's plain twin then changes `r` after it has been read.
+    return _run_checked("oneDNN's linear", key, lambda: torch.ops.mkldnn._linear_pointwise.binary(x, r, w, b, "add"),
+                        ref, disable=disable_onednn, zeros_prove=False)
 
 
 # ---------------------------------------------------------------------------------------------
