@@ -288,6 +288,11 @@ def test_an_out_path_that_cannot_be_a_run_folder_is_one_sentence(tmp_path: Path,
     err = capsys.readouterr().err
     assert f"{tmp_path} is not writable for this user; give another --out" in err and err.count("\n") == 1
     assert not (tmp_path / "run").exists()
+    monkeypatch.undo()
+    # In the processes that one `mixer train` forks (the default job's two), the main process's own error names
+    # no ranks: the user asked for none.
+    assert main([*flags[:5], "--processes", "2", "--quiet", "--out", str(file)]) == 2
+    assert capsys.readouterr().err == f"mixer train: error: --out {file} is a file; give the path of a folder.\n"
 
 
 def test_a_closed_pipe_stops_the_command_quietly(child_env: dict) -> None:

@@ -374,8 +374,9 @@ class _StartLine:
     reports what went wrong and on which rank, once.
     """
 
-    def __init__(self, distributed: bool) -> None:
+    def __init__(self, distributed: bool, forked: bool = False) -> None:
         self.waiting = distributed
+        self.forked = forked  # the processes are `launch`'s, forked by one `mixer train` that asked for no ranks
         # The gathered tensors, kept until the process group is destroyed: torch 2.4's gloo could drop the last
         # reference to them on its worker thread, which then waits for the GIL that destroy_process_group holds
         # while it joins that thread (a deadlock, seen).
@@ -397,6 +398,8 @@ class _StartLine:
             ranks_by_message.setdefault(message, []).append(rank)
         if error is not None and len(failed) == world and len(ranks_by_message) == 1:
             combined: Exception = error  # the same error on every rank
+        elif self.forked and list(failed) == [0]:  # the main process's own (--out a file): no ranks to name
+            combined = error if error is not None else ValueError(failed[0][1])
         else:
             parts = []
             for message, ranks in ranks_by_message.items():
@@ -546,7 +549,7 @@ def train(r: Recipe, out: Optional[str | Path] = None, **options: Any) -> RunFil
     distributed = "WORLD_SIZE" in os.environ and int(os.environ["WORLD_SIZE"]) > 1
     if distributed:
         dist.init_process_group("nccl" if torch.cuda.is_available() else "gloo")
-    start_line = _StartLine(distributed)
+    start_line = _StartLine(distributed, forked=options.get("shared_grads") is not None)
     # torchrun's processes say their own errors; those that `launch` forks leave them to rank 0 (`_child`).
     saying = distributed and options.get("shared_grads") is None
     try:
