@@ -78,6 +78,15 @@ def test_fast_inference_matches_plain_fp32(gelu):
         assert torch.equal(fast.forward_head(feats, pre_logits=True), feats.mean(dim=1))
 
 
+def test_cpu_bf16_layer_norm_is_the_fp32_one_rounded():
+    """On the CPU a bf16 stream goes to PyTorch's LayerNorm as it is (fp32 inside): within one bf16 step of fp32's."""
+    r, w, b = (torch.randn(4, 9, 768) * 3 + 1).bfloat16(), torch.randn(768), torch.randn(768)
+    exact = torch.nn.functional.layer_norm(r.float(), (768,), w, b, 1e-6)
+    out = K.layer_norm_ref(r, None, None, w, b, 1e-6, torch.bfloat16)
+    assert out.dtype == torch.bfloat16 and ((out.float() - exact).abs() <= exact.abs() * 2**-7 + 1e-6).all()
+    assert K.layer_norm_ref(r, None, None, w, b, 1e-6, torch.float32).dtype == torch.float32
+
+
 needs_onednn = pytest.mark.skipif(not (torch.backends.mkldnn.is_available() and hasattr(torch.ops.mkldnn, "_linear_pointwise")),
                                   reason="this PyTorch is built without oneDNN")
 

@@ -166,6 +166,9 @@ def layer_norm_ref(
 ) -> torch.Tensor:
     """LayerNorm(r + row_bias[s] + col_bias[c]) in fp32 (float64 for a float64 stream), returned in `out_dtype`."""
     acc = accumulation_dtype(r.dtype)
+    if r.device.type == "cpu" and r.dtype == torch.bfloat16 and row_bias is None and col_bias is None:
+        # PyTorch's CPU LayerNorm reads bf16 with fp32 weights and computes in fp32 itself: no fp32 copy of the stream.
+        return F.layer_norm(r, r.shape[-1:], weight.to(acc), bias.to(acc), eps).to(out_dtype)
     x = r.to(acc)
     # The two bias vectors make one small (S, 1, C) table first: one pass over the stream, not two.
     if row_bias is not None and col_bias is not None:
