@@ -15,6 +15,7 @@ import pytest
 import torch
 
 from mlpmixer import bench as B
+from mlpmixer import kernels as K
 from mlpmixer import create_model, save_checkpoint
 from mlpmixer.cli import build_parser, main
 from mlpmixer.variants import variant_config
@@ -213,10 +214,30 @@ def test_matmul_ceiling_is_small_only_where_bf16_is_emulated(monkeypatch, dtype,
     """An emulated bf16 product of 2048³ takes about 13 s; elsewhere a small product timed on a busy machine
     read low (17 GFLOP/s in fp32), which put the models at 330% of the ceiling."""
     timed = []
-    monkeypatch.setattr(B, "product_rate", lambda device, dtype, n, seconds: timed.append(n) or 1e9)
+    monkeypatch.setattr(B, "product_rate", lambda device, dtype, n, seconds, product=None: timed.append(n) or 1e9)
     monkeypatch.setattr(B, "slow_bf16", lambda device: "emulated" if emulated else None)
+    monkeypatch.setitem(K._state, "onednn_off", "off for this test")
     B.matmul_ceiling(torch.device("cpu"), dtype)
     assert timed == [size]
+
+
+@pytest.mark.skipif(not torch.backends.mkldnn.is_available(), reason="this PyTorch is built without oneDNN")
+@pytest.mark.parametrize("onednn", [True, False])
+def test_the_cpu_ceiling_is_the_faster_library_the_fast_path_uses(monkeypatch, onednn):
+    """With oneDNN's products in the fast path (AVX-512), the ceiling is the faster of its and PyTorch's, each timed
+    for real: MKL's alone put the fast path at 115% of it."""
+    rates = []
+
+    def product_rate(device, dtype, n, seconds, product=torch.mm):
+        a = torch.randn(64, 64)
+        assert torch.allclose(product(a, a), a @ a.t() if product is not torch.mm else a @ a, atol=1e-4)
+        rates.append(1e9 * (len(rates) + 1))  # the second library timed is the faster here
+        return rates[-1]
+
+    monkeypatch.setattr(B, "product_rate", product_rate)
+    monkeypatch.setitem(K._state, "onednn_off", None if onednn else "off for this test")
+    monkeypatch.setattr(torch.backends.cpu, "get_cpu_capability", lambda: "AVX512")
+    assert B.matmul_ceiling(torch.device("cpu"), torch.float32) == (2e9 if onednn else 1e9)
 
 
 KEEP_FREED_MEMORY = """
