@@ -95,7 +95,7 @@ def matmul_ceiling(device: torch.device, dtype: torch.dtype, n: Optional[int] = 
     ceiling would put the models above 100% of it.
 
     On CPUs where the fast path multiplies through oneDNN (`kernels.onednn_usable`), the faster of that and
-    PyTorch's product: on an AVX-512 EPYC oneDNN's fp32 products beat MKL's by 5-20%, and a ceiling of MKL's
+    PyTorch's product: on an AVX-512 EPYC oneDNN's fp32 products beat MKL's by 4-20%, and a ceiling of MKL's
     alone put the fast path above 100% of it.
     """
     n = n or (8192 if device.type == "cuda" else 2048)

@@ -549,9 +549,10 @@ def train(r: Recipe, out: Optional[str | Path] = None, **options: Any) -> RunFil
     distributed = "WORLD_SIZE" in os.environ and int(os.environ["WORLD_SIZE"]) > 1
     if distributed:
         dist.init_process_group("nccl" if torch.cuda.is_available() else "gloo")
-    start_line = _StartLine(distributed, forked=options.get("shared_grads") is not None)
+    forked = options.get("shared_grads") is not None  # `launch`'s processes
+    start_line = _StartLine(distributed, forked)
     # torchrun's processes say their own errors; those that `launch` forks leave them to rank 0 (`_child`).
-    saying = distributed and options.get("shared_grads") is None
+    saying = distributed and not forked
     try:
         return _train(r, out, distributed, start_line, **options)
     except (ValueError, OSError, torch.cuda.OutOfMemoryError) as e:

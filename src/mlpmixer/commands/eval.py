@@ -71,7 +71,7 @@ def run(args: argparse.Namespace) -> int:
     cfg = model.config
     permute = run_permutation(args.checkpoint, cfg, args.permute, args.permute_seed)
 
-    with worker_deaths("rerun the command"):  # the labels (8 bytes an image) say which classes had no images
+    with worker_deaths("rerun the command"):  # the labels say which classes had no images (16 bytes an image, with the top-1)
         m = evaluate(model, data, batch_size=args.batch_size, workers=args.workers, progress=not args.json,
                      transform=permute, predictions=True)
     # Opening an image folder said so of its empty class folders; IDX files and shards show theirs only now.

@@ -379,10 +379,11 @@ def linear_act(
 def onednn_usable(x: torch.Tensor) -> bool:
     """Whether CPU products of `x` go through oneDNN's linear (`torch.ops.mkldnn._linear_pointwise`, which
     inductor uses): in fp32 and bf16, on CPUs with AVX-512. There, on this project's 2-core AMD EPYC (2026-11-29,
-    the channel-mixing shapes of S/16 and B/16 in fp32), its products ran 5-20% faster than MKL's, which
-    PyTorch's addmm uses, and the GELU in its epilogue was free. With oneDNN and MKL both held to AVX2
-    (ONEDNN_MAX_CPU_ISA, MKL_ENABLE_INSTRUCTIONS) it was no faster and the fused GELU cost time, as on the AVX2
-    machine of 2026-11-27 (docs/performance.md). Not under `TRITON_INTERPRET=1`, where the CPU stands in for a GPU."""
+    the channel-mixing shapes of S/16 and B/16 in fp32), its products ran 4-20% faster than MKL's, which
+    PyTorch's addmm uses, and its GELU epilogue cost about what a separate GELU pass does. With oneDNN and MKL
+    both held to AVX2 (ONEDNN_MAX_CPU_ISA, MKL_ENABLE_INSTRUCTIONS) it was faster on one shape and slower on
+    another, and on the AVX2 machine of 2026-11-27 its fused GELU was slower (docs/performance.md). Not under
+    `TRITON_INTERPRET=1`, where the CPU stands in for a GPU."""
     return (x.device.type == "cpu" and x.dtype in (torch.float32, torch.bfloat16) and _state["onednn_off"] is None
             and not interpreting()
             and torch.backends.mkldnn.is_available() and hasattr(torch.ops.mkldnn, "_linear_pointwise")
