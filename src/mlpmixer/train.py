@@ -548,6 +548,11 @@ def train(r: Recipe, out: Optional[str | Path] = None, **options: Any) -> RunFil
     """
     distributed = "WORLD_SIZE" in os.environ and int(os.environ["WORLD_SIZE"]) > 1
     if distributed:
+        # Imported before the process group exists: importing torch._dynamo (DDP and FSDP do) while one exists
+        # keeps a reference to it (seen with torch 2.14), so destroy_process_group would leave gloo's threads
+        # running until the interpreter's exit, where one could abort the finished process (pytorch#190489).
+        import torch._dynamo  # noqa: F401
+
         dist.init_process_group("nccl" if torch.cuda.is_available() else "gloo")
     forked = options.get("shared_grads") is not None  # `launch`'s processes
     start_line = _StartLine(distributed, forked)
@@ -1082,6 +1087,12 @@ def _train(
         draw_curves()
         log(f"Done in {time.time() - t_start:.1f} s. Model: {files.model}; configuration: {files.config}; "
             f"metrics: {files.metrics}; curves: {files.curves}")
+    if fsdp:
+        # The ranks leave together, after rank 0's files. FSDP's process group outlives destroy_process_group
+        # (DTensor's caches hold its device mesh; torch 2.14), so gloo's threads run on until the interpreter
+        # exits, and one still letting go of the tensors that `_gather` sent then aborts its process
+        # (pytorch#190489). By the end of this barrier they have let go of them.
+        dist.barrier()
     return files
 
 
