@@ -19,7 +19,8 @@ Training
   - Each residual branch is one autograd.Function that saves only its input, the LayerNorm's
     statistics and the GELU's input; in the backward it recomputes the LayerNorm output and the
     GELU output (cheap, memory-bound) instead of storing them, which halves the activation memory.
-    The GELU's recomputation and derivative are one fused pass (`kernels.gelu_fwd_bwd`).
+    The GELU's recomputation and derivative are one fused pass (`kernels.gelu_fwd_bwd`). On the
+    CPU, where that pass is not fused, the GELU output is stored instead (`kernels.gelu_stored`).
 
 Under autocast the products run in the autocast dtype with fp32 accumulation, as in the plain path;
 LayerNorm statistics are fp32 (float64 for a float64 model, which runs in float64 throughout). Dropout and stochastic depth in training are not fused: with either
@@ -55,7 +56,8 @@ def _autocast(device: str, dtype: torch.dtype, on: bool):
 
 
 class _TokenBranch(torch.autograd.Function):
-    """x + W2 · GELU(W1 · LN(x) + b1) + b2 on a (S, B, C) stream, storing x, LN stats and W1·LN(x)+b1."""
+    """x + W2 · GELU(W1 · LN(x) + b1) + b2 on a (S, B, C) stream, storing x, LN stats and W1·LN(x)+b1 (and
+    on the CPU its GELU: `kernels.gelu_stored`)."""
 
     @staticmethod
     def forward(ctx, x, g, beta, w1, b1, w2, b2, act):  # type: ignore[override]
@@ -65,16 +67,16 @@ class _TokenBranch(torch.autograd.Function):
         h = K.gelu(pre, act)
         out = torch.addmm(x.view(s, b * c), w2, h)  # residual add in the GEMM epilogue
         out += b2[:, None]
-        ctx.save_for_backward(x, mean, rstd, g, beta, w1, w2, pre)
+        ctx.save_for_backward(x, mean, rstd, g, beta, w1, w2, pre, h if K.gelu_stored(pre) else None)
         ctx.act = act
         return out.view(s, b, c)
 
     @staticmethod
     def backward(ctx, grad):  # type: ignore[override]
-        x, mean, rstd, g, beta, w1, w2, pre = ctx.saved_tensors
+        x, mean, rstd, g, beta, w1, w2, pre, h = ctx.saved_tensors
         s, b, c = x.shape
         go = grad.contiguous().view(s, b * c)
-        h, dpre = K.gelu_fwd_bwd(pre, torch.mm(w2.t(), go), ctx.act)
+        h, dpre = K.gelu_fwd_bwd(pre, torch.mm(w2.t(), go), ctx.act, h)
         dw2 = torch.mm(go, h.t())
         db2 = go.sum(1)
         db1 = dpre.sum(1)
@@ -100,17 +102,17 @@ class _ChannelBranch(torch.autograd.Function):
         # addmm(x2, ...), which first copies x2 into the output.
         out = K.cpu_linear_act(h, w4, b4, "none")
         out += x2
-        ctx.save_for_backward(x, mean, rstd, g, beta, w3, w4, pre)
+        ctx.save_for_backward(x, mean, rstd, g, beta, w3, w4, pre, h if K.gelu_stored(pre) else None)
         ctx.act = act
         return out.view(x.shape)
 
     @staticmethod
     def backward(ctx, grad):  # type: ignore[override]
-        x, mean, rstd, g, beta, w3, w4, pre = ctx.saved_tensors
+        x, mean, rstd, g, beta, w3, w4, pre, h = ctx.saved_tensors
         c = x.shape[-1]
         x2 = x.view(-1, c)
         go = grad.contiguous().view(-1, c)
-        h, dpre = K.gelu_fwd_bwd(pre, K.cpu_linear_act(go, w4.t(), None, "none"), ctx.act)
+        h, dpre = K.gelu_fwd_bwd(pre, K.cpu_linear_act(go, w4.t(), None, "none"), ctx.act, h)
         dw4 = torch.mm(go.t(), h)  # oneDNN was no faster than MKL for the weights' gradients
         db4 = K.column_sums(go)
         db3 = K.column_sums(dpre)

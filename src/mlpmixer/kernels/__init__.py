@@ -14,7 +14,8 @@ the tests use):
   oneDNN, in inference with the GELU and the residual add in their epilogues.
 - in training, `layer_norm_train` and `layer_norm_backward`: LayerNorm and its backward on blocks of
   rows, the backward adding the residual's gradient to dx; `gelu_fwd_bwd`, the GELU recomputed
-  and differentiated in one pass; `column_sums`, the channel MLP's bias gradients.
+  and differentiated in one pass (on the CPU the forward keeps the GELU's output: `gelu_stored`);
+  `column_sums`, the channel MLP's bias gradients.
 
 Any failure of a Triton kernel (import, compilation, launch) or a mismatch with the plain twin
 on its first use for a shape turns Triton off for the process with one warning; the plain
@@ -429,16 +430,33 @@ def cpu_linear_add_(r: torch.Tensor, x: torch.Tensor, w: torch.Tensor, b: torch.
 
 
 # ---------------------------------------------------------------------------------------------
-# The GELU's backward, recomputing its output on the way (training with recomputation).
+# The GELU's backward, recomputing its output on the way where that is one fused pass (Triton).
+
+
+def gelu_stored(pre: torch.Tensor) -> bool:
+    """Whether a training branch keeps GELU(pre) for its backward instead of recomputing it there: where
+    `gelu_fwd_bwd` is not one fused pass (no Triton: the CPU), the recomputation is a second GELU pass over
+    the whole hidden activation, about 5% of a bf16 S/16 training step on this project's AVX-512 EPYC
+    (2026-11-29), and keeping it costs that activation's memory."""
+    return not triton_usable(pre)
 
 
 def gelu_fwd_bwd_ref(pre: torch.Tensor, grad: torch.Tensor, act: str) -> tuple[torch.Tensor, torch.Tensor]:
     # PyTorch's backward stays: written with the sigmoid, the derivative took ten passes and was slower.
-    return gelu(pre, act), torch.ops.aten.gelu_backward(grad, pre, approximate="none" if act == "exact" else "tanh")
+    return gelu(pre, act), gelu_backward(pre, grad, act)
 
 
-def gelu_fwd_bwd(pre: torch.Tensor, grad: torch.Tensor, act: str) -> tuple[torch.Tensor, torch.Tensor]:
-    """(GELU(pre), grad · GELU'(pre)) in one pass over `pre` and `grad` on CUDA."""
+def gelu_backward(pre: torch.Tensor, grad: torch.Tensor, act: str) -> torch.Tensor:
+    """grad · GELU'(pre)."""
+    return torch.ops.aten.gelu_backward(grad, pre, approximate="none" if act == "exact" else "tanh")
+
+
+def gelu_fwd_bwd(pre: torch.Tensor, grad: torch.Tensor, act: str,
+                 h: Optional[torch.Tensor] = None) -> tuple[torch.Tensor, torch.Tensor]:
+    """(GELU(pre), grad · GELU'(pre)): GELU(pre) is `h` where the forward kept it (`gelu_stored`), else
+    recomputed, in one pass over `pre` and `grad` on CUDA."""
+    if h is not None:
+        return h, gelu_backward(pre, grad, act)
     if not (pre.is_contiguous() and grad.is_contiguous() and triton_usable(pre)):
         return gelu_fwd_bwd_ref(pre, grad, act)
     from . import _triton
