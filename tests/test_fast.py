@@ -135,6 +135,35 @@ def test_a_failing_onednn_product_falls_back_with_one_warning(monkeypatch):
 
 
 @needs_onednn
+def test_packed_weights_follow_the_parameters(monkeypatch):
+    """bf16 inference packs each channel-MLP weight for oneDNN once, and again once it changes: never stale."""
+    use_onednn(monkeypatch, True)
+    model = tiny().eval()
+    fast = optimize(model)
+    x = torch.randn(2, 3, 32, 32)
+
+    def outputs() -> tuple[torch.Tensor, torch.Tensor]:
+        with torch.no_grad(), torch.autocast("cpu", dtype=torch.bfloat16):
+            return fast(x), model(x)
+
+    out, ref = outputs()
+    assert rel(out, ref) <= 1e-2
+    assert any(key[0] == "onednn linear" and key[-1] for key in K._verified)  # the packed product, checked
+    w = model.blocks[0].mlp_channels.fc1.weight
+    packed = K.packed_weight(w, torch.bfloat16, 32)
+    assert packed is K.packed_weight(w, torch.bfloat16, 8)  # kept, for any number of rows
+    assert K.packed_weight(w, torch.float32, 32) is None  # fp32 uses the parameters
+    model.load_state_dict(tiny(seed=1).state_dict())  # new values, in place: the version counter moves
+    new_out, new_ref = outputs()
+    assert rel(new_out, new_ref) <= 1e-2 and rel(new_out, out) > 0.1
+    assert K.packed_weight(w, torch.bfloat16, 32) is not packed
+    with torch.no_grad():
+        model.blocks[0].mlp_channels.fc2.weight.mul_(3)
+    third_out, third_ref = outputs()
+    assert rel(third_out, third_ref) <= 1e-2 and rel(third_out, new_out) > 0.01
+
+
+@needs_onednn
 @pytest.mark.parametrize("onednn", [True, False])
 @pytest.mark.parametrize("gelu", ["tanh", "exact"])
 def test_cpu_inference_with_and_without_onednn_matches_plain(monkeypatch, onednn, gelu):

@@ -144,6 +144,9 @@ class FastMixer(nn.Module):
     `gemm`: the first product's epilogue backend, see `kernels.linear_act` ("auto" picks).
 
     The rest of the model's API (timm's included) works on the wrapper, and its state dict is the model's.
+    Change the weights in place under `torch.no_grad()` (as `load_state_dict` and optimisers do), not through
+    `.data`: bf16 CPU inference keeps packed copies while a parameter's version counter stays the same
+    (`kernels.packed_weight`), and `.data` edits do not move it.
     `torch.compile` does not trace the fast path (its Triton kernels, first-use checks, in-place products
     and CUDA graphs): a compiled FastMixer compiles and runs the plain `model.forward`. Use one or the
     other: `optimize(model)`, or `torch.compile(model)`.
@@ -285,7 +288,8 @@ class FastMixer(nn.Module):
         The residual adds stay in the products' β=1 epilogues; the output biases are added in
         place (there is no fused LayerNorm on the CPU to take them). On CPUs with AVX-512 the channel
         MLP's products go through oneDNN, the GELU and the residual add in their epilogues
-        (`kernels.onednn_usable` says why).
+        (`kernels.onednn_usable` says why), in bf16 with weights packed once for oneDNN
+        (`kernels.packed_weight`, which says when they are packed again).
         """
         model, act = self.model, self.model.config.gelu
         with _autocast("cpu", dtype, autocast):
@@ -294,7 +298,8 @@ class FastMixer(nn.Module):
         cfg = model.config
         # The hidden activations of every block reuse two buffers: fresh ones each time cost page faults.
         h_tok = r.new_empty(b, cfg.tokens_mlp_dim, c)
-        h_chan = None if K.onednn_usable(r) else r.new_empty(b * s, cfg.channels_mlp_dim)  # oneDNN makes its own
+        onednn = K.onednn_usable(r)
+        h_chan = None if onednn else r.new_empty(b * s, cfg.channels_mlp_dim)  # oneDNN makes its own
         with torch.autocast("cpu", enabled=False):
             for blk in model.blocks:
                 tok, chan = blk.mlp_tokens, blk.mlp_channels
@@ -305,8 +310,10 @@ class FastMixer(nn.Module):
                 r += tok.fc2.bias.to(dtype)[:, None]
 
                 y = K.layer_norm(r, None, None, blk.norm2.weight, blk.norm2.bias, EPS, r.dtype)
-                h = K.cpu_linear_act(y.view(b * s, c), chan.fc1.weight.to(dtype), chan.fc1.bias.to(dtype), act, h_chan)
-                r = K.cpu_linear_add_(r.view(b * s, c), h, chan.fc2.weight.to(dtype), chan.fc2.bias.to(dtype)).view(b, s, c)
+                w3, w4 = chan.fc1.weight, chan.fc2.weight
+                packed3, packed4 = (K.packed_weight(w, dtype, b * s) if onednn else None for w in (w3, w4))
+                h = K.cpu_linear_act(y.view(b * s, c), w3, chan.fc1.bias.to(dtype), act, h_chan, packed3)
+                r = K.cpu_linear_add_(r.view(b * s, c), h, w4, chan.fc2.bias.to(dtype), packed4).view(b, s, c)
             norm = model.norm
             return K.layer_norm(r, None, None, norm.weight, norm.bias, EPS, torch.float32 if autocast else dtype)
 

@@ -121,7 +121,7 @@ class SharedGradients:
                     p.grad = torch.empty_like(p)
                 p.grad.copy_(values)
             else:
-                p.data.copy_(values)
+                p.copy_(values)  # under no_grad (the caller): counted in the version, unlike .data
 
     def _watch(self) -> None:
         """Release this process from the barrier when another one dies without a word: killed (SIGKILL,

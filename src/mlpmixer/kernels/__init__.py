@@ -32,6 +32,7 @@ from typing import Optional
 
 import torch
 import torch.nn.functional as F
+from torch.utils.weak import WeakIdKeyDictionary
 
 ACTIVATIONS = ("none", "exact", "tanh")  # "exact"/"tanh": the two GELUs of MixerConfig.gelu
 
@@ -397,36 +398,65 @@ def _gelu_attr(act: str) -> tuple[str, list, str]:
 
 
 def cpu_linear_act(x: torch.Tensor, w: torch.Tensor, b: Optional[torch.Tensor], act: str,
-                   out: Optional[torch.Tensor] = None) -> torch.Tensor:
-    """act(x @ wᵀ + b) for x (M, K), w (N, K) (a transposed view too), `b` None for no bias: oneDNN, with the
-    GELU in its epilogue, where `onednn_usable` (a new tensor); else PyTorch's product (into `out` if given),
-    then the GELU in place."""
+                   out: Optional[torch.Tensor] = None, packed: Optional[torch.Tensor] = None) -> torch.Tensor:
+    """act(x @ wᵀ + b) for x (M, K), w (N, K) (a transposed view too; cast to x's dtype where it differs), `b`
+    None for no bias: oneDNN, with the GELU in its epilogue and `packed` (`packed_weight`) for w where given,
+    where `onednn_usable` (a new tensor); else PyTorch's product (into `out` if given), then the GELU in place."""
 
     def ref() -> torch.Tensor:
-        h = torch.mm(x, w.t(), out=out) if b is None else torch.addmm(b, x, w.t(), out=out)
+        wt = w.to(x.dtype).t()
+        h = torch.mm(x, wt, out=out) if b is None else torch.addmm(b, x, wt, out=out)
         return gelu_(h, act)
 
     if not onednn_usable(x):
         return ref()
-    key = ("onednn linear", tuple(x.shape), tuple(w.shape), x.dtype, act, b is None)
+    key = ("onednn linear", tuple(x.shape), tuple(w.shape), x.dtype, act, b is None, packed is not None)
+    weight = w.to(x.dtype) if packed is None else packed
     # A fresh model's first backward multiplies zeros: a check on those proves nothing.
-    return _run_checked("oneDNN's linear", key, lambda: torch.ops.mkldnn._linear_pointwise(x, w, b, *_gelu_attr(act)),
+    return _run_checked("oneDNN's linear", key, lambda: torch.ops.mkldnn._linear_pointwise(x, weight, b, *_gelu_attr(act)),
                         ref, disable=disable_onednn, zeros_prove=False)
 
 
-def cpu_linear_add_(r: torch.Tensor, x: torch.Tensor, w: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
-    """r + x @ wᵀ + b for r (M, N), x (M, K), w (N, K): oneDNN with the add in its epilogue (a new tensor) where
-    `onednn_usable`, else into `r` in place. Use the result: `r` itself may or may not hold it."""
+def cpu_linear_add_(r: torch.Tensor, x: torch.Tensor, w: torch.Tensor, b: torch.Tensor,
+                    packed: Optional[torch.Tensor] = None) -> torch.Tensor:
+    """r + x @ wᵀ + b for r (M, N), x (M, K), w (N, K) (cast to x's dtype where it differs): oneDNN with the add
+    in its epilogue and `packed` for w where given (a new tensor) where `onednn_usable`, else into `r` in place.
+    Use the result: `r` itself may or may not hold it."""
 
     def ref() -> torch.Tensor:
-        return r.addmm_(x, w.t()).add_(b)
+        return r.addmm_(x, w.to(x.dtype).t()).add_(b)
 
     if not onednn_usable(x):
         return ref()
-    key = ("onednn linear add", tuple(x.shape), tuple(w.shape), x.dtype)
+    key = ("onednn linear add", tuple(x.shape), tuple(w.shape), x.dtype, packed is not None)
+    weight = w.to(x.dtype) if packed is None else packed
     # The fused result is made first: the check's plain twin then changes `r` after it has been read.
-    return _run_checked("oneDNN's linear", key, lambda: torch.ops.mkldnn._linear_pointwise.binary(x, r, w, b, "add"),
+    return _run_checked("oneDNN's linear", key, lambda: torch.ops.mkldnn._linear_pointwise.binary(x, r, weight, b, "add"),
                         ref, disable=disable_onednn, zeros_prove=False)
+
+
+# oneDNN's packed copies of weights for CPU inference: parameter -> ((storage, version, dtype), copy). By the
+# parameter's identity, held weakly: a parameter freed frees its copy.
+_packed = WeakIdKeyDictionary()
+
+
+def packed_weight(w: torch.Tensor, dtype: torch.dtype, rows: int) -> Optional[torch.Tensor]:
+    """`w` (a linear's weight, a parameter) in `dtype`, reordered into oneDNN's blocked layout for products of
+    about `rows` rows (any number works), for `cpu_linear_act` and `cpu_linear_add_` in inference (it carries
+    no gradient); None in fp32 or where this PyTorch cannot pack.
+
+    Made on first use and kept while `w`'s storage and version counter stay the same: an optimiser step,
+    `load_state_dict` and `.to()` make a new one, but an edit through `w.data`, which PyTorch does not count,
+    is not seen (edit parameters in place under `torch.no_grad()` instead). In bf16 on this project's AVX-512
+    EPYC (2026-11-29) the packed weights, with the casts they save, made inference 9% (S/16, batch 16) and
+    11% (B/16, batch 8) faster; in fp32 packing gained 2%, within the noise, so fp32 uses the parameters."""
+    if dtype != torch.bfloat16 or not hasattr(torch.ops.mkldnn, "_reorder_linear_weight"):
+        return None
+    stamp = (w.data_ptr(), w._version, dtype)
+    entry = _packed.get(w)
+    if entry is None or entry[0] != stamp:
+        entry = _packed[w] = stamp, torch.ops.mkldnn._reorder_linear_weight(w.detach().to(dtype), rows)
+    return entry[1]
 
 
 # ---------------------------------------------------------------------------------------------
