@@ -466,8 +466,9 @@ def packed_weight(w: torch.Tensor, dtype: torch.dtype, rows: int) -> Optional[to
 def gelu_stored(pre: torch.Tensor) -> bool:
     """Whether a training branch keeps GELU(pre) for its backward instead of recomputing it there: where
     `gelu_fwd_bwd` is not one fused pass (no Triton: the CPU), the recomputation is a second GELU pass over
-    the whole hidden activation, about 5% of a bf16 S/16 training step on this project's AVX-512 EPYC
-    (2026-11-29), and keeping it costs that activation's memory."""
+    the whole hidden activation: on this project's AVX-512 EPYC (2026-11-29) 6% of an S/16 training step
+    with the tanh GELU, whose PyTorch CPU kernel is slow, and 1-2% with the exact one. Keeping it costs that
+    activation's memory."""
     return not triton_usable(pre)
 
 
