@@ -219,6 +219,16 @@ def test_save_is_atomic_and_readable(tmp_path: Path) -> None:
         save_checkpoint(model, tmp_path / "m.h5")
 
 
+@pytest.mark.parametrize("dst", ["{tmp}", "{tmp}/", "{tmp}/m.safetensors/", "{tmp}/new/"])
+def test_a_folder_to_write_to_is_refused(tmp_path: Path, dst: str) -> None:
+    """A folder, or a path ending in a slash, is not a file to write (Path would drop the slash and write
+    "m.safetensors/" as a file); nothing is written."""
+    with pytest.raises(CheckpointError, match=r"it names a folder; give the file to write, ending in one of .*"
+                                              r"\(say .*model\.safetensors\)\."):
+        save_checkpoint(random_model(SQUARE), dst.format(tmp=tmp_path))
+    assert os.listdir(tmp_path) == []
+
+
 def test_a_path_under_a_file_is_one_sentence(tmp_path: Path, capsys: pytest.CaptureFixture) -> None:
     """mkdir's "[Errno 17] File exists: 'x'" (or "[Errno 20] Not a directory") would not say which part is wrong."""
     save_checkpoint(random_model(SQUARE), tmp_path / "model.safetensors")

@@ -743,7 +743,11 @@ def save_checkpoint(model: MlpMixer, path: str | os.PathLike, class_names: list[
     What those foreign formats lose of this model (a GELU other than the one their format implies, a
     non-square grid's image size, class names) is a warning each (`format_notes`).
     """
+    given = os.fspath(path)
     path = Path(path)
+    if given.endswith(("/", os.sep)) or path.is_dir():  # Path drops a trailing slash: "x.safetensors/" would be a file
+        raise CheckpointError(f"Cannot write {given}: it names a folder; give the file to write, ending in one of "
+                              f"{', '.join(EXTENSIONS)} (say {path / 'model.safetensors'}).")
     suffix = path.suffix.lower()
     if suffix not in EXTENSIONS:
         raise CheckpointError(f"Cannot write {path}: unknown extension {path.suffix!r}; use one of "
