@@ -16,6 +16,7 @@ from __future__ import annotations
 import contextlib
 import copy
 import errno
+import importlib
 import inspect
 import json
 import math
@@ -551,7 +552,7 @@ def train(r: Recipe, out: Optional[str | Path] = None, **options: Any) -> RunFil
         # Imported before the process group exists: importing torch._dynamo (DDP and FSDP do) while one exists
         # keeps a reference to it (seen with torch 2.14), so destroy_process_group would leave gloo's threads
         # running until the interpreter's exit, where one could abort the finished process (pytorch#190489).
-        import torch._dynamo  # noqa: F401
+        importlib.import_module("torch._dynamo")  # (an `import torch._dynamo` would make `torch` a local name here)
 
         dist.init_process_group("nccl" if torch.cuda.is_available() else "gloo")
     forked = options.get("shared_grads") is not None  # `launch`'s processes

@@ -448,8 +448,8 @@ def packed_weight(w: torch.Tensor, dtype: torch.dtype, rows: int) -> Optional[to
     Made on first use and kept while `w`'s storage and version counter stay the same: an optimiser step,
     `load_state_dict` and `.to()` make a new one, but an edit through `w.data`, which PyTorch does not count,
     is not seen (edit parameters in place under `torch.no_grad()` instead). In bf16 on this project's AVX-512
-    EPYC (2026-11-29) the packed weights, with the casts they save, made inference 9% (S/16, batch 16) and
-    11% (B/16, batch 8) faster; in fp32 packing gained 2%, within the noise, so fp32 uses the parameters."""
+    EPYC (2026-11-29) the packed weights, with the casts they save, made inference 6% (S/16, batch 16) and
+    7% (B/16, batch 8) faster; in fp32 packing gained about 2%, within the noise, so fp32 uses the parameters."""
     if dtype != torch.bfloat16 or not hasattr(torch.ops.mkldnn, "_reorder_linear_weight"):
         return None
     stamp = (w.data_ptr(), w._version, dtype)
