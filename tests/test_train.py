@@ -816,17 +816,19 @@ def test_two_processes_follow_one_with_the_same_global_batch(tmp_path: Path, chi
         assert json.loads((tmp_path / run / "config.json").read_text())["world_size"] == 2
 
 
-def rank_reports(args: list[str], port: int, env: dict) -> tuple[str, list[dict]]:
-    """Run `mixer ARGS` as 2 torchrun ranks of tests/rank_report.py: their stderr, and each rank's report in rank
-    order (none where the run failed)."""
+def rank_reports(args: list[str], port: int, env: dict, folder: Path) -> tuple[str, list[dict]]:
+    """Run `mixer ARGS` as 2 torchrun ranks of tests/rank_report.py, which report into `folder`: their stderr,
+    and each rank's report in rank order (none where the run failed)."""
     import subprocess
     import sys
 
+    folder.mkdir()
     done = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port",
-                           str(port), str(ROOT / "tests" / "rank_report.py"), *args], env=env, cwd=ROOT,
-                          capture_output=True, text=True, timeout=600)
-    reports = [json.loads(line) for line in done.stdout.splitlines() if line.startswith('{"rank"')]
-    return done.stderr, sorted(reports, key=lambda report: report["rank"]) if done.returncode == 0 else []
+                           str(port), str(ROOT / "tests" / "rank_report.py"), *args],
+                          env={**env, "RANK_REPORTS": str(folder)}, cwd=ROOT, capture_output=True, text=True,
+                          timeout=600)
+    reports = [json.loads(path.read_text()) for path in sorted(folder.glob("rank-*.json"))]
+    return done.stderr, reports if done.returncode == 0 else []
 
 
 @pytest.mark.skipif(not Path("/proc/self/task").is_dir(), reason="reads a process's threads from Linux's /proc")
@@ -835,7 +837,7 @@ def test_ranks_end_with_the_process_group_gone(tmp_path: Path, child_env: dict) 
     exits (pytorch#190489), after the run succeeded. They stayed when torch._dynamo, which DDP imports, was
     first imported after init_process_group."""
     stderr, reports = rank_reports(["train", "--steps", "2", "--batch-size", "32", "--quiet", "--out",
-                                    str(tmp_path / "run")], port=29518, env=child_env)
+                                    str(tmp_path / "run")], port=29518, env=child_env, folder=tmp_path / "reports")
     assert [report["rank"] for report in reports] == [0, 1], stderr[-3000:]
     for report in reports:
         assert not [name for name in report["threads"] if "gloo" in name], report
@@ -849,7 +851,7 @@ def test_fsdp_ranks_leave_together_after_rank_0s_files(tmp_path: Path, child_env
     `_gather` sent, which, let go as the interpreter exits, would abort the process."""
     run = tmp_path / "run"
     stderr, reports = rank_reports(["train", "--steps", "2", "--batch-size", "32", "--quiet", "--fsdp", "--out",
-                                    str(run)], port=29519, env=child_env)
+                                    str(run)], port=29519, env=child_env, folder=tmp_path / "reports")
     if "does not average where FSDP asks it to" in stderr:  # refused: test_fsdp.py
         pytest.skip(f"the gloo backend of torch {torch.__version__} sums where FSDP averages (pytorch#162338)")
     assert [report["rank"] for report in reports] == [0, 1], stderr[-3000:]
