@@ -778,3 +778,17 @@ def test_bfloat16_weights_load_as_float32_unless_loaded_into_a_bfloat16_model(tm
     assert torch.equal(back.stem.proj.weight, bf16.stem.proj.weight.float())
     into = load_checkpoint(path, model=create_model(SQUARE).to(torch.bfloat16))
     assert_same_state(bf16, into)
+
+
+# --- audit of 2026-11-29 ------------------------------------------------------------------------
+
+
+def test_torch_files_are_the_same_bytes_each_time(tmp_path: Path) -> None:
+    """torch.save named the archive's folder after the random temporary file: two saves of one model differed
+    (a register_weights sha256 of one did not match the other), and errors named a file the user never saw."""
+    model = random_model(SQUARE)
+    for ext in (".pth", ".pt", ".bin"):
+        a, b = tmp_path / f"a{ext}", tmp_path / f"b{ext}"
+        caught(lambda: (save_checkpoint(model, a), save_checkpoint(model, b)))
+        assert a.read_bytes() == b.read_bytes()
+        assert not any(".tmp" in n for n in zipfile.ZipFile(a).namelist())

@@ -773,7 +773,7 @@ def save_checkpoint(model: MlpMixer, path: str | os.PathLike, class_names: list[
         arrays = state_to_official(state)
         written = atomic_write(path, lambda tmp: _savez(tmp, arrays))
     else:  # TORCH_EXTENSIONS
-        written = atomic_write(path, lambda tmp: torch.save(state, tmp))
+        written = atomic_write(path, lambda tmp: _torch_save(tmp, state))
     # Said once the file is written: a path that cannot be written is an error with no warning about a file
     # that does not exist.
     for note in format_notes(path, model):
@@ -798,6 +798,13 @@ def unwrap(model: torch.nn.Module, caller: str = "save_checkpoint") -> MlpMixer:
 def _savez(tmp: str, arrays: dict[str, np.ndarray]) -> None:
     with open(tmp, "wb") as f:  # a file object: np.savez would otherwise append ".npz" to the name
         np.savez(f, **arrays)
+
+
+def _torch_save(tmp: str, state: StateDict) -> None:
+    # A file object: given a name, torch.save names the archive's folder after it, here the random temporary
+    # name, which errors would then quote and which made two saves of one model differ (register_weights' sha256).
+    with open(tmp, "wb") as f:
+        torch.save(state, f)
 
 
 def convert(src: str | os.PathLike, dst: str | os.PathLike, **overrides: Any) -> MlpMixer:
