@@ -652,7 +652,7 @@ def test_read_checkpoint_reports_config_and_names(tmp_path: Path) -> None:
     save_checkpoint(model, tmp_path / "m.safetensors")
     state, config, extra = read_checkpoint(tmp_path / "m.safetensors", drop_path_rate=0.2)
     assert config == SQUARE.replace(drop_path_rate=0.2)
-    assert extra == {"class_names": list("abcde"), "layout": "mlpmixer"}
+    assert extra == {"class_names": list("abcde"), "layout": "mlpmixer", "global_pool": "avg"}
     assert state.keys() == model.state_dict().keys()
     for name, layout in (("m.npz", "official"), ("m.pth", "timm")):
         save_checkpoint(model, tmp_path / name)
@@ -781,6 +781,28 @@ def test_bfloat16_weights_load_as_float32_unless_loaded_into_a_bfloat16_model(tm
 
 
 # --- audit of 2026-11-29 ------------------------------------------------------------------------
+
+
+def test_our_files_keep_a_head_that_sees_every_token(tmp_path: Path, capsys: pytest.CaptureFixture) -> None:
+    """A model with global_pool "" (per-token logits), or pruned for features, came back pooling by the mean."""
+    x = torch.randn(2, 3, 32, 32)
+    model = random_model(SQUARE)
+    model.global_pool = ""
+    save_checkpoint(model, tmp_path / "m.safetensors")
+    back = load_checkpoint(tmp_path / "m.safetensors").eval()
+    assert back.global_pool == "" and back(x).shape == (2, 16, 5) and torch.allclose(back(x), model(x))
+    model.prune_intermediate_layers(1)
+    save_checkpoint(model, tmp_path / "pruned.safetensors")
+    assert load_checkpoint(tmp_path / "pruned.safetensors")(x).shape == model(x).shape == (2, 16, 32)
+    code, out, _ = run_cli(["info", tmp_path / "m.safetensors"], capsys)
+    assert code == 0 and "head        5 classes, for each token (no pooling)" in out
+    # Files from before, which carry no pooling, pooled by the mean.
+    state = random_model(SQUARE).state_dict()
+    save_file(state, tmp_path / "old.safetensors", metadata={"format": "mlpmixer", "config": SQUARE.to_json()})
+    assert load_checkpoint(tmp_path / "old.safetensors").global_pool == "avg"
+    # The foreign formats cannot carry it: said when saving.
+    _, said = caught(lambda: save_checkpoint(back, tmp_path / "m.npz"))
+    assert any("official .npz files carry no pooling" in s and "global_pool=''" in s for s in said), said
 
 
 def test_torch_files_are_the_same_bytes_each_time(tmp_path: Path) -> None:

@@ -36,7 +36,7 @@ from typing import Any, Iterator, Optional, TypeVar, overload
 import numpy as np
 import torch
 
-from .model import MlpMixer
+from .model import MlpMixer, checked_pool
 from .variants import SHAPE_FIELDS, MixerConfig, as_pair
 
 RUN_MODEL_FILE = "model.safetensors"
@@ -432,7 +432,7 @@ def read_checkpoint(
     Extra metadata holds `layout` ("mlpmixer": the configuration was in the file; "official" or "timm":
     it was inferred from the shapes; "training state": a `mixer train` state, RUN/checkpoints/step-N.pt,
     configured by RUN/config.json, then named in `run_config`, else inferred from its shapes) and
-    `class_names` where the file or its run carries them.
+    `class_names` where the file or its run carries them, and `global_pool` where the file carries it (ours).
     """
     p = resolve_path(path)
     suffix = p.suffix.lower()
@@ -458,7 +458,7 @@ def read_checkpoint(
     else:
         state, metadata = _read_safetensors(p)
         if metadata.get("format") == FORMAT_TAG:
-            config, names = _parse_metadata(p, metadata)
+            config, names, extra["global_pool"] = _parse_metadata(p, metadata)
             extra["layout"] = "mlpmixer"
             if names is not None:
                 extra["class_names"] = names
@@ -482,16 +482,20 @@ def read_checkpoint(
     return state, wanted, extra
 
 
-def _parse_metadata(path: Path, metadata: dict[str, str]) -> tuple[MixerConfig, list[str] | None]:
-    """Our .safetensors metadata -> (configuration, class names or None)."""
+def _parse_metadata(path: Path, metadata: dict[str, str]) -> tuple[MixerConfig, list[str] | None, str]:
+    """Our .safetensors metadata -> (configuration, class names or None, global_pool)."""
     fix = "re-save it with this version of mlpmixer"
+    # The pooling is the model's, not its configuration's (timm's create_model argument); files written before
+    # it was saved (2026-11-29) come from models that pooled by the mean, the only pooling then saved right.
+    pool = metadata.get("global_pool", "avg")
     try:
         saved = json.loads(metadata["config"])
         names = json.loads(metadata["class_names"]) if "class_names" in metadata else None
+        checked_pool(pool)
     except (KeyError, ValueError) as e:  # json.JSONDecodeError is a ValueError
-        raise CheckpointError(f"{path} has a damaged or unknown mlpmixer configuration in its metadata ({e}); {fix}.") \
-            from None
-    return _saved_config(path, saved, names, fix)
+        raise CheckpointError(f"{path} has a damaged or unknown mlpmixer configuration in its metadata "
+                              f"({first_line(e).rstrip('.')}); {fix}.") from None
+    return (*_saved_config(path, saved, names, fix), pool)
 
 
 def _saved_config(path: Path, saved: Any, names: Any, fix: str) -> tuple[MixerConfig, list[str] | None]:
@@ -582,8 +586,8 @@ def load_checkpoint(path: str | os.PathLike, model: torch.nn.Module | None = Non
 
     With `model` (an MlpMixer, or a wrapper of one such as fast.optimize's FastMixer), the file's
     weights must have its shapes; only the tensors are copied, in the model's own dtype and device.
-    The model keeps its own configuration, GELU included: .npz and timm files cannot say theirs, and
-    a file of ours whose GELU differs gets a warning.
+    The model keeps its own configuration, GELU and pooling included: .npz and timm files cannot say theirs,
+    and a file of ours whose GELU differs gets a warning.
     """
     if model is not None and overrides:
         raise ValueError(f"load_checkpoint loads into the given model as it is; {', '.join(sorted(overrides))} "
@@ -600,7 +604,7 @@ def load_checkpoint(path: str | os.PathLike, model: torch.nn.Module | None = Non
         # Built on the meta device (no memory, no initialisation) and then given the file's tensors:
         # initialising weights only to overwrite them costs seconds for the large variants.
         with torch.device("meta"):
-            model = MlpMixer(config)
+            model = MlpMixer(config, extra.get("global_pool", "avg"))
         _load_state(model, state, path, config, ignore_missing_head=new_head, assign=True)
         if new_head:
             model.reset_classifier(config.num_classes)  # a real, zero-initialised head
@@ -765,7 +769,8 @@ def save_checkpoint(model: MlpMixer, path: str | os.PathLike, class_names: list[
     if suffix == ".safetensors":
         from safetensors.torch import save_file
 
-        metadata = {"format": FORMAT_TAG, "config": model.config.to_json(), "crc32": weights_crc32(state)}
+        metadata = {"format": FORMAT_TAG, "config": model.config.to_json(), "crc32": weights_crc32(state),
+                    "global_pool": model.global_pool}
         if names:
             metadata["class_names"] = json.dumps(list(names))
         written = atomic_write(path, lambda tmp: save_file(state, tmp, metadata=metadata))
@@ -841,6 +846,10 @@ def format_notes(path: str | os.PathLike, model: MlpMixer) -> list[str]:
         notes.append(f"{layout} files carry no image size, and a {h // ph}×{w // pw} patch grid is not square: "
                      f"load it with img_size=({h}, {w}) (mixer convert --img-size {h} {w}), or keep a "
                      ".safetensors copy for the other commands.")
+    if model.global_pool != "avg":
+        notes.append(f"{layout} files carry no pooling: {path} will load as a model that averages the tokens, but "
+                     "this model's head sees every token (global_pool=''); set model.global_pool = '' after "
+                     "loading it, or keep a .safetensors copy.")
     if getattr(model, "class_names", None):
         notes.append(f"{layout} files carry no class names; keep a .safetensors copy to have predict print them.")
     return notes

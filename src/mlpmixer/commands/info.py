@@ -51,7 +51,7 @@ def describe_checkpoint(path: str, img_size_hint: int | tuple[int, int] | None =
     _, config, extra = read_checkpoint(file, img_size_hint=img_size_hint)
     return dict(file=str(file), layout=extra["layout"], run_config=extra.get("run_config"), model=config.describe(),
                 config=config.to_dict(), params=config.num_params(), gflops=2 * config.macs() / 1e9,
-                class_names=extra.get("class_names"))
+                global_pool=extra.get("global_pool", "avg"), class_names=extra.get("class_names"))
 
 
 def _print_checkpoint(info: dict) -> None:
@@ -70,7 +70,11 @@ def _print_checkpoint(info: dict) -> None:
           f"{c.num_tokens} tokens")
     print(f"  blocks      {c.num_blocks} × (token MLP {c.num_tokens} -> {c.tokens_mlp_dim}, channel MLP "
           f"{c.hidden_dim} -> {c.channels_mlp_dim}), {c.gelu} GELU")
-    print(f"  head        {c.num_classes} classes" if c.num_classes else "  head        none (features only)")
+    per_token = info["global_pool"] == ""  # the head sees every token (timm's global_pool '')
+    if c.num_classes:
+        print(f"  head        {c.num_classes} classes{', for each token (no pooling)' if per_token else ''}")
+    else:
+        print(f"  head        none (features only{', of each token' if per_token else ''})")
     print(f"  class names {shown or 'not in the file'}")
     print(f"  size        {info['params']:,} parameters, {info['gflops']:.3g} GFLOPs per image")
 
