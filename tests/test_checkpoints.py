@@ -529,7 +529,7 @@ EXPECTED = {
     "not-state.pth": "not a state dict of tensors",
     "resnet.pth": "not an MLP-Mixer checkpoint",
     "bad-metadata.safetensors": "damaged or unknown mlpmixer configuration",
-    "bad-names.safetensors": "class names that do not match",
+    "bad-names.safetensors": "lists 1 class names for its 5-class head",
     "renamed": "as its extension",
     "missing.npz": "No checkpoint at",
     "unknown-extension": "unknown checkpoint extension '.h5'",
@@ -781,6 +781,37 @@ def test_bfloat16_weights_load_as_float32_unless_loaded_into_a_bfloat16_model(tm
 
 
 # --- audit of 2026-11-29 ------------------------------------------------------------------------
+
+
+def test_class_names_that_would_not_load_back_are_refused_when_saving(tmp_path: Path) -> None:
+    """Names of the right count that were not strings were written, then refused by the loader as names "that do
+    not match its 5-class head"; a string was written as its letters."""
+    model = random_model(SQUARE)
+    path = tmp_path / "m.safetensors"
+    for names, said in ((list(range(5)), "class names are strings, and 0 is of type int"),
+                        (["a", "b", None, "d", "e"], "class names are strings, and None is of type NoneType"),
+                        ("abcde", "class names are a list of strings, one per class, not 'abcde'")):
+        with pytest.raises(CheckpointError) as err:
+            save_checkpoint(model, path, class_names=names)
+        assert str(err.value) == f"Cannot write {path}: {said}; " + (
+            "give them as a list." if isinstance(names, str) else "give each class its name as a string (str(name)).")
+        model.class_names = names  # as training sets them
+        with pytest.raises(CheckpointError, match=said):
+            save_checkpoint(model, path)
+        assert not path.exists()
+    # Names given twice are said, not refused (a run must not lose its model at the final save); they load back.
+    model.class_names = ["a", "b", "a", "c", "c"]
+    _, said = caught(lambda: save_checkpoint(model, path))
+    assert said == [f"The class names saved to {path} repeat 'a', 'c', so per-class reports and predictions cannot "
+                    "tell those classes apart; give each class its own name."]
+    assert load_checkpoint(path).class_names == ["a", "b", "a", "c", "c"]
+    # A file that holds such names (written before this check) is refused for what is wrong with them.
+    save_file(model.state_dict(), tmp_path / "int.safetensors",
+              metadata={"format": "mlpmixer", "config": SQUARE.to_json(), "class_names": "[0, 1, 2, 3, 4]"})
+    with pytest.raises(CheckpointError) as err:
+        load_checkpoint(tmp_path / "int.safetensors")
+    assert str(err.value) == (f"{tmp_path / 'int.safetensors'} lists class names that are not strings (0 is of type "
+                              "int); re-save it with this version of mlpmixer with a string per class.")
 
 
 def test_our_files_keep_a_head_that_sees_every_token(tmp_path: Path, capsys: pytest.CaptureFixture) -> None:

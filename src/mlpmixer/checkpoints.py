@@ -19,6 +19,7 @@ CheckpointError whose message is one sentence naming the file and what to do.
 
 from __future__ import annotations
 
+import collections
 import json
 import math
 import os
@@ -505,13 +506,17 @@ def _saved_config(path: Path, saved: Any, names: Any, fix: str) -> tuple[MixerCo
         config = MixerConfig.from_dict(saved)
     except (TypeError, ValueError) as e:
         raise CheckpointError(f"{path} has a damaged or unknown mlpmixer configuration ({e}); {fix}.") from None
-    if names is not None and (
-        not isinstance(names, list) or len(names) != config.num_classes or not all(isinstance(n, str) for n in names)
-    ):
-        raise CheckpointError(
-            f"{path} lists class names that do not match its {config.num_classes}-class head; {fix} with one "
-            "name per class."
-        )
+    # Each case its own words: names of the right count that are not strings are no mismatch with the head.
+    if names is not None and not isinstance(names, list):
+        raise CheckpointError(f"{path} has class names that are not a list ({_shown(names)}); {fix} with a list of "
+                              "one name per class.")
+    if names is not None and len(names) != config.num_classes:
+        raise CheckpointError(f"{path} lists {len(names)} class names for its {config.num_classes}-class head; "
+                              f"{fix} with one name per class.")
+    bad = [n for n in names or [] if not isinstance(n, str)]
+    if bad:
+        raise CheckpointError(f"{path} lists class names that are not strings ({_shown(bad[0])} is of type "
+                              f"{type(bad[0]).__name__}); {fix} with a string per class.")
     return config, names
 
 
@@ -742,10 +747,11 @@ def check_writable_folder(folder: str | os.PathLike, option: str) -> None:
 def save_checkpoint(model: MlpMixer, path: str | os.PathLike, class_names: list[str] | None = None) -> Path:
     """Write `model` in the format its extension names (see the module docstring), atomically.
 
-    Our .safetensors keeps the configuration, class names and dtypes; .npz is the official layout;
-    .pth/.pt/.bin a timm-compatible state dict (which timm and `load_checkpoint` read with exact GELU).
-    What those foreign formats lose of this model (a GELU other than the one their format implies, a
-    non-square grid's image size, class names) is a warning each (`format_notes`).
+    Our .safetensors keeps the configuration, the pooling (`global_pool`), class names and dtypes; .npz is the
+    official layout; .pth/.pt/.bin a timm-compatible state dict (which timm and `load_checkpoint` read with exact
+    GELU). What those foreign formats lose of this model (a GELU other than the one their format implies, a
+    non-square grid's image size, a head that sees every token, class names) is a warning each (`format_notes`).
+    Class names (`class_names`, else the model's) must be a list of strings, one per class.
     """
     given = os.fspath(path)
     path = Path(path)
@@ -763,16 +769,15 @@ def save_checkpoint(model: MlpMixer, path: str | os.PathLike, class_names: list[
                               "pruning, or prune after loading.")
     state = {k: v.detach().cpu().contiguous() for k, v in model.state_dict().items()}
     names = class_names if class_names is not None else getattr(model, "class_names", None)
-    if names is not None and len(names) != model.num_classes:
-        raise CheckpointError(f"{len(names)} class names do not fit the {model.num_classes}-class head of the model "
-                              f"to save to {path}; give one name per class.")
+    if names is not None:
+        names = _checked_class_names(names, model.num_classes, path)
     if suffix == ".safetensors":
         from safetensors.torch import save_file
 
         metadata = {"format": FORMAT_TAG, "config": model.config.to_json(), "crc32": weights_crc32(state),
                     "global_pool": model.global_pool}
         if names:
-            metadata["class_names"] = json.dumps(list(names))
+            metadata["class_names"] = json.dumps(names)
         written = atomic_write(path, lambda tmp: save_file(state, tmp, metadata=metadata))
     elif suffix == ".npz":
         arrays = state_to_official(state)
@@ -784,6 +789,35 @@ def save_checkpoint(model: MlpMixer, path: str | os.PathLike, class_names: list[
     for note in format_notes(path, model):
         warnings.warn(note, stacklevel=2)
     return written
+
+
+def _checked_class_names(names: Any, num_classes: int, path: Path) -> list[str]:
+    """The class names to save with a model, refused here in one sentence unless they are a list of strings, one
+    per class: the loader refuses any others, so the file would not load back (and a string would be saved as its
+    letters)."""
+    if not isinstance(names, (list, tuple)):
+        raise CheckpointError(f"Cannot write {path}: class names are a list of strings, one per class, not "
+                              f"{_shown(names)}; give them as a list.")
+    if len(names) != num_classes:
+        raise CheckpointError(f"{len(names)} class names do not fit the {num_classes}-class head of the model "
+                              f"to save to {path}; give one name per class.")
+    bad = [n for n in names if not isinstance(n, str)]
+    if bad:
+        raise CheckpointError(f"Cannot write {path}: class names are strings, and {_shown(bad[0])} is of type "
+                              f"{type(bad[0]).__name__}; give each class its name as a string (str(name)).")
+    doubled = sorted(n for n, count in collections.Counter(names).items() if count > 1)
+    if doubled:
+        # Warned, not refused: a run whose data named a class twice must not lose its model at the final save.
+        warnings.warn(f"The class names saved to {path} repeat {_short([repr(n) for n in doubled])}, so per-class "
+                      "reports and predictions cannot tell those classes apart; give each class its own name.",
+                      stacklevel=3)
+    return list(names)
+
+
+def _shown(value: Any, limit: int = 40) -> str:
+    """A value as a message quotes it, cut short."""
+    text = repr(value)
+    return text if len(text) <= limit else text[: limit - 1] + "…"
 
 
 def unwrap(model: torch.nn.Module, caller: str = "save_checkpoint") -> MlpMixer:
