@@ -392,9 +392,6 @@ def test_overrides_that_change_the_shapes_say_what_the_file_holds(tmp_path: Path
     caught(lambda: save_checkpoint(random_model(SQUARE), path))
     held = f"{path} holds a Mixer(C=32, N=2, P=8) with 5 classes at 32×32, which cannot load as a "
     for overrides, target, fix in (
-        ({"img_size": 64}, "Mixer(C=32, N=2, P=8) with 5 classes at 64×64 (img_size=64)",
-         "its token-mixing weights fix 16 tokens, not 64, so load it at its own size and convert it with "
-         "mlpmixer.resize_to(model, (64, 64)) (mixer resize on the command line)"),
         ({"in_chans": 1}, "Mixer(C=32, N=2, P=8) with 5 classes at 32×32 (in_chans=1)",
          "the shapes of its weights fix in_chans=3, so load it without that override"),
         ({"hidden_dim": 12}, "Mixer(C=12, N=2, P=8) with 5 classes at 32×32 (hidden_dim=12)",
@@ -403,9 +400,21 @@ def test_overrides_that_change_the_shapes_say_what_the_file_holds(tmp_path: Path
         with pytest.raises(CheckpointError) as err:
             load_checkpoint(path, **overrides)
         assert str(err.value).startswith(held + target + ": " + fix), str(err.value)
-    # What the shapes allow still loads: a new head, or another image size of as many tokens.
+    # An image size only names the size of a file that does not record it, as many tokens as it has.
+    with pytest.raises(CheckpointError) as err:
+        load_checkpoint(path, img_size=64)
+    assert str(err.value).startswith(f"{path} is made for 32×32 images, not 64×64: an image size given with a "
+                                     "checkpoint (img_size=, --img-size) only names the size of a file that does not "
+                                     "record it, and gives as many patches as the file has tokens (16); leave it out, "
+                                     "or convert the model to another size with mlpmixer.resize_to (mixer resize)")
+    # What the shapes allow still loads: a new head, or, for a file that does not record its size, another image
+    # size of as many tokens (a 2×8 grid for a 4×4 one: ours records 4×4, and relabelling it is refused).
     assert load_checkpoint(path, num_classes=3).num_classes == 3
-    assert load_checkpoint(path, img_size=(16, 64)).config.img_size == (16, 64)
+    if name == "m.safetensors":
+        with pytest.raises(CheckpointError, match="is made for 32×32 images, not 16×64"):
+            load_checkpoint(path, img_size=(16, 64))
+    else:
+        assert load_checkpoint(path, img_size=(16, 64)).config.img_size == (16, 64)
 
 
 # --- bad input: each a CheckpointError with one sentence, nothing unpickled ---------------------
@@ -834,6 +843,39 @@ def test_our_files_keep_a_head_that_sees_every_token(tmp_path: Path, capsys: pyt
     # The foreign formats cannot carry it: said when saving.
     _, said = caught(lambda: save_checkpoint(back, tmp_path / "m.npz"))
     assert any("official .npz files carry no pooling" in s and "global_pool=''" in s for s in said), said
+
+
+def test_convert_does_not_relabel_the_size_a_file_records(tmp_path: Path, capsys: pytest.CaptureFixture) -> None:
+    """--img-size 16 64 gives a 4×4 grid's 16 tokens too: convert wrote the file's weights as a 2×8 model, while
+    mixer info refused the same size; both now refuse it in the same sentence."""
+    path = save_checkpoint(random_model(SQUARE), tmp_path / "m.safetensors")
+    said = (f"{path} is made for 32×32 images, not 16×64: an image size given with a checkpoint (img_size=, "
+            "--img-size) only names the size of a file that does not record it")
+    for command in (["convert", path, tmp_path / "out.pth"], ["info", path]):
+        code, out, err = run_cli([*command, "--img-size", "16", "64"], capsys)
+        assert code == 2 and out == "" and err.count("\n") == 1 and said in err, err
+    assert not (tmp_path / "out.pth").exists()
+
+
+@pytest.mark.parametrize("damage", ["missing key", "gap in the blocks", "metadata of other widths"])
+def test_info_refuses_a_damaged_file_as_loading_does(tmp_path: Path, capsys: pytest.CaptureFixture,
+                                                    damage: str) -> None:
+    model = random_model(SQUARE)
+    state = model.state_dict()
+    metadata = {"format": "mlpmixer", "config": SQUARE.to_json()}
+    if damage == "missing key":
+        del state["blocks.1.norm2.bias"]
+    elif damage == "gap in the blocks":  # blocks 0 and 2: three blocks, the middle one missing
+        state = {k.replace("blocks.1.", "blocks.2."): v for k, v in state.items()}
+        metadata["config"] = SQUARE.replace(num_blocks=3).to_json()
+    else:
+        metadata["config"] = SQUARE.replace(channels_mlp_dim=128).to_json()
+    path = tmp_path / "damaged.safetensors"
+    save_file(state, path, metadata=metadata)
+    for command in ("info", "convert"):
+        code, out, err = run_cli([command, path, *([tmp_path / "out.pth"] if command == "convert" else [])], capsys)
+        assert code == 2 and out == "" and err.count("\n") == 1, err
+        assert f"{path} does not hold the tensors of the Mixer(C=32, N=" in err and "it is damaged" in err, err
 
 
 def test_torch_files_are_the_same_bytes_each_time(tmp_path: Path) -> None:

@@ -476,11 +476,32 @@ def read_checkpoint(
             f"Cannot apply {overrides} to the configuration of {p} ({e}); pass only MixerConfig fields "
             "with valid values."
         ) from None
+    if img_size is not None:
+        _check_size_given(p, config, img_size)
     # Checked against the file's own configuration, so that the message can say what the file holds.
     problem = _misfit(p, config, wanted, overrides)
     if problem:
         raise CheckpointError(problem)
     return state, wanted, extra
+
+
+def _check_size_given(path: Path, config: MixerConfig, img_size: Any) -> None:
+    """Refuse an image size given for a file (img_size=, mixer info's and convert's --img-size) that is not the size
+    of `config`, the file's: one it records (ours, a run's), or, for a file that records none, the one its patch
+    grid gives (`infer_config` takes a given size whose grid has the file's token count). Relabelling a file's size
+    would reinterpret its token-mixing weights, learned on a 4×4 grid, say, as those of a 2×8 one."""
+    try:
+        asked = as_pair(img_size)
+    except ValueError:
+        return  # not a size: config.replace says so
+    if asked != config.img_size:
+        (h, w), s = config.img_size, config.num_tokens
+        raise CheckpointError(
+            f"{path} is made for {h}×{w} images, not {asked[0]}×{asked[1]}: an image size given with a checkpoint "
+            "(img_size=, --img-size) only names the size of a file that does not record it, and gives as many "
+            f"patches as the file has tokens ({s}); leave it out, or convert the model to another size with "
+            "mlpmixer.resize_to (mixer resize)."
+        )
 
 
 def _parse_metadata(path: Path, metadata: dict[str, str]) -> tuple[MixerConfig, list[str] | None, str]:
@@ -583,11 +604,12 @@ def load_checkpoint(path: str | os.PathLike, model: _Model, **overrides: Any) ->
 def load_checkpoint(path: str | os.PathLike, model: torch.nn.Module | None = None, **overrides: Any) -> Any:
     """Build a model from a checkpoint file or run directory, or load it into `model`.
 
-    Without `model`, the configuration comes from the file (ours) or its shapes (.npz, timm), with
-    `overrides` applied: those that keep the shapes of the weights (gelu, drop rates, an image size
-    with the same token count), and `num_classes`, which, when it differs from the file's, drops its
-    head and puts a new zero-initialised one (for fine-tuning). The model is float32 whatever dtype
-    the file holds (bfloat16 weights widen exactly): call `.to(torch.bfloat16)` for a bf16 model.
+    Without `model`, the configuration comes from the file (ours, with its pooling) or its shapes (.npz,
+    timm), with `overrides` applied: those that keep the shapes of the weights (gelu, drop rates, the image
+    size of a file that does not record it, giving as many patches as the file has tokens), and `num_classes`,
+    which, when it differs from the file's, drops its head and puts a new zero-initialised one (for
+    fine-tuning). The model is float32 whatever dtype the file holds (bfloat16 weights widen exactly): call
+    `.to(torch.bfloat16)` for a bf16 model.
 
     With `model` (an MlpMixer, or a wrapper of one such as fast.optimize's FastMixer), the file's
     weights must have its shapes; only the tensors are copied, in the model's own dtype and device.
@@ -633,14 +655,18 @@ def _head_classes(state: StateDict) -> int:
     return 0 if head is None else head.shape[0]
 
 
-def _load_state(
-    model: MlpMixer, state: StateDict, path: Any, config: MixerConfig, ignore_missing_head: bool = False,
-    assign: bool = False,
+def check_tensors(
+    path: Any, state: StateDict, config: MixerConfig, expected: Optional[dict[str, torch.Tensor]] = None,
+    ignore_missing_head: bool = False,
 ) -> None:
-    """Copy `state` into `model` (or, with `assign`, make its tensors the model's), after checking
-    that every key and shape fits. Callers first refuse a file of another architecture (_misfit), so what
-    is left to find here are files whose tensors do not agree with each other."""
-    expected = model.state_dict()
+    """Refuse, in one sentence, a state dict (as `read_checkpoint` returns it) without every tensor of the model
+    that `config` describes, in its shape (`expected`: that model's state dict, else built without memory).
+    `read_checkpoint` first refuses a file of another architecture (_misfit), so what is left to find here are
+    files whose tensors do not agree with each other or with their configuration (a missing key, a gap in the
+    block numbers, metadata naming other widths than the weights have)."""
+    if expected is None:
+        with torch.device("meta"):  # shapes only: no memory, no initialisation
+            expected = MlpMixer(config).state_dict()
     missing, unexpected, misshaped = _compare(state, expected)
     if ignore_missing_head:
         missing = [k for k in missing if not k.startswith("head.")]
@@ -650,9 +676,19 @@ def _load_state(
                  f"mis-shaped: {_short(misshaped, 3)}" if misshaped else ""]
         detail = "; ".join(p for p in parts if p)
         raise CheckpointError(
-            f"{path} does not hold the tensors of the {_about(config)} its first layers describe ({detail}); it "
-            "is damaged or not a Mixer checkpoint: re-save it from its model, or pick another file."
+            f"{path} does not hold the tensors of the {_about(config)} it describes ({detail}); it is damaged or "
+            "not a Mixer checkpoint: re-save it from its model, or pick another file."
         )
+
+
+def _load_state(
+    model: MlpMixer, state: StateDict, path: Any, config: MixerConfig, ignore_missing_head: bool = False,
+    assign: bool = False,
+) -> None:
+    """Copy `state` into `model` (or, with `assign`, make its tensors the model's), after checking
+    that every key and shape fits (`check_tensors`)."""
+    expected = model.state_dict()
+    check_tensors(path, state, config, expected, ignore_missing_head)
     device = None if assign else next(iter(expected.values())).device
     model.load_state_dict({k: v.to(device=device, dtype=expected[k].dtype) for k, v in state.items()},
                           strict=not ignore_missing_head, assign=assign)

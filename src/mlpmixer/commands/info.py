@@ -42,13 +42,17 @@ def rows(img_size: int | None = None, num_classes: int = 1000,
     return out
 
 
-def describe_checkpoint(path: str, img_size_hint: int | tuple[int, int] | None = None) -> dict:
-    """The configuration, size and class names of the checkpoint at `path` (the model is not built);
-    `img_size_hint` is the image size of a foreign file (.npz, timm), which says none."""
-    from ..checkpoints import read_checkpoint, resolve_path  # torch: only when a checkpoint is read
+def describe_checkpoint(path: str, img_size: int | tuple[int, int] | None = None) -> dict:
+    """The configuration, size, pooling and class names of the checkpoint at `path`, after the checks of loading it
+    (the model is not built); `img_size` is the image size of a foreign file (.npz, timm), which says none."""
+    from ..checkpoints import check_tensors, read_checkpoint, resolve_path  # torch: only when a checkpoint is read
 
     file = resolve_path(path)
-    _, config, extra = read_checkpoint(file, img_size_hint=img_size_hint)
+    # As load_checkpoint(file, img_size=...) takes it, refused for a file made for another size; also a hint, so that
+    # a file whose tokens form no square grid says --img-size, as mixer info takes it.
+    given = {} if img_size is None else {"img_size": img_size}
+    state, config, extra = read_checkpoint(file, img_size_hint=img_size, **given)
+    check_tensors(file, state, config)  # a damaged file is refused as load_checkpoint refuses it, not described
     return dict(file=str(file), layout=extra["layout"], run_config=extra.get("run_config"), model=config.describe(),
                 config=config.to_dict(), params=config.num_params(), gflops=2 * config.macs() / 1e9,
                 global_pool=extra.get("global_pool", "avg"), class_names=extra.get("class_names"))
@@ -100,14 +104,7 @@ def run(args: argparse.Namespace) -> int:
     if args.checkpoint and not variant:
         if args.num_classes is not None:
             raise ValueError("--num-classes shapes the variants table; a checkpoint has its own head.")
-        asked = image_size(args.img_size) if args.img_size else None
-        info = describe_checkpoint(args.checkpoint, asked)
-        size = tuple(info["config"]["img_size"])
-        if asked is not None and size != (asked if isinstance(asked, tuple) else (asked, asked)):
-            # The file's size (its own, or its square patch grid's) wins: the table would describe another model.
-            raise ValueError(f"{args.checkpoint} is made for {size[0]}×{size[1]} images; --img-size only names the size "
-                             "of a file that does not say it, and gives as many patches as the file has tokens (leave "
-                             "it out, or convert the model with mixer resize).")
+        info = describe_checkpoint(args.checkpoint, image_size(args.img_size) if args.img_size else None)
         if args.json:
             print(json.dumps(info, indent=1))
         else:
