@@ -213,3 +213,17 @@ def test_an_out_that_cannot_be_written_is_one_sentence_before_the_work(tmp_path,
         assert main(["resize", str(tmp_path / "small.safetensors"), "--img-size", "16", "24", "--out", str(out)]) == 2
         err = capsys.readouterr().err
         assert said in err and err.count("\n") == 1 and "Errno" not in err and ".tmp" not in err, err
+
+
+def test_an_unreadable_run_configuration_stops_resize_before_it_writes(tmp_path, capsys):
+    """The run's config.json was read after --out was written: an error (rc 2) that left a file behind."""
+    from mlpmixer import save_checkpoint
+
+    run = tmp_path / "run"
+    run.mkdir()
+    save_checkpoint(random_mixer((8, 12)), run / "model.safetensors")
+    (run / "config.json").write_text("{not json")
+    out = tmp_path / "big.safetensors"
+    assert main(["resize", str(run), "--img-size", "16", "24", "--out", str(out)]) == 2
+    err = capsys.readouterr().err
+    assert f"{run / 'config.json'} cannot be read" in err and err.count("\n") == 1 and not out.exists(), err

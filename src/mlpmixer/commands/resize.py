@@ -40,10 +40,10 @@ def run(args: argparse.Namespace) -> int:
     check_not_the_source(args.checkpoint, args.out)
     check_out_file(args.out)
     model = load_checkpoint(args.checkpoint)
+    permute = run_recipe(args.checkpoint).get("permute")  # read before --out is written: an unreadable one stops here
     old = model.config
     new = resize_to(model, size, method=args.method, mode=args.mode or "bicubic")
     save_checkpoint(new, args.out)
-    permute = run_recipe(args.checkpoint).get("permute")
     if permute:
         # The commands would build a fresh permutation for the new size, which the model never saw.
         warnings.warn(f"The run was trained on images with a fixed '{permute}' permutation made for "
