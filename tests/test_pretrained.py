@@ -351,3 +351,21 @@ def test_weights_trained_on_other_pixels_take_ours(tmp_path: Path) -> None:
     register_weights("nano/4", "three-means", grey.as_uri(), mean=mean, std=std)
     with pytest.raises(ValueError, match="does not fit a model of 1 input channels"):
         load_pretrained("nano/4", "three-means")
+
+
+def test_a_local_file_that_does_not_fit_its_entry_is_not_called_a_cached_one(tmp_path: Path) -> None:
+    """A local file is the user's only copy: the mismatch errors said "(cached at PATH)" and "delete the cached
+    file"."""
+    path, _ = digits_checkpoint(tmp_path, num_classes=10)
+    for url in (path.as_uri(), str(path)):
+        register_weights("nano/4", "wrong-variant", url)
+        register_weights("digits/4", "wrong-classes", url, num_classes=1000)
+        for tag, said in (("wrong-variant", "holds a Mixer-digits/4, not the registered Mixer-nano/4"),
+                          ("wrong-classes", "has 10 classes, not the registered 1000")):
+            with pytest.raises(ValueError) as err:
+                load_pretrained("nano/4" if tag == "wrong-variant" else "digits/4", tag)
+            message = str(err.value)
+            assert message.startswith(f"The local file {path} {said}; register it under the variant and classes it "
+                                      "holds (register_weights)"), message
+            assert "cached" not in message and "delete" not in message
+    assert path.is_file()

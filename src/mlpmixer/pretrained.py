@@ -316,17 +316,19 @@ def load_pretrained(name: str, tag: str, **overrides: Any) -> MlpMixer:
     # The head is the file's until the checks and class names below; a new one, if asked for, comes last.
     num_classes = overrides.pop("num_classes", None)
     model = load_checkpoint(path, **overrides)
+    # A local file is read where it is, the user's own copy: deleting it, as a cached download may be, would lose it.
+    if _local_path(entry.url) is None:
+        source = f"{entry.url} (cached at {path})"
+        fix = "fix the registry entry (register_weights) or delete the cached file, which is then downloaded again"
+    else:
+        source = f"The local file {path}"
+        fix = "register it under the variant and classes it holds (register_weights), or register the file you meant"
     found = paper_variant_of(model.config)
     if found != entry.variant:
-        raise ValueError(
-            f"{entry.url} (cached at {path}) holds a {model.config.describe()}, not the registered "
-            f"Mixer-{entry.variant}; fix the registry entry (register_weights) or delete the cached file."
-        )
+        raise ValueError(f"{source} holds a {model.config.describe()}, not the registered Mixer-{entry.variant}; "
+                         f"{fix}.")
     if entry.num_classes not in (None, model.num_classes):
-        raise ValueError(
-            f"{entry.url} (cached at {path}) has {model.num_classes} classes, not the registered "
-            f"{entry.num_classes}; fix the registry entry (register_weights) or delete the cached file."
-        )
+        raise ValueError(f"{source} has {model.num_classes} classes, not the registered {entry.num_classes}; {fix}.")
     if model.class_names is None and model.num_classes == 1000:
         model.class_names = imagenet_class_names()
     if (entry.mean, entry.std) != GOOGLE_NORM:
