@@ -369,3 +369,24 @@ def test_a_local_file_that_does_not_fit_its_entry_is_not_called_a_cached_one(tmp
                                       "holds (register_weights)"), message
             assert "cached" not in message and "delete" not in message
     assert path.is_file()
+
+
+def test_a_cache_that_is_a_file_is_one_sentence(tmp_path: Path, monkeypatch: pytest.MonkeyPatch,
+                                                capsys: pytest.CaptureFixture) -> None:
+    """MLPMIXER_CACHE naming a file gave "[Errno 20] Not a directory: ..." at the first download."""
+    from PIL import Image
+
+    from mlpmixer.cli import main
+
+    cache = tmp_path / "cache"
+    cache.write_text("")
+    monkeypatch.setenv("MLPMIXER_CACHE", str(cache))
+    image = tmp_path / "img.png"
+    Image.new("RGB", (8, 8)).save(image)
+    assert main(["predict", "--model", "S/16", "--pretrained", "gsam", str(image)]) == 2
+    err = capsys.readouterr().err
+    assert err == f"mixer predict: error: MLPMIXER_CACHE {cache} is a file; give the path of a folder.\n"
+    with pytest.raises(NotADirectoryError, match=f"MLPMIXER_CACHE {cache / 'sub'} lies under {cache}, which is a "
+                                                 "file; give another MLPMIXER_CACHE."):
+        monkeypatch.setenv("MLPMIXER_CACHE", str(cache / "sub"))
+        download("https://example.org/w.npz")

@@ -32,7 +32,7 @@ from typing import IO, Any, Sequence
 import torch
 from tqdm import tqdm
 
-from .checkpoints import load_checkpoint
+from .checkpoints import check_writable_folder, load_checkpoint
 from .model import MlpMixer
 from .variants import canonical_name, name_img_size, paper_variant_of
 
@@ -170,6 +170,8 @@ def download(url: str, sha256: str | None = None, retries: int = 3, backoff_s: f
             f"{url} is not in the cache ({target}) and {OFFLINE_ENV}={offline} forbids downloading; "
             "connect once without it, or copy the file to that path."
         )
+    # A cache that is a file, or lies under one, would fail in mkdir with "[Errno 20] Not a directory".
+    check_writable_folder(cache_dir(), CACHE_ENV if os.environ.get(CACHE_ENV) else f"{CACHE_ENV} (unset: the default)")
     target.parent.mkdir(parents=True, exist_ok=True)
     part = target.with_name(target.name + ".part")
     print(f"Downloading {url} to {target}", file=sys.stderr)
