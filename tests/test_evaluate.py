@@ -129,6 +129,7 @@ def test_top5_is_not_reported_for_5_classes_or_fewer(tmp_path: Path, capsys: pyt
         model = create_model("digits/4", num_classes=classes, img_size=28, in_chans=1, patch_size=7, hidden_dim=32,
                              tokens_mlp_dim=16, channels_mlp_dim=64)
         kept = data.subset(torch.nonzero(data.labels < classes).flatten())
+        kept.class_names = kept.class_names[:classes]
         m = evaluate(model, kept)
         assert (m["top5"] is not None) == want_top5 and 0 <= m["top1"] <= 1, classes
         if classes == 3:
@@ -144,3 +145,44 @@ def test_top5_is_not_reported_for_5_classes_or_fewer(tmp_path: Path, capsys: pyt
     assert main([*argv, "--json", "--report", str(tmp_path / "report")]) == 0
     assert json.loads(capsys.readouterr().out)["top5"] is None
     assert json.loads((tmp_path / "report" / "per_class.json").read_text())["top5"] is None
+
+
+def test_evaluate_refuses_data_of_other_classes_in_one_sentence(tmp_path: Path) -> None:
+    """The Python API checks the classes as `mixer eval` does: more labels than the head made torch's bare
+    IndexError, fewer gave numbers without a word."""
+    from test_sources import make_folder
+
+    make_folder(tmp_path / "three", {"a": 2, "b": 2, "c": 2})
+    for classes in (2, 10):
+        model = create_model("digits/4", num_classes=classes, img_size=28, in_chans=1, patch_size=7, hidden_dim=32,
+                             tokens_mlp_dim=16, channels_mlp_dim=64)
+        with pytest.raises(ValueError, match=rf"^{re.escape(str(tmp_path / 'three'))} has 3 classes but the model "
+                                             rf"predicts {classes}; evaluate on data with the model's classes\.$"):
+            evaluate(model, tmp_path / "three", workers=0)
+    model.class_names = [str(i) for i in range(10)]  # named classes: the names must agree too
+    data = load_mnist5k()
+    data.class_names = list("abcdefghij")
+    with pytest.raises(ValueError, match=r"classes of the data differ from those of the model \(class 0 is 'a' "
+                                         r"instead of '0'\)"):
+        evaluate(model, data)
+
+
+def test_eval_json_names_the_mode_that_ran_on_in_memory_digits(digits_model: Path, tmp_path: Path,
+                                                               capsys: pytest.CaptureFixture) -> None:
+    """In-memory digits are always resized: asked (or recorded by the run) for resmall-crop, the JSON and the
+    report say resize, and a warning says why."""
+    import shutil
+
+    argv = ["--data", "mnist5k", "--json", "--report", str(tmp_path / "report")]
+    with pytest.warns(UserWarning, match=r"^Eval mode resmall-crop does not apply to mnist5k: digits held in memory "
+                                         r"are always resized to the model's size, so the result is for resize\.$"):
+        assert main(["eval", str(digits_model), "--eval-mode", "resmall-crop", *argv]) == 0
+    assert json.loads(capsys.readouterr().out)["eval_mode"] == "resize"
+    assert json.loads((tmp_path / "report" / "per_class.json").read_text())["eval_mode"] == "resize"
+    run = tmp_path / "run"  # a run that validated with resmall-crop
+    run.mkdir()
+    shutil.copy(digits_model, run / "model.safetensors")
+    (run / "config.json").write_text(json.dumps({"recipe": {"eval_mode": "resmall-crop"}}))
+    with pytest.warns(UserWarning, match="Eval mode resmall-crop does not apply to mnist5k"):
+        assert main(["eval", str(run), *argv]) == 0
+    assert json.loads(capsys.readouterr().out)["eval_mode"] == "resize"

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import warnings
 from typing import Any, Callable, Iterable, Iterator, Optional, Union
 
 import torch
@@ -25,16 +26,26 @@ def open_eval_data(spec: str, model: MlpMixer, mode: str = "resize", workers: in
 
     In-memory sets are used whole (for an IDX folder, its test files); folders and shards whole too.
     `mode` (resize | resmall-crop, SPEC §4) is the preprocessing of folders and shards; in-memory
-    digits are always resized bilinearly to the model's size (data.to_model_input), whatever the mode.
+    digits are always resized bilinearly to the model's size (data.to_model_input), whatever the mode:
+    asked for another mode, they say so in a warning (`applied_eval_mode` gives the mode that runs).
     """
     data = load_tensors(spec, split="test")
     if data is not None:
+        if applied_eval_mode(data, mode) != mode:  # a report naming the mode asked for would name one that never ran
+            warnings.warn(f"Eval mode {mode} does not apply to {spec}: digits held in memory are always resized to "
+                          "the model's size, so the result is for resize.", stacklevel=2)
         return data
     from .sources import open_folder_or_shards
     from .transforms import eval_transform
 
     cfg = model.config
     return open_folder_or_shards(spec, "val", 0.0, 0, eval_transform(cfg.img_size, cfg.in_chans, mode))
+
+
+def applied_eval_mode(data: Union[TensorData, Source], mode: str) -> str:
+    """The preprocessing that evaluating `data` opened with `open_eval_data(..., mode)` applies: `mode` for
+    folders and shards, "resize" for in-memory digits, whatever `mode` asked."""
+    return "resize" if isinstance(data, TensorData) else mode
 
 
 def batches_of(data: Union[TensorData, Source], model: MlpMixer, batch_size: int, workers: int = 2) -> Iterable:
@@ -47,6 +58,19 @@ def batches_of(data: Union[TensorData, Source], model: MlpMixer, batch_size: int
     return (batch for batch in loader if batch is not None)
 
 
+def check_classes(model: MlpMixer, names: list[str], name: str) -> None:
+    """ValueError unless data of classes `names` (named `name` in the message) have the model's classes:
+    a label beyond the head stops cross-entropy with torch's bare IndexError, and fewer classes (or others)
+    give numbers that mean nothing."""
+    from .sources import check_same_classes
+
+    if len(names) != model.num_classes:
+        raise ValueError(f"{name} has {len(names)} classes but the model predicts {model.num_classes}; "
+                         "evaluate on data with the model's classes.")
+    if model.class_names:  # names the first class that differs: lists of the first few read alike past them
+        check_same_classes(model.class_names, names, name, "the model")
+
+
 @torch.no_grad()
 def evaluate(
     model: MlpMixer,
@@ -57,6 +81,7 @@ def evaluate(
     device: Optional[torch.device] = None,
     transform: Optional[Callable[[torch.Tensor], torch.Tensor]] = None,
     predictions: bool = False,
+    name: Optional[str] = None,
 ) -> dict[str, Any]:
     """{"top1", "top5" (fractions; top5 None for 5 classes or fewer), "loss" (mean softmax cross-entropy), "n"}
     of `model` on `data`
@@ -65,13 +90,17 @@ def evaluate(
     `transform` is applied to every model-ready batch (e.g. the fixed permutation of permute.py).
     With `predictions`, the result also holds "preds" and "labels": the top-1 class and the true class
     of every image, in data order (int64 tensors on the CPU), for reports.per_class_accuracy and friends.
+    Data with other classes than the model's (their number, or the names where the model has some) are a
+    ValueError naming them as `name` (default: the spec, or "the data").
     """
     if model.num_classes == 0:
         raise ValueError(f"Evaluation needs a classifier head, and this {model.config.describe()} has none "
                          "(num_classes=0): give it one with model.reset_classifier(N) and train it, or measure its "
                          "features with mlpmixer.fewshot (`mixer fewshot`, `mixer linear-probe`).")
     if isinstance(data, (str, os.PathLike)):
+        name = name or str(data)
         data = open_eval_data(str(data), model, workers=workers)
+    check_classes(model, data.class_names, name or "the data")
     was_training = model.training
     model.eval()
     device = device or next(model.parameters()).device

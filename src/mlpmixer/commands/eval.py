@@ -44,9 +44,9 @@ def run(args: argparse.Namespace) -> int:
     from ..bench import free_cores, set_threads
     from ..checkpoints import atomic_write, check_writable_folder, load_checkpoint
     from ..data import warn_if_same_images, worker_deaths
-    from ..evaluate import evaluate, open_eval_data
+    from ..evaluate import applied_eval_mode, evaluate, open_eval_data
     from ..reports import confusion_matrix_png, per_class_accuracy
-    from ..sources import FolderDataset, check_same_classes
+    from ..sources import FolderDataset
 
     if args.report:  # checked before the evaluation, which can take hours
         check_writable_folder(args.report, "--report")
@@ -61,19 +61,15 @@ def run(args: argparse.Namespace) -> int:
     # pair (read at val/) or an IDX folder with both train- and t10k- files (read at t10k-).
     warn_if_same_images(recipe.get("data"), args.data, f"the run trained on {args.data}")
     data = open_eval_data(args.data, model, mode, args.workers)
-    names = data.class_names
-    if len(names) != model.num_classes:
-        raise ValueError(f"{args.data} has {len(names)} classes but the model predicts {model.num_classes}; "
-                         "evaluate on data with the model's classes.")
-    if model.class_names:  # names the first class that differs: lists of the first few read alike past them
-        check_same_classes(model.class_names, names, args.data, "the model")
+    mode = applied_eval_mode(data, mode)  # the JSON and the report name the preprocessing that ran
+    names = data.class_names  # evaluate() checks that they are the model's
 
     cfg = model.config
     permute = run_permutation(args.checkpoint, cfg, args.permute, args.permute_seed)
 
     with worker_deaths("rerun the command"):  # the labels say which classes had no images (16 bytes an image, with the top-1)
         m = evaluate(model, data, batch_size=args.batch_size, workers=args.workers, progress=not args.json,
-                     transform=permute, predictions=True)
+                     transform=permute, predictions=True, name=args.data)
     # Opening an image folder said so of its empty class folders; IDX files and shards show theirs only now.
     if not isinstance(getattr(data, "dataset", None), FolderDataset):
         warn_empty_classes(m["labels"], names, f"--data {args.data}")
