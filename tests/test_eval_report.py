@@ -81,6 +81,35 @@ def test_eval_without_report_has_no_per_class(digits_model: Path, capsys: pytest
     assert "per_class" not in json.loads(capsys.readouterr().out)
 
 
+def test_eval_report_keeps_every_class_of_a_repeated_name(digits_model: Path, tmp_path: Path,
+                                                          capsys: pytest.CaptureFixture,
+                                                          monkeypatch: pytest.MonkeyPatch) -> None:
+    """Keyed by name, two classes named "crane" (as ImageNet names two) were one in per_class and in the
+    weakest-classes line. Data with such names (opened here directly: sources refuse a dataset.json that
+    repeats a name) and a model of the same names."""
+    import mlpmixer.evaluate
+
+    names = ["crane", "crane", *map(str, range(2, 10))]
+    model = load_checkpoint(digits_model)
+    model.class_names = names
+    saved = save_checkpoint(model, tmp_path / "cranes.safetensors")
+    data = load_mnist5k()
+    data.class_names = names
+    monkeypatch.setattr(mlpmixer.evaluate, "open_eval_data", lambda *_: data)
+    argv = ["eval", str(saved), "--data", "cranes", "--report", str(tmp_path / "report")]
+    assert main([*argv, "--json"]) == 0
+    per_class = json.loads(capsys.readouterr().out)["per_class"]
+    assert list(per_class)[:3] == ["crane (class 0)", "crane (class 1)", "2"] and len(per_class) == 10
+    report = json.loads((tmp_path / "report" / "per_class.json").read_text())
+    assert [c["name"] for c in report["classes"]] == names  # the names as they are, in a list
+    assert [c["accuracy"] for c in report["classes"]] == list(per_class.values())
+    # The weakest three, by accuracy: both cranes can be among them, each named.
+    worst = sorted((a, key) for key, a in per_class.items())[:3]
+    assert main(argv) == 0
+    line = next(line for line in capsys.readouterr().out.splitlines() if line.startswith("Lowest"))
+    assert line.startswith("Lowest per-class accuracy: " + ", ".join(f"{key} {a:.2%}" for a, key in worst) + ".")
+
+
 def test_eval_help_names_every_key_of_its_json(digits_model: Path, capsys: pytest.CaptureFixture) -> None:
     assert main(["eval", str(digits_model), "--data", "mnist5k", "--permute", "pixels", "--json"]) == 0
     printed = json.loads(capsys.readouterr().out)

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+from collections import Counter
 from pathlib import Path
 from typing import Sequence, Union
 
@@ -40,6 +41,13 @@ def per_class_accuracy(preds: Labels, labels: Labels, num_classes: int) -> np.nd
     totals = cm.sum(axis=1)
     with np.errstate(invalid="ignore", divide="ignore"):
         return np.where(totals > 0, np.diag(cm) / totals, np.nan)
+
+
+def unique_class_names(names: Sequence[str]) -> list[str]:
+    """`names`, with each name that more than one class has followed by its class's index ("crane (class 134)",
+    "crane (class 517)": ImageNet names two classes "crane"), so that keyed by name no class is lost."""
+    repeated = {name for name, count in Counter(names).items() if count > 1}
+    return [f"{name} (class {i})" if name in repeated else name for i, name in enumerate(names)]
 
 
 def save_figure(fig: Figure, path: str | os.PathLike, dpi: int = 150) -> Path:

@@ -32,7 +32,7 @@ def register(p: argparse.ArgumentParser) -> None:
     p.add_argument("--json", action="store_true", help="print one JSON object: top1, top5 (fractions; top5 null for 5 "
                    "classes or fewer, which it would hold all of), n, loss, "
                    "checkpoint, data, eval_mode (and permute, permute_seed for a permuted run; per_class, a class "
-                   "name -> accuracy object, with --report)")
+                   "name -> accuracy object, with --report; a name several classes share gets \" (class I)\")")
     p.set_defaults(func=run)
 
 
@@ -45,7 +45,7 @@ def run(args: argparse.Namespace) -> int:
     from ..checkpoints import atomic_write, check_writable_folder, load_checkpoint
     from ..data import warn_if_same_images, worker_deaths
     from ..evaluate import applied_eval_mode, evaluate, open_eval_data
-    from ..reports import confusion_matrix_png, per_class_accuracy
+    from ..reports import confusion_matrix_png, per_class_accuracy, unique_class_names
     from ..sources import FolderDataset
 
     if args.report:  # checked before the evaluation, which can take hours
@@ -82,12 +82,14 @@ def run(args: argparse.Namespace) -> int:
         out.mkdir(parents=True, exist_ok=True)
         accuracy = per_class_accuracy(m["preds"], m["labels"], len(names))
         counts = m["labels"].bincount(minlength=len(names)).tolist()
-        result["per_class"] = {name: _nan_to_none(a) for name, a in zip(names, accuracy)}
+        # Keyed by name, two classes of one name (ImageNet's two "crane"s) would be one: repeated names are told apart.
+        keys = unique_class_names(names)
+        result["per_class"] = {key: _nan_to_none(a) for key, a in zip(keys, accuracy)}
         report = {**result, "classes": [{"name": name, "accuracy": _nan_to_none(a), "n": n}
                                         for name, a, n in zip(names, accuracy, counts)]}
         del report["per_class"]  # "classes" says the same with the counts
         atomic_write(out / "per_class.json", lambda tmp: Path(tmp).write_text(json.dumps(report, indent=1) + "\n"))
-        confusion_matrix_png(m["preds"], m["labels"], names, out / "confusion.png",
+        confusion_matrix_png(m["preds"], m["labels"], keys, out / "confusion.png",
                              title=f"{cfg.describe()} on {args.data}: {m['n']} images, top-1 {m['top1']:.2%}")
     if args.json:
         print(json.dumps(result))
