@@ -401,6 +401,7 @@ def test_shards_holding_more_than_dataset_json_counts_are_said_so_once(
 @pytest.mark.parametrize("info, complaint", [
     ({"classes": "abc", "splits": {"train": 6}}, "\"classes\" must be a list of names, not 'abc'"),
     ({"classes": [], "splits": {"train": 6}}, "\"classes\" is empty: name the classes"),
+    ({"classes": ["crane", "dog", "crane"]}, "\"classes\" names 'crane' more than once: give each class its own name"),
     ({"classes": ["a", "b", "c"], "splits": {"train": "6"}}, "\"splits\" must map each split to a whole number"),
     ({"classes": ["a", "b", "c"], "splits": [6]}, "\"splits\" must map each split to a whole number"),
 ])

@@ -39,6 +39,7 @@ import re
 import tarfile
 import warnings
 import zlib
+from collections import Counter
 from pathlib import Path
 from typing import Any, Callable, Iterator, Optional, TypeVar
 
@@ -538,6 +539,12 @@ def _read_dataset_json(folder: Path) -> Optional[dict[str, Any]]:
         # An empty list made every sample's label bad, and the shards read as having no .cls labels at all.
         if info.get("classes") == []:
             raise ValueError('"classes" is empty: name the classes, or leave "classes" out to number them')
+        # The names travel into the model: `mixer predict` would answer one name for two classes, and a report
+        # keyed by name would merge them.
+        repeated = [name for name, count in Counter(map(str, info.get("classes", []))).items() if count > 1]
+        if repeated:
+            raise ValueError(f'"classes" names {repeated[0]!r} more than once: give each class its own name '
+                             '(ImageNet\'s two "crane"s as "crane (bird)" and "crane (machine)", say)')
         splits = info.get("splits", {})
         if not isinstance(splits, dict) or not all(type(n) is int and n >= 0 for n in splits.values()):
             raise ValueError(f'"splits" must map each split to a whole number of images, not {splits!r}')
