@@ -132,6 +132,18 @@ def test_predict_notes_the_permutation_it_applies(digits_model: Path, tmp_path: 
     assert json.loads(capsys.readouterr().out)["notes"] == []
 
 
+def test_predict_says_whether_a_pattern_matched_nothing_or_was_quoted(digits_model: Path, tmp_path: Path,
+                                                                     capsys: pytest.CaptureFixture) -> None:
+    """bash passes an unquoted pattern that matches nothing on as it is: that is not a quoted pattern."""
+    Image.fromarray(load_mnist5k().images[0, 0].numpy()).save(tmp_path / "digit.png")
+    assert main(["predict", str(digits_model), str(tmp_path / "*.xyz")]) == 2
+    assert capsys.readouterr().err == f"mixer predict: error: No file matches {tmp_path / '*.xyz'}; check the pattern.\n"
+    assert main(["predict", str(digits_model), str(tmp_path / "*.png")]) == 2  # quoted: it does match
+    assert capsys.readouterr().err == (f"mixer predict: error: {tmp_path / '*.png'} is a pattern, which the shell "
+                                       "expands only unquoted (it matches 1 file); leave the pattern unquoted for the "
+                                       "shell to expand.\n")
+
+
 def test_eval_mode_chooses_the_preprocessing_of_image_folders(digits_model: Path, tmp_path: Path,
                                                               capsys: pytest.CaptureFixture) -> None:
     rng = np.random.default_rng(0)

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import glob
 import io
 import json
 import sys
@@ -48,9 +49,15 @@ def load_image(path: str, in_chans: int) -> tuple[torch.Tensor, list[str]]:
     if p.is_dir():
         raise ValueError(f"{p} is a folder; give its image files (a shell pattern such as {p}/*.jpg lists them).")
     if not p.is_file():
-        pattern = any(c in path for c in "*?[")  # quoted, so the shell did not expand it
-        raise FileNotFoundError(f"No image at {p}; " + ("leave the pattern unquoted for the shell to expand."
-                                                          if pattern else "check the path."))
+        if not any(c in path for c in "*?["):
+            raise FileNotFoundError(f"No image at {p}; check the path.")
+        # A pattern reaches us as it is when it was quoted, or when it matched nothing (bash passes it on): which
+        # one, its matches say.
+        matches = len(glob.glob(path))
+        if not matches:
+            raise FileNotFoundError(f"No file matches {path}; check the pattern.")
+        raise FileNotFoundError(f"{path} is a pattern, which the shell expands only unquoted (it matches {matches} "
+                                f"file{'s' if matches > 1 else ''}); leave the pattern unquoted for the shell to expand.")
     try:
         data = p.read_bytes()
     except OSError as e:  # said for this image; the others are still classified
