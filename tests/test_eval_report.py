@@ -144,6 +144,19 @@ def test_predict_says_whether_a_pattern_matched_nothing_or_was_quoted(digits_mod
                                        "shell to expand.\n")
 
 
+def test_predict_refuses_greyscale_of_no_stated_range_and_notes_16_bit(digits_model: Path, tmp_path: Path,
+                                                                       capsys: pytest.CaptureFixture) -> None:
+    """A 32-bit integer TIFF was read as 16-bit ("kept the top 8 bits of 16-bit greyscale"), all white here."""
+    Image.fromarray(np.full((28, 28), 1_260_000, dtype=np.int32)).save(tmp_path / "wide.tif")
+    assert main(["predict", str(digits_model), str(tmp_path / "wide.tif")]) == 2
+    assert capsys.readouterr().err == (
+        f"mixer predict: error: {tmp_path / 'wide.tif'} is 32-bit integer greyscale (values 1,260,000 to 1,260,000), "
+        "whose range of values the file does not state; convert it to 8- or 16-bit greyscale.\n")
+    Image.fromarray(np.full((28, 28), 40000, dtype=np.uint16)).save(tmp_path / "deep.pgm")  # PIL: mode I
+    assert main(["predict", str(digits_model), str(tmp_path / "deep.pgm"), "--json"]) == 0
+    assert json.loads(capsys.readouterr().out)["notes"] == ["kept the top 8 bits of 16-bit greyscale"]
+
+
 def test_eval_mode_chooses_the_preprocessing_of_image_folders(digits_model: Path, tmp_path: Path,
                                                               capsys: pytest.CaptureFixture) -> None:
     rng = np.random.default_rng(0)

@@ -645,11 +645,23 @@ def test_decode_gives_greyscale_or_rgb(fmt: str, mode: str, channels: int, decod
     assert (image[:, 0, 0].int() - expected).abs().max() <= 3  # lossy formats round a little
 
 
-def test_a_16_bit_png_keeps_its_top_8_bits(decoder: str) -> None:
+@pytest.mark.parametrize("fmt", ["PNG", "TIFF", "PPM"])  # PIL opens a 16-bit PGM as mode I, the others as I;16
+def test_a_16_bit_image_keeps_its_top_8_bits(fmt: str, decoder: str) -> None:
     values = np.array([[0, 255, 256, 40000, 65535]], dtype=np.uint16)
-    image = decode_image_bytes(encode_pil(Image.fromarray(values), "PNG"))
+    image = decode_image_bytes(encode_pil(Image.fromarray(values), fmt))
     assert image.dtype == torch.uint8 and image.shape == (1, 1, 5)
     assert image.flatten().tolist() == [0, 0, 1, 156, 255]
+
+
+@pytest.mark.parametrize("values, kind, shown", [
+    (np.array([[0, 255, 70000, 1_260_000]], dtype=np.int32), "32-bit integer", "0 to 1,260,000"),
+    (np.array([[0.0, 0.25, 0.5, 1.0]], dtype=np.float32), "floating-point", "0 to 1"),
+])
+def test_greyscale_of_no_stated_range_is_refused(values: np.ndarray, kind: str, shown: str, decoder: str) -> None:
+    """Read as 16-bit, 32-bit integers came out white (1,260,000) or black (0-255); floats in 0-1 came out 0 or 1."""
+    with pytest.raises(ValueError, match=rf"^{kind} greyscale \(values {re.escape(shown)}\), whose range of values "
+                                         r"the file does not state; convert it to 8- or 16-bit greyscale$"):
+        decode_image_bytes(encode_pil(Image.fromarray(values), "TIFF"))
 
 
 @pytest.mark.parametrize("fmt", ["JPEG", "PNG", "WEBP"])

@@ -102,6 +102,10 @@ class BadLabel(ValueError):
     """A shard sample's .cls label is missing, not a number, or not one of the classes."""
 
 
+class UnknownPixelRange(ValueError):
+    """An image whose pixel values have no range the file states (32-bit integer or floating-point greyscale)."""
+
+
 class BadSampleCounter:
     """How many images were decoded (`seen`) and how many of them failed (`bad`; some perhaps for their
     shard sample's label rather than the image), for the whole run.
@@ -164,6 +168,8 @@ def decode_image_bytes(data: bytes) -> torch.Tensor:
         raise ValueError("empty file")
     try:
         return _decode(data)
+    except UnknownPixelRange:  # said as it is, not as a damaged image
+        raise
     except UnidentifiedImageError:  # PIL's message names an io.BytesIO object, not the file
         raise ValueError("not an image, or in a format PIL cannot read") from None
     except Image.DecompressionBombError as e:  # whole, but larger than PIL decodes: not "damaged or truncated"
@@ -201,8 +207,10 @@ def _decode(data: bytes) -> torch.Tensor:
         # limit PIL refuses it, and the image is a bad sample, named ("too large").
         warnings.simplefilter("ignore", Image.DecompressionBombWarning)
         with Image.open(io.BytesIO(data)) as pil:
+            check_pixel_range(pil)  # on the file's image: a turned copy has neither its format nor its tags
+            sixteen_bit = is_16_bit(pil)
             upright = ImageOps.exif_transpose(pil)
-            if is_16_bit(upright):
+            if sixteen_bit:
                 return torch.from_numpy(top_8_bits(upright))[None]
             grey = upright.mode in ("1", "L", "LA", "La", "F")
             if upright.has_transparency_data:
@@ -212,8 +220,26 @@ def _decode(data: bytes) -> torch.Tensor:
 
 
 def is_16_bit(pil: Image.Image) -> bool:
-    """Whether a PIL image is 16-bit (or 32-bit integer) greyscale, which convert("L") clips to 255."""
-    return pil.mode.startswith("I;16") or pil.mode == "I"
+    """Whether a PIL image is 16-bit greyscale, which convert("L") clips to 255: mode I;16, or mode I (32-bit
+    integers) from a format whose mode I holds 16-bit values (PIL scales a PGM's maximum to 65,535) or a
+    TIFF of 16 bits a sample."""
+    if pil.mode.startswith("I;16"):
+        return True
+    if pil.mode != "I":
+        return False
+    if pil.format in ("PNG", "PPM"):
+        return True
+    return pil.format == "TIFF" and tuple(pil.tag_v2.get(258, ())) == (16,)  # BitsPerSample
+
+
+def check_pixel_range(pil: Image.Image) -> None:
+    """UnknownPixelRange for greyscale whose values have no range the file states: 32-bit integers (a TIFF's
+    1,260,000 would read as white, their top 8 bits as black) or floating point (0-1 or 0-255 alike)."""
+    if pil.mode == "F" or (pil.mode == "I" and not is_16_bit(pil)):
+        kind = "floating-point" if pil.mode == "F" else "32-bit integer"
+        low, high = (f"{v:g}" if pil.mode == "F" else f"{v:,}" for v in pil.getextrema())
+        raise UnknownPixelRange(f"{kind} greyscale (values {low} to {high}), whose range of values the file "
+                                "does not state; convert it to 8- or 16-bit greyscale")
 
 
 def top_8_bits(pil: Image.Image) -> np.ndarray:

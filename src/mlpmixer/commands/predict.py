@@ -43,7 +43,7 @@ def load_image(path: str, in_chans: int) -> tuple[torch.Tensor, list[str]]:
     feed a model with `in_chans` channels."""
     from PIL import ExifTags, Image
 
-    from ..sources import decode_image_bytes, is_16_bit
+    from ..sources import UnknownPixelRange, decode_image_bytes, is_16_bit
 
     p = Path(path)
     if p.is_dir():
@@ -67,6 +67,8 @@ def load_image(path: str, in_chans: int) -> tuple[torch.Tensor, list[str]]:
     except ValueError as e:
         if str(e).startswith("too large"):  # whole, but beyond PIL's limit
             raise ValueError(f"{p} is {e}; give a smaller copy of it.") from None
+        if isinstance(e, UnknownPixelRange):  # readable, but its values cannot be made pixels without a guess
+            raise ValueError(f"{p} is {e}.") from None
         raise ValueError(f"{p} is not a readable image ({e}); give a whole image file (JPEG, PNG, WebP, GIF, BMP "
                          "or TIFF).") from None
     # The file's own mode and tags (and the alpha of an image with transparency data, which decoding composited
