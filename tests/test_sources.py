@@ -611,7 +611,9 @@ def test_missing_and_empty_paths_are_one_sentence(tmp_path: Path) -> None:
         open_folder_or_shards(str(tmp_path / "shards"), "test", 0.0, 0, None)
 
 
-def test_check_same_classes() -> None:
+def test_check_same_classes(tmp_path: Path) -> None:
+    from mlpmixer.data import load_mnist5k
+
     check_same_classes(["a", "b"], ["a", "b"])
     with pytest.raises(ValueError, match="3 classes instead of 2"):
         check_same_classes(["a", "b"], ["a", "b", "c"])
@@ -619,8 +621,16 @@ def test_check_same_classes() -> None:
         check_same_classes(["a", "b"], ["a", "c"])
     assert "dataset.json" not in str(other.value) and "differ from those of the training data" in str(other.value)
     assert "fine-tune" not in str(other.value)  # said while training, where a new head is no way out
-    with pytest.raises(ValueError, match="class 0 is '0' instead of 'cat'.*put one with the class names"):
-        check_same_classes(["cat", "dog"], ["0", "1"])  # shards without a dataset.json
+    # Classes named by number: a hint about dataset.json only where they are shards without one (not MNIST's).
+    make_shards(tmp_path / "unnamed", shards=1, per_shard=4, classes=2, describe=False)
+    with pytest.warns(UserWarning, match="No dataset.json"):
+        unnamed = open_folder_or_shards(str(tmp_path / "unnamed"), "val", 0.0, 0, None).class_names
+    for train, val in ((["cat", "dog"], unnamed), (unnamed, ["cat", "dog"])):
+        with pytest.raises(ValueError, match="class 0 is .* instead of .*put one with the class names"):
+            check_same_classes(train, val)
+    with pytest.raises(ValueError, match=r"\(10 classes instead of 2\); give both the same classes in the same "
+                                         r"order\.$"):
+        check_same_classes(["cat", "dog"], load_mnist5k().class_names)
 
 
 @pytest.fixture(params=["torchvision", "PIL"])

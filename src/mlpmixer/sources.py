@@ -281,6 +281,11 @@ def is_split_pair(path: str) -> bool:
     return (Path(path) / "train").is_dir() and (Path(path) / "val").is_dir()
 
 
+class NumberedClasses(list):
+    """The class names of shards without a dataset.json naming them: their .cls numbers ("0", "1", ...), marked
+    as such for `check_same_classes`, which then says where names would come from."""
+
+
 def check_same_classes(train_names: list[str], eval_names: list[str], evaluated: str = "the evaluation data",
                        reference: str = "the training data") -> None:
     """Raise ValueError when evaluation data names other classes (or another order) than training data;
@@ -292,7 +297,8 @@ def check_same_classes(train_names: list[str], eval_names: list[str], evaluated:
     else:
         i = next(i for i, (a, b) in enumerate(zip(train_names, eval_names)) if a != b)
         detail = f"class {i} is {eval_names[i]!r} instead of {train_names[i]!r}"
-    numbered = list(eval_names) == [str(i) for i in range(len(eval_names))] != list(train_names)
+    # Only shards name their classes by number for want of names: MNIST's classes are "0".."9" by rights.
+    numbered = isinstance(eval_names, NumberedClasses) or isinstance(train_names, NumberedClasses)
     hint = (" (shards without a dataset.json name their classes by number: put one with the class names "
             "next to them)" if numbered else "")
     raise ValueError(
@@ -662,7 +668,7 @@ def _numbered_classes(labels: dict[int, str], folder: Path) -> list[str]:
         raise ValueError(f"The .cls labels of the shards in {folder} skip {skipped} ({labels[above]} is labelled "
                          f"{above}); put a dataset.json naming the classes next to them (samples labelled beyond "
                          "them are then skipped as bad) or fix the labels.")
-    return [str(i) for i in range(len(labels))]
+    return NumberedClasses(str(i) for i in range(len(labels)))
 
 
 def _open_shards(shards: list[str], split: str, holdout: float, seed: int, transform: Transform,
@@ -698,7 +704,8 @@ def _open_shards(shards: list[str], split: str, holdout: float, seed: int, trans
                              "hold out more or fewer images (--holdout).")
     dataset = ShardDataset(shards, transform, len(class_names), total, split=split, holdout=holdout, seed=seed,
                            whole=whole, counted_in=counted_in)
-    return Source(dataset, [str(name) for name in class_names], total)
+    names = class_names if isinstance(class_names, NumberedClasses) else [str(name) for name in class_names]
+    return Source(dataset, names, total)
 
 
 def _image_folder(root: Path, split: str) -> tuple[list[str], list[tuple[str, int]]]:
