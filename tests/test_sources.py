@@ -533,6 +533,22 @@ def test_too_many_bad_labels_are_named_as_labels(tmp_path: Path) -> None:
         ids_and_labels(dataset)
 
 
+@pytest.mark.parametrize("bad, said", [
+    ((), "Skipped 1 of 301 samples of {} that have a missing label or one that is not a class of the data."),
+    ((5,), "Skipped 2 of 301 samples of {} that are bad (1 for their label, 1 for an image that could not be "
+           "decoded)."),
+])
+def test_reading_into_memory_sums_up_bad_samples_by_what_was_bad(tmp_path: Path, bad: tuple, said: str) -> None:
+    """A sample skipped for its label was summed up as an image "that could not be decoded"."""
+    make_shards(tmp_path, shards=1, per_shard=300, bad=bad)
+    with wds.TarWriter(str(tmp_path / "part-001.tar")) as sink:
+        sink.write({"__key__": "bad_class", "png": encode(0), "cls": b"7"})
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        sources.read_into_memory(str(tmp_path), "train", 0.0, 0, in_chans=3, workers=0, progress=False)
+    assert said.format(tmp_path) in [str(w.message) for w in caught]
+
+
 def test_shards_with_too_many_bad_images_stop_with_one_sentence(tmp_path: Path) -> None:
     make_shards(tmp_path, shards=2, per_shard=10, bad=(1, 2, 15))
     dataset = open_folder_or_shards(str(tmp_path), "train", 0.0, 0, None).dataset

@@ -133,6 +133,21 @@ class BadSampleCounter:
     def bad(self) -> int:
         return self._bad.value
 
+    @property
+    def bad_labels(self) -> int:
+        """How many of the bad samples were bad for their shard label."""
+        return self._bad_labels.value
+
+    def what_was_bad(self) -> str:
+        """The bad samples in words, after "4 of 300 images that": bad labels are named as such, as they are
+        fixed in the .cls members or dataset.json, not the images."""
+        bad, labels = self.bad, self.bad_labels
+        if not labels:
+            return "could not be decoded"
+        if labels == bad:
+            return "have a missing label or one that is not a class of the data"
+        return f"are bad ({labels} for their label, {bad - labels} for an image that could not be decoded)"
+
     def record(self, ok: bool, bad_label: bool = False) -> None:
         with self._seen.get_lock():
             self._seen.value += 1
@@ -142,16 +157,10 @@ class BadSampleCounter:
         if bad_label:
             with self._bad_labels.get_lock():
                 self._bad_labels.value += 1
-        seen, bad, labels = self.seen, self.bad, self._bad_labels.value
+        seen, bad, labels = self.seen, self.bad, self.bad_labels
         if seen >= self.window and bad > MAX_BAD_FRACTION * seen:
             share = f"{bad} of {seen} {'samples' if labels else 'images'} ({100 * bad / seen:.1f}%){self.data}"
-            # Bad labels are named as such: they are fixed in the .cls members or dataset.json, not the images.
-            if not labels:
-                what = "could not be decoded"
-            elif labels == bad:
-                what = "have a missing label or one that is not a class of the data"
-            else:
-                what = f"are bad ({labels} for their label, {bad - labels} for an image that could not be decoded)"
+            what = self.what_was_bad()
             # Where they are fixed is said too: a dataset.json naming too few classes makes bad labels of the rest.
             fix = ("fix the .cls labels or name every class they use in dataset.json, or rebuild the data" if labels
                    else "check or rebuild the data")
@@ -847,7 +856,8 @@ def read_into_memory(path: str, split: str, holdout: float, seed: int, in_chans:
                          "one size: resize the images or train with --augment-on workers.")
     counter = source.dataset.bad_samples
     if counter.bad:  # the workers warned about each; say it once here, where the user looks
-        warnings.warn(f"Skipped {counter.bad} of {counter.seen} images of {path} that could not be decoded.",
+        noun = "samples" if counter.bad_labels else "images"
+        warnings.warn(f"Skipped {counter.bad} of {counter.seen} {noun} of {path} that {counter.what_was_bad()}.",
                       stacklevel=2)
     return TensorData(torch.stack(images), torch.tensor(labels, dtype=torch.int64), source.class_names, counter)
 
