@@ -169,6 +169,21 @@ def test_train_val_pair_picks_the_split(tmp_path: Path) -> None:
     assert sorted(i for i, _ in ids_and_labels(val.dataset)) == [100, 101, 102]
 
 
+@pytest.mark.parametrize("other", ["test", "valid", "validation"])
+def test_train_beside_another_split_name_is_warned_of_once(tmp_path: Path, other: str) -> None:
+    """Only train/ + val/ are the splits; train/ + test/ were read as two classes without a word."""
+    make_folder(tmp_path / "train", {"a": 4, "b": 4})
+    make_folder(tmp_path / other, {"a": 1, "b": 2}, start=100)
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        for split in ("train", "val"):  # a hold-out opens the folder for each side
+            source = open_folder_or_shards(str(tmp_path), split, 0.5, 0, None)
+    assert sorted(source.class_names) == sorted(["train", other])
+    assert [str(w.message) for w in caught] == [
+        f"{tmp_path} has train/ and {other}/ sub-folders but no val/, so they are read as classes named \"train\" "
+        f"and \"{other}\"; rename {other}/ to val/ to train on train/ and validate on it."]
+
+
 def test_folder_holdout_is_disjoint_complete_and_seeded(tmp_path: Path) -> None:
     make_folder(tmp_path, {"a": 30, "b": 30})
 

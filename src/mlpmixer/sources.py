@@ -80,6 +80,9 @@ SHUFFLE_BUFFER = 1000  # encoded samples held per worker for shuffling shards
 # The folders of shards already said to have no dataset.json naming the classes: a run opens each side of a
 # hold-out (and may count its images first), and is told once.
 _UNNAMED_SAID: set[str] = set()
+# Sub-folders named like splits that are not the train/ + val/ pair, and the folders already warned of them.
+OTHER_SPLIT_NAMES = ("test", "valid", "validation")
+_SPLIT_NAMES_SAID: set[str] = set()
 
 _JPEG_MAGIC = b"\xff\xd8\xff"
 _PNG_MAGIC = b"\x89PNG\r\n\x1a\n"
@@ -818,11 +821,24 @@ def _open_folder_or_shards(path: str, split: str, holdout: float, seed: int, tra
         raise ValueError(f"{path} is neither a folder nor a .tar/.tar.gz shard; give an image folder or shards.")
     if is_split_pair(path):
         return open_folder_or_shards(str(root / split), split, 0.0, seed, transform, whole, replace_bad)
+    _warn_if_split_names(root)
     if not any(p.is_dir() and not p.name.startswith(".") for p in root.iterdir()):  # hidden ones are no classes
         raise FileNotFoundError(
             f"{path} has neither class sub-folders nor .tar/.tar.gz shards; give an image folder or shards."
         )
     return _open_image_folder(root, split, holdout, seed, transform, replace_bad)
+
+
+def _warn_if_split_names(root: Path) -> None:
+    """Warn, once per folder, of a train/ sub-folder beside test/, valid/ or validation/ but no val/: only train/ +
+    val/ are the two splits (a test set is not chosen for validating on without a word), so these are classes."""
+    other = next((name for name in OTHER_SPLIT_NAMES if (root / name).is_dir()), None)
+    if other is None or not (root / "train").is_dir() or os.path.realpath(root) in _SPLIT_NAMES_SAID:
+        return
+    _SPLIT_NAMES_SAID.add(os.path.realpath(root))
+    warnings.warn(f"{root} has train/ and {other}/ sub-folders but no val/, so they are read as classes named "
+                  f"\"train\" and \"{other}\"; rename {other}/ to val/ to train on train/ and validate on it.",
+                  stacklevel=4)
 
 
 def read_into_memory(path: str, split: str, holdout: float, seed: int, in_chans: int, workers: int = 2,
