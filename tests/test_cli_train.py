@@ -369,6 +369,12 @@ def test_command_counts_out_of_range_are_one_line(run_dir: Path, capsys: pytest.
     (["--eval-mode", "crop"], "--eval-mode must be one of resize, resmall-crop, not 'crop'."),
     (["--autoaugment", "cifar100"], "--autoaugment must be one of imagenet, cifar10, svhn, not 'cifar100'."),
     (["--autoaugment", "svhn", "--randaugment", "3"], "--randaugment and --autoaugment are alternatives; give one of them."),
+    # torch takes no seed past 2**64 - 1 ("Overflow when unpacking long long"), and seeds are derived modulo 2**63:
+    # 2**63 trained exactly as seed 0, and -1 as 2**63 - 1.
+    (["--seed", "99999999999999999999"], "--seed must be a whole number from 0 to 9,223,372,036,854,775,807, not "
+                                         "99999999999999999999."),
+    (["--seed", str(2 ** 63)], "--seed must be a whole number from 0 to 9,223,372,036,854,775,807"),
+    (["--seed", "-1"], "--seed must be a whole number from 0 to 9,223,372,036,854,775,807, not -1."),
 ])
 def test_settings_out_of_range_are_one_sentence(tmp_path: Path, capsys: pytest.CaptureFixture, flags: list[str],
                                                 message: str) -> None:
@@ -382,7 +388,7 @@ def test_settings_out_of_range_are_one_sentence(tmp_path: Path, capsys: pytest.C
     ({"batch_size": "512"}, "--batch-size must be a whole number of at least 1, not '512'."),
     ({"betas": 0.9}, "--betas must be two decays, each at least 0 and below 1, not 0.9."),
     ({"bf16": "no"}, "--bf16 must be true or false, not 'no'."),
-    ({"seed": "abc"}, "--seed must be a whole number, not 'abc'."),
+    ({"seed": "abc"}, "--seed must be a whole number from 0 to 9,223,372,036,854,775,807, not 'abc'."),
     ({"model_args": {"hiden_dim": 3}}, "model_args must be MixerConfig fields ("),
     ({"digits_aug": {"rotat": 3}}, "digits_aug has unknown settings ['rotat']; augment_digits takes rotate,"),
     # Each of these was a traceback (IndexError, AttributeError, TypeError) or ran with a setting it could not use.
@@ -395,7 +401,10 @@ def test_settings_out_of_range_are_one_sentence(tmp_path: Path, capsys: pytest.C
     ({"lr": None}, "--lr must be zero or more, and finite, not None."),
     ({"batch_size": None}, "--batch-size must be a whole number of at least 1, not None."),
     ({"evals": 2.5}, "--evals must be a whole number, zero or more, not 2.5."),
-    ({"seed": "1"}, "--seed must be a whole number, not '1'."),
+    ({"seed": "1"}, "--seed must be a whole number from 0 to 9,223,372,036,854,775,807, not '1'."),
+    # Past torch's range: "Overflow when unpacking long long", a traceback from deep in the run.
+    ({"seed": 1e20}, "--seed must be a whole number from 0 to 9,223,372,036,854,775,807, not 100000000000000000000."),
+    ({"permute_seed": 2 ** 64}, "--permute-seed must be a whole number from 0 to 9,223,372,036,854,775,807"),
     ({"digits_aug": {"rotate": "x"}}, "digits_aug must be an object of augment_digits arguments, each a number"),
 ])
 def test_config_file_values_of_the_wrong_type_are_one_sentence(tmp_path: Path, capsys: pytest.CaptureFixture,

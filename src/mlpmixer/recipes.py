@@ -34,6 +34,9 @@ MAX_STEPS = 99_999_999
 # from os.cpu_count(), so that a recipe or run recorded on one machine stays valid on another. Thousands of
 # workers never start up (a hang, seen with 5,000); past a few dozen they only compete for the cores.
 MAX_WORKERS = 64
+# Seeds (--seed, --permute-seed) are whole numbers below 2**63: seeds.derive_seed works modulo 2**63, so a larger
+# one (or a negative one) would train exactly as a seed in this range, and torch takes none past 2**64 - 1.
+MAX_SEED = (1 << 63) - 1
 
 
 @dataclass
@@ -146,7 +149,7 @@ class Recipe:
             if f.type == "bool":
                 check(f.name, lambda v: isinstance(v, bool), "true or false")
         for name in ("seed", "permute_seed"):
-            check(name, whole, "a whole number")
+            check(name, lambda v: whole(v) and 0 <= v <= MAX_SEED, f"a whole number from 0 to {MAX_SEED:,}")
         check("model", lambda v: isinstance(v, str), "a variant's name, such as S/16 (`mixer info` lists them)")
         for name in ("data", "eval_data"):
             check(name, lambda v: isinstance(v, str), "a path or mnist5k, as a string")

@@ -6,12 +6,14 @@ from __future__ import annotations
 
 import torch
 
+from .recipes import MAX_SEED
+
 
 def derive_seed(seed: int, *parts: int) -> int:
     """A distinct 63-bit seed for each (seed, *parts), e.g. (seed, kind, epoch) or (seed, kind, step)."""
     h = seed
     for p in parts:
-        h = (h * 6364136223846793005 + p + 1442695040888963407) % (1 << 63)
+        h = (h * 6364136223846793005 + p + 1442695040888963407) % (MAX_SEED + 1)
     return h
 
 

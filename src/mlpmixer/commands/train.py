@@ -53,10 +53,10 @@ RECIPE_FLAGS: dict[str, tuple[str, Any, str]] = {
     "--permute": ("permute", str, "paper Figure 4: one fixed permutation of every training and validation image, "
                   "patches (patch order + pixels within patches) or pixels (all pixels); config.json records it and "
                   "`mixer eval RUN` applies it (or give `mixer eval --permute`)"),
-    "--permute-seed": ("permute_seed", int, "seed of the --permute permutation (default 0)"),
+    "--permute-seed": ("permute_seed", int, "seed of the --permute permutation, 0 to 2**63 - 1 (default 0)"),
     "--ema": ("ema", float, "EMA decay of the weights (0: off)"),
     "--evals": ("evals", int, "validation passes over the run, evenly spaced (0: one at the end)"),
-    "--seed": ("seed", int, "random seed"),
+    "--seed": ("seed", int, "random seed, 0 to 2**63 - 1"),
     "--workers": ("workers", int, "DataLoader worker processes"),
     "--threads": ("threads", int, "CPU threads for torch (default: the cores other programs leave idle)"),
     "--processes": ("processes", int, "local CPU training processes (default: one per free core for in-memory data)"),
