@@ -84,8 +84,18 @@ def test_a_folders_holdout_count_is_exact_and_a_val_folder_needs_none(tmp_path: 
     make_folder(tmp_path / "f", {"a": 20, "b": 20})
     r = tiny(data=str(tmp_path / "f"), img_size=14, workers=0, batch_size=8, steps=1, evals=1)
     assert r.holdout == 250  # the default job's count, more than this folder holds
-    with pytest.raises(ValueError, match="Cannot hold out 250 of the 40 images of .*; lower --holdout"):
+    # Said with where 250 came from (the user gave no --holdout) and how to change it; digits in memory alike.
+    with pytest.raises(ValueError, match=r"^Cannot hold out 250 of the 40 images of .*f \(250 is the mnist5k recipe's "
+                                         r"hold-out, used unless --holdout is given\); give --holdout as a smaller count "
+                                         r"or a fraction \(such as 0.1\), or validate on --eval-data.$"):
         train(r, tmp_path / "run", progress=False, log=lambda *_: None)
+    from test_fewshot import write_idx_digits
+
+    with pytest.raises(ValueError, match=r"^Cannot hold out 250 of the 30 images of .*idx \(250 is the mnist5k "):
+        train(r.replace(data=write_idx_digits(tmp_path / "idx", per_class=3)), tmp_path / "run", progress=False,
+              log=lambda *_: None)
+    with pytest.raises(ValueError, match=r"^Cannot hold out 40 of the 40 images of .*f; give --holdout as a smaller"):
+        train(r.replace(holdout=40), tmp_path / "run", progress=False, log=lambda *_: None)
 
     def scored(recipe: Recipe, out: str) -> int:
         files = train(recipe, tmp_path / out, progress=False, log=lambda *_: None)

@@ -48,7 +48,7 @@ from .evaluate import evaluate, open_eval_data
 from .model import MlpMixer, create_model
 from .permute import FixedPermutation
 from .profiling import StepProfiler
-from .recipes import MAX_STEPS, Recipe
+from .recipes import MAX_STEPS, RECIPES, Recipe
 from .resize import resize_to
 from .seeds import derive_seed, reseed
 from .shared_grads import SharedGradients
@@ -679,6 +679,8 @@ def _train(
         log(f"Note: {', '.join('--' + name.replace('_', '-') for name in unused)} augment image folders and shards; "
             f"{r.data} is in memory and augmented with digits_aug only, so {they} not used.")
     if tensors is not None:
+        if r.eval_data is None and r.holdout >= max(1, len(tensors)):  # a count that leaves nothing to train on
+            raise _holdout_too_large(r.holdout, len(tensors), r.data)
         train_idx, val_idx = holdout_split(len(tensors), r.holdout if r.eval_data is None else 0, r.seed)
         train_data, class_names = tensors.subset(train_idx), tensors.class_names
         val_data: Any = tensors.subset(val_idx) if len(val_idx) else None
@@ -700,7 +702,7 @@ def _train(
             if not n:
                 raise ValueError(f"{r.data} does not say how many images it holds; give --holdout as a fraction.")
             if holdout >= n:
-                raise ValueError(f"Cannot hold out {holdout:g} of the {n} images of {r.data}; lower --holdout.")
+                raise _holdout_too_large(holdout, n, r.data)
             holdout = holdout / n
         if r.augment_on == "device":  # decoded once here, augmented batch by batch on the device
             train_data = read_into_memory(r.data, "train", holdout, r.seed, in_chans, r.workers,
@@ -1095,6 +1097,15 @@ def _train(
         # (pytorch#190489). By the end of this barrier they have let go of them.
         dist.barrier()
     return files
+
+
+def _holdout_too_large(holdout: float, images: int, data: str) -> ValueError:
+    """The error of a hold-out count of all the training images or more, saying where the count came from: often
+    not from the user, but from the default recipe's 250, meant for its 5,000 digits."""
+    presets = [name for name, preset in RECIPES.items() if preset.get("holdout") == holdout]
+    origin = f" ({holdout:g} is the {presets[0]} recipe's hold-out, used unless --holdout is given)" if presets else ""
+    return ValueError(f"Cannot hold out {holdout:g} of the {images} images of {data}{origin}; give --holdout as a "
+                      "smaller count or a fraction (such as 0.1), or validate on --eval-data.")
 
 
 def _recipe_model(config: MixerConfig, base: str) -> dict[str, Any]:
