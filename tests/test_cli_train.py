@@ -236,6 +236,20 @@ def test_train_bad_input(tmp_path: Path, capsys: pytest.CaptureFixture) -> None:
     assert "no saved training state" in capsys.readouterr().err
 
 
+@pytest.mark.parametrize("argv", [["train", "--recipe", "paper-s-jft"], ["train", "--data", ""],
+                                  ["train", "--recipe", "finetune", "--steps", "1"], ["finetune", "--from", "nowhere"]])
+def test_no_data_is_one_sentence_asking_for_it(tmp_path: Path, monkeypatch: pytest.MonkeyPatch,
+                                               capsys: pytest.CaptureFixture, argv: list[str]) -> None:
+    """The paper and finetune presets name no data: without --data (or with --data ""), Path("") trained on the
+    current folder."""
+    monkeypatch.chdir(tmp_path)
+    assert main([*argv, "--out", "run", "--quiet"]) == 2
+    verb = "fine-tune" if argv[0] == "finetune" else "train"
+    assert capsys.readouterr().err == (f"mixer {argv[0]}: error: Give the data to {verb} on with --data (an image "
+                                       "folder, shards, an IDX folder or mnist5k).\n")
+    assert not (tmp_path / "run").exists()
+
+
 @pytest.mark.parametrize("config, said", [
     ('{"recipe": "x"}', 'config.json cannot be read (its "recipe" is not a JSON object)'),
     ('{"recipe": [1]}', 'config.json cannot be read (its "recipe" is not a JSON object)'),

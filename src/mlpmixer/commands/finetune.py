@@ -6,7 +6,7 @@ from __future__ import annotations
 import argparse
 
 from ..recipes import RESIZE_METHODS, get_recipe
-from .train import add_training_flags, recipe_overrides
+from .train import add_training_flags, check_data_given, recipe_overrides
 
 
 def register(p: argparse.ArgumentParser) -> None:
@@ -36,8 +36,7 @@ def run(args: argparse.Namespace) -> int:
     if args.resize_method:
         overrides["resize_method"] = args.resize_method
     recipe = get_recipe(args.recipe, **overrides)
-    if not recipe.data:
-        raise ValueError("Give the data to fine-tune on with --data (an image folder, shards, an IDX folder or mnist5k).")
+    check_data_given(recipe, "fine-tune")
     launch(recipe, args.out, resume=args.resume, save_every=args.save_every, keep=args.keep,
           init_from=args.init_from, progress=not args.quiet, profile=args.profile)
     return 0

@@ -110,6 +110,13 @@ def recipe_from_args(args: argparse.Namespace) -> Any:
     return get_recipe(args.recipe, **recipe_overrides(args))
 
 
+def check_data_given(recipe: Any, verb: str) -> None:
+    """The paper and finetune presets name no data (""), and --data "" names none either: Path("") is the
+    current folder, which would be trained on."""
+    if not recipe.data:
+        raise ValueError(f"Give the data to {verb} on with --data (an image folder, shards, an IDX folder or mnist5k).")
+
+
 def register(p: argparse.ArgumentParser) -> None:
     p.description = (
         "Train a Mixer. With no arguments: a small Mixer on the 5,000 MNIST digits "
@@ -122,6 +129,8 @@ def register(p: argparse.ArgumentParser) -> None:
 def run(args: argparse.Namespace) -> int:
     from ..train import launch
 
-    launch(recipe_from_args(args), args.out, resume=args.resume, save_every=args.save_every, keep=args.keep,
+    recipe = recipe_from_args(args)
+    check_data_given(recipe, "train")
+    launch(recipe, args.out, resume=args.resume, save_every=args.save_every, keep=args.keep,
           progress=not args.quiet, profile=args.profile)
     return 0
