@@ -17,7 +17,7 @@ from PIL import Image
 
 from mlpmixer import create_model, load_checkpoint, save_checkpoint
 from mlpmixer.cli import build_parser, main
-from mlpmixer.commands.train import RECIPE_FLAGS, add_training_flags, recipe_from_args
+from mlpmixer.commands.train import RECIPE_FLAGS, add_training_flags, recipe_from_args, recipe_overrides
 from mlpmixer.data import load_mnist5k
 from mlpmixer.recipes import get_recipe
 from mlpmixer.transforms import eval_transform
@@ -455,6 +455,49 @@ def test_an_augmentation_flag_replaces_the_config_files_other(tmp_path: Path) ->
     config.write_text(json.dumps({"autoaugment": "cifar10", "randaugment": 4}))
     with pytest.raises(ValueError, match="alternatives"):
         recipe_from_args(parse(["train", "--config", str(config)]))
+
+
+def test_epochs_and_steps_replace_each_other_level_by_level(tmp_path: Path, capsys: pytest.CaptureFixture) -> None:
+    """Flags over the config file over the preset, for the run's length too: `mixer finetune --epochs 1` ran the
+    finetune preset's 10,000 steps (its steps won over any epochs). Within one config file steps win (a run's
+    config.json records both); both flags are refused."""
+    from mlpmixer.commands.finetune import register as register_finetune
+
+    p = argparse.ArgumentParser()
+    register_finetune(p)
+    r = get_recipe("finetune", **recipe_overrides(p.parse_args(["--from", "RUN", "--data", "d", "--epochs", "1"])))
+    assert (r.steps, r.epochs) == (None, 1)
+    parse = build_parser(["train"]).parse_args
+    config = tmp_path / "c.json"
+    config.write_text(json.dumps({"epochs": 3}))
+    assert (recipe_from_args(parse(["train", "--recipe", "finetune", "--config", str(config)])).steps) is None
+    config.write_text(json.dumps(get_recipe("finetune").to_dict()))  # as a run's config.json: steps 10000, epochs 1
+    assert recipe_from_args(parse(["train", "--config", str(config)])).steps == 10_000
+    r = recipe_from_args(parse(["train", "--config", str(config), "--epochs", "2"]))
+    assert (r.steps, r.epochs) == (None, 2)
+    config.write_text(json.dumps({"epochs": 3}))
+    assert recipe_from_args(parse(["train", "--config", str(config), "--steps", "7"])).steps == 7
+    assert recipe_from_args(parse(["train"])) == get_recipe("mnist5k")  # the default job is untouched
+    assert main(["train", "--epochs", "2", "--steps", "5", "--out", str(tmp_path / "run")]) == 2
+    assert capsys.readouterr().err == ("mixer train: error: --epochs and --steps both set the run's length; give one "
+                                       "of them.\n")
+
+
+def test_a_config_files_model_args_belong_to_its_model(tmp_path: Path) -> None:
+    """A --model other than the config file's is built as its variant defines it (the file's custom widths, or a
+    digits run's exact GELU, went to --model digits/4 or S/16), as one other than the preset's already was."""
+    parse = build_parser(["train"]).parse_args
+    config = tmp_path / "c.json"
+    config.write_text(json.dumps({"model": "nano/4", "model_args": {"hidden_dim": 24, "gelu": "exact"}}))
+    assert recipe_from_args(parse(["train", "--config", str(config), "--model", "digits/4"])).model_args == {}
+    assert recipe_from_args(parse(["train", "--config", str(config), "--model", "Mixer-nano/4"])).model_args == \
+        {"hidden_dim": 24, "gelu": "exact"}  # the same model: its own model_args
+    config.write_text(json.dumps({"recipe": get_recipe("mnist5k").to_dict()}))  # a default run's config.json
+    r = recipe_from_args(parse(["train", "--config", str(config), "--model", "S/16"]))
+    assert (r.model, r.model_args) == ("S/16", {})
+    config.write_text(json.dumps({"model_args": {"hidden_dim": 24}}))  # for the preset's model, digits/7
+    assert recipe_from_args(parse(["train", "--config", str(config), "--model", "S/16"])).model_args == {}
+    assert recipe_from_args(parse(["train", "--config", str(config)])).model_args == {"hidden_dim": 24}
 
 
 def test_weight_decay_help_says_what_sgd_does() -> None:

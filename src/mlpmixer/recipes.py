@@ -258,24 +258,33 @@ DEFAULT_RECIPE = "mnist5k"
 
 
 def get_recipe(name: str = DEFAULT_RECIPE, **overrides: Any) -> Recipe:
-    """The named preset with any fields overridden. A preset's `model_args` belong to its model: another
-    `model` without `model_args` of its own is built as its variant defines it. Likewise `autoaugment`
-    replaces the preset's `randaugment`, and `randaugment` its `autoaugment`, unless both are given."""
+    """The named preset with any fields overridden, and what the overrides imply for the preset's other fields
+    (`replacing_alternatives`): another `model` drops the preset's `model_args`, `epochs` its `steps`, ..."""
     if name not in RECIPES:
         raise ValueError(f"Unknown recipe {name!r}; known recipes are {', '.join(RECIPES)}.")
     preset = RECIPES[name]
-    if isinstance(overrides.get("model"), str) and "model_args" not in overrides and \
-            canonical_name(overrides["model"]) != canonical_name(preset.get("model", Recipe.model)):
-        overrides = {**overrides, "model_args": {}}
-    return Recipe().replace(**preset).replace(**replacing_alternatives(overrides))
+    return Recipe().replace(**preset).replace(**replacing_alternatives(overrides, preset))
 
 
-def replacing_alternatives(changes: dict[str, Any]) -> dict[str, Any]:
-    """`changes` with what they imply for the settings beneath them (a preset, a config file): RandAugment and
-    AutoAugment are alternatives, so asking for one (and not the other) turns the other off."""
+def replacing_alternatives(changes: dict[str, Any], beneath: dict[str, Any]) -> dict[str, Any]:
+    """`changes` (a config file's fields, or the flags') with what they imply for the settings `beneath` them (a
+    preset's, with a config file's over them): a setting given replaces the lower ones' alternatives to it too.
+
+    - RandAugment and AutoAugment are alternatives: asking for one (and not the other) turns the other off.
+    - A run's length is `steps` or `epochs`: `epochs` without `steps` drops the steps beneath (else the finetune
+      preset's 10,000 steps outran `--epochs 1`). Within one level `steps` wins, unless null: a run's config.json
+      records both.
+    - `model_args` belong to their model: another `model` without `model_args` of its own is built as its variant
+      defines it (`--model S/16` over a digits run's config.json is not built with the digits' widths)."""
     for asked, other in (("autoaugment", "randaugment"), ("randaugment", "autoaugment")):
         if changes.get(asked) is not None and other not in changes:
             changes = {**changes, other: None}
+    if changes.get("epochs") is not None and "steps" not in changes:
+        changes = {**changes, "steps": None}
+    model, below = changes.get("model"), beneath.get("model", Recipe.model)
+    if isinstance(model, str) and isinstance(below, str) and "model_args" not in changes and beneath.get("model_args") \
+            and canonical_name(model) != canonical_name(below):
+        changes = {**changes, "model_args": {}}
     return changes
 
 

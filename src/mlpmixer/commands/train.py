@@ -18,8 +18,9 @@ RECIPE_FLAGS: dict[str, tuple[str, Any, str]] = {
     "--model": ("model", str, "Mixer variant: B/16, S/32, ... (`mixer info` lists the paper's), nano/4, digits/7, "
                 "digits/4"),
     "--img-size": ("img_size", int, "input resolution"),
-    "--epochs": ("epochs", float, "passes over the training data"),
-    "--steps": ("steps", int, "optimiser steps (overrides --epochs)"),
+    "--epochs": ("epochs", float, "passes over the training data, in place of the steps of the recipe or --config"),
+    "--steps": ("steps", int, "optimiser steps, in place of the epochs of the recipe or --config (give one of "
+                "--epochs and --steps)"),
     "--batch-size": ("batch_size", int, "global batch per optimiser step, over all processes"),
     "--accum": ("accum", int, "gradient accumulation: micro-batches per optimiser step"),
     "--optimizer": ("optimizer", str, "adamw, adam or sgd"),
@@ -103,7 +104,10 @@ def recipe_overrides(args: argparse.Namespace) -> dict[str, Any]:
     """The recipe fields the command line sets: its --config file's, then its flags'."""
     overrides: dict[str, Any] = load_config_file(args.config) if args.config else {}
     flags = {field: getattr(args, field) for field, _, _ in RECIPE_FLAGS.values() if getattr(args, field, None) is not None}
-    return {**overrides, **replacing_alternatives(flags)}  # --autoaugment over a config file's RandAugment, ...
+    if "epochs" in flags and "steps" in flags:  # which one was meant cannot be told
+        raise ValueError("--epochs and --steps both set the run's length; give one of them.")
+    # --autoaugment over a config file's RandAugment, --epochs over its steps, --model over its model_args, ...
+    return {**overrides, **replacing_alternatives(flags, {**RECIPES[args.recipe], **overrides})}
 
 
 def recipe_from_args(args: argparse.Namespace) -> Any:
