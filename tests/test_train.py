@@ -528,6 +528,40 @@ def test_a_dataloader_worker_killed_in_a_validation_is_one_sentence(tmp_path: Pa
     assert train_mod.latest_state(tmp_path / "run").name == "step-00000001.pt"  # kept, as the sentence says
 
 
+@pytest.mark.parametrize("where", ["loss_fn", "save_state"])
+def test_a_dataloader_worker_killed_during_a_step_is_one_sentence(tmp_path: Path, monkeypatch: pytest.MonkeyPatch,
+                                                                  where: str) -> None:
+    """torch's SIGCHLD handler raises a worker's death wherever the training process is when the signal comes: in a
+    forward or backward pass (its RuntimeError and traceback), or in a save (said as a failed save), not only where
+    the loader is read. One sentence wherever, and --resume goes on from the states kept."""
+    import multiprocessing
+    import time
+
+    from test_sources import make_folder
+
+    make_folder(tmp_path / "f", {"a": 16, "b": 16})
+    real, calls = getattr(train_mod, where), []
+
+    def killing_a_worker(*args, **kwargs):
+        calls.append(1)
+        if len(calls) == 3:  # the third step (loss_fn), or the third save: states 1 and 2 are on disk
+            os.kill(multiprocessing.active_children()[0].pid, signal.SIGKILL)  # as the out-of-memory killer does
+            time.sleep(5)  # the handler raises in here, once the signal comes
+        return real(*args, **kwargs)
+
+    monkeypatch.setattr(train_mod, where, killing_a_worker)
+    r = tiny(data=str(tmp_path / "f"), model="nano/4", img_size=8, batch_size=4, steps=4, workers=2, holdout=0,
+             evals=0)
+    with pytest.raises(ChildProcessError, match=r"^A DataLoader worker died \(DataLoader worker \(pid.*; the "
+                                                r"out-of-memory killer\?\); the saved training states are kept: add "
+                                                r"--resume to go on \(fewer --workers take less memory\).$"):
+        train(r, tmp_path / "run", save_every=1, progress=False, log=lambda *_: None)
+    assert train_mod.latest_state(tmp_path / "run").name == "step-00000002.pt"
+    monkeypatch.setattr(train_mod, where, real)
+    files = train(r, tmp_path / "run", resume=True, save_every=1, progress=False, log=lambda *_: None)
+    assert files.model.is_file()
+
+
 def test_a_save_that_fails_for_want_of_space_is_one_sentence(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     real, calls = torch.save, []
 

@@ -560,7 +560,10 @@ def train(r: Recipe, out: Optional[str | Path] = None, **options: Any) -> RunFil
     # torchrun's processes say their own errors; those that `launch` forks leave them to rank 0 (`_child`).
     saying = distributed and not forked
     try:
-        return _train(r, out, distributed, start_line, **options)
+        # torch's SIGCHLD handler raises a DataLoader worker's death wherever this process is when the signal comes
+        # (a forward or backward pass, a log line, a save), not only where the loader is read: one sentence wherever.
+        with worker_deaths(RESUME_ADVICE):
+            return _train(r, out, distributed, start_line, **options)
     except (ValueError, OSError, torch.cuda.OutOfMemoryError) as e:
         error = _out_of_memory(r) if isinstance(e, torch.cuda.OutOfMemoryError) else e
         start_line.cross(error)  # a set-up error: the other ranks wait at the start line to hear of it
@@ -1225,7 +1228,10 @@ def _saving(path: Path, run: Path) -> Iterator[None]:
     or safetensors' "os error 28" traceback (a full disk, the usual cause); atomic_write has removed the
     temporary file, so the states saved before are whole and --resume goes on from the last."""
     try:
-        yield
+        with worker_deaths(RESUME_ADVICE):  # a DataLoader worker killed meanwhile is not the save's failure
+            yield
+    except ChildProcessError:
+        raise
     except (OSError, RuntimeError, SafetensorError) as e:  # torch reports a failed write as a RuntimeError
         full = getattr(e, "errno", None) == errno.ENOSPC or "os error 28" in str(e)
         last = latest_state(run)
