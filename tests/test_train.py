@@ -78,6 +78,37 @@ def test_in_memory_training_data_is_evaluated_on_any_eval_data(tmp_path: Path) -
     assert not (tmp_path / "run2").exists() and not (tmp_path / "run3").exists()
 
 
+def test_a_validation_stopped_by_bad_images_keeps_the_training_done(tmp_path: Path) -> None:
+    """Too many bad validation images stopped the run before that step's state was saved: with one validation,
+    at the end, the whole run was lost. The state is saved first, and --resume (the images fixed) goes on from it,
+    redoing that validation, to the weights of a run that never stopped."""
+    import shutil
+
+    from test_sources import make_folder
+
+    make_folder(tmp_path / "f", {"a": 16, "b": 16})
+    make_folder(tmp_path / "v", {"a": 12, "b": 12}, bad=(3, 15))  # 2 of 24: more than the 1% allowed
+    r = tiny(data=str(tmp_path / "f"), eval_data=str(tmp_path / "v"), model="nano/4", img_size=8, batch_size=8,
+             steps=4, evals=2, holdout=0, workers=0, threads=1)  # one thread: the same sums in every run
+    with warnings.catch_warnings(), pytest.raises(ValueError) as stopped:
+        warnings.simplefilter("ignore")  # each bad image's warning
+        train(r, tmp_path / "run", progress=False, log=lambda *_: None)
+    state = tmp_path / "run" / "checkpoints" / "step-00000002.pt"
+    assert str(stopped.value) == (f"2 of 24 images (8.3%) of {tmp_path / 'v'} could not be decoded, more than the 1% "
+                                  "allowed; check or rebuild the data (the warnings name the bad files); the training "
+                                  f"state of step 2 was saved first ({state}): fix the validation data and add --resume "
+                                  "to go on from it.")
+    assert train_mod.latest_state(tmp_path / "run") == state
+    shutil.rmtree(tmp_path / "v")
+    make_folder(tmp_path / "v", {"a": 12, "b": 12})
+    files = train(r, tmp_path / "run", resume=True, progress=False, log=lambda *_: None)
+    rows = [json.loads(line) for line in files.metrics.read_text().splitlines()]
+    assert [row["step"] for row in rows if "val_top1" in row] == [2, 4]
+    whole = train(r, tmp_path / "whole", progress=False, log=lambda *_: None)
+    resumed, uninterrupted = load_checkpoint(files.model).state_dict(), load_checkpoint(whole.model).state_dict()
+    assert all(torch.equal(resumed[k], uninterrupted[k]) for k in uninterrupted)
+
+
 def test_a_folders_holdout_count_is_exact_and_a_val_folder_needs_none(tmp_path: Path) -> None:
     from test_sources import make_folder
 

@@ -987,6 +987,35 @@ def _train(
             update([ema_weight] * len(ema_floats) if ema is not None else 0.0)
 
         graphed = GraphedStep(graphed_step, opt, capture=device.type == "cuda")
+    def validate(done: int) -> None:
+        """Score the model (its EMA weights where kept) on the validation data, after step `done`. Validation data
+        that stops the run (too many bad images) does not lose the training done: the state of the step is saved
+        first (unless FSDP, whose ranks save together), and --resume goes on from it, redoing this validation."""
+        nonlocal t_log
+        t_eval = time.time()
+        try:
+            with _swap_in(model, ema), worker_deaths(RESUME_ADVICE):
+                m = evaluate(plain, val_data, batch_size=500, workers=eval_workers, device=device, transform=permute)
+        except ValueError as e:
+            state = run / STATE_DIR / STATE_PATTERN.format(done)
+            if fsdp:
+                raise
+            if not state.exists():
+                with _saving(state, run):
+                    save_state(run / STATE_DIR, model, opt, ema, done, keep)
+            raise ValueError(f"{str(e).rstrip('.')}; the training state of step {done} was saved first ({state}): "
+                             "fix the validation data and add --resume to go on from it.") from e
+        _append(files.metrics, {"step": done, "epoch": epoch_at(done), "val_loss": m["loss"],
+                                "val_top1": m["top1"], "val_top5": m["top5"], "val_n": m["n"]})
+        if board is not None:
+            for key in ("val_loss", "val_top1", "val_top5"):
+                if m[key[4:]] is not None:  # top5 of 5 classes or fewer: not measured
+                    board.add_scalar(key.replace("_", "/", 1), m[key[4:]], done)
+        bar.write(f"step {done}/{total}: validation top-1 {m['top1']:.2%} (n={m['n']})")
+        t_log += time.time() - t_eval  # images/s counts training time: validation is left out
+
+    if resume and main and not fsdp and val_data is not None and start in eval_at and not _validated(metrics, start):
+        validate(start)  # the validation that stopped the run it resumes (its state was saved before it)
     for step in range(start, total):
         # --- one optimiser step: accumulate gradients over the micro-batches.
         lr = lr_at(step, total, r)
@@ -1061,19 +1090,7 @@ def _train(
         if fsdp and val_data is not None and done in eval_at:
             _gather(model, plain)
         if main and val_data is not None and done in eval_at:
-            t_eval = time.time()
-            scored = _swap_in(model, ema)
-            with scored, worker_deaths(RESUME_ADVICE):
-                m = evaluate(plain, val_data, batch_size=500, workers=eval_workers, device=device,
-                             transform=permute)
-            _append(files.metrics, {"step": done, "epoch": epoch, "val_loss": m["loss"],
-                                    "val_top1": m["top1"], "val_top5": m["top5"], "val_n": m["n"]})
-            if board is not None:
-                for key in ("val_loss", "val_top1", "val_top5"):
-                    if m[key[4:]] is not None:  # top5 of 5 classes or fewer: not measured
-                        board.add_scalar(key.replace("_", "/", 1), m[key[4:]], done)
-            bar.write(f"step {done}/{total}: validation top-1 {m['top1']:.2%} (n={m['n']})")
-            t_log += time.time() - t_eval  # images/s counts training time: validation is left out
+            validate(done)
         if save_every and (main or fsdp) and (done % save_every == 0 or done == total):
             with _saving(run / STATE_DIR / STATE_PATTERN.format(done), run):
                 save_state(run / STATE_DIR, model, opt, ema, done, keep, sharded=fsdp)
@@ -1284,6 +1301,12 @@ def _kept_metrics(path: Path, start: int) -> Optional[bytes]:
         if step <= start:
             kept.append(line + b"\n")
     return b"".join(kept)
+
+
+def _validated(metrics: Optional[bytes], step: int) -> bool:
+    """Whether the lines `_kept_metrics` kept hold a validation of `step`."""
+    entries = (json.loads(line) for line in (metrics or b"").splitlines() if line.strip())
+    return any(entry["step"] == step and "val_top1" in entry for entry in entries)
 
 
 def _latest_run(root: str | Path = "runs") -> Path:
