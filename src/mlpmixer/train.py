@@ -987,6 +987,7 @@ def _train(
             update([ema_weight] * len(ema_floats) if ema is not None else 0.0)
 
         graphed = GraphedStep(graphed_step, opt, capture=device.type == "cuda")
+
     def validate(done: int) -> None:
         """Score the model (its EMA weights where kept) on the validation data, after step `done`. Validation data
         that stops the run (too many bad images) does not lose the training done: the state of the step is saved
