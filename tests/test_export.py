@@ -116,6 +116,9 @@ def test_export_command_refuses_what_would_lose_or_mislabel_a_file(tmp_path, cap
         (["--format", "onnx", "--opset", "0"], "ONNX opset 0 is not one the installed onnx package knows"),
         (["--format", "torchscript", "--opset", "17"], "--opset sets the ONNX opset; a torchscript file has none"),
         (["--format", "torchscript", "--permute-seed", "3"], "--permute-seed needs --permute"),
+        (["--format", "torchscript", "--permute", "pixels", "--permute-seed", str(2 ** 64)],
+         "--permute-seed must be a whole number from 0 to 9,223,372,036,854,775,807"),
+        (["--format", "torchscript", "--permute", "pixels", "--permute-seed", "-1"], "--permute-seed must be"),
     ):
         assert main(["export", str(ckpt), *argv]) == 2
         err = capsys.readouterr().err

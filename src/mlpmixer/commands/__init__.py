@@ -7,7 +7,7 @@ import json
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Callable, Optional
 
-from ..recipes import PERMUTE_MODES
+from ..recipes import MAX_SEED, PERMUTE_MODES
 
 if TYPE_CHECKING:
     import torch
@@ -95,6 +95,8 @@ def run_permutation(checkpoint: str, config: MixerConfig, mode: Optional[str] = 
                          f"{recipe.get('permute')!r}, seed {recipe.get('permute_seed')!r}); restore its config.json.")
     if seed is not None and not (mode or recipe.get("permute")):  # a seed alone would be ignored without a word
         raise ValueError(f"--permute-seed needs --permute: no permutation is recorded beside {checkpoint}.")
+    if seed is not None and not 0 <= seed <= MAX_SEED:  # the range mixer train takes: no run has another seed
+        raise ValueError(f"--permute-seed must be a whole number from 0 to {MAX_SEED:,}, as mixer train takes it.")
     mode = mode or recipe.get("permute")
     seed = (recipe.get("permute_seed") or 0) if seed is None else seed
     if not mode or mode == "none":
@@ -107,7 +109,8 @@ def add_permute_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--permute", choices=[*PERMUTE_MODES, "none"],
                    help="apply the fixed permutation a run was trained with (paper Figure 4); default: the "
                    "one recorded in the run directory's config.json, if any")
-    p.add_argument("--permute-seed", type=int, help="seed of that permutation (default: the run's, or 0)")
+    p.add_argument("--permute-seed", type=int, help="seed of that permutation, 0 to 2**63 - 1 (default: the run's, "
+                   "or 0)")
 
 
 def warn_empty_classes(eval_labels: torch.Tensor, names: list[str], where: str) -> None:
