@@ -378,6 +378,10 @@ def test_a_batch_too_large_for_the_cpus_memory_is_one_sentence():
 def test_a_timm_name_with_a_pretrained_tag_is_a_model():
     pytest.importorskip("timm")
     B.check_timm("resnet18.a1_in1k")  # timm.list_models() lists no tags; create_model takes them
+    # A tag the model does not have failed only in create_model, after our cases had warmed up: a traceback.
+    with pytest.raises(B.BenchError, match=r"^timm's mixer_b16_224 has no pretrained tag 'bogus' \(its tags: "
+                                           r"goog_in21k, .*\); name another, or none.$"):
+        B.check_timm("mixer_b16_224.bogus")
 
 
 def allocating_case(megabytes_per_image: int, fixed_megabytes: int = 0) -> B.Builder:

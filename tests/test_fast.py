@@ -257,6 +257,56 @@ def test_fast_shares_parameters_and_falls_back_for_dropout():
     assert torch.equal(out, model(x))  # the plain path itself, same random mask
 
 
+def test_each_wrapper_warns_of_its_plain_path_at_the_users_line():
+    """The warning pointed at a line in fast.py, where Python's once-per-place filter let the first wrapper warn
+    and silenced the second's."""
+    x = torch.randn(2, 3, 32, 32)
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("default")  # once per place, as Python's default filters show warnings
+        first, second = optimize(tiny(drop_rate=0.1).train()), optimize(tiny(drop_rate=0.1).train())
+        first(x)
+        second(x)  # a line of its own: the user's lines are the places the filter tells apart
+    said = [w for w in caught if "does not fuse dropout" in str(w.message)]
+    assert len(said) == 2 and {w.filename for w in said} == {__file__}, [(w.filename, w.lineno) for w in said]
+
+
+def test_fast_training_checkpoints_as_the_model_asks(monkeypatch):
+    """set_grad_checkpointing (mixer train --fast --grad-checkpointing) was ignored by the fast path."""
+    import mlpmixer.fast as fast_mod
+
+    model = tiny().train()
+    fast = optimize(model)
+    x = torch.randn(3, 3, 32, 32)
+    fast(x).square().sum().backward()
+    whole = grads(model)
+    real, calls = fast_mod.checkpoint, []
+    monkeypatch.setattr(fast_mod, "checkpoint", lambda *a, **kw: calls.append(1) or real(*a, **kw))
+    model.set_grad_checkpointing(True)
+    fast(x).square().sum().backward()
+    assert len(calls) == len(model.blocks) and grad_error(grads(model), whole) <= 1e-6
+    with torch.no_grad():
+        fast(x)  # nothing to keep for a backward: not checkpointed
+    assert len(calls) == len(model.blocks)
+
+
+def test_a_float64_model_under_bf16_autocast_runs_in_float64():
+    """Autocast leaves float64 alone, so the plain path runs such a model in float64; the fast path cast its
+    products to bf16 and failed ("expected scalar type Double but found BFloat16")."""
+    model = tiny().double()
+    x = torch.randn(3, 3, 32, 32, dtype=torch.float64)
+    for training in (False, True):
+        model.train(training)
+        with torch.autocast("cpu", dtype=torch.bfloat16), torch.set_grad_enabled(training):
+            out, ref = optimize(model)(x), model(x)
+        assert out.dtype == ref.dtype == torch.float64 and rel(out, ref) <= 1e-12
+
+
+def test_optimize_names_the_class_it_was_given():
+    timm = pytest.importorskip("timm")
+    with pytest.raises(TypeError, match=r"takes an mlpmixer.model.MlpMixer, not a timm.models.mlp_mixer.MlpMixer; "):
+        optimize(timm.create_model("mixer_s32_224", num_classes=2, img_size=64))
+
+
 def test_fast_rejects_wrong_input_like_the_model():
     fast = optimize(tiny())
     with pytest.raises(ValueError, match="32×32"):

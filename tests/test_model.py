@@ -75,6 +75,26 @@ def test_reset_classifier(tiny_config: MixerConfig) -> None:
     assert model(x).shape == (2, 32)
 
 
+def test_a_refused_reset_classifier_changes_nothing(tiny_config: MixerConfig) -> None:
+    """The pooling was set before the class count was checked: a refused call left a per-token model behind."""
+    model = create_model(tiny_config)
+    for num_classes, pool in ((-1, ""), (3, "max")):
+        with pytest.raises(ValueError):
+            model.reset_classifier(num_classes, pool)
+        assert model.global_pool == "avg" and model.num_classes == tiny_config.num_classes
+    model.reset_classifier(3, "")
+    assert model.global_pool == "" and model(images(tiny_config)).shape == (2, tiny_config.num_tokens, 3)
+
+
+def test_a_tag_in_the_name_gives_its_weights_classes_without_them() -> None:
+    """As timm does: mixer_b16_224.goog_in21k has the 21,843 classes of its weights (it had 1,000 here)."""
+    with torch.device("meta"):  # shapes only
+        assert create_model("mixer_b16_224.goog_in21k").num_classes == 21843
+        assert create_model("mixer_b16_224.goog_in21k", num_classes=3).num_classes == 3
+    with pytest.raises(ValueError, match="No pretrained weights 'bogus' for Mixer-B/16: its published tags are"):
+        create_model("mixer_b16_224.bogus")
+
+
 def test_initialisation_follows_flax_defaults() -> None:
     cfg = MixerConfig(patch_size=16, hidden_dim=256, num_blocks=2, tokens_mlp_dim=128,
                       channels_mlp_dim=1024, img_size=224, num_classes=10)

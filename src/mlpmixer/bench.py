@@ -309,6 +309,11 @@ def check_timm(name: str) -> None:
         raise BenchError("--vs-timm needs timm; install it with `pip install timm`.") from e
     if not timm.is_model(name):  # takes pretrained tags too (resnet18.a1_in1k), as create_model does
         raise BenchError(f"timm has no model named {name!r}; see timm.list_models().")
+    base, _, tag = name.partition(".")
+    # is_model ignores the tag, which create_model then refuses ("Invalid pretrained tag") after our cases warmed up.
+    if tag and name not in timm.list_pretrained(f"{base}.*"):
+        tags = ", ".join(n.partition(".")[2] for n in timm.list_pretrained(f"{base}.*")) or "none"
+        raise BenchError(f"timm's {base} has no pretrained tag {tag!r} (its tags: {tags}); name another, or none.")
 
 
 def timm_model(name: str, config: MixerConfig, match_shapes: bool = False) -> nn.Module:

@@ -30,11 +30,14 @@ active the plain path runs (one warning).
 from __future__ import annotations
 
 import contextlib
+import os
+import sys
 import warnings
 from typing import Any, Optional
 
 import torch
 from torch import nn
+from torch.utils.checkpoint import checkpoint
 
 from . import kernels as K
 from .model import MlpMixer
@@ -45,9 +48,22 @@ EPS = 1e-6  # the model's LayerNorm epsilon (SPEC §1)
 def compute_dtype(x: torch.Tensor, model: MlpMixer) -> tuple[torch.dtype, bool]:
     """(dtype the products run in, whether autocast chose it)."""
     device = x.device.type
-    if torch.is_autocast_enabled(device):
+    weights = model.stem.proj.weight.dtype  # not the norm's: prune_intermediate_layers may have removed it
+    # Autocast leaves float64 alone (the plain path runs a float64 model in float64 under it), and so do we.
+    if torch.is_autocast_enabled(device) and weights != torch.float64:
         return torch.get_autocast_dtype(device), True
-    return model.norm.weight.dtype, False
+    return weights, False
+
+
+def _callers_stacklevel() -> int:
+    """warnings.warn's stacklevel for the first frame outside mlpmixer and torch that leads to the caller: the
+    user's call of the model, below nn.Module's call machinery (how deep that is varies with torch's version).
+    Pointed at a line in here, Python's once-per-place filter let one wrapper warn and silenced the next one's."""
+    inside = (os.path.dirname(__file__), os.path.dirname(torch.__file__))
+    frame, level = sys._getframe(1), 1  # the caller of this function: stacklevel 1 of its warnings.warn
+    while frame.f_back is not None and frame.f_code.co_filename.startswith(inside):
+        frame, level = frame.f_back, level + 1
+    return level
 
 
 def _autocast(device: str, dtype: torch.dtype, on: bool):
@@ -155,7 +171,10 @@ class FastMixer(nn.Module):
     def __init__(self, model: MlpMixer, cuda_graphs: bool = True, gemm: str = "auto") -> None:
         super().__init__()
         if not isinstance(model, MlpMixer):
-            raise TypeError(f"optimize() takes an mlpmixer MlpMixer, not {type(model).__name__}.")
+            kind = f"{type(model).__module__}.{type(model).__qualname__}"  # timm's Mixer is an MlpMixer too
+            raise TypeError(f"optimize() takes an mlpmixer.model.MlpMixer, not a {kind}; a timm Mixer's "
+                            "weights, saved with torch.save(model.state_dict(), PATH), load into one with "
+                            "mlpmixer.load_checkpoint(PATH).")
         self.model = model
         self.training = model.training  # the wrapper starts in the model's mode
         self.cuda_graphs = cuda_graphs
@@ -209,7 +228,7 @@ class FastMixer(nn.Module):
                 self._warned_plain = True
                 warnings.warn(
                     "The fast path does not fuse dropout or stochastic depth; training runs on the plain path.",
-                    stacklevel=3,
+                    stacklevel=_callers_stacklevel(),
                 )
             return True
         return False
@@ -330,7 +349,8 @@ class FastMixer(nn.Module):
             try:
                 entry = self._capture(x, dtype, autocast, features_only)
             except Exception as e:  # capture unsupported here: eager is correct, just slower
-                warnings.warn(f"CUDA graph capture failed ({e}); running the fast path without graphs.", stacklevel=3)
+                warnings.warn(f"CUDA graph capture failed ({e}); running the fast path without graphs.",
+                              stacklevel=_callers_stacklevel())
                 self.cuda_graphs = False
                 return self._infer(x, dtype, autocast, features_only)
             self._graphs[key] = entry
@@ -362,23 +382,34 @@ class FastMixer(nn.Module):
     # -- training -------------------------------------------------------------------------------
 
     def _features_train(self, x: torch.Tensor, dtype: torch.dtype, autocast: bool) -> torch.Tensor:
-        model, act = self.model, self.model.config.gelu
+        model = self.model
         dev = x.device.type
         with _autocast(dev, dtype, autocast):
             r = model.stem(x)
+        # The model's gradient checkpointing (set_grad_checkpointing, --grad-checkpointing) as the plain path does
+        # it: each block keeps only its input, and its branches run again in the backward.
+        checkpointed = model.grad_checkpointing and torch.is_grad_enabled()
         with torch.autocast(dev, enabled=False):
             for blk in model.blocks:
-                tok, chan = blk.mlp_tokens, blk.mlp_channels
-                r = _TokenBranch.apply(
-                    r, blk.norm1.weight.to(dtype), blk.norm1.bias.to(dtype), tok.fc1.weight.to(dtype),
-                    tok.fc1.bias.to(dtype), tok.fc2.weight.to(dtype), tok.fc2.bias.to(dtype), act,
-                )
-                r = _ChannelBranch.apply(
-                    r, blk.norm2.weight.to(dtype), blk.norm2.bias.to(dtype), chan.fc1.weight.to(dtype),
-                    chan.fc1.bias.to(dtype), chan.fc2.weight.to(dtype), chan.fc2.bias.to(dtype), act,
-                )
+                if checkpointed:
+                    r = checkpoint(_block_train, r, blk, dtype, model.config.gelu, use_reentrant=False)
+                else:
+                    r = _block_train(r, blk, dtype, model.config.gelu)
         with _autocast(dev, dtype, autocast):
             return model.norm(r).transpose(0, 1)
+
+
+def _block_train(r: torch.Tensor, blk: nn.Module, dtype: torch.dtype, act: str) -> torch.Tensor:
+    """One Mixer block in training on the (S, B, C) stream, its products in `dtype`."""
+    tok, chan = blk.mlp_tokens, blk.mlp_channels
+    r = _TokenBranch.apply(
+        r, blk.norm1.weight.to(dtype), blk.norm1.bias.to(dtype), tok.fc1.weight.to(dtype),
+        tok.fc1.bias.to(dtype), tok.fc2.weight.to(dtype), tok.fc2.bias.to(dtype), act,
+    )
+    return _ChannelBranch.apply(
+        r, blk.norm2.weight.to(dtype), blk.norm2.bias.to(dtype), chan.fc1.weight.to(dtype),
+        chan.fc1.bias.to(dtype), chan.fc2.weight.to(dtype), chan.fc2.bias.to(dtype), act,
+    )
 
 
 def optimize(model: MlpMixer, cuda_graphs: bool = True, gemm: str = "auto") -> FastMixer:

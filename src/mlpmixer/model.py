@@ -249,9 +249,10 @@ class MlpMixer(nn.Module):
     def reset_classifier(self, num_classes: int, global_pool: str | None = None) -> None:
         """Replace the head by a zero-initialised one for `num_classes` (0: no head). `global_pool` is
         timm's: "avg" pools the tokens by their mean, "" not at all (None keeps the model's)."""
-        if global_pool is not None:
-            self.global_pool = checked_pool(global_pool)
-        self.config = self.config.replace(num_classes=num_classes)
+        # Both checked before either changes: a refused call leaves the model as it was.
+        config = self.config.replace(num_classes=num_classes)
+        self.global_pool = checked_pool(self.global_pool if global_pool is None else global_pool)
+        self.config = config
         self.num_classes = num_classes
         self.pretrained_cfg["num_classes"] = num_classes
         self.class_names = None  # the old names belong to the old head
@@ -374,7 +375,8 @@ def create_model(
     overridden (hidden_dim, num_blocks, patch_size, gelu, ...). `pretrained` names a published
     checkpoint (see `mlpmixer.pretrained.available()`); a different `num_classes` then gives a new
     zero-initialised head, ready for fine-tuning. As in timm, a name may carry the tag
-    ('mixer_b16_224.goog_in21k') that pretrained=True then loads; False is None. `global_pool` "" gives
+    ('mixer_b16_224.goog_in21k') that pretrained=True then loads; without it the tag still gives the head its
+    weights' classes (an unknown tag is an error, as in timm); False is None. `global_pool` "" gives
     the head every token (logits (B, S, classes)) instead of their mean.
     """
     if not (pretrained is None or isinstance(pretrained, (str, bool))):
@@ -385,6 +387,10 @@ def create_model(
         name, tag = name.split(".", 1)
         if pretrained is True:
             pretrained = tag
+        elif num_classes is None:  # as in timm, a tag names the head even without its weights (21,843 for goog_in21k)
+            from .pretrained import find_weights
+
+            num_classes = find_weights(name, tag).num_classes
     if pretrained is True:
         raise ValueError("pretrained=True needs the weights named: pretrained='TAG', or a name such as "
                          "'mixer_b16_224.goog_in21k'; mlpmixer.available() lists the tags.")
