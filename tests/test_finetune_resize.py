@@ -46,6 +46,15 @@ def test_finetune_at_twice_the_size_uses_the_block_diagonal_conversion(tiny: Pat
     assert any(m.get("val_n") == 50 for m in metrics)
 
 
+def test_a_resized_variant_is_recorded_under_its_name(tmp_path: Path) -> None:
+    """Converted to a larger size its token MLPs are wider than any variant's: config.json named the preset's
+    digits/4 with digits/7's shapes as model_args, where the run's model is digits/7's (as its name says)."""
+    ckpt = save_checkpoint(create_model("digits/7", num_classes=10, in_chans=1), tmp_path / "d7.safetensors")
+    assert main(["finetune", "--from", str(ckpt), "--img-size", "56", "--out", str(tmp_path / "ft"), *FINETUNE]) == 0
+    recipe = json.loads((tmp_path / "ft" / "config.json").read_text())["recipe"]
+    assert (recipe["model"], recipe["model_args"], recipe["img_size"]) == ("digits/7", {"tokens_mlp_dim": 4 * 24}, 56)
+
+
 def test_finetune_without_img_size_keeps_the_checkpoint_size(tiny: Path, tmp_path: Path,
                                                               capsys: pytest.CaptureFixture) -> None:
     out = tmp_path / "ft28"

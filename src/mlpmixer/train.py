@@ -52,7 +52,7 @@ from .recipes import MAX_STEPS, RECIPES, Recipe
 from .resize import resize_to
 from .seeds import derive_seed, reseed
 from .shared_grads import SharedGradients
-from .variants import SHAPE_FIELDS, MixerConfig, as_pair, paper_variant_of, variant_config
+from .variants import DEFAULT_IMG_SIZE, SHAPE_FIELDS, MixerConfig, as_pair, paper_variant_of, variant_config
 
 if TYPE_CHECKING:  # imported where used: torchvision takes a second to import, the default job needs none of it
     from .batch_augment import BatchAugment
@@ -1131,9 +1131,10 @@ def _holdout_too_large(holdout: float, images: int, data: str) -> ValueError:
 
 def _recipe_model(config: MixerConfig, base: str) -> dict[str, Any]:
     """The recipe fields that make `mixer train` build `config` (the classes and channels come from the data):
-    its variant, or `base` where its shapes are no variant's, with what differs from that variant in
-    `model_args`, and its input size where it is square (the recipe's img_size is one number)."""
-    name = paper_variant_of(config) or base
+    its variant, else the variant it was made from (its name survives resize_to, whose token MLPs are wider than
+    any variant's), else `base`, with what differs from that variant in `model_args`, and its input size where it
+    is square (the recipe's img_size is one number)."""
+    name = paper_variant_of(config) or (config.name if config.name in DEFAULT_IMG_SIZE else base)
     defined = variant_config(name).to_dict()
     args = {k: v for k, v in config.to_dict().items() if k in SHAPE_FIELDS | {"gelu"} and v != defined[k]}
     h, w = config.img_size
