@@ -80,6 +80,28 @@ def test_a_failed_process_releases_the_others() -> None:
     shared.close()
 
 
+def _stops_on_its_error(shared: SharedGradients, rank: int) -> None:
+    shared.attach(rank, _params(rank))
+    shared.abort("The data of rank 1 are bad; fix them.")  # as train.py's forked child tells its one sentence
+    os._exit(1)
+
+
+def test_a_process_that_stopped_on_its_error_is_not_said_to_have_died() -> None:
+    """Once it has exited, the watch finds it gone: its sentence was lost for "died (killed?)"."""
+    from mlpmixer import shared_grads
+
+    ctx = multiprocessing.get_context("fork")
+    shared = SharedGradients(2)
+    child = ctx.Process(target=_stops_on_its_error, args=(shared, 1))
+    child.start()
+    shared.attach(0, _params(0))
+    child.join(timeout=60)
+    time.sleep(3 * shared_grads.WATCH_S)  # the watch has seen the child gone
+    with pytest.raises(ValueError, match=r"^The data of rank 1 are bad; fix them.$"):
+        shared.average()
+    shared.close()
+
+
 def _killed_after_attach(shared: SharedGradients, rank: int) -> None:
     shared.attach(rank, _params(rank))
     os.kill(os.getpid(), signal.SIGKILL)  # as the out-of-memory killer would: no abort, no exception

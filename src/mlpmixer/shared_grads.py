@@ -136,9 +136,11 @@ class SharedGradients:
         try:
             self.barrier.wait(WAIT_S)
         except threading.BrokenBarrierError:
+            # The error first: a process that stopped on one has exited by the time the watch looks, and would be
+            # said to have died.
+            if self._error.value:  # the error of the process that stopped, as if this one had met it
+                raise ValueError(self._error.value.decode(errors="replace")) from None
             if self._lost is not None:
                 raise ChildProcessError(f"Training process {self._lost} of {self.world} died (killed?); the saved "
                                         "training states are kept: add --resume to go on.") from None
-            if self._error.value:  # the error of the process that stopped, as if this one had met it
-                raise ValueError(self._error.value.decode(errors="replace")) from None
             raise RuntimeError("Another training process stopped; see its error above.") from None
