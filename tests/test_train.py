@@ -330,6 +330,20 @@ def test_metrics_end_with_the_bad_image_count_of_the_error_that_stops_the_run(tm
     assert stop.value.bad == 4 and rows[-1] == {"step": 19, "epoch": 0.95, "bad_samples": 4}  # 19 steps done
 
 
+@pytest.mark.filterwarnings("ignore::UserWarning")
+def test_bad_images_stop_a_run_of_two_processes_too(tmp_path: Path) -> None:
+    """Each process reads half of every epoch and counts its own images: checked after the whole window, its 300,
+    a one-epoch run of 2 processes never checked, and ended "Done" on data 3% bad."""
+    from test_sources import make_shards
+
+    make_shards(tmp_path / "shards", shards=1, per_shard=300, bad=tuple(range(200, 210)), classes=10)
+    r = get_recipe("cifar10-nano", data=str(tmp_path / "shards"), img_size=8, augment_on="workers", workers=0,
+                   batch_size=20, steps=15, holdout=0, evals=0, processes=2, threads=1)  # one epoch
+    with pytest.raises(ValueError, match=r"^\d+ of 150 images \(\d.\d%\) of .*shards could not be decoded, more "
+                                         r"than the 1% allowed"):
+        train_mod.launch(r, tmp_path / "run", progress=False, log=lambda *_: None)
+
+
 def test_too_few_images_for_one_batch_per_pass_stop_the_run(tmp_path: Path) -> None:
     from test_sources import make_shards
 

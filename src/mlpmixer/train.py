@@ -717,6 +717,7 @@ def _train(
                                       autoaugment=r.autoaugment)
             source = open_folder_or_shards(r.data, "train", holdout, r.seed, t_train, replace_bad=True)
             train_data, class_names, num_train = source.dataset, source.class_names, source.num_examples
+            train_data.bad_samples.share(world)  # each process reads and counts its share of an epoch
         val_data = None
         if (holdout or r.eval_data or pair) and not eval_in_memory:
             t_eval = eval_transform(img_size, in_chans, r.eval_mode)
