@@ -143,4 +143,6 @@ class SharedGradients:
             if self._lost is not None:
                 raise ChildProcessError(f"Training process {self._lost} of {self.world} died (killed?); the saved "
                                         "training states are kept: add --resume to go on.") from None
-            raise RuntimeError("Another training process stopped; see its error above.") from None
+            # A bug of that process, whose traceback it printed: one sentence here (ChildProcessError, an OSError)
+            # points to it, where a second traceback, of this barrier, would bury it.
+            raise ChildProcessError("Another training process stopped; see its error above.") from None
