@@ -80,8 +80,9 @@ def test_a_failed_process_releases_the_others() -> None:
     shared.close()
 
 
-def _stops_on_its_error(shared: SharedGradients, rank: int) -> None:
+def _stops_on_its_error(shared: SharedGradients, rank: int, attached) -> None:
     shared.attach(rank, _params(rank))
+    attached.wait(60)  # both out of the barrier of attach: an abort while one is still in it breaks it there
     shared.abort("The data of rank 1 are bad; fix them.")  # as train.py's forked child tells its one sentence
     os._exit(1)
 
@@ -92,9 +93,11 @@ def test_a_process_that_stopped_on_its_error_is_not_said_to_have_died() -> None:
 
     ctx = multiprocessing.get_context("fork")
     shared = SharedGradients(2)
-    child = ctx.Process(target=_stops_on_its_error, args=(shared, 1))
+    attached = ctx.Event()
+    child = ctx.Process(target=_stops_on_its_error, args=(shared, 1, attached))
     child.start()
     shared.attach(0, _params(0))
+    attached.set()
     child.join(timeout=60)
     time.sleep(3 * shared_grads.WATCH_S)  # the watch has seen the child gone
     with pytest.raises(ValueError, match=r"^The data of rank 1 are bad; fix them.$"):
