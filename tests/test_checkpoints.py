@@ -789,9 +789,6 @@ def test_bfloat16_weights_load_as_float32_unless_loaded_into_a_bfloat16_model(tm
     assert_same_state(bf16, into)
 
 
-# --- audit of 2026-11-29 ------------------------------------------------------------------------
-
-
 def test_class_names_that_would_not_load_back_are_refused_when_saving(tmp_path: Path) -> None:
     """Names of the right count that were not strings were written, then refused by the loader as names "that do
     not match its 5-class head"; a string was written as its letters."""
