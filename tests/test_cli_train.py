@@ -357,7 +357,7 @@ def test_command_counts_out_of_range_are_one_line(run_dir: Path, capsys: pytest.
 
 
 @pytest.mark.parametrize("flags, message", [
-    (["--img-size", "0"], "--img-size must be a whole number of at least 1, not 0."),
+    (["--img-size", "0"], "--img-size must be a whole number of at least 1, or two of them (height and width), not 0."),
     (["--batch-size", "0"], "--batch-size must be a whole number of at least 1, not 0."),
     (["--accum", "0"], "--accum must be a whole number of at least 1"),
     (["--steps", "-5"], "--steps must be a whole number from 1 to 99,999,999, not -5."),

@@ -1,4 +1,4 @@
-"""`mixer finetune --img-size N`: the checkpoint is converted with resize_to and trained at N."""
+"""`mixer finetune --img-size N` (or H W): the checkpoint is converted with resize_to and trained at that size."""
 
 from __future__ import annotations
 
@@ -53,6 +53,31 @@ def test_a_resized_variant_is_recorded_under_its_name(tmp_path: Path) -> None:
     assert main(["finetune", "--from", str(ckpt), "--img-size", "56", "--out", str(tmp_path / "ft"), *FINETUNE]) == 0
     recipe = json.loads((tmp_path / "ft" / "config.json").read_text())["recipe"]
     assert (recipe["model"], recipe["model_args"], recipe["img_size"]) == ("digits/7", {"tokens_mlp_dim": 4 * 24}, 56)
+
+
+def test_finetune_to_height_and_width_is_recorded_for_train_config(tiny: Path, tmp_path: Path,
+                                                                     capsys: pytest.CaptureFixture) -> None:
+    """--img-size H W converts to a rectangle, and config.json records [H, W]: it recorded no size (null), so
+    `mixer train --config` built the widened token MLPs on the data's 28×28 grid without a word."""
+    out = tmp_path / "ft56x84"
+    assert main(["finetune", "--from", str(tiny), "--img-size", "56", "84", "--out", str(out), *FINETUNE]) == 0
+    model = load_checkpoint(out)
+    assert model.config.img_size == (56, 84) and model.config.tokens_mlp_dim == 6 * 8
+    recipe = json.loads((out / "config.json").read_text())["recipe"]
+    assert recipe["img_size"] == [56, 84]
+    again = tmp_path / "again"
+    assert main(["train", "--config", str(out / "config.json"), "--steps", "1", "--out", str(again), "--quiet"]) == 0
+    assert load_checkpoint(again).config == model.config
+    capsys.readouterr()
+    assert main(["finetune", "--from", str(tiny), "--img-size", "56", "84", "7", "--out", str(tmp_path / "x"),
+                 *FINETUNE]) == 2
+    assert "--img-size takes N or H W, not 3 numbers." in capsys.readouterr().err
+    (tmp_path / "c.json").write_text(json.dumps({"img_size": [56, 0]}))
+    assert main(["finetune", "--from", str(tiny), "--config", str(tmp_path / "c.json"), "--out",
+                 str(tmp_path / "y"), *FINETUNE]) == 2
+    assert ("--img-size must be a whole number of at least 1, or two of them (height and width), not [56, 0]."
+            in capsys.readouterr().err)
+    assert not (tmp_path / "x").exists() and not (tmp_path / "y").exists()
 
 
 def test_finetune_without_img_size_keeps_the_checkpoint_size(tiny: Path, tmp_path: Path,

@@ -44,7 +44,7 @@ class Recipe:
     # What to train on what.
     model: str = "digits/4"
     model_args: dict[str, Any] = field(default_factory=dict)  # MixerConfig overrides
-    img_size: Optional[int] = None  # None: the data's own size (28 for digits) or the variant's 224
+    img_size: Optional[int | list[int]] = None  # N or [H, W]; None: the data's own size (28 for digits) or the variant's 224
     data: str = "mnist5k"
     eval_data: Optional[str] = None  # None: the hold-out of `data`
     holdout: float = 0.0  # count (>= 1) or fraction of `data` held out for validation
@@ -108,7 +108,7 @@ class Recipe:
         fields = dataclasses.fields(self)
         for f in fields:  # JSON may write a whole number as 16.0: taken as the int its flag gives
             value = getattr(self, f.name)
-            if f.type in ("int", "Optional[int]") and isinstance(value, float) and value.is_integer():
+            if f.type in ("int", "Optional[int]", "Optional[int | list[int]]") and isinstance(value, float) and value.is_integer():
                 setattr(self, f.name, int(value))
         optional = {f.name for f in fields if f.type.startswith("Optional[")}
 
@@ -125,7 +125,11 @@ class Recipe:
         def whole(v: Any) -> bool:  # not a float (torch takes no 2.0 as a count or a seed), nor a bool
             return isinstance(v, int) and not isinstance(v, bool)
 
-        for name in ("img_size", "batch_size", "accum", "threads", "processes"):  # None: chosen for you
+        if isinstance(self.img_size, (list, tuple)):  # H W, as config.json holds it (a list)
+            self.img_size = [int(v) if isinstance(v, float) and v.is_integer() else v for v in self.img_size]
+        check("img_size", lambda v: (whole(v) and v >= 1) or (isinstance(v, list) and len(v) == 2 and all(
+            whole(x) and x >= 1 for x in v)), "a whole number of at least 1, or two of them (height and width)")
+        for name in ("batch_size", "accum", "threads", "processes"):  # None: chosen for you
             check(name, lambda v: whole(v) and v >= 1, "a whole number of at least 1")
         check("steps", lambda v: whole(v) and 1 <= v <= MAX_STEPS, f"a whole number from 1 to {MAX_STEPS:,}")
         # Infinity passes a comparison with 0 and then fails deep in the run (OverflowError), or never ends.

@@ -1133,13 +1133,13 @@ def _holdout_too_large(holdout: float, images: int, data: str) -> ValueError:
 def _recipe_model(config: MixerConfig, base: str) -> dict[str, Any]:
     """The recipe fields that make `mixer train` build `config` (the classes and channels come from the data):
     its variant, else the variant it was made from (its name survives resize_to, whose token MLPs are wider than
-    any variant's), else `base`, with what differs from that variant in `model_args`, and its input size where it
-    is square (the recipe's img_size is one number)."""
+    any variant's), else `base`, with what differs from that variant in `model_args`, and its input size (N, or
+    [H, W] where it is not square)."""
     name = paper_variant_of(config) or (config.name if config.name in DEFAULT_IMG_SIZE else base)
     defined = variant_config(name).to_dict()
     args = {k: v for k, v in config.to_dict().items() if k in SHAPE_FIELDS | {"gelu"} and v != defined[k]}
     h, w = config.img_size
-    return {"model": name, "model_args": args, "img_size": h if h == w else None}
+    return {"model": name, "model_args": args, "img_size": h if h == w else [h, w]}
 
 
 def _check_resumable(run: Path, config: MixerConfig, r: Recipe, init_from: Optional[str],

@@ -1,4 +1,4 @@
-"""`mixer finetune --from CHECKPOINT --data ... [--img-size N]`: a new zero-initialised head, the fine-tuning
+"""`mixer finetune --from CHECKPOINT --data ... [--img-size N | H W]`: a new zero-initialised head, the fine-tuning
 recipe, and optionally a higher resolution (paper Appendix C, SPEC §5)."""
 
 from __future__ import annotations
@@ -14,8 +14,8 @@ def register(p: argparse.ArgumentParser) -> None:
         "Fine-tune a checkpoint (official .npz, timm, ours, or a run directory): "
         "its head is replaced by a zero-initialised one for the new classes, and it trains with "
         "the `finetune` recipe (SGD momentum 0.9, cosine with warm-up, clip 1, no weight decay) "
-        "at the checkpoint's own input size, or at --img-size N: the model is first converted "
-        "to N (`mlpmixer.resize_to`, the paper's block-diagonal token MLPs for an integer "
+        "at the checkpoint's own input size, or at --img-size N (or H W): the model is first converted "
+        "to that size (`mlpmixer.resize_to`, the paper's block-diagonal token MLPs for an integer "
         "multiple of its size)."
     )
     p.add_argument("--from", dest="init_from", required=True, metavar="CHECKPOINT", help="checkpoint or run directory")

@@ -6,7 +6,7 @@ import argparse
 from typing import Any
 
 from ..recipes import DEFAULT_RECIPE, RECIPES, get_recipe, load_config_file, replacing_alternatives
-from . import at_least
+from . import at_least, image_size
 
 # flag -> (recipe field, type, help); None type = store_true, a (type, n) pair = n values
 RECIPE_FLAGS: dict[str, tuple[str, Any, str]] = {
@@ -17,7 +17,7 @@ RECIPE_FLAGS: dict[str, tuple[str, Any, str]] = {
                   "--eval-data or a train/ + val/ folder)"),
     "--model": ("model", str, "Mixer variant: B/16, S/32, ... (`mixer info` lists the paper's), nano/4, digits/7, "
                 "digits/4"),
-    "--img-size": ("img_size", int, "input resolution"),
+    "--img-size": ("img_size", (int, "+"), "input resolution: N, or H W"),
     "--epochs": ("epochs", float, "passes over the training data, in place of the steps of the recipe or --config"),
     "--steps": ("steps", int, "optimiser steps, in place of the epochs of the recipe or --config (give one of "
                 "--epochs and --steps)"),
@@ -104,6 +104,9 @@ def recipe_overrides(args: argparse.Namespace) -> dict[str, Any]:
     """The recipe fields the command line sets: its --config file's, then its flags'."""
     overrides: dict[str, Any] = load_config_file(args.config) if args.config else {}
     flags = {field: getattr(args, field) for field, _, _ in RECIPE_FLAGS.values() if getattr(args, field, None) is not None}
+    if "img_size" in flags:  # N or H W
+        size = image_size(flags["img_size"])
+        flags["img_size"] = list(size) if isinstance(size, tuple) else size
     if "epochs" in flags and "steps" in flags:  # which one was meant cannot be told
         raise ValueError("--epochs and --steps both set the run's length; give one of them.")
     # --autoaugment over a config file's RandAugment, --epochs over its steps, --model over its model_args, ...
