@@ -342,6 +342,17 @@ def timm_model(name: str, config: MixerConfig, match_shapes: bool = False) -> nn
     except TypeError:  # convolutional models take no img_size
         kwargs.pop("img_size", None)
         model = timm.create_model(name, **kwargs)
+    # A patch embedding whose patch does not tile the images floors the grid: it runs, but reads only part of
+    # each image, and its img/s would be compared with our model's over the whole image. (Images smaller than a
+    # patch fail in the forward below.)
+    from timm.layers import PatchEmbed
+
+    for embed in (m for m in model.modules() if isinstance(m, PatchEmbed) and not getattr(m, "dynamic_img_pad", False)):
+        (h, w), (ph, pw) = config.img_size, embed.patch_size
+        if h >= ph and w >= pw and (h % ph or w % pw):
+            raise BenchError(f"timm's {name} cuts {h}×{w} images into {ph}×{pw} patches, which leave "
+                             f"{h % ph}×{w % pw} pixels unread; compare at a multiple of {ph}×{pw} (--img-size) "
+                             "or with another timm model.")
     # One image first: a size the model cannot take is one sentence here, not a traceback in the warm-up.
     try:
         with torch.no_grad():

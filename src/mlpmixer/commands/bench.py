@@ -42,7 +42,9 @@ def register(p: argparse.ArgumentParser) -> None:
     p.add_argument("--warmup", type=at_least(0), default=3, help="warm-up iterations per case (default 3)")
     p.add_argument("--repeats", type=at_least(1), default=5, help="timed repeats; the median is reported (default 5)")
     p.add_argument("--iters", type=at_least(1), default=3, help="iterations per repeat (default 3)")
-    p.add_argument("--threads", type=at_least(1), default=None, help="CPU threads (default: PyTorch's choice)")
+    p.add_argument("--threads", type=at_least(1), default=None,
+                   help="CPU threads (default: PyTorch's choice, the physical cores; a warning says when other "
+                   "programs keep some of them busy)")
     p.add_argument("--no-ceiling", action="store_true", help="skip the matrix-product ceiling")
     p.add_argument("--default-malloc", action="store_true",
                    help="on the CPU, leave glibc's malloc as it is: by default the benchmark keeps freed memory in "
@@ -59,7 +61,15 @@ def run(args: argparse.Namespace) -> int:
     device = B.resolve_device(args.device or ("cuda" if torch.cuda.is_available() else "cpu"))
     dtype_name = args.dtype or ("bf16" if device.type == "cuda" else "fp32")
     dtype = B.resolve_dtype(dtype_name, device)
-    B.set_threads(args.threads)
+    threads = B.set_threads(args.threads)
+    free = B.free_cores() if device.type == "cpu" and args.threads is None else threads
+    if free < threads:
+        # Threads wait for each other at every operation: one that loses its core to another program stalls the
+        # rest, so the timings would be several times too slow (train and eval use the idle cores; a benchmark
+        # keeps the same threads from run to run, and says so).
+        print(f"Warning: other programs keep {threads - free} of the {threads} cores busy, so these timings "
+              f"will be slow and noisy; wait for them, or time on the idle ones with --threads {free}.",
+              file=sys.stderr)
     kept = device.type == "cpu" and not args.default_malloc and B.keep_freed_memory()
     if args.num_classes == 0 and args.mode != "infer":
         raise B.BenchError("A training step needs a head to train: give --num-classes 1 or more, or --mode infer.")
@@ -114,8 +124,10 @@ def run(args: argparse.Namespace) -> int:
 
 def print_table(result: dict) -> None:
     env = result["environment"]
-    where = env.get("gpu") or f"CPU ({env['cpu_count']} cores, {env['threads']} threads, {env['cpu_capability']})"
-    print(f"{result['variant']} {result['dtype']} batch {result['batch']} on {where}, torch {env['torch']}"
+    threads = f"{env['threads']} thread{'s' * (env['threads'] != 1)}"
+    where = env.get("gpu") or f"CPU ({env['cpu_count']} cores, {threads}, {env['cpu_capability']})"
+    h, w = result["config"]["img_size"]
+    print(f"{result['variant']} at {h}×{w}, {result['dtype']}, batch {result['batch']} on {where}, torch {env['torch']}"
           + (", compiled" if result["compile"] else "") + (", fast path" if result["fast"] else "")
           + (", freed memory kept (--default-malloc to leave malloc as it is)" if result.get("freed_memory_kept") else ""))
     unit, scale = ("TFLOP/s", 1.0) if env.get("gpu") else ("GFLOP/s", 1e3)
