@@ -355,6 +355,20 @@ def test_shard_holdout_is_disjoint_complete_and_deterministic(tmp_path: Path) ->
         open_folder_or_shards(str(tmp_path), "val", 1e-6, 3, None)
 
 
+def test_an_empty_holdout_from_a_count_names_dataset_json_count(tmp_path: Path, capsys) -> None:
+    """--holdout 20 is a share of what dataset.json counts: one copied from elsewhere (50,000 images beside 40) made
+    it 0.0004, reported back unexplained; the sentence now names the count it was taken from."""
+    from mlpmixer.cli import main
+
+    make_shards(tmp_path, shards=2, per_shard=20, suffix=".tar.gz")
+    (tmp_path / "dataset.json").write_text(json.dumps({"classes": ["a", "b", "c"], "splits": {"train": 50000}}))
+    assert main(["train", "--data", str(tmp_path), "--holdout", "20", "--steps", "1", "--quiet",
+                 "--out", str(tmp_path / "run")]) == 2
+    err = capsys.readouterr().err
+    assert (f"leaves their val part empty ({tmp_path / 'dataset.json'} counts 50000 images; a --holdout count is "
+            "taken as a share of that, so check that it counts these shards); hold out more or fewer") in err
+
+
 def test_globs_brace_lists_and_single_shards(tmp_path: Path) -> None:
     make_shards(tmp_path, shards=3, per_shard=2, suffix=".tar.gz")
     for spec, count in [

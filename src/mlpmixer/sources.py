@@ -714,12 +714,16 @@ def _open_shards(shards: list[str], split: str, holdout: float, seed: int, trans
                 "classes, which are named by their numbers.",
                 stacklevel=3,
             )
+        said, counted_in = counted_in, None
         total, labels = _scan(shards, split, holdout, seed, None if class_names is None else len(class_names))
-        counted_in = None
         class_names = class_names or _numbered_classes(labels, folder)
         if holdout > 0 and total == 0:
-            raise ValueError(f"A hold-out of {holdout:.4g} of the shards in {folder} leaves their {split} part empty; "
-                             "hold out more or fewer images (--holdout).")
+            # A --holdout count is a share of what dataset.json counts (train.py): a count there far from the
+            # shards' (a dataset.json copied from elsewhere) makes the share of a small count round to no image.
+            counted = (f" ({said}; a --holdout count is taken as a share of that, so check that it counts these "
+                       "shards)") if said else ""
+            raise ValueError(f"A hold-out of {holdout:.4g} of the shards in {folder} leaves their {split} part "
+                             f"empty{counted}; hold out more or fewer images (--holdout).")
     dataset = ShardDataset(shards, transform, len(class_names), total, split=split, holdout=holdout, seed=seed,
                            whole=whole, counted_in=counted_in)
     names = class_names if isinstance(class_names, NumberedClasses) else [str(name) for name in class_names]
