@@ -5,6 +5,7 @@ from __future__ import annotations
 import numpy as np
 import pytest
 import torch
+from PIL import Image
 from torch.utils.data import DataLoader, TensorDataset
 
 from mlpmixer import create_model
@@ -399,3 +400,90 @@ def test_an_evaluation_class_without_images_is_said(tmp_path, capsys, command):
     assert messages == [f"The evaluation part of class 3 (held out from --data {few}) {said}."]
     assert not [w for w in _warnings_of([command, ckpt, "--data", data, *options]) if said in w]
     capsys.readouterr()
+
+
+def test_features_of_a_per_token_head_are_mean_pooled_and_damaged_ones_refused():
+    """A head that classifies every token (global_pool="") gave (N, S, C) features, which the solver refused only
+    after the whole feature pass; the paper's features are mean-pooled over the tokens, whatever the head. NaN
+    features gave every class score NaN, all argmax 0: a "chance" accuracy that passed for a result."""
+    torch.manual_seed(0)
+    pooled = create_model("digits/4", img_size=8, hidden_dim=16, num_blocks=1, tokens_mlp_dim=8,
+                          channels_mlp_dim=16, num_classes=3)
+    per_token = create_model(pooled.config, global_pool="")
+    per_token.load_state_dict(pooled.state_dict())
+    images, labels = torch.randn(10, 3, 8, 8), torch.arange(10) % 3
+    batches = DataLoader(TensorDataset(images, labels), batch_size=4)
+    feats, _ = extract_features(per_token, batches)
+    assert feats.shape == (10, 16)
+    torch.testing.assert_close(feats, extract_features(pooled, batches)[0], rtol=0, atol=0)
+    with torch.no_grad():
+        pooled.blocks[0].mlp_channels.fc1.weight[0, 0] = float("nan")
+    with pytest.raises(ValueError, match=r"features of 10 of the 10 images are not finite \(NaN or infinite\)"):
+        extract_features(pooled, batches)
+
+
+def test_solver_edges_are_sentences():
+    x, y = torch.randn(6, 4), torch.tensor([0, 1, 2, 3, 4, 4])
+    with pytest.raises(ValueError, match="class indices from 0 to 2 \\(num_classes 3\\), not 0 to 4"):
+        fit_least_squares(x, y, num_classes=3)
+    pool_x, pool_y = torch.randn(20, 4), torch.arange(20) % 2
+    # One shot count as a bare int is taken as one (it was "'int' object is not iterable").
+    assert list(fewshot_evaluate(pool_x, pool_y, pool_x, pool_y, shots=2, num_classes=2)) == [2]
+    with pytest.raises(ValueError, match="1-shot evaluation needs 1 image of every class"):
+        fewshot_evaluate(pool_x, pool_y, pool_x, pool_y, shots=1, num_classes=3)
+
+
+def _with_features(monkeypatch, module, labels, names):
+    """Run `module`'s command on fixed features: random ones with `labels`, evaluated on all the classes."""
+    torch.manual_seed(0)
+    classes = len(names)
+    eval_labels = torch.arange(4 * classes) % classes
+    monkeypatch.setattr(module, "train_and_eval_features", lambda args: (
+        torch.randn(len(labels), 8), labels, torch.randn(len(eval_labels), 8), eval_labels, names))
+
+
+def test_classes_missing_from_the_training_side_are_named(monkeypatch, capsys):
+    from mlpmixer.cli import main
+    from mlpmixer.commands import fewshot as fewshot_command
+    from mlpmixer.commands import linear_probe
+
+    names = ["ant", "bee", "cat"]
+    no_bees = torch.tensor([0, 2] * 6)
+    _with_features(monkeypatch, fewshot_command, no_bees, names)
+    # It said "fewer than any of the shot counts 1; use fewer shots", which no shot count could mend.
+    assert main(["fewshot", "m", "--data", "d", "--shots", "1"]) == 2
+    assert ("The support pool (from --data d) holds no images of class 1 (bee); few-shot evaluation needs images "
+            "of every class.") in capsys.readouterr().err
+    _with_features(monkeypatch, linear_probe, no_bees, names)  # a probe that can never predict a bee: said
+    with pytest.warns(UserWarning, match=r"The training images hold none of class 1 \(bee\): the probe can never"):
+        assert main(["linear-probe", "m", "--data", "d"]) == 0
+
+
+def test_draws_that_can_only_be_the_same_are_said(monkeypatch, capsys):
+    from mlpmixer.cli import main
+    from mlpmixer.commands import fewshot as fewshot_command
+
+    _with_features(monkeypatch, fewshot_command, torch.tensor([0, 1, 2] * 2), ["a", "b", "c"])
+    with pytest.warns(UserWarning, match="Every class of the support pool has 2 images, so the 2-shot draws are all "
+                                         "the same support set"):
+        assert main(["fewshot", "m", "--data", "d", "--shots", "1,2"]) == 0
+    assert "± 0.00" in capsys.readouterr().out
+    assert "Every class" not in " ".join(_warnings_of(["fewshot", "m", "--data", "d", "--shots", "1"]))
+
+
+def test_one_class_and_an_unused_eval_fraction_are_said(tmp_path, capsys):
+    from mlpmixer.cli import main
+
+    ckpt = str(tiny_checkpoint(tmp_path / "m.safetensors"))
+    one = tmp_path / "one" / "seven"
+    one.mkdir(parents=True)
+    for i in range(4):
+        Image.fromarray(np.full((28, 28), 40 * i, np.uint8)).save(one / f"{i}.png")
+    for command in ("fewshot", "linear-probe"):  # reported as "1 classes ... 100.00%"
+        assert main([command, ckpt, "--data", str(tmp_path / "one"), "--workers", "0"]) == 2
+        assert (f"{tmp_path / 'one'} holds one class (seven); a linear classifier needs images of two or more."
+                in capsys.readouterr().err)
+    digits = write_idx_digits(tmp_path / "digits", per_class=4)
+    said = _warnings_of(["linear-probe", ckpt, "--data", digits, "--eval-data", "mnist5k", "--eval-fraction", "7",
+                         "--workers", "0", "--json"])  # 7 was taken without a word, and unused
+    assert "--eval-fraction is not used: the evaluation images are --eval-data." in said

@@ -133,6 +133,22 @@ def test_cli_show_weights(tmp_path, capsys):
     assert "partner" not in help_text
 
 
+def test_a_block_named_twice_is_drawn_once_and_counts_below_one_are_refused(tmp_path, monkeypatch):
+    import mlpmixer.visualize as visualize
+
+    figures = []
+    monkeypatch.setattr(visualize, "save_figure", lambda fig, path: figures.append(fig) or path)
+    plot_token_mixing(tiny(), tmp_path / "units.png", blocks=[0, 0, 2])  # --block 0 0 2 drew block 0 twice
+    titles = [ax.get_title() for ax in figures[0].axes if ax.get_title().startswith("block")]
+    assert [t.split(":")[0] for t in titles] == ["block 0", "block 2"]
+    # max_pairs=0 was a ZeroDivisionError, -2 dropped the last two pairs without a word; max_kernels=0 divided by 0.
+    for bad in (0, -2):
+        with pytest.raises(ValueError, match=f"max_pairs is the number of pairs to draw per block, at least 1 .*not {bad}"):
+            plot_token_mixing(tiny(), tmp_path / "units.png", max_pairs=bad)
+    with pytest.raises(ValueError, match="max_kernels is the number of kernels to draw, at least 1"):
+        plot_stem(tiny(), tmp_path / "stem.png", max_kernels=0)
+
+
 def test_stem_with_unit_options_is_refused(tmp_path, capsys):
     """--block and --max-pairs were silently ignored with --stem, which draws every kernel."""
     save_checkpoint(tiny(), tmp_path / "m.safetensors")

@@ -67,6 +67,9 @@ def fit_least_squares(features: torch.Tensor, labels: torch.Tensor, num_classes:
         raise ValueError(f"The ℓ2 regularisation must be a positive finite number, not {l2}.")
     if len(features) == 0:
         raise ValueError("The least-squares fit needs at least one example; give it some features.")
+    if labels.min() < 0 or labels.max() >= num_classes:  # one_hot's own error names no count
+        raise ValueError(f"The labels are class indices from 0 to {num_classes - 1} (num_classes {num_classes}), "
+                         f"not {int(labels.min())} to {int(labels.max())}.")
     x = features.double()
     mean = x.mean(dim=0)
     std = x.std(dim=0, unbiased=False) + STD_EPS
@@ -95,8 +98,8 @@ def sample_support(labels: torch.Tensor, shots: int, num_classes: int, generator
         members = torch.nonzero(labels == c).flatten()
         if len(members) < shots:
             raise ValueError(
-                f"{shots}-shot evaluation needs {shots} images of every class, but the support pool has "
-                f"{len(members)} of {_class_name(c, class_names)}; use fewer shots or more data."
+                f"{shots}-shot evaluation needs {shots} image{'s' * (shots != 1)} of every class, but the support "
+                f"pool has {len(members)} of {_class_name(c, class_names)}; use fewer shots or more data."
             )
         picked.append(members[torch.randperm(len(members), generator=generator)[:shots]])
     return torch.cat(picked)
@@ -143,8 +146,10 @@ def fewshot_evaluate(pool_features: torch.Tensor, pool_labels: torch.Tensor,
                      shots: Iterable[int] = DEFAULT_SHOTS, num_classes: int | None = None,
                      l2: float = DEFAULT_L2, draws: int = 3, seed: int = 0,
                      class_names: Sequence[str] | None = None) -> dict[int, ShotResult]:
-    """Few-shot linear accuracy on (eval_features, eval_labels) for each shot count: `draws` random
-    support sets of that many examples per class from the pool, one least-squares fit each."""
+    """Few-shot linear accuracy on (eval_features, eval_labels) for each shot count (`shots`: counts, or one
+    count): `draws` random support sets of that many examples per class from the pool, one least-squares fit each."""
+    if isinstance(shots, int):
+        shots = [shots]
     if draws < 1:
         raise ValueError(f"Few-shot evaluation needs at least one draw, not {draws}.")
     if len(eval_labels) == 0:  # the accuracy of no images is NaN, which would pass for a result
@@ -170,7 +175,9 @@ def extract_features(model: MlpMixer, batches: Iterable[Sequence[Any]],
                      device: torch.device | str | None = None, desc: str = "features",
                      total: int | None = None) -> tuple[torch.Tensor, torch.Tensor]:
     """Frozen pre-logit features (N, C) and labels (N,) of every (images, labels) batch in `batches`
-    (a DataLoader or any iterable); `total` images, when known, for the progress bar. Batches of
+    (a DataLoader or any iterable); `total` images, when known, for the progress bar. The features are
+    mean-pooled over the tokens, as the paper's are, also for a model whose head classifies every token
+    (`global_pool=""`). Features that are not finite (a damaged or diverged model) are refused. Batches of
     (images, labels, names) give them in the order of the names, whatever order the batches came in (as
     from DataLoader workers reading shards: `ShardDataset.keyed`)."""
     device = torch.device(device) if device is not None else next(model.parameters()).device
@@ -185,8 +192,8 @@ def extract_features(model: MlpMixer, batches: Iterable[Sequence[Any]],
     try:
         with tqdm(total=total, desc=desc, unit="img") as bar:
             for images, targets, *batch_names in batches:
-                x = model.forward_features(images.to(device, non_blocking=True))
-                feats.append(model.forward_head(x, pre_logits=True).float().cpu())
+                x = model.forward_head(model.forward_features(images.to(device, non_blocking=True)), pre_logits=True)
+                feats.append((x.mean(1) if x.ndim == 3 else x).float().cpu())  # (B, S, C): a per-token head's
                 labels.append(torch.as_tensor(targets).long())
                 names += batch_names[0] if batch_names else []
                 bar.update(len(labels[-1]))
@@ -194,6 +201,10 @@ def extract_features(model: MlpMixer, batches: Iterable[Sequence[Any]],
         model.train(was_training)
     if not feats:
         raise ValueError("The data source yielded no images; check the path.")
+    bad = sum(int((~f.isfinite()).any(1).sum()) for f in feats)
+    if bad:  # NaN scores all argmax to class 0: a chance accuracy that would pass for a result
+        raise ValueError(f"The model's features of {bad} of the {sum(len(f) for f in feats)} images are not finite "
+                         "(NaN or infinite): its weights are damaged or its training diverged; check it with mixer eval.")
     if not names:
         return torch.cat(feats), torch.cat(labels)
     order = sorted(range(len(names)), key=names.__getitem__)

@@ -112,6 +112,9 @@ def plot_token_mixing(model: MlpMixer, path: str | os.PathLike, blocks: Sequence
         blocks = list(range(min(3, len(model.blocks))))
     if not blocks:
         raise ValueError("Name at least one block to draw.")
+    if max_pairs is not None and max_pairs < 1:  # [:0] drew empty panels, [:-2] dropped the last pairs
+        raise ValueError(f"max_pairs is the number of pairs to draw per block, at least 1 (or None: all), not {max_pairs}.")
+    blocks = list(dict.fromkeys(blocks))  # a block named twice is drawn once
     panels = []
     for b in blocks:
         units = token_mixing_units(model, b)
@@ -157,6 +160,8 @@ def plot_token_mixing(model: MlpMixer, path: str | os.PathLike, blocks: Sequence
 def plot_stem(model: MlpMixer, path: str | os.PathLike, max_kernels: int | None = None) -> Path:
     """Draw the patch-embedding kernels (C, in, P, P): RGB tiles for 3 input channels, heat maps for
     one. Each kernel is scaled by its own largest |weight|, so zero is mid-grey (RGB) or white."""
+    if max_kernels is not None and max_kernels < 1:
+        raise ValueError(f"max_kernels is the number of kernels to draw, at least 1 (or None: all), not {max_kernels}.")
     weight = model.stem.proj.weight.detach().float().cpu().numpy()[:max_kernels]
     cin = weight.shape[1]
     if cin not in (1, 3):

@@ -27,9 +27,10 @@ def add_common_arguments(p: argparse.ArgumentParser, eval_fraction: float, seed_
                         "(its train/ part where it has train/ and val/)")
     p.add_argument("--eval-data", help="separate evaluation data, its val/ part where it has one "
                                        "(default: the val/ part of --data, else hold out part of it)")
-    p.add_argument("--eval-fraction", type=float, default=eval_fraction,
-                   help=f"fraction of each class of --data held out for evaluation without --eval-data "
-                        f"(default {eval_fraction})")
+    p.add_argument("--eval-fraction", type=float, default=None,
+                   help=f"fraction of each class of --data held out for evaluation (default {eval_fraction}); not "
+                        "used with --eval-data or a --data folder with train/ and val/, which bring their own")
+    p.set_defaults(default_eval_fraction=eval_fraction)
     p.add_argument("--l2", type=float, default=FEWSHOT_L2, help="ℓ2 regularisation (default 2^10 = 1024)")
     p.add_argument("--eval-mode", choices=EVAL_MODES, default="resmall-crop",
                    help="preprocessing of image folders and shards: resize straight to the model's size, or "
@@ -113,23 +114,29 @@ def train_and_eval_features(args: argparse.Namespace) -> tuple[torch.Tensor, ...
     from ..bench import free_cores, resolve_device, set_threads  # resolve_device: an unknown or absent device is one sentence
     from ..checkpoints import load_checkpoint
     from ..fewshot import split_pool
+    from ..sources import FolderDataset, check_same_classes, is_split_pair
 
     # Checked before the features are extracted, which can take hours; the solver would refuse only after.
     if not 0 < args.l2 < math.inf:  # inf fitted zero weights: chance accuracy, and "Infinity" in the JSON
         raise ValueError(f"--l2 must be a positive finite number, not {args.l2}.")
-    if args.eval_data is None and not 0 < args.eval_fraction < 1:
-        raise ValueError(f"--eval-fraction must lie strictly between 0 and 1, not {args.eval_fraction}.")
+    # A folder with train/ and val/ brings its own evaluation split, as in training.
+    eval_spec = args.eval_data or (args.data if is_split_pair(args.data) else None)
+    if eval_spec and args.eval_fraction is not None:
+        own = "--eval-data" if args.eval_data else f"the val/ part of {args.data}"
+        warnings.warn(f"--eval-fraction is not used: the evaluation images are {own}.")
+    eval_fraction = args.default_eval_fraction if args.eval_fraction is None else args.eval_fraction
+    if not eval_spec and not 0 < eval_fraction < 1:
+        raise ValueError(f"--eval-fraction must lie strictly between 0 and 1, not {eval_fraction}.")
     device = resolve_device(args.device or ("cuda" if torch.cuda.is_available() else "cpu"))
     set_threads(free_cores())  # as train does: on a busy machine, threads that lose their core stall the others
     model = load_checkpoint(args.checkpoint).to(device).eval()
     from ..data import warn_if_same_images
-    from ..sources import FolderDataset, check_same_classes, is_split_pair
 
     data, total = _open(model, args.data, "train", args)
     names = data.class_names
-    # A folder with train/ and val/ brings its own evaluation split, as in training. Its classes are checked
-    # before the features of either part are extracted.
-    eval_spec = args.eval_data or (args.data if is_split_pair(args.data) else None)
+    if len(names) < 2:  # the fit would predict the one class: 100%, meaning nothing
+        raise ValueError(f"{args.data} holds one class ({names[0]}); a linear classifier needs images of two or more.")
+    # The evaluation data's classes are checked before the features of either part are extracted.
     if eval_spec:
         eval_data, eval_total = _open(model, eval_spec, "val", args)
         what = f"the val/ part of {eval_spec}" if eval_spec == args.data else f"--eval-data {eval_spec}"
@@ -142,11 +149,11 @@ def train_and_eval_features(args: argparse.Namespace) -> tuple[torch.Tensor, ...
         if not isinstance(getattr(eval_data, "dataset", None), FolderDataset):  # a folder said so of its empty ones
             warn_empty_classes(eval_labels, names, what)
         return feats, labels, eval_feats, eval_labels, names
-    pool, held = split_pool(labels, args.eval_fraction, args.seed)
+    pool, held = split_pool(labels, eval_fraction, args.seed)
     # Rounding each class's share can leave one side empty: its accuracy would be NaN, or a fit on nothing.
     for part, side in ((held, "evaluation set"), (pool, "training (support) set")):
         if len(part) == 0:
-            raise ValueError(f"Holding out {args.eval_fraction:g} of each class of {len(labels)} images leaves the "
+            raise ValueError(f"Holding out {eval_fraction:g} of each class of {len(labels)} images leaves the "
                              f"{side} empty; choose another --eval-fraction, more data, or --eval-data.")
     # ... or one class's: a class of one image keeps it in the pool at 0.5 (round(0.5) is 0).
     warn_empty_classes(labels[held], names, f"held out from --data {args.data}")
@@ -154,12 +161,18 @@ def train_and_eval_features(args: argparse.Namespace) -> tuple[torch.Tensor, ...
 
 
 def run(args: argparse.Namespace) -> int:
-    from ..fewshot import fewshot_evaluate
+    from ..fewshot import _class_name, fewshot_evaluate
 
     shots = parse_shots(args.shots)
     feats, labels, eval_feats, eval_labels, names = train_and_eval_features(args)
+    counts = labels.bincount(minlength=len(names))
+    empty = (counts == 0).nonzero().flatten().tolist()
+    if empty:  # no shot count can help: name the classes
+        raise ValueError(f"The support pool (from --data {args.data}) holds no images of "
+                         f"{', '.join(_class_name(c, names) for c in empty)}; few-shot evaluation needs images of "
+                         "every class.")
     # A shot count the smallest class cannot fill is skipped, said once; the others are still reported.
-    smallest = int(labels.bincount(minlength=len(names)).min())
+    smallest = int(counts.min())
     images = f"{smallest} image" + ("" if smallest == 1 else "s")
     if max(shots) > smallest:
         too_many = [k for k in shots if k > smallest]
@@ -169,6 +182,10 @@ def run(args: argparse.Namespace) -> int:
                              f"shot counts {args.shots}; use fewer shots or more data.")
         warnings.warn(f"skipped {', '.join(map(str, too_many))}-shot: the smallest class of the support pool has "
                       f"{images}.")
+    if args.draws > 1 and int(counts.max()) in shots and bool((counts == counts.max()).all()):
+        k = int(counts.max())  # every draw takes every image: the same support set each time
+        warnings.warn(f"Every class of the support pool has {k} image{'s' * (k != 1)}, so the {k}-shot draws are "
+                      f"all the same support set (its ± 0 says nothing of the spread); give more data for them to differ.")
     results = fewshot_evaluate(feats, labels, eval_feats, eval_labels, shots=shots, num_classes=len(names),
                                l2=args.l2, draws=args.draws, seed=args.seed, class_names=names)
     if args.json:

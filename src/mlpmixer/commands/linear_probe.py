@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import warnings
 
 from .fewshot import add_common_arguments, train_and_eval_features
 
@@ -23,7 +24,11 @@ def register(p: argparse.ArgumentParser) -> None:
 def run(args: argparse.Namespace) -> int:
     from ..fewshot import fit_least_squares  # torch: only when the command runs
 
+    from ..fewshot import _class_name
+
     feats, labels, eval_feats, eval_labels, names = train_and_eval_features(args)
+    for c in (labels.bincount(minlength=len(names)) == 0).nonzero().flatten().tolist():
+        warnings.warn(f"The training images hold none of {_class_name(c, names)}: the probe can never predict it.")
     probe = fit_least_squares(feats, labels, len(names), args.l2)
     result = {"train_accuracy": probe.accuracy(feats, labels), "accuracy": probe.accuracy(eval_feats, eval_labels),
               "train_images": len(labels), "eval_images": len(eval_labels), "l2": args.l2}
