@@ -123,6 +123,15 @@ def test_finetune_with_another_preset_keeps_the_checkpoint_size(tiny: Path, tmp_
     assert load_checkpoint(out).config.img_size == (56, 56)
 
 
+def test_a_resize_method_without_a_size_is_said(tiny: Path, tmp_path: Path) -> None:
+    """It was taken without a word (and recorded), the model kept at its own size."""
+    with pytest.warns(UserWarning, match="--resize-method resample converts the checkpoint to --img-size, which is "
+                                         "not given: the model keeps its own size."):
+        assert main(["finetune", "--from", str(tiny), "--resize-method", "resample", "--out", str(tmp_path / "r"),
+                     *FINETUNE]) == 0
+    assert load_checkpoint(tmp_path / "r").config.img_size == (28, 28)
+
+
 def test_finetune_resample_takes_any_multiple_of_the_patch(tiny: Path, tmp_path: Path) -> None:
     out = tmp_path / "ft42"
     assert main(["finetune", "--from", str(tiny), "--img-size", "42", "--resize-method", "resample",

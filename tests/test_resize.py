@@ -146,7 +146,12 @@ def test_cli_resize_roundtrip(tmp_path, capsys):
     save_checkpoint(small, tmp_path / "small.safetensors")
     out = tmp_path / "big.safetensors"
     assert main(["resize", str(tmp_path / "small.safetensors"), "--img-size", "16", "36", "--out", str(out)]) == 0
-    assert "16×36" in capsys.readouterr().out
+    said = capsys.readouterr().out
+    assert "16×36" in said and "unchanged" not in said
+    # To its own size: a copy, which said "token MLP 24 -> 24 wide" as if converted.
+    assert main(["resize", str(tmp_path / "small.safetensors"), "--img-size", "8", "12", "--out",
+                 str(tmp_path / "same.safetensors")]) == 0
+    assert "(the checkpoint's own size: the weights are unchanged)." in capsys.readouterr().out
     big = load_checkpoint(out)
     assert big.config.img_size == (16, 36) and big.class_names == small.class_names
     for key, value in resize_to(small, (16, 36)).state_dict().items():

@@ -4,6 +4,7 @@ recipe, and optionally a higher resolution (paper Appendix C, SPEC §5)."""
 from __future__ import annotations
 
 import argparse
+import warnings
 
 from ..recipes import RESIZE_METHODS, get_recipe
 from .train import add_training_flags, check_data_given, recipe_overrides
@@ -35,6 +36,9 @@ def run(args: argparse.Namespace) -> int:
     overrides.setdefault("img_size", None)
     if args.resize_method:
         overrides["resize_method"] = args.resize_method
+        if overrides["img_size"] is None:  # nothing to convert: it was taken without a word
+            warnings.warn(f"--resize-method {args.resize_method} converts the checkpoint to --img-size, which is not "
+                          "given: the model keeps its own size.")
     recipe = get_recipe(args.recipe, **overrides)
     check_data_given(recipe, "fine-tune")
     launch(recipe, args.out, resume=args.resume, save_every=args.save_every, keep=args.keep,

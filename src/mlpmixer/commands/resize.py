@@ -50,6 +50,7 @@ def run(args: argparse.Namespace) -> int:
                       f"{old.img_size[0]}×{old.img_size[1]}; no command applies it to the resized model's images, "
                       "so fine-tune it on unpermuted images, and keep it outside the run folder.")
     c = new.config
+    same = " (the checkpoint's own size: the weights are unchanged)" if c.img_size == old.img_size else ""
     print(f"Wrote {c.describe()} at {c.img_size[0]}×{c.img_size[1]} ({c.num_tokens} tokens, token MLP "
-          f"{old.tokens_mlp_dim} -> {c.tokens_mlp_dim} wide) to {args.out}.")
+          f"{old.tokens_mlp_dim} -> {c.tokens_mlp_dim} wide) to {args.out}{same}.")
     return 0
