@@ -931,7 +931,8 @@ def _train(
     if main:
         what = f"{model.config.describe()} ({model.config.num_params():,} parameters)"
         log(f"{verb} {what}{origin} on {r.data} ({num_train if num_train else '?'} images, {num_classes} classes) "
-            f"for {total} steps of {r.batch_size}" + (f", resuming at step {start}" if start else "") + f"; run: {run}")
+            f"for {total} step{'s' * (total != 1)} of {r.batch_size}" + (f", resuming at step {start}" if start else "")
+            + f"; run: {run}")
     bar = tqdm(total=total, initial=start, desc="training", unit="step", disable=not (main and progress),
                dynamic_ncols=True)
     model.train()
