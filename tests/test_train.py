@@ -443,19 +443,47 @@ def test_resume_checks_the_model_and_notes_other_settings(tmp_path: Path) -> Non
         train(r, run, progress=False, log=lambda *_: None)
     assert (run / "metrics.jsonl").read_text() == metrics  # nothing written
     said: list[str] = []
+    # save_every=0: each resume goes on from the state of step 4 again (by default it saves as the run did).
     with pytest.raises(ValueError, match="beyond the 3 steps of this command's run"):  # no note of going on
         train(r.replace(steps=3), run, resume=True, progress=False, log=said.append)
     assert said == []
-    train(r.replace(steps=6), run, resume=True, progress=False, log=said.append)
+    train(r.replace(steps=6), run, resume=True, save_every=0, progress=False, log=said.append)
     assert said[0].startswith("Resuming with settings other than the run's (steps 4 -> 6):")
     said.clear()
-    train(r.replace(steps=6), run, resume=True, progress=False, log=said.append)  # the same settings: no note
+    train(r.replace(steps=6), run, resume=True, save_every=0, progress=False, log=said.append)  # the same settings: no note
     assert not any(line.startswith("Resuming with") for line in said)
     config = json.loads((run / "config.json").read_text())
     (run / "config.json").write_text(json.dumps({**config, "world_size": 2}))  # as a run of two processes
     said.clear()
-    train(r.replace(steps=6), run, resume=True, progress=False, log=said.append)
+    train(r.replace(steps=6), run, resume=True, save_every=0, progress=False, log=said.append)
     assert said[0].startswith("Resuming with settings other than the run's (processes 2 -> 1):")
+
+
+def test_resume_keeps_the_runs_saving_and_where_a_fine_tuning_run_started(tmp_path: Path) -> None:
+    """config.json held the recipe, not --save-every and --keep: a run resumed through it (as the refusal to resume
+    with other settings advised) saved no state again, so a second kill lost all it did after the resume. A
+    fine-tuning run resumed with another --from recorded that one as where it started."""
+    r = tiny(steps=4, evals=0)
+    run = tmp_path / "run"
+    train(r, run, save_every=2, keep=5, progress=False, log=lambda *_: None)
+    config = json.loads((run / "config.json").read_text())
+    assert (config["save_every"], config["keep"]) == (2, 5)
+    train(r.replace(steps=8), run, resume=True, progress=False, log=lambda *_: None)  # no save_every given
+    assert sorted(p.name for p in (run / "checkpoints").glob("step-*.pt")) == [
+        f"step-{n:08d}.pt" for n in (2, 4, 6, 8)]
+    with pytest.raises(ValueError, match=rf"resume it with its own settings: mixer train --config "
+                                         rf"{run / 'config.json'} --out {run} --resume\."):
+        train(r.replace(model_args={**r.model_args, "hidden_dim": 24}), run, resume=True, progress=False,
+              log=lambda *_: None)
+    # Fine-tuning from the run, then resuming with another --from: it goes on from its own state, said.
+    ft = tmp_path / "ft"
+    train(r, ft, init_from=str(run), save_every=2, progress=False, log=lambda *_: None)
+    said: list[str] = []
+    other = run / "checkpoints" / "step-00000002.pt"
+    train(r.replace(steps=6), ft, resume=True, init_from=str(other), progress=False, log=said.append)
+    assert f"Note: --from {other} is not where {ft} started ({run}); it goes on from its own saved state" in "\n".join(said)
+    assert json.loads((ft / "config.json").read_text())["init_from"] == str(run)
+    assert (ft / "checkpoints" / "step-00000006.pt").exists()  # the fine-tuning run's own saving, kept too
 
 
 def test_a_damaged_state_or_one_of_other_shapes_is_one_sentence(tmp_path: Path) -> None:

@@ -347,9 +347,9 @@ def timm_model(name: str, config: MixerConfig, match_shapes: bool = False) -> nn
     # patch fail in the forward below.)
     from timm.layers import PatchEmbed
 
-    for embed in (m for m in model.modules() if isinstance(m, PatchEmbed) and not getattr(m, "dynamic_img_pad", False)):
+    for embed in (m for m in model.modules() if isinstance(m, PatchEmbed)):
         (h, w), (ph, pw) = config.img_size, embed.patch_size
-        if h >= ph and w >= pw and (h % ph or w % pw):
+        if h >= ph and w >= pw and (h % ph or w % pw) and not getattr(embed, "dynamic_img_pad", False):
             raise BenchError(f"timm's {name} cuts {h}×{w} images into {ph}×{pw} patches, which leave "
                              f"{h % ph}×{w % pw} pixels unread; compare at a multiple of {ph}×{pw} (--img-size) "
                              "or with another timm model.")

@@ -204,7 +204,8 @@ def extract_features(model: MlpMixer, batches: Iterable[Sequence[Any]],
     bad = sum(int((~f.isfinite()).any(1).sum()) for f in feats)
     if bad:  # NaN scores all argmax to class 0: a chance accuracy that would pass for a result
         raise ValueError(f"The model's features of {bad} of the {sum(len(f) for f in feats)} images are not finite "
-                         "(NaN or infinite): its weights are damaged or its training diverged; check it with mixer eval.")
+                         "(NaN or infinite): its weights are damaged or its training diverged; check it with "
+                         "mixer eval.")
     if not names:
         return torch.cat(feats), torch.cat(labels)
     order = sorted(range(len(names)), key=names.__getitem__)

@@ -44,7 +44,8 @@ class Recipe:
     # What to train on what.
     model: str = "digits/4"
     model_args: dict[str, Any] = field(default_factory=dict)  # MixerConfig overrides
-    img_size: Optional[int | list[int]] = None  # N or [H, W]; None: the data's own size (28 for digits) or the variant's 224
+    # N or [H, W]; None: the data's own size (28 for digits) or the variant's (224, 32 for nano/4)
+    img_size: Optional[int | list[int]] = None
     data: str = "mnist5k"
     eval_data: Optional[str] = None  # None: the hold-out of `data`
     holdout: float = 0.0  # count (>= 1) or fraction of `data` held out for validation
@@ -108,7 +109,8 @@ class Recipe:
         fields = dataclasses.fields(self)
         for f in fields:  # JSON may write a whole number as 16.0: taken as the int its flag gives
             value = getattr(self, f.name)
-            if f.type in ("int", "Optional[int]", "Optional[int | list[int]]") and isinstance(value, float) and value.is_integer():
+            whole_number = f.type in ("int", "Optional[int]", "Optional[int | list[int]]")
+            if whole_number and isinstance(value, float) and value.is_integer():
                 setattr(self, f.name, int(value))
         optional = {f.name for f in fields if f.type.startswith("Optional[")}
 

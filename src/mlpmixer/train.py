@@ -543,7 +543,8 @@ def latest_state(run: Path) -> Optional[Path]:
 def train(r: Recipe, out: Optional[str | Path] = None, **options: Any) -> RunFiles:
     """Train a Mixer with recipe `r`; write the run directory `out` (default: a new one under runs/).
 
-    Options: resume, save_every (steps), keep (states), init_from (a checkpoint to fine-tune), progress,
+    Options: resume, save_every (steps; None: 0, or on resuming the run's own), keep (states; None: 3, or the
+    run's own), init_from (a checkpoint to fine-tune), progress,
     log (a print function), profile (steps to profile into RUN/profile.txt and profile.json; see
     profiling.py). Under torchrun (RANK/WORLD_SIZE set) this process is one rank of several.
     """
@@ -601,8 +602,8 @@ def _train(
     start_line: _StartLine,
     *,
     resume: bool = False,
-    save_every: int = 0,
-    keep: int = 3,
+    save_every: Optional[int] = None,
+    keep: Optional[int] = None,
     init_from: Optional[str] = None,
     progress: bool = True,
     log: Any = print,
@@ -825,6 +826,12 @@ def _train(
             raise FileNotFoundError(f"{run} has no saved training state ({STATE_DIR}/step-*.pt) to resume "
                                     f"from;{shared} train with --save-every N first.")
         note = _check_resumable(run, model.config, r, init_from, world)
+        saved_run = run_config(run) or {}
+        # The run's own saving, unless given: resumed through its config.json (which holds the recipe, not these
+        # run flags) it saved no state again, and a second kill lost all it did after the resume.
+        save_every = saved_run.get("save_every", 0) if save_every is None else save_every
+        keep = saved_run.get("keep", 3) if keep is None else keep
+        recorded_from = saved_run.get("init_from", init_from)  # where the run started, whatever --from says now
         # FSDP: each rank keeps only its shards of the full state, so read it to the CPU, not the device.
         state = _read_state(state_path, "cpu" if fsdp else device)
         if fsdp:  # the state holds full tensors (keyed by name): each rank keeps its shards
@@ -852,6 +859,9 @@ def _train(
             raise ValueError(f"{state_path} was saved after step {start}, beyond the {total} steps of this command's "
                              f"run; give --steps {start} or more (or as many --epochs) to go on from it; nothing "
                              "was changed.")
+    save_every, keep = save_every or 0, 3 if keep is None else keep
+    if not resume:
+        recorded_from = init_from
     if profile and total - start < StepProfiler.steps_needed(profile):
         raise ValueError(f"--profile {profile} needs {StepProfiler.steps_needed(profile)} steps (the first ones are "
                          f"not profiled) and this run has {total - start} left; lower it or raise --steps.")
@@ -884,9 +894,9 @@ def _train(
         for folder in (run, run / STATE_DIR):  # what a kill in the middle of a save left: never renamed into place
             remove_temporaries(folder)
         config = {"model": model.config.to_dict(), "recipe": r.to_dict(), "class_names": list(class_names),
-                  "steps": total, "world_size": world}
-        if init_from:  # where a fine-tuning run started (the recipe's `model` is not what it trains)
-            config["init_from"] = str(init_from)
+                  "steps": total, "world_size": world, "save_every": save_every, "keep": keep}
+        if recorded_from:  # where a fine-tuning run started (the recipe's `model` is not what it trains)
+            config["init_from"] = str(recorded_from)
         text = json.dumps(config, indent=1) + "\n"
         atomic_write(files.config, lambda tmp: Path(tmp).write_text(text))  # also on resuming: the old one stays whole
         if metrics is not None:
@@ -1163,8 +1173,10 @@ def _check_resumable(run: Path, config: MixerConfig, r: Recipe, init_from: Optio
             return (f"{c.describe()} ({c.img_size[0]}×{c.img_size[1]}, {c.in_chans} channel{'s' * (c.in_chans > 1)}, "
                     f"{c.num_classes} classes)")
 
+        way = (f"mixer finetune --config {run / 'config.json'} --from {saved['init_from']}" if saved.get("init_from")
+               else f"mixer train --config {run / 'config.json'}")
         raise ValueError(f"{run} trains {what(MixerConfig.from_dict(saved['model']))} and this command builds "
-                         f"{what(config)}; resume with the run's own settings (its config.json) and the same data.")
+                         f"{what(config)}; resume it with its own settings: {way} --out {run} --resume.")
     was = saved["recipe"].get("optimizer")
     if was != r.optimizer and "sgd" in (was, r.optimizer):  # adam and adamw both train with AdamW's state
         raise ValueError(f"{run} was trained with --optimizer {was}, whose saved state --optimizer {r.optimizer} "
@@ -1178,10 +1190,14 @@ def _check_resumable(run: Path, config: MixerConfig, r: Recipe, init_from: Optio
                if k not in ignored and saved["recipe"].get(k) != v]
     if saved.get("world_size", world) != world:  # the order of the gradient sums: no longer bit for bit
         changed.append(f"processes {saved['world_size']} -> {world}")
-    if not changed:
-        return None
-    return (f"Resuming with settings other than the run's ({', '.join(changed)}): the run goes on with these, "
-            "so it will not end as the run it resumes would have.")
+    notes = []
+    if changed:
+        notes.append(f"Resuming with settings other than the run's ({', '.join(changed)}): the run goes on with "
+                     "these, so it will not end as the run it resumes would have.")
+    if saved.get("init_from") and Path(saved["init_from"]).resolve() != Path(init_from).resolve():
+        notes.append(f"Note: --from {init_from} is not where {run} started ({saved['init_from']}); it goes on from its "
+                     "own saved state, and config.json keeps where it started.")
+    return "\n".join(notes) or None
 
 
 def _defer_checks(device: torch.device) -> bool:

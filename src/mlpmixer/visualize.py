@@ -113,7 +113,8 @@ def plot_token_mixing(model: MlpMixer, path: str | os.PathLike, blocks: Sequence
     if not blocks:
         raise ValueError("Name at least one block to draw.")
     if max_pairs is not None and max_pairs < 1:  # [:0] drew empty panels, [:-2] dropped the last pairs
-        raise ValueError(f"max_pairs is the number of pairs to draw per block, at least 1 (or None: all), not {max_pairs}.")
+        raise ValueError(f"max_pairs is the number of pairs to draw per block, at least 1 (or None: all), "
+                         f"not {max_pairs}.")
     blocks = list(dict.fromkeys(blocks))  # a block named twice is drawn once
     panels = []
     for b in blocks:

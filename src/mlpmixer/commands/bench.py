@@ -127,7 +127,8 @@ def print_table(result: dict) -> None:
     threads = f"{env['threads']} thread{'s' * (env['threads'] != 1)}"
     where = env.get("gpu") or f"CPU ({env['cpu_count']} cores, {threads}, {env['cpu_capability']})"
     h, w = result["config"]["img_size"]
-    print(f"{result['variant']} at {h}×{w}, {result['dtype']}, batch {result['batch']} on {where}, torch {env['torch']}"
+    print(f"{result['variant']} at {h}×{w}, {result['dtype']}, batch {result['batch']} on {where}, "
+          f"torch {env['torch']}"
           + (", compiled" if result["compile"] else "") + (", fast path" if result["fast"] else "")
           + (", freed memory kept (--default-malloc to leave malloc as it is)" if result.get("freed_memory_kept") else ""))
     unit, scale = ("TFLOP/s", 1.0) if env.get("gpu") else ("GFLOP/s", 1e3)

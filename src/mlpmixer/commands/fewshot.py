@@ -185,7 +185,8 @@ def run(args: argparse.Namespace) -> int:
     if args.draws > 1 and int(counts.max()) in shots and bool((counts == counts.max()).all()):
         k = int(counts.max())  # every draw takes every image: the same support set each time
         warnings.warn(f"Every class of the support pool has {k} image{'s' * (k != 1)}, so the {k}-shot draws are "
-                      f"all the same support set (its ± 0 says nothing of the spread); give more data for them to differ.")
+                      "all the same support set (its ± 0 says nothing of the spread); give more data for them to "
+                      "differ.")
     results = fewshot_evaluate(feats, labels, eval_feats, eval_labels, shots=shots, num_classes=len(names),
                                l2=args.l2, draws=args.draws, seed=args.seed, class_names=names)
     if args.json:

@@ -22,9 +22,7 @@ def register(p: argparse.ArgumentParser) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
-    from ..fewshot import fit_least_squares  # torch: only when the command runs
-
-    from ..fewshot import _class_name
+    from ..fewshot import _class_name, fit_least_squares  # torch: only when the command runs
 
     feats, labels, eval_feats, eval_labels, names = train_and_eval_features(args)
     for c in (labels.bincount(minlength=len(names)) == 0).nonzero().flatten().tolist():

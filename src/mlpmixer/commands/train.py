@@ -90,9 +90,11 @@ def add_training_flags(p: argparse.ArgumentParser, default_recipe: str, without:
         else:
             p.add_argument(flag, dest=field, type=kind, help=text)
     p.add_argument("--out", help="run directory (default: a new timestamped one under runs/)")
-    p.add_argument("--save-every", type=at_least(0), default=0, metavar="N",
-                   help="save a training state every N steps and at the end (default 0: none)")
-    p.add_argument("--keep", type=at_least(0), default=3, metavar="N", help="training states to keep (default 3; 0 keeps all)")
+    p.add_argument("--save-every", type=at_least(0), default=None, metavar="N",
+                   help="save a training state every N steps and at the end (default 0: none; with --resume, the "
+                   "run's own)")
+    p.add_argument("--keep", type=at_least(0), default=None, metavar="N",
+                   help="training states to keep (default 3; 0 keeps all; with --resume, the run's own)")
     p.add_argument("--resume", action="store_true", help="continue the run in --out (or the latest) from its last state")
     p.add_argument("--quiet", action="store_true", help="no progress bar")
     p.add_argument("--profile", type=at_least(0), default=0, metavar="N",
