@@ -321,6 +321,30 @@ def test_cli_convert(tmp_path: Path, capsys: pytest.CaptureFixture) -> None:
     assert code != 0 and "is the checkpoint being read" in err
 
 
+def test_commands_do_not_write_over_a_runs_files(tmp_path, capsys):
+    """export, convert, resize and show-weights wrote over a run's model or a training state without a word
+    (a --resume then found no readable state); a run is a folder with its config.json."""
+    from mlpmixer.cli import main
+
+    run = tmp_path / "run"
+    assert main(["train", "--steps", "2", "--save-every", "2", "--batch-size", "16", "--quiet", "--out", str(run)]) == 0
+    state = run / "checkpoints" / "step-00000002.pt"
+    files = {p: p.read_bytes() for p in (run / "model.safetensors", state, run / "curves.png")}
+    capsys.readouterr()
+    for argv, dst in ((["convert", str(state), str(run / "model.safetensors")], run / "model.safetensors"),
+                      (["export", str(run), "--format", "torchscript", "--out", str(state)], state),
+                      (["resize", str(state), "--img-size", "56", "--out", str(run / "model.safetensors")],
+                       run / "model.safetensors"),
+                      (["show-weights", str(run), "--out", str(run / "curves.png")], run / "curves.png")):
+        assert main(argv) == 2, argv
+        err = capsys.readouterr().err
+        assert f"{dst} is " in err and f"of the run in {run}, which the commands reading the run (and --resume) need; " \
+            "write to another file." in err, err
+    assert all(p.read_bytes() == content for p, content in files.items())
+    # Beside a copy of the model outside any run, the same commands write as they did.
+    assert main(["convert", str(state), str(tmp_path / "model.safetensors")]) == 0
+
+
 # --- mismatches ---------------------------------------------------------------------------------
 
 

@@ -41,6 +41,9 @@ from .model import MlpMixer, checked_pool
 from .variants import SHAPE_FIELDS, MixerConfig, as_pair
 
 RUN_MODEL_FILE = "model.safetensors"
+# What `mixer train` writes in a run directory, beside its training states (STATE_DIR/step-NNNNNNNN.pt).
+RUN_FILES = (RUN_MODEL_FILE, "config.json", "metrics.jsonl", "curves.png")
+STATE_DIR = "checkpoints"
 TORCH_EXTENSIONS = (".pth", ".pt", ".bin")
 EXTENSIONS = (".npz", ".safetensors", *TORCH_EXTENSIONS)
 TIMM_TRAINING_SUFFIX = ".pth.tar"  # timm's train.py writes model_best.pth.tar, a torch.save file
@@ -891,10 +894,26 @@ def convert(src: str | os.PathLike, dst: str | os.PathLike, **overrides: Any) ->
 
 
 def check_not_the_source(src: str | os.PathLike, dst: str | os.PathLike) -> None:
-    """Refuse to write a converted model over the checkpoint it comes from (a run's model.safetensors
-    too, which would no longer match the run's config.json)."""
+    """Refuse to write a converted model over the checkpoint it comes from, or over a file of a `mixer train`
+    run (`check_not_a_run_file`)."""
     if Path(dst).expanduser().resolve() == resolve_path(src).resolve():
         raise CheckpointError(f"{dst} is the checkpoint being read; write the new one to another file.")
+    check_not_a_run_file(dst)
+
+
+def check_not_a_run_file(dst: str | os.PathLike) -> None:
+    """Refuse to write over a file of a `mixer train` run (a folder with its config.json): its model, metrics,
+    curves or a training state. An export or a conversion written there replaced the run's model, or the state
+    that --resume then could not read."""
+    p = Path(dst).expanduser().resolve()
+    if p.name in RUN_FILES and (p.parent / "config.json").is_file():
+        what = f"the {p.name} of the run in {p.parent}"
+    elif p.parent.name == STATE_DIR and p.name.startswith("step-") and (p.parent.parent / "config.json").is_file():
+        what = f"a training state of the run in {p.parent.parent}"
+    else:
+        return
+    raise CheckpointError(f"{dst} is {what}, which the commands reading the run (and --resume) need; write to "
+                          "another file.")
 
 
 def format_notes(path: str | os.PathLike, model: MlpMixer) -> list[str]:

@@ -39,8 +39,8 @@ from safetensors import SafetensorError
 from tqdm import tqdm
 
 from .bench import free_cores, slow_bf16
-from .checkpoints import (atomic_write, check_writable_folder, first_line, load_checkpoint, read_checkpoint,
-                          remove_temporaries, run_config, save_checkpoint, zip_damage)
+from .checkpoints import (STATE_DIR, atomic_write, check_writable_folder, first_line, load_checkpoint,
+                          read_checkpoint, remove_temporaries, run_config, save_checkpoint, zip_damage)
 from .compiled import CompiledOrEager
 from .data import (MNIST5K, Source, TensorData, TensorDataset, augment_digits, holdout_split, is_idx_folder,
                    load_tensors, to_model_input, worker_deaths)
@@ -57,7 +57,6 @@ from .variants import DEFAULT_IMG_SIZE, SHAPE_FIELDS, MixerConfig, as_pair, pape
 if TYPE_CHECKING:  # imported where used: torchvision takes a second to import, the default job needs none of it
     from .batch_augment import BatchAugment
 
-STATE_DIR = "checkpoints"  # training states for --resume, inside the run directory
 STATE_PATTERN = "step-{:08d}.pt"
 # What to do when a DataLoader worker dies in training or its evaluations (data.worker_deaths).
 RESUME_ADVICE = "the saved training states are kept: add --resume to go on"

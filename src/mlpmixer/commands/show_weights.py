@@ -24,13 +24,14 @@ def register(p: argparse.ArgumentParser) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
-    from ..checkpoints import load_checkpoint  # torch and matplotlib: imported only when needed
+    from ..checkpoints import check_not_a_run_file, load_checkpoint  # torch and matplotlib: only when needed
     from ..visualize import plot_stem, plot_token_mixing
 
     if args.stem and (args.block is not None or args.max_pairs is not None):
         raise ValueError("--block and --max-pairs choose token-mixing units, which --stem does not draw; "
                          "leave them out with --stem, or drop --stem.")
     check_out_file(args.out)
+    check_not_a_run_file(args.out)  # a run's curves.png, say
     model = load_checkpoint(args.checkpoint)
     if args.stem:
         path = plot_stem(model, args.out)
