@@ -100,6 +100,19 @@ def test_our_warnings_are_one_line(tmp_path: Path, child_env: dict) -> None:
     assert "_load_counted" not in done.stderr  # no source line of the warnings.warn call
 
 
+@pytest.mark.parametrize("entry", ["script", "module"])
+def test_the_fast_paths_warning_is_said_as_mixers(tmp_path, entry) -> None:
+    """It points at its caller's line, outside the package: the `mixer` script (or runpy's, for python -m), so
+    mixer printed it in Python's raw format, with the file, the line and `sys.exit(main())`."""
+    start = [str(Path(sys.executable).parent / "mixer")] if entry == "script" else [sys.executable, "-m", "mlpmixer"]
+    done = subprocess.run([*start, "train", "--fast", "--drop-path", "0.1", "--steps", "1", "--batch-size", "16",
+                           "--quiet", "--out", str(tmp_path / "run")], capture_output=True, text=True, timeout=300)
+    assert done.returncode == 0, done.stderr
+    assert ("mixer: warning: The fast path does not fuse dropout or stochastic depth; training runs on the plain "
+            "path.") in done.stderr
+    assert "UserWarning" not in done.stderr and "sys.exit" not in done.stderr
+
+
 def test_every_option_says_what_it_does() -> None:
     """`mixer COMMAND --help` explains every option, its default included where it has one."""
     parser = build_parser()

@@ -382,7 +382,7 @@ def test_command_counts_out_of_range_are_one_line(run_dir: Path, capsys: pytest.
     (["--augment-on", "gpu"], "--augment-on must be one of workers, device, not 'gpu'."),
     (["--eval-mode", "crop"], "--eval-mode must be one of resize, resmall-crop, not 'crop'."),
     (["--autoaugment", "cifar100"], "--autoaugment must be one of imagenet, cifar10, svhn, not 'cifar100'."),
-    (["--autoaugment", "svhn", "--randaugment", "3"], "--randaugment and --autoaugment are alternatives; give one of them."),
+    (["--autoaugment", "svhn", "--randaugment", "3"], "--randaugment and --autoaugment (randaugment and autoaugment in a config file) are alternatives; give one of them."),
     # torch takes no seed past 2**64 - 1 ("Overflow when unpacking long long"), and seeds are derived modulo 2**63:
     # 2**63 trained exactly as seed 0, and -1 as 2**63 - 1.
     (["--seed", "99999999999999999999"], "--seed must be a whole number from 0 to 9,223,372,036,854,775,807, not "

@@ -60,8 +60,9 @@ _python_format_warning = warnings.formatwarning
 def _format_warning(message: Warning | str, category: type[Warning], filename: str, lineno: int,
                     line: str | None = None) -> str:
     """Our warnings as one line, like our errors (Python's format adds the file, the line number and
-    the source line of the warnings.warn call); other libraries' warnings as Python prints them."""
-    if os.path.abspath(filename).startswith(_PACKAGE + os.sep):
+    the source line of the warnings.warn call); other libraries' warnings as Python prints them. Ours are
+    those warned from the package, or of a category it defines (the fast path's, put at its caller's line)."""
+    if os.path.abspath(filename).startswith(_PACKAGE + os.sep) or category.__module__.startswith("mlpmixer."):
         # On a terminal, first clear the line a progress bar may be drawing (it redraws itself after).
         clear = "\r\033[K" if sys.stderr.isatty() else ""
         return f"{clear}mixer: warning: {message}\n"

@@ -55,6 +55,11 @@ def compute_dtype(x: torch.Tensor, model: MlpMixer) -> tuple[torch.dtype, bool]:
     return weights, False
 
 
+class FastPathWarning(UserWarning):
+    """The fast path's warnings, which point at the caller's line (`_callers_stacklevel`): `mixer` still says
+    them as its own, whose caller is the package's code or its entry script."""
+
+
 def _callers_stacklevel() -> int:
     """warnings.warn's stacklevel for the first frame outside mlpmixer and torch that leads to the caller: the
     user's call of the model, below nn.Module's call machinery (how deep that is varies with torch's version).
@@ -228,7 +233,7 @@ class FastMixer(nn.Module):
                 self._warned_plain = True
                 warnings.warn(
                     "The fast path does not fuse dropout or stochastic depth; training runs on the plain path.",
-                    stacklevel=_callers_stacklevel(),
+                    FastPathWarning, stacklevel=_callers_stacklevel(),
                 )
             return True
         return False
@@ -350,7 +355,7 @@ class FastMixer(nn.Module):
                 entry = self._capture(x, dtype, autocast, features_only)
             except Exception as e:  # capture unsupported here: eager is correct, just slower
                 warnings.warn(f"CUDA graph capture failed ({e}); running the fast path without graphs.",
-                              stacklevel=_callers_stacklevel())
+                              FastPathWarning, stacklevel=_callers_stacklevel())
                 self.cuda_graphs = False
                 return self._infer(x, dtype, autocast, features_only)
             self._graphs[key] = entry

@@ -148,7 +148,8 @@ class Recipe:
         check("randaugment", lambda v: whole(v) and 0 <= v <= 30, "a whole magnitude from 0 to 30")
         check("autoaugment", lambda v: v in AUTOAUGMENT_POLICIES, "one of " + ", ".join(AUTOAUGMENT_POLICIES))
         if self.randaugment is not None and self.autoaugment is not None:
-            raise ValueError("--randaugment and --autoaugment are alternatives; give one of them.")
+            raise ValueError("--randaugment and --autoaugment (randaugment and autoaugment in a config file) are "
+                             "alternatives; give one of them.")
         check("crop_area", lambda v: len(v) == 2 and 0 < v[0] <= v[1] <= 1, "two area fractions, 0 < low <= high <= 1")
         check("betas", lambda v: len(v) == 2 and all(0 <= b < 1 for b in v), "two decays, each at least 0 and below 1")
         for f in fields:  # a config file's "bf16": "no" is not True
