@@ -341,8 +341,10 @@ def test_commands_do_not_write_over_a_runs_files(tmp_path, capsys):
         assert f"{dst} is " in err and f"of the run in {run}, which the commands reading the run (and --resume) need; " \
             "write to another file." in err, err
     assert all(p.read_bytes() == content for p, content in files.items())
-    # Beside a copy of the model outside any run, the same commands write as they did.
+    # Beside a copy of the model outside any run, the same commands write as they did; so does an export next to a
+    # training state (step-00000002.onnx is not one).
     assert main(["convert", str(state), str(tmp_path / "model.safetensors")]) == 0
+    assert main(["export", str(state), "--format", "onnx"]) == 0 and state.with_suffix(".onnx").exists()
 
 
 # --- mismatches ---------------------------------------------------------------------------------

@@ -130,6 +130,13 @@ def test_export_command_refuses_what_would_lose_or_mislabel_a_file(tmp_path, cap
     (tmp_path / "model.onnx").write_bytes(b"onnx")
     with pytest.raises(ValueError, match="is an exported model"):
         load_checkpoint(tmp_path / "model.onnx")
+    # A .pt checkpoint as TorchScript: the default --out is the checkpoint itself ("write the new one to another
+    # file", though no file was named).
+    state = tmp_path / "state.pt"
+    torch.save(small(48, 8).state_dict(), state)
+    assert main(["export", str(state), "--format", "torchscript"]) == 2
+    assert (f"The default --out of a torchscript export of {state} is {state}, the checkpoint itself; give --out."
+            in capsys.readouterr().err)
 
 
 def test_a_permuted_run_exports_with_its_permutation_built_in(tmp_path, capsys):

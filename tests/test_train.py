@@ -441,6 +441,14 @@ def test_resume_checks_the_model_and_notes_other_settings(tmp_path: Path) -> Non
         train(r.replace(optimizer="sgd"), run, resume=True, progress=False, log=lambda *_: None)
     with pytest.raises(FileExistsError, match="holds a run already; add --resume to go on from its last saved state"):
         train(r, run, progress=False, log=lambda *_: None)
+    # ... before any data are read (CIFAR-10 was decoded for 15 s before the refusal).
+    def unread(*_args, **_kwargs):
+        raise AssertionError("the data were read before the run folder was checked")
+
+    with pytest.MonkeyPatch.context() as patch:
+        patch.setattr(train_mod, "load_tensors", unread)
+        with pytest.raises(FileExistsError, match="holds a run already"):
+            train(r, run, progress=False, log=lambda *_: None)
     assert (run / "metrics.jsonl").read_text() == metrics  # nothing written
     said: list[str] = []
     # save_every=0: each resume goes on from the state of step 4 again (by default it saves as the run did).
@@ -873,7 +881,7 @@ def test_autoaugment_and_randaugment_replace_each_other() -> None:
     saved = r.to_dict()  # as a run's config.json holds it
     assert get_recipe("cifar10-nano", **saved) == r
     assert get_recipe("cifar10-nano", **{**saved, "randaugment": 5, "autoaugment": None}).randaugment == 5
-    with pytest.raises(ValueError, match="--randaugment and --autoaugment are alternatives"):
+    with pytest.raises(ValueError, match=r"--randaugment and --autoaugment \(randaugment and autoaugment in a config file\) are alternatives"):
         get_recipe("cifar10-nano", randaugment=5, autoaugment="svhn")
     with pytest.raises(ValueError, match="--autoaugment must be one of imagenet, cifar10, svhn, not 'cifar100'."):
         get_recipe("cifar10-nano", autoaugment="cifar100")

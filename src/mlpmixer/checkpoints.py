@@ -908,7 +908,8 @@ def check_not_a_run_file(dst: str | os.PathLike) -> None:
     p = Path(dst).expanduser().resolve()
     if p.name in RUN_FILES and (p.parent / "config.json").is_file():
         what = f"the {p.name} of the run in {p.parent}"
-    elif p.parent.name == STATE_DIR and p.name.startswith("step-") and (p.parent.parent / "config.json").is_file():
+    elif (p.parent.name == STATE_DIR and p.name.startswith("step-") and p.suffix == ".pt"
+          and (p.parent.parent / "config.json").is_file()):
         what = f"a training state of the run in {p.parent.parent}"
     else:
         return

@@ -663,6 +663,23 @@ def _train(
                          f"step{'s' * (r.accum > 1)} × {world} process{'es' * (world > 1)}; choose a multiple of "
                          f"{r.accum * world}.")
 
+    # --- run directory: one that holds a run already is refused here, before the data are read (decoding
+    # CIFAR-10 took 15 s before the refusal).
+    run = Path(out) if out else None
+    if run is not None and (run / "config.json").exists() and not latest_state(run) \
+            and not (run / "model.safetensors").exists():
+        # A run stopped before its first saved state (killed, or an error such as a batch larger than the
+        # data): its config.json and metrics hold nothing to lose, and the corrected command starts it over.
+        if main:
+            log(f"Note: {run} holds no saved training state and no model (the run there stopped before its first "
+                "save); starting it over.")
+        resume = False
+    elif not resume and run is not None and any((run / name).exists() for name in ("config.json", "model.safetensors",
+                                                                                     STATE_DIR)):
+        way = ("add --resume to go on from its last saved state, or give another --out" if latest_state(run) else
+               "give another --out, or delete it to start again there (it has no saved state to resume from)")
+        raise FileExistsError(f"{run} holds a run already; {way}; nothing in it was changed.")
+
     # --- data.
     # Fine-tuning keeps the checkpoint's channels, and its input size unless r.img_size asks for another
     # (the model is then converted with resize_to); the data are converted to them.
@@ -798,23 +815,9 @@ def _train(
         log(f"Note: the warm-up of {int(r.warmup)} steps covers the whole run of {total}: the learning rate never "
             "decays; give --warmup as a fraction of the run (e.g. 0.05) or more steps.")
 
-    # --- run directory, or the run to resume.
-    run = Path(out) if out else None
+    # --- the run to resume.
     start = 0
     note: Optional[str] = None  # resuming with other settings than the run's
-    if run is not None and (run / "config.json").exists() and not latest_state(run) \
-            and not (run / "model.safetensors").exists():
-        # A run stopped before its first saved state (killed, or an error such as a batch larger than the
-        # data): its config.json and metrics hold nothing to lose, and the corrected command starts it over.
-        if main:
-            log(f"Note: {run} holds no saved training state and no model (the run there stopped before its first "
-                "save); starting it over.")
-        resume = False
-    elif not resume and run is not None and any((run / name).exists() for name in ("config.json", "model.safetensors",
-                                                                                     STATE_DIR)):
-        way = ("add --resume to go on from its last saved state, or give another --out" if latest_state(run) else
-               "give another --out, or delete it to start again there (it has no saved state to resume from)")
-        raise FileExistsError(f"{run} holds a run already; {way}; nothing in it was changed.")
     if resume:
         run = run or _latest_run()
         state_path = latest_state(run)

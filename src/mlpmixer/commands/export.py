@@ -44,6 +44,9 @@ def run(args: argparse.Namespace) -> int:
     # By default next to the checkpoint, or inside the run directory given: runs/b/model.onnx, not runs/b.onnx.
     default = src / f"model{suffix}" if src.is_dir() else src.with_name(src.stem + suffix)
     out = Path(args.out) if args.out else default
+    if not args.out and src.is_file() and out.resolve() == src.resolve():  # a training state, as TorchScript
+        raise ValueError(f"The default --out of a {args.format} export of {src} is {out}, the checkpoint itself; "
+                         "give --out.")
     check_not_the_source(src, out)
     # An unwritable place (/proc, a read-only folder) is one sentence, not an errno; an existing --out is replaced.
     check_out_file(out)
