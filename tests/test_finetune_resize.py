@@ -66,7 +66,9 @@ def test_finetune_to_height_and_width_is_recorded_for_train_config(tiny: Path, t
     recipe = json.loads((out / "config.json").read_text())["recipe"]
     assert recipe["img_size"] == [56, 84]
     again = tmp_path / "again"
-    assert main(["train", "--config", str(out / "config.json"), "--steps", "1", "--out", str(again), "--quiet"]) == 0
+    with pytest.warns(UserWarning, match="is a fine-tuning run's"):
+        assert main(["train", "--config", str(out / "config.json"), "--steps", "1", "--out", str(again),
+                     "--quiet"]) == 0
     assert load_checkpoint(again).config == model.config
     capsys.readouterr()
     assert main(["finetune", "--from", str(tiny), "--img-size", "56", "84", "7", "--out", str(tmp_path / "x"),
@@ -92,7 +94,11 @@ def test_finetune_without_img_size_keeps_the_checkpoint_size(tiny: Path, tmp_pat
     assert (config["recipe"]["model"], config["recipe"]["model_args"], config["recipe"]["img_size"]) == \
         ("digits/4", {"patch_size": [7, 7], "hidden_dim": 16, "tokens_mlp_dim": 8, "channels_mlp_dim": 32}, 28)
     again = tmp_path / "again"
-    assert main(["train", "--config", str(out / "config.json"), "--steps", "1", "--out", str(again), "--quiet"]) == 0
+    # It builds the model from scratch: said, with the way to fine-tune it again.
+    with pytest.warns(UserWarning, match=f"is a fine-tuning run's, from {tiny}; mixer train builds its model from "
+                                         f"scratch \\(to fine-tune from there again: mixer finetune --config"):
+        assert main(["train", "--config", str(out / "config.json"), "--steps", "1", "--out", str(again),
+                     "--quiet"]) == 0
     assert load_checkpoint(again).config == model.config
     # Resumed by `mixer train`, which would build another model and optimiser: one sentence naming the way.
     assert main(["train", "--out", str(out), "--resume", "--quiet"]) == 2

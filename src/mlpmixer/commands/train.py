@@ -3,6 +3,9 @@
 from __future__ import annotations
 
 import argparse
+import json
+import warnings
+from pathlib import Path
 from typing import Any
 
 from ..recipes import DEFAULT_RECIPE, RECIPES, get_recipe, load_config_file, replacing_alternatives
@@ -140,6 +143,10 @@ def run(args: argparse.Namespace) -> int:
 
     recipe = recipe_from_args(args)
     check_data_given(recipe, "train")
+    started = json.loads(Path(args.config).read_text()).get("init_from") if args.config else None
+    if started and not args.resume:  # (resuming it so is refused, naming mixer finetune)
+        warnings.warn(f"{args.config} is a fine-tuning run's, from {started}; mixer train builds its model from "
+                      f"scratch (to fine-tune from there again: mixer finetune --config {args.config} --from {started}).")
     launch(recipe, args.out, resume=args.resume, save_every=args.save_every, keep=args.keep,
           progress=not args.quiet, profile=args.profile)
     return 0
