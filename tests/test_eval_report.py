@@ -78,7 +78,11 @@ def test_eval_report_files_match_a_direct_computation(digits_model: Path, tmp_pa
 
 def test_eval_without_report_has_no_per_class(digits_model: Path, capsys: pytest.CaptureFixture) -> None:
     assert main(["eval", str(digits_model), "--data", "mnist5k", "--json"]) == 0
-    assert "per_class" not in json.loads(capsys.readouterr().out)
+    result = json.loads(capsys.readouterr().out)
+    assert "per_class" not in result
+    # --eval-data, as train, fewshot and linear-probe name the evaluation images, is the same option.
+    assert main(["eval", str(digits_model), "--eval-data", "mnist5k", "--json"]) == 0
+    assert json.loads(capsys.readouterr().out) == result
 
 
 def test_eval_report_keeps_every_class_of_a_repeated_name(digits_model: Path, tmp_path: Path,

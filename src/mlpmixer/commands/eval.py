@@ -20,8 +20,9 @@ def register(p: argparse.ArgumentParser) -> None:
         "(DIR/confusion.png)."
     )
     p.add_argument("checkpoint", help="checkpoint file or run directory")
-    p.add_argument("--data", required=True,
-                   help="mnist5k (the embedded digits), a folder of MNIST IDX files, an image folder or shards")
+    p.add_argument("--data", "--eval-data", dest="data", required=True,
+                   help="mnist5k (the embedded digits), a folder of MNIST IDX files, an image folder or shards "
+                   "(alias --eval-data, as train, fewshot and linear-probe name it)")
     p.add_argument("--eval-mode", "--mode", dest="mode", choices=EVAL_MODES,
                    help="preprocessing of image folders and shards (SPEC §4; default: the one a run validated "
                    "with, else resize); in-memory digits are always resized to the model's size")
