@@ -139,6 +139,29 @@ def test_export_command_refuses_what_would_lose_or_mislabel_a_file(tmp_path, cap
             in capsys.readouterr().err)
 
 
+def test_class_names_go_into_every_format(tmp_path, capsys):
+    """An exported file carried no class names: a deployed model's outputs could not be read as classes."""
+    import json
+
+    import onnxruntime
+
+    from mlpmixer.cli import main
+    from mlpmixer.export import CLASS_NAMES_KEY
+
+    model = small(16, 8, num_classes=3)
+    model.class_names = ["ant", "bee", "cat"]
+    ckpt = save_checkpoint(model, tmp_path / "m.safetensors")
+    for fmt, out in (("onnx", "m.onnx"), ("torchscript", "m.pt"), ("exported-program", "m.pt2")):
+        assert main(["export", str(ckpt), "--format", fmt, "--out", str(tmp_path / out)]) == 0
+        assert f"its class names are in the file as {CLASS_NAMES_KEY}" in capsys.readouterr().out
+    meta = onnxruntime.InferenceSession(str(tmp_path / "m.onnx")).get_modelmeta().custom_metadata_map
+    extra_ts, extra_ep = {CLASS_NAMES_KEY: ""}, {CLASS_NAMES_KEY: ""}
+    torch.jit.load(tmp_path / "m.pt", _extra_files=extra_ts)
+    torch.export.load(tmp_path / "m.pt2", extra_files=extra_ep)
+    for found in (meta[CLASS_NAMES_KEY], extra_ts[CLASS_NAMES_KEY], extra_ep[CLASS_NAMES_KEY]):
+        assert json.loads(found) == ["ant", "bee", "cat"]
+
+
 def test_a_permuted_run_exports_with_its_permutation_built_in(tmp_path, capsys):
     from mlpmixer.cli import main
 
@@ -163,7 +186,7 @@ def test_a_permuted_run_exports_with_its_permutation_built_in(tmp_path, capsys):
 def test_a_file_that_fails_the_check_is_not_written_and_the_old_one_stays(tmp_path, monkeypatch):
     import mlpmixer.export as export
 
-    def another_model(model, x, path, opset):  # a broken exporter: the file holds other weights
+    def another_model(model, x, path, opset, names):  # a broken exporter: the file holds other weights
         other = small(48, 8).eval()
         with torch.no_grad():
             other.head.bias.add_(1.0)

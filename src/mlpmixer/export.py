@@ -13,6 +13,7 @@ import contextlib
 import copy
 import importlib
 import inspect
+import json
 import logging
 import os
 import warnings
@@ -31,6 +32,8 @@ from .permute import FixedPermutation
 ACCEPTED_SUFFIXES = {"onnx": (".onnx",), "torchscript": (".pt", ".pth", ".ts"), "exported-program": (".pt2",)}
 # The issue's bound on the reloaded file's outputs against PyTorch's (relative, over the batch).
 TOLERANCE = 1e-4
+# The model's class names in an exported file, a JSON list: the ONNX metadata key and the archives' extra file.
+CLASS_NAMES_KEY = "class_names.json"
 
 
 class ExportError(ValueError):
@@ -83,7 +86,9 @@ def _example(model: MlpMixer, batch: int = 2) -> torch.Tensor:
 def export_model(model: MlpMixer, fmt: str, out: str | os.PathLike, opset: int = 18,
                  permutation: FixedPermutation | None = None) -> ExportedFile:
     """Write `model` (in eval mode, fp32, on the CPU) to `out` in format `fmt`, with `permutation` (the fixed
-    one its run was trained with, if any) built in, after checking the file against PyTorch."""
+    one its run was trained with, if any) built in, after checking the file against PyTorch. Its class names,
+    where it has them, go with it as a JSON list (`CLASS_NAMES_KEY`): in the ONNX file's metadata_props, and
+    as an extra file of the TorchScript and torch.export archives."""
     if fmt not in FORMATS:
         raise ExportError(f"Unknown export format {fmt!r}; use one of {', '.join(FORMATS)}.")
     # torch.export.load needs .pt2, say (a folder is atomic_write's to refuse).
@@ -103,10 +108,11 @@ def export_model(model: MlpMixer, fmt: str, out: str | os.PathLike, opset: int =
     program = model if permutation is None else PermutedInput(model, permutation).eval()
     x = _example(model)
     writer = {"onnx": _onnx, "torchscript": _torchscript, "exported-program": _exported_program}[fmt]
+    names = json.dumps(list(model.class_names)) if model.class_names else None
     errors: list[float] = []
 
     def write_and_check(tmp: str) -> None:
-        writer(program, x, tmp, opset)
+        writer(program, x, tmp, opset, names)
         errors.append(_check(program, tmp, fmt, opset, x.shape[1:]))
 
     with torch.no_grad(), warnings.catch_warnings():
@@ -152,7 +158,7 @@ def _check(program: torch.nn.Module, path: str, fmt: str, opset: int, image_shap
     return worst
 
 
-def _onnx(model: torch.nn.Module, x: torch.Tensor, path: str, opset: int) -> None:
+def _onnx(model: torch.nn.Module, x: torch.Tensor, path: str, opset: int, names: str | None) -> None:
     # The exporter torch recommends for its version: torch.export-based where it is the default (torch >= 2.9;
     # a graph of fewer, fused nodes, though about 10x slower to write), TorchScript-based before that (torch
     # 2.4 has no other; in 2.5-2.8 the new one was still being built). Both give a symbolic batch size.
@@ -172,6 +178,11 @@ def _onnx(model: torch.nn.Module, x: torch.Tensor, path: str, opset: int) -> Non
     except Exception as e:  # the exporter's own errors, e.g. "Unsupported onnx_opset_version: 99"
         first = (str(e).strip().splitlines() or [type(e).__name__])[0]
         raise ExportError(f"ONNX export at opset {opset} failed ({first}); the default, 18, works.") from None
+    if names is not None:
+        onnx = _require("onnx")
+        proto = onnx.load(path)
+        proto.metadata_props.add(key=CLASS_NAMES_KEY, value=names)
+        onnx.save(proto, path)
 
 
 @contextlib.contextmanager
@@ -189,15 +200,15 @@ def _quiet(*loggers: str) -> Iterator[None]:
             logging.getLogger(name).setLevel(level)
 
 
-def _torchscript(model: torch.nn.Module, x: torch.Tensor, path: str, opset: int) -> None:
+def _torchscript(model: torch.nn.Module, x: torch.Tensor, path: str, opset: int, names: str | None) -> None:
     traced = torch.jit.trace(model, (x,), check_trace=False)
-    torch.jit.save(traced, path)
+    torch.jit.save(traced, path, _extra_files={CLASS_NAMES_KEY: names} if names is not None else None)
 
 
-def _exported_program(model: torch.nn.Module, x: torch.Tensor, path: str, opset: int) -> None:
+def _exported_program(model: torch.nn.Module, x: torch.Tensor, path: str, opset: int, names: str | None) -> None:
     batch = torch.export.Dim("batch", min=1)
     program = torch.export.export(model, (x,), dynamic_shapes={"x": {0: batch}})
-    torch.export.save(program, path)
+    torch.export.save(program, path, extra_files={CLASS_NAMES_KEY: names} if names is not None else None)
 
 
 def load_exported(path: str | os.PathLike, fmt: str) -> Callable[[torch.Tensor], torch.Tensor]:

@@ -33,7 +33,7 @@ def register(p: argparse.ArgumentParser) -> None:
 
 def run(args: argparse.Namespace) -> int:
     from ..checkpoints import check_not_the_source, load_checkpoint
-    from ..export import export_model
+    from ..export import CLASS_NAMES_KEY, export_model
 
     if args.opset is not None and args.format != "onnx":
         raise ValueError(f"--opset sets the ONNX opset; a {args.format} file has none (leave it out, or use --format onnx).")
@@ -67,6 +67,8 @@ def run(args: argparse.Namespace) -> int:
     (h, w), outputs = cfg.img_size, (f"{cfg.num_classes} logits" if cfg.num_classes else f"{cfg.hidden_dim} features")
     built_in = (f"; the run's fixed permutation ({permutation.mode}, seed {permutation.seed}) is built in: give it "
                 "images as they are" if permutation is not None else "")
+    if model.class_names:
+        built_in += f"; its class names are in the file as {CLASS_NAMES_KEY}"
     print(f"Wrote {cfg.describe()} as {args.format} to {exported.path} (input: batch×{cfg.in_chans}×{h}×{w}, any batch, "
           f"pixels in [-1, 1]; output: batch×{outputs}{built_in}); reloaded, relative error against PyTorch "
           f"{exported.relative_error:.1e}.")
