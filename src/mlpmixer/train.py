@@ -818,6 +818,7 @@ def _train(
     # --- the run to resume.
     start = 0
     note: Optional[str] = None  # resuming with other settings than the run's
+    recorded_from = init_from  # where a fine-tuning run started: on resuming, where the run says it did
     if resume:
         run = run or _latest_run()
         state_path = latest_state(run)
@@ -827,13 +828,13 @@ def _train(
                       "they share, or" if world > int(os.environ.get("LOCAL_WORLD_SIZE", world)) else "")
             raise FileNotFoundError(f"{run} has no saved training state ({STATE_DIR}/step-*.pt) to resume "
                                     f"from;{shared} train with --save-every N first.")
-        note = _check_resumable(run, model.config, r, init_from, world)
-        saved_run = run_config(run) or {}
+        saved = run_config(run)
+        note = _check_resumable(run, saved, model.config, r, init_from, world)
         # The run's own saving, unless given: resumed through its config.json (which holds the recipe, not these
         # run flags) it saved no state again, and a second kill lost all it did after the resume.
-        save_every = saved_run.get("save_every", 0) if save_every is None else save_every
-        keep = saved_run.get("keep", 3) if keep is None else keep
-        recorded_from = saved_run.get("init_from", init_from)  # where the run started, whatever --from says now
+        save_every = (saved or {}).get("save_every") if save_every is None else save_every
+        keep = (saved or {}).get("keep") if keep is None else keep
+        recorded_from = (saved or {}).get("init_from", init_from)
         # FSDP: each rank keeps only its shards of the full state, so read it to the CPU, not the device.
         state = _read_state(state_path, "cpu" if fsdp else device)
         if fsdp:  # the state holds full tensors (keyed by name): each rank keeps its shards
@@ -862,8 +863,6 @@ def _train(
                              f"run; give --steps {start} or more (or as many --epochs) to go on from it; nothing "
                              "was changed.")
     save_every, keep = save_every or 0, 3 if keep is None else keep
-    if not resume:
-        recorded_from = init_from
     if profile and total - start < StepProfiler.steps_needed(profile):
         raise ValueError(f"--profile {profile} needs {StepProfiler.steps_needed(profile)} steps (the first ones are "
                          f"not profiled) and this run has {total - start} left; lower it or raise --steps.")
@@ -1155,13 +1154,12 @@ def _recipe_model(config: MixerConfig, base: str) -> dict[str, Any]:
     return {"model": name, "model_args": args, "img_size": h if h == w else [h, w]}
 
 
-def _check_resumable(run: Path, config: MixerConfig, r: Recipe, init_from: Optional[str],
-                     world: int) -> Optional[str]:
+def _check_resumable(run: Path, saved: Optional[dict[str, Any]], config: MixerConfig, r: Recipe,
+                     init_from: Optional[str], world: int) -> Optional[str]:
     """Resuming builds the model and optimiser from the command's settings: a model of other shapes,
     another optimiser or a fine-tuning run resumed without its --from is one sentence here (not
     load_state_dict's list of mismatches or KeyError); other recipe settings give the note returned, as the
-    run then goes on differently from the one it resumes."""
-    saved = run_config(run)
+    run then goes on differently from the one it resumes. `saved`: the run's config.json (None: there is none)."""
     if saved is None:  # a state without its configuration: the state itself decides
         return None
     def shapes(d: dict) -> dict:  # what the weights' shapes depend on
