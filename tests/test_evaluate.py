@@ -186,3 +186,39 @@ def test_eval_json_names_the_mode_that_ran_on_in_memory_digits(digits_model: Pat
     with pytest.warns(UserWarning, match="Eval mode resmall-crop does not apply to mnist5k"):
         assert main(["eval", str(run), *argv]) == 0
     assert json.loads(capsys.readouterr().out)["eval_mode"] == "resize"
+
+
+def _last_validation(run: Path) -> dict:
+    return [m for m in map(json.loads, (run / "metrics.jsonl").read_text().splitlines()) if "val_top1" in m][-1]
+
+
+@pytest.mark.parametrize("data", ["mnist5k", "shards"])
+def test_eval_of_a_run_without_data_scores_its_own_validation(tmp_path: Path, capsys: pytest.CaptureFixture,
+                                                              data: str) -> None:
+    """`mixer eval RUN` needed --data, and no --data scored the run's hold-out: only Python could check the number
+    its metrics logged. Without --data it now scores those very images (a count of shards' images included)."""
+    from test_sources import make_shards
+
+    if data == "shards":
+        make_shards(tmp_path / "shards", shards=2, per_shard=30, suffix=".tar.gz")
+        data = str(tmp_path / "shards")
+    run = tmp_path / "run"
+    assert main(["train", "--data", data, "--holdout", "12", "--steps", "6", "--batch-size", "16", "--workers", "0",
+                 "--quiet", "--out", str(run)]) == 0
+    capsys.readouterr()
+    assert main(["eval", str(run), "--workers", "0", "--json"]) == 0
+    result, logged = json.loads(capsys.readouterr().out), _last_validation(run)
+    assert (result["top1"], result["n"]) == (logged["val_top1"], logged["val_n"])
+    assert result["loss"] == pytest.approx(logged["val_loss"], rel=1e-6)
+    assert "held out of" in result["data"]
+
+
+def test_eval_without_data_needs_a_run_that_validated(digits_model: Path, tmp_path: Path,
+                                                      capsys: pytest.CaptureFixture) -> None:
+    assert main(["eval", str(digits_model)]) == 2
+    assert "is not a mixer train run (no config.json beside it) with validation images of its own; give --data." \
+        in capsys.readouterr().err
+    run = tmp_path / "run"
+    assert main(["train", "--holdout", "0", "--steps", "2", "--batch-size", "16", "--quiet", "--out", str(run)]) == 0
+    assert main(["eval", str(run)]) == 2
+    assert "held out none of mnist5k and had no --eval-data: it validated on nothing; give --data." in capsys.readouterr().err

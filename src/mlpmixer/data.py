@@ -212,6 +212,17 @@ def warn_if_same_images(train_spec: Optional[str], eval_spec: str, trained: str)
     return True
 
 
+def holdout_too_large(holdout: float, images: int, data: str) -> ValueError:
+    """The error of a hold-out count of all the training images or more, saying where the count came from: often
+    not from the user, but from the default recipe's 250, meant for its 5,000 digits."""
+    from .recipes import RECIPES
+
+    presets = [name for name, preset in RECIPES.items() if preset.get("holdout") == holdout]
+    origin = f" ({holdout:g} is the {presets[0]} recipe's hold-out, used unless --holdout is given)" if presets else ""
+    return ValueError(f"Cannot hold out {holdout:g} of the {images} images of {data}{origin}; give --holdout as a "
+                      "smaller count or a fraction (such as 0.1), or validate on --eval-data.")
+
+
 def holdout_split(n: int, holdout: float, seed: int) -> tuple[torch.Tensor, torch.Tensor]:
     """Seeded (train, validation) indices of n examples; `holdout` is a count (>= 1) or a fraction."""
     count = int(holdout) if holdout >= 1 else round(holdout * n)

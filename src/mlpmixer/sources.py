@@ -59,7 +59,7 @@ try:  # where they are gone, PIL decodes all
 except ImportError:
     decode_image = None
 
-from .data import Source, TensorData, worker_deaths
+from .data import Source, TensorData, holdout_too_large, worker_deaths
 from .seeds import derive_seed
 
 Transform = Optional[Callable[[torch.Tensor], Any]]
@@ -796,6 +796,19 @@ def _open_image_folder(root: Path, split: str, holdout: float, seed: int, transf
                 f"hold out between 1 and {len(ranked) - 1} of them (--holdout)."
             )
     return Source(FolderDataset(samples, transform, replace_bad), classes, len(samples))
+
+
+def holdout_share(path: str, holdout: float, seed: int) -> float:
+    """A hold-out of the folder or shards `path` as the fraction of its images that the sources take: a count
+    (>= 1, as the digits recipe gives) over the images it holds, a fraction as it is."""
+    if holdout < 1:
+        return holdout
+    n = open_folder_or_shards(path, "train", 0.0, seed, None).num_examples
+    if not n:
+        raise ValueError(f"{path} does not say how many images it holds; give --holdout as a fraction.")
+    if holdout >= n:
+        raise holdout_too_large(holdout, n, path)
+    return holdout / n
 
 
 def open_folder_or_shards(path: str, split: str, holdout: float, seed: int, transform: Transform,

@@ -42,13 +42,13 @@ from .bench import free_cores, slow_bf16
 from .checkpoints import (STATE_DIR, atomic_write, check_writable_folder, first_line, load_checkpoint,
                           read_checkpoint, remove_temporaries, run_config, save_checkpoint, zip_damage)
 from .compiled import CompiledOrEager
-from .data import (MNIST5K, Source, TensorData, TensorDataset, augment_digits, holdout_split, is_idx_folder,
-                   load_tensors, to_model_input, worker_deaths)
+from .data import (MNIST5K, Source, TensorData, TensorDataset, augment_digits, holdout_split, holdout_too_large,
+                   is_idx_folder, load_tensors, to_model_input, worker_deaths)
 from .evaluate import evaluate, open_eval_data
 from .model import MlpMixer, create_model
 from .permute import FixedPermutation
 from .profiling import StepProfiler
-from .recipes import MAX_STEPS, RECIPES, Recipe
+from .recipes import MAX_STEPS, Recipe
 from .resize import resize_to
 from .seeds import derive_seed, reseed
 from .shared_grads import SharedGradients
@@ -700,7 +700,7 @@ def _train(
             f"{r.data} is in memory and augmented with digits_aug only, so {they} not used.")
     if tensors is not None:
         if r.eval_data is None and r.holdout >= max(1, len(tensors)):  # a count that leaves nothing to train on
-            raise _holdout_too_large(r.holdout, len(tensors), r.data)
+            raise holdout_too_large(r.holdout, len(tensors), r.data)
         train_idx, val_idx = holdout_split(len(tensors), r.holdout if r.eval_data is None else 0, r.seed)
         train_data, class_names = tensors.subset(train_idx), tensors.class_names
         val_data: Any = tensors.subset(val_idx) if len(val_idx) else None
@@ -709,21 +709,14 @@ def _train(
         if init_config:
             img_size, in_chans = r.img_size or init_config.img_size, init_config.in_chans
     else:
-        from .sources import check_same_classes, is_split_pair, open_folder_or_shards, read_into_memory
+        from .sources import check_same_classes, holdout_share, is_split_pair, open_folder_or_shards, read_into_memory
         from .transforms import eval_transform, mixup_cutmix, train_transform
 
         img_size, in_chans = r.img_size or variant_config(r.model).img_size, 3  # the variant's own: nano/4 32×32
         if init_from:  # fine-tuning keeps the checkpoint's channels (and size, unless r.img_size)
             img_size, in_chans = r.img_size or init_config.img_size, init_config.in_chans
         pair = is_split_pair(r.data)  # its val/ is the validation data
-        holdout = r.holdout if r.eval_data is None and not pair else 0.0
-        if holdout >= 1:  # a count (as the digits recipe gives): the sources take a fraction
-            n = open_folder_or_shards(r.data, "train", 0.0, r.seed, None).num_examples
-            if not n:
-                raise ValueError(f"{r.data} does not say how many images it holds; give --holdout as a fraction.")
-            if holdout >= n:
-                raise _holdout_too_large(holdout, n, r.data)
-            holdout = holdout / n
+        holdout = holdout_share(r.data, r.holdout if r.eval_data is None and not pair else 0.0, r.seed)
         if r.augment_on == "device":  # decoded once here, augmented batch by batch on the device
             train_data = read_into_memory(r.data, "train", holdout, r.seed, in_chans, r.workers,
                                           progress=main and progress)
@@ -1131,15 +1124,6 @@ def _train(
         # (pytorch#190489). By the end of this barrier they have let go of them.
         dist.barrier()
     return files
-
-
-def _holdout_too_large(holdout: float, images: int, data: str) -> ValueError:
-    """The error of a hold-out count of all the training images or more, saying where the count came from: often
-    not from the user, but from the default recipe's 250, meant for its 5,000 digits."""
-    presets = [name for name, preset in RECIPES.items() if preset.get("holdout") == holdout]
-    origin = f" ({holdout:g} is the {presets[0]} recipe's hold-out, used unless --holdout is given)" if presets else ""
-    return ValueError(f"Cannot hold out {holdout:g} of the {images} images of {data}{origin}; give --holdout as a "
-                      "smaller count or a fraction (such as 0.1), or validate on --eval-data.")
 
 
 def _recipe_model(config: MixerConfig, base: str) -> dict[str, Any]:

@@ -20,9 +20,10 @@ def register(p: argparse.ArgumentParser) -> None:
         "(DIR/confusion.png)."
     )
     p.add_argument("checkpoint", help="checkpoint file or run directory")
-    p.add_argument("--data", "--eval-data", dest="data", required=True,
+    p.add_argument("--data", "--eval-data", dest="data",
                    help="mnist5k (the embedded digits), a folder of MNIST IDX files, an image folder or shards "
-                   "(alias --eval-data, as train, fewshot and linear-probe name it)")
+                   "(alias --eval-data, as train, fewshot and linear-probe name it); default for a run: the images "
+                   "it validated on (its --eval-data, the val/ of a train/ + val/ folder, or its hold-out)")
     p.add_argument("--eval-mode", "--mode", dest="mode", choices=EVAL_MODES,
                    help="preprocessing of image folders and shards (SPEC §4; default: the one a run validated "
                    "with, else resize); in-memory digits are always resized to the model's size")
@@ -45,7 +46,7 @@ def run(args: argparse.Namespace) -> int:
     from ..bench import free_cores, set_threads
     from ..checkpoints import atomic_write, check_writable_folder, load_checkpoint
     from ..data import warn_if_same_images, worker_deaths
-    from ..evaluate import applied_eval_mode, evaluate, open_eval_data
+    from ..evaluate import applied_eval_mode, evaluate, open_eval_data, open_run_validation
     from ..reports import confusion_matrix_png, per_class_accuracy, unique_class_names
     from ..sources import FolderDataset
 
@@ -58,10 +59,16 @@ def run(args: argparse.Namespace) -> int:
                          f"{args.checkpoint} --data DATA, or measure its features with mixer fewshot or linear-probe.")
     recipe = run_recipe(args.checkpoint)
     mode = run_eval_mode(args.checkpoint, args.mode)
-    # Evaluated whole, the data the run trained on hold the images it trained on, unless they are a train/ + val/
-    # pair (read at val/) or an IDX folder with both train- and t10k- files (read at t10k-).
-    warn_if_same_images(recipe.get("data"), args.data, f"the run trained on {args.data}")
-    data = open_eval_data(args.data, model, mode, args.workers)
+    if args.data is None:  # the run's own validation images
+        if not recipe:
+            raise ValueError(f"{args.checkpoint} is not a mixer train run (no config.json beside it) with validation "
+                             "images of its own; give --data.")
+        data, args.data = open_run_validation(recipe, model, mode, args.workers)
+    else:
+        # Evaluated whole, the data the run trained on hold the images it trained on, unless they are a train/ +
+        # val/ pair (read at val/) or an IDX folder with both train- and t10k- files (read at t10k-).
+        warn_if_same_images(recipe.get("data"), args.data, f"the run trained on {args.data}")
+        data = open_eval_data(args.data, model, mode, args.workers)
     mode = applied_eval_mode(data, mode)  # the JSON and the report name the preprocessing that ran
     names = data.class_names  # evaluate() checks that they are the model's
 
