@@ -63,8 +63,10 @@ def run(args: argparse.Namespace) -> int:
         if not recipe:
             raise ValueError(f"{args.checkpoint} is not a mixer train run (no config.json beside it) with validation "
                              "images of its own; give --data.")
-        data, args.data = open_run_validation(recipe, model, mode, args.workers)
+        data, data_name = open_run_validation(recipe, model, mode, args.workers)  # what they are, in words
+        source = data_name
     else:
+        data_name, source = args.data, f"--data {args.data}"
         # Evaluated whole, the data the run trained on hold the images it trained on, unless they are a train/ +
         # val/ pair (read at val/) or an IDX folder with both train- and t10k- files (read at t10k-).
         warn_if_same_images(recipe.get("data"), args.data, f"the run trained on {args.data}")
@@ -77,12 +79,12 @@ def run(args: argparse.Namespace) -> int:
 
     with worker_deaths("rerun the command"):  # the labels say which classes had no images (16 bytes an image, with the top-1)
         m = evaluate(model, data, batch_size=args.batch_size, workers=args.workers, progress=not args.json,
-                     transform=permute, predictions=True, name=args.data)
+                     transform=permute, predictions=True, name=data_name)
     # Opening an image folder said so of its empty class folders; IDX files and shards show theirs only now.
     if not isinstance(getattr(data, "dataset", None), FolderDataset):
-        warn_empty_classes(m["labels"], names, f"--data {args.data}")
+        warn_empty_classes(m["labels"], names, source)
     result: dict[str, Any] = {"top1": m["top1"], "top5": m["top5"], "n": m["n"], "loss": m["loss"],
-                              "checkpoint": str(args.checkpoint), "data": args.data, "eval_mode": mode}
+                              "checkpoint": str(args.checkpoint), "data": data_name, "eval_mode": mode}
     if permute is not None:
         result["permute"], result["permute_seed"] = permute.mode, permute.seed
     if args.report:
@@ -98,13 +100,13 @@ def run(args: argparse.Namespace) -> int:
         del report["per_class"]  # "classes" says the same with the counts
         atomic_write(out / "per_class.json", lambda tmp: Path(tmp).write_text(json.dumps(report, indent=1) + "\n"))
         confusion_matrix_png(m["preds"], m["labels"], keys, out / "confusion.png",
-                             title=f"{cfg.describe()} on {args.data}: {m['n']} images, top-1 {m['top1']:.2%}")
+                             title=f"{cfg.describe()} on {data_name}: {m['n']} images, top-1 {m['top1']:.2%}")
     if args.json:
         print(json.dumps(result))
         return 0
     extra = f", permuted ({permute.mode}, seed {permute.seed})" if permute is not None else ""
     top5 = f"top-5 {m['top5']:.2%}" if m["top5"] is not None else f"no top-5 with {len(names)} classes"
-    print(f"{cfg.describe()} on {args.data} ({m['n']} images{extra}): top-1 {m['top1']:.2%}, {top5}, "
+    print(f"{cfg.describe()} on {data_name} ({m['n']} images{extra}): top-1 {m['top1']:.2%}, {top5}, "
           f"loss {m['loss']:.4f}")
     if args.report:
         worst = sorted((a, name) for name, a in result["per_class"].items() if a is not None)[:3]
