@@ -62,7 +62,7 @@ def test_in_memory_training_data_is_evaluated_on_any_eval_data(tmp_path: Path) -
     said: list[str] = []
     files = train(tiny(eval_data=str(tmp_path / "digits"), evals=1), tmp_path / "run", progress=False,
                   log=said.append)
-    assert "(5000 images, 10 classes)" in said[0]  # nothing held out
+    assert "(5000 images, validating on 20, 10 classes)" in said[0]  # nothing held out: the 20 of --eval-data
     rows = [json.loads(line) for line in files.metrics.read_text().splitlines()]
     assert [r["val_n"] for r in rows if "val_n" in r] == [20]
     from test_fewshot import write_idx_digits

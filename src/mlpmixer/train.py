@@ -934,9 +934,13 @@ def _train(
 
     if main:
         what = f"{model.config.describe()} ({model.config.num_params():,} parameters)"
-        log(f"{verb} {what}{origin} on {r.data} ({num_train if num_train else '?'} images, {num_classes} classes) "
-            f"for {total} step{'s' * (total != 1)} of {r.batch_size}" + (f", resuming at step {start}" if start else "")
-            + f"; run: {run}")
+        # How many images each validation scores: a hold-out count is met about (shards, folders) or exactly.
+        checked = (len(val_data) if isinstance(val_data, TensorData) else val_data.num_examples) \
+            if val_data is not None else None
+        validating = f", validating on {checked}" if checked else ""
+        log(f"{verb} {what}{origin} on {r.data} ({num_train if num_train else '?'} images{validating}, "
+            f"{num_classes} classes) for {total} step{'s' * (total != 1)} of {r.batch_size}"
+            + (f", resuming at step {start}" if start else "") + f"; run: {run}")
     bar = tqdm(total=total, initial=start, desc="training", unit="step", disable=not (main and progress),
                dynamic_ncols=True)
     model.train()
