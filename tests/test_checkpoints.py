@@ -342,9 +342,16 @@ def test_commands_do_not_write_over_a_runs_files(tmp_path, capsys):
             "write to another file." in err, err
     assert all(p.read_bytes() == content for p, content in files.items())
     # Beside a copy of the model outside any run, the same commands write as they did; so does an export next to a
-    # training state (step-00000002.onnx is not one).
+    # training state (step-00000002.onnx is not one), into a folder whose config.json is another tool's (a Hugging
+    # Face model's), and through a link into a run (the link is replaced, not the run's file).
     assert main(["convert", str(state), str(tmp_path / "model.safetensors")]) == 0
     assert main(["export", str(state), "--format", "onnx"]) == 0 and state.with_suffix(".onnx").exists()
+    (tmp_path / "hf").mkdir()
+    (tmp_path / "hf" / "config.json").write_text(json.dumps({"architectures": ["BertModel"]}))
+    assert main(["convert", str(state), str(tmp_path / "hf" / "model.safetensors")]) == 0
+    (tmp_path / "link.png").symlink_to(run / "curves.png")
+    assert main(["show-weights", str(run), "--out", str(tmp_path / "link.png")]) == 0
+    assert (run / "curves.png").read_bytes() == files[run / "curves.png"] and not (tmp_path / "link.png").is_symlink()
 
 
 # --- mismatches ---------------------------------------------------------------------------------

@@ -210,13 +210,13 @@ def test_eval_of_a_run_without_data_scores_its_own_validation(tmp_path: Path, ca
     result, logged = json.loads(capsys.readouterr().out), _last_validation(run)
     assert (result["top1"], result["n"]) == (logged["val_top1"], logged["val_n"])
     assert result["loss"] == pytest.approx(logged["val_loss"], rel=1e-6)
-    assert "held out of" in result["data"]
+    assert result["part"].startswith("the images the run held out of") and result["data"] == data
 
 
 def test_eval_without_data_needs_a_run_that_validated(digits_model: Path, tmp_path: Path,
                                                       capsys: pytest.CaptureFixture) -> None:
     assert main(["eval", str(digits_model)]) == 2
-    assert "is not a mixer train run (no config.json beside it) with validation images of its own; give --data." \
+    assert "is not a mixer train run (no run's config.json beside it) with validation images of its own; give --data." \
         in capsys.readouterr().err
     run = tmp_path / "run"
     assert main(["train", "--holdout", "0", "--steps", "2", "--batch-size", "16", "--quiet", "--out", str(run)]) == 0

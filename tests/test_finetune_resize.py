@@ -102,7 +102,8 @@ def test_finetune_without_img_size_keeps_the_checkpoint_size(tiny: Path, tmp_pat
     assert load_checkpoint(again).config == model.config
     # Resumed by `mixer train`, which would build another model and optimiser: one sentence naming the way.
     assert main(["train", "--out", str(out), "--resume", "--quiet"]) == 2
-    assert f"fine-tunes {tiny}; resume it with mixer finetune --from {tiny}" in capsys.readouterr().err
+    assert (f"fine-tunes {tiny}; resume it with its own settings: mixer finetune --config {out / 'config.json'} "
+            f"--from {tiny} --out {out} --resume.") in capsys.readouterr().err
     # A run whose recipe holds the recipe's default model (as before it named the model fine-tuned) resumes
     # without a note of other settings: the checkpoint decides the model.
     config["recipe"].update(model="digits/4", model_args={}, img_size=None)

@@ -483,15 +483,33 @@ def test_resume_keeps_the_runs_saving_and_where_a_fine_tuning_run_started(tmp_pa
                                          rf"{run / 'config.json'} --out {run} --resume\."):
         train(r.replace(model_args={**r.model_args, "hidden_dim": 24}), run, resume=True, progress=False,
               log=lambda *_: None)
-    # Fine-tuning from the run, then resuming with another --from: it goes on from its own state, said.
+    # Fine-tuning from the run, then resuming with another --from: said, and config.json keeps where it started.
     ft = tmp_path / "ft"
     train(r, ft, init_from=str(run), save_every=2, progress=False, log=lambda *_: None)
     said: list[str] = []
     other = run / "checkpoints" / "step-00000002.pt"
     train(r.replace(steps=6), ft, resume=True, init_from=str(other), progress=False, log=said.append)
-    assert f"Note: --from {other} is not where {ft} started ({run}); it goes on from its own saved state" in "\n".join(said)
+    assert f"Note: --from {other} is not where {ft} started ({run}); the model is built from it" in "\n".join(said)
     assert json.loads((ft / "config.json").read_text())["init_from"] == str(run)
     assert (ft / "checkpoints" / "step-00000006.pt").exists()  # the fine-tuning run's own saving, kept too
+    said.clear()  # the same checkpoint spelled otherwise (the run's model file) is no other --from
+    train(r.replace(steps=8), ft, resume=True, init_from=str(run / "model.safetensors"), progress=False,
+          log=said.append)
+    assert not any("is not where" in line for line in said)
+    # A run trained from scratch, resumed as a fine-tuning: it was recorded as a fine-tuning of that --from.
+    with pytest.raises(ValueError, match=rf"{run} trains a model from scratch, not a fine-tuning; resume it with its "
+                                         rf"own settings: mixer train --config {run / 'config.json'} --out {run} "
+                                         r"--resume\."):
+        train(r.replace(steps=10), run, resume=True, init_from=str(ft), progress=False, log=lambda *_: None)
+    assert "init_from" not in json.loads((run / "config.json").read_text())
+    # A run whose config.json predates the record of --save-every: its resume says it saves nothing.
+    config = json.loads((run / "config.json").read_text())
+    del config["save_every"], config["keep"]
+    (run / "config.json").write_text(json.dumps(config))
+    said.clear()
+    train(r.replace(steps=10), run, resume=True, progress=False, log=said.append)
+    assert f"Note: {run}/config.json predates the record of --save-every, so this resume saves no training state; " \
+        "give --save-every N to keep saving." in said
 
 
 def test_a_damaged_state_or_one_of_other_shapes_is_one_sentence(tmp_path: Path) -> None:

@@ -350,9 +350,9 @@ def timm_model(name: str, config: MixerConfig, match_shapes: bool = False) -> nn
     for embed in (m for m in model.modules() if isinstance(m, PatchEmbed)):
         (h, w), (ph, pw) = config.img_size, embed.patch_size
         if h >= ph and w >= pw and (h % ph or w % pw) and not getattr(embed, "dynamic_img_pad", False):
-            raise BenchError(f"timm's {name} cuts {h}×{w} images into {ph}×{pw} patches, which leave "
-                             f"{h % ph}×{w % pw} pixels unread; compare at a multiple of {ph}×{pw} (--img-size) "
-                             "or with another timm model.")
+            raise BenchError(f"timm's {name} cuts {h}×{w} images into {ph}×{pw} patches, which leave the last "
+                             f"{h % ph} rows and {w % pw} columns unread; compare at a multiple of {ph}×{pw} "
+                             "(--img-size) or with another timm model.")
     # One image first: a size the model cannot take is one sentence here, not a traceback in the warm-up.
     try:
         with torch.no_grad():

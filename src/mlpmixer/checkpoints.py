@@ -902,14 +902,22 @@ def check_not_the_source(src: str | os.PathLike, dst: str | os.PathLike) -> None
 
 
 def check_not_a_run_file(dst: str | os.PathLike) -> None:
-    """Refuse to write over a file of a `mixer train` run (a folder with its config.json): its model, metrics,
-    curves or a training state. An export or a conversion written there replaced the run's model, or the state
-    that --resume then could not read."""
-    p = Path(dst).expanduser().resolve()
-    if p.name in RUN_FILES and (p.parent / "config.json").is_file():
+    """Refuse to write over a file of a `mixer train` run (a folder whose config.json is a run's): its model,
+    metrics, curves or a training state. An export or a conversion written there replaced the run's model, or the
+    state that --resume then could not read. A link named `dst` is replaced, not what it points to (atomic_write),
+    so it is judged where it lies."""
+    p = Path(dst).expanduser()
+    p = p.parent.resolve() / p.name
+
+    def is_run(folder: Path) -> bool:  # another tool's config.json (a Hugging Face model's) is not a run's
+        try:
+            return run_config(folder) is not None
+        except CheckpointError:
+            return False
+
+    if p.name in RUN_FILES and is_run(p.parent):
         what = f"the {p.name} of the run in {p.parent}"
-    elif (p.parent.name == STATE_DIR and p.name.startswith("step-") and p.suffix == ".pt"
-          and (p.parent.parent / "config.json").is_file()):
+    elif p.parent.name == STATE_DIR and p.name.startswith("step-") and p.suffix == ".pt" and is_run(p.parent.parent):
         what = f"a training state of the run in {p.parent.parent}"
     else:
         return

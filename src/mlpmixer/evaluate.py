@@ -43,33 +43,32 @@ def open_eval_data(spec: str, model: MlpMixer, mode: str = "resize", workers: in
 
 
 def open_run_validation(recipe: dict[str, Any], model: MlpMixer, mode: str = "resize",
-                        workers: int = 2) -> tuple[Union[TensorData, Source], str]:
-    """The images a `mixer train` run validated on, from the recipe its config.json records, for `model`, and
-    what they are in words: its --eval-data, the val/ part of a train/ + val/ folder, or the images it held out
-    of --data (the same ones: the hold-out is a function of the seed and the data, train.py's and this alike)."""
+                        workers: int = 2) -> tuple[Union[TensorData, Source], str, str]:
+    """The images a `mixer train` run validated on, from the recipe its config.json records, for `model`; the data
+    they are part of; and which part, in words: its --eval-data, the val/ part of a train/ + val/ folder, or the
+    images it held out of --data (the same ones: the hold-out is a function of the seed and the data, train.py's
+    and this alike)."""
     from .data import holdout_split
-
-    data, eval_data, holdout, seed = recipe.get("data"), recipe.get("eval_data"), recipe.get("holdout") or 0, \
-        recipe.get("seed") or 0
-    if eval_data:
-        return open_eval_data(eval_data, model, mode, workers), f"--eval-data {eval_data}"
     from .sources import holdout_share, is_split_pair, open_folder_or_shards
     from .transforms import eval_transform
 
+    data, eval_data = recipe.get("data"), recipe.get("eval_data")
+    holdout, seed = recipe.get("holdout") or 0, recipe.get("seed") or 0
+    if eval_data:
+        return open_eval_data(eval_data, model, mode, workers), eval_data, f"the run's --eval-data {eval_data}"
     if not data:
         raise ValueError("The run records no training data to find its validation images in; give --data.")
     if is_split_pair(data):
-        return open_eval_data(data, model, mode, workers), f"the val/ part of {data}"
+        return open_eval_data(data, model, mode, workers), data, f"the val/ part of {data}"
     if not holdout:
         raise ValueError(f"The run held out none of {data} and had no --eval-data: it validated on nothing; give --data.")
     tensors = load_tensors(data, split="train")
     if tensors is not None:
-        held = tensors.subset(holdout_split(len(tensors), holdout, seed)[1])
-        return held, f"the {len(held)} images the run held out of {data}"
+        return tensors.subset(holdout_split(len(tensors), holdout, seed)[1]), data, f"the images the run held out of {data}"
     cfg = model.config
     source = open_folder_or_shards(data, "val", holdout_share(data, holdout, seed), seed,
                                    eval_transform(cfg.img_size, cfg.in_chans, mode))
-    return source, f"the images the run held out of {data}"
+    return source, data, f"the images the run held out of {data}"
 
 
 def applied_eval_mode(data: Union[TensorData, Source], mode: str) -> str:

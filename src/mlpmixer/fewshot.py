@@ -85,7 +85,8 @@ def fit_least_squares(features: torch.Tensor, labels: torch.Tensor, num_classes:
     return LinearProbe(mean, std, weight)
 
 
-def _class_name(c: int, class_names: Sequence[str] | None) -> str:
+def class_label(c: int, class_names: Sequence[str] | None) -> str:
+    """Class `c` in messages: "class 3 (cat)", or "class 3" where the name says no more."""
     named = class_names and c < len(class_names) and class_names[c] != str(c)
     return f"class {c} ({class_names[c]})" if named else f"class {c}"
 
@@ -99,7 +100,7 @@ def sample_support(labels: torch.Tensor, shots: int, num_classes: int, generator
         if len(members) < shots:
             raise ValueError(
                 f"{shots}-shot evaluation needs {shots} image{'s' * (shots != 1)} of every class, but the support "
-                f"pool has {len(members)} of {_class_name(c, class_names)}; use fewer shots or more data."
+                f"pool has {len(members)} of {class_label(c, class_names)}; use fewer shots or more data."
             )
         picked.append(members[torch.randperm(len(members), generator=generator)[:shots]])
     return torch.cat(picked)

@@ -40,7 +40,7 @@ from tqdm import tqdm
 
 from .bench import free_cores, slow_bf16
 from .checkpoints import (STATE_DIR, atomic_write, check_writable_folder, first_line, load_checkpoint,
-                          read_checkpoint, remove_temporaries, run_config, save_checkpoint, zip_damage)
+                          read_checkpoint, remove_temporaries, resolve_path, run_config, save_checkpoint, zip_damage)
 from .compiled import CompiledOrEager
 from .data import (MNIST5K, Source, TensorData, TensorDataset, augment_digits, holdout_split, holdout_too_large,
                    is_idx_folder, load_tensors, to_model_input, worker_deaths)
@@ -825,9 +825,12 @@ def _train(
         note = _check_resumable(run, saved, model.config, r, init_from, world)
         # The run's own saving, unless given: resumed through its config.json (which holds the recipe, not these
         # run flags) it saved no state again, and a second kill lost all it did after the resume.
+        if save_every is None and saved is not None and "save_every" not in saved and main:
+            log(f"Note: {run}/config.json predates the record of --save-every, so this resume saves no training "
+                "state; give --save-every N to keep saving.")
         save_every = (saved or {}).get("save_every") if save_every is None else save_every
         keep = (saved or {}).get("keep") if keep is None else keep
-        recorded_from = (saved or {}).get("init_from", init_from)
+        recorded_from = saved.get("init_from") if saved is not None else init_from
         # FSDP: each rank keeps only its shards of the full state, so read it to the CPU, not the device.
         state = _read_state(state_path, "cpu" if fsdp else device)
         if fsdp:  # the state holds full tensors (keyed by name): each rank keeps its shards
@@ -1154,8 +1157,11 @@ def _check_resumable(run: Path, saved: Optional[dict[str, Any]], config: MixerCo
         return {k: v for k, v in d.items() if k not in ("name", "gelu", "drop_rate", "drop_path_rate")}
 
     if saved.get("init_from") and not init_from:
-        raise ValueError(f"{run} fine-tunes {saved['init_from']}; resume it with mixer finetune --from "
-                         f"{saved['init_from']} and the run's other settings, plus --resume.")
+        raise ValueError(f"{run} fine-tunes {saved['init_from']}; resume it with its own settings: mixer finetune "
+                         f"--config {run / 'config.json'} --from {saved['init_from']} --out {run} --resume.")
+    if init_from and not saved.get("init_from"):  # it would be recorded as a fine-tuning of init_from
+        raise ValueError(f"{run} trains a model from scratch, not a fine-tuning; resume it with its own settings: "
+                         f"mixer train --config {run / 'config.json'} --out {run} --resume.")
     if shapes(saved["model"]) != shapes(config.to_dict()):
         def what(c: MixerConfig) -> str:
             return (f"{c.describe()} ({c.img_size[0]}×{c.img_size[1]}, {c.in_chans} channel{'s' * (c.in_chans > 1)}, "
@@ -1182,10 +1188,20 @@ def _check_resumable(run: Path, saved: Optional[dict[str, Any]], config: MixerCo
     if changed:
         notes.append(f"Resuming with settings other than the run's ({', '.join(changed)}): the run goes on with "
                      "these, so it will not end as the run it resumes would have.")
-    if saved.get("init_from") and Path(saved["init_from"]).resolve() != Path(init_from).resolve():
-        notes.append(f"Note: --from {init_from} is not where {run} started ({saved['init_from']}); it goes on from its "
-                     "own saved state, and config.json keeps where it started.")
+    if saved.get("init_from") and not _same_checkpoint(saved["init_from"], init_from):
+        notes.append(f"Note: --from {init_from} is not where {run} started ({saved['init_from']}); the model is built "
+                     "from it, its weights then come from the run's saved state, and config.json keeps where it "
+                     "started.")
     return "\n".join(notes) or None
+
+
+def _same_checkpoint(a: str, b: str) -> bool:
+    """Whether two --from paths name one checkpoint (a run directory and its model file are one); a path that
+    does not resolve from here (a relative one recorded elsewhere) is taken as the same: nothing to say."""
+    try:
+        return resolve_path(a).resolve() == resolve_path(b).resolve()
+    except ValueError:  # CheckpointError: missing, or not a checkpoint
+        return True
 
 
 def _defer_checks(device: torch.device) -> bool:

@@ -116,8 +116,8 @@ def add_permute_arguments(p: argparse.ArgumentParser) -> None:
 def warn_empty_classes(eval_labels: torch.Tensor, names: list[str], where: str) -> None:
     """Warn, as opening an image folder does of an empty class folder, of each class that the evaluation
     images (`where`: their source) hold none of: its accuracy would be NaN, and the totals leave it out."""
-    from ..fewshot import _class_name
+    from ..fewshot import class_label
     from ..sources import warn_nothing_to_evaluate
 
     for c in (eval_labels.bincount(minlength=len(names)) == 0).nonzero().flatten().tolist():
-        warn_nothing_to_evaluate(f"The evaluation part of {_class_name(c, names)} ({where})")
+        warn_nothing_to_evaluate(f"The evaluation part of {class_label(c, names)} ({where})")

@@ -6,6 +6,7 @@ import argparse
 import json
 import sys
 import time
+import warnings
 
 from ..choices import BENCH_DTYPES
 from ..variants import variant_config
@@ -67,9 +68,8 @@ def run(args: argparse.Namespace) -> int:
         # Threads wait for each other at every operation: one that loses its core to another program stalls the
         # rest, so the timings would be several times too slow (train and eval use the idle cores; a benchmark
         # keeps the same threads from run to run, and says so).
-        print(f"Warning: other programs keep {threads - free} of the {threads} cores busy, so these timings "
-              f"will be slow and noisy; wait for them, or time on the idle ones with --threads {free}.",
-              file=sys.stderr)
+        warnings.warn(f"other programs keep {threads - free} of the {threads} cores busy, so these timings will be "
+                      f"slow and noisy; wait for them, or time on the idle ones with --threads {free}.")
     kept = device.type == "cpu" and not args.default_malloc and B.keep_freed_memory()
     if args.num_classes == 0 and args.mode != "infer":
         raise B.BenchError("A training step needs a head to train: give --num-classes 1 or more, or --mode infer.")

@@ -139,7 +139,7 @@ def train_and_eval_features(args: argparse.Namespace) -> tuple[torch.Tensor, ...
     # The evaluation data's classes are checked before the features of either part are extracted.
     if eval_spec:
         eval_data, eval_total = _open(model, eval_spec, "val", args)
-        what = f"the val/ part of {eval_spec}" if eval_spec == args.data else f"--eval-data {eval_spec}"
+        what = f"the val/ part of {eval_spec}" if args.eval_data is None else f"--eval-data {eval_spec}"
         check_same_classes(names, eval_data.class_names, f"the evaluation images ({what})", "the --data images")
         warn_if_same_images(args.data, eval_spec, f"--eval-data {eval_spec} holds the --data images the "
                             "classifier is fitted on")
@@ -161,7 +161,7 @@ def train_and_eval_features(args: argparse.Namespace) -> tuple[torch.Tensor, ...
 
 
 def run(args: argparse.Namespace) -> int:
-    from ..fewshot import _class_name, fewshot_evaluate
+    from ..fewshot import class_label, fewshot_evaluate
 
     shots = parse_shots(args.shots)
     feats, labels, eval_feats, eval_labels, names = train_and_eval_features(args)
@@ -169,7 +169,7 @@ def run(args: argparse.Namespace) -> int:
     empty = (counts == 0).nonzero().flatten().tolist()
     if empty:  # no shot count can help: name the classes
         raise ValueError(f"The support pool (from --data {args.data}) holds no images of "
-                         f"{', '.join(_class_name(c, names) for c in empty)}; few-shot evaluation needs images of "
+                         f"{', '.join(class_label(c, names) for c in empty)}; few-shot evaluation needs images of "
                          "every class.")
     # A shot count the smallest class cannot fill is skipped, said once; the others are still reported.
     smallest = int(counts.min())

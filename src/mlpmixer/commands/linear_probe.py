@@ -22,11 +22,11 @@ def register(p: argparse.ArgumentParser) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
-    from ..fewshot import _class_name, fit_least_squares  # torch: only when the command runs
+    from ..fewshot import class_label, fit_least_squares  # torch: only when the command runs
 
     feats, labels, eval_feats, eval_labels, names = train_and_eval_features(args)
     for c in (labels.bincount(minlength=len(names)) == 0).nonzero().flatten().tolist():
-        warnings.warn(f"The training images hold none of {_class_name(c, names)}: the probe can never predict it.")
+        warnings.warn(f"The training images hold none of {class_label(c, names)}: the probe can never predict it.")
     probe = fit_least_squares(feats, labels, len(names), args.l2)
     result = {"train_accuracy": probe.accuracy(feats, labels), "accuracy": probe.accuracy(eval_feats, eval_labels),
               "train_images": len(labels), "eval_images": len(eval_labels), "l2": args.l2}
