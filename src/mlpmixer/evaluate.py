@@ -61,14 +61,16 @@ def open_run_validation(recipe: dict[str, Any], model: MlpMixer, mode: str = "re
     if is_split_pair(data):
         return open_eval_data(data, model, mode, workers), data, f"the val/ part of {data}"
     if not holdout:
-        raise ValueError(f"The run held out none of {data} and had no --eval-data: it validated on nothing; give --data.")
+        raise ValueError(f"The run held out none of {data} and had no --eval-data: it validated on nothing; give "
+                         "--data.")
     tensors = load_tensors(data, split="train")
+    held_out = f"the images the run held out of {data}"
     if tensors is not None:
-        return tensors.subset(holdout_split(len(tensors), holdout, seed)[1]), data, f"the images the run held out of {data}"
+        return tensors.subset(holdout_split(len(tensors), holdout, seed)[1]), data, held_out
     cfg = model.config
     source = open_folder_or_shards(data, "val", holdout_share(data, holdout, seed), seed,
                                    eval_transform(cfg.img_size, cfg.in_chans, mode))
-    return source, data, f"the images the run held out of {data}"
+    return source, data, held_out
 
 
 def applied_eval_mode(data: Union[TensorData, Source], mode: str) -> str:

@@ -33,8 +33,8 @@ def register(p: argparse.ArgumentParser) -> None:
     p.add_argument("--workers", type=at_least(0, MAX_WORKERS), default=2, help="DataLoader workers (image folders and shards; default 2)")
     p.add_argument("--json", action="store_true", help="print one JSON object: top1, top5 (fractions; top5 null for 5 "
                    "classes or fewer, which it would hold all of), n, loss, "
-                   "checkpoint, data, eval_mode (and part, which part of the data a run's own validation images are, without --data; "
-                   "permute, permute_seed for a permuted run; per_class, a class "
+                   "checkpoint, data, eval_mode (and part, which part of the data a run's own validation images "
+                   "are, without --data; permute, permute_seed for a permuted run; per_class, a class "
                    "name -> accuracy object, with --report; a name several classes share gets \" (class I)\")")
     p.set_defaults(func=run)
 
@@ -64,10 +64,11 @@ def run(args: argparse.Namespace) -> int:
         if not recipe:
             raise ValueError(f"{args.checkpoint} is not a mixer train run (no run's config.json beside it) with "
                              "validation images of its own; give --data.")
-        data, args.data, part = open_run_validation(recipe, model, mode, args.workers)
+        data, spec, part = open_run_validation(recipe, model, mode, args.workers)
         data_name = source = part
     else:
-        data_name, source, part = args.data, f"--data {args.data}", None
+        spec, part = args.data, None
+        data_name, source = spec, f"--data {spec}"
         # Evaluated whole, the data the run trained on hold the images it trained on, unless they are a train/ +
         # val/ pair (read at val/) or an IDX folder with both train- and t10k- files (read at t10k-).
         warn_if_same_images(recipe.get("data"), args.data, f"the run trained on {args.data}")
@@ -85,7 +86,7 @@ def run(args: argparse.Namespace) -> int:
     if not isinstance(getattr(data, "dataset", None), FolderDataset):
         warn_empty_classes(m["labels"], names, source)
     result: dict[str, Any] = {"top1": m["top1"], "top5": m["top5"], "n": m["n"], "loss": m["loss"],
-                              "checkpoint": str(args.checkpoint), "data": args.data, "eval_mode": mode}
+                              "checkpoint": str(args.checkpoint), "data": spec, "eval_mode": mode}
     if part is not None:  # the run's own validation images: which part of the data they are
         result["part"] = part
     if permute is not None:

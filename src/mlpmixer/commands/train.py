@@ -146,7 +146,8 @@ def run(args: argparse.Namespace) -> int:
     started = json.loads(Path(args.config).read_text()).get("init_from") if args.config else None
     if started and not args.resume:  # (resuming it so is refused, naming mixer finetune)
         warnings.warn(f"{args.config} is a fine-tuning run's, from {started}; mixer train builds its model from "
-                      f"scratch (to fine-tune from there again: mixer finetune --config {args.config} --from {started}).")
+                      f"scratch (to fine-tune from there again: mixer finetune --config {args.config} --from "
+                      f"{started}).")
     launch(recipe, args.out, resume=args.resume, save_every=args.save_every, keep=args.keep,
           progress=not args.quiet, profile=args.profile)
     return 0
