@@ -253,6 +253,8 @@ RECIPES: dict[str, dict[str, Any]] = {
     # decay, zero-initialised new head, no mixup; 10k steps as for CIFAR (ImageNet 20k, Pets 500).
     # Warm-up over 5% of the run: the official 500 steps of 10k, and 25 of a 500-step Pets run, which 500
     # fixed steps would spend entirely warming up, with no cosine decay left.
+    # The Inception crop (area 0.05-1) stays: SPEC §4 lists it among what "did not help" in fine-tuning, and
+    # the authors' fine-tuning pipeline (vision_transformer's input_pipeline.py) crops so by default.
     # img_size None: the checkpoint's own resolution; --img-size converts it (SPEC §5).
     "finetune": dict(
         img_size=None, batch_size=512, optimizer="sgd", momentum=0.9, lr=0.01, weight_decay=0.0,
