@@ -407,6 +407,26 @@ def test_compiled_fast_mixer_runs_the_plain_path(monkeypatch):
         assert torch.allclose(torch.compile(optimize(model), backend="eager")(x), model(x), rtol=1e-5, atol=1e-6)
 
 
+def test_torch_func_transforms_run_the_plain_path():
+    """grad, jacrev and vmap (per-sample gradients, saliency) failed on the fast path's autograd.Functions, which
+    have no functorch rules; inside a transform the wrapper runs the plain model, as under torch.compile."""
+    from torch.func import functional_call, grad, vmap
+
+    model = tiny()
+    fast = optimize(model)
+    x = torch.randn(3, 3, 32, 32)
+    params = dict(model.named_parameters())
+
+    def loss(params, module, x):
+        return functional_call(module, params, (x,)).square().sum()
+
+    want, got = grad(loss)(params, model, x), grad(loss)(params, fast, x)
+    assert all(torch.equal(got[name], want[name]) for name in want)
+    assert torch.equal(grad(lambda x: fast(x).sum())(x), grad(lambda x: model(x).sum())(x))
+    per_image = vmap(lambda image: fast(image[None])[0])(x)
+    torch.testing.assert_close(per_image, model(x), rtol=1e-5, atol=1e-6)
+
+
 def test_broken_kernel_falls_back_with_one_warning(monkeypatch):
     """A kernel that gives wrong numbers is caught on first use; a crashing one too."""
     monkeypatch.setitem(K._state, "disabled_reason", None)

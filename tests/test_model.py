@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import math
 
 import pytest
@@ -168,6 +169,29 @@ def test_dropout_only_in_training(tiny_config: MixerConfig) -> None:
     assert torch.equal(model(x), model(x))
 
 
+def test_dropout_rates_are_placed_as_timms(tiny_config: MixerConfig) -> None:
+    """drop_rate is dropout before the head only, proj_drop_rate inside the MLPs, as in timm's Mixer (drop_rate
+    made 16 dropout layers of a 4-block model, where timm has one)."""
+    timm = pytest.importorskip("timm")
+
+    def dropouts(model: nn.Module) -> list[tuple[str, float]]:
+        """(where, rate) of each dropout a training forward applies: the head, or the MLP kind it is in."""
+        applied = []
+        for name, m in model.named_modules():
+            if isinstance(m, nn.Dropout) and m.p > 0:
+                where = "head" if "blocks" not in name else name.split(".")[2]  # blocks.i.mlp_tokens.drop
+                m.register_forward_hook(lambda m, i, o, where=where: applied.append((where, m.p)))
+        model.train()(images(tiny_config))
+        return sorted(applied)
+
+    for rates in ({"drop_rate": 0.3}, {"proj_drop_rate": 0.2}, {"drop_rate": 0.3, "proj_drop_rate": 0.2}):
+        ours = create_model(tiny_config.replace(**rates))
+        theirs = timm.models.mlp_mixer.MlpMixer(num_classes=5, img_size=tiny_config.img_size, patch_size=8,
+                                                embed_dim=32, num_blocks=tiny_config.num_blocks, **rates)
+        assert dropouts(ours) == dropouts(theirs), rates
+    assert dropouts(create_model(tiny_config.replace(drop_rate=0.3))) == [("head", 0.3)]
+
+
 def test_gradient_checkpointing_gives_the_same_gradients(tiny_config: MixerConfig) -> None:
     model = create_model(tiny_config)
     randomise_head(model)
@@ -269,6 +293,52 @@ def test_timm_style_calls(tiny_config: MixerConfig) -> None:
     code = "import mlpmixer; print(callable(mlpmixer.fast.optimize), callable(mlpmixer.pretrained.fold_input_normalisation))"
     done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
     assert done.stdout.split() == ["True", "True"], done.stderr
+
+
+def test_create_model_takes_timms_device_dtype_and_old_names_and_says_what_it_does_not_take() -> None:
+    meta = create_model("H/14", device="meta")  # built there: no memory, no initialisation
+    assert all(p.is_meta for p in meta.parameters())
+    assert create_model("S/32", num_blocks=1, dtype=torch.bfloat16).head.weight.dtype == torch.bfloat16
+    old = create_model("mixer_b16_224_miil_in21k")  # timm's former name of mixer_b16_224.miil_in21k
+    assert old.config.describe() == "Mixer-B/16" and old.num_classes == 11221
+    with pytest.raises(ValueError, match=r"does not take act_layer \(gelu='exact' or 'tanh' sets the activation\); "
+                       r"it takes num_classes, img_size, global_pool, device, dtype and .*proj_drop_rate"):
+        create_model("S/32", act_layer=nn.GELU)
+
+
+def test_timms_hub_tools_save_a_model_that_timm_builds(tmp_path) -> None:
+    """timm.models.push_to_hf_hub writes config.json through save_for_hf, which needs pretrained_cfg's
+    architecture (a KeyError before): timm's name for the shapes, whose model then takes the saved weights."""
+    timm = pytest.importorskip("timm")
+    from timm.models._hub import save_for_hf
+
+    model = create_model("S/32", gelu="exact", num_classes=4).eval()
+    with torch.no_grad():
+        for p in model.parameters():
+            p.normal_(0, 0.05)
+    save_for_hf(model, tmp_path)
+    config = json.loads((tmp_path / "config.json").read_text())
+    assert config["architecture"] == "mixer_s32_224" and config["pretrained_cfg"]["fixed_input_size"] is True
+    weights = next(p for p in tmp_path.iterdir() if p.name != "config.json")
+    theirs = timm.create_model(config["architecture"], num_classes=4, pretrained=True,
+                               pretrained_cfg_overlay=dict(file=str(weights), num_classes=4)).eval()
+    x = torch.randn(2, 3, 224, 224)
+    torch.testing.assert_close(theirs(x), model(x), rtol=1e-5, atol=1e-5)
+    assert create_model("digits/7").pretrained_cfg["architecture"] == "Mixer-digits/7"  # a shape timm lacks
+
+
+def test_runs_on_the_meta_device(tiny_config: MixerConfig) -> None:
+    """Shapes without data, as timm's Mixer gives them (the input check's autocast query raised there)."""
+    from mlpmixer.fast import optimize
+
+    with torch.device("meta"):
+        model = create_model(tiny_config)
+    x = torch.empty(2, tiny_config.in_chans, *tiny_config.img_size, device="meta")
+    assert model(x).shape == (2, tiny_config.num_classes) and model(x).is_meta
+    fast = optimize(model)
+    assert fast(x).shape == (2, tiny_config.num_classes)
+    with torch.no_grad():
+        assert fast.eval()(x).shape == (2, tiny_config.num_classes)
 
 
 def same_weights_as_timm(cfg: MixerConfig) -> tuple[MlpMixer, nn.Module]:

@@ -28,7 +28,7 @@ from .checkpoints import first_line
 from .choices import BENCH_DTYPES
 from .compiled import CompiledOrEager
 from .kernels import cpu_linear_act, onednn_usable
-from .variants import MixerConfig, paper_variant_of
+from .variants import MixerConfig, timm_name
 
 DTYPES = dict(zip(BENCH_DTYPES, (torch.float32, torch.bfloat16, torch.float16)))
 
@@ -291,14 +291,13 @@ def training_case(
 
 def timm_name_for(config: MixerConfig) -> str:
     """timm's model name with the same shapes as `config` (timm has S, B and L, patch 16 and 32)."""
-    variant = paper_variant_of(config)
-    if variant is None or variant.split("/")[0] not in ("S", "B", "L"):
+    name = timm_name(config)
+    if name is None:
         raise BenchError(
             f"timm has no Mixer matching {config.describe()} (it has S/32, S/16, B/32, B/16, L/32, L/16); "
             "name a timm model explicitly with --vs-timm NAME."
         )
-    family, patch = variant.split("/")
-    return f"mixer_{family.lower()}{patch}_224"
+    return name
 
 
 def check_timm(name: str) -> None:

@@ -40,7 +40,7 @@ from torch import nn
 from torch.utils.checkpoint import checkpoint
 
 from . import kernels as K
-from .model import MlpMixer
+from .model import MlpMixer, autocast_enabled
 
 EPS = 1e-6  # the model's LayerNorm epsilon (SPEC §1)
 
@@ -50,9 +50,15 @@ def compute_dtype(x: torch.Tensor, model: MlpMixer) -> tuple[torch.dtype, bool]:
     device = x.device.type
     weights = model.stem.proj.weight.dtype  # not the norm's: prune_intermediate_layers may have removed it
     # Autocast leaves float64 alone (the plain path runs a float64 model in float64 under it), and so do we.
-    if torch.is_autocast_enabled(device) and weights != torch.float64:
+    if autocast_enabled(device) and weights != torch.float64:
         return torch.get_autocast_dtype(device), True
     return weights, False
+
+
+def _functorch_active() -> bool:
+    """Whether a torch.func transform (grad, vmap, jacrev, ...) is running."""
+    peek = getattr(torch._C._functorch, "peek_interpreter_stack", None)
+    return peek is not None and peek() is not None
 
 
 class FastPathWarning(UserWarning):
@@ -227,7 +233,7 @@ class FastMixer(nn.Module):
         cfg = self.model.config
         if not isinstance(self.model.norm, nn.LayerNorm):  # pruned away (prune_intermediate_layers): fused in here
             return True
-        regularised = cfg.drop_rate > 0 or cfg.drop_path_rate > 0
+        regularised = cfg.drop_rate > 0 or cfg.proj_drop_rate > 0 or cfg.drop_path_rate > 0
         if self.model.training and regularised:  # the model's mode: model.train() after wrapping counts
             if not self._warned_plain:
                 self._warned_plain = True
@@ -250,7 +256,10 @@ class FastMixer(nn.Module):
 
     def _run(self, x: torch.Tensor, features_only: bool) -> torch.Tensor:
         model = self.model
-        if self._needs_plain() or torch.jit.is_tracing() or torch.compiler.is_compiling():
+        # The plain model where the fast path cannot run: under tracing or compilation (see the class), inside a
+        # torch.func transform (its autograd.Functions have no functorch rules), on the meta device (no data).
+        if self._needs_plain() or torch.jit.is_tracing() or torch.compiler.is_compiling() or _functorch_active() \
+                or x.device.type == "meta":
             return model.forward_features(x) if features_only else model(x)
         model.check_input(x)
         dtype, autocast = compute_dtype(x, model)

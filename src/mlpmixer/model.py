@@ -10,6 +10,8 @@ layout is mapped in `checkpoints.py`.
 
 from __future__ import annotations
 
+import contextlib
+import dataclasses
 import math
 from typing import Any, Sequence
 
@@ -18,7 +20,7 @@ import torch.nn.functional as F
 from torch import nn
 from torch.utils.checkpoint import checkpoint
 
-from .variants import MixerConfig, as_pair, variant_config
+from .variants import TIMM_RENAMED, MixerConfig, as_pair, timm_name, variant_config
 
 
 def lecun_normal_(weight: torch.Tensor) -> torch.Tensor:
@@ -37,6 +39,15 @@ def lecun_normal_(weight: torch.Tensor) -> torch.Tensor:
     with torch.no_grad():
         weight.uniform_(-edge, edge).erfinv_().mul_(std * math.sqrt(2))
         return weight.clamp_(-2 * std, 2 * std)  # erfinv's rounding may step just past the edge
+
+
+def autocast_enabled(device_type: str) -> bool:
+    """Whether autocast is on for this device type; False for one autocast does not know (the meta device,
+    where shapes are worked out without data), whose query raises."""
+    try:
+        return torch.is_autocast_enabled(device_type)
+    except RuntimeError:
+        return False
 
 
 class DropPath(nn.Module):
@@ -104,9 +115,9 @@ class MixerBlock(nn.Module):
         c = config.hidden_dim
         act = nn.GELU(approximate="tanh" if config.gelu == "tanh" else "none")
         self.norm1 = nn.LayerNorm(c, eps=1e-6)
-        self.mlp_tokens = TokenMixingMlp(config.num_tokens, config.tokens_mlp_dim, act, config.drop_rate)
+        self.mlp_tokens = TokenMixingMlp(config.num_tokens, config.tokens_mlp_dim, act, config.proj_drop_rate)
         self.norm2 = nn.LayerNorm(c, eps=1e-6)
-        self.mlp_channels = ChannelMixingMlp(c, config.channels_mlp_dim, act, config.drop_rate)
+        self.mlp_channels = ChannelMixingMlp(c, config.channels_mlp_dim, act, config.proj_drop_rate)
         self.drop_path = DropPath(drop_path)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:  # (S, B, C) -> (S, B, C)
@@ -200,7 +211,7 @@ class MlpMixer(nn.Module):
                              "convert them first, e.g. x.float() / 127.5 - 1 for 0-255 pixels.")
         weights = self.stem.proj.weight.dtype
         # Autocast casts every float tensor but a float64 one to its own dtype, so only that mix fails there.
-        autocast = torch.is_autocast_enabled(x.device.type) and torch.float64 not in (x.dtype, weights)
+        autocast = autocast_enabled(x.device.type) and torch.float64 not in (x.dtype, weights)
         if x.dtype != weights and not autocast:
             raise ValueError(f"{cfg.describe()} got {x.dtype} images for a {weights} model; convert the images "
                              f"with x.to({weights}) or the model with model.to({x.dtype}).")
@@ -349,7 +360,10 @@ class MlpMixer(nn.Module):
         builds its transforms: pixels to [-1, 1] (mean and std 0.5; MIIL weights are folded to take the
         same, see `pretrained.fold_input_normalisation`) and the official "resize" evaluation (SPEC §4)."""
         c, (h, w) = self.config.in_chans, self.config.img_size
-        return dict(input_size=(c, h, w), num_classes=self.num_classes, mean=(0.5,) * c, std=(0.5,) * c,
+        # architecture: timm's name for these shapes, so that timm's tools that save a model's configuration
+        # (timm.models.push_to_hf_hub) name the model timm builds for these weights; ours where timm has none.
+        return dict(architecture=timm_name(self.config) or self.config.describe(), input_size=(c, h, w),
+                    fixed_input_size=True, num_classes=self.num_classes, mean=(0.5,) * c, std=(0.5,) * c,
                     interpolation="bilinear", crop_pct=1.0, crop_mode="squash", first_conv="stem.proj",
                     classifier="head")
 
@@ -373,6 +387,8 @@ def create_model(
     num_classes: int | None = None,
     img_size: int | tuple[int, int] | None = None,
     global_pool: str = "avg",
+    device: torch.device | str | None = None,
+    dtype: torch.dtype | None = None,
     **overrides: Any,
 ) -> MlpMixer:
     """Build a Mixer by variant name ('B/16', 'Mixer-B_16', 'mixer_b16_224', ...) or config.
@@ -384,8 +400,18 @@ def create_model(
     zero-initialised head, ready for fine-tuning. As in timm, a name may carry the tag
     ('mixer_b16_224.goog_in21k') that pretrained=True then loads; without it the tag still gives the head its
     weights' classes (an unknown tag is an error, as in timm); False is None. `global_pool` "" gives
-    the head every token (logits (B, S, classes)) instead of their mean.
+    the head every token (logits (B, S, classes)) instead of their mean. `device` and `dtype` as in timm:
+    the model is built on that device (the meta device: shapes only) and cast to that dtype.
     """
+    unknown = sorted(set(overrides) - {f.name for f in dataclasses.fields(MixerConfig)})
+    if unknown:
+        fields = ", ".join(f.name for f in dataclasses.fields(MixerConfig)
+                           if f.name not in ("name", "num_classes", "img_size"))
+        hint = " (gelu='exact' or 'tanh' sets the activation)" if "act_layer" in unknown else ""
+        raise ValueError(f"create_model does not take {', '.join(unknown)}{hint}; it takes num_classes, img_size, "
+                         f"global_pool, device, dtype and the configuration's fields: {fields}.")
+    if isinstance(name, str) and name.strip().lower() in TIMM_RENAMED:  # timm still builds its old names
+        name = TIMM_RENAMED[name.strip().lower()]
     if not (pretrained is None or isinstance(pretrained, (str, bool))):
         raise ValueError(f"create_model's second argument is pretrained (a tag, True or False), as in timm, not "
                          f"{pretrained!r}; give the classes by keyword: num_classes={pretrained!r}.")
@@ -401,6 +427,14 @@ def create_model(
     if pretrained is True:
         raise ValueError("pretrained=True needs the weights named: pretrained='TAG', or a name such as "
                          "'mixer_b16_224.goog_in21k'; mlpmixer.available() lists the tags.")
+    with torch.device(device) if device is not None else contextlib.nullcontext():  # initialised there
+        model = _build(name, pretrained, num_classes, img_size, global_pool, overrides)
+    # Published weights are read on the CPU whatever the device context: moved here.
+    return model if device is None and dtype is None else model.to(device=device, dtype=dtype)
+
+
+def _build(name: str | MixerConfig, pretrained: str | bool | None, num_classes: int | None,
+           img_size: int | tuple[int, int] | None, global_pool: str, overrides: dict[str, Any]) -> MlpMixer:
     if pretrained:
         from .pretrained import load_pretrained
 

@@ -747,7 +747,7 @@ def _train(
     # --- model.
     torch.manual_seed(r.seed)
     if init_from:
-        model = load_checkpoint(init_from, drop_path_rate=r.drop_path, drop_rate=r.dropout)
+        model = load_checkpoint(init_from, drop_path_rate=r.drop_path, drop_rate=r.dropout, proj_drop_rate=r.dropout)
         verb, origin = "Fine-tuning", f" from {init_from} (a new zero-initialised head"
         if as_pair(img_size) != model.config.img_size:  # paper Appendix C: fine-tune at another resolution
             (h, w), was = as_pair(img_size), model.config.img_size
@@ -759,7 +759,7 @@ def _train(
         r = r.replace(**_recipe_model(model.config, r.model))
     else:
         model = create_model(r.model, num_classes=num_classes, img_size=img_size, in_chans=in_chans,
-                             drop_path_rate=r.drop_path, drop_rate=r.dropout, **r.model_args)
+                             drop_path_rate=r.drop_path, drop_rate=r.dropout, proj_drop_rate=r.dropout, **r.model_args)
         verb, origin = "Training", ""
     model.class_names = list(class_names)
     if r.eval_data and (tensors is not None or eval_in_memory):  # evaluated as `mixer eval` opens the data
@@ -1154,7 +1154,7 @@ def _check_resumable(run: Path, saved: Optional[dict[str, Any]], config: MixerCo
     if saved is None:  # a state without its configuration: the state itself decides
         return None
     def shapes(d: dict) -> dict:  # what the weights' shapes depend on
-        return {k: v for k, v in d.items() if k not in ("name", "gelu", "drop_rate", "drop_path_rate")}
+        return {k: v for k, v in d.items() if k not in ("name", "gelu", "drop_rate", "proj_drop_rate", "drop_path_rate")}
 
     if saved.get("init_from") and not init_from:
         raise ValueError(f"{run} fine-tunes {saved['init_from']}; resume it with its own settings: mixer finetune "

@@ -47,7 +47,8 @@ class MixerConfig:
     in_chans: int = 3
     num_classes: int = 1000
     gelu: str = "tanh"  # "tanh" (official Flax nn.gelu) or "exact" (timm, PyTorch's nn.GELU())
-    drop_rate: float = 0.0
+    drop_rate: float = 0.0  # dropout before the head, as timm's drop_rate
+    proj_drop_rate: float = 0.0  # dropout in the token- and channel-mixing MLPs, as timm's proj_drop_rate
     drop_path_rate: float = 0.0
     name: str = field(default="", compare=False)
 
@@ -64,7 +65,7 @@ class MixerConfig:
                 raise ValueError(f"{dim} must be a whole number of at least 1, not {getattr(self, dim)!r}.")
         if not whole(self.num_classes) or self.num_classes < 0:
             raise ValueError(f"num_classes must be 0 (no head) or a larger whole number, not {self.num_classes!r}.")
-        for rate in ("drop_rate", "drop_path_rate"):
+        for rate in ("drop_rate", "proj_drop_rate", "drop_path_rate"):
             value = getattr(self, rate)
             if not isinstance(value, numbers.Real) or isinstance(value, bool) or not 0 <= value <= 1:
                 raise ValueError(f"{rate} must be a number from 0 to 1, not {value!r}.")
@@ -170,6 +171,14 @@ EXTRA_VARIANTS: dict[str, tuple[int, int, int, int, int]] = {
 DEFAULT_IMG_SIZE: dict[str, int] = {name: 224 for name in PAPER_VARIANTS}
 DEFAULT_IMG_SIZE.update({"nano/4": 32, "digits/7": 28, "digits/4": 28})
 
+# timm's former names, which it still builds (with a deprecation warning), and their names since.
+TIMM_RENAMED: dict[str, str] = {
+    "mixer_b16_224_in21k": "mixer_b16_224.goog_in21k_ft_in1k",
+    "mixer_l16_224_in21k": "mixer_l16_224.goog_in21k_ft_in1k",
+    "mixer_b16_224_miil": "mixer_b16_224.miil_in21k_ft_in1k",
+    "mixer_b16_224_miil_in21k": "mixer_b16_224.miil_in21k",
+}
+
 _NAME = re.compile(r"^(?:mixer[-_ ]?)?([a-z]+)[/_-]?(\d+)(?:[_-](\d+))?$", re.IGNORECASE)
 
 
@@ -217,3 +226,12 @@ def paper_variant_of(config: MixerConfig) -> str | None:
         ):
             return key
     return None
+
+
+def timm_name(config: MixerConfig) -> str | None:
+    """timm's name of the model with `config`'s layer shapes (timm has S, B and L with patches 16 and 32), or None."""
+    variant = paper_variant_of(config)
+    if variant is None or variant.split("/")[0] not in ("S", "B", "L"):
+        return None
+    family, patch = variant.split("/")
+    return f"mixer_{family.lower()}{patch}_224"

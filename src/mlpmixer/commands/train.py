@@ -39,7 +39,7 @@ RECIPE_FLAGS: dict[str, tuple[str, Any, str]] = {
     "--loss": ("loss", str, "softmax or sigmoid cross-entropy"),
     "--label-smoothing": ("label_smoothing", float, "label smoothing"),
     "--drop-path": ("drop_path", float, "stochastic depth rate of the last block"),
-    "--dropout": ("dropout", float, "dropout rate inside every MLP (after each of its two layers)"),
+    "--dropout": ("dropout", float, "dropout rate inside every MLP (after each of its two layers) and before the head"),
     "--crop-area": ("crop_area", (float, 2), "image data: the Inception crop's area range, LOW HIGH (official 0.05 1)"),
     "--randaugment": ("randaugment", int, "RandAugment(2, m) magnitude on torchvision's 0-30 scale (image data)"),
     "--autoaugment": ("autoaugment", str, "image data: AutoAugment with torchvision's learned policy imagenet, cifar10 "
