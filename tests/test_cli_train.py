@@ -224,6 +224,21 @@ def test_predict_says_it_composited_only_where_a_pixel_is_transparent(tmp_path: 
         _, notes = load_image(str(tmp_path / name), 3)
         assert ("composited its transparent pixels over white" in notes) == composited, (name, notes)
     assert "read mode RGBA as RGB" in load_image(str(tmp_path / "opaque.png"), 3)[1]  # what did happen is said
+    # An invalid EXIF orientation (0, 9, 255) leaves the pixels as they are, and is not said to have turned them.
+    exif = Image.Exif()
+    for value in (0, 9):
+        exif[0x0112] = value
+        Image.fromarray(pixels).save(tmp_path / f"orientation{value}.png", exif=exif.tobytes())
+        image, notes = load_image(str(tmp_path / f"orientation{value}.png"), 3)
+        assert torch.equal(image[0], torch.from_numpy(pixels).permute(2, 0, 1)) and not any("turned" in n for n in notes)
+
+
+def test_predict_refuses_a_named_pipe_without_waiting(run_dir: Path, tmp_path: Path,
+                                                      capsys: pytest.CaptureFixture) -> None:
+    """A pipe named like an image made predict say there was no image there (and a folder's reader wait for ever)."""
+    os.mkfifo(tmp_path / "pipe.png")
+    assert main(["predict", str(run_dir), str(tmp_path / "pipe.png")]) == 2
+    assert "pipe.png is not a regular file (a pipe, socket or device); give an image file." in capsys.readouterr().err
 
 
 def test_train_bad_input(tmp_path: Path, capsys: pytest.CaptureFixture) -> None:

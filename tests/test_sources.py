@@ -101,6 +101,8 @@ def test_hidden_folders_and_files_are_not_classes_or_images(tmp_path: Path) -> N
     labels = make_folder(tmp_path, {"cat": 3, "dog": 2})
     (tmp_path / ".ipynb_checkpoints").mkdir()  # Jupyter's, in any folder it opened
     (tmp_path / "cat" / "._0000.png").write_bytes(b"\x00\x05\x16\x07 macOS metadata, not an image")
+    (tmp_path / "dog" / ".ipynb_checkpoints").mkdir()  # inside a class too: its copies were read as images
+    (tmp_path / "dog" / ".ipynb_checkpoints" / "0003-checkpoint.png").write_bytes(encode(3))
     source = open_folder_or_shards(str(tmp_path), "train", 0.0, 0, None)
     assert source.class_names == ["cat", "dog"] and source.num_examples == 5
     assert sorted(ids_and_labels(source.dataset)) == list(enumerate(labels))
@@ -109,6 +111,17 @@ def test_hidden_folders_and_files_are_not_classes_or_images(tmp_path: Path) -> N
     (only_hidden / ".cache").mkdir(parents=True)
     with pytest.raises(FileNotFoundError, match="has neither class sub-folders nor"):
         open_folder_or_shards(str(only_hidden), "train", 0.0, 0, None)
+
+
+def test_a_named_pipe_is_a_bad_sample_not_a_hang(tmp_path: Path) -> None:
+    """A pipe named like an image blocked the reader for ever; it is skipped and counted, as a broken file is."""
+    make_folder(tmp_path, {"cat": 3, "dog": 2})
+    os.mkfifo(tmp_path / "dog" / "pipe.png")
+    source = open_folder_or_shards(str(tmp_path), "train", 0.0, 0, None)
+    pipe = next(i for i, (path, _) in enumerate(source.dataset.samples) if path.endswith("pipe.png"))
+    with pytest.warns(UserWarning, match=r"Skipping .*pipe\.png: not a regular file \(a pipe, socket or device\)"):
+        assert source.dataset[pipe] is None
+    assert source.dataset.bad_samples.bad == 1
 
 
 def test_links_are_followed_unless_they_lead_back_into_the_data(tmp_path: Path) -> None:
@@ -660,8 +673,10 @@ def test_check_same_classes(tmp_path: Path) -> None:
     from mlpmixer.data import load_mnist5k
 
     check_same_classes(["a", "b"], ["a", "b"])
-    with pytest.raises(ValueError, match="3 classes instead of 2"):
+    with pytest.raises(ValueError, match=r"\(3 classes instead of 2; with 'c'\)"):
         check_same_classes(["a", "b"], ["a", "b", "c"])
+    with pytest.raises(ValueError, match=r"\(2 classes instead of 3; without 'b'\)"):  # val/ lacking a class's folder
+        check_same_classes(["a", "b", "c"], ["a", "c"])
     with pytest.raises(ValueError, match="class 1 is 'c' instead of 'b'") as other:
         check_same_classes(["a", "b"], ["a", "c"])
     assert "dataset.json" not in str(other.value) and "differ from those of the training data" in str(other.value)
@@ -673,8 +688,8 @@ def test_check_same_classes(tmp_path: Path) -> None:
     for train, val in ((["cat", "dog"], unnamed), (unnamed, ["cat", "dog"])):
         with pytest.raises(ValueError, match="class 0 is .* instead of .*put one with the class names"):
             check_same_classes(train, val)
-    with pytest.raises(ValueError, match=r"\(10 classes instead of 2\); give both the same classes in the same "
-                                         r"order\.$"):
+    with pytest.raises(ValueError, match=r"\(10 classes instead of 2; without 'cat', 'dog'; with '0', '1', '2', '3', "
+                                         r"'4' and 5 more\); give both the same classes in the same order\.$"):
         check_same_classes(["cat", "dog"], load_mnist5k().class_names)
 
 

@@ -36,6 +36,7 @@ import multiprocessing
 import os
 import random
 import re
+import stat
 import tarfile
 import warnings
 import zlib
@@ -177,6 +178,16 @@ class BadSampleCounter:
                                "warnings name the bad files).")
 
 
+def read_image_file(path: str | os.PathLike) -> bytes:
+    """The bytes of the file at `path`; OSError (in a few words) unless it is a regular file: opened without
+    waiting, as a named pipe with an image's name would otherwise block the reader for ever."""
+    fd = os.open(path, os.O_RDONLY | getattr(os, "O_NONBLOCK", 0))
+    with os.fdopen(fd, "rb") as f:
+        if not stat.S_ISREG(os.fstat(fd).st_mode):
+            raise OSError("not a regular file (a pipe, socket or device) but named as an image")
+        return f.read()
+
+
 def decode_image_bytes(data: bytes) -> torch.Tensor:
     """An encoded image -> uint8 (C, H, W), C = 1 for greyscale images and 3 otherwise: upright (turned as its
     EXIF orientation says, as photo viewers show it) and with transparent pixels composited over white (the
@@ -311,7 +322,14 @@ def check_same_classes(train_names: list[str], eval_names: list[str], evaluated:
     if list(train_names) == list(eval_names):
         return
     if len(train_names) != len(eval_names):
-        detail = f"{len(eval_names)} classes instead of {len(train_names)}"
+        missing = [n for n in train_names if n not in set(eval_names)]
+        extra = [n for n in eval_names if n not in set(train_names)]
+
+        def listed(names: list[str]) -> str:
+            return ", ".join(map(repr, names[:5])) + (f" and {len(names) - 5} more" if len(names) > 5 else "")
+
+        detail = f"{len(eval_names)} classes instead of {len(train_names)}" + "".join(
+            f"; {which} {listed(names)}" for which, names in (("without", missing), ("with", extra)) if names)
     else:
         i = next(i for i, (a, b) in enumerate(zip(train_names, eval_names)) if a != b)
         detail = f"class {i} is {eval_names[i]!r} instead of {train_names[i]!r}"
@@ -382,7 +400,7 @@ class FolderDataset(torch.utils.data.Dataset):
             if self._found_bad[i]:
                 continue
             path, label = self.samples[i]
-            image = _load_counted(path, self.bad_samples, lambda: decode_image_bytes(Path(path).read_bytes()))
+            image = _load_counted(path, self.bad_samples, lambda: decode_image_bytes(read_image_file(path)))
             if image is None:
                 self._found_bad[i] = 1
             else:
@@ -765,7 +783,7 @@ def _image_folder(root: Path, split: str) -> tuple[list[str], list[tuple[str, in
     for label, name in enumerate(classes):
         found = []
         for top, dirs, files in os.walk(root / name, followlinks=True, onerror=unreadable):
-            dirs[:] = [d for d in dirs if followed(os.path.join(top, d))]
+            dirs[:] = [d for d in dirs if not d.startswith(".") and followed(os.path.join(top, d))]
             images = [f for f in files if not f.startswith(".") and has_file_allowed_extension(f, FOLDER_IMAGES)]
             found += [(top, f) for f in images]
         if not found:

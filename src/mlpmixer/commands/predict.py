@@ -43,12 +43,14 @@ def load_image(path: str, in_chans: int) -> tuple[torch.Tensor, list[str]]:
     feed a model with `in_chans` channels."""
     from PIL import ExifTags, Image
 
-    from ..sources import UnknownPixelRange, decode_image_bytes, is_16_bit
+    from ..sources import UnknownPixelRange, decode_image_bytes, is_16_bit, read_image_file
 
     p = Path(path)
     if p.is_dir():
         raise ValueError(f"{p} is a folder; give its image files (a shell pattern such as {p}/*.jpg lists them).")
     if not p.is_file():
+        if p.exists():  # a named pipe, socket or device: reading it could wait for ever
+            raise ValueError(f"{p} is not a regular file (a pipe, socket or device); give an image file.")
         if not any(c in path for c in "*?["):
             raise FileNotFoundError(f"No image at {p}; check the path.")
         # A pattern reaches us as it is when it was quoted, or when it matched nothing (bash passes it on): which
@@ -59,7 +61,7 @@ def load_image(path: str, in_chans: int) -> tuple[torch.Tensor, list[str]]:
         raise FileNotFoundError(f"{path} is a pattern, which the shell expands only unquoted (it matches {matches} "
                                 f"file{'s' if matches > 1 else ''}); leave the pattern unquoted for the shell to expand.")
     try:
-        data = p.read_bytes()
+        data = read_image_file(p)
     except OSError as e:  # said for this image; the others are still classified
         raise ValueError(f"{p} cannot be read ({e.strerror}); check its permissions.") from None
     try:
@@ -83,7 +85,7 @@ def load_image(path: str, in_chans: int) -> tuple[torch.Tensor, list[str]]:
             # greyscale is decoded without its transparency.
             transparent = (header.has_transparency_data and not sixteen_bit
                            and header.convert("RGBA").getextrema()[3][0] < 255)
-            turned = header.getexif().get(ExifTags.Base.Orientation, 1) != 1
+            turned = header.getexif().get(ExifTags.Base.Orientation, 1) in range(2, 9)  # 1 upright; others invalid
     finally:
         Image.MAX_IMAGE_PIXELS = limit
     decoded_as = "greyscale" if image.shape[0] == 1 else "RGB"
