@@ -670,3 +670,66 @@ def test_a_variant_trains_at_its_own_size_on_a_folder(tmp_path: Path) -> None:
     assert main(["train", "--data", str(tmp_path / "data"), "--model", "nano/4", "--holdout", "0", "--steps", "1",
                  "--batch-size", "4", "--workers", "0", "--out", str(tmp_path / "run"), "--quiet"]) == 0
     assert load_checkpoint(tmp_path / "run").config.img_size == (32, 32)
+
+
+def test_an_interrupted_run_says_where_to_resume_from(tmp_path: Path, capsys: pytest.CaptureFixture,
+                                                      monkeypatch: pytest.MonkeyPatch) -> None:
+    """Ctrl-C said "mixer: interrupted." alone, whether a state had been saved or not; and with stderr not a
+    terminal (a log file) the progress bar wrote a line of its own per refresh."""
+    import mlpmixer.train
+
+    real_save = mlpmixer.train.save_state
+
+    def save_then_stop(folder, model, opt, ema, step, *args, **kwargs):
+        real_save(folder, model, opt, ema, step, *args, **kwargs)
+        if step == 4:
+            raise KeyboardInterrupt
+
+    monkeypatch.setattr(mlpmixer.train, "save_state", save_then_stop)
+    run = tmp_path / "run"
+    flags = ["train", "--processes", "1", "--steps", "8", "--batch-size", "16", "--evals", "0", "--out", str(run)]
+    assert main([*flags, "--save-every", "2"]) == 130
+    err = capsys.readouterr().err
+    assert err == (f"mixer: interrupted. {run}'s last saved training state is step 4: the same command with --out "
+                   f"{run} --resume goes on from there.\n")  # and no progress bar: stderr is no terminal here
+    assert main([*flags, "--save-every", "2", "--resume"]) == 0  # as it says
+    monkeypatch.setattr(mlpmixer.train, "evaluate", lambda *a, **k: (_ for _ in ()).throw(KeyboardInterrupt()))
+    other = tmp_path / "unsaved"
+    assert main(["train", "--processes", "1", "--steps", "2", "--batch-size", "16", "--out", str(other)]) == 130
+    assert capsys.readouterr().err == (f"mixer: interrupted. {other} holds no saved training state to resume from "
+                                       "(--save-every N saves one every N steps; the default is none).\n")
+
+
+def test_an_error_raised_in_unwinding_from_ctrl_c_is_said_as_the_interrupt(capsys: pytest.CaptureFixture,
+                                                                           monkeypatch: pytest.MonkeyPatch) -> None:
+    """A multiprocessing lock that Ctrl-C left half-released raised AssertionError on its way out: a traceback."""
+    import mlpmixer.commands.info
+
+    def interrupted_in_a_lock(args):
+        try:
+            raise KeyboardInterrupt
+        except KeyboardInterrupt:
+            raise AssertionError("attempt to release recursive lock not owned by thread")
+
+    monkeypatch.setattr(mlpmixer.commands.info, "run", interrupted_in_a_lock)
+    assert main(["info"]) == 130
+    assert capsys.readouterr().err == "mixer: interrupted.\n"
+
+
+def test_sigterm_stops_a_run_as_ctrl_c_does(tmp_path: Path) -> None:
+    """SIGTERM, what schedulers send, ended the process without a word (Python's default)."""
+    import signal
+    import time
+
+    run = tmp_path / "run"
+    proc = subprocess.Popen([sys.executable, "-m", "mlpmixer", "train", "--processes", "1", "--steps", "100000",
+                             "--batch-size", "16", "--save-every", "5", "--evals", "0", "--out", str(run)],
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    deadline = time.time() + 120
+    while not list((run / "checkpoints").glob("step-*.pt")) and time.time() < deadline and proc.poll() is None:
+        time.sleep(0.2)
+    proc.send_signal(signal.SIGTERM)
+    _, err = proc.communicate(timeout=60)
+    assert proc.returncode == 143, err
+    last = err.strip().splitlines()[-1]
+    assert last.startswith(f"mixer: terminated. {run}'s last saved training state is step ") and "--resume" in last

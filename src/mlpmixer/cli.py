@@ -9,7 +9,9 @@ from __future__ import annotations
 import argparse
 import importlib
 import os
+import signal
 import sys
+import threading
 import warnings
 from typing import Iterable, Sequence
 
@@ -69,6 +71,38 @@ def _format_warning(message: Warning | str, category: type[Warning], filename: s
     return _python_format_warning(message, category, filename, lineno, line)
 
 
+class Terminated(KeyboardInterrupt):
+    """SIGTERM (what `kill` and cluster schedulers send), raised where Ctrl-C raises KeyboardInterrupt, so that a
+    command it stops says so in one sentence as after Ctrl-C (Python's default for it is to end without a word)."""
+
+
+def _terminate(signum: int, frame: object) -> None:
+    raise Terminated
+
+
+def interrupt_behind(error: BaseException) -> KeyboardInterrupt | None:
+    """The Ctrl-C or SIGTERM that `error` was raised in unwinding from (a multiprocessing lock that the interrupt
+    left half-released raises AssertionError on its way out), else None."""
+    cause: BaseException | None = error
+    while cause is not None:
+        if isinstance(cause, KeyboardInterrupt):
+            return cause
+        cause = cause.__context__
+    return None
+
+
+def _say_stopped(stop: KeyboardInterrupt) -> int:
+    """One line for a command stopped by Ctrl-C or SIGTERM, with what a training run left to resume from; the
+    shell's exit status for that signal."""
+    tqdm = sys.modules.get("tqdm")
+    for bar in list(getattr(getattr(tqdm, "tqdm", None), "_instances", ())):  # else drawn again after the line
+        bar.close()
+    hint = getattr(stop, "resume_hint", None)  # a training run's (train.train)
+    terminated = isinstance(stop, Terminated)
+    print(f"mixer: {'terminated' if terminated else 'interrupted'}." + (f" {hint}" if hint else ""), file=sys.stderr)
+    return 128 + (signal.SIGTERM if terminated else signal.SIGINT)
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     argv = sys.argv[1:] if argv is None else list(argv)
     warnings.formatwarning = _format_warning  # DataLoader workers, forked later, inherit it
@@ -86,11 +120,12 @@ def main(argv: Sequence[str] | None = None) -> int:
         parser.print_help()
         return 2
     debug = args.debug or os.environ.get("MLPMIXER_DEBUG") == "1"
+    in_main_thread = threading.current_thread() is threading.main_thread()  # where signal handlers can be set
+    previous = signal.signal(signal.SIGTERM, _terminate) if in_main_thread else None
     try:
         return args.func(args) or 0
-    except KeyboardInterrupt:
-        print("mixer: interrupted.", file=sys.stderr)
-        return 130
+    except KeyboardInterrupt as stop:
+        return _say_stopped(stop)
     except BrokenPipeError:
         # The reader went away (`mixer info | head -3`): stop quietly, as other command-line tools do.
         # Python flushes stdout again at exit, so point it at devnull first (Python's signal docs).
@@ -101,9 +136,18 @@ def main(argv: Sequence[str] | None = None) -> int:
         # keep their traceback.
         if debug:
             raise
+        if (stop := interrupt_behind(e)) is not None:
+            return _say_stopped(stop)
         if not getattr(e, "reported_elsewhere", False):  # a rank of several whose error another one prints
             print(f"mixer {args.command}: error: {e}", file=sys.stderr)
         return 2
+    except Exception as e:
+        if debug or (stop := interrupt_behind(e)) is None:
+            raise
+        return _say_stopped(stop)
+    finally:
+        if in_main_thread:  # main() called from Python (tests, notebooks) leaves the caller's handler as it was
+            signal.signal(signal.SIGTERM, signal.SIG_DFL if previous is None else previous)
 
 
 if __name__ == "__main__":

@@ -142,7 +142,8 @@ def evaluate(
     labels: list[torch.Tensor] = []
     total = len(data) if isinstance(data, TensorData) else data.num_examples
     # Closed on an error too: its line is cleared before the error is printed.
-    with tqdm(total=total, desc="evaluating", unit="img", disable=not progress, leave=False) as bar:
+    with tqdm(total=total, desc="evaluating", unit="img", disable=None if progress else True,
+              leave=False) as bar:
         for x, y in batches_of(data, model, batch_size, workers):
             x, y = x.to(device), y.to(device)
             if transform is not None:

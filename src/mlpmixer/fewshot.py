@@ -191,7 +191,7 @@ def extract_features(model: MlpMixer, batches: Iterable[Sequence[Any]],
     model.eval()
     feats, labels, names = [], [], []
     try:
-        with tqdm(total=total, desc=desc, unit="img") as bar:
+        with tqdm(total=total, desc=desc, unit="img", disable=None) as bar:
             for images, targets, *batch_names in batches:
                 x = model.forward_head(model.forward_features(images.to(device, non_blocking=True)), pre_logits=True)
                 feats.append((x.mean(1) if x.ndim == 3 else x).float().cpu())  # (B, S, C): a per-token head's

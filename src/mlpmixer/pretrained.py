@@ -227,7 +227,7 @@ def _fetch(url: str, part: Path) -> None:
         out.seek(start)
         out.truncate()
         with tqdm(total=total, initial=start, unit="B", unit_scale=True, unit_divisor=1024,
-                  desc=part.name.removesuffix(".part"), file=sys.stderr) as bar:
+                  desc=part.name.removesuffix(".part"), file=sys.stderr, disable=None) as bar:
             while chunk := stream.read(1 << 20):
                 out.write(chunk)
                 bar.update(len(chunk))

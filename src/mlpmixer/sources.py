@@ -898,7 +898,7 @@ def read_into_memory(path: str, split: str, holdout: float, seed: int, in_chans:
     images: list[torch.Tensor] = []
     labels: list[int] = []
     with worker_deaths("rerun the command"), tqdm(total=source.num_examples, desc="decoding into memory", unit="img",
-                                                 disable=not progress, leave=False) as bar:
+                                                 disable=None if progress else True, leave=False) as bar:
         for pixels, shapes, batch_labels in loader:
             sizes = shapes.prod(1).tolist()
             images += [flat.view(*shape) for flat, shape in zip(pixels.split(sizes), shapes.tolist())]

@@ -41,6 +41,7 @@ from tqdm import tqdm
 from .bench import free_cores, slow_bf16
 from .checkpoints import (STATE_DIR, atomic_write, check_writable_folder, first_line, load_checkpoint,
                           read_checkpoint, remove_temporaries, resolve_path, run_config, save_checkpoint, zip_damage)
+from .cli import interrupt_behind
 from .compiled import CompiledOrEager
 from .data import (MNIST5K, Source, TensorData, TensorDataset, augment_digits, holdout_split, holdout_too_large,
                    is_idx_folder, load_tensors, to_model_input, worker_deaths)
@@ -60,6 +61,7 @@ if TYPE_CHECKING:  # imported where used: torchvision takes a second to import, 
 STATE_PATTERN = "step-{:08d}.pt"
 # What to do when a DataLoader worker dies in training or its evaluations (data.worker_deaths).
 RESUME_ADVICE = "the saved training states are kept: add --resume to go on"
+_current_run: Optional[Path] = None  # the run folder this process's `train` is writing, for `_resume_hint`
 DIVERGED_WAIT_S = 30  # how long the other ranks wait for rank 0's account of a NaN loss (_as_rank_0_says)
 
 
@@ -547,6 +549,7 @@ def train(r: Recipe, out: Optional[str | Path] = None, **options: Any) -> RunFil
     log (a print function), profile (steps to profile into RUN/profile.txt and profile.json; see
     profiling.py). Under torchrun (RANK/WORLD_SIZE set) this process is one rank of several.
     """
+    global _current_run
     distributed = "WORLD_SIZE" in os.environ and int(os.environ["WORLD_SIZE"]) > 1
     if distributed:
         # Imported before the process group exists: importing torch._dynamo (DDP and FSDP do) while one exists
@@ -582,7 +585,13 @@ def train(r: Recipe, out: Optional[str | Path] = None, **options: Any) -> RunFil
                 raise StoppedElsewhere(str(lost)) from e
             raise lost from e
         raise
+    except BaseException as e:  # Ctrl-C or SIGTERM (cli.Terminated), or an error in unwinding from one
+        stop = interrupt_behind(e)
+        if stop is not None:  # said with it by the command line
+            stop.resume_hint = _resume_hint(_current_run)  # type: ignore[attr-defined]
+        raise
     finally:  # also after an error, so that a caller in the same process can train again
+        _current_run = None
         if distributed:
             dist.destroy_process_group()
 
@@ -609,6 +618,7 @@ def _train(
     shared_grads: Optional[SharedGradients] = None,
     profile: int = 0,
 ) -> RunFiles:
+    global _current_run
     t_start = time.time()
     # --- processes: each rank takes a slice of every global batch.
     rank, world = (dist.get_rank(), dist.get_world_size()) if distributed else (0, 1)
@@ -886,6 +896,7 @@ def _train(
 
         plot_curves(files.metrics, files.curves, *curve_labels(r, in_memory=tensors is not None))
 
+    _current_run = run
     if main:
         run.mkdir(parents=True, exist_ok=True)
         for folder in (run, run / STATE_DIR):  # what a kill in the middle of a save left: never renamed into place
@@ -944,7 +955,7 @@ def _train(
         log(f"{verb} {what}{origin} on {r.data} ({num_train if num_train else '?'} images{validating}, "
             f"{num_classes} classes) for {total} step{'s' * (total != 1)} of {r.batch_size}"
             + (f", resuming at step {start}" if start else "") + f"; run: {run}")
-    bar = tqdm(total=total, initial=start, desc="training", unit="step", disable=not (main and progress),
+    bar = tqdm(total=total, initial=start, desc="training", unit="step", disable=None if main and progress else True,
                dynamic_ncols=True)
     model.train()
     # Losses and hits stay on the device between log lines: reading one back waits for the device, and
@@ -1133,6 +1144,19 @@ def _train(
     return files
 
 
+def _resume_hint(run: Optional[Path]) -> Optional[str]:
+    """What the run in `run`, stopped by Ctrl-C or SIGTERM, left to go on from, in a sentence; None before a run
+    folder was chosen (nothing was trained)."""
+    if run is None:
+        return None
+    states = sorted((run / STATE_DIR).glob("step-*.pt"))
+    if not states:
+        return (f"{run} holds no saved training state to resume from (--save-every N saves one every N steps; "
+                "the default is none).")
+    return (f"{run}'s last saved training state is step {int(states[-1].stem.split('-')[1])}: the same command "
+            f"with --out {run} --resume goes on from there.")
+
+
 def _recipe_model(config: MixerConfig, base: str) -> dict[str, Any]:
     """The recipe fields that make `mixer train` build `config` (the classes and channels come from the data):
     its variant, else the variant it was made from (its name survives resize_to, whose token MLPs are wider than
@@ -1187,7 +1211,8 @@ def _check_resumable(run: Path, saved: Optional[dict[str, Any]], config: MixerCo
     notes = []
     if changed:
         notes.append(f"Resuming with settings other than the run's ({', '.join(changed)}): the run goes on with "
-                     "these, so it will not end as the run it resumes would have.")
+                     "these, so it will not end as the run it resumes would have (its own are in --config "
+                     f"{run / 'config.json'}).")
     if saved.get("init_from") and not _same_checkpoint(saved["init_from"], init_from):
         notes.append(f"Note: --from {init_from} is not where {run} started ({saved['init_from']}); the model is built "
                      "from it, its weights then come from the run's saved state, and config.json keeps where it "
@@ -1406,10 +1431,12 @@ def _child(rank: int, env: dict[str, str], r: Recipe, out: Path, options: dict[s
     except (ValueError, OSError) as e:  # a user error: rank 0 says it (its own, or this one through the barrier)
         options["shared_grads"].abort("" if getattr(e, "reported_elsewhere", False) else str(e))
         code = 1
-    except Exception:  # a bug: its traceback here, where it happened; rank 0 points to it
-        print(f"Training process {rank}:", file=sys.stderr)
-        traceback.print_exc()
-        options["shared_grads"].abort()
-        code = 1
+    except Exception as e:
+        # Ctrl-C reaches every process of the group, rank 0 says it; an error in unwinding from it here is no bug.
+        if interrupt_behind(e) is None:  # a bug: its traceback here, where it happened; rank 0 points to it
+            print(f"Training process {rank}:", file=sys.stderr)
+            traceback.print_exc()
+            options["shared_grads"].abort()
+            code = 1
     finally:
         os._exit(code)  # a forked child must not run the parent's exit handlers
