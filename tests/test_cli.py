@@ -120,3 +120,13 @@ def test_every_option_says_what_it_does() -> None:
     silent = [f"mixer {name} {action.option_strings[0]}" for name, sub in commands.items()
               for action in sub._actions if action.option_strings and not action.help]
     assert not silent
+
+
+@pytest.mark.parametrize("value", ["1", "true", "Yes", "on"])
+def test_mlpmixer_debug_takes_the_words_mlpmixer_offline_takes(value: str, tmp_path, monkeypatch) -> None:
+    """MLPMIXER_DEBUG took only "1" where MLPMIXER_OFFLINE takes true, yes and on too: the traceback, not a sentence."""
+    monkeypatch.setenv("MLPMIXER_DEBUG", value)
+    with pytest.raises(ValueError, match="No checkpoint at"):  # raised as it is, for its traceback
+        main(["info", str(tmp_path / "absent.safetensors")])
+    monkeypatch.setenv("MLPMIXER_DEBUG", "0")
+    assert main(["info", str(tmp_path / "absent.safetensors")]) == 2

@@ -222,3 +222,22 @@ def test_eval_without_data_needs_a_run_that_validated(digits_model: Path, tmp_pa
     assert main(["train", "--holdout", "0", "--steps", "2", "--batch-size", "16", "--quiet", "--out", str(run)]) == 0
     assert main(["eval", str(run)]) == 2
     assert "held out none of mnist5k and had no --eval-data: it validated on nothing; give --data." in capsys.readouterr().err
+
+
+def test_eval_of_a_run_trained_on_a_relative_path_elsewhere_says_so(tmp_path: Path, capsys: pytest.CaptureFixture,
+                                                                    monkeypatch: pytest.MonkeyPatch) -> None:
+    """Run from another folder, `mixer eval RUN` blamed "c12", a path the user never typed there."""
+    from test_sources import make_shards
+
+    make_shards(tmp_path / "shards", shards=1, per_shard=30)
+    monkeypatch.chdir(tmp_path)
+    assert main(["train", "--data", "shards", "--holdout", "6", "--steps", "2", "--batch-size", "8", "--workers", "0",
+                 "--quiet", "--out", "run"]) == 0
+    monkeypatch.chdir(tmp_path / "run")
+    capsys.readouterr()
+    assert main(["eval", "."]) == 2
+    assert capsys.readouterr().err == ("mixer eval: error: The run's data shards is not here: its config.json records "
+                                       "the path as it was given, relative to the folder the run was started in; run "
+                                       "from there or give --data.\n")
+    monkeypatch.chdir(tmp_path)
+    assert main(["eval", "run", "--workers", "0"]) == 0  # from there, as it says

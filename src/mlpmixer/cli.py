@@ -55,6 +55,8 @@ def build_parser(commands: Iterable[str] = COMMANDS) -> argparse.ArgumentParser:
     return parser
 
 
+TRUE_WORDS = ("1", "true", "yes", "on")  # what the MLPMIXER_* switches (DEBUG, OFFLINE) take as on
+
 _PACKAGE = os.path.dirname(os.path.abspath(__file__))
 _python_format_warning = warnings.formatwarning
 
@@ -119,7 +121,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     if not getattr(args, "func", None):
         parser.print_help()
         return 2
-    debug = args.debug or os.environ.get("MLPMIXER_DEBUG") == "1"
+    debug = args.debug or os.environ.get("MLPMIXER_DEBUG", "").strip().lower() in TRUE_WORDS
     in_main_thread = threading.current_thread() is threading.main_thread()  # where signal handlers can be set
     previous = signal.signal(signal.SIGTERM, _terminate) if in_main_thread else None
     try:

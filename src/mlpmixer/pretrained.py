@@ -33,6 +33,7 @@ import torch
 from tqdm import tqdm
 
 from .checkpoints import check_writable_folder, load_checkpoint
+from .cli import TRUE_WORDS
 from .model import MlpMixer
 from .variants import canonical_name, name_img_size, paper_variant_of
 
@@ -165,7 +166,7 @@ def download(url: str, sha256: str | None = None, retries: int = 3, backoff_s: f
     if target.is_file():
         return target
     offline = os.environ.get(OFFLINE_ENV, "")
-    if offline.strip().lower() in ("1", "true", "yes", "on"):
+    if offline.strip().lower() in TRUE_WORDS:
         raise DownloadError(  # names the setting as the user spelled it, the one to unset
             f"{url} is not in the cache ({target}) and {OFFLINE_ENV}={offline} forbids downloading; "
             "connect once without it, or copy the file to that path."
