@@ -84,7 +84,7 @@ def test_predict_converts_mode_and_size_and_says_so(run_dir: Path, tmp_path: Pat
     rgb = _png(tmp_path / "rgb.png", np.random.default_rng(0).integers(0, 256, (40, 36, 3), dtype=np.uint8))
     assert main(["predict", str(run_dir), str(rgb)]) == 0
     captured = capsys.readouterr()
-    assert "converted RGB to greyscale" in captured.err and "resized 36×40 to the model's 28×28" in captured.err
+    assert "converted RGB to greyscale" in captured.err and "resized 40×36 (height×width) to the model's 28×28" in captured.err
     assert captured.out.count("\n") == 6  # the file name and five classes
     # ... and greyscale into an RGB model.
     model = create_model("digits/4", num_classes=3, img_size=28, in_chans=3, patch_size=7)

@@ -87,8 +87,8 @@ def test_a_killed_dataloader_worker_is_one_sentence(digits_model: Path, capsys: 
                         lambda *_: Source(KilledInWorker(), [str(i) for i in range(10)], 8))
     assert main(["eval", str(digits_model), "--data", "elsewhere", "--workers", "1"]) == 2
     err = capsys.readouterr().err
-    assert re.search(r"\rmixer eval: error: A DataLoader worker died \(DataLoader worker \(pid.*; the out-of-memory "
-                     r"killer\?\); rerun the command \(fewer --workers take less memory\)\.\n$", err), err
+    assert re.fullmatch(r"mixer eval: error: A DataLoader worker died \(DataLoader worker \(pid.*; the out-of-memory "
+                        r"killer\?\); rerun the command \(fewer --workers take less memory\)\.\n", err), err
     assert err.count("error") == 1  # no traceback
 
 

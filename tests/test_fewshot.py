@@ -242,8 +242,10 @@ def test_a_killed_dataloader_worker_is_one_sentence(tmp_path, capsys, monkeypatc
     assert "Traceback" not in err and err.count("error") == 1
 
 
-def test_feature_progress_counts_the_images_of_a_folder(tmp_path, capsys):
+def test_feature_progress_counts_the_images_of_a_folder(tmp_path, capsys, monkeypatch):
+    import io
     import json
+    import sys
 
     from PIL import Image
 
@@ -255,8 +257,15 @@ def test_feature_progress_counts_the_images_of_a_folder(tmp_path, capsys):
         (tmp_path / "folder" / name).mkdir(parents=True)
         for i in range(6):
             Image.fromarray(rng.integers(0, 255, (28, 28), dtype=np.uint8)).save(tmp_path / "folder" / name / f"{i}.png")
-    assert main(["linear-probe", ckpt, "--data", str(tmp_path / "folder"), "--workers", "0", "--json"]) == 0
-    assert "12/12 [" in capsys.readouterr().err  # the folder's size is known: a bar with a total, in images
+    class Terminal(io.StringIO):  # progress bars are drawn on terminals only
+        def isatty(self) -> bool:
+            return True
+
+    with monkeypatch.context() as patch:
+        patch.setattr(sys, "stderr", Terminal())
+        assert main(["linear-probe", ckpt, "--data", str(tmp_path / "folder"), "--workers", "0", "--json"]) == 0
+        assert "12/12 [" in sys.stderr.getvalue()  # the folder's size is known: a bar with a total, in images
+    capsys.readouterr()
     # A train/ + val/ pair is evaluated on its val/ without --eval-data.
     (tmp_path / "pair").mkdir()
     (tmp_path / "folder").rename(tmp_path / "pair" / "train")

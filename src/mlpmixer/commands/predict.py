@@ -155,10 +155,13 @@ def run(args: argparse.Namespace) -> int:
             if args.json:
                 print(json.dumps({"image": path, "error": str(e)}))
             continue
+        # Sizes as height×width, as every size of ours (img_size, the errors, the data's); said so where not square.
+        ih, iw = image.shape[-2:]
+        sizes = f"{ih}×{iw}" + (" (height×width)" if ih != iw or h != w else "")
         if mode == "resmall-crop":
-            notes.append(f"resized {image.shape[-1]}×{image.shape[-2]} and cropped its centre to the model's {w}×{h}")
-        elif tuple(image.shape[-2:]) != (h, w):
-            notes.append(f"resized {image.shape[-1]}×{image.shape[-2]} to the model's {w}×{h}")
+            notes.append(f"resized and cropped its centre from {sizes} to the model's {h}×{w}")
+        elif (ih, iw) != (h, w):
+            notes.append(f"resized {sizes} to the model's {h}×{w}")
         if permute is not None:  # said, as mixer eval says it: the probabilities are of the permuted image
             notes.append(f"permuted ({permute.mode}, seed {permute.seed}) as the model was trained")
         x = prepare(image[0])[None]
