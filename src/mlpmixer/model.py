@@ -31,6 +31,9 @@ def lecun_normal_(weight: torch.Tensor) -> torch.Tensor:
     """
     fan_in = weight[0].numel()  # Linear (out, in) -> in; Conv (out, in, kh, kw) -> in·kh·kw
     std = math.sqrt(1.0 / fan_in) / 0.87962566103423978
+    # Since torch 2.12 this draws by rejection, slow for the largest models (H/14: about a minute on 2 cores). The
+    # inverse CDF is as exact at ±2σ and 8× faster, but draws other values for a seed, and the default recipe
+    # was chosen under these: with those its MNIST test accuracy fell to 98.34% (seeds 0-2; target 98.5%).
     return nn.init.trunc_normal_(weight, std=std, a=-2 * std, b=2 * std)
 
 
