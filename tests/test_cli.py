@@ -130,3 +130,19 @@ def test_mlpmixer_debug_takes_the_words_mlpmixer_offline_takes(value: str, tmp_p
         main(["info", str(tmp_path / "absent.safetensors")])
     monkeypatch.setenv("MLPMIXER_DEBUG", "0")
     assert main(["info", str(tmp_path / "absent.safetensors")]) == 2
+
+
+def test_debug_after_the_command_help_and_a_commands_own_usage(tmp_path, capsys) -> None:
+    """`mixer eval X --debug` was an unknown argument; `mixer train --bogus` showed mixer's usage, not train's; and
+    `mixer help` was an invalid command."""
+    with pytest.raises(ValueError, match="No checkpoint at"):  # the traceback, as with `mixer --debug eval X`
+        main(["eval", str(tmp_path / "absent.safetensors"), "--debug"])
+    with pytest.raises(SystemExit) as usage:
+        main(["train", "--bogus"])
+    err = capsys.readouterr().err
+    assert usage.value.code == 2 and err.startswith("usage: mixer train ") and \
+        err.endswith("mixer train: error: unrecognized arguments: --bogus\n")
+    for argv, first in ((["help"], "usage: mixer [-h]"), (["help", "eval"], "usage: mixer eval ")):
+        with pytest.raises(SystemExit) as done:
+            main(argv)
+        assert done.value.code == 0 and capsys.readouterr().out.startswith(first)

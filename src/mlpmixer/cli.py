@@ -52,6 +52,7 @@ def build_parser(commands: Iterable[str] = COMMANDS) -> argparse.ArgumentParser:
         p = sub.add_parser(name, help=summary)
         if name in wanted:
             importlib.import_module(f".commands.{module}", __package__).register(p)
+    parser.commands = sub.choices  # type: ignore[attr-defined]  # name -> its parser, for its own usage line
     return parser
 
 
@@ -107,6 +108,8 @@ def _say_stopped(stop: KeyboardInterrupt) -> int:
 
 def main(argv: Sequence[str] | None = None) -> int:
     argv = sys.argv[1:] if argv is None else list(argv)
+    if argv[:1] == ["help"]:  # `mixer help [COMMAND]`, as git and pip have it
+        argv = [*argv[1:2], "--help"]
     warnings.formatwarning = _format_warning  # DataLoader workers, forked later, inherit it
     # The command is the first word that is not an option: `mixer`'s own options take no values.
     command = next((word for word in argv if not word.startswith("-")), None)
@@ -114,10 +117,13 @@ def main(argv: Sequence[str] | None = None) -> int:
     args, extra = parser.parse_known_args(argv)
     # argparse leaves the positionals after an option unparsed (`mixer predict CKPT --top 3 A.png`):
     # a command that takes a list of inputs gets them too.
+    if "--debug" in extra:  # mixer's own option, after the command: taken as if before it
+        extra.remove("--debug")
+        args.debug = True
     if extra and isinstance(getattr(args, "inputs", None), list) and not any(e.startswith("-") for e in extra):
         args.inputs += extra
-    elif extra:
-        parser.error(f"unrecognized arguments: {' '.join(extra)}")
+    elif extra:  # with the command's usage line, which lists its options
+        parser.commands.get(args.command, parser).error(f"unrecognized arguments: {' '.join(extra)}")
     if not getattr(args, "func", None):
         parser.print_help()
         return 2
