@@ -700,6 +700,79 @@ def test_an_interrupted_run_says_where_to_resume_from(tmp_path: Path, capsys: py
                                        "(--save-every N saves one every N steps; the default is none).\n")
 
 
+def test_a_swallowed_or_unwound_interrupt_still_stops_the_run_with_its_hint(tmp_path: Path, capsys: pytest.CaptureFixture,
+                                                                           monkeypatch: pytest.MonkeyPatch) -> None:
+    """SIGTERM's exception landed in a DataLoader iterator's __del__, which swallowed it, and the run went on training;
+    an OSError raised in unwinding from Ctrl-C (a worker's death) lost the resume hint."""
+    import signal
+
+    import mlpmixer.cli
+    import mlpmixer.train
+
+    real_save = mlpmixer.train.save_state
+
+    def swallowed_at(step_of_signal):
+        def save(folder, model, opt, ema, step, *args, **kwargs):
+            real_save(folder, model, opt, ema, step, *args, **kwargs)
+            if step == step_of_signal:
+                try:
+                    mlpmixer.cli._stop(signal.SIGTERM, None)  # as the handler runs it
+                except KeyboardInterrupt:
+                    pass  # swallowed where it landed
+        return save
+
+    run = tmp_path / "run"
+    flags = ["train", "--processes", "1", "--steps", "8", "--batch-size", "16", "--evals", "0", "--save-every", "2",
+             "--out", str(run)]
+    monkeypatch.setattr(mlpmixer.train, "save_state", swallowed_at(4))
+    assert main(flags) == 143
+    assert capsys.readouterr().err == (f"mixer: terminated. {run}'s last saved training state is step 4: the same "
+                                       f"command with --out {run} --resume goes on from there.\n")
+
+    def unwound(folder, model, opt, ema, step, *args, **kwargs):
+        real_save(folder, model, opt, ema, step, *args, **kwargs)
+        if step == 6:
+            try:
+                raise KeyboardInterrupt
+            except KeyboardInterrupt:
+                raise ChildProcessError("A DataLoader worker died")
+
+    monkeypatch.setattr(mlpmixer.train, "save_state", unwound)
+    assert main([*flags, "--resume"]) == 130
+    assert capsys.readouterr().err.startswith(f"mixer: interrupted. {run}'s last saved training state is step 6: ")
+
+
+@pytest.mark.parametrize("signal_name", ["SIGTERM", "SIGINT"])
+def test_a_signal_to_the_whole_process_group_with_dataloader_workers(tmp_path: Path, signal_name: str) -> None:
+    """What a scheduler (SIGTERM) or Ctrl-C (SIGINT) does: every process of the group, DataLoader workers too, gets
+    it. Runs hung, printed tracebacks, or blamed the out-of-memory killer for the workers it stopped."""
+    import signal
+    import time
+
+    for name in ("a", "b"):
+        (tmp_path / "data" / name).mkdir(parents=True)
+        for i in range(12):
+            _png(tmp_path / "data" / name / f"{i}.png", np.full((28, 28, 3), 20 * i, dtype=np.uint8))
+    run = tmp_path / "run"
+    proc = subprocess.Popen([sys.executable, "-m", "mlpmixer", "train", "--data", str(tmp_path / "data"), "--holdout",
+                             "4", "--processes", "1", "--workers", "2", "--steps", "100000", "--batch-size", "4",
+                             "--save-every", "10", "--out", str(run)],
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, start_new_session=True)
+    deadline = time.time() + 120
+    while not list((run / "checkpoints").glob("step-*.pt")) and time.time() < deadline and proc.poll() is None:
+        time.sleep(0.1)
+    time.sleep(0.3)  # into the next epochs, whose workers start and stop
+    os.killpg(proc.pid, getattr(signal, signal_name))
+    try:
+        _, err = proc.communicate(timeout=60)
+    except subprocess.TimeoutExpired:
+        os.killpg(proc.pid, signal.SIGKILL)
+        raise AssertionError(f"the run went on after {signal_name}: {proc.communicate()[1]}")
+    word, status = ("terminated", 143) if signal_name == "SIGTERM" else ("interrupted", 130)
+    assert proc.returncode == status and "Traceback" not in err and "Exception ignored" not in err, err
+    assert err.strip().splitlines()[-1].startswith(f"mixer: {word}. {run}'s last saved training state is step "), err
+
+
 def test_an_error_raised_in_unwinding_from_ctrl_c_is_said_as_the_interrupt(capsys: pytest.CaptureFixture,
                                                                            monkeypatch: pytest.MonkeyPatch) -> None:
     """A multiprocessing lock that Ctrl-C left half-released raised AssertionError on its way out: a traceback."""

@@ -241,3 +241,8 @@ def test_eval_of_a_run_trained_on_a_relative_path_elsewhere_says_so(tmp_path: Pa
                                        "from there or give --data.\n")
     monkeypatch.chdir(tmp_path)
     assert main(["eval", "run", "--workers", "0"]) == 0  # from there, as it says
+    # A run validated on an --eval-data given in full is scored from anywhere, its relative --data unread.
+    assert main(["train", "--data", "shards", "--eval-data", str(tmp_path / "shards"), "--steps", "2", "--batch-size",
+                 "8", "--workers", "0", "--quiet", "--out", "run2"]) == 0
+    monkeypatch.chdir(tmp_path / "run2")
+    assert main(["eval", ".", "--workers", "0"]) == 0

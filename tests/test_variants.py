@@ -178,6 +178,10 @@ def test_config_dict_round_trip() -> None:
     assert again == cfg and again.img_size == (224, 288)
     with pytest.raises(ValueError, match="Unknown Mixer configuration fields"):
         MixerConfig.from_dict({**cfg.to_dict(), "heads": 12})
+    # Saved before proj_drop_rate existed, drop_rate was dropout in the MLPs too: it still is for that config.
+    old = {k: v for k, v in cfg.replace(drop_rate=0.1).to_dict().items() if k != "proj_drop_rate"}
+    assert (MixerConfig.from_dict(old).drop_rate, MixerConfig.from_dict(old).proj_drop_rate) == (0.1, 0.1)
+    assert MixerConfig.from_dict(cfg.replace(drop_rate=0.1).to_dict()).proj_drop_rate == 0.0
 
 
 def test_info_command_prints_table_1(capsys: pytest.CaptureFixture) -> None:

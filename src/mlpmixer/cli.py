@@ -13,7 +13,7 @@ import signal
 import sys
 import threading
 import warnings
-from typing import Iterable, Sequence
+from typing import Any, Iterable, Sequence
 
 # command -> (module under mlpmixer.commands, one-line summary), in the order `mixer --help` lists them.
 COMMANDS: dict[str, tuple[str, str]] = {
@@ -79,8 +79,44 @@ class Terminated(KeyboardInterrupt):
     command it stops says so in one sentence as after Ctrl-C (Python's default for it is to end without a word)."""
 
 
-def _terminate(signum: int, frame: object) -> None:
-    raise Terminated
+_stopped_by: type[KeyboardInterrupt] | None = None  # Ctrl-C or SIGTERM came: its exception may have been swallowed
+
+
+def _stop(signum: int, frame: object) -> None:
+    """SIGINT's and SIGTERM's handler: raise KeyboardInterrupt or Terminated, and remember it (raise_if_stopped)."""
+    global _stopped_by
+    _stopped_by = Terminated if signum == signal.SIGTERM else KeyboardInterrupt
+    if signum == signal.SIGTERM:
+        signal.signal(signal.SIGTERM, signal.SIG_DFL)  # a second SIGTERM kills at once, as without us
+    raise _stopped_by
+
+
+def _default_signals_in_child() -> None:
+    """A forked process (a DataLoader worker, a training rank) leaves the stop to its parent, which says it and ends
+    its children: SIGTERM kills it, and Ctrl-C, which reaches the whole process group, is ignored (raised there, it
+    interrupted Python's exit of a worker that was ending anyway, which printed a traceback)."""
+    if signal.getsignal(signal.SIGTERM) is _stop:
+        signal.signal(signal.SIGTERM, signal.SIG_DFL)
+    if signal.getsignal(signal.SIGINT) is _stop:
+        signal.signal(signal.SIGINT, signal.SIG_IGN)
+
+
+if hasattr(os, "register_at_fork"):  # not on Windows, which does not fork
+    os.register_at_fork(after_in_child=_default_signals_in_child)
+
+
+def raise_if_stopped() -> None:
+    """Raise again the interrupt of a Ctrl-C or SIGTERM that came. Its exception is raised wherever the process is,
+    and some places swallow it (a DataLoader iterator's __del__, logging's hook at fork: the run went on
+    training), so the long loops (training steps, evaluation batches) ask."""
+    if _stopped_by is not None:
+        raise _stopped_by
+
+
+def _quiet_interrupts(unraisable: Any) -> None:
+    """sys.unraisablehook: an interrupt raised where Python can only print it (a finaliser) is said once, by main."""
+    if not isinstance(unraisable.exc_value, KeyboardInterrupt):
+        sys.__unraisablehook__(unraisable)
 
 
 def interrupt_behind(error: BaseException) -> KeyboardInterrupt | None:
@@ -97,6 +133,8 @@ def interrupt_behind(error: BaseException) -> KeyboardInterrupt | None:
 def _say_stopped(stop: KeyboardInterrupt) -> int:
     """One line for a command stopped by Ctrl-C or SIGTERM, with what a training run left to resume from; the
     shell's exit status for that signal."""
+    if hasattr(signal, "SIGCHLD"):  # DataLoader workers dying with us are part of the stop, not errors after it
+        signal.signal(signal.SIGCHLD, signal.SIG_DFL)
     tqdm = sys.modules.get("tqdm")
     for bar in list(getattr(getattr(tqdm, "tqdm", None), "_instances", ())):  # else drawn again after the line
         bar.close()
@@ -129,7 +167,10 @@ def main(argv: Sequence[str] | None = None) -> int:
         return 2
     debug = args.debug or os.environ.get("MLPMIXER_DEBUG", "").strip().lower() in TRUE_WORDS
     in_main_thread = threading.current_thread() is threading.main_thread()  # where signal handlers can be set
-    previous = signal.signal(signal.SIGTERM, _terminate) if in_main_thread else None
+    global _stopped_by
+    _stopped_by = None
+    previous = {sig: signal.signal(sig, _stop) for sig in (signal.SIGINT, signal.SIGTERM)} if in_main_thread else {}
+    previous_unraisable, sys.unraisablehook = sys.unraisablehook, _quiet_interrupts
     try:
         return args.func(args) or 0
     except KeyboardInterrupt as stop:
@@ -154,8 +195,9 @@ def main(argv: Sequence[str] | None = None) -> int:
             raise
         return _say_stopped(stop)
     finally:
-        if in_main_thread:  # main() called from Python (tests, notebooks) leaves the caller's handler as it was
-            signal.signal(signal.SIGTERM, signal.SIG_DFL if previous is None else previous)
+        sys.unraisablehook = previous_unraisable
+        for sig, handler in previous.items():  # main() called from Python (tests, notebooks) leaves them as they were
+            signal.signal(sig, signal.SIG_DFL if handler is None else handler)
 
 
 if __name__ == "__main__":

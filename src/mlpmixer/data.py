@@ -29,6 +29,7 @@ import torch
 import torch.nn.functional as F
 
 from .checkpoints import first_line
+from .cli import Terminated, raise_if_stopped
 from .variants import Size, as_pair
 
 MNIST5K = "mnist5k"
@@ -71,6 +72,9 @@ def worker_deaths(advice: str) -> Iterator[None]:
     except RuntimeError as e:
         if not str(e).startswith("DataLoader worker"):  # "... (pid N) is killed by signal: Killed."
             raise
+        raise_if_stopped()  # Ctrl-C or SIGTERM to the process group stops the workers with this process
+        if "signal: Terminated" in str(e):
+            raise Terminated from e
         raise ChildProcessError(f"A DataLoader worker died ({first_line(e).rstrip('.')}; the out-of-memory "
                                 f"killer?); {advice} (fewer --workers take less memory).") from None
 

@@ -10,6 +10,7 @@ import torch
 import torch.nn.functional as F
 from tqdm import tqdm
 
+from .cli import raise_if_stopped
 from .data import MNIST5K, Source, TensorData, load_tensors, to_model_input
 from .model import MlpMixer
 
@@ -54,12 +55,12 @@ def open_run_validation(recipe: dict[str, Any], model: MlpMixer, mode: str = "re
 
     data, eval_data = recipe.get("data"), recipe.get("eval_data")
     holdout, seed = recipe.get("holdout") or 0, recipe.get("seed") or 0
-    for path in (eval_data, data):  # recorded as given: a relative path is relative to where the run was started
-        if path and path != MNIST5K and not os.path.isabs(path) and not any(c in path for c in "*?[{") \
-                and not os.path.exists(path):
-            raise FileNotFoundError(f"The run's data {path} is not here: its config.json records the path as it was "
-                                    "given, relative to the folder the run was started in; run from there or give "
-                                    "--data.")
+    path = eval_data or data  # the one opened below, recorded as given: relative to where the run was started
+    if path and path != MNIST5K and not os.path.isabs(path) and not any(c in path for c in "*?[{") \
+            and not os.path.exists(path):
+        raise FileNotFoundError(f"The run's data {path} is not here: its config.json records the path as it was "
+                                "given, relative to the folder the run was started in; run from there or give "
+                                "--data.")
     if eval_data:
         return open_eval_data(eval_data, model, mode, workers), eval_data, f"the run's --eval-data {eval_data}"
     if not data:
@@ -151,6 +152,7 @@ def evaluate(
     with tqdm(total=total, desc="evaluating", unit="img", disable=None if progress else True,
               leave=False) as bar:
         for x, y in batches_of(data, model, batch_size, workers):
+            raise_if_stopped()  # a Ctrl-C or SIGTERM whose exception a finaliser swallowed
             x, y = x.to(device), y.to(device)
             if transform is not None:
                 x = transform(x)

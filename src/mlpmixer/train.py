@@ -41,7 +41,7 @@ from tqdm import tqdm
 from .bench import free_cores, slow_bf16
 from .checkpoints import (STATE_DIR, atomic_write, check_writable_folder, first_line, load_checkpoint,
                           read_checkpoint, remove_temporaries, resolve_path, run_config, save_checkpoint, zip_damage)
-from .cli import interrupt_behind
+from .cli import interrupt_behind, raise_if_stopped
 from .compiled import CompiledOrEager
 from .data import (MNIST5K, Source, TensorData, TensorDataset, augment_digits, holdout_split, holdout_too_large,
                    is_idx_folder, load_tensors, to_model_input, worker_deaths)
@@ -548,8 +548,23 @@ def train(r: Recipe, out: Optional[str | Path] = None, **options: Any) -> RunFil
     run's own), init_from (a checkpoint to fine-tune), progress,
     log (a print function), profile (steps to profile into RUN/profile.txt and profile.json; see
     profiling.py). Under torchrun (RANK/WORLD_SIZE set) this process is one rank of several.
+    Stopped by Ctrl-C or SIGTERM (or an error raised in unwinding from one), the interrupt carries `resume_hint`:
+    what the run left to go on from, which the command line says.
     """
     global _current_run
+    try:
+        return _train_and_say(r, out, **options)
+    except BaseException as e:
+        stop = interrupt_behind(e)
+        if stop is not None:
+            stop.resume_hint = _resume_hint(_current_run)  # type: ignore[attr-defined]
+        raise
+    finally:
+        _current_run = None
+
+
+def _train_and_say(r: Recipe, out: Optional[str | Path] = None, **options: Any) -> RunFiles:
+    """`train`, its errors said once (one sentence per machine with several processes)."""
     distributed = "WORLD_SIZE" in os.environ and int(os.environ["WORLD_SIZE"]) > 1
     if distributed:
         # Imported before the process group exists: importing torch._dynamo (DDP and FSDP do) while one exists
@@ -585,13 +600,7 @@ def train(r: Recipe, out: Optional[str | Path] = None, **options: Any) -> RunFil
                 raise StoppedElsewhere(str(lost)) from e
             raise lost from e
         raise
-    except BaseException as e:  # Ctrl-C or SIGTERM (cli.Terminated), or an error in unwinding from one
-        stop = interrupt_behind(e)
-        if stop is not None:  # said with it by the command line
-            stop.resume_hint = _resume_hint(_current_run)  # type: ignore[attr-defined]
-        raise
     finally:  # also after an error, so that a caller in the same process can train again
-        _current_run = None
         if distributed:
             dist.destroy_process_group()
 
@@ -1042,6 +1051,7 @@ def _train(
     if resume and main and not fsdp and val_data is not None and start in eval_at and not _validated(metrics, start):
         validate(start)  # the validation that stopped the run it resumes (its state was saved before it)
     for step in range(start, total):
+        raise_if_stopped()  # a Ctrl-C or SIGTERM whose exception a finaliser swallowed
         # --- one optimiser step: accumulate gradients over the micro-batches.
         lr = lr_at(step, total, r)
         if graphed is not None:
@@ -1178,7 +1188,8 @@ def _check_resumable(run: Path, saved: Optional[dict[str, Any]], config: MixerCo
     if saved is None:  # a state without its configuration: the state itself decides
         return None
     def shapes(d: dict) -> dict:  # what the weights' shapes depend on
-        return {k: v for k, v in d.items() if k not in ("name", "gelu", "drop_rate", "proj_drop_rate", "drop_path_rate")}
+        return {k: v for k, v in d.items()
+                if k not in ("name", "gelu", "drop_rate", "proj_drop_rate", "drop_path_rate")}
 
     if saved.get("init_from") and not init_from:
         raise ValueError(f"{run} fine-tunes {saved['init_from']}; resume it with its own settings: mixer finetune "
@@ -1211,8 +1222,7 @@ def _check_resumable(run: Path, saved: Optional[dict[str, Any]], config: MixerCo
     notes = []
     if changed:
         notes.append(f"Resuming with settings other than the run's ({', '.join(changed)}): the run goes on with "
-                     "these, so it will not end as the run it resumes would have (its own are in --config "
-                     f"{run / 'config.json'}).")
+                     "these, so it will not end as the run it resumes would have.")
     if saved.get("init_from") and not _same_checkpoint(saved["init_from"], init_from):
         notes.append(f"Note: --from {init_from} is not where {run} started ({saved['init_from']}); the model is built "
                      "from it, its weights then come from the run's saved state, and config.json keeps where it "
@@ -1428,12 +1438,13 @@ def _child(rank: int, env: dict[str, str], r: Recipe, out: Path, options: dict[s
     code = 0
     try:
         train(r, out, **{**options, "progress": False, "log": lambda *_: None})
-    except (ValueError, OSError) as e:  # a user error: rank 0 says it (its own, or this one through the barrier)
-        options["shared_grads"].abort("" if getattr(e, "reported_elsewhere", False) else str(e))
-        code = 1
     except Exception as e:
-        # Ctrl-C reaches every process of the group, rank 0 says it; an error in unwinding from it here is no bug.
-        if interrupt_behind(e) is None:  # a bug: its traceback here, where it happened; rank 0 points to it
+        if interrupt_behind(e) is not None:  # Ctrl-C reaches every process of the group: rank 0 says it
+            pass
+        elif isinstance(e, (ValueError, OSError)):  # a user error: rank 0 says it (its own, or this one's)
+            options["shared_grads"].abort("" if getattr(e, "reported_elsewhere", False) else str(e))
+            code = 1
+        else:  # a bug: its traceback here, where it happened; rank 0 points to it
             print(f"Training process {rank}:", file=sys.stderr)
             traceback.print_exc()
             options["shared_grads"].abort()

@@ -112,6 +112,8 @@ class MixerConfig:
         if unknown:
             raise ValueError(f"Unknown Mixer configuration fields: {sorted(unknown)}.")
         d = dict(d)
+        if "proj_drop_rate" not in d:  # saved before it existed, when drop_rate was dropout in the MLPs too
+            d["proj_drop_rate"] = d.get("drop_rate", 0.0)
         for key in ("patch_size", "img_size"):
             if key in d:
                 d[key] = tuple(d[key])
