@@ -134,7 +134,7 @@ def _say_stopped(stop: KeyboardInterrupt) -> int:
     """One line for a command stopped by Ctrl-C or SIGTERM, with what a training run left to resume from; the
     shell's exit status for that signal."""
     if hasattr(signal, "SIGCHLD"):  # DataLoader workers dying with us are part of the stop, not errors after it
-        signal.signal(signal.SIGCHLD, signal.SIG_DFL)
+        signal.signal(signal.SIGCHLD, signal.SIG_DFL)  # (main puts it back as it returns)
     tqdm = sys.modules.get("tqdm")
     for bar in list(getattr(getattr(tqdm, "tqdm", None), "_instances", ())):  # else drawn again after the line
         bar.close()
@@ -145,6 +145,7 @@ def _say_stopped(stop: KeyboardInterrupt) -> int:
 
 
 def main(argv: Sequence[str] | None = None) -> int:
+    from_python = argv is not None  # not the `mixer` script, whose process ends with this call
     argv = sys.argv[1:] if argv is None else list(argv)
     if argv[:1] == ["help"]:  # `mixer help [COMMAND]`, as git and pip have it
         argv = [*argv[1:2], "--help"]
@@ -170,6 +171,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     global _stopped_by
     _stopped_by = None
     previous = {sig: signal.signal(sig, _stop) for sig in (signal.SIGINT, signal.SIGTERM)} if in_main_thread else {}
+    if from_python and in_main_thread and hasattr(signal, "SIGCHLD"):  # which a stop sets aside (_say_stopped)
+        previous[signal.SIGCHLD] = signal.getsignal(signal.SIGCHLD)
     previous_unraisable, sys.unraisablehook = sys.unraisablehook, _quiet_interrupts
     try:
         return args.func(args) or 0
@@ -196,7 +199,9 @@ def main(argv: Sequence[str] | None = None) -> int:
         return _say_stopped(stop)
     finally:
         sys.unraisablehook = previous_unraisable
-        for sig, handler in previous.items():  # main() called from Python (tests, notebooks) leaves them as they were
+        # main() called from Python (tests, notebooks) leaves the handlers as they were, torch's SIGCHLD one too (set
+        # once per process: without it a later DataLoader's dead worker went unsaid).
+        for sig, handler in previous.items():
             signal.signal(sig, signal.SIG_DFL if handler is None else handler)
 
 
