@@ -6,6 +6,7 @@ from __future__ import annotations
 import hashlib
 import http.server
 import threading
+import time
 from pathlib import Path
 from typing import Iterator
 
@@ -116,7 +117,7 @@ def test_cache_location(monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> None
 
 class Server(http.server.ThreadingHTTPServer):
     data: bytes
-    plan: list[str]  # what to do with each request in turn: ok, cut, ignore-range, 503, 404
+    plan: list[str]  # what to do with each request in turn: ok, cut, ignore-range, slow, unsized-cut, 503, 404
     ranges: list[str | None]
 
 
@@ -138,10 +139,17 @@ class Handler(http.server.BaseHTTPRequestHandler):
         else:
             self.send_response(200)
         body = srv.data[start:]
-        self.send_header("Content-Length", str(len(body)))
+        if action != "unsized-cut":  # which announces no size, and breaks off half-way
+            self.send_header("Content-Length", str(len(body)))
         self.end_headers()
+        if action == "slow":  # ten pieces a twentieth of a second apart
+            for i in range(10):
+                self.wfile.write(body[i * len(body) // 10:(i + 1) * len(body) // 10])
+                self.wfile.flush()
+                time.sleep(0.05)
+            return
         # "cut": the connection breaks half-way, after the headers promised the whole body.
-        self.wfile.write(body[: len(body) // 2] if action == "cut" else body)
+        self.wfile.write(body[: len(body) // 2] if action in ("cut", "unsized-cut") else body)
 
     def log_message(self, *args: object) -> None:
         pass
@@ -250,7 +258,7 @@ def test_sha_mismatch_leaves_nothing(server: Server) -> None:
     with pytest.raises(DownloadError) as err:
         download(url_of(server), sha256="0" * 64)
     assert "SHA-256" in str(err.value) and url_of(server) in str(err.value)
-    assert not any(p.is_file() for p in cache_dir().rglob("*"))
+    assert not any(p.is_file() for p in cache_dir().rglob("*") if ".locks" not in p.parts)  # no weights, whole or not
 
 
 def test_local_files_are_used_in_place(tmp_path: Path) -> None:
@@ -267,6 +275,8 @@ def test_local_files_are_used_in_place(tmp_path: Path) -> None:
     gone = tmp_path / "gone.npz"
     with pytest.raises(DownloadError, match=f"names a local file, and there is no file at {gone}; check the path"):
         download(gone.as_uri())
+    with pytest.raises(DownloadError, match=f"names a local file, and there is a folder at {tmp_path}; check the"):
+        download(str(tmp_path))
 
 
 # --- pretrained models end to end ----------------------------------------------------------------
@@ -316,6 +326,54 @@ def test_registry_entries_are_checked(tmp_path: Path) -> None:
         load_pretrained("digits/4", "wrong-classes")
     with pytest.raises(ValueError, match="224×224 images, not 448×448.*resize_to"):
         create_model("mixer_b16_448", pretrained="imagenet1k")  # refused before any download
+
+
+def test_two_processes_downloading_one_file_take_turns(server: Server) -> None:
+    """Both wrote one .part: the second truncated it to where it resumed, and a gap of zeros it left was moved into
+    place by the first and loaded. Now the second waits, and finds the file cached."""
+    import multiprocessing
+
+    server.plan = ["slow"]
+    other = multiprocessing.get_context("fork").Process(target=download, args=(url_of(server),))
+    other.start()
+    path = download(url_of(server))
+    other.join(60)
+    assert other.exitcode == 0 and path.read_bytes() == server.data and len(server.ranges) == 1
+    assert list(path.parent.iterdir()) == [path]
+
+
+def test_a_cached_file_is_checked_against_a_registered_digest(server: Server, capsys: pytest.CaptureFixture) -> None:
+    """A digest was checked on the download only: a cached copy damaged since, or an older file at that address,
+    loaded as it was."""
+    digest = hashlib.sha256(server.data).hexdigest()
+    path = download(url_of(server), sha256=digest)
+    path.write_bytes(b"\0" * 64 + server.data[64:])
+    capsys.readouterr()
+    assert download(url_of(server), sha256=digest).read_bytes() == server.data and len(server.ranges) == 2
+    assert f"The cached {path} does not have the registered SHA-256; downloading it again." in capsys.readouterr().err
+    with pytest.raises(ValueError, match="sha256 is a SHA-256 digest in 64 hexadecimal digits .* not 'sha256:ab'"):
+        register_weights("digits/4", "bad-digest", url_of(server), sha256="sha256:ab")
+
+
+def test_a_damaged_cached_download_is_deleted_and_fetched_again(tmp_path: Path, server: Server) -> None:
+    """A transfer cut short that announced no size (so none was checked) was kept as the cached file, and every later
+    call read it again, saying "re-download" of a file nothing would download again."""
+    path, original = digits_checkpoint(tmp_path, ext=".safetensors")
+    server.data = path.read_bytes()
+    server.plan = ["unsized-cut"]
+    register_weights("digits/4", "ours", url_of(server, "model.safetensors"))
+    with pytest.raises(ValueError, match="this cached download of .*model.safetensors was deleted, so the next "
+                                         "attempt downloads it again"):
+        load_pretrained("digits/4", "ours")
+    assert not cache_path(url_of(server, "model.safetensors")).exists()
+    assert torch.equal(load_pretrained("digits/4", "ours").head.weight, original.head.weight)
+
+
+def test_addresses_that_differ_in_their_query_are_cached_apart(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv("MLPMIXER_CACHE", str(tmp_path / "c"))
+    one, two = (cache_path(f"https://example.org/w.safetensors?rev={n}") for n in (1, 2))
+    assert one != two and one.suffix == two.suffix == ".safetensors" and one.parent == tmp_path / "c/example.org"
+    assert cache_path("https://example.org/w.safetensors") == tmp_path / "c/example.org/w.safetensors"
 
 
 def test_loading_the_cached_file_directly(tmp_path: Path, server: Server) -> None:

@@ -10,8 +10,8 @@ file:// URL or a plain path) is read where it is, never copied into the cache.
 Not registered: `gsam/Mixer-S_8.npz`, since patch 8 is no Table 1 variant (`load_checkpoint` still
 reads the downloaded file, as a custom configuration). No built-in entry carries a SHA-256, as none is
 published next to these files: downloads are checked against their announced size, and against a digest
-wherever `register_weights` is given one. A cached file is trusted as it is (delete it to fetch it again);
-two processes downloading the same file at once are not coordinated.
+wherever `register_weights` is given one (a cached copy too, each time it is used). Two processes that
+download the same file take turns (through a lock file in the cache's .locks/): the second finds it cached.
 """
 
 from __future__ import annotations
@@ -19,6 +19,7 @@ from __future__ import annotations
 import hashlib
 import http.client
 import os
+import re
 import sys
 import time
 import urllib.error
@@ -30,9 +31,10 @@ from pathlib import Path
 from typing import IO, Any, Sequence
 
 import torch
+from filelock import FileLock
 from tqdm import tqdm
 
-from .checkpoints import check_writable_folder, load_checkpoint
+from .checkpoints import CheckpointError, check_writable_folder, load_checkpoint
 from .cli import TRUE_WORDS
 from .model import MlpMixer
 from .variants import canonical_name, name_img_size, paper_variant_of
@@ -83,7 +85,10 @@ def register_weights(
     loaded) and loaded. `mean`
     and `std` are the normalisation the weights were trained with (default: the official [-1, 1]).
     """
-    entry = Weights(canonical_name(variant), tag, url, sha256.lower() if sha256 else None, num_classes,
+    if sha256 is not None and not re.fullmatch(r"[0-9a-f]{64}", sha256.strip().lower()):
+        raise ValueError(f"sha256 is a SHA-256 digest in 64 hexadecimal digits (as sha256sum prints it), not "
+                         f"{sha256!r}.")
+    entry = Weights(canonical_name(variant), tag, url, sha256.strip().lower() if sha256 else None, num_classes,
                     tuple(mean), tuple(std))
     _REGISTRY[(entry.variant, tag)] = entry
     return entry
@@ -145,7 +150,10 @@ def cache_path(url: str) -> Path:
     repository's model.safetensors, each folder's Mixer-B_16.npz) do not collide."""
     parts = urllib.parse.urlsplit(url)
     host = (parts.netloc or parts.scheme).replace(":", "_")
-    pieces = [urllib.parse.unquote(p) for p in parts.path.split("/") if p not in ("", ".", "..")]
+    pieces = [urllib.parse.unquote(p) for p in parts.path.split("/") if p not in ("", ".", "..")] or ["index"]
+    if parts.query:  # ?rev=2 names another file than ?rev=1: the query's digest goes into the name, before its suffix
+        last = Path(pieces[-1])
+        pieces[-1] = f"{last.stem}-{hashlib.sha256(parts.query.encode()).hexdigest()[:12]}{last.suffix}"
     return cache_dir().joinpath(host, *pieces)
 
 
@@ -163,7 +171,7 @@ def download(url: str, sha256: str | None = None, retries: int = 3, backoff_s: f
     if local is not None:
         return _checked_local(local, url, sha256)
     target = cache_path(url)
-    if target.is_file():
+    if target.is_file() and _cached_as_registered(target, sha256):
         return target
     offline = os.environ.get(OFFLINE_ENV, "")
     if offline.strip().lower() in TRUE_WORDS:
@@ -173,7 +181,35 @@ def download(url: str, sha256: str | None = None, retries: int = 3, backoff_s: f
         )
     # A cache that is a file, or lies under one, would fail in mkdir with "[Errno 20] Not a directory".
     check_writable_folder(cache_dir(), CACHE_ENV if os.environ.get(CACHE_ENV) else f"{CACHE_ENV} (unset: the default)")
-    target.parent.mkdir(parents=True, exist_ok=True)
+    try:
+        target.parent.mkdir(parents=True, exist_ok=True)
+    except (FileExistsError, NotADirectoryError):
+        raise DownloadError(f"The cache holds a file where {url} needs the folder {target.parent}; give the "
+                            f"weights another address, or move that file.") from None
+    # Two processes writing one .part left a gap of zeros in the file, which then loaded: they take turns, through a
+    # lock file kept in the cache's .locks/ (deleting one could let a third process in while a second waits on it).
+    locks = cache_dir() / ".locks"
+    locks.mkdir(exist_ok=True)
+    with FileLock(str(locks / (hashlib.sha256(str(target).encode()).hexdigest()[:24] + ".lock"))):
+        if target.is_file() and _cached_as_registered(target, sha256):  # the other one downloaded it meanwhile
+            return target
+        _download_into(url, target, sha256, retries, backoff_s)
+    return target
+
+
+def _cached_as_registered(target: Path, sha256: str | None) -> bool:
+    """Whether the cached `target` has the registered digest (when one is): a copy that does not (damaged, or an
+    older file at that address) is deleted, to be downloaded again."""
+    if sha256 is None or _sha256(target) == sha256:
+        return True
+    print(f"The cached {target} does not have the registered SHA-256; downloading it again.", file=sys.stderr)
+    target.unlink()
+    return False
+
+
+def _download_into(url: str, target: Path, sha256: str | None, retries: int, backoff_s: float) -> None:
+    """`download`'s transfer into `target`, through its `.part`, with retries and the checks that decide whether
+    it is moved into place."""
     part = target.with_name(target.name + ".part")
     print(f"Downloading {url} to {target}", file=sys.stderr)
     for attempt in range(retries + 1):
@@ -196,7 +232,6 @@ def download(url: str, sha256: str | None = None, retries: int = 3, backoff_s: f
                 f"deleted from {target.parent}; try again, and check the address if it happens again."
             )
     os.replace(part, target)
-    return target
 
 
 def _local_path(url: str) -> Path | None:
@@ -212,7 +247,8 @@ def _local_path(url: str) -> Path | None:
 def _checked_local(path: Path, url: str, sha256: str | None) -> Path:
     """`path`, after checking that it is a file with the digest `sha256` (when given)."""
     if not path.is_file():
-        raise DownloadError(f"{url} names a local file, and there is no file at {path}; check the path given to "
+        there = "a folder" if path.is_dir() else "no file"
+        raise DownloadError(f"{url} names a local file, and there is {there} at {path}; check the path given to "
                             "register_weights.")
     if sha256 is not None and (digest := _sha256(path)) != sha256.lower():
         raise DownloadError(f"{path} has SHA-256 {digest}, not the expected {sha256.lower()}; check the file, or "
@@ -316,13 +352,23 @@ def load_pretrained(name: str, tag: str, **overrides: Any) -> MlpMixer:
             "load them at 224, then convert with mlpmixer.resize_to(model, size)."
         )
     path = download(entry.url, entry.sha256)
+    cached = _local_path(entry.url) is None
     # The head is the file's until the checks and class names below; a new one, if asked for, comes last.
     num_classes = overrides.pop("num_classes", None)
-    model = load_checkpoint(path, **overrides)
+    try:
+        model = load_checkpoint(path, **overrides)
+    except CheckpointError as e:
+        if not cached or not path.is_file():
+            raise
+        # Cut short without an announced size (which is then not checked), or damaged since: not used again.
+        path.unlink()
+        raise CheckpointError(f"{e.args[0].rstrip('.')}; this cached download of {entry.url} was deleted, so the "
+                              "next attempt downloads it again.") from None
     # A local file is read where it is, the user's own copy: deleting it, as a cached download may be, would lose it.
-    if _local_path(entry.url) is None:
+    if cached:
         source = f"{entry.url} (cached at {path})"
-        fix = "fix the registry entry (register_weights) or delete the cached file, which is then downloaded again"
+        fix = ("delete the cached file, which is then downloaded again, or fix the address registered for these "
+               "weights (register_weights)")
     else:
         source = f"The local file {path}"
         fix = "register it under the variant and classes it holds (register_weights), or register the file you meant"
