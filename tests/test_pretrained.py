@@ -367,6 +367,9 @@ def test_a_damaged_cached_download_is_deleted_and_fetched_again(tmp_path: Path, 
         load_pretrained("digits/4", "ours")
     assert not cache_path(url_of(server, "model.safetensors")).exists()
     assert torch.equal(load_pretrained("digits/4", "ours").head.weight, original.head.weight)
+    with pytest.raises(ValueError, match="hidden_dim"):  # an override that does not fit the whole file: it stays
+        load_pretrained("digits/4", "ours", hidden_dim=8)
+    assert cache_path(url_of(server, "model.safetensors")).is_file()
 
 
 def test_addresses_that_differ_in_their_query_are_cached_apart(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:

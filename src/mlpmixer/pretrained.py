@@ -34,7 +34,7 @@ import torch
 from filelock import FileLock
 from tqdm import tqdm
 
-from .checkpoints import CheckpointError, check_writable_folder, load_checkpoint
+from .checkpoints import CheckpointError, check_writable_folder, load_checkpoint, read_checkpoint
 from .cli import TRUE_WORDS
 from .model import MlpMixer
 from .variants import canonical_name, name_img_size, paper_variant_of
@@ -358,7 +358,7 @@ def load_pretrained(name: str, tag: str, **overrides: Any) -> MlpMixer:
     try:
         model = load_checkpoint(path, **overrides)
     except CheckpointError as e:
-        if not cached or not path.is_file():
+        if not cached or not path.is_file() or _readable(path):  # (an override that does not fit: the file is whole)
             raise
         # Cut short without an announced size (which is then not checked), or damaged since: not used again.
         path.unlink()
@@ -385,6 +385,15 @@ def load_pretrained(name: str, tag: str, **overrides: Any) -> MlpMixer:
     if num_classes is not None and num_classes != model.num_classes:
         model.reset_classifier(num_classes)  # a new zero-initialised head, whose classes have no names yet
     return model
+
+
+def _readable(path: Path) -> bool:
+    """Whether the checkpoint file at `path` reads whole (its weights and configuration, no overrides)."""
+    try:
+        read_checkpoint(path)
+    except CheckpointError:
+        return False
+    return True
 
 
 def fold_input_normalisation(model: MlpMixer, mean: Sequence[float], std: Sequence[float]) -> None:
