@@ -84,7 +84,8 @@ def test_predict_converts_mode_and_size_and_says_so(run_dir: Path, tmp_path: Pat
     rgb = _png(tmp_path / "rgb.png", np.random.default_rng(0).integers(0, 256, (40, 36, 3), dtype=np.uint8))
     assert main(["predict", str(run_dir), str(rgb)]) == 0
     captured = capsys.readouterr()
-    assert "converted RGB to greyscale" in captured.err and "resized 40×36 (height×width) to the model's 28×28" in captured.err
+    assert "converted RGB to greyscale" in captured.err
+    assert "resized 40×36 (height×width) to the model's 28×28" in captured.err
     assert captured.out.count("\n") == 6  # the file name and five classes
     # ... and greyscale into an RGB model.
     model = create_model("digits/4", num_classes=3, img_size=28, in_chans=3, patch_size=7)
@@ -230,7 +231,8 @@ def test_predict_says_it_composited_only_where_a_pixel_is_transparent(tmp_path: 
         exif[0x0112] = value
         Image.fromarray(pixels).save(tmp_path / f"orientation{value}.png", exif=exif.tobytes())
         image, notes = load_image(str(tmp_path / f"orientation{value}.png"), 3)
-        assert torch.equal(image[0], torch.from_numpy(pixels).permute(2, 0, 1)) and not any("turned" in n for n in notes)
+        assert torch.equal(image[0], torch.from_numpy(pixels).permute(2, 0, 1))
+        assert not any("turned" in n for n in notes)
 
 
 def test_predict_refuses_a_named_pipe_without_waiting(run_dir: Path, tmp_path: Path,
@@ -700,8 +702,8 @@ def test_an_interrupted_run_says_where_to_resume_from(tmp_path: Path, capsys: py
                                        "(--save-every N saves one every N steps; the default is none).\n")
 
 
-def test_a_swallowed_or_unwound_interrupt_still_stops_the_run_with_its_hint(tmp_path: Path, capsys: pytest.CaptureFixture,
-                                                                           monkeypatch: pytest.MonkeyPatch) -> None:
+def test_a_swallowed_or_unwound_interrupt_still_stops_the_run_with_its_hint(
+        tmp_path: Path, capsys: pytest.CaptureFixture, monkeypatch: pytest.MonkeyPatch) -> None:
     """SIGTERM's exception landed in a DataLoader iterator's __del__, which swallowed it, and the run went on training;
     an OSError raised in unwinding from Ctrl-C (a worker's death) lost the resume hint."""
     import signal
